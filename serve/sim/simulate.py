@@ -1,0 +1,157 @@
+"""`s3 simulate`: every policy on the same workload in one run, and the largest rate each serves in an SLO."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from predictor_train.buckets import BucketSpec
+from serve.policies import POLICY_NAMES, PolicyConfig, PolicyName
+from serve.scheduler import SchedulerConfig
+from serve.sim.costmodel import CostModel, get_preset
+from serve.sim.runner import PolicyResult, simulate_policy
+from serve.sim.workload import PredictorConfig, SimRequest, WorkloadConfig, make_workload, predict
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulateConfig:
+    """Everything `s3 simulate` needs; filled from configs/simulate_*.yaml and the command line."""
+
+    preset: str = "paper"
+    """Model + hardware preset (serve/sim/costmodel.py: paper, llama-2-13b-a100, llama-2-70b-8xa100)."""
+    policies: tuple[PolicyName, ...] = POLICY_NAMES
+    """Policies to run side by side on the same requests."""
+    workload: WorkloadConfig = WorkloadConfig()
+    predictor: PredictorConfig = PredictorConfig()
+    policy: PolicyConfig = PolicyConfig()
+    """Policy knobs (its `policy` field is set per run from `policies`)."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_num_seqs: int = 1024
+    """Most sequences running at once."""
+    max_num_batched_tokens: int = 4096
+    """Token budget of one step (prefill is chunked to fit)."""
+    find_max_rate: bool = False
+    """Also search, per policy, the largest Poisson arrival rate that meets the SLO."""
+    slo_token_latency_s: float = 0.2
+    """SLO: mean latency per output token (about human reading speed)."""
+    rate_search_requests: int = 5000
+    """Requests per probe of the rate search (several times the largest batch, or overload goes unseen)."""
+    rate_search_steps: int = 6
+    """Bisection steps of the rate search."""
+    output_dir: str = "runs/simulate"
+    """Where the JSON report and the PNG plot go."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.policies) - set(POLICY_NAMES)
+        if unknown or not self.policies:
+            raise ValueError(f"policies must be a non-empty subset of {POLICY_NAMES}, got {self.policies}")
+
+
+LOAD_SWEEP = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5)
+"""Arrival rates probed for the latency-vs-load plot, as fractions of the offline capacity."""
+
+
+@dataclasses.dataclass
+class RateResult:
+    policy: str
+    max_rate: float
+    """Largest arrival rate (requests/s) found to meet the SLO."""
+    token_latency_at_max: float
+    probes: list[tuple[float, float]]
+    """(rate, mean token latency) of every probe, for the plot."""
+
+
+@dataclasses.dataclass
+class SimulationReport:
+    config: SimulateConfig
+    cost: CostModel
+    num_blocks: int
+    buckets: BucketSpec
+    results: list[PolicyResult]
+    rates: list[RateResult] = dataclasses.field(default_factory=list)
+
+    def result(self, policy: str) -> PolicyResult | None:
+        return next((r for r in self.results if r.policy == policy), None)
+
+    def ratios(self, policy: str = "s3") -> dict[str, float]:
+        """Throughput of ``policy`` divided by each other policy's, measured in this one run."""
+        mine = self.result(policy)
+        if mine is None:
+            return {}
+        return {r.policy: mine.generated_tokens_per_s / r.generated_tokens_per_s for r in self.results}
+
+
+def _setup(config: SimulateConfig) -> tuple[CostModel, BucketSpec, SchedulerConfig]:
+    cost = get_preset(config.preset)
+    buckets = BucketSpec.uniform(cost.model.max_seq_len, config.predictor.num_buckets)
+    sched = SchedulerConfig(
+        num_blocks=cost.num_blocks(config.block_size),
+        block_size=config.block_size,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        policy=config.policy,
+    )
+    return cost, buckets, sched
+
+
+def _items(config: SimulateConfig, workload: WorkloadConfig, cost: CostModel, buckets: BucketSpec) -> list[SimRequest]:
+    items = make_workload(workload, cost.model.max_seq_len)
+    predict(items, config.predictor, buckets, seed=workload.seed)
+    return items
+
+
+def run_simulation(config: SimulateConfig, progress: Callable[[str], None] = lambda _: None) -> SimulationReport:
+    """Run every configured policy on the same requests; optionally search each one's SLO rate."""
+    cost, buckets, sched = _setup(config)
+    items = _items(config, config.workload, cost, buckets)
+    results = []
+    for policy in config.policies:
+        progress(f"simulating {policy} on {len(items)} requests")
+        results.append(simulate_policy(policy, items, cost=cost, buckets=buckets, sched=sched))
+    report = SimulationReport(config, cost, sched.num_blocks, buckets, results)
+    if config.find_max_rate:
+        for result in results:
+            progress(f"searching the SLO rate of {result.policy}")
+            rate = find_max_rate(
+                config, result.policy, cost=cost, buckets=buckets, sched=sched, capacity=result.requests_per_s
+            )
+            report.rates.append(rate)
+    return report
+
+
+def find_max_rate(
+    config: SimulateConfig,
+    policy: PolicyName,
+    *,
+    cost: CostModel,
+    buckets: BucketSpec,
+    sched: SchedulerConfig,
+    capacity: float,
+) -> RateResult:
+    """Bisect the Poisson arrival rate at which ``policy`` still meets the token-latency SLO.
+
+    ``capacity`` is the policy's offline requests/s on the same workload: no higher rate is sustainable,
+    so the search runs in [0, capacity]. A probe is `rate_search_requests` Poisson arrivals; it
+    meets the SLO when their mean latency per output token (queueing included) is within it.
+    """
+    workload = dataclasses.replace(config.workload, mode="online", num_requests=config.rate_search_requests)
+    probes: list[tuple[float, float]] = []
+
+    def meets_slo(rate: float) -> bool:
+        items = _items(config, dataclasses.replace(workload, rate=rate), cost, buckets)
+        value = simulate_policy(policy, items, cost=cost, buckets=buckets, sched=sched).mean_token_latency_s
+        probes.append((rate, value))
+        return value <= config.slo_token_latency_s
+
+    for fraction in LOAD_SWEEP:  # the latency-vs-load curve, for the plot
+        meets_slo(fraction * capacity)
+    low, high = 0.0, capacity
+    if any(r == capacity and v <= config.slo_token_latency_s for r, v in probes):
+        low = high
+    else:
+        for _ in range(config.rate_search_steps):
+            mid = (low + high) / 2
+            low, high = (mid, high) if meets_slo(mid) else (low, mid)
+    at_low = next((v for r, v in probes if r == low), float("nan"))
+    return RateResult(policy, low, at_low, sorted(probes))

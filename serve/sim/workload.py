@@ -1,0 +1,167 @@
+"""Workloads for the simulator: lengths from a trace file or a synthetic distribution, plus a predictor.
+
+Predictors behind one protocol (``predict(items) -> list[LengthPrediction]``):
+- ``oracle``: the true bucket and the true length;
+- ``confusion``: right with probability ``accuracy``, otherwise off by one bucket (up or down, as set by
+  ``under_share``), the way a trained classifier mostly errs into a neighbouring bucket;
+- ``file``: the trace's own ``predicted_bucket`` / ``probs`` columns (e.g. a trained predictor's output).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import pathlib
+import random
+from typing import Literal, Sequence
+
+from predictor_train.buckets import BucketSpec
+from serve.request import LengthPrediction
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthDist:
+    """A clipped log-normal length distribution."""
+
+    median: float
+    """Median length in tokens."""
+    sigma: float = 0.8
+    """Log-space standard deviation (spread)."""
+    min: int = 1
+    max: int = 2048
+
+    def sample(self, rng: random.Random) -> int:
+        value = rng.lognormvariate(math.log(self.median), self.sigma)
+        return int(min(max(round(value), self.min), self.max))
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadConfig:
+    """Where request lengths come from."""
+
+    trace: str | None = None
+    """A JSONL/CSV file with `num_prompt_tokens` and `num_output_tokens` per row (optionally
+    `predicted_bucket`, `probs` as a JSON list, `prompt`); None for a synthetic workload."""
+    num_requests: int = 10_000
+    """Requests to simulate (a trace is cycled or cut to this many)."""
+    prompt_tokens: LengthDist = LengthDist(median=30, sigma=0.7, max=512)
+    """Synthetic prompt lengths (default: Alpaca-like instructions)."""
+    output_tokens: LengthDist = LengthDist(median=60, sigma=0.9, max=2048)
+    """Synthetic true output lengths (default: Alpaca-like answers, long tail)."""
+    mode: Literal["offline", "online"] = "offline"
+    """offline: all requests arrive at t=0; online: Poisson arrivals at `rate`."""
+    rate: float = 10.0
+    """Online arrival rate, requests/s."""
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorConfig:
+    """How the simulated requests' length predictions are made."""
+
+    kind: Literal["oracle", "confusion", "file"] = "confusion"
+    accuracy: float = 0.9861
+    """`confusion`: probability of the right bucket (default: the paper's reported 98.61% on Alpaca)."""
+    under_share: float = 0.5
+    """`confusion`: fraction of errors that predict one bucket too low (each of those mispredicts)."""
+    num_buckets: int = 10
+    """Buckets of width max_len / num_buckets over the model's context length."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.accuracy <= 1 or not 0 <= self.under_share <= 1:
+            raise ValueError("accuracy and under_share must be in [0, 1]")
+
+
+@dataclasses.dataclass
+class SimRequest:
+    """One simulated request: its true lengths, what the predictor said, and when it arrives."""
+
+    num_prompt_tokens: int
+    num_output_tokens: int
+    arrival_time: float = 0.0
+    prediction: LengthPrediction | None = None
+    predicted_bucket: int | None = None
+    probs: tuple[float, ...] | None = None
+    prompt: str | None = None
+
+
+def load_trace(path: str | pathlib.Path) -> list[SimRequest]:
+    """Read a length trace (JSONL or CSV); names the file and row of any bad line."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"trace file {path} does not exist")
+    if path.suffix == ".csv":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [_trace_row(path, i, row) for i, row in enumerate(rows, start=1)]
+
+
+def _trace_row(path: pathlib.Path, index: int, row: dict) -> SimRequest:
+    try:
+        probs = row.get("probs")
+        if isinstance(probs, str):
+            probs = json.loads(probs) if probs else None
+        bucket = row.get("predicted_bucket")
+        return SimRequest(
+            num_prompt_tokens=int(row["num_prompt_tokens"]),
+            num_output_tokens=max(1, int(row["num_output_tokens"])),
+            predicted_bucket=int(bucket) if bucket not in (None, "") else None,
+            probs=tuple(float(p) for p in probs) if probs else None,
+            prompt=row.get("prompt"),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(
+            f"{path}, row {index}: needs integer num_prompt_tokens and num_output_tokens ({exc!r})"
+        ) from exc
+
+
+def make_workload(config: WorkloadConfig, max_seq_len: int) -> list[SimRequest]:
+    """The requests, with arrival times, and lengths clipped to the model's context."""
+    rng = random.Random(config.seed)
+    if config.trace:
+        base = load_trace(config.trace)
+        if not base:
+            raise ValueError(f"trace {config.trace} has no rows")
+        items = [dataclasses.replace(base[i % len(base)]) for i in range(config.num_requests)]
+    else:
+        items = [
+            SimRequest(config.prompt_tokens.sample(rng), config.output_tokens.sample(rng))
+            for _ in range(config.num_requests)
+        ]
+    t = 0.0
+    for item in items:
+        item.num_prompt_tokens = min(item.num_prompt_tokens, max_seq_len - 1)
+        item.num_output_tokens = min(item.num_output_tokens, max_seq_len - item.num_prompt_tokens)
+        if config.mode == "online":
+            t += rng.expovariate(config.rate)
+            item.arrival_time = t
+    return items
+
+
+def predict(items: Sequence[SimRequest], config: PredictorConfig, buckets: BucketSpec, seed: int = 0) -> None:
+    """Attach a LengthPrediction to every item (in place)."""
+    rng = random.Random(seed + 1)
+    last = buckets.num_buckets - 1
+    for item in items:
+        true_bucket = buckets.bucket_of(item.num_output_tokens)
+        if config.kind == "oracle":
+            item.prediction = LengthPrediction(true_bucket, num_tokens=item.num_output_tokens)
+            continue
+        if config.kind == "file":
+            if item.predicted_bucket is None and item.probs is None:
+                raise ValueError("predictor kind 'file' needs predicted_bucket or probs in every trace row")
+            bucket = item.predicted_bucket
+            if bucket is None:
+                bucket = max(range(len(item.probs)), key=item.probs.__getitem__)
+            item.prediction = LengthPrediction(bucket, probs=item.probs, num_tokens=item.num_output_tokens)
+            continue
+        bucket = true_bucket
+        if rng.random() >= config.accuracy:
+            under = rng.random() < config.under_share
+            bucket = true_bucket - 1 if (under and true_bucket > 0) or true_bucket == last else true_bucket + 1
+            bucket = min(max(bucket, 0), last)
+        item.prediction = LengthPrediction(bucket, num_tokens=item.num_output_tokens)

@@ -1,0 +1,152 @@
+import pytest
+
+from serve.request import RequestStatus
+from tests.fakes import BUCKETS, FakeClock, make_request, make_scheduler, run_until_done
+
+
+def test_lifecycle_and_reservation_of_a_correct_prediction():
+    sched = make_scheduler("s3")
+    sched.add_request(make_request("a", prompt_tokens=4, true_tokens=10))
+    assert sched.waiting[0].reserved_output_tokens == 16  # bucket 0's upper edge
+    out = sched.schedule()
+    assert [s.request_id for s in out.seqs] == ["a"] and out.new_request_ids == ["a"]
+    assert out.seqs[0].num_new_tokens == 4 and out.seqs[0].samples
+    assert sched.pool.num_used_blocks == 5  # (4 prompt + 16 reserved) / 4 tokens per block
+    finished = run_until_done(sched, {"a": 10})
+    assert [r.request_id for r in finished] == ["a"]
+    request = finished[0]
+    assert request.status == RequestStatus.FINISHED_STOPPED and request.num_output_tokens == 10
+    assert request.output_token_ids == list(range(1, 11))
+    assert request.mispredictions == [] and sched.pool.num_free_blocks == 16
+
+
+def test_max_tokens_ends_with_length():
+    sched = make_scheduler("max")
+    sched.add_request(make_request("a", max_new_tokens=5))
+    (request,) = run_until_done(sched, {"a": 100})
+    assert request.status == RequestStatus.FINISHED_LENGTH and request.finish_reason == "length"
+    assert request.num_output_tokens == 5
+
+
+def test_underprediction_grows_in_place_when_memory_is_free():
+    sched = make_scheduler("s3", num_blocks=32)
+    sched.add_request(make_request("a", bucket=0, max_new_tokens=64))
+    (request,) = run_until_done(sched, {"a": 40})
+    assert request.num_output_tokens == 40 and request.num_preemptions == 0
+    events = request.mispredictions
+    assert [e.reserved_output_tokens for e in events] == [16, 32]  # grew bucket by bucket
+    assert [e.predicted_bucket for e in events] == [0, 1]
+    assert all(e.final_output_tokens == 40 and not e.preempted and e.prompt == "prompt a" for e in events)
+    assert sched.stats.num_mispredictions == 2
+
+
+def test_underprediction_preempts_when_memory_is_short_and_recomputes():
+    # 8 blocks of 4 = 32 tokens. "a" and "b" reserve 4 + 8 tokens each (bucket 0 of 8-token buckets).
+    from predictor_train.buckets import BucketSpec
+
+    buckets = BucketSpec.uniform(24, 3)
+    sched = make_scheduler("s3", num_blocks=8, buckets=buckets)
+    sched.add_request(make_request("a", bucket=0, max_new_tokens=24))
+    sched.add_request(make_request("b", bucket=0, max_new_tokens=24))
+    finished = run_until_done(sched, {"a": 20, "b": 20})
+    by_id = {r.request_id: r for r in finished}
+    # Both run out at 8 tokens; "a" grows into the last free blocks, "b" finds none and yields.
+    a, b = by_id["a"], by_id["b"]
+    assert a.num_preemptions == 0 and b.num_preemptions == 1
+    assert b.num_recomputed_tokens == 4 + 8 - 1  # prompt + generated, less the token not yet computed
+    assert [e.preempted for e in b.mispredictions] == [True, False]
+    assert all(e.final_output_tokens == 20 for e in a.mispredictions + b.mispredictions)
+    for r in (a, b):
+        assert r.output_token_ids == list(range(1, 21)) and r.status == RequestStatus.FINISHED_STOPPED
+    assert sched.stats.num_preemptions == 1
+
+
+def test_paged_preempts_the_last_admitted():
+    sched = make_scheduler("paged", num_blocks=6, watermark=0.0)
+    for rid in "abc":
+        sched.add_request(make_request(rid, max_new_tokens=16))
+    preempted = []
+    finished = run_until_done(sched, {"a": 12, "b": 12, "c": 12}, on_step=lambda o: preempted.extend(o.preempted_request_ids))
+    assert sorted(r.request_id for r in finished) == ["a", "b", "c"]
+    assert preempted and "a" not in preempted  # the oldest always keeps going
+    assert all(r.num_output_tokens == 12 for r in finished)
+
+
+def test_max_policy_never_preempts_and_oracle_never_mispredicts():
+    lengths = {str(i): 3 + 5 * i for i in range(6)}
+    for policy in ("max", "oracle"):
+        sched = make_scheduler(policy, num_blocks=20)
+        for rid, n in lengths.items():
+            sched.add_request(make_request(rid, true_tokens=n))
+        run_until_done(sched, lengths)
+        assert sched.stats.num_preemptions == 0 and sched.stats.num_mispredictions == 0
+
+
+def test_abort_frees_blocks_at_once():
+    sched = make_scheduler("s3")
+    sched.add_request(make_request("a", true_tokens=10))
+    sched.add_request(make_request("b", true_tokens=10))
+    sched.schedule()
+    assert sched.abort("a").status == RequestStatus.ABORTED
+    assert sched.abort("a") is None and sched.abort("nope") is None
+    assert sched.pool.num_blocks_held("a") == 0
+    assert sched.abort("b").finish_reason == "abort"
+    assert sched.pool.num_free_blocks == sched.pool.num_blocks
+    out = sched.schedule()
+    assert set(out.finished_request_ids) == {"a", "b"} and not out.seqs
+
+
+def test_abort_mid_step_drops_the_result():
+    sched = make_scheduler("s3")
+    sched.add_request(make_request("a", true_tokens=10))
+    out = sched.schedule()
+    sched.abort("a")
+    from serve.scheduler import StepResult
+
+    assert sched.update_from_output(out, StepResult({"a": 1})) == []
+    assert sched.requests["a"].num_output_tokens == 0
+
+
+def test_requests_that_can_never_fit_are_refused():
+    sched = make_scheduler("s3", num_blocks=4)
+    with pytest.raises(ValueError, match="needs up to 36 tokens"):
+        sched.add_request(make_request("big", prompt_tokens=4, max_new_tokens=32))
+    sched.add_request(make_request("a", max_new_tokens=8))
+    with pytest.raises(ValueError, match="already in use"):
+        sched.add_request(make_request("a", max_new_tokens=8))
+
+
+def test_long_prompts_are_chunked_within_the_token_budget():
+    sched = make_scheduler("max", num_blocks=64, max_num_batched_tokens=8, max_num_seqs=8)
+    sched.add_request(make_request("a", prompt_tokens=20, max_new_tokens=4))
+    out = sched.schedule()
+    assert out.seqs[0].num_new_tokens == 8 and not out.seqs[0].samples
+    (request,) = run_until_done(sched, {"a": 3})
+    assert request.num_output_tokens == 3
+
+
+def test_s3_packs_largest_first_but_aged_requests_are_not_overtaken():
+    clock = FakeClock()
+    # 10 blocks of 4 tokens. "old" needs 4 + 32 = 9 blocks; the small ones need 5 each.
+    sched = make_scheduler("s3", num_blocks=10, aging_s=2.0, clock=clock)
+    sched.add_request(make_request("small0", bucket=0, max_new_tokens=32))
+    sched.add_request(make_request("old", bucket=1, max_new_tokens=32, arrival_time=0.5))
+    for i in range(1, 6):
+        sched.add_request(make_request(f"small{i}", bucket=0, arrival_time=1.0 + i))
+    lengths = {"old": 30, **{f"small{i}": 16 for i in range(6)}}
+    admitted = []
+    run_until_done(sched, lengths, clock=clock, on_step=lambda o: admitted.extend(o.new_request_ids))
+    # Once "old" aged (t >= 2.5) nothing that arrived after it was admitted before it.
+    old_at = admitted.index("old")
+    later = [rid for rid in admitted[:old_at] if sched.requests[rid].arrival_time > 0.5]
+    assert all(sched.requests[rid].first_scheduled_time < 2.5 for rid in later)
+
+
+def test_quantile_reservation_uses_the_probabilities():
+    from serve.request import LengthPrediction
+
+    sched = make_scheduler("s3", reserve_quantile=0.9)
+    request = make_request("a")
+    request.prediction = LengthPrediction(bucket=0, probs=(0.6, 0.2, 0.15, 0.05))
+    sched.add_request(request)
+    assert request.reserved_bucket == 2 and request.reserved_output_tokens == 32

@@ -1,0 +1,106 @@
+import dataclasses
+import json
+
+import pytest
+
+from predictor_train.buckets import BucketSpec
+from serve.scheduler import ScheduledSeq, SchedulerOutput
+from serve.sim.costmodel import PRESETS, get_preset
+from serve.sim.simulate import SimulateConfig, run_simulation
+from serve.sim.workload import LengthDist, PredictorConfig, WorkloadConfig, load_trace, make_workload, predict
+
+
+def _plan(*seqs):
+    return SchedulerOutput(seqs=[ScheduledSeq(str(i), start, n, [], True) for i, (start, n) in enumerate(seqs)])
+
+
+def test_step_time_grows_with_batch_context_and_prefill():
+    cost = get_preset("paper")
+    one = cost.step_time(_plan((100, 1)))
+    assert cost.step_time(_plan()) == 0.0
+    assert one > cost.hardware.step_overhead_s
+    assert cost.step_time(_plan(*[(100, 1)] * 64)) > one
+    assert cost.step_time(_plan((1000, 1))) > one
+    assert cost.step_time(_plan((0, 2000))) > 5 * one  # a long prefill is compute-bound
+
+
+def test_presets_fit_and_tensor_parallel_divides_kv():
+    for cost in PRESETS.values():
+        assert cost.num_blocks(16) > 0
+    big = get_preset("llama-2-70b-8xa100")
+    assert big.kv_spec.bytes_per_token == big.model.kv_spec(1).bytes_per_token / 8
+    with pytest.raises(ValueError, match="unknown simulator preset"):
+        get_preset("nope")
+
+
+def test_confusion_predictor_hits_its_accuracy():
+    items = make_workload(WorkloadConfig(num_requests=4000), max_seq_len=2048)
+    buckets = BucketSpec.uniform(2048, 10)
+    predict(items, PredictorConfig(kind="confusion", accuracy=0.7), buckets)
+    right = sum(i.prediction.bucket == buckets.bucket_of(i.num_output_tokens) for i in items)
+    assert 0.66 < right / len(items) < 0.74
+    assert all(abs(i.prediction.bucket - buckets.bucket_of(i.num_output_tokens)) <= 1 for i in items)
+
+
+def test_online_arrivals_are_poisson_at_the_rate():
+    items = make_workload(WorkloadConfig(num_requests=2000, mode="online", rate=50.0), max_seq_len=2048)
+    assert items[-1].arrival_time == pytest.approx(2000 / 50.0, rel=0.1)
+    assert all(a.arrival_time <= b.arrival_time for a, b in zip(items, items[1:]))
+
+
+def test_trace_errors_name_file_and_row(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"num_prompt_tokens": 5, "num_output_tokens": 9}\n{"num_prompt_tokens": 5}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl, row 2"):
+        load_trace(path)
+    with pytest.raises(FileNotFoundError):
+        load_trace(tmp_path / "missing.jsonl")
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("num_prompt_tokens,num_output_tokens,predicted_bucket\n5,9,0\n7,300,1\n")
+    rows = load_trace(csv_path)
+    assert [(r.num_prompt_tokens, r.num_output_tokens, r.predicted_bucket) for r in rows] == [(5, 9, 0), (7, 300, 1)]
+
+
+def _small_config(**kw):
+    workload = WorkloadConfig(
+        num_requests=300, prompt_tokens=LengthDist(median=30, max=200), output_tokens=LengthDist(median=60, max=2000)
+    )
+    return SimulateConfig(workload=workload, **kw)
+
+
+def test_all_policies_finish_everything_and_s3_beats_max():
+    report = run_simulation(_small_config(predictor=PredictorConfig(accuracy=0.6)))
+    by = {r.policy: r for r in report.results}
+    assert set(by) == {"max", "paged", "s3", "oracle"}
+    total = sum(i for i in [by["max"].generated_tokens_per_s * by["max"].makespan_s])
+    for r in report.results:
+        assert r.num_requests == 300
+        assert r.generated_tokens_per_s * r.makespan_s == pytest.approx(total)
+    assert by["max"].num_preemptions == 0 and by["max"].num_mispredictions == 0
+    assert by["s3"].num_mispredictions > 0  # 40% wrong predictions, some too short
+    assert by["s3"].mean_running_batch > by["max"].mean_running_batch
+    assert report.ratios("s3")["max"] > 1.0
+
+
+def test_rate_search_and_report_files(tmp_path):
+    from serve.sim.report import format_report, save_report
+
+    config = _small_config(policies=("max", "s3"), find_max_rate=True, rate_search_requests=200, rate_search_steps=2)
+    report = run_simulation(config)
+    assert [r.policy for r in report.rates] == ["max", "s3"]
+    for rate, result in zip(report.rates, report.results):
+        assert 0 < rate.max_rate <= result.requests_per_s
+    text = format_report(report)
+    assert "s3 throughput ratio" in text and "largest arrival rate" in text
+    paths = save_report(report, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["s3_throughput_ratios"]["s3"] == 1.0 and paths["png"].stat().st_size > 10_000
+
+
+def test_simulating_10k_requests_takes_seconds():
+    import time
+
+    config = SimulateConfig(policies=("s3",), workload=dataclasses.replace(WorkloadConfig(), num_requests=10_000))
+    start = time.perf_counter()
+    run_simulation(config)
+    assert time.perf_counter() - start < 60  # about 3 s here; generous for a loaded CI machine
