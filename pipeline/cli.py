@@ -9,7 +9,6 @@ import click
 from pipeline.config import ConfigError, load_config
 
 NOT_BUILT = {
-    "generate": ("Label prompts with the target model's real output lengths.", 4),
     "train": ("Fine-tune the length-bucket predictor with DeepSpeed.", 5),
     "evaluate": ("Evaluate a length-predictor checkpoint against baselines.", 5),
     "bench": ("Offline throughput benchmark of the engine under each policy.", 3),
@@ -67,6 +66,31 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
     click.echo(format_report(report))
     paths = save_report(report, config.output_dir)
     click.echo(f"\nwrote {paths['json']} and {paths['png']}")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (see configs/).")
+@click.option("--input", "inputs", multiple=True, help="Prompt file or datasets folder (repeatable; default: data/prompts/*).")
+@click.option("--prompt-field", default=None, help="Field holding the prompt (default: instruction).")
+@click.option("--model", default=None, help="smollm2 (default), a .gguf file or a Hugging Face folder.")
+@click.option("--max-new-tokens", type=int, default=None, help="Cap on generated tokens (default 512).")
+@click.option("--limit-per-source", type=int, default=None, help="Label a seeded random subset of N prompts per file.")
+@click.option("--output-dir", default=None, help="Where shards, dataset, Parquet and card go (default data/labelled).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
+def generate(config_path, inputs, prompt_field, model, max_new_tokens, limit_per_source, output_dir, overrides):
+    """Label prompts with the target model's real output lengths (resumable)."""
+    from pipeline.generate import GenerateConfig
+    from pipeline.stages import run_generate
+
+    flags = {
+        "inputs": list(inputs) or None, "prompt_field": prompt_field, "model": model,
+        "max_new_tokens": max_new_tokens, "limit_per_source": limit_per_source, "output_dir": output_dir,
+    }  # fmt: skip
+    try:
+        config = load_config(GenerateConfig, config_path, overrides, values=flags)
+        run_generate(config, echo=lambda msg: click.echo(msg, err=True))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
 
 
 def _not_built(name: str, summary: str, issue: int) -> click.Command:

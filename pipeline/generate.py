@@ -1,0 +1,256 @@
+"""Stage `generate`: run the target model over prompt sets and record each prompt's real output length.
+
+Resumable: every finished prompt is appended at once to a JSON-lines shard under `<output>/shards/`;
+a restarted run reads the shards, skips the prompts already done and goes on, so nothing is lost or
+written twice. When every prompt is done, the shards become a `datasets` dataset (saved to disk and as
+Parquet) with a dataset card and a length histogram.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Callable, Iterator, Protocol
+
+from pipeline.prompts import PromptRow, Skipped, read_prompt_sets
+
+DEFAULT_INPUTS = (
+    "data/prompts/gsm8k_train.json",
+    "data/prompts/gpteacher_toolformer.json",
+    "data/prompts/gpteacher_roleplay.json",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Settings of `s3 generate` (the decoding settings are recorded with the data: lengths depend on them)."""
+
+    inputs: tuple[str, ...] = DEFAULT_INPUTS
+    """Prompt files: .json, .jsonl, .csv, .parquet, or a `datasets` folder."""
+    prompt_field: str = "instruction"
+    """Field holding the prompt."""
+    input_field: str | None = "input"
+    """Optional field appended to the prompt after a blank line when non-empty (instruction/input sets)."""
+    limit_per_source: int | None = None
+    """Label only a seeded random subset of this many prompts per file."""
+    model: str = "smollm2"
+    """`smollm2` (the packaged SmolLM2-135M-Instruct GGUF) or a local Hugging Face causal-LM folder."""
+    max_new_tokens: int = 512
+    """Cap on generated tokens; outputs that reach it are recorded with finished=False."""
+    temperature: float = 0.0
+    """0 is greedy decoding."""
+    top_p: float = 1.0
+    num_samples: int = 1
+    """Samples per prompt (with temperature > 0); each length is kept and num_output_tokens is their max."""
+    seed: int = 0
+    keep_text: bool = True
+    """Store the generated text with each row."""
+    max_num_seqs: int = 64
+    """Sequences decoded together."""
+    output_dir: str = "data/labelled"
+    wandb_project: str = "s3-serve"
+    wandb_mode: str | None = None
+    """offline (default unless WANDB_MODE is set), online, or disabled."""
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("num_samples and max_new_tokens must be >= 1")
+        if self.num_samples > 1 and self.temperature == 0:
+            raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be the same)")
+
+
+@dataclasses.dataclass
+class Completion:
+    """One finished generation, as an engine reports it."""
+
+    request_id: str
+    output_token_ids: list[int]
+    finish_reason: str
+    """stop (the model ended it) or length (max_new_tokens)."""
+
+
+class Engine(Protocol):
+    """What this stage needs of an engine (serve.engine.llm.LLMEngine provides it)."""
+
+    tokenizer: Any
+    model_id: str
+    max_model_len: int
+
+    def generate_ids(
+        self, prompts: dict[str, list[int]], *, max_new_tokens: int, temperature: float, top_p: float, seed: int
+    ) -> Iterator[Completion]: ...
+
+
+def format_prompt(tokenizer, prompt: str) -> list[int]:
+    """The tokenizer's chat template, the prompt as one user message, with the generation prompt."""
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def recipe(config: GenerateConfig, engine: Engine) -> dict:
+    """What the lengths depend on; a resumed run must match it exactly."""
+    return {
+        "model": engine.model_id,
+        "chat_template": getattr(engine.tokenizer, "chat_template", None),
+        "add_generation_prompt": True,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "num_samples": config.num_samples,
+        "seed": config.seed,
+        "prompt_field": config.prompt_field,
+        "input_field": config.input_field,
+    }
+
+
+class ShardWriter:
+    """Append-only JSON lines, flushed per row and fsync'd every `sync_every` rows."""
+
+    def __init__(self, directory: pathlib.Path, sync_every: int = 16) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        index = len(list(directory.glob("part-*.jsonl")))
+        self.path = directory / f"part-{index:05d}.jsonl"
+        self._file = self.path.open("a")
+        self._pending = 0
+        self.sync_every = sync_every
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        self._pending += 1
+        if self._pending >= self.sync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self._file.fileno())
+        self._pending = 0
+
+    def close(self) -> None:
+        self.sync()
+        self._file.close()
+
+
+def read_shards(directory: pathlib.Path) -> dict[str, dict]:
+    """Rows of every shard by id; a torn last line (a crash mid-write) is ignored and redone."""
+    rows: dict[str, dict] = {}
+    for path in sorted(directory.glob("part-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[row["id"]] = row
+    return rows
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@dataclasses.dataclass
+class LabelPlan:
+    """What a (resumed) run still has to do."""
+
+    todo: list[tuple[PromptRow, list[int]]]
+    """Prompts not yet labelled, with their chat-formatted token ids."""
+    num_done: int
+    """Prompts already in the shards from an earlier run."""
+    skipped: list[Skipped]
+
+
+def plan(config: GenerateConfig, engine: Engine) -> LabelPlan:
+    """Read the inputs, drop what is done or cannot run, and check the recipe of an earlier run."""
+    out = pathlib.Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_recipe(out / "recipe.json", recipe(config, engine))
+    prompts, skipped = read_prompt_sets(
+        list(config.inputs), prompt_field=config.prompt_field, input_field=config.input_field,
+        limit_per_source=config.limit_per_source, seed=config.seed,
+    )
+    done = read_shards(out / "shards")
+    todo = []
+    for row in prompts:
+        if row.id in done:
+            continue
+        ids = format_prompt(engine.tokenizer, row.prompt)
+        if len(ids) + config.max_new_tokens > engine.max_model_len:
+            reason = f"prompt of {len(ids)} tokens + {config.max_new_tokens} new exceeds the {engine.max_model_len}-token context"
+            skipped.append(Skipped(row.source, row.row, reason))
+            continue
+        todo.append((row, ids))
+    return LabelPlan(_interleave(todo), len(done), skipped)
+
+
+def _interleave(todo: list[tuple[PromptRow, list[int]]]) -> list[tuple[PromptRow, list[int]]]:
+    """Round-robin over sources, so that an interrupted run has labelled every source alike."""
+    by_source: dict[str, list] = {}
+    for item in todo:
+        by_source.setdefault(item[0].source, []).append(item)
+    queues = list(by_source.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+def run(config: GenerateConfig, engine: Engine, todo: list, on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Label ``todo``, appending each row to a new shard as it finishes; returns every row of every shard."""
+    shards = pathlib.Path(config.output_dir) / "shards"
+    writer = ShardWriter(shards)
+    try:
+        for chunk in _chunks(todo, 4 * config.max_num_seqs):
+            for row in _label_chunk(config, engine, chunk):
+                writer.write(row)
+                on_row(row)
+    finally:
+        writer.close()
+    return sorted(read_shards(shards).values(), key=lambda r: (r["source"], r["row"]))
+
+
+def _label_chunk(config: GenerateConfig, engine: Engine, chunk: list[tuple[PromptRow, list[int]]]) -> Iterator[dict]:
+    """Generate every sample of a chunk of prompts; yield a row as soon as all of a prompt's samples are in."""
+    by_id = {row.id: (row, ids) for row, ids in chunk}
+    samples: dict[str, list[Completion]] = {rid: [] for rid in by_id}
+    for k in range(config.num_samples):
+        prompts = {f"{rid}#{k}": ids for rid, (_, ids) in by_id.items()}
+        completions = engine.generate_ids(
+            prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            top_p=config.top_p, seed=config.seed + k,
+        )
+        for completion in completions:
+            rid = completion.request_id.rsplit("#", 1)[0]
+            samples[rid].append(completion)
+            if len(samples[rid]) == config.num_samples:
+                yield _row(config, engine, *by_id[rid], samples.pop(rid))
+
+
+def _row(config: GenerateConfig, engine: Engine, prompt: PromptRow, ids: list[int], done: list[Completion]) -> dict:
+    lengths = [len(c.output_token_ids) for c in done]
+    longest = done[lengths.index(max(lengths))]
+    text = engine.tokenizer.decode(longest.output_token_ids, skip_special_tokens=True) if config.keep_text else None
+    return {
+        "id": prompt.id,
+        "prompt": prompt.prompt,
+        "source": prompt.source,
+        "row": prompt.row,
+        "num_prompt_tokens": len(ids),
+        "num_output_tokens": max(lengths),
+        "finished": longest.finish_reason == "stop",
+        "sample_output_tokens": lengths,
+        "output_text": text,
+    }
+
+
+def _check_recipe(path: pathlib.Path, current: dict) -> None:
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in current if previous.get(k) != current[k])
+        if changed:
+            raise ValueError(
+                f"{path.parent} holds lengths made with other settings ({', '.join(changed)} differ); "
+                "use another --output-dir or delete the old one"
+            )
+    else:
+        path.write_text(json.dumps(current, indent=2))
+

@@ -1,0 +1,113 @@
+"""The labelled data set: shards -> `datasets` dataset on disk + Parquet + dataset card + length histogram."""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+import statistics
+
+from pipeline.prompts import Skipped
+
+COLUMNS = ("id", "prompt", "source", "row", "num_prompt_tokens", "num_output_tokens", "finished",
+           "sample_output_tokens", "output_text")
+
+
+def write_dataset(rows: list[dict], skipped: list[Skipped], recipe: dict, output_dir: str | pathlib.Path) -> dict:
+    """Write dataset/, labelled.parquet, length_histogram.png, skipped.jsonl and README.md; returns the stats."""
+    import datasets
+
+    out = pathlib.Path(output_dir)
+    table = {c: [r[c] for r in rows] for c in COLUMNS}
+    dataset = datasets.Dataset.from_dict(table)
+    dataset.save_to_disk(str(out / "dataset"))
+    dataset.to_parquet(str(out / "labelled.parquet"))
+    with (out / "skipped.jsonl").open("w") as f:
+        for s in skipped:
+            f.write(json.dumps({"path": s.path, "row": s.row, "reason": s.reason}) + "\n")
+    stats = length_stats(rows)
+    plot_histogram(rows, recipe["max_new_tokens"], out / "length_histogram.png")
+    (out / "README.md").write_text(card(stats, recipe, skipped))
+    return stats
+
+
+def length_stats(rows: list[dict]) -> dict:
+    lengths = [r["num_output_tokens"] for r in rows]
+    by_source = collections.Counter(r["source"] for r in rows)
+    return {
+        "num_rows": len(rows),
+        "by_source": dict(sorted(by_source.items())),
+        "num_capped": sum(not r["finished"] for r in rows),
+        "mean_output_tokens": statistics.fmean(lengths) if lengths else 0.0,
+        "median_output_tokens": statistics.median(lengths) if lengths else 0,
+        "max_output_tokens": max(lengths, default=0),
+        "mean_prompt_tokens": statistics.fmean(r["num_prompt_tokens"] for r in rows) if rows else 0.0,
+    }
+
+
+def plot_histogram(rows: list[dict], max_new_tokens: int, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sources = sorted({r["source"] for r in rows})
+    data = [[r["num_output_tokens"] for r in rows if r["source"] == s] for s in sources]
+    ax.hist(data, bins=40, range=(0, max_new_tokens), stacked=True, label=sources)
+    for edge in range(max_new_tokens // 10, max_new_tokens, max_new_tokens // 10):
+        ax.axvline(edge, color="grey", lw=0.5, ls=":")  # the paper's 10 buckets
+    ax.set_xlabel("output tokens (dotted: the 10 length buckets)")
+    ax.set_ylabel("prompts")
+    ax.set_title(f"output lengths of {len(rows)} prompts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def card(stats: dict, recipe: dict, skipped: list[Skipped]) -> str:
+    sources = "\n".join(f"| {name} | {count:,} |" for name, count in stats["by_source"].items())
+    reasons = collections.Counter(s.reason.split(" (")[0] for s in skipped)
+    skipped_lines = "\n".join(f"- {n} x {reason}" for reason, n in reasons.most_common()) or "- none"
+    template = recipe.get("chat_template") or "(tokenizer default)"
+    return f"""# Length-labelled prompts
+
+Made by `s3 generate`: each prompt was formatted with the target model's chat template (the prompt as one
+user message, `add_generation_prompt=True`, the model's default system prompt included) and run through the
+project's engine; `num_output_tokens` counts the generated tokens, the end-of-sequence token included.
+
+## Recipe (lengths depend on all of it)
+
+- model: `{recipe['model']}`
+- decoding: temperature {recipe['temperature']} ({'greedy' if recipe['temperature'] == 0 else 'sampled'}), top_p {recipe['top_p']}, max_new_tokens {recipe['max_new_tokens']}, samples per prompt {recipe['num_samples']}, seed {recipe['seed']}
+- prompt = `{recipe['prompt_field']}` + blank line + `{recipe['input_field']}` when non-empty
+
+## Counts
+
+| source | prompts |
+| --- | ---: |
+{sources}
+| **total** | **{stats['num_rows']:,}** |
+
+- hit the max_new_tokens cap (finished = false): {stats['num_capped']:,}
+- output tokens: mean {stats['mean_output_tokens']:.1f}, median {stats['median_output_tokens']}, max {stats['max_output_tokens']}
+- prompt tokens (templated): mean {stats['mean_prompt_tokens']:.1f}
+
+![length histogram](length_histogram.png)
+
+## Skipped inputs ({len(skipped)}, listed in `skipped.jsonl`)
+
+{skipped_lines}
+
+## Files
+
+`dataset/` (`datasets.load_from_disk`), `labelled.parquet`, `shards/` (the resumable raw rows),
+`recipe.json`. Columns: {', '.join(f'`{c}`' for c in COLUMNS)}.
+
+## Chat template
+
+```jinja
+{template}
+```
+"""

@@ -1,0 +1,122 @@
+"""Reading prompt sets: JSON, JSONL, CSV, Parquet or a `datasets` folder, with configurable field names.
+
+Bad input never stops a run: a missing file, a file without the prompt field, an unreadable row or an
+empty prompt becomes a `Skipped` entry naming the file and row, and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import pathlib
+from typing import Iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRow:
+    source: str
+    """The file's stem (e.g. `gsm8k_train`)."""
+    row: int
+    """0-based row index in its file."""
+    prompt: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.source}:{self.row}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    path: str
+    row: int | None
+    """0-based row, or None when the whole file was skipped."""
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.path if self.row is None else f"{self.path}, row {self.row}"
+        return f"{where}: {self.reason}"
+
+
+def _records(path: pathlib.Path) -> Iterator[tuple[int, dict | Exception]]:
+    """(row, record) pairs; a row that cannot be parsed comes as (row, exception)."""
+    if path.is_dir():
+        import datasets
+
+        for i, record in enumerate(datasets.load_from_disk(str(path))):
+            yield i, record
+    elif path.suffix == ".jsonl":
+        with path.open() as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield i, exc
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError("a .json prompt file must hold a list of objects (or {'data': [...]})")
+        yield from enumerate(data)
+    elif path.suffix == ".csv":
+        with path.open(newline="") as f:
+            yield from enumerate(csv.DictReader(f))
+    elif path.suffix == ".parquet":
+        import datasets
+
+        yield from enumerate(datasets.Dataset.from_parquet(str(path)))
+    else:
+        raise ValueError(f"unsupported prompt file type {path.suffix!r} (use .json, .jsonl, .csv, .parquet or a folder)")
+
+
+def read_prompts(
+    path: str | pathlib.Path, *, prompt_field: str = "instruction", input_field: str | None = "input"
+) -> tuple[list[PromptRow], list[Skipped]]:
+    """Prompts of one file: ``prompt_field`` plus, when present and non-empty, a blank line and ``input_field``."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return [], [Skipped(str(path), None, "file does not exist")]
+    rows: list[PromptRow] = []
+    skipped: list[Skipped] = []
+    try:
+        for i, record in _records(path):
+            if isinstance(record, Exception):
+                skipped.append(Skipped(str(path), i, f"unreadable row ({record})"))
+                continue
+            if not isinstance(record, dict) or prompt_field not in record:
+                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+                if i == 0 and not rows:  # the whole file lacks the field: say so once
+                    return [], [Skipped(str(path), None, f"no field {prompt_field!r} (it has {fields})")]
+                skipped.append(Skipped(str(path), i, f"no field {prompt_field!r}"))
+                continue
+            text = str(record[prompt_field] or "").strip()
+            extra = str(record.get(input_field) or "").strip() if input_field else ""
+            if extra:
+                text = f"{text}\n\n{extra}" if text else extra
+            if not text:
+                skipped.append(Skipped(str(path), i, "empty prompt"))
+                continue
+            rows.append(PromptRow(path.stem if not path.is_dir() else path.name, i, text))
+    except (OSError, ValueError) as exc:
+        return rows, [*skipped, Skipped(str(path), None, f"cannot read: {exc}")]
+    return rows, skipped
+
+
+def read_prompt_sets(
+    paths: list[str], *, prompt_field: str, input_field: str | None, limit_per_source: int | None = None, seed: int = 0
+) -> tuple[list[PromptRow], list[Skipped]]:
+    """All prompts of several files; ``limit_per_source`` takes a seeded random subset of each file."""
+    import random
+
+    rows: list[PromptRow] = []
+    skipped: list[Skipped] = []
+    for path in paths:
+        file_rows, file_skipped = read_prompts(path, prompt_field=prompt_field, input_field=input_field)
+        if limit_per_source is not None and len(file_rows) > limit_per_source:
+            file_rows = sorted(random.Random(seed).sample(file_rows, limit_per_source), key=lambda r: r.row)
+        rows += file_rows
+        skipped += file_skipped
+    return rows, skipped

@@ -1,0 +1,119 @@
+"""`s3 generate` on a fake engine: formats, bad input, resume, sampling mode, dataset card."""
+
+import json
+
+import datasets
+import pytest
+
+from pipeline.generate import Completion, GenerateConfig, read_shards
+from pipeline.prompts import read_prompts
+from pipeline.stages import run_generate
+
+
+class FakeTokenizer:
+    chat_template = "{{ messages }}"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and tokenize and messages[0]["role"] == "user"
+        return [1] + [ord(c) % 50 + 2 for c in messages[0]["content"]] + [1]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+class FakeEngine:
+    """Output length is a function of the prompt (and the sample seed); can die after N completions."""
+
+    model_id = "fake-model"
+    max_model_len = 200
+
+    def __init__(self, die_after=None):
+        self.tokenizer = FakeTokenizer()
+        self.die_after = die_after
+        self.seen = []
+
+    def generate_ids(self, prompts, *, max_new_tokens, temperature, top_p, seed):
+        for rid, ids in prompts.items():
+            if self.die_after is not None and len(self.seen) >= self.die_after:
+                raise KeyboardInterrupt
+            self.seen.append(rid)
+            n = min(len(ids) % 13 + 1 + seed % 3, max_new_tokens)
+            yield Completion(rid, list(range(n)), "length" if n == max_new_tokens else "stop")
+
+
+def _write_inputs(tmp_path):
+    rows = [{"instruction": f"question number {i} " + "x" * i, "input": "ctx" if i % 2 else ""} for i in range(12)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "b.jsonl").write_text(
+        '{"instruction": "hello"}\n{"instruction": ""}\nnot json\n{"other": 1}\n{"instruction": "' + "y" * 300 + '"}\n'
+    )
+    (tmp_path / "c.csv").write_text("instruction,input\nfrom csv,\n")
+    (tmp_path / "nofield.jsonl").write_text('{"question": "q"}\n')
+    return [str(tmp_path / n) for n in ("a.json", "b.jsonl", "c.csv", "nofield.jsonl", "missing.json")]
+
+
+def _config(tmp_path, **kw):
+    return GenerateConfig(inputs=tuple(_write_inputs(tmp_path)), output_dir=str(tmp_path / "out"),
+                          max_new_tokens=10, wandb_mode="disabled", **kw)  # fmt: skip
+
+
+def test_labels_everything_and_lists_what_it_skipped(tmp_path):
+    messages = []
+    stats = run_generate(_config(tmp_path), engine=FakeEngine(), echo=messages.append)
+    assert stats["num_rows"] == 12 + 1 + 1  # a.json, "hello", "from csv"
+    assert stats["by_source"] == {"a": 12, "b": 1, "c": 1}
+    text = "\n".join(messages)
+    for expected in ["b.jsonl, row 1: empty prompt", "b.jsonl, row 2: unreadable row", "b.jsonl, row 3: no field",
+                     "row 4: prompt of 302 tokens", "nofield.jsonl: no field 'instruction'", "missing.json: file does not exist"]:  # fmt: skip
+        assert expected in text
+    out = tmp_path / "out"
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert len(ds) == 14 and {"prompt", "source", "num_prompt_tokens", "num_output_tokens", "finished"} <= set(ds.column_names)
+    assert datasets.Dataset.from_parquet(str(out / "labelled.parquet")).num_rows == 14
+    row = next(r for r in ds if r["source"] == "a" and r["row"] == 1)
+    assert row["prompt"] == "question number 1 x\n\nctx"  # instruction + blank line + input
+    card = (out / "README.md").read_text()
+    assert "fake-model" in card and "max_new_tokens 10" in card and "length_histogram.png" in card
+    assert (out / "length_histogram.png").stat().st_size > 5000
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 6
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
+    config = _config(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(config, engine=FakeEngine(die_after=5), echo=lambda m: None)
+    assert len(read_shards(tmp_path / "out" / "shards")) == 5
+    # A crash mid-write leaves a torn line: it is ignored and that prompt is redone.
+    shard = sorted((tmp_path / "out" / "shards").glob("part-*.jsonl"))[0]
+    shard.write_text(shard.read_text() + '{"id": "a:9", "prom')
+    second = FakeEngine()
+    stats = run_generate(config, engine=second, echo=lambda m: None)
+    assert len(second.seen) == 14 - 5 and stats["num_rows"] == 14
+    ids = [json.loads(l)["id"] for p in (tmp_path / "out" / "shards").glob("*.jsonl") for l in p.read_text().splitlines() if l.endswith("}")]  # noqa: E501
+    assert len(ids) == len(set(ids)) == 14
+
+
+def test_changed_recipe_is_refused(tmp_path):
+    run_generate(_config(tmp_path), engine=FakeEngine(), echo=lambda m: None)
+    with pytest.raises(ValueError, match="max_new_tokens differ"):
+        run_generate(_config(tmp_path) .__class__(**{**_config(tmp_path).__dict__, "max_new_tokens": 11}),
+                     engine=FakeEngine(), echo=lambda m: None)
+
+
+def test_sampling_mode_keeps_every_length_and_their_max(tmp_path):
+    config = _config(tmp_path, num_samples=3, temperature=0.8)
+    run_generate(config, engine=FakeEngine(), echo=lambda m: None)
+    ds = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
+    for r in ds:
+        assert len(r["sample_output_tokens"]) == 3 and r["num_output_tokens"] == max(r["sample_output_tokens"])
+    with pytest.raises(ValueError, match="temperature"):
+        GenerateConfig(num_samples=2)
+
+
+def test_parquet_and_datasets_folder_inputs(tmp_path):
+    ds = datasets.Dataset.from_dict({"prompt": ["one", "two"]})
+    ds.to_parquet(str(tmp_path / "p.parquet"))
+    ds.save_to_disk(str(tmp_path / "folder"))
+    for path in (tmp_path / "p.parquet", tmp_path / "folder"):
+        rows, skipped = read_prompts(path, prompt_field="prompt", input_field=None)
+        assert [r.prompt for r in rows] == ["one", "two"] and not skipped
