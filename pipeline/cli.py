@@ -13,7 +13,6 @@ NOT_BUILT = {
     "evaluate": ("Evaluate a length-predictor checkpoint against baselines.", 5),
     "bench": ("Offline throughput benchmark of the engine under each policy.", 3),
     "serve": ("OpenAI-compatible server with the predictive admission controller.", 6),
-    "feedback": ("Summarise the misprediction feedback store.", 6),
 }
 
 
@@ -91,6 +90,22 @@ def generate(config_path, inputs, prompt_field, model, max_new_tokens, limit_per
         run_generate(config, echo=lambda msg: click.echo(msg, err=True))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def feedback(directory, as_json):
+    """Summarise a misprediction feedback store (counts by bucket, under- and over-prediction)."""
+    import json
+
+    from serve.feedback import format_summary, read_feedback, summarize
+
+    try:
+        summary = summarize(list(read_feedback(directory)))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 def _not_built(name: str, summary: str, issue: int) -> click.Command:
