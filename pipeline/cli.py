@@ -9,9 +9,6 @@ import click
 from pipeline.config import ConfigError, load_config
 
 NOT_BUILT = {
-    "train": ("Fine-tune the length-bucket predictor with DeepSpeed.", 5),
-    "evaluate": ("Evaluate a length-predictor checkpoint against baselines.", 5),
-    "bench": ("Offline throughput benchmark of the engine under each policy.", 3),
     "serve": ("OpenAI-compatible server with the predictive admission controller.", 6),
 }
 
@@ -106,6 +103,77 @@ def feedback(directory, as_json):
     except FileNotFoundError as exc:
         _fail(str(exc))
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (see configs/).")
+@click.option("--model", default=None, help="smollm2 (default), a .gguf file or a Hugging Face folder.")
+@click.option("--num-prompts", type=int, default=None, help="Prompts per policy.")
+@click.option("--max-new-tokens", type=int, default=None, help="Cap on generated tokens.")
+@click.option("--policies", default=None, help="Comma-separated, e.g. max,paged,s3,oracle (max always runs first).")
+@click.option("--predictor", default=None, help="oracle-buckets, noisy, or a predictor checkpoint folder.")
+@click.option("--output-dir", default=None, help="Where bench.json and bench.png go.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
+def bench(config_path, model, num_prompts, max_new_tokens, policies, predictor, output_dir, overrides):
+    """Offline throughput of the engine under each policy, side by side, plus a transformers reference."""
+    from serve.bench import BenchConfig, format_bench, run_bench, save_bench
+
+    flags = {
+        "model": model, "num_prompts": num_prompts, "max_new_tokens": max_new_tokens, "predictor": predictor,
+        "policies": policies and [p.strip() for p in policies.split(",") if p.strip()], "output_dir": output_dir,
+    }  # fmt: skip
+    try:
+        config = load_config(BenchConfig, config_path, overrides, values=flags)
+        report = run_bench(config, progress=lambda msg: click.echo(msg, err=True))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    click.echo(format_bench(report))
+    paths = save_bench(report, config.output_dir)
+    click.echo(f"\nwrote {paths['json']} and {paths['png']}")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (see configs/).")
+@click.option("--data", default="data/labelled", show_default=True, help="`s3 generate` output folder or a dataset.")
+@click.option("--target-model", default=None, help="Model the lengths came from (read from the data's recipe.json).")
+@click.option("--feedback", default=None, help="Feedback store to learn from (retraining; needs --from).")
+@click.option("--from", "previous", default=None, help="Checkpoint to retrain from.")
+@click.option("--output-dir", default=None, help="Where the best checkpoint goes.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
+def train(config_path, data, target_model, feedback, previous, output_dir, overrides):
+    """Fine-tune the length-bucket predictor with DeepSpeed, then evaluate it on the test split."""
+    import logging
+
+    from pipeline.stages import run_train
+    from predictor_train.train import TrainConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = load_config(TrainConfig, config_path, overrides, values={"output_dir": output_dir})
+        run_train(config, data=data, target_model=target_model, feedback=feedback, previous=previous,
+                  echo=click.echo)  # fmt: skip
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("--data", default="data/labelled", show_default=True, help="`s3 generate` output folder or a dataset.")
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
+@click.option("--quantile", type=float, default=None, help="Predict the bucket at this probability quantile.")
+@click.option("--output-dir", default=None, help="Where the confusion matrix goes (default: the checkpoint).")
+def evaluate(checkpoint, data, split, quantile, output_dir):
+    """Evaluate a predictor checkpoint against the majority-bucket and prompt-length-regression baselines."""
+    from pipeline.stages import labelled_data
+    from predictor_train.evaluate import evaluate_checkpoint
+
+    try:
+        dataset, _ = labelled_data(data)
+        report = evaluate_checkpoint(checkpoint, dataset, split=split, out_dir=output_dir or checkpoint,
+                                     quantile=quantile)  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    click.echo(f"{split} split:\n{report.table}\nconfusion matrix: {report.confusion_png}")
 
 
 def _not_built(name: str, summary: str, issue: int) -> click.Command:

@@ -54,3 +54,59 @@ def run_generate(config: gen.GenerateConfig, *, echo: Callable[[str], None] = pr
         run.summary.update(stats | {"by_source": json.dumps(stats["by_source"])})
         run.finish()
     return stats
+
+
+def labelled_data(path: str) -> tuple[str, dict]:
+    """A `generate` output folder (dataset/ + recipe.json) or a dataset path -> (dataset path, recipe)."""
+    folder = pathlib.Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"labelled data {folder} does not exist; make it with `s3 generate`")
+    recipe_path = folder / "recipe.json"
+    if recipe_path.exists() and (folder / "dataset").exists():
+        return str(folder / "dataset"), json.loads(recipe_path.read_text())
+    if recipe_path.exists():
+        raise FileNotFoundError(f"{folder} has no dataset/ yet: its `s3 generate` run has not finished; run it again")
+    return str(folder), {}
+
+
+def feedback_dataset(directory: str):
+    """The feedback store's records as a `datasets` Dataset with the labelled data's columns."""
+    import datasets
+
+    from serve.feedback import read_feedback
+
+    records = [r for r in read_feedback(directory) if r.get("prompt")]
+    if not records:
+        raise ValueError(f"the feedback store {directory} holds no records with a prompt")
+    columns = ("prompt", "source", "num_prompt_tokens", "num_output_tokens", "finished")
+    return datasets.Dataset.from_dict({c: [r[c] for r in records] for c in columns})
+
+
+def run_train(config, *, data: str, target_model: str | None = None, feedback: str | None = None,
+              previous: str | None = None, echo: Callable[[str], None] = print) -> pathlib.Path:
+    """`s3 train`: train (or retrain on feedback from ``previous``), then evaluate on the test split."""
+    from predictor_train.evaluate import evaluate_checkpoint
+    from predictor_train.retrain import retrain_predictor
+    from predictor_train.train import train_predictor
+
+    dataset, recipe = labelled_data(data)
+    if feedback:
+        if not previous:
+            raise ValueError("--feedback needs --from CHECKPOINT: retraining starts from the previous predictor")
+        report = retrain_predictor(config, dataset, feedback_dataset(feedback), previous_checkpoint=previous)
+        echo(f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
+             f"{report.num_feedback_used} feedback records ({report.num_feedback_dropped} held out)")
+        echo(report.table())
+        checkpoint = report.result.checkpoint_dir
+    else:
+        target = target_model or recipe.get("model")
+        if not target:
+            raise ValueError(f"{data} has no recipe.json naming the target model; pass --target-model")
+        decoding = {k: recipe[k] for k in ("max_new_tokens", "temperature", "top_p", "chat_template") if k in recipe}
+        result = train_predictor(config, dataset, target_model=target, decoding=decoding)
+        checkpoint = result.checkpoint_dir
+        echo(f"best epoch {result.best_epoch}; checkpoint {result.info.checkpoint_id} in {checkpoint}")
+    evaluation = evaluate_checkpoint(checkpoint, dataset, out_dir=checkpoint)
+    echo("test split:\n" + evaluation.table)
+    echo(f"confusion matrix: {evaluation.confusion_png}")
+    return pathlib.Path(checkpoint)

@@ -1,0 +1,165 @@
+"""Labelled prompts for the length predictor: loading, the hash split, labels, class weights, batches.
+
+A record has the columns of the ``generate`` stage: ``prompt`` (the raw user prompt), ``source``,
+``num_prompt_tokens``, ``num_output_tokens`` (the target LLM's real output length) and ``finished``; feedback
+records from serving carry the same columns plus ``predicted_bucket``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import datasets
+import torch
+
+from predictor_train.buckets import BucketSpec
+
+REQUIRED_COLUMNS = ("prompt", "num_prompt_tokens", "num_output_tokens")
+"""Columns training and evaluation read; ``source`` and ``finished`` are kept when present but not needed."""
+
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def load_records(source: str | Path | datasets.Dataset) -> datasets.Dataset:
+    """Load labelled records from a ``save_to_disk`` folder, a Parquet file or a JSONL file (or pass a Dataset)."""
+    ds = source if isinstance(source, datasets.Dataset) else _read(Path(source))
+    check_columns(ds, where=str(source) if not isinstance(source, datasets.Dataset) else "the dataset")
+    return ds
+
+
+def _read(path: Path) -> datasets.Dataset:
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        # We split by prompt hash ourselves, so the splits of a saved DatasetDict are pooled.
+        if isinstance(loaded, datasets.DatasetDict):
+            return datasets.concatenate_datasets(list(loaded.values()))
+        return loaded
+    if not path.is_file():
+        raise FileNotFoundError(f"no data at {path}: pass a save_to_disk folder, a .parquet or a .jsonl file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path))
+    if suffix in (".jsonl", ".json"):
+        return datasets.Dataset.from_json(str(path))
+    raise ValueError(f"cannot read {path}: expected a save_to_disk folder, .parquet or .jsonl")
+
+
+def check_columns(ds: datasets.Dataset, *, where: str, extra: Sequence[str] = ()) -> None:
+    """Raise a ValueError naming the missing columns, so a user can fix the data file."""
+    missing = [c for c in (*REQUIRED_COLUMNS, *extra) if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{where} lacks column(s) {missing}; it has {ds.column_names}. "
+                         "Records need prompt, num_prompt_tokens and num_output_tokens (see `s3 generate`).")
+
+
+def split_of(prompt: str, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> Split:
+    """The split a prompt belongs to, from a hash of its text: stable across runs, machines and data orders."""
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    total = 0.0
+    for split, fraction in zip(SPLITS, fractions):
+        total += fraction
+        if u < total:
+            return split
+    return SPLITS[-1]
+
+
+def split_indices(prompts: Sequence[str], fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict[Split, list[int]]:
+    """Row indices per split; equal prompts always share a split, so duplicates never leak across them."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    out: dict[Split, list[int]] = {s: [] for s in SPLITS}
+    for i, prompt in enumerate(prompts):
+        out[split_of(prompt, fractions)].append(i)
+    return out
+
+
+def split_records(ds: datasets.Dataset, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> datasets.DatasetDict:
+    """Deterministic train/validation/test split by prompt hash (80/10/10 by default)."""
+    indices = split_indices(ds["prompt"], fractions)
+    return datasets.DatasetDict({s: ds.select(indices[s]) for s in SPLITS})
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Prompts and their true output lengths: what training reads from a split."""
+
+    prompts: tuple[str, ...]
+    """Raw user prompts."""
+    num_output_tokens: tuple[int, ...]
+    """The target LLM's real output length for each prompt."""
+
+    @classmethod
+    def from_rows(cls, rows) -> "Examples":
+        """From a Dataset (or anything with ``prompt`` and ``num_output_tokens`` columns)."""
+        return cls(tuple(rows["prompt"]), tuple(int(n) for n in rows["num_output_tokens"]))
+
+    def __add__(self, other: "Examples") -> "Examples":
+        return Examples(self.prompts + other.prompts, self.num_output_tokens + other.num_output_tokens)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def labels_of(lengths: Sequence[int], spec: BucketSpec) -> list[int]:
+    """Bucket label of each output length."""
+    return [spec.bucket_of(int(n)) for n in lengths]
+
+
+def class_weights(labels: Sequence[int], num_buckets: int, *, smoothing: float = 1.0) -> list[float]:
+    """Smoothed inverse-frequency weights, one per bucket, normalised to average 1 over the training samples.
+
+    ``w_b ∝ 1 / (count_b + smoothing)``: the additive smoothing keeps empty or near-empty buckets from getting
+    an unbounded weight. Normalising over samples keeps the weighted loss on the scale of the unweighted one.
+    """
+    if smoothing <= 0:
+        raise ValueError(f"smoothing must be positive, got {smoothing}")
+    counts = [0] * num_buckets
+    for label in labels:
+        counts[label] += 1
+    raw = [1.0 / (c + smoothing) for c in counts]
+    num_samples = sum(counts)
+    if num_samples == 0:
+        return [1.0] * num_buckets
+    mean = sum(c * w for c, w in zip(counts, raw)) / num_samples
+    return [w / mean for w in raw]
+
+
+def encode(tokenizer, prompts: Sequence[str], *, max_prompt_tokens: int,
+           input_names: Sequence[str] = ("input_ids", "attention_mask")) -> dict[str, torch.Tensor]:
+    """Tokenise a batch, padded to its longest prompt and truncated to ``max_prompt_tokens``."""
+    enc = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in input_names}
+
+
+def batches(prompts: Sequence[str], labels: Sequence[int], tokenizer, *, batch_size: int, max_prompt_tokens: int,
+            input_names: Sequence[str] = ("input_ids", "attention_mask"), shuffle_seed: int | None = None,
+            shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenised batches with a ``labels`` tensor; shuffled (reproducibly) when ``shuffle_seed`` is given.
+
+    ``shard=(rank, world_size)`` keeps every world_size-th example of the shuffled order, all shards equally long,
+    so data-parallel ranks take the same number of steps (a rank with one step more would hang in all-reduce).
+    """
+    order = list(range(len(prompts)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    rank, world_size = shard
+    order = order[:len(order) - len(order) % world_size][rank::world_size]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = encode(tokenizer, [prompts[i] for i in rows], max_prompt_tokens=max_prompt_tokens,
+                       input_names=input_names)
+        batch["labels"] = torch.tensor([labels[i] for i in rows], dtype=torch.long)
+        yield batch
+
+
+def num_batches(num_rows: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches per rank that :func:`batches` yields."""
+    per_rank = num_rows // world_size
+    return (per_rank + batch_size - 1) // batch_size

@@ -1,0 +1,128 @@
+"""Serving-side use of a trained length predictor: load a checkpoint, predict buckets for prompts, time it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from predictor_train.backbone import model_input_names
+from predictor_train.buckets import BucketSpec
+from predictor_train.checkpoint import CheckpointInfo, describe_buckets, read_info
+from predictor_train.data import encode
+from serve.request import LengthPrediction  # pure Python: the serving side owns the type
+
+BENCHMARK_PROMPTS = (
+    "Hi!",
+    "What is the capital of France?",
+    "Write a short poem about the sea at night.",
+    "Explain, step by step, how a transformer language model turns a prompt into its next token.",
+    "Summarise the following paragraph in two sentences: " + "The committee met to discuss the budget. " * 12,
+    "Write a Python function that parses a CSV file, skips malformed rows, and returns per-column averages.",
+    "Translate into German: The weather was lovely, so we walked along the river until the sun went down.",
+    "List ten ideas for a birthday party for a seven-year-old who loves dinosaurs and space.",
+)
+
+
+class LengthPredictor:
+    """A trained bucket classifier with the checkpoint facts that serving must agree with."""
+
+    def __init__(self, model, tokenizer, info: CheckpointInfo, *, device: str | torch.device = "cpu") -> None:
+        num_labels = model.config.num_labels
+        assert num_labels == info.buckets.num_buckets, (num_labels, info.buckets)
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.info = info
+        self.device = torch.device(device)
+        self.max_prompt_tokens = int(info.train_config.get("max_prompt_tokens", 256))
+        self.input_names = model_input_names(model)
+
+    @property
+    def buckets(self) -> BucketSpec:
+        return self.info.buckets
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.info.checkpoint_id
+
+    @property
+    def target_model(self) -> str:
+        return self.info.target_model
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path, expected_target_model: str | None = None,
+             expected_buckets: BucketSpec | None = None, *, device: str | torch.device = "cpu") -> "LengthPredictor":
+        """Load a checkpoint written by training; refuse one made for another target LLM or other buckets."""
+        info = read_info(checkpoint_dir)
+        check_compatible(info, checkpoint_dir, expected_target_model=expected_target_model,
+                         expected_buckets=expected_buckets)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            checkpoint_dir, dtype=torch.float32, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True)
+        return cls(model, tokenizer, info, device=device)
+
+    @torch.inference_mode()
+    def predict_probs(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
+        """Bucket probabilities, ``(len(prompts), num_buckets)``, on the CPU."""
+        probs = torch.empty(len(prompts), self.buckets.num_buckets)
+        # Longest first, so each batch pads to similar lengths; results go back to the input order.
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = encode(self.tokenizer, [prompts[i] for i in rows], max_prompt_tokens=self.max_prompt_tokens,
+                           input_names=self.input_names)
+            logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits  # (B, K)
+            probs[rows] = logits.float().softmax(dim=-1).cpu()
+        return probs
+
+    def predict(self, prompts: Sequence[str], *, batch_size: int = 32,
+                quantile: float | None = None) -> list[LengthPrediction]:
+        """One prediction per prompt: the arg-max bucket, or with ``quantile`` the smallest bucket whose cumulative
+        probability reaches it (e.g. 0.9 reserves more and under-predicts less)."""
+        if not prompts:
+            return []
+        out = []
+        for row in self.predict_probs(prompts, batch_size=batch_size).tolist():
+            bucket = max(range(len(row)), key=row.__getitem__) if quantile is None else \
+                self.buckets.quantile_bucket(row, quantile)
+            # num_tokens stays None: it means an exact length (the oracle's); the reservation comes from the bucket.
+            out.append(LengthPrediction(bucket=bucket, probs=tuple(row), num_tokens=None))
+        return out
+
+    def benchmark_latency(self, batch_sizes: Sequence[int] = (1, 32), *, num_prompts: int = 32,
+                          num_repeats: int = 3, prompts: Sequence[str] = BENCHMARK_PROMPTS) -> dict[int, float]:
+        """Seconds per prompt at each batch size: the same ``num_prompts`` prompts (``prompts`` cycled) predicted
+        in batches of that size, median of ``num_repeats`` timed passes after a warm-up pass."""
+        workload = [prompts[i % len(prompts)] for i in range(num_prompts)]
+        result = {}
+        for batch_size in batch_sizes:
+            self.predict_probs(workload, batch_size=batch_size)  # warm-up: allocator, kernels, thread pool
+            times = []
+            for _ in range(num_repeats):
+                start = time.perf_counter()
+                self.predict_probs(workload, batch_size=batch_size)
+                times.append(time.perf_counter() - start)
+            result[batch_size] = sorted(times)[len(times) // 2] / num_prompts
+        return result
+
+
+def check_compatible(info: CheckpointInfo, where: str | Path, *, expected_target_model: str | None = None,
+                     expected_buckets: BucketSpec | None = None) -> None:
+    """Raise ValueError, saying what to change, if a checkpoint was made for another target model or buckets."""
+    if expected_target_model is not None and info.target_model != expected_target_model:
+        raise ValueError(
+            f"predictor checkpoint {where} (id {info.checkpoint_id}) learned the output lengths of "
+            f"{info.target_model!r}, but this server runs {expected_target_model!r}; train a predictor on data "
+            f"generated with {expected_target_model!r} or pass a checkpoint made for it"
+        )
+    if expected_buckets is not None and info.buckets != expected_buckets:
+        raise ValueError(
+            f"predictor checkpoint {where} (id {info.checkpoint_id}) predicts {describe_buckets(info)} with upper "
+            f"edges {list(info.buckets.upper_edges)}, but the server expects upper edges "
+            f"{list(expected_buckets.upper_edges)}; set the server's buckets to match or retrain the predictor "
+            "with the server's bucket settings"
+        )

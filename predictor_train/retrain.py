@@ -1,0 +1,108 @@
+"""Retraining: a previous checkpoint plus serving feedback (mispredicted prompts with their true lengths).
+
+Feedback records have the training-data columns plus ``predicted_bucket``, so retraining is training with more
+data: the feedback joins the train split, the validation and test splits of the original data stay as they were,
+and a feedback prompt that also occurs in them is dropped, so they stay unseen. Training starts from the previous
+checkpoint's weights and keeps its exact BucketSpec; a config asking for another bucket scheme is refused.
+
+Note that the "after" numbers on the feedback prompts are measured on prompts the new model was trained on; the
+test split is the unbiased check that retraining did not hurt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import datasets
+
+from predictor_train.backbone import load_classifier
+from predictor_train.checkpoint import CheckpointInfo, describe_buckets, read_info
+from predictor_train.data import Examples, check_columns, load_records, split_records
+from predictor_train.evaluate import EvalReport, evaluate_rows, format_table
+from predictor_train.inference import LengthPredictor
+from predictor_train.train import TrainConfig, TrainResult, fit
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrainReport:
+    """Before/after metrics of a retraining run."""
+
+    result: TrainResult
+    """The new checkpoint and its training history."""
+    parent_checkpoint_id: str
+    """The checkpoint retraining started from."""
+    num_feedback_used: int
+    """Feedback records added to the train split."""
+    num_feedback_dropped: int
+    """Feedback records left out because their prompt is in the validation or test split."""
+    before: dict[str, EvalReport]
+    """The previous checkpoint on ``feedback`` (the mispredicted prompts) and on ``test``."""
+    after: dict[str, EvalReport]
+    """The new checkpoint on the same two sets."""
+
+    def table(self) -> str:
+        """Predictor rows before and after, per evaluation set, as one printable table."""
+        blocks = []
+        for name in self.before:
+            rows = {"before": self.before[name].metrics["predictor"], "after": self.after[name].metrics["predictor"]}
+            blocks.append(f"{name}:\n{format_table(rows)}")
+        return "\n\n".join(blocks)
+
+
+def check_same_buckets(config: TrainConfig, previous: CheckpointInfo, where: str | Path) -> None:
+    """Refuse to retrain when the config's bucket settings differ from the previous checkpoint's."""
+    wanted = (config.bucket_scheme, config.max_tokens, config.num_buckets)
+    prev_cfg = previous.train_config
+    had = (previous.bucket_scheme, prev_cfg.get("max_tokens"), prev_cfg.get("num_buckets"))
+    if wanted != had:
+        raise ValueError(
+            f"cannot retrain {where}: it predicts {describe_buckets(previous)} (scheme {had[0]}, max_tokens "
+            f"{had[1]}, num_buckets {had[2]}) but this run asks for scheme {wanted[0]}, max_tokens {wanted[1]}, "
+            f"num_buckets {wanted[2]}; use the checkpoint's bucket settings or train a new predictor from scratch"
+        )
+
+
+def feedback_for_training(feedback: datasets.Dataset, held_out_prompts: set[str]) -> tuple[datasets.Dataset, int]:
+    """The feedback rows whose prompt is not held out, and how many were dropped."""
+    keep = [i for i, prompt in enumerate(feedback["prompt"]) if prompt not in held_out_prompts]
+    return feedback.select(keep), len(feedback) - len(keep)
+
+
+def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoint: str | Path,
+                      progress: bool = True) -> RetrainReport:
+    """Fine-tune ``previous_checkpoint`` on the original train split plus ``feedback``; report before and after.
+
+    ``config.backbone`` is ignored (the previous checkpoint is the starting point); ``config.output_dir`` receives
+    the new checkpoint and must differ from ``previous_checkpoint``. The target model and decoding settings are
+    inherited from the previous checkpoint.
+    """
+    previous = read_info(previous_checkpoint)
+    check_same_buckets(config, previous, previous_checkpoint)
+    if Path(config.output_dir).resolve() == Path(previous_checkpoint).resolve():
+        raise ValueError(f"output_dir {config.output_dir} is the previous checkpoint; write the retrained one "
+                         "elsewhere so the before/after comparison stays possible")
+    splits = split_records(load_records(data))
+    feedback_rows = load_records(feedback)
+    check_columns(feedback_rows, where="the feedback records")
+    held_out = set(splits["validation"]["prompt"]) | set(splits["test"]["prompt"])
+    extra, dropped = feedback_for_training(feedback_rows, held_out)
+    if len(extra) == 0:
+        raise ValueError("no usable feedback: every feedback prompt is in the validation or test split")
+    eval_sets = {"feedback": extra, "test": splits["test"]}
+    before = _evaluate_all(LengthPredictor.load(previous_checkpoint), eval_sets, train=splits["train"])
+
+    backbone = load_classifier(str(previous_checkpoint), previous.buckets, seed=config.seed)
+    counts = {**{name: len(rows) for name, rows in splits.items()}, "feedback": len(extra)}
+    meta = dict(target_model=previous.target_model, decoding=previous.decoding, data=counts,
+                parent_checkpoint_id=previous.checkpoint_id)
+    train = Examples.from_rows(splits["train"]) + Examples.from_rows(extra)
+    result = fit(config, train, Examples.from_rows(splits["validation"]),
+                 backbone=backbone, spec=previous.buckets, meta=meta, progress=progress)
+    after = _evaluate_all(LengthPredictor.load(result.checkpoint_dir), eval_sets, train=splits["train"])
+    return RetrainReport(result=result, parent_checkpoint_id=previous.checkpoint_id, num_feedback_used=len(extra),
+                         num_feedback_dropped=dropped, before=before, after=after)
+
+
+def _evaluate_all(predictor: LengthPredictor, sets: dict, *, train) -> dict[str, EvalReport]:
+    return {name: evaluate_rows(predictor, rows, train=train, title=name) for name, rows in sets.items()}

@@ -1,0 +1,310 @@
+"""Train the length classifier with DeepSpeed: weighted cross-entropy, early stopping, best checkpoint kept.
+
+The DeepSpeed JSON file (``configs/deepspeed/predictor_{cpu,gpu}.json``) sets the engine: ZeRO stage, precision,
+optimizer type, gradient accumulation and clipping. The TrainConfig sets the hyperparameters and wins where the two
+overlap: ``batch_size`` becomes ``train_micro_batch_size_per_gpu`` and ``lr`` the optimizer's learning rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Literal, Mapping, get_args
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from predictor_train.backbone import DEFAULT_BACKBONE, Backbone, load_classifier, model_input_names
+from predictor_train.buckets import BucketSpec
+from predictor_train.checkpoint import CheckpointInfo, read_info, save_checkpoint
+from predictor_train.data import Examples, batches, class_weights, labels_of, load_records, num_batches, split_records
+from predictor_train.distributed import prepare_deepspeed
+from predictor_train.evaluate import bucket_metrics
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
+BucketScheme = Literal["uniform", "quantile"]
+WandbMode = Literal["online", "offline", "disabled"]
+Monitor = Literal["loss", "accuracy"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; recorded in the checkpoint's ``predictor.json``."""
+
+    backbone: str = DEFAULT_BACKBONE
+    """``minilm`` (default), ``tiny-random``, or a Hugging Face folder / cached hub name (see backbone.py)."""
+    max_tokens: int = 512
+    """Largest output length the buckets cover: the target LLM's generation cap used by ``generate``."""
+    num_buckets: int = 10
+    """Number of length buckets (classes)."""
+    bucket_scheme: BucketScheme = "uniform"
+    """``uniform``: equal-width buckets (the paper); ``quantile``: edges at training-length quantiles."""
+    epochs: int = 3
+    """Most passes over the training split; early stopping may end sooner."""
+    lr: float = 5e-5
+    """Peak learning rate; overrides the DeepSpeed file's optimizer ``lr``."""
+    batch_size: int = 16
+    """Prompts per micro-batch; overrides ``train_micro_batch_size_per_gpu`` in the DeepSpeed file."""
+    max_prompt_tokens: int = 256
+    """Prompts are truncated to this many tokens (the predictor only needs the start of a prompt)."""
+    patience: int = 2
+    """Epochs without improvement of the monitored validation metric before stopping."""
+    monitor: Monitor = "loss"
+    """Validation metric for early stopping and for picking the best checkpoint: ``loss`` or ``accuracy``."""
+    class_weight_smoothing: float = 1.0
+    """Added to each bucket's count before inverting it into a class weight; larger is closer to unweighted."""
+    seed: int = 0
+    """Seed for the classification head's initialisation and the batch order."""
+    deepspeed_config: str = "auto"
+    """DeepSpeed JSON file; ``auto`` picks predictor_gpu.json with CUDA, else predictor_cpu.json."""
+    wandb_project: str = "s3-predictor"
+    """wandb project name."""
+    wandb_mode: WandbMode = "offline"
+    """``offline`` (default, never uses the network), ``online`` or ``disabled``; WANDB_MODE overrides it."""
+    output_dir: str = "runs/predictor"
+    """Where the best checkpoint (and the wandb run folder) is written."""
+
+    def __post_init__(self) -> None:
+        positive = ("max_tokens", "num_buckets", "epochs", "batch_size", "max_prompt_tokens", "patience")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.class_weight_smoothing <= 0:
+            raise ValueError("lr and class_weight_smoothing must be positive")
+        for name, choices in (("bucket_scheme", BucketScheme), ("wandb_mode", WandbMode), ("monitor", Monitor)):
+            if getattr(self, name) not in get_args(choices):
+                raise ValueError(f"{name} must be one of {get_args(choices)}, got {getattr(self, name)!r}")
+        if self.max_tokens < self.num_buckets:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be at least num_buckets ({self.num_buckets})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced."""
+
+    checkpoint_dir: Path
+    """Folder of the best checkpoint (loadable by LengthPredictor.load)."""
+    info: CheckpointInfo
+    """Its ``predictor.json``."""
+    best_epoch: int
+    """1-based epoch whose weights were kept."""
+    history: list[dict[str, float]]
+    """Per-epoch train loss and validation metrics."""
+
+
+def deepspeed_config_path(name: str) -> Path:
+    """Find a DeepSpeed JSON file: as given, or relative to the repository / configs/deepspeed."""
+    if name == "auto":
+        name = "predictor_gpu.json" if torch.cuda.is_available() else "predictor_cpu.json"
+    for candidate in (Path(name), REPO_ROOT / name, DEEPSPEED_CONFIG_DIR / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"DeepSpeed config {name!r} not found (looked in ., {REPO_ROOT}, "
+                            f"{DEEPSPEED_CONFIG_DIR}); pass a path to a JSON file")
+
+
+def build_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config for a run: the JSON file with the TrainConfig's batch size and lr written in."""
+    path = deepspeed_config_path(config.deepspeed_config)
+    ds = json.loads(path.read_text())
+    if "optimizer" not in ds:
+        raise ValueError(f"{path} has no \"optimizer\" section; add one, e.g. "
+                         '{"type": "AdamW", "params": {"torch_adam": true}}')
+    if ds.get("zero_optimization", {}).get("stage", 0) > 2:
+        raise ValueError(f"{path} asks for ZeRO stage 3, which shards the weights; this trainer saves whole "
+                         "HF checkpoints and supports stages 0-2")
+    if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
+        raise ValueError(f"{path} enables fp16, which DeepSpeed's CPU accelerator does not support; use "
+                         "predictor_cpu.json (fp32) or bf16")
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it from micro batch x accumulation x world size
+    ds["train_micro_batch_size_per_gpu"] = config.batch_size
+    ds["optimizer"].setdefault("params", {})["lr"] = config.lr
+    return ds
+
+
+def make_buckets(config: TrainConfig, train_lengths: list[int] | tuple[int, ...]) -> BucketSpec:
+    if config.bucket_scheme == "uniform":
+        return BucketSpec.uniform(config.max_tokens, config.num_buckets)
+    return BucketSpec.from_quantiles(list(train_lengths), config.max_tokens, config.num_buckets)
+
+
+def train_predictor(config: TrainConfig, data, *, target_model: str, decoding: Mapping[str, Any] | None = None,
+                    progress: bool = True) -> TrainResult:
+    """Train from labelled records (path or Dataset) and write the best checkpoint to ``config.output_dir``.
+
+    ``target_model`` and ``decoding`` describe how the labels were generated; serving checks them on load.
+    """
+    splits = split_records(load_records(data))
+    train, validation = Examples.from_rows(splits["train"]), Examples.from_rows(splits["validation"])
+    spec = make_buckets(config, train.num_output_tokens)
+    backbone = load_classifier(config.backbone, spec, seed=config.seed)
+    counts = {name: len(rows) for name, rows in splits.items()}
+    return fit(config, train, validation, backbone=backbone, spec=spec, progress=progress,
+               meta=dict(target_model=target_model, decoding=dict(decoding or {}), data=counts))
+
+
+def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone: Backbone, spec: BucketSpec,
+        meta: dict[str, Any], progress: bool = True) -> TrainResult:
+    """The training loop shared by training and retraining; ``meta`` fills the rest of CheckpointInfo."""
+    if len(train) == 0 or len(validation) == 0:
+        raise ValueError(f"need both training and validation examples, got {len(train)} and {len(validation)}; "
+                         "the hash split puts ~10% of prompts in validation, so give at least a few dozen records")
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    engine, ds_config = _start_engine(config, backbone)
+    is_main = _rank_and_world_size()[0] == 0  # every rank validates the same way; rank 0 alone writes
+    train_labels = labels_of(train.num_output_tokens, spec)
+    weights = torch.tensor(class_weights(train_labels, spec.num_buckets, smoothing=config.class_weight_smoothing),
+                           device=engine.device)
+    run = start_wandb(config, spec=spec, meta=meta) if is_main else None
+    history, best, best_epoch, stale, info = [], None, 0, 0, None
+    try:
+        for epoch in range(1, config.epochs + 1):
+            train_loss = train_epoch(engine, backbone.tokenizer, train, train_labels, weights, config=config,
+                                     epoch=epoch, progress=progress, run=run)
+            metrics = validate(engine, backbone.tokenizer, validation, weights, spec=spec, config=config)
+            history.append({"epoch": epoch, "train_loss": train_loss, **metrics})
+            _log_epoch(run, history[-1])
+            if _improved(metrics, best, config.monitor):
+                best, best_epoch, stale = metrics, epoch, 0
+                if is_main:
+                    info = _save_best(config, engine, backbone, spec=spec, metrics={"epoch": epoch, **metrics},
+                                      ds_config=ds_config, meta=meta)
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    log.info("early stop after epoch %d: no %s improvement in %d epochs", epoch, config.monitor,
+                             stale)
+                    break
+    finally:
+        if run is not None:
+            run.finish()
+    info = _checkpoint_info_on_all_ranks(info, config.output_dir)
+    return TrainResult(checkpoint_dir=Path(config.output_dir), info=info, best_epoch=best_epoch, history=history)
+
+
+def _start_engine(config: TrainConfig, backbone: Backbone):
+    import deepspeed
+
+    prepare_deepspeed()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # it logs its whole config at INFO
+    ds_config = build_deepspeed_config(config)
+    params = [p for p in backbone.model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=backbone.model, model_parameters=params, config=ds_config)
+    return engine, ds_config
+
+
+def _log_epoch(run, record: dict[str, float]) -> None:
+    log.info("epoch %d: train loss %.4f, val loss %.4f, val acc %.3f", record["epoch"], record["train_loss"],
+             record["loss"], record["accuracy"])
+    if run is not None:
+        val = {f"val/{k}": v for k, v in record.items() if k not in ("epoch", "train_loss")}
+        run.log({"epoch": record["epoch"], "train/loss": record["train_loss"], **val})
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    import deepspeed.comm as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _checkpoint_info_on_all_ranks(info: CheckpointInfo | None, output_dir: str) -> CheckpointInfo:
+    """Rank 0 has written the best checkpoint; the other ranks wait for it and read its info."""
+    import deepspeed.comm as dist
+
+    rank, world_size = _rank_and_world_size()
+    if world_size > 1:
+        dist.barrier()
+    if rank > 0:
+        return read_info(output_dir)
+    assert info is not None  # the first epoch always improves on "no result yet"
+    return info
+
+
+def train_epoch(engine, tokenizer, train: Examples, labels: list[int], weights: torch.Tensor, *,
+                config: TrainConfig, epoch: int, progress: bool, run=None) -> float:
+    """One pass over the training examples in a seeded shuffled order; returns the mean batch loss."""
+    engine.train()
+    rank, world_size = _rank_and_world_size()
+    stream = batches(train.prompts, labels, tokenizer, batch_size=config.batch_size,
+                     max_prompt_tokens=config.max_prompt_tokens, input_names=model_input_names(engine.module),
+                     shuffle_seed=config.seed + epoch, shard=(rank, world_size))
+    total = num_batches(len(train), config.batch_size, world_size)
+    bar = tqdm(stream, total=total, desc=f"epoch {epoch}/{config.epochs}", disable=not progress or rank > 0,
+               leave=False)
+    losses = []
+    for batch in bar:
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        target = batch.pop("labels")
+        logits = engine(**batch).logits  # (B, K)
+        loss = F.cross_entropy(logits.float(), target, weight=weights)
+        engine.backward(loss)
+        engine.step()  # steps the optimizer only at gradient-accumulation boundaries
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if run is not None:
+            run.log({"train/step_loss": losses[-1]})
+    return sum(losses) / max(len(losses), 1)
+
+
+@torch.no_grad()
+def validate(engine, tokenizer, validation: Examples, weights: torch.Tensor, *, spec: BucketSpec,
+             config: TrainConfig) -> dict[str, float]:
+    """Weighted loss (as in training, so the two compare) and bucket metrics on the validation examples."""
+    engine.eval()
+    labels = labels_of(validation.num_output_tokens, spec)
+    stream = batches(validation.prompts, labels, tokenizer, batch_size=2 * config.batch_size,
+                     max_prompt_tokens=config.max_prompt_tokens, input_names=model_input_names(engine.module))
+    loss_sum, weight_sum, predicted = 0.0, 0.0, []
+    for batch in stream:
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        target = batch.pop("labels")
+        logits = engine(**batch).logits.float()  # (B, K)
+        loss_sum += F.cross_entropy(logits, target, weight=weights, reduction="sum").item()
+        weight_sum += weights[target].sum().item()
+        predicted += logits.argmax(dim=-1).tolist()
+    metrics = bucket_metrics(validation.num_output_tokens, predicted, spec)
+    return {"loss": loss_sum / weight_sum, **metrics}
+
+
+def _improved(metrics: dict[str, float], best: dict[str, float] | None, monitor: Monitor) -> bool:
+    if best is None:
+        return True
+    return metrics["loss"] < best["loss"] if monitor == "loss" else metrics["accuracy"] > best["accuracy"]
+
+
+def _save_best(config: TrainConfig, engine, backbone: Backbone, *, spec: BucketSpec, metrics: dict[str, float],
+               ds_config: dict[str, Any], meta: dict[str, Any]) -> CheckpointInfo:
+    info = CheckpointInfo(
+        checkpoint_id="", buckets=spec, bucket_scheme=config.bucket_scheme, target_model=meta["target_model"],
+        decoding=meta["decoding"], train_config=dataclasses.asdict(config), backbone_kind=backbone.kind,
+        metrics=metrics, deepspeed_config=ds_config, data=meta["data"],
+        parent_checkpoint_id=meta.get("parent_checkpoint_id"),
+    )
+    return save_checkpoint(config.output_dir, engine.module, backbone.tokenizer, info)
+
+
+def start_wandb(config: TrainConfig, *, spec: BucketSpec, meta: dict[str, Any]):
+    """A wandb run, or None when disabled; offline unless WANDB_MODE or the config say otherwise."""
+    mode = os.environ.get("WANDB_MODE", config.wandb_mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return wandb.init(project=config.wandb_project, mode=mode, dir=str(run_dir), job_type="train-predictor",
+                          config={**dataclasses.asdict(config), "buckets": list(spec.upper_edges),
+                                  "target_model": meta["target_model"], "data": meta["data"]})
+    except Exception as err:  # tracking must never stop training (e.g. online mode with no network)
+        log.warning("wandb.init failed (%s); training without wandb logging", err)
+        return None

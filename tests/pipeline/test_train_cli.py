@@ -1,0 +1,59 @@
+"""`s3 train`, `s3 evaluate` and `s3 train --feedback` through the CLI, on tiny models and synthetic data."""
+
+import json
+
+import datasets
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from predictor_train.buckets import BucketSpec
+from serve.feedback import FeedbackWriter
+from tests.predictor.synthetic import MAX_TOKENS, NUM_BUCKETS, make_records
+
+TINY = ["--set", "backbone=tiny-random", "--set", f"max_tokens={MAX_TOKENS}", "--set", f"num_buckets={NUM_BUCKETS}",
+        "--set", "epochs=2", "--set", "lr=0.01", "--set", "batch_size=32", "--set", "wandb_mode=disabled"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A folder shaped like `s3 generate`'s output."""
+    folder = tmp_path_factory.mktemp("labelled")
+    datasets.Dataset.from_list(make_records(240)).save_to_disk(str(folder / "dataset"))
+    (folder / "recipe.json").write_text(json.dumps({"model": "tiny-target", "max_new_tokens": MAX_TOKENS,
+                                                    "temperature": 0.0, "top_p": 1.0}))  # fmt: skip
+    return folder
+
+
+def test_train_evaluate_and_retrain_on_feedback(labelled, tmp_path):
+    runner = CliRunner()
+    first = tmp_path / "first"
+    result = runner.invoke(main, ["train", "--data", str(labelled), "--output-dir", str(first), *TINY])
+    assert result.exit_code == 0, result.output
+    assert "test split:" in result.output and "majority" in result.output and "regression" in result.output
+    info = json.loads((first / "predictor.json").read_text())
+    assert info["target_model"] == "tiny-target" and (first / "confusion_matrix.png").exists()
+
+    result = runner.invoke(main, ["evaluate", str(first), "--data", str(labelled), "--split", "validation"])
+    assert result.exit_code == 0, result.output and "validation split" in result.output
+
+    feedback_dir = tmp_path / "feedback"
+    spec = BucketSpec.uniform(MAX_TOKENS, NUM_BUCKETS)
+    with FeedbackWriter(feedback_dir) as writer:
+        for i, record in enumerate(make_records(30, seed=7)):
+            writer.write(record | {"prompt": record["prompt"] + " [fb]", "predicted_bucket": 0,
+                                   "true_bucket": spec.bucket_of(record["num_output_tokens"]), "request_id": str(i)})
+    second = tmp_path / "second"
+    args = ["train", "--data", str(labelled), "--feedback", str(feedback_dir), "--from", str(first),
+            "--output-dir", str(second), *TINY]  # fmt: skip
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "feedback records" in result.output and "before" in result.output and "after" in result.output
+    assert json.loads((second / "predictor.json").read_text())["parent_checkpoint_id"] == info["checkpoint_id"]
+
+
+def test_train_errors_are_clear(tmp_path, labelled):
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "nothing"), *TINY])
+    assert result.exit_code == 2 and "make it with `s3 generate`" in result.output
+    result = CliRunner().invoke(main, ["train", "--data", str(labelled), "--feedback", str(tmp_path), *TINY])
+    assert result.exit_code == 2 and "--from" in result.output

@@ -1,0 +1,93 @@
+"""The BERT -> DistilBERT mapping and the backbone loading paths, all from disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (AutoModel, AutoTokenizer, BertConfig, BertModel, DistilBertForSequenceClassification,
+                          RobertaConfig, RobertaModel)
+
+from predictor_train.backbone import (TINY_BACKBONE, bert_to_distilbert, load_classifier, minilm_dir,
+                                      model_input_names, resolve_backbone)
+from predictor_train.buckets import BucketSpec
+from predictor_train.data import encode
+
+SENTENCES = ["Hello world, how are you?", "Write a detailed essay about volcanoes and the people who study them.",
+             "x", "Explain KV caches in two sentences."]
+SPEC = BucketSpec.uniform(500, 5)
+
+
+def _hidden_states(bert, distil, tokenizer):
+    enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = bert(**enc).last_hidden_state  # (B, T, H), BERT gets token_type_ids = 0
+        got = distil.distilbert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    mask = enc["attention_mask"].bool()  # padded positions carry no meaning in either model
+    return want[mask], got[mask]
+
+
+def test_minilm_maps_onto_distilbert_exactly():
+    folder = minilm_dir()
+    bert = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    distil = bert_to_distilbert(bert, num_labels=10).eval()
+    assert distil.config.n_layers == 6 and distil.config.dim == 384 and distil.config.hidden_dim == 1536
+    assert distil.config.activation == bert.config.hidden_act == "gelu"
+    want, got = _hidden_states(bert, distil, tokenizer)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_random_bert_maps_exactly(tmp_path):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, hidden_act="gelu_new")
+    bert = BertModel(config).eval()
+    with torch.no_grad():  # a non-zero token-type-0 row checks that it is folded into the positions
+        bert.embeddings.token_type_embeddings.weight.normal_()
+    distil = bert_to_distilbert(bert, num_labels=3).eval()
+    assert distil.config.activation == "gelu_new"
+    want, got = _hidden_states(bert, distil, AutoTokenizer.from_pretrained(minilm_dir()))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_default_backbone_resolves_to_package_folder():
+    assert (minilm_dir() / "model.safetensors").is_file()
+    assert resolve_backbone("minilm") == str(minilm_dir())
+    assert resolve_backbone("some/folder") == "some/folder"
+
+
+def test_tiny_backbone_is_small_and_labelled():
+    backbone = load_classifier(TINY_BACKBONE, SPEC)
+    model = backbone.model
+    assert isinstance(model, DistilBertForSequenceClassification)
+    assert model.config.n_layers == 1 and model.config.dim == 32 and model.config.num_labels == SPEC.num_buckets
+    assert model.config.id2label[0] == "(0, 100]"
+    batch = encode(backbone.tokenizer, SENTENCES, max_prompt_tokens=16, input_names=model_input_names(model))
+    assert set(batch) == {"input_ids", "attention_mask"} and batch["input_ids"].shape[1] <= 16
+    assert model(**batch).logits.shape == (len(SENTENCES), SPEC.num_buckets)
+
+
+def _save_with_tokenizer(model, folder):
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(folder)
+    return str(folder)
+
+
+def test_folder_backbones_take_the_right_path(tmp_path):
+    small = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    distil_dir = _save_with_tokenizer(load_classifier(TINY_BACKBONE, SPEC).model, tmp_path / "distil")
+    bert_dir = _save_with_tokenizer(BertModel(BertConfig(**small)), tmp_path / "bert")
+    odd_bert_dir = _save_with_tokenizer(BertModel(BertConfig(**small, layer_norm_eps=1e-5)), tmp_path / "odd")
+    roberta_dir = _save_with_tokenizer(RobertaModel(RobertaConfig(**small)), tmp_path / "roberta")
+    kinds = {name: load_classifier(path, SPEC).kind
+             for name, path in [("distil", distil_dir), ("bert", bert_dir), ("odd", odd_bert_dir),
+                                ("roberta", roberta_dir)]}
+    # An eps DistilBERT cannot express sends the BERT to the Auto fallback instead of a silently different model.
+    assert kinds == {"distil": "distilbert", "bert": "bert-mapped", "odd": "auto", "roberta": "auto"}
+    roberta = load_classifier(roberta_dir, SPEC).model
+    assert roberta.config.num_labels == SPEC.num_buckets and "token_type_ids" in model_input_names(roberta)
+
+
+def test_missing_hub_name_fails_without_downloading():
+    with pytest.raises(FileNotFoundError, match="downloads are off"):
+        load_classifier("no-such-org/no-such-encoder", SPEC)

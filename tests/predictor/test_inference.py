@@ -1,0 +1,79 @@
+"""LengthPredictor: loading with checks, batched prediction, latency helper."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from predictor_train.buckets import BucketSpec
+from predictor_train.checkpoint import PREDICTOR_FILE
+from predictor_train.inference import LengthPredictor
+from serve.request import LengthPrediction
+
+from .conftest import TARGET_MODEL
+from .synthetic import MAX_TOKENS, NUM_BUCKETS, STYLES
+
+PROMPTS = [f"{instruction} owls" for instruction, _, _ in STYLES] + ["Hi", "Briefly explain tides and maps"]
+
+
+@pytest.fixture(scope="module")
+def predictor(trained):
+    return LengthPredictor.load(trained.checkpoint_dir, expected_target_model=TARGET_MODEL,
+                                expected_buckets=BucketSpec.uniform(MAX_TOKENS, NUM_BUCKETS))
+
+
+def test_predictions_have_buckets_and_probs(predictor):
+    out = predictor.predict(PROMPTS)
+    assert len(out) == len(PROMPTS)
+    for p in out:
+        assert 0 <= p.bucket < NUM_BUCKETS and len(p.probs) == NUM_BUCKETS
+        assert sum(p.probs) == pytest.approx(1.0, abs=1e-5)
+        assert p.num_tokens is None  # only an oracle knows the exact length
+    assert isinstance(out[0], LengthPrediction)
+    # the trained model tells the three instruction styles apart (buckets 0, 1 and 3)
+    assert [p.bucket for p in out[:3]] == [0, 1, 3]
+
+
+def test_batching_and_sorting_keep_input_order(predictor):
+    one_by_one = [predictor.predict([p], batch_size=1)[0] for p in PROMPTS]
+    batched = predictor.predict(PROMPTS, batch_size=2)
+    assert [p.bucket for p in one_by_one] == [p.bucket for p in batched]
+    for a, b in zip(one_by_one, batched):
+        assert a.probs == pytest.approx(b.probs, abs=1e-5)
+    assert predictor.predict([]) == []
+
+
+def test_quantile_reserves_at_least_the_argmax_bucket_at_high_quantiles(predictor):
+    argmax = predictor.predict(PROMPTS)
+    cautious = predictor.predict(PROMPTS, quantile=0.999)
+    assert all(c.bucket >= a.bucket for a, c in zip(argmax, cautious))
+
+
+def test_refuses_another_target_model(trained):
+    with pytest.raises(ValueError, match="learned the output lengths of .*SmolLM2.*other/llm"):
+        LengthPredictor.load(trained.checkpoint_dir, expected_target_model="other/llm")
+
+
+def test_refuses_other_buckets(trained):
+    with pytest.raises(ValueError, match=r"upper edges \[100, 200, 300, 400, 500\].*\[50, 100"):
+        LengthPredictor.load(trained.checkpoint_dir, expected_buckets=BucketSpec.uniform(500, 10))
+
+
+def test_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a predictor checkpoint"):
+        LengthPredictor.load(tmp_path)
+
+
+def test_refuses_an_unknown_format_version(trained, tmp_path):
+    copy = shutil.copytree(trained.checkpoint_dir, tmp_path / "ckpt", ignore=shutil.ignore_patterns("wandb"))
+    meta = json.loads((copy / PREDICTOR_FILE).read_text())
+    (copy / PREDICTOR_FILE).write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        LengthPredictor.load(copy)
+
+
+def test_benchmark_latency_returns_seconds_per_prompt(predictor):
+    latency = predictor.benchmark_latency(batch_sizes=(1, 4), num_prompts=8, num_repeats=1)
+    assert set(latency) == {1, 4} and all(0 < s < 5 for s in latency.values())

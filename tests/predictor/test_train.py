@@ -1,0 +1,123 @@
+"""Training config, DeepSpeed setup and a real (tiny) DeepSpeed training run in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from predictor_train.buckets import BucketSpec
+from predictor_train.checkpoint import PREDICTOR_FILE, compute_checkpoint_id, read_info
+from predictor_train.distributed import disable_shm_comm, set_single_process_env
+from predictor_train.evaluate import evaluate_checkpoint
+from predictor_train.train import TrainConfig, build_deepspeed_config, make_buckets, train_predictor
+
+from .conftest import TARGET_MODEL, tiny_config
+from .synthetic import NUM_BUCKETS
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=-1.0), dict(bucket_scheme="log"), dict(wandb_mode="on"),
+                                 dict(max_tokens=5, num_buckets=10), dict(monitor="f1")])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)
+
+
+def test_config_fields_are_documented():
+    import inspect
+
+    source = inspect.getsource(TrainConfig)
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"    {name}:" in source and source.split(f"    {name}:")[1].splitlines()[1].strip().startswith('"""')
+
+
+def test_deepspeed_config_takes_batch_size_and_lr_from_train_config():
+    cpu = build_deepspeed_config(TrainConfig(batch_size=7, lr=1e-3, deepspeed_config="predictor_cpu.json"))
+    assert cpu["train_micro_batch_size_per_gpu"] == 7 and cpu["optimizer"]["params"]["lr"] == 1e-3
+    assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["zero_optimization"]["stage"] in (0, 1)
+    assert not cpu["bf16"]["enabled"] and "train_batch_size" not in cpu
+    gpu = build_deepspeed_config(TrainConfig(deepspeed_config="configs/deepspeed/predictor_gpu.json"))
+    assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["stage"] == 2
+
+
+def test_auto_deepspeed_config_is_cpu_without_cuda():
+    import torch
+
+    ds = build_deepspeed_config(TrainConfig())
+    assert ds["bf16"]["enabled"] == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("section, message", [({"zero_optimization": {"stage": 3}}, "stage 3"),
+                                              ({"fp16": {"enabled": True}}, "fp16")])
+def test_unsupported_deepspeed_configs_are_refused(tmp_path, section, message):
+    import torch
+
+    if message == "fp16" and torch.cuda.is_available():
+        pytest.skip("fp16 is fine with CUDA")
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {}}, **section}))
+    with pytest.raises(ValueError, match=message):
+        build_deepspeed_config(TrainConfig(deepspeed_config=str(path)))
+
+
+def test_missing_deepspeed_config_says_where_it_looked():
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_deepspeed_config(TrainConfig(deepspeed_config="nope.json"))
+
+
+def test_shm_comm_op_is_switched_off():
+    import deepspeed
+    from deepspeed.comm.torch import build_shm_op
+
+    disable_shm_comm()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert build_shm_op() is None  # the JIT build is skipped, not attempted
+
+
+def test_single_process_env_keeps_what_a_launcher_set(monkeypatch):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    set_single_process_env()
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+    assert os.environ["MASTER_ADDR"] == "10.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
+
+
+def test_bucket_schemes():
+    assert make_buckets(TrainConfig(max_tokens=500, num_buckets=5), []) == BucketSpec.uniform(500, 5)
+    spec = make_buckets(TrainConfig(max_tokens=500, num_buckets=4, bucket_scheme="quantile"), list(range(1, 401)))
+    assert spec.max_tokens == 500 and spec.num_buckets == 4
+
+
+def test_training_writes_a_loadable_checkpoint(trained, dataset, tmp_path):
+    folder = trained.checkpoint_dir
+    for name in ("config.json", "model.safetensors", "tokenizer.json", PREDICTOR_FILE):
+        assert (folder / name).is_file(), name
+    info = read_info(folder)
+    assert info == trained.info and info.checkpoint_id == compute_checkpoint_id(folder, info)
+    assert info.target_model == TARGET_MODEL and info.buckets.num_buckets == NUM_BUCKETS
+    assert info.train_config["backbone"] == "tiny-random" and info.decoding["temperature"] == 0.0
+    assert info.deepspeed_config["train_micro_batch_size_per_gpu"] == 16 and info.backbone_kind == "tiny-random"
+    assert info.metrics["epoch"] == trained.best_epoch and len(trained.history) <= 3
+    assert list((folder / "wandb").glob("offline-run-*")), "wandb should log offline"
+    # The synthetic task is easy: the instruction fixes the bucket.
+    assert trained.history[-1]["accuracy"] >= 0.8
+    report = evaluate_checkpoint(folder, dataset, out_dir=tmp_path)
+    assert report.metrics["predictor"]["accuracy"] > report.metrics["majority"]["accuracy"]
+    assert report.confusion_png.is_file()
+
+
+def test_early_stopping_with_patience(tmp_path, dataset):
+    # A learning rate this small changes nothing, so validation accuracy never improves after epoch 1.
+    config = tiny_config(tmp_path, epochs=5, lr=1e-12, patience=1, monitor="accuracy")
+    result = train_predictor(config, dataset, target_model=TARGET_MODEL, progress=False)
+    assert len(result.history) == 2 and result.best_epoch == 1
+
+
+def test_too_little_data_is_refused(tmp_path, records):
+    import datasets
+
+    tiny = datasets.Dataset.from_list(records[:3])
+    with pytest.raises(ValueError, match="validation"):
+        train_predictor(tiny_config(tmp_path), tiny, target_model=TARGET_MODEL, progress=False)
