@@ -198,7 +198,29 @@ def pipeline() -> None:
     """The whole loop: generate -> train -> serve/bench -> retrain -> bench again."""
 
 
-pipeline.add_command(_not_built("run", "Run every stage from a config, skipping what is up to date.", 7))
+@pipeline.command("run")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default="configs/pipeline_cpu.yaml",
+              show_default=True, help="YAML config (see configs/).")
+@click.option("--from", "start", default=None, help="Run from this stage on, even if up to date.")
+@click.option("--only", default=None, help="Run only this stage (the others must have run).")
+@click.option("--run-id", default=None, help="Folder under runs/ and wandb group (default from the config).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
+def pipeline_run(config_path, start, only, run_id, overrides):
+    """Run generate -> train -> collect -> retrain -> bench, skipping stages whose inputs are unchanged."""
+    import logging
+
+    from pipeline.run import Pipeline, PipelineConfig
+    from pipeline.summary import format_summary, log_summary
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = load_config(PipelineConfig, config_path, overrides, values={"run_id": run_id})
+        outputs = Pipeline(config, echo=click.echo).run(start=start, only=only)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if all(stage in outputs for stage in ("train", "collect", "bench")):
+        click.echo("\n" + format_summary(outputs))
+        log_summary(config, outputs)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ def run_generate(config: gen.GenerateConfig, *, echo: Callable[[str], None] = pr
     def on_row(row: dict) -> None:
         nonlocal tokens
         tokens += sum(row["sample_output_tokens"])
+        # Count tokens as they are generated where the engine says (rows finish late, in bursts).
+        live = getattr(engine, "num_generated_tokens", tokens)
         bar.update(1)
-        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.1f}")
+        bar.set_postfix(tok_s=f"{live / (time.perf_counter() - start):.1f}")
 
     try:
         rows = gen.run(config, engine, plan.todo, on_row)
@@ -83,8 +85,10 @@ def feedback_dataset(directory: str):
 
 
 def run_train(config, *, data: str, target_model: str | None = None, feedback: str | None = None,
-              previous: str | None = None, echo: Callable[[str], None] = print) -> pathlib.Path:
-    """`s3 train`: train (or retrain on feedback from ``previous``), then evaluate on the test split."""
+              previous: str | None = None, echo: Callable[[str], None] = print) -> dict:
+    """`s3 train`: train (or retrain on feedback from ``previous``), then evaluate on the test split.
+
+    Returns the checkpoint folder and id, the test-split metrics, and (retraining) the before/after report."""
     from predictor_train.evaluate import evaluate_checkpoint
     from predictor_train.retrain import retrain_predictor
     from predictor_train.train import train_predictor
@@ -97,16 +101,19 @@ def run_train(config, *, data: str, target_model: str | None = None, feedback: s
         echo(f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
              f"{report.num_feedback_used} feedback records ({report.num_feedback_dropped} held out)")
         echo(report.table())
-        checkpoint = report.result.checkpoint_dir
+        checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
     else:
         target = target_model or recipe.get("model")
         if not target:
             raise ValueError(f"{data} has no recipe.json naming the target model; pass --target-model")
         decoding = {k: recipe[k] for k in ("max_new_tokens", "temperature", "top_p", "chat_template") if k in recipe}
         result = train_predictor(config, dataset, target_model=target, decoding=decoding)
-        checkpoint = result.checkpoint_dir
+        checkpoint, summary = result.checkpoint_dir, {}
         echo(f"best epoch {result.best_epoch}; checkpoint {result.info.checkpoint_id} in {checkpoint}")
     evaluation = evaluate_checkpoint(checkpoint, dataset, out_dir=checkpoint)
     echo("test split:\n" + evaluation.table)
     echo(f"confusion matrix: {evaluation.confusion_png}")
-    return pathlib.Path(checkpoint)
+    from predictor_train.checkpoint import read_info
+
+    return summary | {"checkpoint": pathlib.Path(checkpoint), "checkpoint_id": read_info(checkpoint).checkpoint_id,
+                      "test_metrics": evaluation.metrics}

@@ -78,12 +78,18 @@ class _Accumulator:
         self.points.append((now, len(out.seqs), live, reserved))
 
 
-def _requests(items: Sequence[SimRequest], max_seq_len: int) -> list[Request]:
+def max_new_tokens_of(num_prompt_tokens: int, max_seq_len: int, max_new_tokens: int | None) -> int:
+    """The request's output cap: the rest of the context (the paper's worst case), or a fixed cap within it."""
+    room = max_seq_len - num_prompt_tokens
+    return room if max_new_tokens is None else min(room, max_new_tokens)
+
+
+def _requests(items: Sequence[SimRequest], max_seq_len: int, max_new_tokens: int | None) -> list[Request]:
     return [
         Request(
             request_id=str(i),
             prompt_token_ids=(0,) * item.num_prompt_tokens,
-            max_new_tokens=max_seq_len - item.num_prompt_tokens,
+            max_new_tokens=max_new_tokens_of(item.num_prompt_tokens, max_seq_len, max_new_tokens),
             arrival_time=item.arrival_time,
             prompt=item.prompt,
             prediction=item.prediction,
@@ -99,13 +105,14 @@ def simulate_policy(
     cost: CostModel,
     buckets: BucketSpec,
     sched: SchedulerConfig,
+    max_new_tokens: int | None = None,
 ) -> PolicyResult:
     """Run ``items`` through a scheduler with ``policy`` and return its metrics."""
     wall0 = time.perf_counter()
     clock = SimClock()
     config = dataclasses.replace(sched, policy=dataclasses.replace(sched.policy, policy=policy))
     scheduler = Scheduler(config, buckets=buckets, clock=clock)
-    requests = _requests(items, cost.model.max_seq_len)
+    requests = _requests(items, cost.model.max_seq_len, max_new_tokens)
     true_len = {r.request_id: item.num_output_tokens for r, item in zip(requests, items)}
     pending = sorted(requests, key=lambda r: r.arrival_time)
     acc = _Accumulator(scheduler.pool.capacity_tokens, scheduler.pool.num_blocks)

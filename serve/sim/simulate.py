@@ -25,6 +25,9 @@ class SimulateConfig:
     predictor: PredictorConfig = PredictorConfig()
     policy: PolicyConfig = PolicyConfig()
     """Policy knobs (its `policy` field is set per run from `policies`)."""
+    max_new_tokens: int | None = None
+    """Output cap of every request; None: the rest of the model's context (the paper's worst case). The
+    length buckets span [0, max_new_tokens] (or the context)."""
     block_size: int = 16
     """Tokens per KV block."""
     max_num_seqs: int = 1024
@@ -84,7 +87,7 @@ class SimulationReport:
 
 def _setup(config: SimulateConfig) -> tuple[CostModel, BucketSpec, SchedulerConfig]:
     cost = get_preset(config.preset)
-    buckets = BucketSpec.uniform(cost.model.max_seq_len, config.predictor.num_buckets)
+    buckets = BucketSpec.uniform(config.max_new_tokens or cost.model.max_seq_len, config.predictor.num_buckets)
     sched = SchedulerConfig(
         num_blocks=cost.num_blocks(config.block_size),
         block_size=config.block_size,
@@ -96,9 +99,13 @@ def _setup(config: SimulateConfig) -> tuple[CostModel, BucketSpec, SchedulerConf
 
 
 def _items(config: SimulateConfig, workload: WorkloadConfig, cost: CostModel, buckets: BucketSpec) -> list[SimRequest]:
-    items = make_workload(workload, cost.model.max_seq_len)
+    items = make_workload(workload, cost.model.max_seq_len, config.max_new_tokens)
     predict(items, config.predictor, buckets, seed=workload.seed)
     return items
+
+
+def _simulate(config: SimulateConfig, policy, items, cost, buckets, sched) -> PolicyResult:
+    return simulate_policy(policy, items, cost=cost, buckets=buckets, sched=sched, max_new_tokens=config.max_new_tokens)
 
 
 def run_simulation(config: SimulateConfig, progress: Callable[[str], None] = lambda _: None) -> SimulationReport:
@@ -108,7 +115,7 @@ def run_simulation(config: SimulateConfig, progress: Callable[[str], None] = lam
     results = []
     for policy in config.policies:
         progress(f"simulating {policy} on {len(items)} requests")
-        results.append(simulate_policy(policy, items, cost=cost, buckets=buckets, sched=sched))
+        results.append(_simulate(config, policy, items, cost, buckets, sched))
     report = SimulationReport(config, cost, sched.num_blocks, buckets, results)
     if config.find_max_rate:
         for result in results:
@@ -140,7 +147,7 @@ def find_max_rate(
 
     def meets_slo(rate: float) -> bool:
         items = _items(config, dataclasses.replace(workload, rate=rate), cost, buckets)
-        value = simulate_policy(policy, items, cost=cost, buckets=buckets, sched=sched).mean_token_latency_s
+        value = _simulate(config, policy, items, cost, buckets, sched).mean_token_latency_s
         probes.append((rate, value))
         return value <= config.slo_token_latency_s
 

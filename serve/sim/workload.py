@@ -119,8 +119,8 @@ def _trace_row(path: pathlib.Path, index: int, row: dict) -> SimRequest:
         ) from exc
 
 
-def make_workload(config: WorkloadConfig, max_seq_len: int) -> list[SimRequest]:
-    """The requests, with arrival times, and lengths clipped to the model's context."""
+def make_workload(config: WorkloadConfig, max_seq_len: int, max_new_tokens: int | None = None) -> list[SimRequest]:
+    """The requests, with arrival times, and lengths clipped to the context (and to ``max_new_tokens``)."""
     rng = random.Random(config.seed)
     if config.trace:
         base = load_trace(config.trace)
@@ -135,7 +135,8 @@ def make_workload(config: WorkloadConfig, max_seq_len: int) -> list[SimRequest]:
     t = 0.0
     for item in items:
         item.num_prompt_tokens = min(item.num_prompt_tokens, max_seq_len - 1)
-        item.num_output_tokens = min(item.num_output_tokens, max_seq_len - item.num_prompt_tokens)
+        cap = max_seq_len - item.num_prompt_tokens
+        item.num_output_tokens = min(item.num_output_tokens, cap if max_new_tokens is None else min(cap, max_new_tokens))
         if config.mode == "online":
             t += rng.expovariate(config.rate)
             item.arrival_time = t

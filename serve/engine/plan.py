@@ -1,0 +1,73 @@
+"""What the engine is asked to do in one step, and what it answers. Pure Python (no torch).
+
+The scheduler's output for a step is adapted to a list of `SequenceStep`s; `ModelRunner.execute` runs them
+in one forward pass and returns a `StepOutput`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick a request's next token. The defaults are greedy decoding."""
+
+    temperature: float = 0.0
+    """0 means greedy (argmax); otherwise logits are divided by it before sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0 keeps all)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 keeps all)."""
+    seed: int | None = None
+    """With a seed, the token drawn at each position depends only on (seed, position, logits), so a request
+    samples the same tokens whatever it is batched with and after preemption by recompute."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+GREEDY = SamplingParams()
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceStep:
+    """One sequence's share of a step: compute the K/V of `token_ids` and, if `sample`, its next token."""
+
+    request_id: str
+    token_ids: list[int]
+    """Tokens computed this step: a prompt chunk, a whole prompt (plus generated tokens after a
+    recompute), or the single token sampled last step."""
+    num_computed_tokens: int
+    """Tokens already in this sequence's KV cache; `token_ids[0]` sits at this position."""
+    block_table: list[int]
+    """Block ids of the sequence in order: token at position i lives in block_table[i // block_size]. Must
+    cover num_computed_tokens + len(token_ids) tokens."""
+    sample: bool = True
+    """True when this step reaches the end of the sequence's known tokens, so a next token is due; False in
+    the middle of a chunked prefill."""
+    sampling: SamplingParams = GREEDY
+
+    @property
+    def num_tokens_after(self) -> int:
+        """Tokens in the cache once this step has run."""
+        return self.num_computed_tokens + len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What one step produced."""
+
+    sampled_token_ids: dict[str, int]
+    """request_id -> next token, for every sequence of the step with `sample=True` (in plan order)."""
+    num_batched_tokens: int
+    """Tokens run through the model this step (sum of len(token_ids)), for throughput accounting."""

@@ -1,0 +1,93 @@
+"""ModelRunner: executes one scheduled step (many sequences, prefill chunks and decodes mixed) in one forward pass.
+
+Recipe of a step:
+1. flatten every sequence's new tokens into one (1, T) row, with their positions as position_ids;
+2. build the step's paged metadata (slots to write, contexts to read) from the block tables;
+3. run the model with the paged attention function, keeping logits only at each sampled sequence's last token;
+4. sample one next token per sequence whose step reached the end of its known tokens.
+The runner keeps no per-request state: the KV pool is addressed only through the block tables it is given, so
+preemption is the scheduler freeing blocks, and recompute is a step whose token_ids are prompt + generated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from serve.engine.attention import build_paged_batch, register_paged_attention
+from serve.engine.kv_pool import PagedKVPool
+from serve.engine.plan import SequenceStep, StepOutput
+from serve.engine.sampling import sample
+
+
+class ModelRunner:
+    """Owns a model (plain Hugging Face, or wrapped by DeepSpeed) and the paged KV pool it reads and writes.
+
+    The model is switched to paged attention in place (`set_attn_implementation`), so it no longer runs a plain
+    forward or generate() until switched back (e.g. `model.set_attn_implementation("sdpa")`). The pool takes
+    num_blocks * block_size * num_layers * 2 * kv_heads * head_dim elements, all allocated here.
+    """
+
+    def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int = 16) -> None:
+        self.model = model
+        # A DeepSpeed InferenceEngine keeps the (sharded) Hugging Face model as .module.
+        self.hf_model = getattr(model, "module", model)
+        self.hf_model.set_attn_implementation(register_paged_attention())
+        self.hf_model.eval()
+        self.pool = PagedKVPool.for_model(self.hf_model, num_blocks, block_size)
+        self.device = self.hf_model.get_input_embeddings().weight.device
+
+    @property
+    def block_size(self) -> int:
+        return self.pool.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @torch.inference_mode()
+    def execute(self, steps: list[SequenceStep]) -> StepOutput:
+        """Run one step; returns a next token for every sequence with `sample=True`."""
+        if not steps:
+            return StepOutput({}, 0)
+        self._check(steps)
+        input_ids, position_ids = self._flatten(steps)  # (1, T) each
+        batch = build_paged_batch(steps, self.pool, self.device)
+        sampled = [s for s in steps if s.sample]
+        keep = self._last_token_rows(steps)  # (S',) batch rows whose logits are needed
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=keep if len(keep) else 1,
+            paged_batch=batch,
+        )
+        if not sampled:
+            return StepOutput({}, input_ids.shape[1])
+        logits = out.logits[0].float()  # (S', V)
+        tokens = sample(logits, [s.sampling for s in sampled], [s.num_tokens_after for s in sampled])
+        return StepOutput({s.request_id: t for s, t in zip(sampled, tokens)}, input_ids.shape[1])
+
+    def _flatten(self, steps: list[SequenceStep]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [t for s in steps for t in s.token_ids]
+        pos = [p for s in steps for p in range(s.num_computed_tokens, s.num_tokens_after)]
+        as_row = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None, :]  # noqa: E731
+        return as_row(ids), as_row(pos)
+
+    def _last_token_rows(self, steps: list[SequenceStep]) -> torch.Tensor:
+        ends = torch.tensor([len(s.token_ids) for s in steps]).cumsum(0) - 1  # (S,) last row of each sequence
+        wanted = torch.tensor([s.sample for s in steps], dtype=torch.bool)
+        return ends[wanted].to(self.device)
+
+    def _check(self, steps: list[SequenceStep]) -> None:
+        """Plans come from our own scheduler, so violations are bugs: fail loudly before touching the pool."""
+        seen = set()
+        for s in steps:
+            assert s.request_id not in seen, f"{s.request_id} appears twice in one step"
+            seen.add(s.request_id)
+            assert s.token_ids, f"{s.request_id}: no tokens to compute"
+            needed = -(-s.num_tokens_after // self.block_size)
+            assert len(s.block_table) >= needed, (
+                f"{s.request_id}: {s.num_tokens_after} tokens need {needed} blocks, table has {len(s.block_table)}"
+            )
+            assert all(0 <= b < self.num_blocks for b in s.block_table[:needed]), f"{s.request_id}: bad block id"

@@ -1,0 +1,55 @@
+"""Next-token sampling for a batch of sequences, each with its own SamplingParams.
+
+Greedy rows take the argmax. Sampled rows go through temperature, top-k and top-p (vectorised over the rows),
+then inverse-CDF sampling with one uniform draw per row. A seeded row draws its uniform from a generator seeded
+by (seed, position), so its tokens do not depend on batch composition, step order or preemption.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serve.engine.plan import SamplingParams
+
+_POSITION_BITS = 32  # positions below 2**32; seeds above are mixed into the high bits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
+    """logits (S, V), one SamplingParams and one position (index of the token to draw) per row -> S token ids."""
+    assert logits.shape[0] == len(params) == len(positions), (logits.shape, len(params), len(positions))
+    tokens = logits.argmax(dim=-1)  # (S,)
+    rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if rows:
+        chosen = [params[i] for i in rows]
+        probs, order = filtered_probs(logits[rows].float(), chosen)  # (R, V) each
+        u = torch.stack([_uniform(p.seed, positions[i], logits.device) for i, p in zip(rows, chosen)])  # (R,)
+        cdf = probs.cumsum(dim=-1)
+        # Rounding can leave the last cdf value a hair below u; clamp to the last kept token.
+        picked = torch.searchsorted(cdf, u[:, None]).clamp_(max=probs.shape[-1] - 1)  # (R, 1)
+        tokens[rows] = order.gather(-1, picked).squeeze(-1)
+    return tokens.tolist()
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature + top-k + top-p. logits (R, V) fp32 -> (probs sorted descending (R, V), their token ids (R, V))."""
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    sorted_logits, order = (logits / temps[:, None]).sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]  # (1, V)
+    top_k = torch.tensor([p.top_k or logits.shape[-1] for p in params], device=logits.device)
+    remove = ranks >= top_k[:, None]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Keep a token while the mass before it is below top_p: the smallest set reaching top_p (the first always stays).
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+    remove = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    probs = probs.masked_fill(remove, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True), order
+
+
+def _uniform(seed: int | None, position: int, device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1): from the global RNG, or reproducibly from (seed, position)."""
+    if seed is None:
+        return torch.rand((), device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(((seed << _POSITION_BITS) + position) % (2**63))
+    return torch.rand((), generator=gen, device=device)

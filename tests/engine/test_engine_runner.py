@@ -1,0 +1,119 @@
+"""The runner against generate(): greedy tokens must be identical in fp32, however the steps are cut."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_driver import MiniScheduler, reference_greedy, tiny_llama
+
+from serve.engine.plan import SequenceStep
+from serve.engine.runner import ModelRunner
+
+NUM_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (7, 1, 13, 4, 22)]
+
+
+@pytest.fixture(scope="module")
+def reference(prompts):
+    # Its own copy of the weights: a ModelRunner switches the model it is given to paged attention.
+    return reference_greedy(tiny_llama(), prompts, NUM_NEW)
+
+
+def make_sched(model, *, block_size=4, num_blocks=64, **kwargs) -> MiniScheduler:
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+    # Stale, finite garbage everywhere: a read outside a sequence's own tokens would change its tokens.
+    for t in runner.pool.k + runner.pool.v:
+        t.normal_(0, 10)
+    return MiniScheduler(runner, **kwargs)
+
+
+def add_all(sched, prompts, ids=None):
+    for i in ids if ids is not None else range(len(prompts)):
+        sched.add(str(i), prompts[i], NUM_NEW)
+
+
+def outputs(sched, ids):
+    return [sched.output(str(i)) for i in ids]
+
+
+def test_one_sequence(model, prompts, reference):
+    sched = make_sched(model)
+    sched.add("0", prompts[0], NUM_NEW)
+    sched.run()
+    assert sched.output("0") == reference[0]
+
+
+def test_sequences_of_different_lengths_decode_together(model, prompts, reference):
+    sched = make_sched(model)
+    add_all(sched, prompts)
+    sched.run()
+    assert outputs(sched, range(len(prompts))) == reference
+
+
+@pytest.mark.parametrize("chunk_tokens,block_size", [(3, 4), (5, 2), (4, 4), (1, 3)])
+def test_chunked_prefill(model, prompts, reference, chunk_tokens, block_size):
+    sched = make_sched(model, block_size=block_size, num_blocks=128, chunk_tokens=chunk_tokens)
+    add_all(sched, prompts, ids=[2, 4])
+    sched.run()
+    assert outputs(sched, [2, 4]) == [reference[2], reference[4]]
+
+
+def test_sequences_join_midway(model, prompts, reference):
+    sched = make_sched(model, chunk_tokens=5)
+    sched.add("0", prompts[0], NUM_NEW)
+    for _ in range(4):
+        sched.step()
+    # "4" prefills in chunks of 5 while "0" decodes, in the same forward passes; then "2" joins as well.
+    sched.add("4", prompts[4], NUM_NEW)
+    sched.step()
+    sched.add("2", prompts[2], NUM_NEW)
+    sched.run()
+    assert outputs(sched, [0, 4, 2]) == [reference[0], reference[4], reference[2]]
+
+
+def test_preemption_by_recompute(model, prompts, reference):
+    sched = make_sched(model, num_blocks=48, chunk_tokens=6)
+    add_all(sched, prompts)
+    for _ in range(8):
+        sched.step()
+    before = len(sched.free)
+    sched.preempt("4")  # mid-decode: prompt (22) + 4 generated tokens recomputed in chunks of 6
+    sched.preempt("1")
+    assert len(sched.free) > before
+    # The others keep running while the preempted ones wait, and their freed blocks get reused.
+    for _ in range(3):
+        sched.step(["0", "2", "3"])
+    sched.run()
+    assert outputs(sched, range(len(prompts))) == reference
+
+
+def test_mid_prefill_step_samples_nothing(model, prompts):
+    runner = ModelRunner(model, num_blocks=8, block_size=4)
+    out = runner.execute([SequenceStep("a", prompts[2][:5], 0, [3, 5], sample=False)])
+    assert out.sampled_token_ids == {} and out.num_batched_tokens == 5
+
+
+def test_plan_violations_are_caught(model, prompts):
+    runner = ModelRunner(model, num_blocks=8, block_size=4)
+    with pytest.raises(AssertionError, match="need 2 blocks"):
+        runner.execute([SequenceStep("a", prompts[0], 0, [1])])
+    with pytest.raises(AssertionError, match="bad block id"):
+        runner.execute([SequenceStep("a", prompts[3], 0, [8])])
+    with pytest.raises(AssertionError, match="twice"):
+        runner.execute([SequenceStep("a", [1], 0, [1]), SequenceStep("a", [2], 0, [2])])
+
+
+def test_pool_is_sized_from_the_model(model):
+    runner = ModelRunner(model, num_blocks=5, block_size=4)
+    assert runner.pool.k[0].shape == (5, 4, 2, 16)  # (num_blocks, block_size, num_kv_heads, head_dim)
+    assert len(runner.pool.k) == len(runner.pool.v) == 2

@@ -1,0 +1,65 @@
+"""`s3 pipeline run` end to end on tiny models: every stage, the summary, skipping and --only."""
+
+import json
+
+import datasets
+import pytest
+from click.testing import CliRunner
+from transformers import AutoTokenizer
+
+from pipeline.cli import main
+from predictor_train.backbone import minilm_dir
+from tests.engine.engine_driver import tiny_llama
+from tests.predictor.synthetic import make_records
+
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    model = tiny_llama(vocab_size=tokenizer.vocab_size, max_position_embeddings=512)
+    model.generation_config.eos_token_id = tokenizer.sep_token_id
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    records = make_records(200)
+    for r in records:
+        r["num_output_tokens"] = r["num_output_tokens"] * MAX_NEW // 500 + 1
+    datasets.Dataset.from_list(records).save_to_disk(str(root / "labelled" / "dataset"))
+    (root / "labelled" / "recipe.json").write_text(json.dumps({"model": "tiny", "max_new_tokens": MAX_NEW}))
+    (root / "prompts.json").write_text(json.dumps([{"instruction": f"Briefly explain topic {i}"} for i in range(20)]))
+    return root
+
+
+def _args(world):
+    sets = {
+        "run_id": "t", "runs_dir": str(world / "runs"), "labelled_data": str(world / "labelled"),
+        "train.backbone": "tiny-random", "train.max_tokens": MAX_NEW, "train.num_buckets": 4, "train.epochs": 1,
+        "train.lr": 0.01, "train.wandb_mode": "disabled", "wandb_mode": "disabled",
+        "serve.inputs": f"[{world / 'prompts.json'}]", "serve.num_prompts": 6, "serve.max_new_tokens": MAX_NEW,
+        "serve.model": str(world / "model"), "serve.kv_worst_case_seqs": 2,
+    }  # fmt: skip
+    return ["pipeline", "run", "--config", "configs/pipeline_cpu.yaml"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def test_pipeline_runs_every_stage_then_skips_them(world):
+    result = CliRunner().invoke(main, _args(world))
+    assert result.exit_code == 0, result.output
+    for stage in ("generate", "train", "collect", "retrain", "bench"):
+        assert f"[{stage}] running" in result.output
+        assert (world / "runs" / "t" / stage / "stage.json").exists()
+    assert "s3 / max throughput" in result.output and "before retraining" in result.output
+
+    again = CliRunner().invoke(main, _args(world))
+    assert again.exit_code == 0, again.output
+    assert again.output.count("up to date, skipped") == 5
+
+    only = CliRunner().invoke(main, _args(world) + ["--only", "bench"])
+    assert only.exit_code == 0 and "[bench] running" in only.output and "[train] running" not in only.output
+
+
+def test_unknown_stage_is_refused(world):
+    result = CliRunner().invoke(main, _args(world) + ["--only", "deploy"])
+    assert result.exit_code == 2 and "unknown stage 'deploy'" in result.output
