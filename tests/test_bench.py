@@ -2,29 +2,13 @@
 
 import json
 
-import pytest
 from click.testing import CliRunner
-from transformers import AutoTokenizer
 
 from pipeline.cli import main
-from predictor_train.backbone import minilm_dir
-from tests.engine.engine_driver import tiny_llama
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    model = tiny_llama(vocab_size=tokenizer.vocab_size, max_position_embeddings=1024)
-    model.generation_config.eos_token_id = tokenizer.sep_token_id  # random weights: some sequences stop early
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_bench_runs_every_policy_on_the_same_prompts(tiny_model_dir, tmp_path):
-    args = ["bench", "--model", str(tiny_model_dir), "--num-prompts", "6", "--max-new-tokens", "24",
+def test_bench_runs_every_policy_on_the_same_prompts(tiny_chat_model_dir, tmp_path):
+    args = ["bench", "--model", str(tiny_chat_model_dir), "--num-prompts", "6", "--max-new-tokens", "24",
             "--output-dir", str(tmp_path), "--set", "kv_worst_case_seqs=2", "--set", "reference_batch=3",
             "--set", "block_size=4"]  # fmt: skip
     result = CliRunner().invoke(main, args)

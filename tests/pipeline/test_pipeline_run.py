@@ -5,31 +5,23 @@ import json
 import datasets
 import pytest
 from click.testing import CliRunner
-from transformers import AutoTokenizer
 
 from pipeline.cli import main
-from predictor_train.backbone import minilm_dir
-from tests.engine.engine_driver import tiny_llama
 from tests.predictor.synthetic import make_records
 
 MAX_NEW = 40
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_chat_model_dir):
     root = tmp_path_factory.mktemp("pipeline")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    model = tiny_llama(vocab_size=tokenizer.vocab_size, max_position_embeddings=512)
-    model.generation_config.eos_token_id = tokenizer.sep_token_id
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
     records = make_records(200)
     for r in records:
         r["num_output_tokens"] = r["num_output_tokens"] * MAX_NEW // 500 + 1
     datasets.Dataset.from_list(records).save_to_disk(str(root / "labelled" / "dataset"))
     (root / "labelled" / "recipe.json").write_text(json.dumps({"model": "tiny", "max_new_tokens": MAX_NEW}))
     (root / "prompts.json").write_text(json.dumps([{"instruction": f"Briefly explain topic {i}"} for i in range(20)]))
+    (root / "model").symlink_to(tiny_chat_model_dir)
     return root
 
 
