@@ -72,8 +72,10 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
 @click.option("--max-new-tokens", type=int, default=None, help="Cap on generated tokens (default 512).")
 @click.option("--limit-per-source", type=int, default=None, help="Label a seeded random subset of N prompts per file.")
 @click.option("--output-dir", default=None, help="Where shards, dataset, Parquet and card go (default data/labelled).")
+@click.option("--write-only", is_flag=True, help="Write the dataset and card from the rows labelled so far; label nothing.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
-def generate(config_path, inputs, prompt_field, model, max_new_tokens, limit_per_source, output_dir, overrides):
+def generate(config_path, inputs, prompt_field, model, max_new_tokens, limit_per_source, output_dir, write_only,
+             overrides):
     """Label prompts with the target model's real output lengths (resumable)."""
     from pipeline.generate import GenerateConfig
     from pipeline.stages import run_generate
@@ -84,7 +86,7 @@ def generate(config_path, inputs, prompt_field, model, max_new_tokens, limit_per
     }  # fmt: skip
     try:
         config = load_config(GenerateConfig, config_path, overrides, values=flags)
-        run_generate(config, echo=lambda msg: click.echo(msg, err=True))
+        run_generate(config, echo=lambda msg: click.echo(msg, err=True), write_only=write_only)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
 

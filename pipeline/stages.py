@@ -15,8 +15,13 @@ from pipeline.labelled import write_dataset
 from pipeline.tracking import start_run
 
 
-def run_generate(config: gen.GenerateConfig, *, echo: Callable[[str], None] = print, engine=None) -> dict:
-    """`s3 generate`: label what is not labelled yet, then write the dataset, card and histogram."""
+def run_generate(
+    config: gen.GenerateConfig, *, echo: Callable[[str], None] = print, engine=None, write_only: bool = False
+) -> dict:
+    """`s3 generate`: label what is not labelled yet, then write the dataset, card and histogram.
+
+    ``write_only`` labels nothing: it writes the dataset from the rows labelled so far (a long run can be
+    used before it ends, and resumed later)."""
     if engine is None:
         from serve.engine.llm import EngineConfig, LLMEngine
 
@@ -26,6 +31,8 @@ def run_generate(config: gen.GenerateConfig, *, echo: Callable[[str], None] = pr
     for skipped in plan.skipped:
         echo(f"skipped {skipped}")
     echo(f"{plan.num_done} prompts already labelled, {len(plan.todo)} to go ({len(plan.skipped)} skipped)")
+    if write_only:
+        plan.todo = []
     run = start_run(project=config.wandb_project, job_type="generate", config=dataclasses.asdict(config),
                     mode=config.wandb_mode)
     bar = tqdm(total=plan.num_done + len(plan.todo), initial=plan.num_done, unit="prompt", desc="generate")

@@ -117,3 +117,13 @@ def test_parquet_and_datasets_folder_inputs(tmp_path):
     for path in (tmp_path / "p.parquet", tmp_path / "folder"):
         rows, skipped = read_prompts(path, prompt_field="prompt", input_field=None)
         assert [r.prompt for r in rows] == ["one", "two"] and not skipped
+
+
+def test_write_only_makes_a_dataset_from_the_rows_so_far(tmp_path):
+    config = _config(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(config, engine=FakeEngine(die_after=4), echo=lambda m: None)
+    untouched = FakeEngine()
+    stats = run_generate(config, engine=untouched, echo=lambda m: None, write_only=True)
+    assert stats["num_rows"] == 4 and untouched.seen == []
+    assert datasets.load_from_disk(str(tmp_path / "out" / "dataset")).num_rows == 4
