@@ -38,11 +38,24 @@ def _fail(message: str) -> None:
 @click.option("--trace", default=None, help="JSONL/CSV length trace instead of the synthetic workload.")
 @click.option("--find-max-rate", is_flag=True, default=None, help="Also find each policy's largest rate within the SLO.")
 @click.option("--output-dir", default=None, help="Where report.json and simulate.png go.")
+@click.option("--calibrate-from", type=click.Path(dir_okay=False), default=None,
+              help="Fit the smollm2-cpu preset to an `s3 bench` bench.json and report the simulator's error.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
-def simulate(config_path, preset, policies, num_requests, mode, rate, trace, find_max_rate, output_dir, overrides):
+def simulate(config_path, preset, policies, num_requests, mode, rate, trace, find_max_rate, output_dir, calibrate_from,
+             overrides):
     """Run the scheduler against a roofline cost model: every policy on the same requests, in one run."""
     from serve.sim.report import format_report, save_report
     from serve.sim.simulate import SimulateConfig, run_simulation
+
+    if calibrate_from:
+        from serve.sim.calibrate import calibrate, format_calibration
+
+        try:
+            click.echo(format_calibration(*calibrate(calibrate_from)))
+        except (OSError, KeyError, ValueError) as exc:
+            _fail(f"cannot calibrate from {calibrate_from}: {exc!r}")
+        click.echo("wrote configs/calibration/smollm2-cpu.json (used by --preset smollm2-cpu)")
+        return
 
     flags = {
         "preset": preset,

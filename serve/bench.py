@@ -199,7 +199,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         results.append(run_reference(model, tokenizer, prompts, batch_size=config.reference_batch,
                                      max_new_tokens=config.max_new_tokens, eos_ids=eos_token_ids(model, tokenizer)))
     return {"config": config, "results": results, "kv_cache_tokens": engine_config.kv_cache_tokens,
-            "true_lengths": true_lengths}  # fmt: skip
+            "true_lengths": true_lengths, "prompt_tokens": [len(ids) for _, ids in prompts],
+            "predicted_buckets": [p.bucket for p in predictions]}  # fmt: skip
 
 
 # -- report -----------------------------------------------------------------------------------------------------
@@ -242,6 +243,8 @@ def save_bench(report: dict, output_dir: str | pathlib.Path) -> dict[str, pathli
         "config": dataclasses.asdict(report["config"]),
         "kv_cache_tokens": report["kv_cache_tokens"],
         "true_lengths": report["true_lengths"],
+        "prompt_tokens": report["prompt_tokens"],
+        "predicted_buckets": report["predicted_buckets"],
         "results": [
             {k: v for k, v in dataclasses.asdict(r).items() if k != "steps"}
             | {"tokens_per_s": r.tokens_per_s, "requests_per_s": r.requests_per_s, "steps": r.steps}

@@ -10,6 +10,8 @@ efficiency factors and overheads are assumptions, stated here so they can be arg
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 
 from serve.kv import KVSpec
 from serve.scheduler import SchedulerOutput
@@ -74,9 +76,27 @@ class HardwareSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinearCost:
+    """A step-time model fitted to an engine's measured steps: overhead + per token + per cached token.
+
+    Used instead of the roofline where one was calibrated (the CPU engine, whose steps are not roofline-bound:
+    Python overhead, gathers and small matmuls dominate)."""
+
+    overhead_s: float
+    per_token_s: float
+    """Per token computed in the step (prefill or decode)."""
+    per_context_s: float
+    """Per KV entry read (every scheduled sequence's context)."""
+    source: str = ""
+    """Where the fit came from (a bench.json)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class CostModel:
     model: ModelSpec
     hardware: HardwareSpec
+    linear: LinearCost | None = None
+    """A calibrated step-time model; None uses the roofline."""
 
     @property
     def tensor_parallel(self) -> int:
@@ -113,6 +133,9 @@ class CostModel:
     def time_for(self, *, num_tokens: int, num_context: int, attn_pairs: int) -> float:
         if num_tokens == 0:
             return 0.0
+        if self.linear is not None:
+            fit = self.linear
+            return fit.overhead_s + fit.per_token_s * num_tokens + fit.per_context_s * num_context
         m, hw, tp = self.model, self.hardware, self.hardware.num_devices
         kv_bytes = self.kv_spec.bytes_per_token * (num_context + num_tokens)  # read + write, per device
         bytes_moved = m.weight_bytes / tp + kv_bytes
@@ -145,7 +168,23 @@ PRESETS = {
 """Named settings: `paper` is the S3 paper's (GPT-J-6B, fp16, one A100-80GB)."""
 
 
+CALIBRATION_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "calibration"
+
+SMOLLM2_CPU = CostModel(
+    ModelSpec("smollm2-135m", 0.135e9, 30, 576, 9, 3, 64, max_seq_len=8192, dtype_bytes=4),
+    HardwareSpec("2-core CPU", memory_bytes=24 * GB, bandwidth=10 * GB, peak_flops=100e9, activation_bytes=1 * GB),
+)
+
+
+def load_calibration(name: str) -> LinearCost | None:
+    path = CALIBRATION_DIR / f"{name}.json"
+    return LinearCost(**json.loads(path.read_text())) if path.exists() else None
+
+
 def get_preset(name: str) -> CostModel:
+    """A named preset; `smollm2-cpu` uses configs/calibration/smollm2-cpu.json when `s3 simulate --calibrate` wrote it."""
+    if name == "smollm2-cpu":
+        return dataclasses.replace(SMOLLM2_CPU, linear=load_calibration(name))
     if name not in PRESETS:
-        raise ValueError(f"unknown simulator preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"unknown simulator preset {name!r}; choose one of {', '.join([*PRESETS, 'smollm2-cpu'])}")
     return PRESETS[name]

@@ -28,6 +28,8 @@ class SimulateConfig:
     max_new_tokens: int | None = None
     """Output cap of every request; None: the rest of the model's context (the paper's worst case). The
     length buckets span [0, max_new_tokens] (or the context)."""
+    kv_cache_tokens: int | None = None
+    """KV pool size in tokens; None: what the preset's memory holds after the weights."""
     block_size: int = 16
     """Tokens per KV block."""
     max_num_seqs: int = 1024
@@ -89,7 +91,8 @@ def _setup(config: SimulateConfig) -> tuple[CostModel, BucketSpec, SchedulerConf
     cost = get_preset(config.preset)
     buckets = BucketSpec.uniform(config.max_new_tokens or cost.model.max_seq_len, config.predictor.num_buckets)
     sched = SchedulerConfig(
-        num_blocks=cost.num_blocks(config.block_size),
+        num_blocks=(config.kv_cache_tokens // config.block_size if config.kv_cache_tokens
+                    else cost.num_blocks(config.block_size)),
         block_size=config.block_size,
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,

@@ -1,0 +1,65 @@
+"""Calibrate the simulator against the engine: fit a step-time model to `s3 bench` steps, then replay the
+bench's exact workload in the simulator and report how far its throughput is from the measured one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+
+from predictor_train.buckets import BucketSpec
+from serve.request import LengthPrediction
+from serve.scheduler import SchedulerConfig
+from serve.sim.costmodel import CALIBRATION_DIR, LinearCost, get_preset
+from serve.sim.runner import simulate_policy
+from serve.sim.workload import SimRequest
+
+
+def fit_linear(steps: list[tuple[int, int, float]], source: str = "") -> LinearCost:
+    """Least squares of seconds on [1, tokens computed, KV entries read], coefficients kept >= 0."""
+    x = np.array([[1.0, t, c] for t, c, _ in steps])
+    y = np.array([s for _, _, s in steps])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    overhead, per_token, per_context = (max(0.0, float(v)) for v in coef)
+    return LinearCost(overhead, per_token, per_context, source)
+
+
+def calibrate(bench_json: str | pathlib.Path, *, save: bool = True) -> tuple[LinearCost, list[dict]]:
+    """Fit on every engine step of a bench run; replay each policy in the simulator; compare tokens/s."""
+    data = json.loads(pathlib.Path(bench_json).read_text())
+    runs = [r for r in data["results"] if r["steps"]]
+    fit = fit_linear([tuple(s) for r in runs for s in r["steps"]], source=str(bench_json))
+    cost = dataclasses.replace(get_preset("smollm2-cpu"), linear=fit)
+    config = data["config"]
+    buckets = BucketSpec.uniform(config["max_new_tokens"], config["num_buckets"])
+    items = [
+        SimRequest(p, n, prediction=LengthPrediction(b, num_tokens=n))
+        for p, n, b in zip(data["prompt_tokens"], data["true_lengths"], data["predicted_buckets"])
+    ]
+    sched = SchedulerConfig(num_blocks=data["kv_cache_tokens"] // config["block_size"], block_size=config["block_size"],
+                            max_num_seqs=config["max_num_seqs"])  # fmt: skip
+    rows = []
+    for run in runs:
+        sim = simulate_policy(run["name"], items, cost=cost, buckets=buckets, sched=sched,
+                              max_new_tokens=config["max_new_tokens"])  # fmt: skip
+        measured = run["tokens_per_s"]
+        rows.append({"policy": run["name"], "measured_tokens_per_s": measured,
+                     "simulated_tokens_per_s": sim.generated_tokens_per_s,
+                     "error": sim.generated_tokens_per_s / measured - 1})  # fmt: skip
+    if save:
+        CALIBRATION_DIR.mkdir(parents=True, exist_ok=True)
+        (CALIBRATION_DIR / "smollm2-cpu.json").write_text(json.dumps(dataclasses.asdict(fit), indent=2))
+    return fit, rows
+
+
+def format_calibration(fit: LinearCost, rows: list[dict]) -> str:
+    from serve.sim.report import _table
+
+    head = (f"step time = {fit.overhead_s * 1e3:.1f} ms + {fit.per_token_s * 1e3:.2f} ms/token computed + "
+            f"{fit.per_context_s * 1e6:.2f} us/KV entry read   (fitted on {fit.source})")  # fmt: skip
+    table = _table(["policy", "measured tok/s", "simulated tok/s", "error"],
+                   [[r["policy"], f"{r['measured_tokens_per_s']:.1f}", f"{r['simulated_tokens_per_s']:.1f}",
+                     f"{r['error']:+.1%}"] for r in rows])  # fmt: skip
+    return head + "\n\n" + table
