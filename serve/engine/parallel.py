@@ -37,9 +37,10 @@ def free_port() -> int:
 def setup_single_process_env() -> None:
     """Outside a launcher, describe a world of one process so DeepSpeed does not look for MPI.
 
-    Values already set (by the deepspeed launcher, torchrun or the user) are kept.
+    Values already set (by the deepspeed launcher, torchrun or the user) are kept; a world of several
+    processes is the launcher's to describe and is left alone.
     """
-    if "WORLD_SIZE" in os.environ:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     for name, value in _SINGLE_PROCESS_ENV.items():
         os.environ.setdefault(name, value)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from serve.engine.attention import build_paged_batch, register_paged_attention
+from serve.engine.attention import build_paged_batch, decodes_first, register_paged_attention
 from serve.engine.kv_pool import PagedKVPool
 from serve.engine.plan import SequenceStep, StepOutput
 from serve.engine.sampling import sample
@@ -51,10 +51,11 @@ class ModelRunner:
         if not steps:
             return StepOutput({}, 0)
         self._check(steps)
-        input_ids, position_ids = self._flatten(steps)  # (1, T) each
-        batch = build_paged_batch(steps, self.pool, self.device)
-        sampled = [s for s in steps if s.sample]
-        keep = self._last_token_rows(steps)  # (S',) batch rows whose logits are needed
+        batch_order = decodes_first(steps)
+        input_ids, position_ids = self._flatten(batch_order)  # (1, T) each
+        batch = build_paged_batch(batch_order, self.pool, self.device)
+        sampled = [s for s in batch_order if s.sample]
+        keep = self._last_token_rows(batch_order)  # (S',) batch rows whose logits are needed
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -66,7 +67,8 @@ class ModelRunner:
             return StepOutput({}, input_ids.shape[1])
         logits = out.logits[0].float()  # (S', V)
         tokens = sample(logits, [s.sampling for s in sampled], [s.num_tokens_after for s in sampled])
-        return StepOutput({s.request_id: t for s, t in zip(sampled, tokens)}, input_ids.shape[1])
+        by_id = {s.request_id: t for s, t in zip(sampled, tokens)}
+        return StepOutput({s.request_id: by_id[s.request_id] for s in steps if s.sample}, input_ids.shape[1])
 
     def _flatten(self, steps: list[SequenceStep]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = [t for s in steps for t in s.token_ids]

@@ -65,7 +65,7 @@ def test_two_process_tensor_parallel_matches_one_process(tmp_path):
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--no_local_rank", "--num_gpus", "2", "--master_port", str(parallel.free_port()),
            str(Path(__file__).parent / "tp_check.py"), str(out), "--smollm2"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS} | {"OMP_NUM_THREADS": "1"}  # 2 ranks, 2 cores
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

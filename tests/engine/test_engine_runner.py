@@ -117,3 +117,10 @@ def test_pool_is_sized_from_the_model(model):
     runner = ModelRunner(model, num_blocks=5, block_size=4)
     assert runner.pool.k[0].shape == (5, 4, 2, 16)  # (num_blocks, block_size, num_kv_heads, head_dim)
     assert len(runner.pool.k) == len(runner.pool.v) == 2
+
+
+def test_bf16_model_gets_a_bf16_pool(prompts):
+    runner = ModelRunner(tiny_llama().to(torch.bfloat16), num_blocks=8, block_size=4)
+    assert runner.pool.k[0].dtype == torch.bfloat16
+    out = runner.execute([SequenceStep("a", prompts[0], 0, [0, 1]), SequenceStep("b", [5], 0, [2])])
+    assert set(out.sampled_token_ids) == {"a", "b"}

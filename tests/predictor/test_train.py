@@ -9,7 +9,7 @@ import pytest
 
 from predictor_train.buckets import BucketSpec
 from predictor_train.checkpoint import PREDICTOR_FILE, compute_checkpoint_id, read_info
-from predictor_train.distributed import disable_shm_comm, set_single_process_env
+from serve.engine.parallel import disable_shm_comm, setup_single_process_env
 from predictor_train.evaluate import evaluate_checkpoint
 from predictor_train.train import TrainConfig, build_deepspeed_config, make_buckets, train_predictor
 
@@ -79,7 +79,7 @@ def test_single_process_env_keeps_what_a_launcher_set(monkeypatch):
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
-    set_single_process_env()
+    setup_single_process_env()
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
     assert os.environ["MASTER_ADDR"] == "10.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
 
