@@ -19,8 +19,12 @@ $(STAMP): setup.cfg Makefile
 
 setup: $(STAMP)
 
-# The main job on the embedded defaults.
+# The main job on the embedded defaults: the whole loop on the committed labelled data.
 run: setup
+	$(BIN)/s3 pipeline run --config configs/pipeline_cpu.yaml
+
+# The scheduler at the paper's scale, against the cost model (no GPU needed).
+simulate: setup
 	$(BIN)/s3 simulate --config configs/simulate_paper.yaml
 
 test: setup

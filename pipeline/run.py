@@ -115,16 +115,17 @@ class Pipeline:
         return self.outputs
 
     def _run_stage(self, stage: str) -> dict:
+        """Run one stage, then record it as one wandb run of the pipeline's group.
+
+        The stage's own code runs with its tracking off, so that each stage is exactly one wandb run."""
         from pipeline import stage_impl
 
+        outputs = getattr(stage_impl, f"run_{stage}")(self)
         run = stage_impl.start_stage_run(self, stage)
-        try:
-            outputs = getattr(stage_impl, f"run_{stage}")(self)
+        if run is not None:
             stage_impl.log_stage(run, stage, outputs)
-            return outputs
-        finally:
-            if run is not None:
-                run.finish()
+            run.finish()
+        return outputs
 
 
 def serving_prompts(config: ServeRoundConfig, exclude: set[str]) -> list[str]:

@@ -21,6 +21,8 @@ def log_stage(run, stage: str, outputs: dict) -> None:
         return
     import wandb
 
+    for record in outputs.get("history", []):  # per-epoch training curves
+        run.log(record)
     run.summary.update({k: v for k, v in _flatten(outputs).items() if isinstance(v, (int, float, str))})
     for key, kind in (("data", "dataset"), ("checkpoint", "model"), ("feedback", "dataset")):
         path = outputs.get(key)
@@ -54,7 +56,7 @@ def run_generate(pipeline) -> dict:
     config = pipeline.config
     if config.regenerate:
         out = pipeline.stage_dir("generate") / "labelled"
-        generate(dataclasses.replace(config.generate, output_dir=str(out)), echo=pipeline.echo)
+        generate(dataclasses.replace(config.generate, output_dir=str(out), wandb_mode="disabled"), echo=pipeline.echo)
         folder = out
     else:
         folder = pathlib.Path(config.labelled_data)
@@ -71,10 +73,11 @@ def _test_summary(metrics: dict) -> dict:
 def run_train(pipeline) -> dict:
     from pipeline.stages import run_train as train
 
-    config = dataclasses.replace(pipeline.config.train, output_dir=str(pipeline.stage_dir("train") / "checkpoint"))
+    config = dataclasses.replace(pipeline.config.train, output_dir=str(pipeline.stage_dir("train") / "checkpoint"),
+                                 wandb_mode="disabled")  # fmt: skip
     out = train(config, data=pipeline.outputs["generate"]["data"], echo=pipeline.echo)
     return {"checkpoint": str(out["checkpoint"]), "fingerprint": out["checkpoint_id"],
-            "test": _test_summary(out["test_metrics"])}  # fmt: skip
+            "test": _test_summary(out["test_metrics"]), "history": out.get("history", [])}  # fmt: skip
 
 
 def _serve_round(pipeline, checkpoint: str, *, with_max: bool, feedback_dir: pathlib.Path | None) -> dict:
@@ -138,7 +141,7 @@ def run_retrain(pipeline) -> dict:
     if not pipeline.outputs["collect"]["s3"].get("mispredicted_requests"):
         pipeline.echo("no mispredictions were collected: nothing to retrain on; keeping the trained predictor")
         return {"checkpoint": pipeline.outputs["train"]["checkpoint"], "fingerprint": "unchanged"}
-    config = dataclasses.replace(pipeline.config.train, epochs=pipeline.config.retrain_epochs,
+    config = dataclasses.replace(pipeline.config.train, epochs=pipeline.config.retrain_epochs, wandb_mode="disabled",
                                  output_dir=str(pipeline.stage_dir("retrain") / "checkpoint"))  # fmt: skip
     out = train(config, data=pipeline.outputs["generate"]["data"], feedback=pipeline.outputs["collect"]["feedback"],
                 previous=pipeline.outputs["train"]["checkpoint"], echo=pipeline.echo)  # fmt: skip

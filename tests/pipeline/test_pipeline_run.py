@@ -29,14 +29,15 @@ def _args(world):
     sets = {
         "run_id": "t", "runs_dir": str(world / "runs"), "labelled_data": str(world / "labelled"),
         "train.backbone": "tiny-random", "train.max_tokens": MAX_NEW, "train.num_buckets": 4, "train.epochs": 1,
-        "train.lr": 0.01, "train.wandb_mode": "disabled", "wandb_mode": "disabled",
+        "train.lr": 0.01, "wandb_mode": "offline",  # tracked for real (offline): each stage is one wandb run
         "serve.inputs": f"[{world / 'prompts.json'}]", "serve.num_prompts": 6, "serve.max_new_tokens": MAX_NEW,
         "serve.model": str(world / "model"), "serve.kv_worst_case_seqs": 2,
     }  # fmt: skip
     return ["pipeline", "run", "--config", "configs/pipeline_cpu.yaml"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 
-def test_pipeline_runs_every_stage_then_skips_them(world):
+def test_pipeline_runs_every_stage_then_skips_them(world, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(world))
     result = CliRunner().invoke(main, _args(world))
     assert result.exit_code == 0, result.output
     for stage in ("generate", "train", "collect", "retrain", "bench"):
@@ -50,6 +51,9 @@ def test_pipeline_runs_every_stage_then_skips_them(world):
 
     only = CliRunner().invoke(main, _args(world) + ["--only", "bench"])
     assert only.exit_code == 0 and "[bench] running" in only.output and "[train] running" not in only.output
+    # One offline wandb run per stage that ran, plus the summary runs.
+    runs = list((world / "wandb").glob("offline-run-*"))
+    assert len(runs) == 5 + 1 + 1 + 1 + 1, [r.name for r in runs]
 
 
 def test_unknown_stage_is_refused(world):
