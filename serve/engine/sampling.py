@@ -7,11 +7,13 @@ by (seed, position), so its tokens do not depend on batch composition, step orde
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import torch
 
 from serve.engine.plan import SamplingParams
 
-_POSITION_BITS = 32  # positions below 2**32; seeds above are mixed into the high bits
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
@@ -51,5 +53,7 @@ def _uniform(seed: int | None, position: int, device: torch.device) -> torch.Ten
     if seed is None:
         return torch.rand((), device=device)
     gen = torch.Generator(device=device)
-    gen.manual_seed(((seed << _POSITION_BITS) + position) % (2**63))
+    # The CPU generator keeps only 32 bits of its seed, so (seed, position) is hashed into 32 bits rather
+    # than packed into 64 (which made every seed draw the same numbers).
+    gen.manual_seed(zlib.crc32(struct.pack("<qq", seed % 2**63, position)))
     return torch.rand((), generator=gen, device=device)
