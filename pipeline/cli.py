@@ -8,9 +8,7 @@ import click
 
 from pipeline.config import ConfigError, load_config
 
-NOT_BUILT = {
-    "serve": ("OpenAI-compatible server with the predictive admission controller.", 6),
-}
+NOT_BUILT: dict[str, tuple[str, int]] = {}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -189,6 +187,34 @@ def evaluate(checkpoint, data, split, quantile, output_dir):
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     click.echo(f"{split} split:\n{report.table}\nconfusion matrix: {report.confusion_png}")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default="configs/serve_cpu.yaml",
+              show_default=True, help="YAML config (see configs/).")
+@click.option("--policy", type=click.Choice(["s3", "max", "paged"]), default=None, help="Admission policy.")
+@click.option("--predictor", default=None, help="Length-predictor checkpoint (the output of `s3 train`).")
+@click.option("--fallback-policy", type=click.Choice(["max", "paged"]), default=None,
+              help="With s3 and no usable predictor, serve with this policy instead of refusing to start.")
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None)
+@click.option("--api-key", default=None, help="Require this bearer key (default: env S3_API_KEY).")
+@click.option("--tensor-parallel", type=int, default=None, help="Ranks (launch that many with the deepspeed launcher).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
+def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, tensor_parallel, overrides):
+    """OpenAI-compatible server with the predictive admission controller and the feedback stream."""
+    from serve.server.config import ServeConfig
+    from serve.server.launch import serve_main
+
+    flags = {
+        "engine.policy.policy": policy, "predictor": predictor, "fallback_policy": fallback_policy, "host": host,
+        "port": port, "api_key": api_key, "engine.tensor_parallel": tensor_parallel,
+    }  # fmt: skip
+    try:
+        config = load_config(ServeConfig, config_path, overrides, values=flags)
+        serve_main(config)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
 
 
 def _not_built(name: str, summary: str, issue: int) -> click.Command:

@@ -3,7 +3,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import NOT_BUILT, main
+from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from serve.sim.simulate import SimulateConfig
 
@@ -22,10 +22,9 @@ def test_every_help_works(path):
     assert "Usage" in result.output
 
 
-@pytest.mark.parametrize("name", sorted(NOT_BUILT))
-def test_unbuilt_stages_say_so(name):
-    result = CliRunner().invoke(main, [name, "--anything"])
-    assert result.exit_code == 2 and "not built yet" in result.output
+def test_serve_refuses_s3_without_a_predictor(tmp_path):
+    result = CliRunner().invoke(main, ["serve", "--predictor", str(tmp_path / "none"), "--port", "8931"])
+    assert result.exit_code == 2 and "predictor" in result.output
 
 
 def test_simulate_from_the_shipped_config(tmp_path):

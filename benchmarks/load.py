@@ -1,0 +1,299 @@
+"""Load benchmark of `s3 serve`: the same prompts, KV budget and batch limits served under each admission policy,
+each by its own server process on loopback; prints generated tokens/s and time to first token per policy, side
+by side, with ratios to `max` measured in this one run.
+
+The s3 server uses `--predictor CHECKPOINT` when given. Otherwise it uses an oracle-ish stand-in: the true
+output lengths measured by the `max` run (greedy decoding, so every policy produces the same answers), looked
+up by prompt; that is S3 with a perfect bucket classifier, which reserves each request's bucket upper edge.
+
+    .venv/bin/python benchmarks/load.py --num-requests 48 --concurrency 16 --max-tokens 128 --kv-cache-tokens 2048
+    .venv/bin/python benchmarks/load.py --mode poisson --rate 1.5 --predictor runs/predictor
+
+Not collected by pytest. Loopback only: the servers bind 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import multiprocessing
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from serve.engine.llm import EngineConfig  # noqa: E402
+from serve.engine.parallel import free_port  # noqa: E402
+from serve.policies import PolicyConfig  # noqa: E402
+from serve.server.config import ServeConfig  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadConfig:
+    """One benchmark run."""
+
+    num_requests: int = 48
+    """Requests per policy (the same prompts for every policy)."""
+    concurrency: int = 16
+    """Closed loop: clients, each sending its next request when the previous one ends."""
+    mode: str = "closed"
+    """closed (``concurrency`` clients) or poisson (open loop, ``rate`` requests/s)."""
+    rate: float = 2.0
+    """Poisson arrival rate, requests per second."""
+    max_tokens: int = 128
+    """max_tokens of every request; also the server's cap and the stand-in predictor's bucket range."""
+    kv_cache_tokens: int = 2048
+    """The KV budget of every server (tokens)."""
+    max_num_seqs: int = 32
+    """Most sequences a server runs at once."""
+    policies: tuple[str, ...] = ("max", "paged", "s3")
+    predictor: str | None = None
+    """Predictor checkpoint for s3; default: the oracle-ish stand-in from the max run."""
+    sources: tuple[str, ...] = ()
+    """Prompt files (instruction sets); default: the three shipped in data/prompts."""
+    model: str = "smollm2"
+    num_buckets: int = 10
+    seed: int = 0
+    torch_threads: int | None = None
+    """Per server process; default: all cores but one."""
+
+
+@dataclasses.dataclass
+class Result:
+    """One request as the client saw it."""
+
+    prompt: str
+    text: str = ""
+    num_tokens: int = 0
+    start: float = 0.0
+    first_token: float | None = None
+    end: float = 0.0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return (self.first_token or self.end) - self.start
+
+
+def load_prompts(n: int, seed: int, sources: tuple[str, ...] = ()) -> list[str]:
+    """A seeded sample of instruction sets (default: the three in data/prompts), spread over the sources."""
+    from pipeline.generate import DEFAULT_INPUTS
+    from pipeline.prompts import read_prompt_sets
+
+    sources = sources or DEFAULT_INPUTS
+    rows, _ = read_prompt_sets(list(sources), prompt_field="instruction", input_field="input",
+                               limit_per_source=max(1, -(-n // len(sources))), seed=seed)
+    prompts = [r.prompt for r in rows]
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
+
+
+# -- one server per policy ------------------------------------------------------------------------------------
+
+
+def serve_config(cfg: LoadConfig, policy: str, port: int, *, oracle_lengths: str | None, feedback_dir: str):
+    engine = EngineConfig(model=cfg.model, kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs,
+                          policy=PolicyConfig(policy=policy))
+    predictor = cfg.predictor if policy == "s3" else None
+    return ServeConfig(engine=engine, predictor=predictor, oracle_lengths=oracle_lengths if policy == "s3" and
+                       not predictor else None, num_buckets=cfg.num_buckets, port=port, api_key=None,
+                       served_model_name="bench",
+                       max_new_tokens=cfg.max_tokens, max_waiting_requests=cfg.num_requests + 1,
+                       feedback_dir=feedback_dir, log_level="warning", torch_threads=cfg.torch_threads)
+
+
+def _serve(config: ServeConfig) -> None:
+    import os
+
+    os.environ.pop("S3_API_KEY", None)
+    from serve.server.launch import serve_main
+
+    serve_main(config)
+
+
+def start_server(config: ServeConfig, timeout: float = 300) -> multiprocessing.Process:
+    process = multiprocessing.get_context("spawn").Process(target=_serve, args=(config,), daemon=True)
+    process.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.is_alive():
+            raise RuntimeError(f"the {config.policy} server exited with code {process.exitcode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{config.port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"the {config.policy} server did not start in {timeout} s")
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+
+
+# -- the load ---------------------------------------------------------------------------------------------
+
+
+async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> Result:
+    """A streamed greedy chat request; the time to first token is to the first chunk with content."""
+    result = Result(prompt, start=time.perf_counter())
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    pieces = []
+    try:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"{response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    result.num_tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices", []):
+                    if choice["delta"].get("content"):
+                        result.first_token = result.first_token or time.perf_counter()
+                        pieces.append(choice["delta"]["content"])
+    except httpx.HTTPError as exc:
+        result.error = repr(exc)
+    result.text, result.end = "".join(pieces), time.perf_counter()
+    return result
+
+
+async def run_load(url: str, prompts: list[str], cfg: LoadConfig) -> list[Result]:
+    limits = httpx.Limits(max_connections=cfg.num_requests + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
+        await one_request(http, "Say hi.", 4)  # warm-up, not counted
+        if cfg.mode == "poisson":
+            return await _poisson(http, prompts, cfg)
+        queue = list(enumerate(prompts))
+        results: list[Result | None] = [None] * len(prompts)
+
+        async def client():
+            while queue:
+                i, prompt = queue.pop(0)
+                results[i] = await one_request(http, prompt, cfg.max_tokens)
+
+        await asyncio.gather(*[client() for _ in range(cfg.concurrency)])
+        return results
+
+
+async def _poisson(http: httpx.AsyncClient, prompts: list[str], cfg: LoadConfig) -> list[Result]:
+    rng, tasks = random.Random(cfg.seed), []
+    for prompt in prompts:
+        tasks.append(asyncio.ensure_future(one_request(http, prompt, cfg.max_tokens)))
+        await asyncio.sleep(rng.expovariate(cfg.rate))
+    return list(await asyncio.gather(*tasks))
+
+
+def run_policy(cfg: LoadConfig, policy: str, prompts: list[str], *, oracle_lengths: str | None, workdir: str) -> dict:
+    config = serve_config(cfg, policy, free_port(), oracle_lengths=oracle_lengths,
+                          feedback_dir=f"{workdir}/feedback-{policy}")
+    process = start_server(config)
+    url = f"http://127.0.0.1:{config.port}"
+    try:
+        start = time.perf_counter()
+        results = asyncio.run(run_load(url, prompts, cfg))
+        wall = time.perf_counter() - start
+        metrics = scrape(url)
+    finally:
+        process.terminate()
+        process.join(60)
+    return summarise(policy, results, wall, metrics, cfg.max_tokens)
+
+
+def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str, float], max_tokens: int) -> dict:
+    ok = [r for r in results if r.error is None]
+    ttfts = sorted(r.ttft for r in ok)
+    tokens = sum(r.num_tokens for r in ok)
+    return {
+        "policy": policy, "requests": len(results), "errors": len(results) - len(ok), "wall_s": wall,
+        "generated_tokens": tokens, "tokens_per_s": tokens / wall,
+        "mean_output_tokens": tokens / max(1, len(ok)),
+        "share_at_cap": sum(r.num_tokens >= max_tokens for r in ok) / max(1, len(ok)),
+        "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan"),
+        "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p99_s": _quantile(ttfts, 0.99),
+        "latency_p50_s": _quantile(sorted(r.end - r.start for r in ok), 0.5),
+        "preemptions": metrics.get("s3_preemptions_total", 0),
+        "mispredictions": metrics.get("s3_mispredictions_total", 0),
+        "answers": {r.prompt: (r.text, r.num_tokens) for r in ok},
+    }  # fmt: skip
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def format_table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["policy"] == "max"), rows[0])
+    lines = [f"{'policy':<8}{'tok/s':>8}{'x max':>7}{'TTFT mean':>11}{'p50':>8}{'p99':>8}{'x max':>7}"
+             f"{'lat p50':>9}{'preempt':>9}{'mispred':>9}{'errors':>8}{'out mean':>10}{'at cap':>8}"]
+    for r in rows:
+        lines.append(
+            f"{r['policy']:<8}{r['tokens_per_s']:>8.1f}{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}"
+            f"{r['ttft_mean_s']:>10.2f}s{r['ttft_p50_s']:>7.2f}s{r['ttft_p99_s']:>7.2f}s"
+            f"{r['ttft_mean_s'] / base['ttft_mean_s']:>7.2f}{r['latency_p50_s']:>8.1f}s"
+            f"{r['preemptions']:>9.0f}{r['mispredictions']:>9.0f}{r['errors']:>8}"
+            f"{r['mean_output_tokens']:>10.0f}{r['share_at_cap']:>8.0%}"
+        )
+    return "\n".join(lines)
+
+
+def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
+    prompts = load_prompts(cfg.num_requests, cfg.seed, cfg.sources)
+    order = sorted(cfg.policies, key=lambda p: p != "max")  # max first: its answers give the oracle lengths
+    if "s3" in order and not cfg.predictor and "max" not in order:
+        order.insert(0, "max")
+    rows, oracle = {}, None
+    with tempfile.TemporaryDirectory() as workdir:
+        for policy in order:
+            echo(f"-- {policy}: {cfg.num_requests} requests, {cfg.mode} loop, KV {cfg.kv_cache_tokens} tokens")
+            rows[policy] = run_policy(cfg, policy, prompts, oracle_lengths=oracle, workdir=workdir)
+            echo(format_table([rows[policy]]).splitlines()[1])
+            if policy == "max":
+                oracle = f"{workdir}/lengths.json"
+                Path(oracle).write_text(json.dumps({p: n for p, (_, n) in rows["max"]["answers"].items()}))
+    same = len({json.dumps(rows[p]["answers"], sort_keys=True) for p in rows}) == 1
+    echo(f"\nanswers identical under every policy (greedy): {same}")
+    return [rows[p] for p in order if p in cfg.policies]
+
+
+@click.command()
+@click.option("--num-requests", type=int, default=LoadConfig.num_requests, show_default=True)
+@click.option("--concurrency", type=int, default=LoadConfig.concurrency, show_default=True)
+@click.option("--mode", type=click.Choice(["closed", "poisson"]), default=LoadConfig.mode, show_default=True)
+@click.option("--rate", type=float, default=LoadConfig.rate, show_default=True, help="Poisson requests/s.")
+@click.option("--max-tokens", type=int, default=LoadConfig.max_tokens, show_default=True)
+@click.option("--kv-cache-tokens", type=int, default=LoadConfig.kv_cache_tokens, show_default=True)
+@click.option("--max-num-seqs", type=int, default=LoadConfig.max_num_seqs, show_default=True)
+@click.option("--policies", default=",".join(LoadConfig.policies), show_default=True)
+@click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from the max run).")
+@click.option("--sources", default="", help="Comma-separated prompt files (default: the three in data/prompts).")
+@click.option("--model", default=LoadConfig.model, show_default=True)
+@click.option("--torch-threads", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+def main(policies, sources, output, **kwargs):
+    """Serve the same load under each policy and compare throughput and time to first token."""
+    split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
+    cfg = LoadConfig(policies=split(policies), sources=split(sources), **kwargs)
+    rows = benchmark(cfg)
+    print("\n" + format_table(rows))
+    if output:
+        Path(output).write_text(json.dumps([{k: v for k, v in r.items() if k != "answers"} for r in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The length predictor in the admission path, and the feedback it learns from.
+
+Where the predictor runs: in its own thread, between the HTTP handlers and the engine thread. New requests
+queue up while a batch is being classified and form the next batch (up to ``max_batch_size``), so batches
+grow with load without a fixed wait. Run in the engine thread instead, every classifier pass would lengthen
+the decode step of every running sequence; here it overlaps the step (torch releases the GIL) and the engine
+thread only ever sees requests that already carry their prediction. Aborts travel the same path, so an abort
+can never overtake the request it cancels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from predictor_train.buckets import BucketSpec
+from serve.feedback import FeedbackWriter, feedback_record
+from serve.policies import PolicyConfig
+from serve.request import LengthPrediction, Request
+from serve.server.config import ServeConfig
+from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, send_error
+
+log = logging.getLogger(__name__)
+
+
+class Predictor(Protocol):
+    """What admission needs of a length predictor (predictor_train.inference.LengthPredictor provides it)."""
+
+    buckets: BucketSpec
+    checkpoint_id: str | None
+
+    def predict(self, prompts: list[str]) -> list[LengthPrediction]: ...
+
+
+class ServeSetupError(ValueError):
+    """The server cannot start as configured; the message says what to change."""
+
+
+@dataclasses.dataclass
+class TablePredictor:
+    """Known output lengths looked up by prompt text (e.g. measured by a greedy run): a perfect bucket classifier,
+    the stand-in for a trained predictor in benchmarks. Unknown prompts get the last bucket (the worst case)."""
+
+    lengths: dict[str, int]
+    buckets: BucketSpec
+    checkpoint_id: str | None = "oracle-table"
+
+    def predict(self, prompts: list[str]) -> list[LengthPrediction]:
+        out = []
+        for prompt in prompts:
+            n = self.lengths.get(prompt)
+            bucket = self.buckets.num_buckets - 1 if n is None else self.buckets.bucket_of(n)
+            out.append(LengthPrediction(bucket=bucket, num_tokens=n))
+        return out
+
+    @classmethod
+    def from_file(cls, path: str | Path, buckets: BucketSpec) -> "TablePredictor":
+        lengths = json.loads(Path(path).read_text())
+        if not isinstance(lengths, dict) or not all(isinstance(v, int) for v in lengths.values()):
+            raise ValueError(f"{path} must hold a JSON object {{prompt text: output tokens}}")
+        return cls(lengths, buckets)
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """How the server admits requests: the policy that will run and the predictor it uses (if any)."""
+
+    policy: PolicyConfig
+    predictor: Predictor | None
+    note: str | None = None
+    """Why the configured policy was replaced by the fallback, for the startup log."""
+
+    @property
+    def buckets(self) -> BucketSpec | None:
+        return self.predictor.buckets if self.predictor is not None else None
+
+
+def resolve_admission(config: ServeConfig, predictor: Predictor | None = None) -> Admission:
+    """The policy to serve with: s3 (and oracle) need a predictor; without one, the fallback or an error."""
+    policy = config.engine.policy
+    if policy.policy not in ("s3", "oracle"):
+        return Admission(policy, None)
+    if predictor is None:
+        try:
+            predictor = load_predictor(config)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            return _fallback(config, str(exc))
+    if policy.policy == "oracle" and not isinstance(predictor, TablePredictor):
+        raise ServeSetupError("the oracle policy needs exact lengths: give oracle_lengths, or use --policy s3")
+    return Admission(policy, predictor)
+
+
+def load_predictor(config: ServeConfig) -> Predictor:
+    if config.oracle_lengths:
+        return TablePredictor.from_file(config.oracle_lengths, BucketSpec.uniform(config.max_new_tokens,
+                                                                                  config.num_buckets))
+    if not config.predictor:
+        raise FileNotFoundError("no predictor checkpoint was given")
+    from predictor_train.inference import LengthPredictor  # torch + transformers: only when needed
+
+    return LengthPredictor.load(config.predictor)
+
+
+def _fallback(config: ServeConfig, reason: str) -> Admission:
+    if config.fallback_policy is None:
+        raise ServeSetupError(
+            f"the {config.policy} policy needs a length predictor and none could be loaded ({reason}). Train one "
+            "with `s3 train` and pass --predictor FOLDER, or add --fallback-policy max|paged to serve without one, "
+            "or choose --policy max|paged."
+        )
+    policy = dataclasses.replace(config.engine.policy, policy=config.fallback_policy)
+    return Admission(policy, None, note=f"no usable predictor ({reason}); serving with --fallback-policy "
+                                       f"{config.fallback_policy}")
+
+
+def check_target_model(predictor: Predictor, model_id: str) -> None:
+    """A checkpoint that learned another model's lengths would mispredict everything: refuse it."""
+    trained_on = getattr(predictor, "target_model", None)
+    if trained_on is not None and trained_on != model_id:
+        raise ServeSetupError(
+            f"predictor checkpoint {predictor.checkpoint_id} learned the output lengths of {trained_on!r}, but "
+            f"this server runs {model_id!r}; train a predictor on data generated with this model, or pass "
+            "--set check_target_model=false to use it anyway"
+        )
+
+
+class FeedbackLog:
+    """Writes finished requests that had mispredictions, in the training data's schema (serve/feedback.py)."""
+
+    def __init__(self, writer: FeedbackWriter, buckets: BucketSpec, checkpoint_id: str | None) -> None:
+        self.writer = writer
+        self.buckets = buckets
+        self.checkpoint_id = checkpoint_id
+
+    @property
+    def num_written(self) -> int:
+        return self.writer.num_written
+
+    def record(self, request: Request, *, stopped_at: int | None = None) -> None:
+        """``stopped_at``: a stop string ended the request after that many output tokens (the engine saw it
+        as an abort, possibly a token or two later); only mispredictions before that point count."""
+        events = request.mispredictions
+        if stopped_at is not None:
+            events = [e for e in events if e.num_output_tokens < stopped_at]
+        if not events:
+            return
+        record = feedback_record(request, self.buckets, checkpoint_id=self.checkpoint_id)
+        if stopped_at is not None:
+            record.update(num_output_tokens=stopped_at, finished=True, true_bucket=self.buckets.bucket_of(stopped_at),
+                          num_mispredictions=len(events))
+        self.writer.write(record)
+
+    def sync(self) -> None:
+        self.writer.sync()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+_STOP = object()
+
+
+class AdmissionController:
+    """The predictor thread: classifies new requests in batches and forwards every command, in order, to the
+    engine loop."""
+
+    def __init__(self, predictor: Predictor, engine_loop: EngineLoop, *, max_batch_size: int = 32,
+                 metrics=None) -> None:
+        self.predictor = predictor
+        self.engine_loop = engine_loop
+        self.max_batch_size = max_batch_size
+        self.metrics = metrics  # serve.server.metrics.ServerMetrics or None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="length-predictor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, command: Add | Abort) -> None:
+        """Thread-safe; raises EngineDead once the engine loop has stopped."""
+        if not self.engine_loop.snapshot.alive:
+            raise EngineDead(f"the engine has stopped: {self.engine_loop.error or 'shut down'}")
+        self._commands.put(command)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread.is_alive():
+            self._commands.put(_STOP)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            adds = [c for c in batch if isinstance(c, Add)]
+            predictions = dict(zip((a.request_id for a in adds), self._predict([a.prompt for a in adds])))
+            for command in batch:
+                if command is _STOP:
+                    return
+                if isinstance(command, Add):
+                    command = dataclasses.replace(command, prediction=predictions[command.request_id])
+                try:
+                    self.engine_loop.submit(command)
+                except EngineDead as exc:  # tell the client instead of leaving it waiting
+                    if isinstance(command, Add):
+                        send_error(command.sink, str(exc))
+
+    def _take_batch(self) -> list:
+        batch = [self._commands.get()]
+        num_adds = isinstance(batch[0], Add)
+        while num_adds < self.max_batch_size:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            batch.append(command)
+            num_adds += isinstance(command, Add)
+        return batch
+
+    def _predict(self, prompts: list[str]) -> Sequence[LengthPrediction | None]:
+        """Predictions, or None for each prompt when the predictor fails: the request is then admitted with
+        the worst-case reservation (S3Policy does that for a missing prediction) instead of failing."""
+        if not prompts:
+            return []
+        start = time.perf_counter()
+        try:
+            predictions = list(self.predictor.predict(prompts))
+            assert len(predictions) == len(prompts), (len(predictions), len(prompts))
+        except Exception:
+            log.exception("the length predictor failed on a batch of %d prompts", len(prompts))
+            if self.metrics is not None:
+                self.metrics.predictor_errors.inc()
+            return [None] * len(prompts)
+        if self.metrics is not None:
+            self.metrics.predictor_batch_seconds.observe(time.perf_counter() - start)
+            self.metrics.predictor_batch_size.observe(len(prompts))
+        return predictions

@@ -1,0 +1,280 @@
+"""The HTTP routes: OpenAI's /v1/completions and /v1/chat/completions (streamed or not), /v1/models, /health and
+/metrics. Handlers validate, tokenize and submit; the engine thread does the rest (see async_engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.engine.plan import SamplingParams
+from serve.server import protocol as p
+from serve.server.async_engine import AsyncEngine, EngineError, RequestStream
+from serve.server.metrics import CONTENT_TYPE, ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ServerState:
+    """What the routes need: the engine's asyncio side, the tokenizer, the model's limits and the HTTP limits."""
+
+    engine: AsyncEngine
+    metrics: ServerMetrics
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    """The model's context (prompt + output tokens)."""
+    kv_capacity_tokens: int
+    """Tokens the whole KV pool holds: no request may need more."""
+    vocab_size: int
+    max_new_tokens: int
+    api_key: str | None
+    max_body_bytes: int
+    created: int = dataclasses.field(default_factory=p.now)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise p.APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r} "
+                                  "(see GET /v1/models)", param="model", code="model_not_found")
+
+    def max_new_tokens_for(self, request: p.GenerationRequest, num_prompt_tokens: int, prompt_param: str) -> int:
+        """The request's output budget: its max_tokens, checked against the cap, the context and the KV pool."""
+        limit = min(self.max_model_len, self.kv_capacity_tokens)
+        room = limit - num_prompt_tokens
+        if room < 1:
+            raise p.bad_request(f"the prompt has {num_prompt_tokens} tokens, but this server takes at most {limit - 1} "
+                                f"(context of {limit} tokens, at least one for the answer); shorten it", prompt_param)
+        requested = p.requested_max_tokens(request)
+        if requested is None:
+            return min(self.max_new_tokens, room)
+        param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) is not None else "max_tokens"
+        if not 1 <= requested <= self.max_new_tokens:
+            raise p.bad_request(f"{param} must be between 1 and {self.max_new_tokens}, got {requested}", param)
+        if requested > room:
+            raise p.bad_request(f"the prompt ({num_prompt_tokens} tokens) plus {param} ({requested}) exceed the "
+                                f"context of {limit} tokens; set {param} to at most {room}", param)
+        return requested
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def require_api_key(request: Request) -> None:
+    key = _state(request).api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise p.APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server "
+                              "was started with (--api-key or S3_API_KEY)", code="invalid_api_key")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes before reading all of it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise p.APIError(413, f"the request body has {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise p.APIError(413, f"the request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI app of one server: every route reads `state`; errors come out in OpenAI's format."""
+    app = FastAPI(title="s3 serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    app.add_exception_handler(p.APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    auth = [Depends(require_api_key)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        snap = state.engine.engine_loop.snapshot
+        status = "ok" if snap.alive else "engine stopped"
+        return JSONResponse({"status": status}, status_code=200 if snap.alive else 503)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> Response:
+        return JSONResponse(p.models_body(state.model_name, state.created))
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> Response:
+        req = p.parse_request(p.CompletionRequest, await read_body(request, state.max_body_bytes))
+        state.check_model(req.model)
+        prompt = p.completion_prompt(req)
+        if isinstance(prompt, str):
+            ids, text = list(state.tokenizer.encode(prompt)), prompt
+        else:
+            if not all(0 <= t < state.vocab_size for t in prompt):
+                raise p.bad_request(f"prompt token ids must be in [0, {state.vocab_size})", "prompt")
+            ids, text = prompt, state.tokenizer.decode(prompt)
+        return await _generate(request, state, req, ids, text, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request) -> Response:
+        req = p.parse_request(p.ChatCompletionRequest, await read_body(request, state.max_body_bytes))
+        state.check_model(req.model)
+        messages = p.chat_messages(req)
+        ids = _chat_prompt_ids(state.tokenizer, messages)
+        return await _generate(request, state, req, ids, p.predictor_text(messages), chat=True)
+
+    return app
+
+
+def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The tokenizer's chat template with the generation prompt, as the labelled data was made."""
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as exc:  # a template may refuse some conversations (e.g. no system role)
+        raise p.bad_request(f"the model's chat template refused these messages: {exc}", "messages") from None
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+async def _generate(request: Request, state: ServerState, req: p.GenerationRequest, prompt_ids: list[int],
+                    prompt_text: str, *, chat: bool) -> Response:
+    """Check the output budget, submit, and answer as a stream of events or as one JSON body."""
+    if not prompt_ids:
+        raise p.bad_request("the prompt is empty after tokenization", "messages" if chat else "prompt")
+    max_new_tokens = state.max_new_tokens_for(req, len(prompt_ids), "messages" if chat else "prompt")
+    stops = p.stop_strings(req)
+    fmt = _Format(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, chat, len(prompt_ids))
+    sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+    stream = state.engine.submit(fmt.rid, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                                 prompt=prompt_text, stop=stops)
+    if req.stream:
+        # close() also runs as a background task: it frees the request even if the stream never started.
+        return StreamingResponse(_sse(stream, fmt, p.include_usage(req)), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"}, background=BackgroundTask(stream.close))
+    try:
+        text, reason = await _unless_disconnected(request, stream.collect())
+    except ClientGone:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    except EngineError as exc:
+        raise p.APIError(503, f"the engine could not finish the request: {exc}") from None
+    finally:
+        stream.close()
+    return JSONResponse(fmt.response(text, reason, stream.num_output_tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Format:
+    """Builds one request's response or stream chunks, completion or chat."""
+
+    rid: str
+    created: int
+    model: str
+    chat: bool
+    num_prompt_tokens: int
+
+    def usage(self, num_output_tokens: int) -> dict:
+        return p.usage(self.num_prompt_tokens, num_output_tokens)
+
+    def response(self, text: str, finish_reason: str, num_output_tokens: int) -> dict:
+        usage = self.usage(num_output_tokens)
+        if self.chat:
+            return p.chat_body(self.rid, self.created, self.model, text=text, finish_reason=finish_reason, usage_=usage)
+        return p.completion_body(self.rid, self.created, self.model, text=text, finish_reason=finish_reason,
+                                 usage_=usage, chunk=False)
+
+    def chunks(self, text: str, finish_reason: str | None) -> list[dict]:
+        if not self.chat:
+            return [p.completion_body(self.rid, self.created, self.model, text=text, finish_reason=finish_reason,
+                                      usage_=None, chunk=True)]
+        out = [self.chat_delta({"content": text})] if text else []
+        if finish_reason is not None:
+            out.append(self.chat_delta({}, finish_reason))
+        return out
+
+    def chat_delta(self, delta: dict, finish_reason: str | None = None) -> dict:
+        return p.chat_chunk(self.rid, self.created, self.model, delta=delta, finish_reason=finish_reason)
+
+
+def _sse_data(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _sse(stream: RequestStream, fmt: _Format, usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``. A client that goes away
+    cancels this generator; `finally` then aborts the request, which frees its KV blocks."""
+    try:
+        if fmt.chat:
+            yield _sse_data(fmt.chat_delta({"role": "assistant", "content": ""}))
+        async for output in stream.outputs():
+            for chunk in fmt.chunks(output.text, output.finish_reason):
+                yield _sse_data(chunk)
+        if usage:
+            yield _sse_data(p.usage_chunk(fmt.rid, fmt.created, fmt.model, chat=fmt.chat,
+                                          usage_=fmt.usage(stream.num_output_tokens)))
+        yield "data: [DONE]\n\n"
+    except EngineError as exc:
+        yield _sse_data(p.APIError(503, f"the engine could not finish the request: {exc}").body())
+        yield "data: [DONE]\n\n"
+    finally:
+        stream.close()
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer was ready."""
+
+
+async def _unless_disconnected(request: Request, awaitable):
+    """Await ``awaitable``, unless the client disconnects first (then cancel it and raise ClientGone)."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientGone()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- errors in OpenAI's format -------------------------------------------------------------------------------
+
+
+def _error_response(request: Request, error: p.APIError) -> JSONResponse:
+    _state(request).metrics.errors.labels(status=str(error.status)).inc()
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _api_error(request: Request, exc: p.APIError) -> JSONResponse:
+    return _error_response(request, exc)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    if exc.status_code == 404:
+        message += "; routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics"
+    return _error_response(request, p.APIError(exc.status_code, message))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error in %s %s", request.method, request.url.path)
+    return _error_response(request, p.APIError(500, f"internal error: {exc!r}"))

@@ -1,0 +1,305 @@
+"""The engine thread: the only code that touches the LLMEngine and its scheduler, so their state needs no locks.
+
+Recipe of one turn of the loop:
+1. take every queued command (block on the queue when there is no work);
+2. apply them in order: add requests (with their length prediction), abort requests, run inspections;
+3. if any request is waiting or running, run one `engine.step()`;
+4. hand each request's new tokens to its asyncio queue, one `loop.call_soon_threadsafe` per event loop;
+5. publish a snapshot of the engine's state (queue depth, KV blocks, counters) for /metrics and admission.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+from serve.engine.llm import LLMEngine
+from serve.engine.plan import SamplingParams
+from serve.kv import blocks_for
+from serve.request import LengthPrediction, Request
+from serve.scheduler import SchedulerStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sink:
+    """Where a request's events go: an asyncio queue and the event loop that owns it."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """New output tokens of one request; the last event of a request carries its finish reason or an error."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    """stop, length or abort; None while the request runs."""
+    error: str | None = None
+    """Set when the engine could not take or finish the request (the finish reason is then abort)."""
+
+    @property
+    def is_last(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Add:
+    """Queue a request; ``prediction`` is filled in by the predictor thread on its way here."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    prompt: str
+    """Prompt text as the length predictor reads it; also kept in misprediction feedback."""
+    sink: Sink
+    prediction: LengthPrediction | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Abort:
+    """End a request and free its KV blocks (client gone, or a stop string found on the asyncio side)."""
+
+    request_id: str
+    stopped_at: int | None = None
+    """Output tokens at the stop string, when a stop string ended it: feedback then records that length."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """Run ``fn(engine)`` in the engine thread between steps (tests, debugging); the result goes to ``future``."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: concurrent.futures.Future
+
+
+_SHUTDOWN = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state after a turn of the loop, read by other threads without touching the scheduler."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_kv_blocks: int = 0
+    num_kv_blocks_reserved: int = 0
+    """Blocks held by sequences (allocated or reserved for their predicted output)."""
+    num_kv_blocks_used: int = 0
+    """Blocks that hold computed tokens; reserved - used is memory set aside for outputs yet to come."""
+    stats: SchedulerStats = dataclasses.field(default_factory=SchedulerStats)
+    alive: bool = True
+
+
+class EngineDead(RuntimeError):
+    """The engine thread stopped (shutdown or a crash); no request can be served."""
+
+
+class EngineLoop:
+    """Owns an LLMEngine in a thread; other threads send it commands through `submit`."""
+
+    def __init__(self, engine: LLMEngine, *, feedback=None, keepalive_s: float = 60.0) -> None:
+        self.engine = engine
+        self.feedback = feedback  # serve.server.admission.FeedbackLog or None
+        self.keepalive_s = keepalive_s
+        self.snapshot = EngineSnapshot(num_kv_blocks=engine.scheduler.pool.num_blocks)
+        self.error: BaseException | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._num_sent: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    # -- other threads ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, command: Add | Abort | Call) -> None:
+        """Thread-safe; raises EngineDead once the loop has stopped."""
+        if not self.snapshot.alive:
+            raise EngineDead(f"the engine has stopped: {self.error or 'shut down'}")
+        self._commands.put(command)
+
+    def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
+        """Run ``fn(engine)`` in the engine thread between two steps."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.submit(Call(fn, future))
+        return future
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort what is left, stop the thread and (tensor parallel) release the other ranks."""
+        if self._thread.is_alive():
+            self._commands.put(_SHUTDOWN)
+            self._thread.join(timeout)
+
+    # -- the engine thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._turn():
+                pass
+        except BaseException as exc:  # a bug or an out-of-memory: fail every request rather than hang them
+            log.exception("the engine loop crashed")
+            self.error = exc
+            self._end_all(f"the engine failed: {exc!r}")
+        finally:
+            self.snapshot = dataclasses.replace(self.snapshot, alive=False)
+            self._drain_after_stop()
+            if self.feedback is not None:
+                self.feedback.close()
+            if self.error is None:
+                self.engine.shutdown()  # tensor parallel: the other ranks leave engine.follow()
+
+    def _turn(self) -> bool:
+        """One turn of the loop (see the module docstring); False when told to shut down."""
+        busy = self.engine.has_unfinished()
+        for command in self._take_commands(block=not busy):
+            if command is _SHUTDOWN:
+                self._end_all(None)
+                return False
+            self._apply(command)
+        if self.engine.has_unfinished():
+            self._step()
+        self._publish()
+        return True
+
+    def _take_commands(self, *, block: bool) -> list:
+        commands = []
+        if block:
+            if self.feedback is not None:
+                self.feedback.sync()  # idle: make what was written durable
+            try:
+                commands.append(self._commands.get(timeout=self.keepalive_s))
+            except queue.Empty:
+                self._keepalive()
+                return []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _keepalive(self) -> None:
+        """Tensor parallel: an empty step, so the other ranks' collective does not time out while idle."""
+        if self.engine.config.tensor_parallel > 1:
+            self.engine.step()
+
+    def _apply(self, command: Add | Abort | Call) -> None:
+        if isinstance(command, Add):
+            self._add(command)
+        elif isinstance(command, Abort):
+            self._abort(command)
+        else:
+            try:
+                command.future.set_result(command.fn(self.engine))
+            except Exception as exc:
+                command.future.set_exception(exc)
+
+    def _add(self, cmd: Add) -> None:
+        try:
+            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, max_new_tokens=cmd.max_new_tokens,
+                                    sampling=cmd.sampling, prediction=cmd.prediction, prompt=cmd.prompt)
+        except ValueError as exc:  # the HTTP side checks limits first; this is the last line of defence
+            send_error(cmd.sink, str(exc))
+            return
+        self._sinks[cmd.request_id] = cmd.sink
+        self._num_sent[cmd.request_id] = 0
+
+    def _abort(self, cmd: Abort) -> None:
+        request = self.engine.abort(cmd.request_id)
+        self._forget(cmd.request_id)
+        if request is not None and cmd.stopped_at is not None and self.feedback is not None:
+            self.feedback.record(request, stopped_at=cmd.stopped_at)
+
+    def _step(self) -> None:
+        finished = self.engine.step()
+        events: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+        for completion in finished:
+            request = completion.request
+            self._emit(events, request, completion.finish_reason)
+            self._forget(request.request_id)
+            if self.feedback is not None:
+                self.feedback.record(request)
+        for request in self.engine.scheduler.running:
+            self._emit(events, request, None)
+        _deliver(events)
+
+    def _emit(self, events: dict, request: Request, finish_reason: str | None) -> None:
+        sink = self._sinks.get(request.request_id)
+        if sink is None:
+            return
+        sent = self._num_sent[request.request_id]
+        new = tuple(request.output_token_ids[sent:])
+        if new or finish_reason is not None:
+            self._num_sent[request.request_id] = sent + len(new)
+            events[sink.loop].append((sink.queue, TokenEvent(new, finish_reason)))
+
+    def _forget(self, request_id: str) -> None:
+        self._sinks.pop(request_id, None)
+        self._num_sent.pop(request_id, None)
+        # The scheduler keeps every request it has seen; a long-running server must drop the finished ones.
+        request = self.engine.scheduler.requests.get(request_id)
+        if request is not None and request.is_finished:
+            del self.engine.scheduler.requests[request_id]
+
+    def _end_all(self, error: str | None) -> None:
+        """Abort every live request (shutdown or crash) and tell its client."""
+        events: dict = collections.defaultdict(list)
+        for request_id, sink in list(self._sinks.items()):
+            events[sink.loop].append((sink.queue, TokenEvent((), "abort", error or "the server is shutting down")))
+            if self.error is None:
+                self.engine.abort(request_id)
+            self._forget(request_id)
+        _deliver(events)
+
+    def _drain_after_stop(self) -> None:
+        """Commands that arrived while stopping: their clients learn the engine is gone."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, Add):
+                send_error(command.sink, "the server is shutting down")
+            elif isinstance(command, Call):
+                command.future.set_exception(EngineDead("the engine has stopped"))
+
+    def _publish(self) -> None:
+        scheduler = self.engine.scheduler
+        block_size = scheduler.pool.block_size
+        self.snapshot = EngineSnapshot(
+            num_waiting=scheduler.num_waiting,
+            num_running=scheduler.num_running,
+            num_kv_blocks=scheduler.pool.num_blocks,
+            num_kv_blocks_reserved=scheduler.pool.num_used_blocks,
+            num_kv_blocks_used=sum(blocks_for(r.num_computed_tokens, block_size) for r in scheduler.running),
+            stats=dataclasses.replace(scheduler.stats),
+        )
+
+
+def send_error(sink: Sink, message: str) -> None:
+    """End a request that the engine never took, with an error its client will see."""
+    _deliver({sink.loop: [(sink.queue, TokenEvent((), "abort", message))]})
+
+
+def _deliver(events: dict[asyncio.AbstractEventLoop, list]) -> None:
+    """One wake-up per event loop for all of this step's events, instead of one per request."""
+    for loop, items in events.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that event loop has closed: its clients are gone
+            pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    for q, event in items:
+        q.put_nowait(event)

@@ -1,0 +1,215 @@
+"""Build and run a server: `serve_main(config)` is what `s3 serve` calls.
+
+Under tensor parallelism every rank runs `serve_main` (launched by `deepspeed`); rank 0 loads the predictor,
+serves HTTP and runs the engine loop, which sends each step's plan to the other ranks; they only execute it
+(`LLMEngine.follow`) until rank 0 shuts down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from serve.engine.llm import LLMEngine
+from serve.feedback import FeedbackWriter
+from serve.policies import PolicyConfig
+from serve.server.admission import (
+    Admission, AdmissionController, FeedbackLog, Predictor, check_target_model, resolve_admission,
+)  # fmt: skip
+from serve.server.app import ServerState, create_app
+from serve.server.async_engine import AsyncEngine
+from serve.server.config import ServeConfig
+from serve.server.engine_loop import EngineLoop
+from serve.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ServingStack:
+    """The long-lived parts of one server, started and stopped together."""
+
+    engine: LLMEngine
+    engine_loop: EngineLoop
+    controller: AdmissionController | None
+    admission: Admission
+    state: ServerState
+    app: FastAPI
+
+    def start(self) -> None:
+        self.engine_loop.start()
+        if self.controller is not None:
+            self.controller.start()
+
+    def stop(self) -> None:
+        """Stop taking requests, abort what is left, flush feedback, release tensor-parallel ranks."""
+        if self.controller is not None:
+            self.controller.stop()
+        self.engine_loop.stop()
+
+
+def build_stack(config: ServeConfig, *, model=None, tokenizer=None, predictor: Predictor | None = None) -> ServingStack:
+    """Load (or take) the model and the predictor and wire the server together; nothing runs until `start`."""
+    admission = resolve_admission(config, predictor)
+    engine_config = dataclasses.replace(config.engine, policy=admission.policy)
+    engine = LLMEngine(engine_config, model=model, tokenizer=tokenizer, buckets=admission.buckets)
+    if admission.predictor is not None and config.check_target_model:
+        check_target_model(admission.predictor, engine.model_id)
+    return assemble(config, engine, admission)
+
+
+def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> ServingStack:
+    predictor = admission.predictor
+    checkpoint_id = getattr(predictor, "checkpoint_id", None)
+    feedback = None
+    if config.feedback_dir and predictor is not None:
+        writer = FeedbackWriter(config.feedback_dir, sync_every=config.feedback_sync_every)
+        feedback = FeedbackLog(writer, predictor.buckets, checkpoint_id)
+    engine_loop = EngineLoop(engine, feedback=feedback)
+    metrics = ServerMetrics(lambda: engine_loop.snapshot, policy=admission.policy.policy, checkpoint_id=checkpoint_id)
+    controller = None
+    if predictor is not None:
+        controller = AdmissionController(predictor, engine_loop, max_batch_size=config.predictor_batch_size,
+                                         metrics=metrics)
+    async_engine = AsyncEngine(engine_loop, ingress=controller or engine_loop, tokenizer=engine.tokenizer,
+                               metrics=metrics, max_waiting_requests=config.max_waiting_requests,
+                               retry_after_s=config.retry_after_s)
+    state = ServerState(
+        engine=async_engine, metrics=metrics, tokenizer=engine.tokenizer, model_name=served_model_name(config),
+        max_model_len=engine.max_model_len, kv_capacity_tokens=engine.scheduler.pool.capacity_tokens,
+        vocab_size=int(engine.runner.hf_model.config.vocab_size), max_new_tokens=config.max_new_tokens,
+        api_key=config.api_key or os.environ.get("S3_API_KEY") or None, max_body_bytes=config.max_body_bytes,
+    )  # fmt: skip
+    return ServingStack(engine, engine_loop, controller, admission, state, create_app(state))
+
+
+def served_model_name(config: ServeConfig) -> str:
+    if config.served_model_name:
+        return config.served_model_name
+    model = config.engine.model
+    return model if model == "smollm2" else Path(model).name.removesuffix(".gguf")
+
+
+def serve_main(config: ServeConfig) -> None:
+    """Run the server until SIGINT/SIGTERM (rank 0), or follow rank 0's steps (other tensor-parallel ranks)."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(config.torch_threads or max(1, _num_cores() - 1))
+    rank = int(os.environ.get("RANK", "0"))
+    if config.engine.tensor_parallel > 1 and rank != 0:
+        _follow(config)
+        return
+    stack = build_stack(config)
+    _log_startup(config, stack)
+    server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level))
+    stack.start()
+    try:
+        with _signals_end_the_run():
+            server.run()
+    except _Stopped:
+        pass
+    finally:
+        stack.stop()
+    log.info("stopped")
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM after uvicorn's graceful shutdown."""
+
+
+@contextlib.contextmanager
+def _signals_end_the_run():
+    """uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the handler it found:
+    with Python's default handlers that kills the process (SIGTERM) or prints a traceback (SIGINT) before the
+    engine is stopped and the feedback flushed. These handlers raise _Stopped instead, so cleanup runs."""
+    def stop(signum, frame):
+        raise _Stopped()
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _num_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _follow(config: ServeConfig) -> None:
+    """A tensor-parallel rank other than 0: hold a shard of the model and run rank 0's plans until rank 0 shuts
+    down. SIGINT/SIGTERM are ignored here: the deepspeed launcher sends them to every rank at once, and a rank
+    that died first would leave rank 0's shutdown broadcast hanging (the launcher SIGKILLs stragglers after 30 s).
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    # The scheduler of this rank is never used; a policy without a predictor keeps its construction simple.
+    engine = LLMEngine(dataclasses.replace(config.engine, policy=PolicyConfig(policy="max")))
+    engine.follow()
+
+
+def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+    # Graceful shutdown lets running requests finish for a while; then they are cut off and aborted.
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
+                          access_log=log_level == "debug")
+
+
+def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
+    admission, pool = stack.admission, stack.engine.scheduler.pool
+    if admission.note:
+        log.warning(admission.note)
+    predictor = admission.predictor
+    log.info("model %s (served as %r), policy %s, predictor %s, KV pool %d blocks x %d tokens, tensor parallel %d",
+             stack.engine.model_id, stack.state.model_name, admission.policy.policy,
+             getattr(predictor, "checkpoint_id", None) if predictor else "none", pool.num_blocks, pool.block_size,
+             config.engine.tensor_parallel)
+    log.info("listening on http://%s:%d (API key %s)", config.host, config.port,
+             "required" if stack.state.api_key else "not required")
+
+
+class BackgroundServer:
+    """A server in a background thread on a free loopback port (tests, benchmarks)."""
+
+    def __init__(self, stack: ServingStack, *, host: str = "127.0.0.1", log_level: str = "warning") -> None:
+        self.stack = stack
+        self.server = uvicorn.Server(_uvicorn_config(stack.app, host, 0, log_level))
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.host = host
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self.stack.start()
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(60)
+        self.stack.stop()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,86 @@
+"""Prometheus metrics. Engine state is read from the engine thread's latest snapshot at scrape time, so a scrape
+never touches the scheduler; request latencies are observed on the asyncio side, where the client's clock runs.
+
+Each server has its own registry (several servers can live in one process, as in the tests).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from serve.server.engine_loop import EngineSnapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _EngineCollector:
+    """Turns the latest EngineSnapshot into gauges and counters."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], in_flight: Callable[[], int]) -> None:
+        self.snapshot = snapshot
+        self.in_flight = in_flight
+
+    def collect(self):
+        snap = self.snapshot()
+        gauges = {
+            "s3_num_requests_waiting": ("Requests in the scheduler's waiting queue (queue depth).", snap.num_waiting),
+            "s3_num_requests_running": ("Sequences running (holding KV blocks).", snap.num_running),
+            "s3_kv_blocks_total": ("KV blocks in the pool.", snap.num_kv_blocks),
+            "s3_kv_blocks_reserved": ("KV blocks held by sequences, including reservations for future output.",
+                                      snap.num_kv_blocks_reserved),
+            "s3_kv_blocks_used": ("KV blocks holding computed tokens.", snap.num_kv_blocks_used),
+            "s3_engine_alive": ("1 while the engine thread runs.", float(snap.alive)),
+            "s3_num_requests_in_flight": ("Requests accepted over HTTP and not ended.", self.in_flight()),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        stats = snap.stats
+        counters = {
+            "s3_preemptions": ("Sequences preempted (KV freed, recomputed later).", stats.num_preemptions),
+            "s3_mispredictions": ("Sequences that reached their reservation unfinished.", stats.num_mispredictions),
+            "s3_generated_tokens": ("Output tokens generated.", stats.num_generated_tokens),
+            "s3_recomputed_tokens": ("Tokens computed again after preemptions.", stats.num_recomputed_tokens),
+            "s3_engine_steps": ("Engine steps run.", stats.num_steps),
+            "s3_requests_aborted": ("Requests aborted in the engine (client gone or stop string).", stats.num_aborted),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+class ServerMetrics:
+    """Every metric of one server, in its own registry."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], *, policy: str,
+                 checkpoint_id: str | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self._in_flight: Callable[[], int] = lambda: 0
+        self.registry.register(_EngineCollector(snapshot, lambda: self._in_flight()))
+        r = self.registry
+        self.ttft = Histogram("s3_time_to_first_token_seconds", "From the request's arrival to its first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("s3_time_per_output_token_seconds", "Mean time between output tokens of a request.",
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.latency = Histogram("s3_request_latency_seconds", "From the request's arrival to its last token.",
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("s3_requests", "Requests ended, by finish reason.", ["finish_reason"], registry=r)
+        self.errors = Counter("s3_http_errors", "Error responses, by status code.", ["status"], registry=r)
+        self.predictor_batch_seconds = Histogram("s3_predictor_batch_seconds", "Length-predictor time per batch.",
+                                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.predictor_batch_size = Histogram("s3_predictor_batch_size", "Prompts per length-predictor batch.",
+                                              buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.predictor_errors = Counter("s3_predictor_errors", "Predictor batches that failed (admitted at the "
+                                        "worst case instead).", registry=r)
+        info = Gauge("s3_admission_info", "The admission policy and predictor checkpoint in use.",
+                     ["policy", "checkpoint_id"], registry=r)
+        info.labels(policy=policy, checkpoint_id=checkpoint_id or "").set(1)
+
+    def track_in_flight(self, fn: Callable[[], int]) -> None:
+        self._in_flight = fn
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

