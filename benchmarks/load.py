@@ -55,6 +55,8 @@ class LoadConfig:
     max_num_seqs: int = 32
     """Most sequences a server runs at once."""
     policies: tuple[str, ...] = ("max", "paged", "s3")
+    aging_s: float = 30.0
+    """s3: a request waiting this long can no longer be overtaken (PolicyConfig.aging_s)."""
     predictor: str | None = None
     """Predictor checkpoint for s3; default: the oracle-ish stand-in from the max run."""
     sources: tuple[str, ...] = ()
@@ -101,7 +103,7 @@ def load_prompts(n: int, seed: int, sources: tuple[str, ...] = ()) -> list[str]:
 
 def serve_config(cfg: LoadConfig, policy: str, port: int, *, oracle_lengths: str | None, feedback_dir: str):
     engine = EngineConfig(model=cfg.model, kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs,
-                          policy=PolicyConfig(policy=policy))
+                          policy=PolicyConfig(policy=policy, aging_s=cfg.aging_s))
     predictor = cfg.predictor if policy == "s3" else None
     return ServeConfig(engine=engine, predictor=predictor, oracle_lengths=oracle_lengths if policy == "s3" and
                        not predictor else None, num_buckets=cfg.num_buckets, port=port, api_key=None,
@@ -279,6 +281,8 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
 @click.option("--kv-cache-tokens", type=int, default=LoadConfig.kv_cache_tokens, show_default=True)
 @click.option("--max-num-seqs", type=int, default=LoadConfig.max_num_seqs, show_default=True)
 @click.option("--policies", default=",".join(LoadConfig.policies), show_default=True)
+@click.option("--aging-s", type=float, default=LoadConfig.aging_s, show_default=True,
+              help="s3: seconds after which a waiting request can no longer be overtaken.")
 @click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from the max run).")
 @click.option("--sources", default="", help="Comma-separated prompt files (default: the three in data/prompts).")
 @click.option("--model", default=LoadConfig.model, show_default=True)
