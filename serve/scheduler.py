@@ -144,8 +144,11 @@ class Scheduler:
         self._order[request.request_id] = (request.arrival_time, len(self._order))
         self._enqueue(request)
 
-    def abort(self, request_id: str) -> Request | None:
-        """End a request now (client gone) and free all its blocks; None if it is unknown or already ended."""
+    def abort(self, request_id: str, *, stopped: bool = False) -> Request | None:
+        """End a request now and free all its blocks; None if it is unknown or already ended.
+
+        ``stopped``: the caller found a stop string in the output, so the request ends as stopped (its
+        answer is complete), not aborted (client gone)."""
         request = self.requests.get(request_id)
         if request is None or request.is_finished:
             return None
@@ -153,9 +156,21 @@ class Scheduler:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
-        self._finish(request, RequestStatus.ABORTED)
-        self.stats.num_aborted += 1
+        if stopped:
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+            self.stats.num_finished += 1
+        else:
+            self._finish(request, RequestStatus.ABORTED)
+            self.stats.num_aborted += 1
         return request
+
+    def forget(self, request_id: str) -> None:
+        """Drop an ended request from ``self.requests`` (a long-running server must; tests and the simulator
+        read ended requests back). Live requests are kept."""
+        request = self.requests.get(request_id)
+        if request is not None and request.is_finished:
+            del self.requests[request_id]
+            del self._order[request_id]
 
     @property
     def num_waiting(self) -> int:
@@ -187,8 +202,8 @@ class Scheduler:
         now = self.clock()
         finished = []
         for seq in out.seqs:
-            request = self.requests[seq.request_id]
-            if request.is_finished:  # aborted while the step ran
+            request = self.requests.get(seq.request_id)
+            if request is None or request.is_finished:  # aborted (and maybe forgotten) while the step ran
                 continue
             request.num_computed_tokens += seq.num_new_tokens
             if not seq.samples:

@@ -136,9 +136,10 @@ class LLMEngine:
         self.sampling[request_id] = sampling
         return request
 
-    def abort(self, request_id: str) -> Request | None:
+    def abort(self, request_id: str, *, stopped: bool = False) -> Request | None:
+        """End a request and free its KV (``stopped``: a stop string ended it; see Scheduler.abort)."""
         self.sampling.pop(request_id, None)
-        return self.scheduler.abort(request_id)
+        return self.scheduler.abort(request_id, stopped=stopped)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -215,7 +215,7 @@ class EngineLoop:
         self._num_sent[cmd.request_id] = 0
 
     def _abort(self, cmd: Abort) -> None:
-        request = self.engine.abort(cmd.request_id)
+        request = self.engine.abort(cmd.request_id, stopped=cmd.stopped_at is not None)
         self._forget(cmd.request_id)
         if request is not None and cmd.stopped_at is not None and self.feedback is not None:
             self.feedback.record(request, stopped_at=cmd.stopped_at)
@@ -246,10 +246,7 @@ class EngineLoop:
     def _forget(self, request_id: str) -> None:
         self._sinks.pop(request_id, None)
         self._num_sent.pop(request_id, None)
-        # The scheduler keeps every request it has seen; a long-running server must drop the finished ones.
-        request = self.engine.scheduler.requests.get(request_id)
-        if request is not None and request.is_finished:
-            del self.engine.scheduler.requests[request_id]
+        self.engine.scheduler.forget(request_id)
 
     def _end_all(self, error: str | None) -> None:
         """Abort every live request (shutdown or crash) and tell its client."""

@@ -46,7 +46,7 @@ class _EngineCollector:
             "s3_generated_tokens": ("Output tokens generated.", stats.num_generated_tokens),
             "s3_recomputed_tokens": ("Tokens computed again after preemptions.", stats.num_recomputed_tokens),
             "s3_engine_steps": ("Engine steps run.", stats.num_steps),
-            "s3_requests_aborted": ("Requests aborted in the engine (client gone or stop string).", stats.num_aborted),
+            "s3_requests_aborted": ("Requests aborted in the engine (client gone, shutdown).", stats.num_aborted),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

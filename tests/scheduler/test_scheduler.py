@@ -107,6 +107,25 @@ def test_abort_mid_step_drops_the_result():
     assert sched.requests["a"].num_output_tokens == 0
 
 
+def test_forget_drops_only_ended_requests():
+    from serve.scheduler import StepResult
+
+    sched = make_scheduler("s3")
+    sched.add_request(make_request("a", true_tokens=10))
+    sched.add_request(make_request("b", true_tokens=10))
+    out = sched.schedule()
+    sched.forget("a")  # live: kept
+    assert "a" in sched.requests
+    sched.abort("a")
+    sched.forget("a")
+    sched.forget("a")  # unknown: no error
+    assert "a" not in sched.requests
+    sched.update_from_output(out, StepResult({"a": 1, "b": 1}))  # the step that ran while "a" was forgotten
+    assert sched.requests["b"].num_output_tokens == 1
+    sched.add_request(make_request("a", true_tokens=10))  # its id is free again
+    sched.check_invariants()
+
+
 def test_requests_that_can_never_fit_are_refused():
     sched = make_scheduler("s3", num_blocks=4)
     with pytest.raises(ValueError, match="needs up to 36 tokens"):

@@ -74,6 +74,7 @@ def wait_idle(srv) -> dict:
         assert not scheduler.has_unfinished(), (scheduler.num_waiting, scheduler.num_running)
         assert scheduler.pool.num_free_blocks == scheduler.pool.num_blocks
         assert not scheduler.requests, f"{len(scheduler.requests)} ended requests still held"
+        assert not scheduler._order, f"{len(scheduler._order)} ended requests still ordered"
         return vars(scheduler.stats).copy()
 
     # Aborts may still be on their way through the command queue: retry until they have landed.
