@@ -49,6 +49,8 @@ class GenerateConfig:
     """Store the generated text with each row."""
     max_num_seqs: int = 64
     """Sequences decoded together."""
+    device: str = "cpu"
+    """cpu (fp32) or cuda (bf16). Greedy lengths can differ a little between the two: label a folder on one."""
     output_dir: str = "data/labelled"
     wandb_project: str = "s3-serve"
     wandb_mode: str | None = None

@@ -25,7 +25,7 @@ def run_generate(
     if engine is None:
         from serve.engine.llm import EngineConfig, LLMEngine
 
-        engine = LLMEngine(EngineConfig(model=config.model, max_num_seqs=config.max_num_seqs,
+        engine = LLMEngine(EngineConfig(model=config.model, device=config.device, max_num_seqs=config.max_num_seqs,
                                         kv_cache_tokens=config.max_num_seqs * 1024))
     plan = gen.plan(config, engine)
     for skipped in plan.skipped:
