@@ -61,6 +61,8 @@ class LoadConfig:
     """Predictor checkpoint for s3; default: the oracle-ish stand-in from the max run."""
     sources: tuple[str, ...] = ()
     """Prompt files (instruction sets); default: the three shipped in data/prompts."""
+    exclude_labelled: str | None = "data/labelled"
+    """Leave out the prompts of this `s3 generate` folder (the predictor trained on them); None keeps all."""
     model: str = "smollm2"
     num_buckets: int = 10
     seed: int = 0
@@ -85,17 +87,19 @@ class Result:
         return (self.first_token or self.end) - self.start
 
 
-def load_prompts(n: int, seed: int, sources: tuple[str, ...] = ()) -> list[str]:
-    """A seeded sample of instruction sets (default: the three in data/prompts), spread over the sources."""
+def load_prompts(n: int, seed: int, sources: tuple[str, ...] = (), exclude_labelled: str | None = None) -> list[str]:
+    """A seeded sample of instruction sets (default: the three in data/prompts), round-robin over the sources,
+    without the prompts labelled in ``exclude_labelled`` (those the predictor was trained on)."""
     from pipeline.generate import DEFAULT_INPUTS
-    from pipeline.prompts import read_prompt_sets
+    from pipeline.run import ServeRoundConfig, serving_prompts
 
-    sources = sources or DEFAULT_INPUTS
-    rows, _ = read_prompt_sets(list(sources), prompt_field="instruction", input_field="input",
-                               limit_per_source=max(1, -(-n // len(sources))), seed=seed)
-    prompts = [r.prompt for r in rows]
-    random.Random(seed).shuffle(prompts)
-    return prompts[:n]
+    exclude: set[str] = set()
+    if exclude_labelled and Path(exclude_labelled, "dataset").exists():
+        import datasets
+
+        exclude = set(datasets.load_from_disk(str(Path(exclude_labelled, "dataset")))["prompt"])
+    config = ServeRoundConfig(inputs=tuple(sources or DEFAULT_INPUTS), num_prompts=n, seed=seed)
+    return serving_prompts(config, exclude)
 
 
 # -- one server per policy ------------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
-    prompts = load_prompts(cfg.num_requests, cfg.seed, cfg.sources)
+    prompts = load_prompts(cfg.num_requests, cfg.seed, cfg.sources, cfg.exclude_labelled)
     order = sorted(cfg.policies, key=lambda p: p != "max")  # max first: its answers give the oracle lengths
     if "s3" in order and not cfg.predictor and "max" not in order:
         order.insert(0, "max")
@@ -285,6 +289,8 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
               help="s3: seconds after which a waiting request can no longer be overtaken.")
 @click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from the max run).")
 @click.option("--sources", default="", help="Comma-separated prompt files (default: the three in data/prompts).")
+@click.option("--exclude-labelled", default=LoadConfig.exclude_labelled, show_default=True,
+              help="Leave out the prompts labelled in this `s3 generate` folder ('' keeps them).")
 @click.option("--model", default=LoadConfig.model, show_default=True)
 @click.option("--torch-threads", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
