@@ -6,12 +6,14 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.run import PipelineConfig
+from predictor_train.train import TrainConfig
 from serve.bench import BenchConfig
 from serve.server.config import ServeConfig
 from serve.sim.simulate import SimulateConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-KINDS = {"serve": ServeConfig, "pipeline": PipelineConfig, "bench": BenchConfig, "simulate": SimulateConfig}
+KINDS = {"serve": ServeConfig, "pipeline": PipelineConfig, "bench": BenchConfig, "simulate": SimulateConfig,
+         "train": TrainConfig}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
