@@ -2,8 +2,6 @@
 
 import json
 
-import datasets
-import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
@@ -13,16 +11,6 @@ from tests.predictor.synthetic import MAX_TOKENS, NUM_BUCKETS, make_records
 
 TINY = ["--set", "backbone=tiny-random", "--set", f"max_tokens={MAX_TOKENS}", "--set", f"num_buckets={NUM_BUCKETS}",
         "--set", "epochs=2", "--set", "lr=0.01", "--set", "batch_size=32", "--set", "wandb_mode=disabled"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    """A folder shaped like `s3 generate`'s output."""
-    folder = tmp_path_factory.mktemp("labelled")
-    datasets.Dataset.from_list(make_records(240)).save_to_disk(str(folder / "dataset"))
-    (folder / "recipe.json").write_text(json.dumps({"model": "tiny-target", "max_new_tokens": MAX_TOKENS,
-                                                    "temperature": 0.0, "top_p": 1.0}))  # fmt: skip
-    return folder
 
 
 def test_train_evaluate_and_retrain_on_feedback(labelled, tmp_path):
