@@ -61,6 +61,9 @@ class TrainConfig:
     """Validation metric for early stopping and for picking the best checkpoint: ``loss`` or ``accuracy``."""
     class_weight_smoothing: float = 1.0
     """Added to each bucket's count before inverting it into a class weight; larger is closer to unweighted."""
+    feedback_repeat: int = 10
+    """Retraining (``s3 train --feedback``): each feedback record is seen this many times per epoch. A serving
+    round yields few mispredictions against thousands of labelled rows; seen once, they barely move the model."""
     seed: int = 0
     """Seed for the classification head's initialisation and the batch order."""
     deepspeed_config: str = "auto"
@@ -73,7 +76,8 @@ class TrainConfig:
     """Where the best checkpoint (and the wandb run folder) is written."""
 
     def __post_init__(self) -> None:
-        positive = ("max_tokens", "num_buckets", "epochs", "batch_size", "max_prompt_tokens", "patience")
+        positive = ("max_tokens", "num_buckets", "epochs", "batch_size", "max_prompt_tokens", "patience",
+                    "feedback_repeat")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
