@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pathlib
+import time
 
 from pipeline.tracking import start_run
 
@@ -131,6 +132,8 @@ def _serve_round(pipeline, checkpoint: str, *, with_max: bool, feedback_dir: pat
 
 def run_collect(pipeline) -> dict:
     feedback = pipeline.stage_dir("collect") / "feedback"
+    if feedback.exists():  # records of an earlier run of this stage: kept aside, not mixed into this round's
+        feedback.rename(feedback.with_name(f"feedback.previous-{time.time_ns()}"))
     runs = _serve_round(pipeline, pipeline.outputs["train"]["checkpoint"], with_max=True, feedback_dir=feedback)
     return {"feedback": str(feedback), "fingerprint": _fingerprint(feedback) if feedback.exists() else "none", **runs}
 

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from serve.feedback import read_feedback
 from tests.predictor.synthetic import make_records
 
 MAX_NEW = 40
@@ -51,9 +52,16 @@ def test_pipeline_runs_every_stage_then_skips_them(world, monkeypatch):
 
     only = CliRunner().invoke(main, _args(world) + ["--only", "bench"])
     assert only.exit_code == 0 and "[bench] running" in only.output and "[train] running" not in only.output
+
+    # Collecting again replaces the round's feedback (the earlier records are kept aside, not doubled).
+    feedback = world / "runs" / "t" / "collect" / "feedback"
+    first = len(list(read_feedback(feedback))) if feedback.exists() else 0
+    recollect = CliRunner().invoke(main, _args(world) + ["--only", "collect"])
+    assert recollect.exit_code == 0, recollect.output
+    assert (len(list(read_feedback(feedback))) if feedback.exists() else 0) == first
     # One offline wandb run per stage that ran, plus the summary runs.
     runs = list((world / "wandb").glob("offline-run-*"))
-    assert len(runs) == 5 + 1 + 1 + 1 + 1, [r.name for r in runs]
+    assert len(runs) == 5 + 1 + 1 + 1 + 1 + 1 + 1, [r.name for r in runs]
 
 
 def test_unknown_stage_is_refused(world):
