@@ -135,6 +135,6 @@ def _silent(_: str) -> None:
 
 
 def _rank() -> int:
-    import torch.distributed as dist
+    from predictor_train.train import rank_and_world_size
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return rank_and_world_size()[0]

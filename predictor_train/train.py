@@ -164,7 +164,7 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     engine, ds_config = _start_engine(config, backbone)
-    is_main = _rank_and_world_size()[0] == 0  # every rank validates the same way; rank 0 alone writes
+    is_main = rank_and_world_size()[0] == 0  # every rank validates the same way; rank 0 alone writes
     train_labels = labels_of(train.num_output_tokens, spec)
     weights = torch.tensor(class_weights(train_labels, spec.num_buckets, smoothing=config.class_weight_smoothing),
                            device=engine.device)
@@ -214,7 +214,7 @@ def _log_epoch(run, record: dict[str, float]) -> None:
         run.log({"epoch": record["epoch"], "train/loss": record["train_loss"], **val})
 
 
-def _rank_and_world_size() -> tuple[int, int]:
+def rank_and_world_size() -> tuple[int, int]:
     import deepspeed.comm as dist
 
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -224,7 +224,7 @@ def _checkpoint_info_on_all_ranks(info: CheckpointInfo | None, output_dir: str) 
     """Rank 0 has written the best checkpoint; the other ranks wait for it and read its info."""
     import deepspeed.comm as dist
 
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = rank_and_world_size()
     if world_size > 1:
         dist.barrier()
     if rank > 0:
@@ -237,7 +237,7 @@ def train_epoch(engine, tokenizer, train: Examples, labels: list[int], weights: 
                 config: TrainConfig, epoch: int, progress: bool, run=None) -> float:
     """One pass over the training examples in a seeded shuffled order; returns the mean batch loss."""
     engine.train()
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = rank_and_world_size()
     stream = batches(train.prompts, labels, tokenizer, batch_size=config.batch_size,
                      max_prompt_tokens=config.max_prompt_tokens, input_names=model_input_names(engine.module),
                      shuffle_seed=config.seed + epoch, shard=(rank, world_size))
