@@ -105,10 +105,9 @@ def run_train(config, *, data: str, target_model: str | None = None, feedback: s
         if not previous:
             raise ValueError("--feedback needs --from CHECKPOINT: retraining starts from the previous predictor")
         report = retrain_predictor(config, dataset, feedback_dataset(feedback), previous_checkpoint=previous)
-        echo = echo if _rank() == 0 else _silent
-        echo(f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
-             f"{report.num_feedback_used} feedback records ({report.num_feedback_dropped} held out)")
-        echo(report.table())
+        lines = [f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
+                 f"{report.num_feedback_used} feedback records ({report.num_feedback_dropped} held out)",
+                 report.table()]
         checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
     else:
         target = target_model or recipe.get("model")
@@ -116,11 +115,12 @@ def run_train(config, *, data: str, target_model: str | None = None, feedback: s
             raise ValueError(f"{data} has no recipe.json naming the target model; pass --target-model")
         decoding = {k: recipe[k] for k in ("max_new_tokens", "temperature", "top_p", "chat_template") if k in recipe}
         result = train_predictor(config, dataset, target_model=target, decoding=decoding)
-        echo = echo if _rank() == 0 else _silent
         checkpoint, summary = result.checkpoint_dir, {"history": result.history}
-        echo(f"best epoch {result.best_epoch}; checkpoint {result.info.checkpoint_id} in {checkpoint}")
+        lines = [f"best epoch {result.best_epoch}; checkpoint {result.info.checkpoint_id} in {checkpoint}"]
     if _rank() > 0:  # under the deepspeed launcher rank 0 alone evaluates, reports and writes the figures
         return summary | {"checkpoint": pathlib.Path(checkpoint)}
+    for line in lines:
+        echo(line)
     evaluation = evaluate_checkpoint(checkpoint, dataset, out_dir=checkpoint)
     echo("test split:\n" + evaluation.table)
     echo(f"confusion matrix: {evaluation.confusion_png}")
@@ -128,10 +128,6 @@ def run_train(config, *, data: str, target_model: str | None = None, feedback: s
 
     return summary | {"checkpoint": pathlib.Path(checkpoint), "checkpoint_id": read_info(checkpoint).checkpoint_id,
                       "test_metrics": evaluation.metrics}
-
-
-def _silent(_: str) -> None:
-    pass
 
 
 def _rank() -> int:

@@ -96,9 +96,10 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
     counts = {**{name: len(rows) for name, rows in splits.items()}, "feedback": len(extra)}
     meta = dict(target_model=previous.target_model, decoding=previous.decoding, data=counts,
                 parent_checkpoint_id=previous.checkpoint_id)
-    train = Examples.from_rows(splits["train"])
-    for _ in range(config.feedback_repeat):
-        train = train + Examples.from_rows(extra)
+    feedback_examples = Examples.from_rows(extra)
+    repeated = Examples(feedback_examples.prompts * config.feedback_repeat,
+                        feedback_examples.num_output_tokens * config.feedback_repeat)
+    train = Examples.from_rows(splits["train"]) + repeated
     result = fit(config, train, Examples.from_rows(splits["validation"]),
                  backbone=backbone, spec=previous.buckets, meta=meta, progress=progress)
     after = _evaluate_all(LengthPredictor.load(result.checkpoint_dir), eval_sets, train=splits["train"])
