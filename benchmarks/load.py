@@ -5,6 +5,7 @@ by side, with ratios to `max` measured in this one run.
 The s3 server uses `--predictor CHECKPOINT` when given. Otherwise it uses an oracle-ish stand-in: the true
 output lengths measured by the `max` run (greedy decoding, so every policy produces the same answers), looked
 up by prompt; that is S3 with a perfect bucket classifier, which reserves each request's bucket upper edge.
+Requests carry the frequency penalty the labels were made with (`--frequency-penalty`; data/labelled: 0.5).
 
     .venv/bin/python benchmarks/load.py --num-requests 48 --concurrency 16 --max-tokens 128 --kv-cache-tokens 2048
     .venv/bin/python benchmarks/load.py --mode poisson --rate 1.5 --predictor runs/predictor
@@ -61,6 +62,9 @@ class LoadConfig:
     """Predictor checkpoint for s3; default: the oracle-ish stand-in from the max run."""
     sources: tuple[str, ...] = ()
     """Prompt files (instruction sets); default: the three shipped in data/prompts."""
+    frequency_penalty: float | None = None
+    """Of every request (greedy otherwise); default: the predictor's labels' (its checkpoint records them), else
+    `s3 generate`'s default."""
     exclude_labelled: str | None = "data/labelled"
     """Leave out the prompts of this `s3 generate` folder (the predictor trained on them); None keeps all."""
     model: str = "smollm2"
@@ -149,11 +153,12 @@ def scrape(url: str) -> dict[str, float]:
 # -- the load ---------------------------------------------------------------------------------------------
 
 
-async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> Result:
+async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, frequency_penalty: float = 0.0) -> Result:
     """A streamed greedy chat request; the time to first token is to the first chunk with content."""
     result = Result(prompt, start=time.perf_counter())
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "frequency_penalty": frequency_penalty, "stream": True,
+            "stream_options": {"include_usage": True}}
     pieces = []
     try:
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -188,7 +193,7 @@ async def run_load(url: str, prompts: list[str], cfg: LoadConfig) -> list[Result
         async def client():
             while queue:
                 i, prompt = queue.pop(0)
-                results[i] = await one_request(http, prompt, cfg.max_tokens)
+                results[i] = await one_request(http, prompt, cfg.max_tokens, cfg.frequency_penalty)
 
         await asyncio.gather(*[client() for _ in range(cfg.concurrency)])
         return results
@@ -197,7 +202,7 @@ async def run_load(url: str, prompts: list[str], cfg: LoadConfig) -> list[Result
 async def _poisson(http: httpx.AsyncClient, prompts: list[str], cfg: LoadConfig) -> list[Result]:
     rng, tasks = random.Random(cfg.seed), []
     for prompt in prompts:
-        tasks.append(asyncio.ensure_future(one_request(http, prompt, cfg.max_tokens)))
+        tasks.append(asyncio.ensure_future(one_request(http, prompt, cfg.max_tokens, cfg.frequency_penalty)))
         await asyncio.sleep(rng.expovariate(cfg.rate))
     return list(await asyncio.gather(*tasks))
 
@@ -257,7 +262,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def request_frequency_penalty(cfg: LoadConfig) -> float:
+    """The requests' frequency penalty: as set, else as the predictor's labels were made, else generate's default."""
+    if cfg.frequency_penalty is not None:
+        return cfg.frequency_penalty
+    if cfg.predictor:
+        from predictor_train.checkpoint import read_info
+
+        return read_info(cfg.predictor).decoding.get("frequency_penalty", 0.0)
+    from pipeline.generate import GenerateConfig
+
+    return GenerateConfig.frequency_penalty
+
+
 def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
+    cfg = dataclasses.replace(cfg, frequency_penalty=request_frequency_penalty(cfg))
     prompts = load_prompts(cfg.num_requests, cfg.seed, cfg.sources, cfg.exclude_labelled)
     order = sorted(cfg.policies, key=lambda p: p != "max")  # max first: its answers give the oracle lengths
     if "s3" in order and not cfg.predictor and "max" not in order:
@@ -272,7 +291,7 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
                 oracle = f"{workdir}/lengths.json"
                 Path(oracle).write_text(json.dumps({p: n for p, (_, n) in rows["max"]["answers"].items()}))
     same = len({json.dumps(rows[p]["answers"], sort_keys=True) for p in rows}) == 1
-    echo(f"\nanswers identical under every policy (greedy): {same}")
+    echo(f"\nanswers identical under every policy (greedy, frequency penalty {cfg.frequency_penalty}): {same}")
     return [rows[p] for p in order if p in cfg.policies]
 
 
@@ -288,6 +307,8 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
 @click.option("--aging-s", type=float, default=LoadConfig.aging_s, show_default=True,
               help="s3: seconds after which a waiting request can no longer be overtaken.")
 @click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from the max run).")
+@click.option("--frequency-penalty", type=float, default=None,
+              help="Of every request (default: as the predictor's labels were made, else 0.5 like s3 generate).")
 @click.option("--sources", default="", help="Comma-separated prompt files (default: the three in data/prompts).")
 @click.option("--exclude-labelled", default=LoadConfig.exclude_labelled, show_default=True,
               help="Leave out the prompts labelled in this `s3 generate` folder ('' keeps them).")

@@ -88,6 +88,7 @@ def _serve_round(pipeline, checkpoint: str, *, with_max: bool, feedback_dir: pat
     from serve.bench import run_policy
     from serve.engine.llm import EngineConfig
     from serve.engine.loader import load_model
+    from serve.engine.plan import SamplingParams
     from serve.feedback import FeedbackWriter, feedback_record
     from pipeline.generate import format_prompt
     from pipeline.stages import labelled_data
@@ -115,11 +116,12 @@ def _serve_round(pipeline, checkpoint: str, *, with_max: bool, feedback_dir: pat
             writer.write(feedback_record(request, buckets, checkpoint_id=predictor.checkpoint_id))
 
     predictions = predictor.predict(texts)
+    sampling = SamplingParams.from_decoding(predictor.decoding)  # as the labels were made
     for policy in (["max"] if with_max else []) + ["s3"]:
         pipeline.echo(f"  serving {len(prompts)} prompts under {policy}")
         result, _ = run_policy(policy, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
                                max_new_tokens=config.max_new_tokens, predictions=predictions, buckets=buckets,
-                               on_finish=on_finish if policy == "s3" else lambda r: None)  # fmt: skip
+                               sampling=sampling, on_finish=on_finish if policy == "s3" else lambda r: None)  # fmt: skip
         runs[policy] = {"tokens_per_s": result.tokens_per_s, "preemptions": result.num_preemptions,
                         "mispredictions": result.num_mispredictions, "mean_running_batch": result.mean_running_batch,
                         "generated_tokens": result.generated_tokens}  # fmt: skip

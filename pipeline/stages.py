@@ -113,7 +113,8 @@ def run_train(config, *, data: str, target_model: str | None = None, feedback: s
         target = target_model or recipe.get("model")
         if not target:
             raise ValueError(f"{data} has no recipe.json naming the target model; pass --target-model")
-        decoding = {k: recipe[k] for k in ("max_new_tokens", "temperature", "top_p", "chat_template") if k in recipe}
+        decoding = {k: recipe[k] for k in ("max_new_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty",
+                                        "chat_template") if k in recipe}
         result = train_predictor(config, dataset, target_model=target, decoding=decoding)
         checkpoint, summary = result.checkpoint_dir, {"history": result.history}
         lines = [f"best epoch {result.best_epoch}; checkpoint {result.info.checkpoint_id} in {checkpoint}"]

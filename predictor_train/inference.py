@@ -52,6 +52,11 @@ class LengthPredictor:
     def target_model(self) -> str:
         return self.info.target_model
 
+    @property
+    def decoding(self) -> dict:
+        """The decoding settings the training labels were generated with (serve with the same)."""
+        return self.info.decoding
+
     @classmethod
     def load(cls, checkpoint_dir: str | Path, expected_target_model: str | None = None,
              expected_buckets: BucketSpec | None = None, *, device: str | torch.device = "cpu") -> "LengthPredictor":

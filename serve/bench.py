@@ -17,6 +17,7 @@ import torch
 
 from predictor_train.buckets import BucketSpec
 from serve.engine.llm import EngineConfig, LLMEngine, eos_token_ids
+from serve.engine.plan import SamplingParams
 from serve.policies import PolicyConfig, PolicyName
 from serve.request import LengthPrediction, Request
 
@@ -43,8 +44,11 @@ class BenchConfig:
     """KV budget: room for this many worst-case (longest prompt + max_new_tokens) sequences."""
     max_num_seqs: int = 64
     block_size: int = 16
+    frequency_penalty: float = 0.0
+    """OpenAI's frequency penalty of every request (greedy otherwise); data/labelled was made with 0.5."""
     reference_batch: int = 32
-    """Batch size of the `transformers` generate reference (0 skips it)."""
+    """Batch size of the `transformers` generate reference (0 skips it; skipped with a frequency penalty, which
+    `generate` does not have)."""
     seed: int = 0
     output_dir: str = "runs/bench"
 
@@ -115,6 +119,7 @@ def run_policy(
     max_new_tokens: int,
     predictions: list[LengthPrediction] | None,
     buckets: BucketSpec,
+    sampling: SamplingParams = SamplingParams(),
     on_finish: Callable[[Request], None] = lambda request: None,
 ) -> tuple[BenchResult, list[int]]:
     """All prompts through a fresh engine with ``name``; returns the result and each output length.
@@ -124,7 +129,7 @@ def run_policy(
     engine = LLMEngine(config, model=model, tokenizer=tokenizer, buckets=buckets)
     for i, (text, ids) in enumerate(prompts):
         prediction = predictions[i] if predictions else None
-        engine.add_request(str(i), ids, max_new_tokens=max_new_tokens, prediction=prediction,
+        engine.add_request(str(i), ids, max_new_tokens=max_new_tokens, prediction=prediction, sampling=sampling,
                            prompt=text)  # fmt: skip
     pool, lengths = engine.scheduler.pool, [0] * len(prompts)
     batch_sum = live_sum = held_sum = 0.0
@@ -182,11 +187,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
     buckets = BucketSpec.uniform(config.max_new_tokens, config.num_buckets)
     progress(f"{len(prompts)} prompts, KV pool {engine_config.kv_cache_tokens} tokens ({config.kv_worst_case_seqs} x {longest})")
     results, true_lengths, predictions = [], None, None
+    sampling = SamplingParams(frequency_penalty=config.frequency_penalty)
     for name in ["max", *[p for p in config.policies if p != "max"]]:
         progress(f"running {name}")
         result, lengths = run_policy(
             name, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
-            max_new_tokens=config.max_new_tokens, predictions=predictions, buckets=buckets,
+            max_new_tokens=config.max_new_tokens, predictions=predictions, buckets=buckets, sampling=sampling,
         )  # fmt: skip
         if true_lengths is None:
             true_lengths = lengths
@@ -194,7 +200,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         elif config.max_new_tokens and lengths != true_lengths:
             progress(f"warning: {name} produced different lengths than max (non-deterministic kernels?)")
         results.append(result)
-    if config.reference_batch:
+    if config.reference_batch and sampling.has_penalties:
+        progress("skipping the transformers generate reference: it has no frequency penalty")
+    elif config.reference_batch:
         progress(f"running transformers generate at batch {config.reference_batch}")
         results.append(run_reference(model, tokenizer, prompts, batch_size=config.reference_batch,
                                      max_new_tokens=config.max_new_tokens, eos_ids=eos_token_ids(model, tokenizer)))

@@ -1,11 +1,14 @@
-"""LLMEngine = scheduler + ModelRunner: greedy tokens equal generate()'s under every policy, with preemptions."""
+"""LLMEngine = scheduler + ModelRunner: greedy tokens equal generate()'s under every policy, with preemptions, and
+penalised greedy tokens equal a hand-written loop's."""
 
 import random
 
 import pytest
+import torch
 
 from predictor_train.buckets import BucketSpec
 from serve.engine.llm import EngineConfig, LLMEngine
+from serve.engine.plan import SamplingParams
 from serve.policies import PolicyConfig
 from serve.request import LengthPrediction
 from tests.engine.engine_driver import reference_greedy, tiny_llama
@@ -60,3 +63,32 @@ def test_context_overflow_is_refused(model):
     engine = LLMEngine(EngineConfig(kv_cache_tokens=4096), model=model, tokenizer=None)
     with pytest.raises(ValueError, match="exceed the model's 512-token context"):
         engine.add_request("a", [1] * 500, max_new_tokens=20)
+
+
+@torch.inference_mode()
+def _penalised_greedy(model, prompt: list[int], num_new: int, sampling: SamplingParams) -> list[int]:
+    """A plain forward loop applying OpenAI's penalty definition by hand."""
+    ids, out = list(prompt), []
+    for _ in range(num_new):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        for token in set(out):
+            logits[token] -= sampling.frequency_penalty * out.count(token) + sampling.presence_penalty
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+def test_penalties_use_the_generated_tokens_across_preemption(prompts, reference):
+    sampling = SamplingParams(frequency_penalty=1.5, presence_penalty=0.5)
+    expected = [_penalised_greedy(tiny_llama(), p, NUM_NEW, sampling) for p in prompts]
+    assert expected != reference  # the penalties change the answers of this model
+    config = EngineConfig(kv_cache_tokens=96, block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
+                          policy=PolicyConfig(policy="paged", watermark=0.0))  # fmt: skip
+    engine = LLMEngine(config, model=tiny_llama(), tokenizer=None)
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, max_new_tokens=NUM_NEW, sampling=sampling)
+    done = {}
+    while engine.has_unfinished():
+        done |= {c.request_id: c.output_token_ids for c in engine.step()}
+    assert engine.scheduler.stats.num_preemptions > 0
+    assert [done[str(i)] for i in range(len(prompts))] == expected

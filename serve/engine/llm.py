@@ -165,17 +165,20 @@ class LLMEngine:
 
     def _plan(self, out: SchedulerOutput) -> list[SequenceStep]:
         requests = self.scheduler.requests
-        return [
-            SequenceStep(
+        plan = []
+        for seq in out.seqs:
+            request, sampling = requests[seq.request_id], self.sampling[seq.request_id]
+            history = tuple(request.output_token_ids) if seq.samples and sampling.has_penalties else ()
+            plan.append(SequenceStep(
                 request_id=seq.request_id,
-                token_ids=_tokens(requests[seq.request_id], seq.start, seq.num_new_tokens),
+                token_ids=_tokens(request, seq.start, seq.num_new_tokens),
                 num_computed_tokens=seq.start,
                 block_table=list(seq.block_ids),
                 sample=seq.samples,
-                sampling=self.sampling[seq.request_id],
-            )
-            for seq in out.seqs
-        ]
+                sampling=sampling,
+                output_token_ids=history,
+            ))
+        return plan
 
     def _completion(self, request: Request) -> Completion:
         self.sampling.pop(request.request_id, None)
@@ -213,12 +216,17 @@ class LLMEngine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> Iterator[Completion]:
         """Run every prompt to completion; yields each request as soon as it finishes."""
         for request_id, ids in prompts.items():
             # Each request its own stream, reproducible from (seed, request id) whatever the batch.
             request_seed = None if seed is None else seed * 1_000_003 + zlib.crc32(request_id.encode())
-            sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=request_seed)
+            sampling = SamplingParams(
+                temperature=temperature, top_p=top_p, seed=request_seed,
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            )
             self.add_request(request_id, ids, max_new_tokens=max_new_tokens, sampling=sampling)
         while self.has_unfinished():
             yield from self.step()

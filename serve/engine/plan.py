@@ -7,6 +7,8 @@ in one forward pass and returns a `StepOutput`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +24,10 @@ class SamplingParams:
     seed: int | None = None
     """With a seed, the token drawn at each position depends only on (seed, position, logits), so a request
     samples the same tokens whatever it is batched with and after preemption by recompute."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token already generated (in [-2, 2])."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it was already generated (in [-2, 2])."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -30,10 +36,25 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @classmethod
+    def from_decoding(cls, decoding: Mapping[str, Any], seed: int | None = None) -> "SamplingParams":
+        """The sampling a predictor's labels were generated with (its checkpoint's `decoding`), so that serving
+        draws from the length distribution the predictor learned."""
+        fields = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+        return cls(seed=seed, **{k: decoding[k] for k in fields if decoding.get(k) is not None})
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the next token depends on the tokens generated so far (SequenceStep.output_token_ids)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 GREEDY = SamplingParams()
@@ -56,6 +77,8 @@ class SequenceStep:
     """True when this step reaches the end of the sequence's known tokens, so a next token is due; False in
     the middle of a chunked prefill."""
     sampling: SamplingParams = GREEDY
+    output_token_ids: tuple[int, ...] = ()
+    """The tokens generated so far, for the penalties; filled only when `sample` and `sampling.has_penalties`."""
 
     @property
     def num_tokens_after(self) -> int:

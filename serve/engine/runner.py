@@ -66,7 +66,10 @@ class ModelRunner:
         if not sampled:
             return StepOutput({}, input_ids.shape[1])
         logits = out.logits[0].float()  # (S', V)
-        tokens = sample(logits, [s.sampling for s in sampled], [s.num_tokens_after for s in sampled])
+        tokens = sample(
+            logits, [s.sampling for s in sampled], [s.num_tokens_after for s in sampled],
+            [s.output_token_ids for s in sampled],
+        )
         by_id = {s.request_id: t for s, t in zip(sampled, tokens)}
         return StepOutput({s.request_id: by_id[s.request_id] for s in steps if s.sample}, input_ids.shape[1])
 

@@ -1,6 +1,8 @@
 """Next-token sampling for a batch of sequences, each with its own SamplingParams.
 
-Greedy rows take the argmax. Sampled rows go through temperature, top-k and top-p (vectorised over the rows),
+Rows with a presence or frequency penalty first have their logits lowered for the tokens they already generated
+(OpenAI's definition: logit -= frequency_penalty * count + presence_penalty * (count > 0)). Greedy rows then take
+the argmax. Sampled rows go through temperature, top-k and top-p (vectorised over the rows),
 then inverse-CDF sampling with one uniform draw per row. A seeded row draws its uniform from a generator seeded
 by (seed, position), so its tokens do not depend on batch composition, step order or preemption.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 
 import torch
 
@@ -16,9 +19,17 @@ from serve.engine.plan import SamplingParams
 
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
-    """logits (S, V), one SamplingParams and one position (index of the token to draw) per row -> S token ids."""
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    positions: list[int],
+    output_token_ids: list[Sequence[int]] | None = None,
+) -> list[int]:
+    """logits (S, V), one SamplingParams, one position (index of the token to draw) and, for the penalties, the
+    tokens generated so far per row -> S token ids."""
     assert logits.shape[0] == len(params) == len(positions), (logits.shape, len(params), len(positions))
+    if output_token_ids is not None:
+        logits = apply_penalties(logits, params, output_token_ids)
     tokens = logits.argmax(dim=-1)  # (S,)
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if rows:
@@ -30,6 +41,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
         picked = torch.searchsorted(cdf, u[:, None]).clamp_(max=probs.shape[-1] - 1)  # (R, 1)
         tokens[rows] = order.gather(-1, picked).squeeze(-1)
     return tokens.tolist()
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[Sequence[int]]
+) -> torch.Tensor:
+    """Presence and frequency penalties on the rows that have them; logits (S, V) -> a penalised copy."""
+    rows = [i for i, p in enumerate(params) if p.has_penalties and output_token_ids[i]]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        counts = torch.bincount(torch.as_tensor(output_token_ids[i], device=logits.device), minlength=vocab)[:vocab]
+        p = params[i]
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,8 @@ class ServerState:
     max_new_tokens: int
     api_key: str | None
     max_body_bytes: int
+    default_frequency_penalty: float = 0.0
+    """For requests that leave frequency_penalty out (ServeConfig.default_frequency_penalty)."""
     created: int = dataclasses.field(default_factory=p.now)
 
     def check_model(self, name: str) -> None:
@@ -158,7 +160,10 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     max_new_tokens = state.max_new_tokens_for(req, len(prompt_ids), "messages" if chat else "prompt")
     stops = p.stop_strings(req)
     fmt = _Format(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, chat, len(prompt_ids))
-    sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+    frequency_penalty = (req.frequency_penalty if "frequency_penalty" in req.model_fields_set
+                         else state.default_frequency_penalty)
+    sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                              presence_penalty=req.presence_penalty, frequency_penalty=frequency_penalty)
     stream = state.engine.submit(fmt.rid, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                  prompt=prompt_text, stop=stops)
     if req.stream:

@@ -28,6 +28,10 @@ class ServeConfig:
     """With the s3 policy and no usable predictor, serve with this policy instead of refusing to start."""
     check_target_model: bool = True
     """Refuse a predictor checkpoint trained on another target model's output lengths."""
+    default_frequency_penalty: float | None = None
+    """Frequency penalty of requests that leave it out; default: the one the predictor's labels were generated
+    with (0.5 for data/labelled: served without it, SmolLM2 loops to the cap far more often than predicted),
+    0 (OpenAI's default) without a predictor."""
     predictor_batch_size: int = 32
     """Most prompts the predictor thread classifies in one batch."""
     host: str = "127.0.0.1"
@@ -59,6 +63,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.predictor and self.oracle_lengths:
             raise ValueError("give either predictor (a checkpoint) or oracle_lengths (benchmarks), not both")
+        if self.default_frequency_penalty is not None and not -2 <= self.default_frequency_penalty <= 2:
+            raise ValueError(f"default_frequency_penalty must be in [-2, 2], got {self.default_frequency_penalty}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         for name in ("max_new_tokens", "max_waiting_requests", "max_body_bytes", "predictor_batch_size",

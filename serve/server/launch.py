@@ -89,8 +89,17 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
         max_model_len=engine.max_model_len, kv_capacity_tokens=engine.scheduler.pool.capacity_tokens,
         vocab_size=int(engine.runner.hf_model.config.vocab_size), max_new_tokens=config.max_new_tokens,
         api_key=config.api_key or os.environ.get("S3_API_KEY") or None, max_body_bytes=config.max_body_bytes,
+        default_frequency_penalty=default_frequency_penalty(config, predictor),
     )  # fmt: skip
     return ServingStack(engine, engine_loop, controller, admission, state, create_app(state))
+
+
+def default_frequency_penalty(config: ServeConfig, predictor: Predictor | None) -> float:
+    """As configured, else as the predictor's labels were generated (its checkpoint's decoding), else 0."""
+    if config.default_frequency_penalty is not None:
+        return config.default_frequency_penalty
+    decoding = getattr(predictor, "decoding", None) or {}
+    return float(decoding.get("frequency_penalty", 0.0))
 
 
 def served_model_name(config: ServeConfig) -> str:
@@ -170,10 +179,10 @@ def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
     if admission.note:
         log.warning(admission.note)
     predictor = admission.predictor
-    log.info("model %s (served as %r), policy %s, predictor %s, KV pool %d blocks x %d tokens, tensor parallel %d",
-             stack.engine.model_id, stack.state.model_name, admission.policy.policy,
+    log.info("model %s (served as %r), policy %s, predictor %s, KV pool %d blocks x %d tokens, tensor parallel %d, "
+             "default frequency penalty %g", stack.engine.model_id, stack.state.model_name, admission.policy.policy,
              getattr(predictor, "checkpoint_id", None) if predictor else "none", pool.num_blocks, pool.block_size,
-             config.engine.tensor_parallel)
+             config.engine.tensor_parallel, stack.state.default_frequency_penalty)
     log.info("listening on http://%s:%d (API key %s)", config.host, config.port,
              "required" if stack.state.api_key else "not required")
 

@@ -61,9 +61,9 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
-    # Accepted only at their no-op values (see UNSUPPORTED).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Accepted only at their no-op values (see UNSUPPORTED).
     logit_bias: dict[str, Any] | None = None
     logprobs: Any = None
 
@@ -84,7 +84,7 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 # Not implemented; accepted only when unset, zero, false or empty (best_of also at 1).
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "echo", "best_of", "suffix",
+UNSUPPORTED = ("logit_bias", "logprobs", "echo", "best_of", "suffix",
                "top_logprobs", "tools", "response_format")
 
 
@@ -121,6 +121,9 @@ def _check_ranges(request: GenerationRequest) -> None:
         raise bad_request(f"temperature must be in [0, 2], got {request.temperature}", "temperature")
     if not 0.0 < request.top_p <= 1.0:
         raise bad_request(f"top_p must be in (0, 1], got {request.top_p}", "top_p")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= getattr(request, name) <= 2.0:
+            raise bad_request(f"{name} must be in [-2, 2], got {getattr(request, name)}", name)
     if request.seed is not None and not 0 <= request.seed < 2**63:
         raise bad_request(f"seed must be in [0, 2**63), got {request.seed}", "seed")
 

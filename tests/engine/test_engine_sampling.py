@@ -6,7 +6,7 @@ from engine_driver import MiniScheduler, tiny_llama
 
 from serve.engine.plan import SamplingParams
 from serve.engine.runner import ModelRunner
-from serve.engine.sampling import filtered_probs, sample
+from serve.engine.sampling import apply_penalties, filtered_probs, sample
 
 LOGITS = torch.log(torch.tensor([[0.1, 0.4, 0.3, 0.2]]))  # (1, V): token 1 most likely, then 2, 3, 0
 
@@ -77,5 +77,26 @@ def test_seeded_request_is_reproducible_across_batching_and_preemption():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2)])
 def test_bad_params_are_rejected(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_penalties_follow_openais_definition():
+    logits = torch.zeros(2, 5)
+    params = [SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), SamplingParams()]
+    out = apply_penalties(logits, params, [[3, 3, 1], [3, 3, 1]])
+    assert out[0].tolist() == [0.0, -0.75, 0.0, -1.25, 0.0]  # once: 0.5 + 0.25; twice: 2 * 0.5 + 0.25
+    assert out[1].tolist() == [0.0] * 5  # no penalties on this row
+    assert logits.eq(0).all()  # the input is left alone
+
+
+def test_a_penalty_moves_greedy_off_a_repeated_token():
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.4]]))
+    assert sample(logits, [SamplingParams(frequency_penalty=0.2)], [0], [[1, 1]]) == [2]
+    assert sample(logits, [SamplingParams()], [0], [[1, 1]]) == [1]
+
+
+@pytest.mark.parametrize("bad", [dict(frequency_penalty=2.5), dict(presence_penalty=-3.0)])
+def test_penalties_out_of_range_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

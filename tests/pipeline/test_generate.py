@@ -32,7 +32,7 @@ class FakeEngine:
         self.die_after = die_after
         self.seen = []
 
-    def generate_ids(self, prompts, *, max_new_tokens, temperature, top_p, seed):
+    def generate_ids(self, prompts, *, max_new_tokens, temperature, top_p, seed, **penalties):
         for rid, ids in prompts.items():
             if self.die_after is not None and len(self.seen) >= self.die_after:
                 raise KeyboardInterrupt

@@ -32,6 +32,8 @@ def _error(cls, body) -> p.APIError:
     ({"model": "m", "prompt": "hi", "max_tokens": "10"}, "max_tokens", "valid integer"),
     ({"model": "m", "prompt": "hi", "temperature": 2.5}, "temperature", "[0, 2]"),
     ({"model": "m", "prompt": "hi", "top_p": 0}, "top_p", "(0, 1]"),
+    ({"model": "m", "prompt": "hi", "frequency_penalty": 2.5}, "frequency_penalty", "[-2, 2]"),
+    ({"model": "m", "prompt": "hi", "presence_penalty": -3}, "presence_penalty", "[-2, 2]"),
     ({"model": "m", "prompt": "hi", "n": 2}, "n", "n=1"),
     ({"model": "m", "prompt": "hi", "stream": "yes"}, "stream", "valid boolean"),
     ({"model": "m", "prompt": "hi", "logprobs": 3}, "logprobs", "not supported"),
@@ -58,8 +60,10 @@ def test_chat_refusals_name_the_message(messages, param):
 
 def test_accepted_shapes():
     request = _parse(p.CompletionRequest, {"model": "m", "prompt": [[5, 6, 7]], "stop": "x", "temperature": 1,
-                                           "best_of": 1, "n": 1, "logprobs": None})
+                                           "best_of": 1, "n": 1, "logprobs": None,
+                                           "frequency_penalty": 0.5, "presence_penalty": -0.5})
     assert p.completion_prompt(request) == [5, 6, 7] and p.stop_strings(request) == ["x"]
+    assert (request.frequency_penalty, request.presence_penalty) == (0.5, -0.5)
     chat = _parse(p.ChatCompletionRequest, {"model": "m", "max_completion_tokens": 9, "messages": [
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},

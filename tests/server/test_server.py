@@ -8,7 +8,8 @@ import pytest
 
 from serve.feedback import read_feedback
 from tests.server.conftest import API_KEY, client, wait_idle
-from tests.server.fakes import MAX_NEW_TOKENS, CharTokenizer
+from serve.server.launch import default_frequency_penalty
+from tests.server.fakes import MAX_NEW_TOKENS, CharTokenizer, FakePredictor, serve_config
 
 GREEDY = {"model": "tiny", "temperature": 0}  # the OpenAI default temperature is 1
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Name three colours."}]
@@ -92,6 +93,31 @@ def test_different_seeds_sample_differently(server):
     ask = lambda seed: c.completions.create(model="tiny", prompt="Roll the dice", max_tokens=16, temperature=1.0,
                                             seed=seed).choices[0].text  # noqa: E731
     assert len({ask(s) for s in range(4)}) > 1
+
+
+def test_frequency_penalty_reaches_the_sampler(server):
+    c = client(server)
+    ask = lambda penalty: c.completions.create(**GREEDY, prompt="The answer is", max_tokens=MAX_NEW_TOKENS,
+                                               frequency_penalty=penalty).choices[0].text  # noqa: E731
+    plain, penalised = ask(0.0), ask(2.0)
+    assert len(set(plain)) < len(plain)  # greedy repeats characters (one per token) ...
+    assert penalised != plain  # ... which the penalty discourages
+    state = server.stack.state
+    state.default_frequency_penalty = 2.0  # what a predictor trained on penalised labels sets
+    try:
+        unset = c.completions.create(**GREEDY, prompt="The answer is", max_tokens=MAX_NEW_TOKENS).choices[0].text
+    finally:
+        state.default_frequency_penalty = 0.0
+    assert unset == penalised and ask(0.0) == plain  # the default fills only a left-out field
+
+
+def test_default_frequency_penalty_follows_the_predictors_labels(tmp_path):
+    labelled = FakePredictor()
+    labelled.decoding = {"frequency_penalty": 0.5}
+    assert default_frequency_penalty(serve_config(tmp_path), labelled) == 0.5
+    assert default_frequency_penalty(serve_config(tmp_path, default_frequency_penalty=0.0), labelled) == 0.0
+    assert default_frequency_penalty(serve_config(tmp_path), FakePredictor()) == 0.0
+    assert default_frequency_penalty(serve_config(tmp_path), None) == 0.0
 
 
 def test_metrics_show_engine_state_and_latencies(server):
