@@ -77,3 +77,12 @@ def test_refuses_an_unknown_format_version(trained, tmp_path):
 def test_benchmark_latency_returns_seconds_per_prompt(predictor):
     latency = predictor.benchmark_latency(batch_sizes=(1, 4), num_prompts=8, num_repeats=1)
     assert set(latency) == {1, 4} and all(0 < s < 5 for s in latency.values())
+
+
+def test_serving_samples_as_the_labels_were_made(predictor):
+    from serve.engine.plan import SamplingParams
+
+    assert predictor.decoding == {"temperature": 0.0, "max_new_tokens": MAX_TOKENS}
+    assert SamplingParams.from_decoding(predictor.decoding) == SamplingParams()  # greedy, no penalty
+    penalised = {"temperature": 0.0, "top_p": 1.0, "frequency_penalty": 0.5, "chat_template": "..."}
+    assert SamplingParams.from_decoding(penalised) == SamplingParams(frequency_penalty=0.5)
