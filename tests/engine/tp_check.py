@@ -56,6 +56,10 @@ def main(out_path: str, smollm2: bool, num_new_tokens: int = 12) -> None:
         with open(out_path, "w") as f:
             json.dump(result, f)
     print(json.dumps(result))
+    if torch.distributed.is_initialized():
+        # Leave together: a rank still tearing down gloo when the other has exited can abort (SIGABRT, rc -6).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
