@@ -121,7 +121,8 @@ def _serve_round(pipeline, checkpoint: str, *, with_max: bool, feedback_dir: pat
         pipeline.echo(f"  serving {len(prompts)} prompts under {policy}")
         result, _ = run_policy(policy, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
                                max_new_tokens=config.max_new_tokens, predictions=predictions, buckets=buckets,
-                               sampling=sampling, on_finish=on_finish if policy == "s3" else lambda r: None)  # fmt: skip
+                               sampling=sampling,
+                               on_finish=on_finish if policy == "s3" else lambda r: None)  # fmt: skip
         runs[policy] = {"tokens_per_s": result.tokens_per_s, "preemptions": result.num_preemptions,
                         "mispredictions": result.num_mispredictions, "mean_running_batch": result.mean_running_batch,
                         "generated_tokens": result.generated_tokens}  # fmt: skip

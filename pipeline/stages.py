@@ -91,6 +91,10 @@ def feedback_dataset(directory: str):
     return datasets.Dataset.from_dict({c: [r[c] for r in records] for c in columns})
 
 
+# What of an `s3 generate` recipe a checkpoint keeps: the lengths depend on it, and serving samples with it.
+DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "chat_template")
+
+
 def run_train(config, *, data: str, target_model: str | None = None, feedback: str | None = None,
               previous: str | None = None, echo: Callable[[str], None] = print) -> dict:
     """`s3 train`: train (or retrain on feedback from ``previous``), then evaluate on the test split.
@@ -113,8 +117,7 @@ def run_train(config, *, data: str, target_model: str | None = None, feedback: s
         target = target_model or recipe.get("model")
         if not target:
             raise ValueError(f"{data} has no recipe.json naming the target model; pass --target-model")
-        decoding = {k: recipe[k] for k in ("max_new_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty",
-                                        "chat_template") if k in recipe}
+        decoding = {k: recipe[k] for k in DECODING_KEYS if k in recipe}
         result = train_predictor(config, dataset, target_model=target, decoding=decoding)
         checkpoint, summary = result.checkpoint_dir, {"history": result.history}
         lines = [f"best epoch {result.best_epoch}; checkpoint {result.info.checkpoint_id} in {checkpoint}"]
