@@ -32,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from serve.engine.llm import EngineConfig  # noqa: E402
-from serve.engine.parallel import free_port  # noqa: E402
+from core.distributed import free_port  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
 from serve.server.config import ServeConfig  # noqa: E402
 

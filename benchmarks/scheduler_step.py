@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.policies import POLICY_NAMES, PolicyConfig
-from serve.request import LengthPrediction, Request
+from core.request import LengthPrediction, Request
 from serve.scheduler import Scheduler, SchedulerConfig, StepResult
 
 

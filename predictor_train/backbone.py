@@ -36,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 
 log = logging.getLogger(__name__)
 

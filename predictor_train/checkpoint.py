@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 
 PREDICTOR_FILE = "predictor.json"
 FORMAT_VERSION = 1

@@ -16,7 +16,7 @@ from typing import Iterator, Literal, Sequence
 import datasets
 import torch
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 
 REQUIRED_COLUMNS = ("prompt", "num_prompt_tokens", "num_output_tokens")
 """Columns training and evaluation read; ``source`` and ``finished`` are kept when present but not needed."""

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from predictor_train.data import load_records, split_records
 
 METRIC_NAMES = ("accuracy", "within_one_accuracy", "mae_tokens", "under_prediction_rate",

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from predictor_train.backbone import model_input_names
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from predictor_train.checkpoint import CheckpointInfo, describe_buckets, read_info
 from predictor_train.data import encode
-from serve.request import LengthPrediction  # pure Python: the serving side owns the type
+from core.request import LengthPrediction  # pure Python: the serving side owns the type
 
 BENCHMARK_PROMPTS = (
     "Hi!",

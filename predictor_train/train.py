@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from predictor_train.backbone import DEFAULT_BACKBONE, Backbone, load_classifier, model_input_names
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from predictor_train.checkpoint import CheckpointInfo, read_info, save_checkpoint
 from predictor_train.data import Examples, batches, class_weights, labels_of, load_records, num_batches, split_records
 from predictor_train.distributed import prepare_deepspeed

@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.engine.llm import EngineConfig, LLMEngine, eos_token_ids
 from serve.engine.plan import SamplingParams
 from serve.policies import PolicyConfig, PolicyName
-from serve.request import LengthPrediction, Request
+from core.request import LengthPrediction, Request
 
 
 @dataclasses.dataclass(frozen=True)

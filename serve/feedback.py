@@ -16,8 +16,8 @@ import pathlib
 import time
 from typing import Iterator
 
-from predictor_train.buckets import BucketSpec
-from serve.request import Request
+from core.buckets import BucketSpec
+from core.request import Request
 
 
 def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str | None) -> dict:

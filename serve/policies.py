@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable, Literal, Sequence
 
-from predictor_train.buckets import BucketSpec
-from serve.request import Request
+from core.buckets import BucketSpec
+from core.request import Request
 
 PolicyName = Literal["max", "paged", "s3", "oracle"]
 POLICY_NAMES: tuple[PolicyName, ...] = ("max", "paged", "s3", "oracle")

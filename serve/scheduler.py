@@ -16,10 +16,10 @@ import dataclasses
 import time
 from typing import Callable
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.kv import BlockPool, blocks_for
 from serve.policies import PolicyConfig, VictimFn, make_policy
-from serve.request import MispredictionEvent, Request, RequestStatus
+from core.request import MispredictionEvent, Request, RequestStatus
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,10 @@ class SchedulerConfig:
     """Most sequences running at once."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step; longer prefills are chunked to fit."""
+    long_prefill_token_threshold: int = 0
+    """Most prompt (or recompute) tokens one sequence may compute in a step; 0 means no cap beyond the step's
+    budget. A cap lets running decodes and short prompts share each step with a long prefill instead of waiting
+    for it (vLLM's option of the same name)."""
     policy: PolicyConfig = PolicyConfig()
     """The admission policy and its knobs."""
 
@@ -43,6 +47,8 @@ class SchedulerConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}) so that every running sequence can decode each step"
             )
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
 
 
 @dataclasses.dataclass
@@ -235,7 +241,7 @@ class Scheduler:
             if reserves and request.num_output_tokens >= request.reserved_output_tokens:
                 if not self._grow_reservation(request, i, out):
                     continue  # it was preempted; running[i] is now the next sequence
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._num_new_tokens(request, budget)
             if not reserves and not self._allocate(request, request.num_computed_tokens + num_new, i, out):
                 continue
             out.seqs.append(self._scheduled(request, num_new))
@@ -291,7 +297,7 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[index]
-            num_new = min(request.num_tokens, budget)
+            num_new = self._num_new_tokens(request, budget)
             if not self._admit(request, num_new):
                 if self.policy.must_stop(request, now):
                     break
@@ -321,6 +327,12 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         return True
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        """Tokens to compute for ``request`` this step: what is left, within the budget and the prefill cap."""
+        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        cap = self.config.long_prefill_token_threshold
+        return min(num_new, cap) if cap else num_new
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledSeq:
         start = request.num_computed_tokens

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.policies import PolicyConfig
-from serve.request import LengthPrediction, Request
+from core.request import LengthPrediction, Request
 from serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
 
 BUCKETS = BucketSpec.uniform(64, 4)  # buckets of 16 tokens: (0,16], (16,32], (32,48], (48,64]

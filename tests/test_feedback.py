@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.feedback import FeedbackWriter, feedback_record, read_feedback, summarize
 from tests.fakes import make_request, make_scheduler, run_until_done
 

@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.engine.llm import EngineConfig, LLMEngine
 from serve.engine.plan import SamplingParams
 from serve.policies import PolicyConfig
-from serve.request import LengthPrediction
+from core.request import LengthPrediction
 from tests.engine.engine_driver import reference_greedy, tiny_llama
 
 NUM_NEW = 24

@@ -19,10 +19,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.engine.plan import SamplingParams, SequenceStep
 from serve.policies import PolicyConfig
-from serve.request import LengthPrediction, Request
+from core.request import LengthPrediction, Request
 from serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
 
 
@@ -42,6 +42,9 @@ class EngineConfig:
     """Most sequences running at once."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step; longer prefills are chunked."""
+    long_prefill_token_threshold: int = 0
+    """Most prefill tokens one sequence computes per step (0: only the step budget limits it); see
+    SchedulerConfig."""
     tensor_parallel: int = 1
     """Ranks sharing the model (DeepSpeed AutoTP); launch that many processes with the deepspeed launcher."""
     kernel_inject: bool = False
@@ -54,6 +57,7 @@ class EngineConfig:
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
             policy=self.policy,
         )
 
@@ -159,7 +163,10 @@ class LLMEngine:
         plan = self._plan(out)
         self._broadcast(plan)
         result = self.runner.execute(plan)
-        stopped = {rid for rid, token in result.sampled_token_ids.items() if token in self.eos_token_ids}
+        stopped = {
+            rid for rid, token in result.sampled_token_ids.items()
+            if token in self.eos_token_ids and not self.sampling[rid].ignore_eos
+        }
         finished = self.scheduler.update_from_output(out, StepResult(dict(result.sampled_token_ids), stopped))
         return [self._completion(r) for r in finished]
 

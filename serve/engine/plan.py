@@ -28,6 +28,9 @@ class SamplingParams:
     """OpenAI's: subtracted once from the logit of every token already generated (in [-2, 2])."""
     frequency_penalty: float = 0.0
     """OpenAI's: subtracted from a token's logit once per time it was already generated (in [-2, 2])."""
+    ignore_eos: bool = False
+    """vLLM's extension: an end-of-sequence token does not end the request, so it runs to max_new_tokens
+    (load generators send it so that every request produces exactly its token budget)."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

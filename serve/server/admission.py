@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.feedback import FeedbackWriter, feedback_record
 from serve.policies import PolicyConfig
-from serve.request import LengthPrediction, Request
+from core.request import LengthPrediction, Request
 from serve.server.config import ServeConfig
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, send_error
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from serve.engine.llm import LLMEngine
 from serve.engine.plan import SamplingParams
 from serve.kv import blocks_for
-from serve.request import LengthPrediction, Request
+from core.request import LengthPrediction, Request
 from serve.scheduler import SchedulerStats
 
 log = logging.getLogger(__name__)

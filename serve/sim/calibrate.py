@@ -9,8 +9,8 @@ import pathlib
 
 import numpy as np
 
-from predictor_train.buckets import BucketSpec
-from serve.request import LengthPrediction
+from core.buckets import BucketSpec
+from core.request import LengthPrediction
 from serve.scheduler import SchedulerConfig
 from serve.sim.costmodel import CALIBRATION_DIR, LinearCost, get_preset
 from serve.sim.runner import simulate_policy

@@ -10,9 +10,9 @@ import dataclasses
 import time
 from typing import Sequence
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.policies import PolicyConfig, PolicyName
-from serve.request import Request
+from core.request import Request
 from serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
 from serve.sim.costmodel import CostModel
 from serve.sim.workload import SimRequest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.policies import POLICY_NAMES, PolicyConfig, PolicyName
 from serve.scheduler import SchedulerConfig
 from serve.sim.costmodel import CostModel, get_preset

@@ -17,8 +17,8 @@ import pathlib
 import random
 from typing import Literal, Sequence
 
-from predictor_train.buckets import BucketSpec
-from serve.request import LengthPrediction
+from core.buckets import BucketSpec
+from core.request import LengthPrediction
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from engine_driver import MiniScheduler, reference_greedy, tiny_llama
 
+from core import distributed
 from serve.engine import parallel
 from serve.engine.runner import ModelRunner
 
@@ -23,21 +24,21 @@ def clean_env(monkeypatch):
 
 def test_single_process_env(clean_env, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")  # set by the user: kept
-    parallel.setup_single_process_env()
+    distributed.setup_single_process_env()
     assert [os.environ[k] for k in ["RANK", "LOCAL_RANK", "WORLD_SIZE"]] == ["0", "0", "1"]
     assert os.environ["MASTER_ADDR"] == "10.0.0.1" and 0 < int(os.environ["MASTER_PORT"]) < 65536
 
 
 def test_launcher_env_is_left_alone(clean_env, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    parallel.setup_single_process_env()
-    assert "RANK" not in os.environ and parallel.world_size() == 2
+    distributed.setup_single_process_env()
+    assert "RANK" not in os.environ and distributed.world_size() == 2
 
 
 def test_disable_shm_comm():
     import deepspeed.ops
 
-    parallel.disable_shm_comm()
+    distributed.disable_shm_comm()
     assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
 
 
@@ -63,7 +64,7 @@ def test_two_process_tensor_parallel_matches_one_process(tmp_path):
     """SmolLM2 (9 heads over 3 KV heads) split over 2 CPU processes: rank 0 holds 2 KV heads, rank 1 holds 1."""
     out = tmp_path / "tp.json"
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--no_local_rank", "--num_gpus", "2", "--master_port", str(parallel.free_port()),
+    cmd = [str(deepspeed), "--no_local_rank", "--num_gpus", "2", "--master_port", str(distributed.free_port()),
            str(Path(__file__).parent / "tp_check.py"), str(out), "--smollm2"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS} | {"OMP_NUM_THREADS": "1"}  # 2 ranks, 2 cores
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[2])

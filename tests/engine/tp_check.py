@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from serve.engine.parallel import world_size, wrap_tensor_parallel
+from core.distributed import world_size
+from serve.engine.parallel import wrap_tensor_parallel
 from serve.engine.runner import ModelRunner
 
 from engine_driver import MiniScheduler, chat_prompt_ids, eos_ids, reference_greedy  # this folder is on sys.path

@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.feedback import FeedbackWriter
 from tests.predictor.synthetic import MAX_TOKENS, NUM_BUCKETS, make_records
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serve.engine.parallel import free_port
+from core.distributed import free_port
 from tests.pipeline.test_train_cli import TINY
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from transformers import (AutoModel, AutoTokenizer, BertConfig, BertModel, Disti
 
 from predictor_train.backbone import (TINY_BACKBONE, bert_to_distilbert, load_classifier, minilm_dir,
                                       model_input_names, resolve_backbone)
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from predictor_train.data import encode
 
 SENTENCES = ["Hello world, how are you?", "Write a detailed essay about volcanoes and the people who study them.",

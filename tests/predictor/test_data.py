@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from predictor_train.data import (Examples, class_weights, labels_of, load_records, split_indices, split_of,
                                   split_records)
 

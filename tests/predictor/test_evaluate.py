@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from predictor_train.evaluate import (bucket_metrics, confusion_matrix, evaluate_rows, fit_length_regression,
                                       format_table, majority_bucket, regression_buckets)
 

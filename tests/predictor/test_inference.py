@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from predictor_train.checkpoint import PREDICTOR_FILE
 from predictor_train.inference import LengthPredictor
-from serve.request import LengthPrediction
+from core.request import LengthPrediction
 
 from .conftest import TARGET_MODEL
 from .synthetic import MAX_TOKENS, NUM_BUCKETS, STYLES

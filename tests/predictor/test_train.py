@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from predictor_train.checkpoint import PREDICTOR_FILE, compute_checkpoint_id, read_info
-from serve.engine.parallel import disable_shm_comm, setup_single_process_env
+from core.distributed import disable_shm_comm, setup_single_process_env
 from predictor_train.evaluate import evaluate_checkpoint
 from predictor_train.train import TrainConfig, build_deepspeed_config, make_buckets, train_predictor
 

@@ -1,6 +1,6 @@
 import pytest
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.kv import BlockPool, KVSpec
 
 

@@ -3,10 +3,10 @@
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.kv import blocks_for
 from serve.policies import POLICY_NAMES
-from serve.request import LengthPrediction, Request, RequestStatus
+from core.request import LengthPrediction, Request, RequestStatus
 from tests.fakes import FakeClock, ScriptedExecutor, make_scheduler
 
 request_st = st.fixed_dictionaries(

@@ -1,6 +1,6 @@
 import pytest
 
-from serve.request import RequestStatus
+from core.request import RequestStatus
 from tests.fakes import BUCKETS, FakeClock, make_request, make_scheduler, run_until_done
 
 
@@ -42,7 +42,7 @@ def test_underprediction_grows_in_place_when_memory_is_free():
 
 def test_underprediction_preempts_when_memory_is_short_and_recomputes():
     # 8 blocks of 4 = 32 tokens. "a" and "b" reserve 4 + 8 tokens each (bucket 0 of 8-token buckets).
-    from predictor_train.buckets import BucketSpec
+    from core.buckets import BucketSpec
 
     buckets = BucketSpec.uniform(24, 3)
     sched = make_scheduler("s3", num_blocks=8, buckets=buckets)
@@ -162,7 +162,7 @@ def test_s3_packs_largest_first_but_aged_requests_are_not_overtaken():
 
 
 def test_quantile_reservation_uses_the_probabilities():
-    from serve.request import LengthPrediction
+    from core.request import LengthPrediction
 
     sched = make_scheduler("s3", reserve_quantile=0.9)
     request = make_request("a")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.engine.llm import EngineConfig
 from serve.policies import PolicyConfig
-from serve.request import LengthPrediction
+from core.request import LengthPrediction
 from serve.server.config import ServeConfig
 from serve.server.launch import BackgroundServer, build_stack
 from tests.engine.engine_driver import tiny_llama

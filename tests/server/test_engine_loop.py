@@ -11,7 +11,7 @@ from serve.engine.llm import EngineConfig, LLMEngine
 from serve.engine.plan import GREEDY
 from serve.feedback import FeedbackWriter, read_feedback
 from serve.policies import PolicyConfig
-from serve.request import LengthPrediction
+from core.request import LengthPrediction
 from serve.server.admission import AdmissionController, FeedbackLog
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, Sink
 from serve.server.metrics import ServerMetrics

@@ -110,7 +110,7 @@ def _save_tiny_model(folder: Path) -> None:
 
 
 def test_serve_main_runs_a_server_process_and_stops_on_sigterm(tmp_path):
-    from serve.engine.parallel import free_port
+    from core.distributed import free_port
 
     _save_tiny_model(tmp_path / "model")
     port = free_port()
@@ -149,7 +149,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> Non
 def test_tensor_parallel_over_two_processes(tmp_path):
     """Two CPU ranks under the deepspeed launcher: rank 0 serves HTTP and drives rank 1, and the answers match a
     one-process server's. SIGTERM to the launcher's process group (what Ctrl-C does) stops every rank cleanly."""
-    from serve.engine.parallel import free_port
+    from core.distributed import free_port
 
     _save_tiny_model(tmp_path / "model")
     texts = {tp: _serve_and_ask(tmp_path / "model", tp, free_port()) for tp in (1, 2)}
@@ -157,7 +157,7 @@ def test_tensor_parallel_over_two_processes(tmp_path):
 
 
 def _serve_and_ask(model: Path, tp: int, port: int) -> list[str]:
-    from serve.engine.parallel import free_port
+    from core.distributed import free_port
 
     config = {"engine": {"model": str(model), "kv_cache_tokens": 2048, "tensor_parallel": tp,
                          "policy": {"policy": "max"}}, "port": port, "feedback_dir": None, "max_new_tokens": 16}

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.engine.llm import EngineConfig
 from serve.policies import PolicyConfig
 from serve.server.config import ServeConfig

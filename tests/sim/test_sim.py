@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from predictor_train.buckets import BucketSpec
+from core.buckets import BucketSpec
 from serve.scheduler import ScheduledSeq, SchedulerOutput
 from serve.sim.costmodel import PRESETS, get_preset
 from serve.sim.simulate import SimulateConfig, run_simulation
