@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Sequence
+from typing import Any, Sequence
 
 
 class RequestStatus(enum.IntEnum):
@@ -80,6 +80,9 @@ class Request:
     prompt: str | None = None
     """Prompt text, kept for misprediction events (training data)."""
     prediction: LengthPrediction | None = None
+    sampling: Any = None
+    """How the executor picks tokens (serve.engine.plan.SamplingParams for the model); opaque to the scheduler,
+    which hands it to the executor when the request is (re)admitted."""
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = dataclasses.field(default_factory=list)

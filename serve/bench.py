@@ -131,23 +131,25 @@ def run_policy(
         prediction = predictions[i] if predictions else None
         engine.add_request(str(i), ids, max_new_tokens=max_new_tokens, prediction=prediction, sampling=sampling,
                            prompt=text)  # fmt: skip
-    pool, lengths = engine.scheduler.pool, [0] * len(prompts)
+    lengths = [0] * len(prompts)
     batch_sum = live_sum = held_sum = 0.0
     steps = []
     start = time.perf_counter()
     while engine.has_unfinished():
         t0 = time.perf_counter()
-        out = engine.scheduler.schedule()
-        for c in engine.execute(out):
-            lengths[int(c.request_id)] = len(c.output_token_ids)
-            on_finish(c.request)
+        step = engine.core.step()
+        for request in step.finished:
+            lengths[int(request.request_id)] = request.num_output_tokens
+            on_finish(request)
         dt = time.perf_counter() - t0
-        steps.append((out.num_batched_tokens, sum(s.start + s.num_new_tokens for s in out.seqs), dt))
+        out, snap = step.output, engine.snapshot()
+        live_tokens = sum(s.start + s.num_new_tokens for s in out.seqs)
+        steps.append((out.num_batched_tokens, live_tokens, dt))
         batch_sum += len(out.seqs)
-        live_sum += sum(s.start + s.num_new_tokens for s in out.seqs) / pool.capacity_tokens * dt
-        held_sum += pool.num_used_blocks / pool.num_blocks * dt
+        live_sum += live_tokens / (snap.num_kv_blocks * engine.config.block_size) * dt
+        held_sum += snap.num_kv_blocks_held / snap.num_kv_blocks * dt
     wall = time.perf_counter() - start
-    stats = engine.scheduler.stats
+    stats = engine.snapshot().stats
     result = BenchResult(
         name, wall, len(prompts), sum(lengths), batch_sum / max(1, len(steps)), live_sum / wall, held_sum / wall,
         stats.num_preemptions, stats.num_mispredictions, stats.num_recomputed_tokens, steps,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from core.buckets import BucketSpec
 from serve.kv import BlockPool, blocks_for
@@ -65,13 +65,25 @@ class ScheduledSeq:
     """True when this step reaches the last known token, so the executor samples the next one."""
 
 
+@dataclasses.dataclass(frozen=True)
+class NewRequestData:
+    """What an executor needs to (re)start a request: admitted for the first time, or again after a preemption."""
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    output_token_ids: tuple[int, ...]
+    """Tokens generated before a preemption (recomputed with the prompt); empty at first admission."""
+    sampling: Any
+    """The request's sampling parameters (Request.sampling)."""
+
+
 @dataclasses.dataclass
 class SchedulerOutput:
     """The plan of one step, handed to the executor."""
 
     seqs: list[ScheduledSeq] = dataclasses.field(default_factory=list)
     """What to compute, running sequences first (in admission order), then newly admitted ones."""
-    new_request_ids: list[str] = dataclasses.field(default_factory=list)
+    new_requests: list[NewRequestData] = dataclasses.field(default_factory=list)
     """Admitted this step, for the first time or again after a preemption (their cache starts empty)."""
     preempted_request_ids: list[str] = dataclasses.field(default_factory=list)
     """Preempted this step: their blocks are freed and they wait to be recomputed."""
@@ -79,6 +91,10 @@ class SchedulerOutput:
     """Finished or aborted since the previous step: the executor drops their state."""
     time: float = 0.0
     """Clock reading when the plan was made."""
+
+    @property
+    def new_request_ids(self) -> list[str]:
+        return [r.request_id for r in self.new_requests]
 
     @property
     def num_batched_tokens(self) -> int:
@@ -106,6 +122,20 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_mispredictions: int = 0
     num_recomputed_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSnapshot:
+    """The scheduler's state at one moment, for metrics, benchmarks and the server (read, never written)."""
+
+    num_waiting: int
+    num_running: int
+    num_kv_blocks: int
+    num_kv_blocks_held: int
+    """Blocks held by sequences: written, or reserved for output still to come."""
+    num_kv_blocks_used: int
+    """Blocks that hold computed tokens; held - used is memory set aside for tokens not yet written."""
+    stats: SchedulerStats
 
 
 class Scheduler:
@@ -188,6 +218,17 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def snapshot(self) -> SchedulerSnapshot:
+        block_size = self.pool.block_size
+        return SchedulerSnapshot(
+            num_waiting=len(self.waiting),
+            num_running=len(self.running),
+            num_kv_blocks=self.pool.num_blocks,
+            num_kv_blocks_held=self.pool.num_used_blocks,
+            num_kv_blocks_used=sum(blocks_for(r.num_computed_tokens, block_size) for r in self.running),
+            stats=dataclasses.replace(self.stats),
+        )
 
     # -- one step ----------------------------------------------------------------------------------------------
 
@@ -304,7 +345,9 @@ class Scheduler:
                 continue
             admitted.append(index)
             out.seqs.append(self._scheduled(request, num_new))
-            out.new_request_ids.append(request.request_id)
+            out.new_requests.append(NewRequestData(
+                request.request_id, request.prompt_token_ids, tuple(request.output_token_ids), request.sampling,
+            ))
             budget -= num_new
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now

@@ -1,10 +1,4 @@
-"""LLMEngine: the scheduler's plan executed by the ModelRunner, one step at a time.
-
-One step (vLLM v1's shape)::
-
-    out = scheduler.schedule()                  # torch-free: who runs, which tokens, which blocks
-    res = runner.execute(plan_of(out))          # one forward pass over every scheduled sequence
-    done = scheduler.update_from_output(out, stop_checks(res))
+"""LLMEngine: the project's scheduler and the model as an executor, stepped together (serve/step.py).
 
 Under tensor parallelism rank 0 owns the scheduler and sends each step's plan to the other ranks, which
 only execute (`follow`); every rank holds its share of the KV heads in blocks with the same ids.
@@ -20,10 +14,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from core.buckets import BucketSpec
-from serve.engine.plan import SamplingParams, SequenceStep
+from serve.engine.plan import SamplingParams
 from serve.policies import PolicyConfig
 from core.request import LengthPrediction, Request
-from serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
+from serve.scheduler import Scheduler, SchedulerConfig, SchedulerSnapshot
+from serve.step import EngineCore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +85,7 @@ class LLMEngine:
         buckets: BucketSpec | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        from serve.engine.executor import ModelExecutor
         from serve.engine.loader import load_model
         from serve.engine.runner import ModelRunner
 
@@ -107,8 +103,10 @@ class LLMEngine:
             model = wrap_tensor_parallel(model, tp_size=config.tensor_parallel, kernel_inject=config.kernel_inject)
         sched_config = config.scheduler_config()
         self.runner = ModelRunner(model, num_blocks=sched_config.num_blocks, block_size=config.block_size)
+        self.executor = ModelExecutor(self.runner, eos_token_ids=self.eos_token_ids,
+                                      tensor_parallel=config.tensor_parallel)
         self.scheduler = Scheduler(sched_config, buckets=buckets, clock=clock)
-        self.sampling: dict[str, SamplingParams] = {}
+        self.core = EngineCore(self.scheduler, self.executor)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -135,14 +133,13 @@ class LLMEngine:
             arrival_time=self.scheduler.clock(),
             prompt=prompt,
             prediction=prediction,
+            sampling=sampling,
         )
         self.scheduler.add_request(request)
-        self.sampling[request_id] = sampling
         return request
 
     def abort(self, request_id: str, *, stopped: bool = False) -> Request | None:
         """End a request and free its KV (``stopped``: a stop string ended it; see Scheduler.abort)."""
-        self.sampling.pop(request_id, None)
         return self.scheduler.abort(request_id, stopped=stopped)
 
     def has_unfinished(self) -> bool:
@@ -155,63 +152,21 @@ class LLMEngine:
     # -- one step ---------------------------------------------------------------------------------------------
 
     def step(self) -> list[Completion]:
-        """Schedule, run and account for one step; returns the requests that finished in it."""
-        return self.execute(self.scheduler.schedule())
+        """Schedule, run and account for one step (EngineCore.step); returns the requests that finished in it."""
+        return [_completion(r) for r in self.core.step().finished]
 
-    def execute(self, out: SchedulerOutput) -> list[Completion]:
-        """Run a plan made by ``self.scheduler.schedule()`` and account for it."""
-        plan = self._plan(out)
-        self._broadcast(plan)
-        result = self.runner.execute(plan)
-        stopped = {
-            rid for rid, token in result.sampled_token_ids.items()
-            if token in self.eos_token_ids and not self.sampling[rid].ignore_eos
-        }
-        finished = self.scheduler.update_from_output(out, StepResult(dict(result.sampled_token_ids), stopped))
-        return [self._completion(r) for r in finished]
-
-    def _plan(self, out: SchedulerOutput) -> list[SequenceStep]:
-        requests = self.scheduler.requests
-        plan = []
-        for seq in out.seqs:
-            request, sampling = requests[seq.request_id], self.sampling[seq.request_id]
-            history = tuple(request.output_token_ids) if seq.samples and sampling.has_penalties else ()
-            plan.append(SequenceStep(
-                request_id=seq.request_id,
-                token_ids=_tokens(request, seq.start, seq.num_new_tokens),
-                num_computed_tokens=seq.start,
-                block_table=list(seq.block_ids),
-                sample=seq.samples,
-                sampling=sampling,
-                output_token_ids=history,
-            ))
-        return plan
-
-    def _completion(self, request: Request) -> Completion:
-        self.sampling.pop(request.request_id, None)
-        return Completion(
-            request.request_id, request.prompt_token_ids, request.output_token_ids, request.finish_reason,
-            request.num_preemptions, request,
-        )
+    def snapshot(self) -> SchedulerSnapshot:
+        return self.scheduler.snapshot()
 
     # -- tensor parallel --------------------------------------------------------------------------------------
 
-    def _broadcast(self, plan: list[SequenceStep] | None) -> None:
-        if self.config.tensor_parallel > 1:
-            torch.distributed.broadcast_object_list([plan], src=0)
-
     def follow(self) -> None:
-        """Ranks other than 0: run rank 0's plans until it sends None (see `shutdown`)."""
-        while True:
-            box = [None]
-            torch.distributed.broadcast_object_list(box, src=0)
-            if box[0] is None:
-                return
-            self.runner.execute(box[0])
+        """Ranks other than 0: run rank 0's plans until it shuts down."""
+        self.executor.follow()
 
     def shutdown(self) -> None:
-        if self.rank == 0:
-            self._broadcast(None)
+        if self.rank == 0 and self.config.tensor_parallel > 1:
+            self.executor.shutdown()
 
     # -- offline use ------------------------------------------------------------------------------------------
 
@@ -239,13 +194,11 @@ class LLMEngine:
             yield from self.step()
 
 
-def _tokens(request: Request, start: int, num: int) -> list[int]:
-    """Tokens [start, start + num) of prompt + output, without building the whole list for a decode."""
-    num_prompt = request.num_prompt_tokens
-    if start >= num_prompt:
-        return request.output_token_ids[start - num_prompt : start - num_prompt + num]
-    head = list(request.prompt_token_ids[start : min(num_prompt, start + num)])
-    return head + request.output_token_ids[: max(0, start + num - num_prompt)]
+def _completion(request: Request) -> Completion:
+    return Completion(
+        request.request_id, request.prompt_token_ids, request.output_token_ids, request.finish_reason,
+        request.num_preemptions, request,
+    )
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

@@ -16,6 +16,7 @@ from core.request import Request
 from serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
 from serve.sim.costmodel import CostModel
 from serve.sim.workload import SimRequest
+from serve.step import EngineCore
 
 TIMELINE_POINTS = 400
 
@@ -26,6 +27,34 @@ class SimClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class CostModelExecutor:
+    """The cost model as an `Executor` (serve/step.py): advances the clock by the step's modelled time and ends
+    each sequence at its true length. Keeps its own count of each request's generated tokens."""
+
+    def __init__(self, cost: CostModel, true_lengths: dict[str, int], clock: SimClock) -> None:
+        self.cost = cost
+        self.true_lengths = true_lengths
+        self.clock = clock
+        self.last_step_s = 0.0
+        self._generated: dict[str, int] = {}
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        for request_id in out.finished_request_ids:
+            self._generated.pop(request_id, None)
+        for new in out.new_requests:
+            self._generated[new.request_id] = len(new.output_token_ids)
+        self.last_step_s = self.cost.step_time(out)
+        self.clock.now += self.last_step_s
+        result = StepResult()
+        for seq in out.seqs:
+            if seq.samples:
+                result.sampled_token_ids[seq.request_id] = 0
+                self._generated[seq.request_id] += 1
+                if self._generated[seq.request_id] >= self.true_lengths[seq.request_id]:
+                    result.stopped_request_ids.add(seq.request_id)
+        return result
 
 
 @dataclasses.dataclass
@@ -114,29 +143,21 @@ def simulate_policy(
     scheduler = Scheduler(config, buckets=buckets, clock=clock)
     requests = _requests(items, cost.model.max_seq_len, max_new_tokens)
     true_len = {r.request_id: item.num_output_tokens for r, item in zip(requests, items)}
+    executor = CostModelExecutor(cost, true_len, clock)
+    core = EngineCore(scheduler, executor)
     pending = sorted(requests, key=lambda r: r.arrival_time)
     acc = _Accumulator(scheduler.pool.capacity_tokens, scheduler.pool.num_blocks)
     next_arrival = 0
-    while next_arrival < len(pending) or scheduler.has_unfinished():
+    while next_arrival < len(pending) or core.has_unfinished():
         while next_arrival < len(pending) and pending[next_arrival].arrival_time <= clock.now:
             scheduler.add_request(pending[next_arrival])
             next_arrival += 1
-        if not scheduler.has_unfinished():
+        if not core.has_unfinished():
             clock.now = pending[next_arrival].arrival_time  # idle until the next arrival
             continue
-        out = scheduler.schedule()
-        assert out.seqs, "the scheduler made no progress with requests waiting"
-        dt = cost.step_time(out)
-        clock.now += dt
-        result = StepResult()
-        for seq in out.seqs:
-            if seq.samples:
-                result.sampled_token_ids[seq.request_id] = 0
-                request = scheduler.requests[seq.request_id]
-                if request.num_output_tokens + 1 >= true_len[seq.request_id]:
-                    result.stopped_request_ids.add(seq.request_id)
-        acc.add(out, dt, clock.now, scheduler.pool.num_used_blocks)
-        scheduler.update_from_output(out, result)
+        step = core.step()
+        assert step.output.seqs, "the scheduler made no progress with requests waiting"
+        acc.add(step.output, executor.last_step_s, clock.now, scheduler.snapshot().num_kv_blocks_held)
     return _summarise(policy, requests, scheduler, acc, time.perf_counter() - wall0)
 
 

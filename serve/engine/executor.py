@@ -1,0 +1,88 @@
+"""The model as an `Executor` (serve/step.py): the scheduler's plan -> one forward pass -> sampled tokens and stops.
+
+It keeps each request's tokens and sampling parameters itself, from `SchedulerOutput.new_requests` on, so it
+never reads the scheduler. Under tensor parallelism rank 0 broadcasts every step's plan and the other ranks run
+it in `follow`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from serve.engine.plan import GREEDY, SamplingParams, SequenceStep
+from serve.engine.runner import ModelRunner
+from serve.scheduler import SchedulerOutput, StepResult
+
+
+@dataclasses.dataclass
+class _Sequence:
+    token_ids: list[int]
+    """Prompt, then every generated token."""
+    num_prompt_tokens: int
+    sampling: SamplingParams
+
+    @property
+    def output_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.token_ids[self.num_prompt_tokens :])
+
+
+class ModelExecutor:
+    """Runs plans on a ModelRunner; ends a sequence at an EOS token unless its sampling says `ignore_eos`."""
+
+    def __init__(self, runner: ModelRunner, *, eos_token_ids: set[int], tensor_parallel: int = 1) -> None:
+        self.runner = runner
+        self.eos_token_ids = eos_token_ids
+        self.tensor_parallel = tensor_parallel
+        self._seqs: dict[str, _Sequence] = {}
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        for request_id in out.finished_request_ids:
+            self._seqs.pop(request_id, None)
+        for new in out.new_requests:
+            self._seqs[new.request_id] = _Sequence(
+                [*new.prompt_token_ids, *new.output_token_ids], len(new.prompt_token_ids), new.sampling or GREEDY
+            )
+        plan = [self._step_of(seq) for seq in out.seqs]
+        self._broadcast(plan)
+        sampled = self.runner.execute(plan).sampled_token_ids
+        stopped = set()
+        for request_id, token in sampled.items():
+            seq = self._seqs[request_id]
+            seq.token_ids.append(token)
+            if token in self.eos_token_ids and not seq.sampling.ignore_eos:
+                stopped.add(request_id)
+        return StepResult(dict(sampled), stopped)
+
+    def _step_of(self, scheduled) -> SequenceStep:
+        seq = self._seqs[scheduled.request_id]
+        penalised = scheduled.samples and seq.sampling.has_penalties
+        return SequenceStep(
+            request_id=scheduled.request_id,
+            token_ids=seq.token_ids[scheduled.start : scheduled.start + scheduled.num_new_tokens],
+            num_computed_tokens=scheduled.start,
+            block_table=list(scheduled.block_ids),
+            sample=scheduled.samples,
+            sampling=seq.sampling,
+            output_token_ids=seq.output_token_ids if penalised else (),
+        )
+
+    # -- tensor parallel --------------------------------------------------------------------------------------
+
+    def _broadcast(self, plan: list[SequenceStep] | None) -> None:
+        if self.tensor_parallel > 1:
+            torch.distributed.broadcast_object_list([plan], src=0)
+
+    def follow(self) -> None:
+        """Ranks other than 0: run rank 0's plans until it sends None (see `shutdown`)."""
+        while True:
+            box = [None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                return
+            self.runner.execute(box[0])
+
+    def shutdown(self) -> None:
+        """Rank 0: release the ranks in `follow`."""
+        self._broadcast(None)
