@@ -48,6 +48,8 @@ class CheckpointInfo:
     """Counts of training data (per split, feedback records added)."""
     parent_checkpoint_id: str | None = None
     """The checkpoint this one was retrained from, if any."""
+    temperature: float = 1.0
+    """Logits are divided by this before the softmax (fitted on the validation split; 1.0 = uncalibrated)."""
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -90,6 +92,12 @@ def save_checkpoint(folder: str | Path, model: PreTrainedModel, tokenizer: PreTr
              for k, v in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state)
     tokenizer.save_pretrained(folder)
+    return update_info(folder, info)
+
+
+def update_info(folder: str | Path, info: CheckpointInfo) -> CheckpointInfo:
+    """Rewrite ``predictor.json`` of a saved checkpoint (same weights, new metadata) with a recomputed id."""
+    folder = Path(folder)
     info = dataclasses.replace(info, checkpoint_id="")
     info = dataclasses.replace(info, checkpoint_id=compute_checkpoint_id(folder, info))
     (folder / PREDICTOR_FILE).write_text(json.dumps(info.to_json(), indent=2, default=str))

@@ -58,10 +58,15 @@ def check_columns(ds: datasets.Dataset, *, where: str, extra: Sequence[str] = ()
                          "Records need prompt, num_prompt_tokens and num_output_tokens (see `s3 generate`).")
 
 
-def split_of(prompt: str, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> Split:
-    """The split a prompt belongs to, from a hash of its text: stable across runs, machines and data orders."""
+def _unit_hash(prompt: str) -> float:
+    """A prompt's position in [0, 1), from a hash of its text: stable across runs, machines and data orders."""
     digest = hashlib.sha256(prompt.encode("utf-8")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(prompt: str, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> Split:
+    """The split a prompt belongs to by hash threshold alone (what :func:`split_indices` does with no sources)."""
+    u = _unit_hash(prompt)
     total = 0.0
     for split, fraction in zip(SPLITS, fractions):
         total += fraction
@@ -70,20 +75,89 @@ def split_of(prompt: str, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> Spl
     return SPLITS[-1]
 
 
-def split_indices(prompts: Sequence[str], fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict[Split, list[int]]:
-    """Row indices per split; equal prompts always share a split, so duplicates never leak across them."""
+def _check_fractions(fractions: Sequence[float]) -> None:
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
-    out: dict[Split, list[int]] = {s: [] for s in SPLITS}
-    for i, prompt in enumerate(prompts):
-        out[split_of(prompt, fractions)].append(i)
+
+
+def _stratified_splits(prompts: Sequence[str], sources: Sequence[str],
+                       fractions: Sequence[float]) -> dict[str, Split]:
+    """Split of each distinct prompt: within each source, prompts ordered by hash, cut at the fractions.
+
+    Every source then has its share of each split to within one prompt. A prompt listed under several sources
+    counts under the first of them by name, so the result does not depend on row order.
+    """
+    home: dict[str, str] = {}
+    for prompt, source in zip(prompts, sources):
+        home[prompt] = min(home.get(prompt, source), source)
+    by_source: dict[str, list[str]] = {}
+    for prompt, source in home.items():
+        by_source.setdefault(source, []).append(prompt)
+    out: dict[str, Split] = {}
+    for members in by_source.values():
+        members.sort(key=lambda p: (_unit_hash(p), p))
+        n = len(members)
+        cut_train = round(n * fractions[0])
+        cut_val = round(n * (fractions[0] + fractions[1]))
+        for rank, prompt in enumerate(members):
+            out[prompt] = "train" if rank < cut_train else "validation" if rank < cut_val else "test"
     return out
 
 
-def split_records(ds: datasets.Dataset, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> datasets.DatasetDict:
-    """Deterministic train/validation/test split by prompt hash (80/10/10 by default)."""
-    indices = split_indices(ds["prompt"], fractions)
+def split_indices(prompts: Sequence[str], fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                  sources: Sequence[str] | None = None) -> dict[Split, list[int]]:
+    """Row indices per split; equal prompts always share a split, so duplicates never leak across them.
+
+    Without ``sources`` a prompt's split is its hash threshold (:func:`split_of`). With ``sources`` the split is
+    stratified: each source is cut at the fractions in hash order, so each holds 80/10/10 of its prompts and the
+    test split has every source in proportion. Both are deterministic and independent of row order; the
+    stratified cut depends on which prompts a source holds, so adding rows can move a prompt that sits at a cut.
+    """
+    _check_fractions(fractions)
+    if sources is not None and len(sources) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(sources)} sources")
+    home = _stratified_splits(prompts, sources, fractions) if sources is not None else None
+    out: dict[Split, list[int]] = {s: [] for s in SPLITS}
+    for i, prompt in enumerate(prompts):
+        out[home[prompt] if home is not None else split_of(prompt, fractions)].append(i)
+    return out
+
+
+def sources_of(ds) -> list[str]:
+    """The ``source`` column, or one unnamed source (``""``) when the records have none."""
+    columns = ds.column_names if hasattr(ds, "column_names") else list(ds)
+    return [str(s) for s in ds["source"]] if "source" in columns else [""] * len(ds["prompt"])
+
+
+def split_records(ds: datasets.Dataset, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
+                  stratify: bool = True) -> datasets.DatasetDict:
+    """Deterministic train/validation/test split (80/10/10), stratified by ``source`` unless ``stratify=False``."""
+    indices = split_indices(ds["prompt"], fractions, sources_of(ds) if stratify else None)
     return datasets.DatasetDict({s: ds.select(indices[s]) for s in SPLITS})
+
+
+def drop_sources(ds: datasets.Dataset, sources: Sequence[str]) -> datasets.Dataset:
+    """The rows whose source is not in ``sources`` (leave-one-source-out training)."""
+    if not sources:
+        return ds
+    drop = set(sources)
+    return ds.select([i for i, s in enumerate(sources_of(ds)) if s not in drop])
+
+
+def cap_per_source(ds: datasets.Dataset, max_rows: int) -> datasets.Dataset:
+    """At most ``max_rows`` rows of each source, the first in prompt-hash order (deterministic); 0 keeps all."""
+    if max_rows <= 0:
+        return ds
+    prompts = ds["prompt"]
+    order = sorted(range(len(ds)), key=lambda i: (_unit_hash(prompts[i]), i))
+    taken: dict[str, int] = {}
+    keep = []
+    sources = sources_of(ds)
+    for i in order:
+        if taken.get(sources[i], 0) < max_rows:
+            taken[sources[i]] = taken.get(sources[i], 0) + 1
+            keep.append(i)
+    return ds.select(sorted(keep))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,84 +1,71 @@
-"""How good is a length predictor, in buckets and in tokens, against two free baselines.
+"""How good is a length predictor, in buckets, in tokens and in probabilities, against free baselines.
 
-Metrics (:func:`bucket_metrics`), over examples with true output length ``n`` (capped at ``max_tokens``, since a
-generation cut at the cap says only "at least that long") and predicted bucket ``p``:
+Arg-max metrics (:func:`bucket_metrics`), over examples with true output length ``n`` (capped at ``max_tokens``,
+since a generation cut at the cap says only "at least that long"), true bucket ``t`` and predicted bucket ``p``:
 
-- ``accuracy``: ``p`` is the true bucket.
-- ``within_one_accuracy``: ``p`` is at most one bucket away from the true one.
+- ``accuracy``: ``p == t``; ``within_one_accuracy``: ``|p - t| <= 1``.
 - ``mae_tokens``: mean ``|midpoint(p) - n|``.
-- ``under_prediction_rate``: share with ``p`` below the true bucket; these outgrow their reservation at serving
-  time and must grow or be preempted.
-- ``mean_unused_reserved_tokens``: mean ``upper_edge(p) - n`` over the examples that are *not* under-predicted
-  (under-predicted ones use their whole reservation and then some, so they are left out; NaN if there are none).
-  This is the KV memory a reservation wastes.
+- ``under_prediction_rate``: share with ``p < t``; these outgrow their reservation at serving time.
+- ``mean_wasted_tokens`` = ``mean_over_reserved_tokens`` + ``mean_recomputed_tokens`` (each a mean over all
+  examples). A request reserved at ``p >= t`` wastes ``upper_edge(p) - n`` reserved slots. An under-predicted one
+  follows the s3 path in its worst case: at each overrun it is preempted and re-admitted one bucket larger,
+  recomputing the tokens it had generated, ``upper_edge(b)`` for each ``b`` in ``p .. t-1``, and then wastes
+  ``upper_edge(t) - n`` like any other. Not counted: the prompt's re-prefill after a preemption, and growth in
+  place when memory is free (which costs nothing), so the recompute part is the cost on a full server.
 
-Baselines, fitted on the train split: ``majority`` (always the most common training bucket) and ``regression``
-(least squares of output length on prompt length, the prediction mapped to its bucket).
+Probability metrics (calibration.py): ``nll``, ``ece`` and ``coverage_q50/70/90``, for the predictor without
+and with its stored temperature, and for the per-source histogram baseline. Baselines: baselines.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 from core.buckets import BucketSpec
-from predictor_train.data import load_records, split_records
+from predictor_train.baselines import (baseline_buckets, fit_length_regression, majority_bucket,  # noqa: F401
+                                       regression_buckets, source_histogram_probs)
+from predictor_train.calibration import probability_metrics, reliability_bins
+from predictor_train.data import load_records, sources_of, split_records
+from predictor_train.plots import plot_confusion, plot_reliability
 
-METRIC_NAMES = ("accuracy", "within_one_accuracy", "mae_tokens", "under_prediction_rate",
-                "mean_unused_reserved_tokens")
+METRIC_NAMES = ("accuracy", "within_one_accuracy", "mae_tokens", "under_prediction_rate", "mean_wasted_tokens")
+
+
+def _waste(spec: BucketSpec, n: int, t: int, p: int) -> tuple[float, float]:
+    """(over-reserved, recomputed) tokens of one example; see the module docstring."""
+    final = max(p, t)
+    recomputed = sum(spec.upper_edge(b) for b in range(p, t))
+    return float(spec.upper_edge(final) - n), float(recomputed)
 
 
 def bucket_metrics(true_lengths: Sequence[int], predicted_buckets: Sequence[int],
                    spec: BucketSpec) -> dict[str, float]:
-    """The metrics of the module docstring, plus ``num_examples``."""
+    """The arg-max metrics of the module docstring, plus ``num_examples``."""
     if len(true_lengths) != len(predicted_buckets):
         raise ValueError(f"{len(true_lengths)} lengths but {len(predicted_buckets)} predictions")
     if not true_lengths:
         raise ValueError("no examples to evaluate")
     lengths = [min(int(n), spec.max_tokens) for n in true_lengths]
-    truth = [spec.bucket_of(n) for n in lengths]
-    pairs = list(zip(lengths, truth, predicted_buckets))
-    unused = [spec.upper_edge(p) - n for n, t, p in pairs if p >= t]
+    triples = [(n, spec.bucket_of(n), int(p)) for n, p in zip(lengths, predicted_buckets)]
+    waste = [_waste(spec, n, t, p) for n, t, p in triples]
+    over, recomputed = _mean(w[0] for w in waste), _mean(w[1] for w in waste)
     return {
-        "accuracy": _mean(p == t for _, t, p in pairs),
-        "within_one_accuracy": _mean(abs(p - t) <= 1 for _, t, p in pairs),
-        "mae_tokens": _mean(abs(spec.midpoint(p) - n) for n, _, p in pairs),
-        "under_prediction_rate": _mean(p < t for _, t, p in pairs),
-        "mean_unused_reserved_tokens": _mean(unused) if unused else math.nan,
-        "num_examples": float(len(pairs)),
+        "accuracy": _mean(p == t for _, t, p in triples),
+        "within_one_accuracy": _mean(abs(p - t) <= 1 for _, t, p in triples),
+        "mae_tokens": _mean(abs(spec.midpoint(p) - n) for n, _, p in triples),
+        "under_prediction_rate": _mean(p < t for _, t, p in triples),
+        "mean_over_reserved_tokens": over,
+        "mean_recomputed_tokens": recomputed,
+        "mean_wasted_tokens": over + recomputed,
+        "num_examples": float(len(triples)),
     }
 
 
 def _mean(values) -> float:
     values = [float(v) for v in values]
     return sum(values) / len(values)
-
-
-def majority_bucket(train_lengths: Sequence[int], spec: BucketSpec) -> int:
-    """The most common bucket in the training lengths (the lower one on ties)."""
-    counts = Counter(spec.bucket_of(int(n)) for n in train_lengths)
-    return min(counts, key=lambda b: (-counts[b], b))
-
-
-def fit_length_regression(prompt_tokens: Sequence[int], output_tokens: Sequence[int]) -> tuple[float, float]:
-    """Least squares ``output ≈ slope * prompt + intercept``; a flat line when prompt lengths do not vary."""
-    n = len(prompt_tokens)
-    if n == 0:
-        raise ValueError("cannot fit a regression on no examples")
-    mx, my = sum(prompt_tokens) / n, sum(output_tokens) / n
-    var = sum((x - mx) ** 2 for x in prompt_tokens)
-    if var == 0:
-        return 0.0, my
-    slope = sum((x - mx) * (y - my) for x, y in zip(prompt_tokens, output_tokens)) / var
-    return slope, my - slope * mx
-
-
-def regression_buckets(prompt_tokens: Sequence[int], line: tuple[float, float], spec: BucketSpec) -> list[int]:
-    slope, intercept = line
-    return [spec.bucket_of(max(0, round(slope * x + intercept))) for x in prompt_tokens]
 
 
 def confusion_matrix(true_buckets: Sequence[int], predicted_buckets: Sequence[int],
@@ -90,44 +77,8 @@ def confusion_matrix(true_buckets: Sequence[int], predicted_buckets: Sequence[in
     return matrix
 
 
-def plot_confusion(matrix: list[list[int]], spec: BucketSpec, path: str | Path, *, title: str = "") -> Path:
-    """Save the confusion matrix as a PNG (rows: true bucket, columns: predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and in tests
-    import matplotlib.pyplot as plt
-
-    k = spec.num_buckets
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
-    ax.imshow(matrix, cmap="Blues")
-    ticks = [f"≤{spec.upper_edge(b)}" for b in range(k)]
-    ax.set_xticks(range(k), ticks, rotation=60, fontsize=8)
-    ax.set_yticks(range(k), ticks, fontsize=8)
-    ax.set_xlabel("predicted bucket (upper edge, tokens)")
-    ax.set_ylabel("true bucket")
-    ax.set_title(title or "length predictor confusion matrix")
-    peak = max(max(row) for row in matrix) or 1
-    for t in range(k):
-        for p in range(k):
-            if matrix[t][p]:
-                colour = "white" if matrix[t][p] > peak / 2 else "black"
-                ax.text(p, t, str(matrix[t][p]), ha="center", va="center", fontsize=7, color=colour)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """A plain-text table, one row per method, one column per metric."""
-    header = ["method", "acc", "acc±1", "MAE tok", "under %", "unused tok", "n"]
-    rows = [header]
-    for method, m in results.items():
-        rows.append([method, f"{m['accuracy']:.3f}", f"{m['within_one_accuracy']:.3f}", f"{m['mae_tokens']:.1f}",
-                     f"{100 * m['under_prediction_rate']:.1f}", f"{m['mean_unused_reserved_tokens']:.1f}",
-                     f"{int(m['num_examples'])}"])
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    rows = [header, *rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -135,34 +86,46 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_table(results: dict[str, dict[str, float]], *, first: str = "method") -> str:
+    """A plain-text table, one row per method (or source), one column per arg-max metric."""
+    header = [first, "acc", "acc±1", "MAE tok", "under %", "wasted tok", "n"]
+    rows = [[name, f"{m['accuracy']:.3f}", f"{m['within_one_accuracy']:.3f}", f"{m['mae_tokens']:.1f}",
+             f"{100 * m['under_prediction_rate']:.1f}", f"{m['mean_wasted_tokens']:.1f}", f"{int(m['num_examples'])}"]
+            for name, m in results.items()]
+    return _table(header, rows)
+
+
+def format_probability_table(results: dict[str, dict[str, float]]) -> str:
+    """NLL, ECE and quantile coverage per probability source."""
+    header = ["probabilities", "NLL", "ECE", "cov q.5", "cov q.7", "cov q.9"]
+    rows = [[name, f"{m['nll']:.3f}", f"{m['ece']:.3f}", f"{m['coverage_q50']:.3f}", f"{m['coverage_q70']:.3f}",
+             f"{m['coverage_q90']:.3f}"] for name, m in results.items()]
+    return _table(header, rows)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalReport:
     """The outcome of evaluating a predictor on one split."""
 
     metrics: dict[str, dict[str, float]]
-    """Metrics per method: ``predictor``, ``majority``, ``regression``."""
+    """Arg-max metrics per method: ``predictor``, ``majority``, ``regression``, ``source_mean``."""
     table: str
-    """``metrics`` as a printable table."""
+    """Everything below as printable tables: methods, per-source rows, probabilities."""
     confusion: list[list[int]]
     """The predictor's confusion matrix, ``[true][predicted]``."""
     confusion_png: Path | None
     """Where the confusion-matrix plot was saved, if an output folder was given."""
-
-
-def baseline_buckets(train, rows, spec: BucketSpec) -> dict[str, list[int]]:
-    """Predictions of the two baselines (fitted on ``train``) for ``rows``; both are datasets or column dicts."""
-    train_outputs = [int(n) for n in train["num_output_tokens"]]
-    majority = majority_bucket(train_outputs, spec)
-    line = fit_length_regression([int(n) for n in train["num_prompt_tokens"]], train_outputs)
-    return {
-        "majority": [majority] * len(rows["prompt"]),
-        "regression": regression_buckets([int(n) for n in rows["num_prompt_tokens"]], line, spec),
-    }
+    per_source: dict[str, dict[str, dict[str, float]]] = dataclasses.field(default_factory=dict)
+    """``per_source[source][method]``: the arg-max metrics on that source's rows."""
+    probabilities: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    """NLL, ECE and coverage per probability source (empty when the predictor gives no probabilities)."""
+    reliability_png: Path | None = None
+    """Where the reliability diagram was saved."""
 
 
 def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | Path | None = None,
                        batch_size: int = 32, quantile: float | None = None) -> EvalReport:
-    """Evaluate a LengthPredictor on one hash split of ``data`` (path or Dataset), with baselines from train."""
+    """Evaluate a LengthPredictor on one split of ``data`` (path or Dataset), with baselines from train."""
     splits = split_records(load_records(data))
     rows = splits[split]
     if len(rows) == 0 or len(splits["train"]) == 0:
@@ -172,21 +135,75 @@ def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | P
                          quantile=quantile, title=f"{split} split")
 
 
+def _predictor_probs(predictor, prompts: list[str], batch_size: int):
+    """(uncalibrated, calibrated) probability lists, or (None, None) for a predictor without logits."""
+    if not hasattr(predictor, "predict_logits"):
+        return None, None
+    logits = predictor.predict_logits(prompts, batch_size=batch_size)
+    return logits.softmax(-1).tolist(), (logits / predictor.temperature).softmax(-1).tolist()
+
+
+def _pick(probs: list[list[float]], quantile: float | None, spec: BucketSpec) -> list[int]:
+    if quantile is None:
+        return [max(range(len(row)), key=row.__getitem__) for row in probs]
+    return [spec.quantile_bucket(row, quantile) for row in probs]
+
+
 def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, batch_size: int = 32,
                   quantile: float | None = None, title: str = "") -> EvalReport:
     """Evaluate on given rows (Dataset or column dict), with baselines fitted on ``train``."""
-    spec = predictor.buckets
-    predicted = [p.bucket for p in predictor.predict(list(rows["prompt"]), batch_size=batch_size,
-                                                       quantile=quantile)]
-    lengths = list(rows["num_output_tokens"])
+    spec, prompts = predictor.buckets, list(rows["prompt"])
+    raw, calibrated = _predictor_probs(predictor, prompts, batch_size)
+    if calibrated is None:
+        predicted = [p.bucket for p in predictor.predict(prompts, batch_size=batch_size, quantile=quantile)]
+    else:
+        predicted = _pick(calibrated, quantile, spec)
+    lengths = [int(n) for n in rows["num_output_tokens"]]
+    labels = [spec.bucket_of(min(n, spec.max_tokens)) for n in lengths]
     methods = {"predictor": predicted, **baseline_buckets(train, rows, spec)}
     metrics = {name: bucket_metrics(lengths, buckets, spec) for name, buckets in methods.items()}
-    matrix = confusion_matrix([spec.bucket_of(n) for n in lengths], predicted, spec.num_buckets)
-    png = None
+    per_source = _per_source(rows, lengths, methods, spec)
+    probabilities, curves = {}, {}
+    if calibrated is not None:
+        named = {"predictor, T=1": raw, f"predictor, T={predictor.temperature:.2f}": calibrated,
+                 "source histogram": source_histogram_probs(train, rows, spec)}
+        probabilities = {name: probability_metrics(p, labels, spec) for name, p in named.items()}
+        curves = {name: reliability_bins(p, labels) for name, p in named.items()}
+    matrix = confusion_matrix(labels, predicted, spec.num_buckets)
+    png = reliability_png = None
+    label = f"{predictor.checkpoint_id} on {title}".strip()
     if out_dir is not None:
-        png = plot_confusion(matrix, spec, Path(out_dir) / "confusion_matrix.png",
-                             title=f"{predictor.checkpoint_id} on {title}".strip())
-    return EvalReport(metrics=metrics, table=format_table(metrics), confusion=matrix, confusion_png=png)
+        png = plot_confusion(matrix, spec, Path(out_dir) / "confusion_matrix.png", title=label)
+        if curves:
+            reliability_png = plot_reliability(curves, Path(out_dir) / "reliability.png", title=label)
+    table = _report_table(metrics, per_source, probabilities)
+    return EvalReport(metrics=metrics, table=table, confusion=matrix, confusion_png=png, per_source=per_source,
+                      probabilities=probabilities, reliability_png=reliability_png)
+
+
+def _per_source(rows, lengths: list[int], methods: dict[str, list[int]], spec: BucketSpec) -> dict:
+    sources = sources_of(rows)
+    out = {}
+    for source in sorted(set(sources)):
+        idx = [i for i, s in enumerate(sources) if s == source]
+        out[source] = {name: bucket_metrics([lengths[i] for i in idx], [buckets[i] for i in idx], spec)
+                       for name, buckets in methods.items()}
+    return out
+
+
+def _report_table(metrics: dict, per_source: dict, probabilities: dict) -> str:
+    blocks = [format_table(metrics)]
+    if len(per_source) > 1:
+        predictor_rows = {s: m["predictor"] for s, m in per_source.items()}
+        lines = format_table(predictor_rows, first="predictor by source").splitlines()
+        best = {s: max(m[b]["within_one_accuracy"] for b in m if b != "predictor") for s, m in per_source.items()}
+        lines[0] += "  best baseline acc±1"
+        lines[1] += "-" * 21
+        lines[2:] = [f"{line}  {best[s]:>19.3f}" for line, s in zip(lines[2:], per_source)]
+        blocks.append("\n".join(lines))
+    if probabilities:
+        blocks.append(format_probability_table(probabilities))
+    return "\n\n".join(blocks)
 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, data, *, split: str = "test",

@@ -45,6 +45,11 @@ class LengthPredictor:
         return self.info.buckets
 
     @property
+    def temperature(self) -> float:
+        """The calibration temperature the logits are divided by (stored in the checkpoint)."""
+        return float(self.info.temperature)
+
+    @property
     def checkpoint_id(self) -> str:
         return self.info.checkpoint_id
 
@@ -71,18 +76,21 @@ class LengthPredictor:
         return cls(model, tokenizer, info, device=device)
 
     @torch.inference_mode()
-    def predict_probs(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
-        """Bucket probabilities, ``(len(prompts), num_buckets)``, on the CPU."""
-        probs = torch.empty(len(prompts), self.buckets.num_buckets)
+    def predict_logits(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
+        """Raw bucket logits (before the temperature), ``(len(prompts), num_buckets)``, on the CPU."""
+        logits = torch.empty(len(prompts), self.buckets.num_buckets)
         # Longest first, so each batch pads to similar lengths; results go back to the input order.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = encode(self.tokenizer, [prompts[i] for i in rows], max_prompt_tokens=self.max_prompt_tokens,
                            input_names=self.input_names)
-            logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits  # (B, K)
-            probs[rows] = logits.float().softmax(dim=-1).cpu()
-        return probs
+            logits[rows] = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float().cpu()
+        return logits
+
+    def predict_probs(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
+        """Calibrated bucket probabilities, ``softmax(logits / temperature)``, ``(len(prompts), num_buckets)``."""
+        return (self.predict_logits(prompts, batch_size=batch_size) / self.temperature).softmax(dim=-1)
 
     def predict(self, prompts: Sequence[str], *, batch_size: int = 32,
                 quantile: float | None = None) -> list[LengthPrediction]:

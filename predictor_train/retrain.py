@@ -1,24 +1,26 @@
 """Retraining: a previous checkpoint plus serving feedback (mispredicted prompts with their true lengths).
 
 Feedback records have the training-data columns plus ``predicted_bucket``, so retraining is training with more
-data: the feedback joins the train split, the validation and test splits of the original data stay as they were,
-and a feedback prompt that also occurs in them is dropped, so they stay unseen. Training starts from the previous
-checkpoint's weights and keeps its exact BucketSpec; a config asking for another bucket scheme is refused.
-
-Note that the "after" numbers on the feedback prompts are measured on prompts the new model was trained on; the
-test split is the unbiased check that retraining did not hurt.
+data. Against forgetting, an epoch is the feedback (each record ``feedback_repeat`` times) mixed with a replay
+sample of the labelled train split (``replay_ratio`` replayed rows per feedback example, stratified by source),
+rather than the feedback alone or the whole train split again. The validation and test splits of the original
+data stay as they were, and a feedback prompt that occurs in them is dropped, so they stay unseen. A share
+``feedback_holdout`` of the feedback (by prompt hash) is held out of training too: the "after" figures on it are
+on mispredictions the new model never saw. Training starts from the previous checkpoint's weights and keeps its
+exact BucketSpec; a config asking for another bucket scheme is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import datasets
 
 from predictor_train.backbone import load_classifier
 from predictor_train.checkpoint import CheckpointInfo, describe_buckets, read_info
-from predictor_train.data import Examples, check_columns, load_records, split_records
+from predictor_train.data import Examples, check_columns, load_records, sources_of, split_of, split_records
 from predictor_train.evaluate import EvalReport, evaluate_rows, format_table
 from predictor_train.inference import LengthPredictor
 from predictor_train.train import TrainConfig, TrainResult, fit
@@ -36,8 +38,13 @@ class RetrainReport:
     """Feedback records added to the train split."""
     num_feedback_dropped: int
     """Feedback records left out because their prompt is in the validation or test split."""
+    num_feedback_held_out: int
+    """Feedback records held out of training (``feedback_holdout``) to measure on."""
+    num_replayed: int
+    """Labelled train rows replayed per epoch next to the feedback."""
     before: dict[str, EvalReport]
-    """The previous checkpoint on ``feedback`` (the mispredicted prompts) and on ``test``."""
+    """The previous checkpoint on ``feedback`` (the trained-on mispredicted prompts), ``feedback_held_out``
+    (when any) and ``test``."""
     after: dict[str, EvalReport]
     """The new checkpoint on the same two sets."""
 
@@ -69,9 +76,34 @@ def feedback_for_training(feedback: datasets.Dataset, held_out_prompts: set[str]
     return feedback.select(keep), len(feedback) - len(keep)
 
 
+def hold_out_feedback(feedback: datasets.Dataset, share: float) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(trained on, held out): a prompt is held out when its hash falls in the first ``share`` of [0, 1)."""
+    if share <= 0:
+        return feedback, feedback.select([])
+    fractions = (share, 0.0, 1.0 - share)  # "train" of split_of = the held-out share
+    held = [split_of(p, fractions) == "train" for p in feedback["prompt"]]
+    return (feedback.select([i for i, h in enumerate(held) if not h]),
+            feedback.select([i for i, h in enumerate(held) if h]))
+
+
+def replay_sample(train: datasets.Dataset, num_rows: int, *, seed: int) -> datasets.Dataset:
+    """``num_rows`` rows of ``train`` (all of it if fewer), each source in proportion, seeded."""
+    if num_rows >= len(train):
+        return train
+    rng = random.Random(seed)
+    by_source: dict[str, list[int]] = {}
+    for i, source in enumerate(sources_of(train)):
+        by_source.setdefault(source, []).append(i)
+    keep = []
+    for members in by_source.values():
+        keep += rng.sample(members, round(num_rows * len(members) / len(train)))
+    return train.select(sorted(keep))
+
+
 def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoint: str | Path,
                       progress: bool = True) -> RetrainReport:
-    """Fine-tune ``previous_checkpoint`` on the original train split plus ``feedback``; report before and after.
+    """Fine-tune ``previous_checkpoint`` on ``feedback`` mixed with a replay sample of the original train split;
+    report before and after on the trained-on feedback, the held-out feedback and the test split.
 
     ``config.backbone`` is ignored (the previous checkpoint is the starting point); ``config.output_dir`` receives
     the new checkpoint and must differ from ``previous_checkpoint``. The target model and decoding settings are
@@ -86,25 +118,30 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
     feedback_rows = load_records(feedback)
     check_columns(feedback_rows, where="the feedback records")
     held_out = set(splits["validation"]["prompt"]) | set(splits["test"]["prompt"])
-    extra, dropped = feedback_for_training(feedback_rows, held_out)
+    usable, dropped = feedback_for_training(feedback_rows, held_out)
+    extra, feedback_test = hold_out_feedback(usable, config.feedback_holdout)
     if len(extra) == 0:
-        raise ValueError("no usable feedback: every feedback prompt is in the validation or test split")
-    eval_sets = {"feedback": extra, "test": splits["test"]}
+        raise ValueError("no usable feedback: every feedback prompt is in the validation or test split or held "
+                         "out (feedback_holdout)")
+    eval_sets = {"feedback": extra, **({"feedback_held_out": feedback_test} if len(feedback_test) else {}),
+                 "test": splits["test"]}
     before = _evaluate_all(LengthPredictor.load(previous_checkpoint), eval_sets, train=splits["train"])
 
     backbone = load_classifier(str(previous_checkpoint), previous.buckets, seed=config.seed)
-    counts = {**{name: len(rows) for name, rows in splits.items()}, "feedback": len(extra)}
-    meta = dict(target_model=previous.target_model, decoding=previous.decoding, data=counts,
-                parent_checkpoint_id=previous.checkpoint_id)
     feedback_examples = Examples.from_rows(extra)
     repeated = Examples(feedback_examples.prompts * config.feedback_repeat,
                         feedback_examples.num_output_tokens * config.feedback_repeat)
-    train = Examples.from_rows(splits["train"]) + repeated
-    result = fit(config, train, Examples.from_rows(splits["validation"]),
+    replay = replay_sample(splits["train"], round(config.replay_ratio * len(repeated)), seed=config.seed)
+    counts = {**{name: len(rows) for name, rows in splits.items()}, "feedback": len(extra),
+              "feedback_held_out": len(feedback_test), "replay": len(replay)}
+    meta = dict(target_model=previous.target_model, decoding=previous.decoding, data=counts,
+                parent_checkpoint_id=previous.checkpoint_id)
+    result = fit(config, Examples.from_rows(replay) + repeated, Examples.from_rows(splits["validation"]),
                  backbone=backbone, spec=previous.buckets, meta=meta, progress=progress)
     after = _evaluate_all(LengthPredictor.load(result.checkpoint_dir), eval_sets, train=splits["train"])
     return RetrainReport(result=result, parent_checkpoint_id=previous.checkpoint_id, num_feedback_used=len(extra),
-                         num_feedback_dropped=dropped, before=before, after=after)
+                         num_feedback_dropped=dropped, num_feedback_held_out=len(feedback_test),
+                         num_replayed=len(replay), before=before, after=after)
 
 
 def _evaluate_all(predictor: LengthPredictor, sets: dict, *, train) -> dict[str, EvalReport]:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Mapping, get_args
 
@@ -22,9 +23,11 @@ from tqdm.auto import tqdm
 from predictor_train.backbone import DEFAULT_BACKBONE, Backbone, load_classifier, model_input_names
 from core.buckets import BucketSpec
 from predictor_train.checkpoint import CheckpointInfo, read_info, save_checkpoint
-from predictor_train.data import Examples, batches, class_weights, labels_of, load_records, num_batches, split_records
+from predictor_train.data import (Examples, batches, cap_per_source, class_weights, drop_sources, labels_of,
+                                  load_records, num_batches, split_records)
 from predictor_train.distributed import prepare_deepspeed
 from predictor_train.evaluate import bucket_metrics
+from predictor_train.losses import LossKind, length_loss
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,24 @@ class TrainConfig:
     """Validation metric for early stopping and for picking the best checkpoint: ``loss`` or ``accuracy``."""
     class_weight_smoothing: float = 1.0
     """Added to each bucket's count before inverting it into a class weight; larger is closer to unweighted."""
+    loss: LossKind = "ce"
+    """``ce`` (cross-entropy), ``soft`` (Gaussian soft labels over neighbouring buckets) or ``rps`` (cross-entropy
+    plus the ranked probability score over the cumulative distribution); see losses.py."""
+    label_sigma: float = 1.0
+    """``soft``: width of the soft labels, in buckets."""
+    rps_weight: float = 1.0
+    """``rps``: weight of the ranked probability score next to the cross-entropy."""
+    calibrate: bool = True
+    """After training, fit a softmax temperature on the validation split and store it in the checkpoint."""
+    exclude_sources: tuple[str, ...] = ()
+    """Sources left out of the train and validation splits (leave-one-source-out); the test split keeps them."""
+    max_train_rows_per_source: int = 0
+    """Train on at most this many rows of each source (first in prompt-hash order); 0 uses them all."""
+    replay_ratio: float = 4.0
+    """Retraining: labelled train rows replayed per feedback example seen (after ``feedback_repeat``), sampled
+    stratified by source, so an epoch is mostly the old data and the model does not drift to the feedback."""
+    feedback_holdout: float = 0.2
+    """Retraining: share of the feedback records (by prompt hash) held out of training to measure on."""
     feedback_repeat: int = 10
     """Retraining (``s3 train --feedback``): each feedback record is seen this many times per epoch. A serving
     round yields few mispredictions against thousands of labelled rows; seen once, they barely move the model."""
@@ -81,9 +102,12 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.class_weight_smoothing <= 0:
-            raise ValueError("lr and class_weight_smoothing must be positive")
-        for name, choices in (("bucket_scheme", BucketScheme), ("wandb_mode", WandbMode), ("monitor", Monitor)):
+        if self.lr <= 0 or self.class_weight_smoothing <= 0 or self.label_sigma <= 0:
+            raise ValueError("lr, class_weight_smoothing and label_sigma must be positive")
+        if self.max_train_rows_per_source < 0 or self.replay_ratio < 0 or not 0 <= self.feedback_holdout < 1:
+            raise ValueError("max_train_rows_per_source and replay_ratio must be >= 0, feedback_holdout in [0, 1)")
+        for name, choices in (("bucket_scheme", BucketScheme), ("wandb_mode", WandbMode), ("monitor", Monitor),
+                              ("loss", LossKind)):
             if getattr(self, name) not in get_args(choices):
                 raise ValueError(f"{name} must be one of {get_args(choices)}, got {getattr(self, name)!r}")
         if self.max_tokens < self.num_buckets:
@@ -146,13 +170,27 @@ def train_predictor(config: TrainConfig, data, *, target_model: str, decoding: M
 
     ``target_model`` and ``decoding`` describe how the labels were generated; serving checks them on load.
     """
-    splits = split_records(load_records(data))
+    splits = training_splits(config, data)
     train, validation = Examples.from_rows(splits["train"]), Examples.from_rows(splits["validation"])
     spec = make_buckets(config, train.num_output_tokens)
     backbone = load_classifier(config.backbone, spec, seed=config.seed)
     counts = {name: len(rows) for name, rows in splits.items()}
+    counts["train_by_source"] = dict(sorted(Counter(splits["train"]["source"]).items())) \
+        if "source" in splits["train"].column_names else {}
     return fit(config, train, validation, backbone=backbone, spec=spec, progress=progress,
                meta=dict(target_model=target_model, decoding=dict(decoding or {}), data=counts))
+
+
+def training_splits(config: TrainConfig, data):
+    """The stratified splits, with ``exclude_sources`` dropped from train and validation and the train split
+    capped at ``max_train_rows_per_source``; the test split is the full one (it keeps the excluded sources)."""
+    splits = split_records(load_records(data))
+    train = cap_per_source(drop_sources(splits["train"], config.exclude_sources), config.max_train_rows_per_source)
+    validation = drop_sources(splits["validation"], config.exclude_sources)
+    if len(train) == 0:
+        raise ValueError(f"no training rows left after excluding {list(config.exclude_sources)}")
+    splits["train"], splits["validation"] = train, validation
+    return splits
 
 
 def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone: Backbone, spec: BucketSpec,
@@ -191,6 +229,13 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
     finally:
         if run is not None:
             run.finish()
+    if is_main and config.calibrate:
+        from predictor_train.calibration import calibrate_checkpoint
+
+        info = calibrate_checkpoint(config.output_dir, validation.prompts, validation.num_output_tokens,
+                                    batch_size=2 * config.batch_size)
+        log.info("temperature %.3f: validation ECE %.3f -> %.3f", info.temperature,
+                 info.metrics["ece_uncalibrated"], info.metrics["ece_calibrated"])
     info = _checkpoint_info_on_all_ranks(info, config.output_dir)
     return TrainResult(checkpoint_dir=Path(config.output_dir), info=info, best_epoch=best_epoch, history=history)
 
@@ -249,7 +294,8 @@ def train_epoch(engine, tokenizer, train: Examples, labels: list[int], weights: 
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         target = batch.pop("labels")
         logits = engine(**batch).logits  # (B, K)
-        loss = F.cross_entropy(logits.float(), target, weight=weights)
+        loss = length_loss(logits, target, weights, kind=config.loss, label_sigma=config.label_sigma,
+                           rps_weight=config.rps_weight)
         engine.backward(loss)
         engine.step()  # steps the optimizer only at gradient-accumulation boundaries
         losses.append(loss.item())

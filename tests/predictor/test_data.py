@@ -108,3 +108,22 @@ def test_missing_columns_are_named(tmp_path):
         load_records(datasets.Dataset.from_list([{"prompt": "hi", "num_prompt_tokens": 1}]))
     with pytest.raises(FileNotFoundError, match="no data"):
         load_records(tmp_path / "nope.jsonl")
+
+
+def test_stratified_split_gives_every_source_its_share():
+    from predictor_train.data import cap_per_source, drop_sources, sources_of
+
+    prompts = [f"{s} prompt {i}" for s, n in (("a", 500), ("b", 60), ("c", 20)) for i in range(n)]
+    sources = [p.split()[0] for p in prompts]
+    ds = datasets.Dataset.from_dict({"prompt": prompts, "source": sources, "num_prompt_tokens": [1] * len(prompts),
+                                     "num_output_tokens": [1] * len(prompts)})
+    splits = split_records(ds)
+    for source, n in (("a", 500), ("b", 60), ("c", 20)):
+        test = sources_of(splits["test"]).count(source)
+        assert test == n - round(0.9 * n)  # the cut is exact per source, not only on average
+    again = split_records(ds.shuffle(seed=1))
+    assert set(again["test"]["prompt"]) == set(splits["test"]["prompt"])  # order-free
+    assert set(sources_of(drop_sources(ds, ["a"]))) == {"b", "c"}
+    capped = cap_per_source(ds, 30)
+    assert sorted(sources_of(capped).count(s) for s in "abc") == [20, 30, 30]
+    assert set(cap_per_source(ds.shuffle(seed=2), 30)["prompt"]) == set(capped["prompt"])

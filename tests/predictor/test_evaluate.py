@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-
 import pytest
 
 from core.buckets import BucketSpec
@@ -23,14 +21,20 @@ def test_hand_made_metrics():
     assert m["within_one_accuracy"] == 0.75
     assert m["mae_tokens"] == pytest.approx((2.5 + 32.5 + 47.5 + 12.5) / 4)
     assert m["under_prediction_rate"] == 0.25
-    # unused = upper edge - true length, for the three that are not under-predicted: 25-10, 75-30, 100-100
-    assert m["mean_unused_reserved_tokens"] == pytest.approx((15 + 45 + 0) / 3)
+    # over-reserved = upper edge of the final bucket - true length: 25-10, 75-30, 75-60 (after growing), 100-100
+    assert m["mean_over_reserved_tokens"] == pytest.approx((15 + 45 + 15 + 0) / 4)
+    # the under-predicted one (60, predicted bucket 0) overruns at 25 and at 50: it recomputes 25 + 50 tokens
+    assert m["mean_recomputed_tokens"] == pytest.approx(75 / 4)
+    assert m["mean_wasted_tokens"] == pytest.approx((15 + 45 + 15 + 0 + 75) / 4)
     assert m["num_examples"] == 4
 
 
-def test_all_under_predicted_has_no_unused_figure():
-    m = bucket_metrics([90, 90], [0, 1], SPEC)
-    assert m["under_prediction_rate"] == 1.0 and math.isnan(m["mean_unused_reserved_tokens"])
+def test_under_predicting_everything_is_charged():
+    """Always predicting the first bucket no longer looks cheapest: every overrun's recompute is counted."""
+    lengths = [10, 40, 60, 90]
+    low, right = bucket_metrics(lengths, [0, 0, 0, 0], SPEC), bucket_metrics(lengths, [0, 1, 2, 3], SPEC)
+    assert low["mean_wasted_tokens"] > right["mean_wasted_tokens"]
+    assert low["mean_recomputed_tokens"] == pytest.approx((0 + 25 + (25 + 50) + (25 + 50 + 75)) / 4)
 
 
 def test_metric_input_errors():
@@ -82,9 +86,23 @@ def test_evaluate_rows_with_baselines_and_plot(tmp_path):
     assert report.metrics["regression"]["accuracy"] == 0.5
     assert report.confusion_png.read_bytes()[:4] == b"\x89PNG"
     assert report.table.splitlines()[0].split()[:2] == ["method", "acc"]
-    assert {"predictor", "majority", "regression"} <= set(report.table.split())
+    assert {"predictor", "majority", "regression", "source_mean"} <= set(report.table.split())
+    assert report.probabilities == {} and report.reliability_png is None  # no probabilities from this one
+
+
+def test_per_source_rows_and_source_mean_baseline():
+    rows = {"prompt": ["a", "b", "c", "d"], "num_output_tokens": TRUE, "num_prompt_tokens": [1, 1, 1, 1],
+            "source": ["x", "x", "y", "y"]}
+    train = {"prompt": ["e", "f", "g"], "num_output_tokens": [10, 20, 90], "num_prompt_tokens": [1, 1, 1],
+             "source": ["x", "x", "y"]}
+    report = evaluate_rows(FakePredictor(dict(zip("abcd", PRED))), rows, train=train)
+    # source means: x 15 -> bucket 0, y 90 -> bucket 3; truth 0, 1 | 2, 3
+    assert report.metrics["source_mean"]["accuracy"] == 0.5
+    assert report.per_source["x"]["predictor"]["accuracy"] == 0.5 and report.per_source["y"]["predictor"]["num_examples"] == 2
+    assert report.per_source["y"]["source_mean"]["within_one_accuracy"] == 1.0
+    assert "predictor by source" in report.table and "best baseline acc±1" in report.table
 
 
 def test_format_table_shows_percent_and_tokens():
     table = format_table({"x": bucket_metrics(TRUE, PRED, SPEC)})
-    assert "25.0" in table and "23.8" in table
+    assert "25.0" in table and "23.8" in table and "wasted tok" in table

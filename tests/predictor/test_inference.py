@@ -86,3 +86,20 @@ def test_serving_samples_as_the_labels_were_made(predictor):
     assert SamplingParams.from_decoding(predictor.decoding) == SamplingParams()  # greedy, no penalty
     penalised = {"temperature": 0.0, "top_p": 1.0, "frequency_penalty": 0.5, "chat_template": "..."}
     assert SamplingParams.from_decoding(penalised) == SamplingParams(frequency_penalty=0.5)
+
+
+def test_stored_temperature_scales_the_probabilities(trained, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from predictor_train.checkpoint import read_info, update_info
+
+    folder = tmp_path / "hot"
+    shutil.copytree(trained.checkpoint_dir, folder)
+    update_info(folder, dataclasses.replace(read_info(folder), temperature=3.0))
+    hot = LengthPredictor.load(folder)
+    logits = hot.predict_logits(PROMPTS)
+    assert hot.temperature == 3.0
+    assert torch.allclose(hot.predict_probs(PROMPTS), (logits / 3.0).softmax(-1), atol=1e-6)
+    assert read_info(folder).checkpoint_id != trained.info.checkpoint_id  # the temperature is part of the id

@@ -9,7 +9,7 @@ import pytest
 
 from predictor_train.data import split_records
 from predictor_train.inference import LengthPredictor
-from predictor_train.retrain import retrain_predictor
+from predictor_train.retrain import hold_out_feedback, replay_sample, retrain_predictor
 
 from .conftest import tiny_config
 from .synthetic import TOPICS
@@ -33,18 +33,25 @@ def test_retraining_learns_the_feedback_and_keeps_the_test_split(trained, datase
     previous = LengthPredictor.load(trained.checkpoint_dir)
     test = split_records(dataset)["test"]
     feedback = _feedback(previous, test[0]["prompt"], test[0]["num_output_tokens"])
-    report = retrain_predictor(tiny_config(tmp_path / "retrained", epochs=3), dataset, feedback,
-                               previous_checkpoint=trained.checkpoint_dir, progress=False)
-    assert report.num_feedback_used == 48 and report.num_feedback_dropped == 1
+    report = retrain_predictor(tiny_config(tmp_path / "retrained", epochs=3, feedback_holdout=0.25), dataset,
+                               feedback, previous_checkpoint=trained.checkpoint_dir, progress=False)
+    assert report.num_feedback_dropped == 1
+    assert report.num_feedback_used + report.num_feedback_held_out == 48 and report.num_feedback_held_out > 0
+    # replay: replay_ratio (4) labelled rows per feedback example seen, capped at the whole train split
+    train_rows = len(split_records(dataset)["train"])
+    assert report.num_replayed == min(train_rows, 4 * 10 * report.num_feedback_used)
     assert report.parent_checkpoint_id == trained.info.checkpoint_id
     assert report.result.info.parent_checkpoint_id == trained.info.checkpoint_id
     assert report.result.info.buckets == trained.info.buckets
-    assert report.result.info.data["feedback"] == 48 and report.result.info.data["test"] == len(test)
+    assert report.result.info.data["feedback"] == report.num_feedback_used and report.result.info.data["test"] == len(test)
     before, after = report.before, report.after
     assert before["test"].metrics["predictor"]["num_examples"] == after["test"].metrics["predictor"]["num_examples"]
     assert before["feedback"].metrics["predictor"]["accuracy"] < 0.5  # they were mispredictions
     assert after["feedback"].metrics["predictor"]["accuracy"] > before["feedback"].metrics["predictor"]["accuracy"]
     assert after["test"].metrics["predictor"]["accuracy"] >= 0.8
+    # the held-out feedback was never trained on, yet the new instruction carries over to it
+    held_before, held_after = before["feedback_held_out"], after["feedback_held_out"]
+    assert held_after.metrics["predictor"]["accuracy"] > held_before.metrics["predictor"]["accuracy"]
     assert "before" in report.table() and "feedback:" in report.table()
 
 
@@ -62,3 +69,15 @@ def test_retraining_refuses_to_overwrite_its_parent(trained, dataset):
     with pytest.raises(ValueError, match="is the previous checkpoint"):
         retrain_predictor(tiny_config(trained.checkpoint_dir), dataset, dataset.select(range(5)),
                           previous_checkpoint=trained.checkpoint_dir)
+
+
+def test_feedback_holdout_is_by_prompt_hash_and_replay_is_stratified(dataset):
+    kept, held = hold_out_feedback(dataset, 0.2)
+    assert len(kept) + len(held) == len(dataset) and 0 < len(held) < len(dataset) / 2
+    assert not set(kept["prompt"]) & set(held["prompt"])
+    again, _ = hold_out_feedback(dataset.shuffle(seed=3), 0.2)
+    assert set(again["prompt"]) == set(kept["prompt"])
+    mixed = datasets.Dataset.from_dict({"prompt": [f"p{i}" for i in range(40)], "source": ["a"] * 30 + ["b"] * 10})
+    sample = replay_sample(mixed, 8, seed=0)
+    assert sample["source"].count("a") == 6 and sample["source"].count("b") == 2
+    assert len(replay_sample(mixed, 100, seed=0)) == 40

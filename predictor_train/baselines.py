@@ -1,0 +1,78 @@
+"""Free baselines a length predictor has to beat, all fitted on the train split.
+
+- ``majority``: always the most common training bucket.
+- ``regression``: least squares of output length on prompt length, the prediction mapped to its bucket.
+- ``source_mean``: the bucket of the mean training output length of the prompt's source (which prompt set it came
+  from, nothing else); a source unseen in training gets the overall mean.
+- ``source_histogram`` (probabilities only, for NLL, ECE and coverage): the training bucket frequencies of the
+  prompt's source, add-one smoothed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Sequence
+
+from core.buckets import BucketSpec
+from predictor_train.data import sources_of
+
+
+def majority_bucket(train_lengths: Sequence[int], spec: BucketSpec) -> int:
+    """The most common bucket in the training lengths (the lower one on ties)."""
+    counts = Counter(spec.bucket_of(int(n)) for n in train_lengths)
+    return min(counts, key=lambda b: (-counts[b], b))
+
+
+def fit_length_regression(prompt_tokens: Sequence[int], output_tokens: Sequence[int]) -> tuple[float, float]:
+    """Least squares ``output ≈ slope * prompt + intercept``; a flat line when prompt lengths do not vary."""
+    n = len(prompt_tokens)
+    if n == 0:
+        raise ValueError("cannot fit a regression on no examples")
+    mx, my = sum(prompt_tokens) / n, sum(output_tokens) / n
+    var = sum((x - mx) ** 2 for x in prompt_tokens)
+    if var == 0:
+        return 0.0, my
+    slope = sum((x - mx) * (y - my) for x, y in zip(prompt_tokens, output_tokens)) / var
+    return slope, my - slope * mx
+
+
+def regression_buckets(prompt_tokens: Sequence[int], line: tuple[float, float], spec: BucketSpec) -> list[int]:
+    slope, intercept = line
+    return [spec.bucket_of(max(0, round(slope * x + intercept))) for x in prompt_tokens]
+
+
+def source_mean_buckets(train, rows, spec: BucketSpec) -> list[int]:
+    """The bucket of each row's source's mean training output length (overall mean for unseen sources)."""
+    lengths = [min(int(n), spec.max_tokens) for n in train["num_output_tokens"]]
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for source, n in zip(sources_of(train), lengths):
+        by_source[source].append(n)
+    overall = sum(lengths) / len(lengths)
+    means = {s: sum(v) / len(v) for s, v in by_source.items()}
+    return [spec.bucket_of(round(means.get(s, overall))) for s in sources_of(rows)]
+
+
+def source_histogram_probs(train, rows, spec: BucketSpec) -> list[list[float]]:
+    """Each row's source's add-one-smoothed training bucket frequencies (all training rows for unseen sources)."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [1] * spec.num_buckets)
+    overall = [1] * spec.num_buckets
+    for source, n in zip(sources_of(train), train["num_output_tokens"]):
+        counts[source][spec.bucket_of(int(n))] += 1
+        overall[spec.bucket_of(int(n))] += 1
+    out = []
+    for source in sources_of(rows):
+        c = counts[source] if source in counts else overall
+        out.append([x / sum(c) for x in c])
+    return out
+
+
+def baseline_buckets(train, rows, spec: BucketSpec) -> dict[str, list[int]]:
+    """Predictions of the arg-max baselines (fitted on ``train``) for ``rows``; datasets or column dicts."""
+    train_outputs = [int(n) for n in train["num_output_tokens"]]
+    majority = majority_bucket(train_outputs, spec)
+    line = fit_length_regression([int(n) for n in train["num_prompt_tokens"]], train_outputs)
+    return {
+        "majority": [majority] * len(rows["prompt"]),
+        "regression": regression_buckets([int(n) for n in rows["num_prompt_tokens"]], line, spec),
+        "source_mean": source_mean_buckets(train, rows, spec),
+    }

@@ -1,0 +1,100 @@
+"""Are the bucket probabilities honest? Temperature scaling, NLL, expected calibration error, quantile coverage.
+
+The scheduler reads the probabilities, not only the arg-max: a quantile reservation takes the smallest bucket
+whose cumulative probability reaches q, so about a share q of requests should fit in it. Temperature scaling
+(Guo et al., 2017) divides the logits by one scalar T fitted on the validation split by minimising the NLL; it
+changes no arg-max. The checkpoint stores T and :class:`~predictor_train.inference.LengthPredictor` applies it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from core.buckets import BucketSpec
+
+COVERAGE_QUANTILES = (0.5, 0.7, 0.9)
+NUM_ECE_BINS = 15
+
+
+def fit_temperature(logits: torch.Tensor, labels: Sequence[int], *, max_iter: int = 200) -> float:
+    """The T > 0 minimising the mean NLL of ``softmax(logits / T)`` on the labels (LBFGS on log T)."""
+    logits = logits.detach().float().clone()  # may come from inference mode
+    target = torch.as_tensor(list(labels), dtype=torch.long)
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def nll(probs: Sequence[Sequence[float]], labels: Sequence[int]) -> float:
+    """Mean negative log-likelihood of the true buckets (probabilities floored at 1e-12)."""
+    return sum(-math.log(max(row[y], 1e-12)) for row, y in zip(probs, labels)) / len(labels)
+
+
+def reliability_bins(probs: Sequence[Sequence[float]], labels: Sequence[int],
+                     num_bins: int = NUM_ECE_BINS) -> list[tuple[float, float, int]]:
+    """Per equal-width confidence bin: (mean top-bucket probability, share where it was right, count)."""
+    sums = [[0.0, 0.0, 0] for _ in range(num_bins)]
+    for row, y in zip(probs, labels):
+        top = max(range(len(row)), key=row.__getitem__)
+        b = min(int(row[top] * num_bins), num_bins - 1)
+        sums[b][0] += row[top]
+        sums[b][1] += float(top == y)
+        sums[b][2] += 1
+    return [(c / n, a / n, n) if n else (math.nan, math.nan, 0) for c, a, n in sums]
+
+
+def expected_calibration_error(probs: Sequence[Sequence[float]], labels: Sequence[int],
+                               num_bins: int = NUM_ECE_BINS) -> float:
+    """Top-label ECE: the count-weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    bins = reliability_bins(probs, labels, num_bins)
+    total = sum(n for _, _, n in bins)
+    return sum(n * abs(acc - conf) for conf, acc, n in bins if n) / total
+
+
+def quantile_coverage(probs: Sequence[Sequence[float]], labels: Sequence[int], spec: BucketSpec,
+                      quantiles: Sequence[float] = COVERAGE_QUANTILES) -> dict[float, float]:
+    """For each q, the share of examples whose true bucket is at or under the bucket chosen at quantile q."""
+    return {q: sum(spec.quantile_bucket(row, q) >= y for row, y in zip(probs, labels)) / len(labels)
+            for q in quantiles}
+
+
+def probability_metrics(probs: Sequence[Sequence[float]], labels: Sequence[int],
+                        spec: BucketSpec) -> dict[str, float]:
+    """``nll``, ``ece`` and ``coverage_q{50,70,90}`` of one set of bucket probabilities."""
+    out = {"nll": nll(probs, labels), "ece": expected_calibration_error(probs, labels)}
+    for q, share in quantile_coverage(probs, labels, spec).items():
+        out[f"coverage_q{round(100 * q)}"] = share
+    return out
+
+
+def calibrate_checkpoint(folder, prompts: Sequence[str], lengths: Sequence[int], *, batch_size: int = 64):
+    """Fit the temperature on (validation) prompts, write it into the checkpoint; returns the new CheckpointInfo.
+
+    ``metrics`` gains ``temperature`` and the validation NLL and ECE before and after."""
+    import dataclasses
+
+    from predictor_train.checkpoint import update_info
+    from predictor_train.inference import LengthPredictor
+
+    predictor = LengthPredictor.load(folder)
+    spec = predictor.buckets
+    labels = [spec.bucket_of(int(n)) for n in lengths]
+    logits = predictor.predict_logits(list(prompts), batch_size=batch_size)
+    temperature = fit_temperature(logits, labels)
+    before, after = logits.softmax(-1).tolist(), (logits / temperature).softmax(-1).tolist()
+    metrics = {**predictor.info.metrics, "temperature": temperature,
+               "nll_uncalibrated": nll(before, labels), "nll_calibrated": nll(after, labels),
+               "ece_uncalibrated": expected_calibration_error(before, labels),
+               "ece_calibrated": expected_calibration_error(after, labels)}
+    return update_info(folder, dataclasses.replace(predictor.info, temperature=temperature, metrics=metrics))

@@ -1,0 +1,65 @@
+"""Temperature scaling, NLL, ECE and quantile coverage on hand-made probabilities; the ordered losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core.buckets import BucketSpec
+from predictor_train.calibration import (expected_calibration_error, fit_temperature, nll, probability_metrics,
+                                         quantile_coverage, reliability_bins)
+from predictor_train.losses import length_loss, ranked_probability_score, soft_targets
+
+SPEC = BucketSpec.uniform(100, 4)
+
+
+def test_nll_and_ece_by_hand():
+    probs = [[0.9, 0.1, 0, 0], [0.6, 0.4, 0, 0]]
+    assert nll(probs, [0, 1]) == pytest.approx((-math.log(0.9) - math.log(0.4)) / 2)
+    # two bins: confidence 0.9 right (gap 0.1), confidence 0.6 wrong (gap 0.6)
+    assert expected_calibration_error(probs, [0, 1]) == pytest.approx((0.1 + 0.6) / 2)
+    bins = reliability_bins(probs, [0, 1], num_bins=10)
+    assert bins[9] == (0.9, 1.0, 1) and bins[6] == (0.6, 0.0, 1) and bins[0][2] == 0
+
+
+def test_quantile_coverage_counts_true_buckets_at_or_under_the_chosen_one():
+    probs = [[0.5, 0.3, 0.2, 0.0]] * 4  # q=0.5 -> bucket 0, q=0.7 -> 1, q=0.9 -> 2
+    cov = quantile_coverage(probs, [0, 1, 2, 3], SPEC)
+    assert cov == {0.5: 0.25, 0.7: 0.5, 0.9: 0.75}
+    assert set(probability_metrics(probs, [0, 1, 2, 3], SPEC)) == {"nll", "ece", "coverage_q50", "coverage_q70",
+                                                                   "coverage_q90"}
+
+
+def test_temperature_undoes_overconfidence():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (2000,))
+    # logits of a model that is right 70% of the time, scaled to be far too sure of itself
+    guess = torch.where(torch.rand(2000) < 0.7, labels, torch.randint(0, 4, (2000,)))
+    logits = 8.0 * torch.nn.functional.one_hot(guess, 4).float()
+    t = fit_temperature(logits, labels.tolist())
+    assert t > 2.0
+    before = expected_calibration_error(logits.softmax(-1).tolist(), labels.tolist())
+    after = expected_calibration_error((logits / t).softmax(-1).tolist(), labels.tolist())
+    assert after < 0.05 < before
+
+
+def test_soft_targets_and_rps():
+    q = soft_targets(torch.tensor([0, 2]), 4, sigma=1.0)
+    assert torch.allclose(q.sum(-1), torch.ones(2)) and q[1, 1] == q[1, 3] and q[1, 2] == q[1].max()
+    sharp = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    assert ranked_probability_score(sharp, torch.tensor([2])).item() == 0.0
+    near, far = torch.tensor([[0.0, 1.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    assert ranked_probability_score(near, torch.tensor([2])) < ranked_probability_score(far, torch.tensor([2]))
+
+
+@pytest.mark.parametrize("kind", ["ce", "soft", "rps"])
+def test_losses_prefer_the_near_miss_only_when_ordered(kind):
+    target, weights = torch.tensor([2]), torch.ones(4)
+    near = length_loss(torch.tensor([[0.0, 4.0, 0.0, 0.0]]), target, weights, kind=kind)
+    far = length_loss(torch.tensor([[4.0, 0.0, 0.0, 0.0]]), target, weights, kind=kind)
+    assert (near < far) if kind != "ce" else near == pytest.approx(far.item())
+    with_grad = torch.zeros(3, 4, requires_grad=True)
+    length_loss(with_grad, torch.tensor([0, 1, 3]), weights, kind=kind).backward()
+    assert with_grad.grad is not None and torch.isfinite(with_grad.grad).all()
