@@ -174,19 +174,23 @@ def train(config_path, data, target_model, feedback, previous, output_dir, overr
 @click.option("--data", default="data/labelled", show_default=True, help="`s3 generate` output folder or a dataset.")
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
 @click.option("--quantile", type=float, default=None, help="Predict the bucket at this probability quantile.")
-@click.option("--output-dir", default=None, help="Where the confusion matrix goes (default: the checkpoint).")
-def evaluate(checkpoint, data, split, quantile, output_dir):
-    """Evaluate a predictor checkpoint against the majority-bucket and prompt-length-regression baselines."""
+@click.option("--output-dir", default=None,
+              help="Where the confusion matrix and reliability plot go (default: the checkpoint).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per predictor batch.")
+def evaluate(checkpoint, data, split, quantile, output_dir, batch_size):
+    """Evaluate a predictor checkpoint: per-source rows, baselines (majority bucket, prompt-length regression,
+    per-source mean), NLL, calibration error and quantile coverage; confusion and reliability plots."""
     from pipeline.stages import labelled_data
     from predictor_train.evaluate import evaluate_checkpoint
 
     try:
         dataset, _ = labelled_data(data)
         report = evaluate_checkpoint(checkpoint, dataset, split=split, out_dir=output_dir or checkpoint,
-                                     quantile=quantile)  # fmt: skip
+                                     quantile=quantile, batch_size=batch_size)  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    click.echo(f"{split} split:\n{report.table}\nconfusion matrix: {report.confusion_png}")
+    click.echo(f"{split} split:\n{report.table}\nconfusion matrix: {report.confusion_png}\n"
+               f"reliability: {report.reliability_png}")
 
 
 @main.command()

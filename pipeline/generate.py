@@ -20,6 +20,10 @@ DEFAULT_INPUTS = (
     "data/prompts/gsm8k_train.json",
     "data/prompts/gpteacher_toolformer.json",
     "data/prompts/gpteacher_roleplay.json",
+    "data/prompts/chat_bench_mix.json",
+    "data/prompts/awesome_chatgpt_prompts.json",
+    "data/prompts/nq_open.json",
+    "data/prompts/hh_rlhf_harmless_test.json",
 )
 
 
