@@ -168,7 +168,8 @@ _STOP = object()
 
 class AdmissionController:
     """The predictor thread: classifies new requests in batches and forwards every command, in order, to the
-    engine loop."""
+    engine loop. Once stopped, every request still queued here, or submitted later, is answered with an error
+    instead of being left waiting."""
 
     def __init__(self, predictor: Predictor, engine_loop: EngineLoop, *, max_batch_size: int = 32,
                  metrics=None) -> None:
@@ -177,37 +178,64 @@ class AdmissionController:
         self.max_batch_size = max_batch_size
         self.metrics = metrics  # serve.server.metrics.ServerMetrics or None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # submit's check and put happen before, or after, the stop's drain
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="length-predictor", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, command: Add | Abort) -> None:
-        """Thread-safe; raises EngineDead once the engine loop has stopped."""
-        if not self.engine_loop.snapshot.alive:
-            raise EngineDead(f"the engine has stopped: {self.engine_loop.error or 'shut down'}")
-        self._commands.put(command)
+        """Thread-safe; raises EngineDead once this thread or the engine loop has stopped."""
+        with self._lock:
+            if self._stopped:
+                raise EngineDead("the server is shutting down")
+            if not self.engine_loop.snapshot.alive:
+                raise EngineDead(f"the engine has stopped: {self.engine_loop.error or 'shut down'}")
+            self._commands.put(command)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Forward what came before the stop, answer the rest with an error, and end the thread."""
         if self._thread.is_alive():
             self._commands.put(_STOP)
             self._thread.join(timeout)
+        else:
+            self._close([])
 
     def _run(self) -> None:
         while True:
             batch = self._take_batch()
-            adds = [c for c in batch if isinstance(c, Add)]
-            predictions = dict(zip((a.request_id for a in adds), self._predict([a.prompt for a in adds])))
-            for command in batch:
-                if command is _STOP:
-                    return
+            if _STOP in batch:
+                cut = batch.index(_STOP)
+                self._forward(batch[:cut])
+                self._close(batch[cut + 1:])
+                return
+            self._forward(batch)
+
+    def _forward(self, batch: list) -> None:
+        adds = [c for c in batch if isinstance(c, Add)]
+        predictions = dict(zip((a.request_id for a in adds), self._predict([a.prompt for a in adds])))
+        for command in batch:
+            if isinstance(command, Add):
+                command = dataclasses.replace(command, prediction=predictions[command.request_id])
+            try:
+                self.engine_loop.submit(command)
+            except EngineDead as exc:  # tell the client instead of leaving it waiting
                 if isinstance(command, Add):
-                    command = dataclasses.replace(command, prediction=predictions[command.request_id])
-                try:
-                    self.engine_loop.submit(command)
-                except EngineDead as exc:  # tell the client instead of leaving it waiting
-                    if isinstance(command, Add):
-                        send_error(command.sink, str(exc))
+                    send_error(command.sink, str(exc))
+
+    def _close(self, rest: list) -> None:
+        """Stop taking commands, then answer every request left behind (``rest`` and the queue)."""
+        with self._lock:
+            self._stopped = True
+        while True:
+            try:
+                rest.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        for command in rest:
+            if isinstance(command, Add):
+                send_error(command.sink, "the server is shutting down")
 
     def _take_batch(self) -> list:
         batch = [self._commands.get()]

@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serve.engine.plan import SamplingParams
 from serve.server import protocol as p
@@ -42,6 +43,10 @@ class ServerState:
     max_body_bytes: int
     default_frequency_penalty: float = 0.0
     """For requests that leave frequency_penalty out (ServeConfig.default_frequency_penalty)."""
+    body_timeout_s: float = 30.0
+    """A request body that has not fully arrived by then gets 408 (ServeConfig.body_timeout_s)."""
+    system_fingerprint: str = "fp_s3"
+    """OpenAI's system_fingerprint of every answer: names the model, policy and predictor."""
     created: int = dataclasses.field(default_factory=p.now)
 
     def check_model(self, name: str) -> None:
@@ -82,17 +87,27 @@ async def require_api_key(request: Request) -> None:
                               "was started with (--api-key or S3_API_KEY)", code="invalid_api_key")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before reading all of it."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The JSON request body: 415 unless it is declared application/json (a browser sends other types
+    cross-origin without asking first), 413 over ``limit`` bytes before reading all of it, 408 when it has
+    not all arrived within ``timeout_s`` (a client that declares more than it sends would hold the handler)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise p.APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json', got "
+                              f"{media_type or 'no content type'}", param="Content-Type")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise p.APIError(413, f"the request body has {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise p.APIError(413, f"the request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise p.APIError(413, f"the request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise p.APIError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)") from None
     return b"".join(chunks)
 
 
@@ -102,10 +117,11 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
     app.add_exception_handler(p.APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
     auth = [Depends(require_api_key)]
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         snap = state.engine.engine_loop.snapshot
         status = "ok" if snap.alive else "engine stopped"
@@ -121,7 +137,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
-        req = p.parse_request(p.CompletionRequest, await read_body(request, state.max_body_bytes))
+        req = p.parse_request(p.CompletionRequest, await _body(request, state))
         state.check_model(req.model)
         prompt = p.completion_prompt(req)
         if isinstance(prompt, str):
@@ -134,13 +150,17 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
-        req = p.parse_request(p.ChatCompletionRequest, await read_body(request, state.max_body_bytes))
+        req = p.parse_request(p.ChatCompletionRequest, await _body(request, state))
         state.check_model(req.model)
         messages = p.chat_messages(req)
         ids = _chat_prompt_ids(state.tokenizer, messages)
         return await _generate(request, state, req, ids, p.predictor_text(messages), chat=True)
 
     return app
+
+
+async def _body(request: Request, state: ServerState) -> bytes:
+    return await read_body(request, state.max_body_bytes, state.body_timeout_s)
 
 
 def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -159,16 +179,19 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
         raise p.bad_request("the prompt is empty after tokenization", "messages" if chat else "prompt")
     max_new_tokens = state.max_new_tokens_for(req, len(prompt_ids), "messages" if chat else "prompt")
     stops = p.stop_strings(req)
-    fmt = _Format(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, chat, len(prompt_ids))
+    head = p.Head(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, state.system_fingerprint)
+    fmt = _Format(head, chat, len(prompt_ids), usage_in_chunks=req.stream and p.include_usage(req))
+    # An explicit null means "the default", as leaving it out does (protocol drops nulls before parsing).
     frequency_penalty = (req.frequency_penalty if "frequency_penalty" in req.model_fields_set
                          else state.default_frequency_penalty)
     sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                              presence_penalty=req.presence_penalty, frequency_penalty=frequency_penalty)
-    stream = state.engine.submit(fmt.rid, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                              presence_penalty=req.presence_penalty, frequency_penalty=frequency_penalty,
+                              ignore_eos=req.ignore_eos)
+    stream = state.engine.submit(head.rid, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                  prompt=prompt_text, stop=stops)
     if req.stream:
         # close() also runs as a background task: it frees the request even if the stream never started.
-        return StreamingResponse(_sse(stream, fmt, p.include_usage(req)), media_type="text/event-stream",
+        return StreamingResponse(_sse(stream, fmt), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"}, background=BackgroundTask(stream.close))
     try:
         text, reason = await _unless_disconnected(request, stream.collect())
@@ -185,40 +208,42 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
 class _Format:
     """Builds one request's response or stream chunks, completion or chat."""
 
-    rid: str
-    created: int
-    model: str
+    head: p.Head
     chat: bool
     num_prompt_tokens: int
+    usage_in_chunks: bool = False
+    """stream_options.include_usage: every chunk carries "usage" (null until the last, usage-only chunk)."""
 
     def usage(self, num_output_tokens: int) -> dict:
         return p.usage(self.num_prompt_tokens, num_output_tokens)
 
     def response(self, text: str, finish_reason: str, num_output_tokens: int) -> dict:
-        usage = self.usage(num_output_tokens)
-        if self.chat:
-            return p.chat_body(self.rid, self.created, self.model, text=text, finish_reason=finish_reason, usage_=usage)
-        return p.completion_body(self.rid, self.created, self.model, text=text, finish_reason=finish_reason,
-                                 usage_=usage, chunk=False)
+        body = p.chat_body if self.chat else p.completion_body
+        return body(self.head, text=text, finish_reason=finish_reason, usage_=self.usage(num_output_tokens))
 
     def chunks(self, text: str, finish_reason: str | None) -> list[dict]:
         if not self.chat:
-            return [p.completion_body(self.rid, self.created, self.model, text=text, finish_reason=finish_reason,
-                                      usage_=None, chunk=True)]
+            return [self._chunk(p.completion_chunk(self.head, text=text, finish_reason=finish_reason))]
         out = [self.chat_delta({"content": text})] if text else []
         if finish_reason is not None:
             out.append(self.chat_delta({}, finish_reason))
         return out
 
     def chat_delta(self, delta: dict, finish_reason: str | None = None) -> dict:
-        return p.chat_chunk(self.rid, self.created, self.model, delta=delta, finish_reason=finish_reason)
+        return self._chunk(p.chat_chunk(self.head, delta=delta, finish_reason=finish_reason))
+
+    def usage_chunk(self, num_output_tokens: int) -> dict:
+        return p.usage_chunk(self.head, chat=self.chat, usage_=self.usage(num_output_tokens))
+
+    def _chunk(self, body: dict) -> dict:
+        return {**body, "usage": None} if self.usage_in_chunks else body
 
 
 def _sse_data(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _sse(stream: RequestStream, fmt: _Format, usage: bool) -> AsyncIterator[str]:
+async def _sse(stream: RequestStream, fmt: _Format) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``. A client that goes away
     cancels this generator; `finally` then aborts the request, which frees its KV blocks."""
     try:
@@ -227,9 +252,8 @@ async def _sse(stream: RequestStream, fmt: _Format, usage: bool) -> AsyncIterato
         async for output in stream.outputs():
             for chunk in fmt.chunks(output.text, output.finish_reason):
                 yield _sse_data(chunk)
-        if usage:
-            yield _sse_data(p.usage_chunk(fmt.rid, fmt.created, fmt.model, chat=fmt.chat,
-                                          usage_=fmt.usage(stream.num_output_tokens)))
+        if fmt.usage_in_chunks:
+            yield _sse_data(fmt.usage_chunk(stream.num_output_tokens))
         yield "data: [DONE]\n\n"
     except EngineError as exc:
         yield _sse_data(p.APIError(503, f"the engine could not finish the request: {exc}").body())
@@ -278,6 +302,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     if exc.status_code == 404:
         message += "; routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics"
     return _error_response(request, p.APIError(exc.status_code, message))
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client hung up while sending its body: nobody reads an answer, and it is not a server error."""
+    log.debug("client hung up while sending %s %s", request.method, request.url.path)
+    _state(request).metrics.errors.labels(status="499").inc()
+    return Response(status_code=499)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

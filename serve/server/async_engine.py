@@ -37,15 +37,18 @@ class EngineError(RuntimeError):
 
 
 class AsyncEngine:
-    """Submits requests to the engine thread and admits them only while the waiting queue has room."""
+    """Submits requests to the engine thread and admits them only while the waiting queue, counting the free
+    running slots as room too, has space."""
 
     def __init__(self, engine_loop: EngineLoop, *, ingress, tokenizer, metrics: ServerMetrics,
-                 max_waiting_requests: int, retry_after_s: int = 1) -> None:
+                 max_waiting_requests: int, max_num_seqs: int, retry_after_s: int = 1) -> None:
         self.engine_loop = engine_loop
         self.ingress = ingress  # the AdmissionController, or the EngineLoop itself
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
+        self.max_num_seqs = max_num_seqs
+        """Running slots of the engine (EngineConfig.max_num_seqs)."""
         self.retry_after_s = retry_after_s
         self.num_in_flight = 0  # only touched on the event loop
         metrics.track_in_flight(lambda: self.num_in_flight)
@@ -56,12 +59,19 @@ class AsyncEngine:
         (num_running comes from the engine's last snapshot, at most one step old.)"""
         return max(0, self.num_in_flight - self.engine_loop.snapshot.num_running)
 
+    @property
+    def num_free_slots(self) -> int:
+        """Running slots no sequence holds (as of the last snapshot): the waiting requests that will start
+        at the next step, so a cold burst is not refused while the engine has room to run it."""
+        return max(0, self.max_num_seqs - self.engine_loop.snapshot.num_running)
+
     def check_capacity(self) -> None:
         if not self.engine_loop.snapshot.alive:
             raise APIError(503, f"the engine has stopped: {self.engine_loop.error or 'shut down'}")
-        if self.num_waiting >= self.max_waiting_requests:
-            raise APIError(429, f"the server has {self.num_waiting} requests waiting (limit "
-                                f"{self.max_waiting_requests}); retry after {self.retry_after_s} s",
+        if self.num_waiting >= self.max_waiting_requests + self.num_free_slots:
+            raise APIError(429, f"the server has {self.num_waiting} requests waiting for {self.num_free_slots} "
+                                f"free running slots (queue limit {self.max_waiting_requests}); retry after "
+                                f"{self.retry_after_s} s",
                            code="queue_full", headers={"Retry-After": str(self.retry_after_s)})
 
     def submit(self, request_id: str, prompt_token_ids: list[int], *, max_new_tokens: int,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
 from typing import Literal
 
 from serve.engine.llm import EngineConfig
@@ -35,11 +37,15 @@ class ServeConfig:
     predictor_batch_size: int = 32
     """Most prompts the predictor thread classifies in one batch."""
     host: str = "127.0.0.1"
-    """Address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every interface."""
+    """Address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every interface (needs an API key, or
+    ``allow_insecure_no_auth``)."""
     port: int = 8000
     api_key: str | None = None
-    """Clients must send ``Authorization: Bearer <key>`` (every route but /health); default: env S3_API_KEY,
-    and no key at all when that is unset."""
+    """Clients must send ``Authorization: Bearer <key>`` (every route but /health); default: env S3_API_KEY
+    (preferred: a key on the command line is visible to every user in `ps`), and no key when that is unset."""
+    allow_insecure_no_auth: bool = False
+    """Serve a non-loopback ``host`` without an API key: anyone who can reach the port can generate, read
+    /metrics and write to the feedback store. Without it, such a server refuses to start."""
     served_model_name: str | None = None
     """The model name clients ask for; default: the engine's model (``smollm2`` or the folder's name)."""
     max_new_tokens: int = 512
@@ -48,6 +54,9 @@ class ServeConfig:
     """Requests accepted but not yet running beyond which new ones get 429 (with Retry-After)."""
     max_body_bytes: int = 1 << 20
     """Larger request bodies get 413."""
+    body_timeout_s: float = 30.0
+    """A request body not fully received this long after its handler starts reading gets 408 (a client that
+    declares more bytes than it sends would otherwise hold a handler open)."""
     retry_after_s: int = 1
     """Retry-After sent with a 429."""
     feedback_dir: str | None = "runs/feedback"
@@ -71,6 +80,8 @@ class ServeConfig:
                      "feedback_sync_every", "num_buckets", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.body_timeout_s > 0:
+            raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.fallback_policy not in (None, "max", "paged"):
@@ -79,3 +90,27 @@ class ServeConfig:
     @property
     def policy(self) -> str:
         return self.engine.policy.policy
+
+    def resolved_api_key(self) -> str | None:
+        """The key clients must send: ``api_key``, else env S3_API_KEY; None (no key) when both are empty."""
+        return self.api_key or os.environ.get("S3_API_KEY") or None
+
+    def check_exposure(self) -> None:
+        """Refuse to serve other machines with no key unless the user said so (``allow_insecure_no_auth``)."""
+        if is_loopback(self.host) or self.resolved_api_key() or self.allow_insecure_no_auth:
+            return
+        raise ValueError(
+            f"--host {self.host} serves other machines, and no API key is set: anyone who can reach port "
+            f"{self.port} could use the server. Set S3_API_KEY in the environment (or --api-key), bind "
+            "127.0.0.1, or pass --set allow_insecure_no_auth=true to serve without a key anyway"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface

@@ -114,6 +114,7 @@ class EngineLoop:
         self.snapshot = EngineSnapshot(num_kv_blocks=engine.scheduler.pool.num_blocks)
         self.error: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # submit's check and put happen before, or after, the final drain
         self._sinks: dict[str, Sink] = {}
         self._num_sent: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -125,9 +126,10 @@ class EngineLoop:
 
     def submit(self, command: Add | Abort | Call) -> None:
         """Thread-safe; raises EngineDead once the loop has stopped."""
-        if not self.snapshot.alive:
-            raise EngineDead(f"the engine has stopped: {self.error or 'shut down'}")
-        self._commands.put(command)
+        with self._lock:
+            if not self.snapshot.alive:
+                raise EngineDead(f"the engine has stopped: {self.error or 'shut down'}")
+            self._commands.put(command)
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
         """Run ``fn(engine)`` in the engine thread between two steps."""
@@ -152,7 +154,8 @@ class EngineLoop:
             self.error = exc
             self._end_all(f"the engine failed: {exc!r}")
         finally:
-            self.snapshot = dataclasses.replace(self.snapshot, alive=False)
+            with self._lock:
+                self.snapshot = dataclasses.replace(self.snapshot, alive=False)
             self._drain_after_stop()
             if self.feedback is not None:
                 self.feedback.close()
@@ -162,9 +165,11 @@ class EngineLoop:
     def _turn(self) -> bool:
         """One turn of the loop (see the module docstring); False when told to shut down."""
         busy = self.engine.has_unfinished()
-        for command in self._take_commands(block=not busy):
+        commands = self._take_commands(block=not busy)
+        for i, command in enumerate(commands):
             if command is _SHUTDOWN:
                 self._end_all(None)
+                _refuse(commands[i + 1:])  # taken with the shutdown: answered like those still queued
                 return False
             self._apply(command)
         if self.engine.has_unfinished():
@@ -262,13 +267,9 @@ class EngineLoop:
         """Commands that arrived while stopping: their clients learn the engine is gone."""
         while True:
             try:
-                command = self._commands.get_nowait()
+                _refuse([self._commands.get_nowait()])
             except queue.Empty:
                 return
-            if isinstance(command, Add):
-                send_error(command.sink, "the server is shutting down")
-            elif isinstance(command, Call):
-                command.future.set_exception(EngineDead("the engine has stopped"))
 
     def _publish(self) -> None:
         scheduler = self.engine.scheduler
@@ -281,6 +282,15 @@ class EngineLoop:
             num_kv_blocks_used=sum(blocks_for(r.num_computed_tokens, block_size) for r in scheduler.running),
             stats=dataclasses.replace(scheduler.stats),
         )
+
+
+def _refuse(commands: list) -> None:
+    """Answer commands the stopped engine will never run: requests get an error, calls an exception."""
+    for command in commands:
+        if isinstance(command, Add):
+            send_error(command.sink, "the server is shutting down")
+        elif isinstance(command, Call):
+            command.future.set_exception(EngineDead("the engine has stopped"))
 
 
 def send_error(sink: Sink, message: str) -> None:

@@ -28,9 +28,10 @@ from serve.server.admission import (
 )  # fmt: skip
 from serve.server.app import ServerState, create_app
 from serve.server.async_engine import AsyncEngine
-from serve.server.config import ServeConfig
+from serve.server.config import ServeConfig, is_loopback
 from serve.server.engine_loop import EngineLoop
 from serve.server.metrics import ServerMetrics
+from serve.server.protocol import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,14 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
                                          metrics=metrics)
     async_engine = AsyncEngine(engine_loop, ingress=controller or engine_loop, tokenizer=engine.tokenizer,
                                metrics=metrics, max_waiting_requests=config.max_waiting_requests,
-                               retry_after_s=config.retry_after_s)
+                               max_num_seqs=engine.config.max_num_seqs, retry_after_s=config.retry_after_s)
     state = ServerState(
         engine=async_engine, metrics=metrics, tokenizer=engine.tokenizer, model_name=served_model_name(config),
         max_model_len=engine.max_model_len, kv_capacity_tokens=engine.scheduler.pool.capacity_tokens,
         vocab_size=int(engine.runner.hf_model.config.vocab_size), max_new_tokens=config.max_new_tokens,
-        api_key=config.api_key or os.environ.get("S3_API_KEY") or None, max_body_bytes=config.max_body_bytes,
-        default_frequency_penalty=default_frequency_penalty(config, predictor),
+        api_key=config.resolved_api_key(), max_body_bytes=config.max_body_bytes,
+        body_timeout_s=config.body_timeout_s, default_frequency_penalty=default_frequency_penalty(config, predictor),
+        system_fingerprint=fingerprint(engine.model_id, admission.policy.policy, checkpoint_id),
     )  # fmt: skip
     return ServingStack(engine, engine_loop, controller, admission, state, create_app(state))
 
@@ -117,6 +119,7 @@ def serve_main(config: ServeConfig) -> None:
     if config.engine.tensor_parallel > 1 and rank != 0:
         _follow(config)
         return
+    config.check_exposure()  # before minutes of loading a model
     stack = build_stack(config)
     _log_startup(config, stack)
     server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level))
@@ -185,6 +188,9 @@ def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
              config.engine.tensor_parallel, stack.state.default_frequency_penalty)
     log.info("listening on http://%s:%d (API key %s)", config.host, config.port,
              "required" if stack.state.api_key else "not required")
+    if not stack.state.api_key and not is_loopback(config.host):
+        log.warning("serving %s without an API key (allow_insecure_no_auth): anyone who can reach the port can "
+                    "use this server and write to its feedback store", config.host)
 
 
 class BackgroundServer:

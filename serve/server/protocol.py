@@ -3,19 +3,24 @@
 Requests are parsed with pydantic in strict mode (``"10"`` is not an int), and every failure becomes an
 `APIError` whose message and ``param`` name the offending field, in OpenAI's error format. Fields with
 several accepted shapes (``prompt``, ``stop``, message ``content``) are checked by hand for clearer messages.
-Parameters this server does not implement are refused rather than silently ignored.
+Parameters this server does not implement are refused rather than silently ignored. An explicit ``null`` means
+"the default" for every optional field, as in OpenAI's API (its SDK sends ``"temperature": null`` for
+``temperature=None``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
 import uuid
 from typing import Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+REQUIRED = ("model", "prompt", "messages")
 
 
 class APIError(Exception):
@@ -51,6 +56,13 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in REQUIRED}
+        return data
+
     model: str
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -63,6 +75,8 @@ class GenerationRequest(BaseModel):
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    """vLLM's extension: an end-of-sequence token does not end the request (it runs to max_tokens)."""
     # Accepted only at their no-op values (see UNSUPPORTED).
     logit_bias: dict[str, Any] | None = None
     logprobs: Any = None
@@ -79,13 +93,18 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: Any = None
+    # Tool and function calling: refused whatever their value (see TOOL_FIELDS).
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
 
 
 # Not implemented; accepted only when unset, zero, false or empty (best_of also at 1).
-UNSUPPORTED = ("logit_bias", "logprobs", "echo", "best_of", "suffix",
-               "top_logprobs", "tools", "response_format")
+UNSUPPORTED = ("logit_bias", "logprobs", "echo", "best_of", "suffix", "top_logprobs")
+TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 
 
 def parse_request(model_cls: type[GenerationRequest], body: bytes) -> GenerationRequest:
@@ -98,8 +117,36 @@ def parse_request(model_cls: type[GenerationRequest], body: bytes) -> Generation
         value = getattr(request, name, None)
         if value and not (name == "best_of" and value == 1):
             raise bad_request(f"{name} is not supported by this server; leave it out", name)
+    for name in TOOL_FIELDS:
+        if getattr(request, name, None) is not None:
+            raise bad_request(f"{name}: tool and function calling is not supported by this server; leave it out",
+                              name)
+    _check_response_format(getattr(request, "response_format", None))
+    _check_stream_options(request)
     _check_ranges(request)
     return request
+
+
+def _check_response_format(response_format: Any) -> None:
+    """Only plain text (OpenAI's default) is produced: ``{"type": "text"}`` is accepted, JSON modes are not."""
+    if response_format is None or response_format == {"type": "text"}:
+        return
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind in ("json_object", "json_schema"):
+        raise bad_request(f"response_format type {kind!r} is not supported by this server; only 'text'",
+                          "response_format")
+    raise bad_request("response_format must be an object like {\"type\": \"text\"}", "response_format")
+
+
+def _check_stream_options(request: GenerationRequest) -> None:
+    options = request.stream_options
+    if options is None:
+        return
+    if not request.stream:  # OpenAI's rule and message
+        raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                          "stream_options")
+    if options.get("include_usage") not in (None, True, False):
+        raise bad_request("stream_options.include_usage must be true or false", "stream_options.include_usage")
 
 
 def _validation_error(exc: pydantic.ValidationError) -> APIError:
@@ -124,8 +171,8 @@ def _check_ranges(request: GenerationRequest) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2.0 <= getattr(request, name) <= 2.0:
             raise bad_request(f"{name} must be in [-2, 2], got {getattr(request, name)}", name)
-    if request.seed is not None and not 0 <= request.seed < 2**63:
-        raise bad_request(f"seed must be in [0, 2**63), got {request.seed}", "seed")
+    if request.seed is not None and not -(2**63) <= request.seed < 2**63:
+        raise bad_request(f"seed must be a 64-bit integer, in [-2**63, 2**63), got {request.seed}", "seed")
 
 
 def requested_max_tokens(request: GenerationRequest) -> int | None:
@@ -213,40 +260,59 @@ def now() -> int:
     return int(time.time())
 
 
+def fingerprint(*parts: object) -> str:
+    """OpenAI's ``system_fingerprint``: names the serving configuration (model, policy, predictor) that
+    produced an answer; it changes when one of them does."""
+    return "fp_" + hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """What every response and chunk of one request repeats."""
+
+    rid: str
+    created: int
+    model: str
+    system_fingerprint: str
+
+    def fields(self, kind: str) -> dict:
+        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": self.system_fingerprint}
+
+
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
             "total_tokens": num_prompt_tokens + num_completion_tokens}
 
 
-def completion_body(rid: str, created: int, model: str, *, text: str, finish_reason: str | None,
-                    usage_: dict | None, chunk: bool) -> dict:
-    """A /v1/completions response (``chunk=False``) or one of its stream chunks."""
-    body = {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
-    if usage_ is not None or not chunk:
-        body["usage"] = usage_
-    return body
+def completion_body(head: Head, *, text: str, finish_reason: str | None, usage_: dict | None) -> dict:
+    """A whole /v1/completions response."""
+    return {**completion_chunk(head, text=text, finish_reason=finish_reason), "usage": usage_}
 
 
-def chat_body(rid: str, created: int, model: str, *, text: str, finish_reason: str | None,
-              usage_: dict | None) -> dict:
+def completion_chunk(head: Head, *, text: str, finish_reason: str | None) -> dict:
+    """One /v1/completions stream chunk (OpenAI streams the same object as the whole response)."""
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return {**head.fields("text_completion"), "choices": [choice]}
+
+
+def chat_body(head: Head, *, text: str, finish_reason: str | None, usage_: dict | None) -> dict:
     """A whole /v1/chat/completions response."""
     message = {"role": "assistant", "content": text}
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage_}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    return {**head.fields("chat.completion"), "choices": [choice], "usage": usage_}
 
 
-def chat_chunk(rid: str, created: int, model: str, *, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(head: Head, *, delta: dict, finish_reason: str | None) -> dict:
     """One chat stream chunk; the first carries the role, the last an empty delta and the finish reason."""
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {**head.fields("chat.completion.chunk"), "choices": [choice]}
 
 
-def usage_chunk(rid: str, created: int, model: str, *, chat: bool, usage_: dict) -> dict:
-    """The extra last chunk of ``stream_options.include_usage``: no choices, only usage."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    return {"id": rid, "object": kind, "created": created, "model": model, "choices": [], "usage": usage_}
+def usage_chunk(head: Head, *, chat: bool, usage_: dict) -> dict:
+    """The extra last chunk of ``stream_options.include_usage``: no choices, only usage (the chunks before it
+    carry ``"usage": null``)."""
+    return {**head.fields("chat.completion.chunk" if chat else "text_completion"), "choices": [], "usage": usage_}
 
 
 def models_body(model: str, created: int) -> dict:

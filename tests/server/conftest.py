@@ -28,9 +28,9 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """s3 policy with a predictor that always says bucket 0 (most answers mispredict), EOS on, a KV pool of
-    128 blocks x 4 tokens: the load test preempts."""
+    128 blocks x 4 tokens: the load test preempts. A request body must arrive within 1 s."""
     tmp = tmp_path_factory.mktemp("s3-server")
-    config = serve_config(tmp, kv_cache_tokens=512, max_waiting_requests=1000)
+    config = serve_config(tmp, kv_cache_tokens=512, max_waiting_requests=1000, body_timeout_s=1.0)
     srv = start_server(config, predictor=FakePredictor(bucket=0))
     yield srv
     srv.stop()
@@ -38,9 +38,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
-    """paged policy, no EOS, answers up to 400 tokens, at most 2 requests waiting: for disconnects and 429s."""
+    """paged policy, no EOS, answers up to 400 tokens, 4 running slots and at most 2 requests waiting beyond
+    the free ones: for disconnects and 429s."""
     tmp = tmp_path_factory.mktemp("s3-slow")
-    config = serve_config(tmp, policy="paged", kv_cache_tokens=4096, max_new_tokens=400, max_waiting_requests=2)
+    config = serve_config(tmp, policy="paged", kv_cache_tokens=4096, max_new_tokens=400, max_waiting_requests=2,
+                          max_num_seqs=4)
     srv = start_server(config, eos=False)
     yield srv
     srv.stop()

@@ -63,9 +63,10 @@ class FakePredictor:
         return [LengthPrediction(bucket=self.bucket, probs=probs) for _ in prompts]
 
 
-def serve_config(tmp_path, *, policy: str = "s3", kv_cache_tokens: int = 1024, **overrides) -> ServeConfig:
+def serve_config(tmp_path, *, policy: str = "s3", kv_cache_tokens: int = 1024, max_num_seqs: int = 16,
+                 **overrides) -> ServeConfig:
     engine = EngineConfig(
-        model="tiny-llama", kv_cache_tokens=kv_cache_tokens, block_size=4, max_num_seqs=16,
+        model="tiny-llama", kv_cache_tokens=kv_cache_tokens, block_size=4, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=256, policy=PolicyConfig(policy=policy, watermark=0.0),
     )  # fmt: skip
     fields = dict(engine=engine, max_new_tokens=MAX_NEW_TOKENS, feedback_dir=str(tmp_path / "feedback"),

@@ -72,7 +72,8 @@ def test_body_over_the_limit_is_413(server):
     assert _post(server, "/v1/completions", big).status_code == 413
     # Without a Content-Length (chunked), the limit holds while reading.
     chunks = (big[i:i + 65536].encode() for i in range(0, len(big), 65536))
-    response = httpx.post(f"{server.url}/v1/completions", content=chunks, headers=AUTH)
+    response = httpx.post(f"{server.url}/v1/completions", content=chunks,
+                          headers={**AUTH, "Content-Type": "application/json"})
     assert response.status_code == 413 and "limit" in _error(response)["message"]
 
 
@@ -86,19 +87,26 @@ def test_missing_or_wrong_api_key_is_401(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
-def test_full_queue_is_429_with_retry_after(slow_server):
+def test_full_queue_is_429_with_retry_after_counting_free_running_slots(slow_server):
+    """A cold burst (nothing running yet): 4 free running slots + 2 waiting are accepted, the 7th is refused."""
+    engine = slow_server.stack.state.engine
+    room = engine.max_waiting_requests + engine.max_num_seqs
+
     async def main():
         c = async_client(slow_server)
         ask = lambda: c.completions.create(model="tiny", prompt="queued", max_tokens=3)  # noqa: E731
         with engine_paused(slow_server):
-            waiting = [asyncio.ensure_future(ask()) for _ in range(2)]
-            await asyncio.to_thread(wait_for, lambda: slow_server.stack.state.engine.num_in_flight == 2)
+            assert slow_server.stack.engine_loop.snapshot.num_running == 0
+            waiting = [asyncio.ensure_future(ask()) for _ in range(room)]
+            await asyncio.to_thread(wait_for, lambda: engine.num_in_flight == room)
             with pytest.raises(openai.RateLimitError) as info:
                 await ask()
         done = await asyncio.gather(*waiting)
         return info.value, done
 
     error, done = asyncio.run(main())
+    assert room == 6
     assert error.response.headers["retry-after"] == "1" and error.body["code"] == "queue_full"
-    assert [d.usage.completion_tokens for d in done] == [3, 3]
+    assert "4 free running slots" in error.body["message"]
+    assert [d.usage.completion_tokens for d in done] == [3] * room
     wait_idle(slow_server)

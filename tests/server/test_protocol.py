@@ -76,3 +76,63 @@ def test_accepted_shapes():
 def test_error_types_follow_openai():
     assert p.APIError(401, "x").body()["error"]["type"] == "authentication_error"
     assert p.APIError(429, "x").type == "rate_limit_error" and p.APIError(503, "x").type == "server_error"
+
+
+# Every optional field OpenAI marks nullable, per endpoint (the SDK sends null for a parameter passed as None).
+NULLABLE = ("max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
+            "frequency_penalty", "logit_bias", "logprobs", "user", "stream_options")
+COMPLETION_NULLABLE = NULLABLE + ("echo", "best_of", "suffix")
+CHAT_NULLABLE = NULLABLE + ("max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+                            "functions", "function_call", "parallel_tool_calls")
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_explicit_null_means_the_default_for_every_nullable_field():
+    default = _parse(p.CompletionRequest, {"model": "m", "prompt": "hi"})
+    nulls = _parse(p.CompletionRequest, {"model": "m", "prompt": "hi"} | dict.fromkeys(COMPLETION_NULLABLE))
+    assert nulls == default and nulls.model_fields_set == {"model", "prompt"}  # frequency_penalty: "left out"
+    chat = _parse(p.ChatCompletionRequest, CHAT | dict.fromkeys(CHAT_NULLABLE))
+    assert chat == _parse(p.ChatCompletionRequest, CHAT) and (chat.temperature, chat.n) == (1.0, 1)
+    # Required fields stay required.
+    assert _error(p.CompletionRequest, {"model": None, "prompt": "hi"}).param == "model"
+    assert _error(p.ChatCompletionRequest, {"model": "m", "messages": None}).param == "messages"
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tools", []), ("tool_choice", "required"),
+    ("tool_choice", "none"), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("parallel_tool_calls", False),
+])  # fmt: skip
+def test_tool_and_function_calling_fields_are_refused_by_name(field, value):
+    error = _error(p.ChatCompletionRequest, CHAT | {field: value})
+    assert error.status == 400 and error.param == field and "tool and function calling" in error.message
+    assert error.message.startswith(field)
+
+
+def test_stream_options_need_stream_as_in_openai():
+    error = _error(p.CompletionRequest, {"model": "m", "prompt": "hi", "stream_options": {"include_usage": True}})
+    assert error.param == "stream_options" and "only allowed when 'stream' is enabled" in error.message
+    error = _error(p.ChatCompletionRequest, CHAT | {"stream": False, "stream_options": {"include_usage": True}})
+    assert error.param == "stream_options"
+    request = _parse(p.ChatCompletionRequest, CHAT | {"stream": True, "stream_options": {"include_usage": True}})
+    assert p.include_usage(request)
+    bad = CHAT | {"stream": True, "stream_options": {"include_usage": "yes"}}
+    assert _error(p.ChatCompletionRequest, bad).param == "stream_options.include_usage"
+
+
+def test_openai_defaults_and_extensions_are_accepted():
+    chat = _parse(p.ChatCompletionRequest, CHAT | {"response_format": {"type": "text"}, "seed": -(2**63),
+                                                   "ignore_eos": True})
+    assert chat.seed == -(2**63) and chat.ignore_eos
+    assert _parse(p.CompletionRequest, {"model": "m", "prompt": "hi", "seed": -1}).seed == -1
+    assert _error(p.CompletionRequest, {"model": "m", "prompt": "hi", "seed": 2**63}).param == "seed"
+    error = _error(p.ChatCompletionRequest, CHAT | {"response_format": {"type": "json_object"}})
+    assert error.param == "response_format" and "'json_object' is not supported" in error.message
+    assert _error(p.ChatCompletionRequest, CHAT | {"response_format": "text"}).param == "response_format"
+    assert _error(p.CompletionRequest, {"model": "m", "prompt": "hi", "ignore_eos": 1}).param == "ignore_eos"
+
+
+def test_fingerprint_names_the_configuration():
+    assert p.fingerprint("m", "s3", "ckpt") == p.fingerprint("m", "s3", "ckpt")
+    assert p.fingerprint("m", "s3", "ckpt") != p.fingerprint("m", "s3", "other")
+    assert p.fingerprint("m").startswith("fp_")

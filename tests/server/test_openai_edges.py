@@ -1,0 +1,96 @@
+"""The edges of OpenAI compatibility, through the official openai client: null for optional parameters,
+vLLM's ignore_eos, refused tool calling, system_fingerprint, usage: null in streamed chunks, negative seeds,
+response_format text, HEAD /health."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import client, wait_idle
+from tests.server.fakes import MAX_NEW_TOKENS
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+PROMPTS = ["Once upon a time", "The answer is", "hello", "Name three colours.", "abc", "zzz", "1 2 3", "Why?"]
+
+
+def test_none_for_every_optional_parameter_means_the_default(server):
+    """The SDK sends explicit nulls for parameters passed as None (wrapper code forwarding its arguments)."""
+    c = client(server)
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "seed",
+                           "stop", "max_tokens", "logit_bias", "user"))
+    chat = c.chat.completions.create(model="tiny", messages=CHAT, **nulls, extra_body={"logprobs": None})
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= MAX_NEW_TOKENS
+    done = c.completions.create(model="tiny", prompt="hi", **nulls, extra_body={"echo": None, "best_of": None,
+                                                                                "suffix": None})
+    assert done.choices[0].finish_reason in ("stop", "length")
+    wait_idle(server)
+
+
+def test_ignore_eos_runs_every_request_to_max_tokens(server):
+    c = client(server)
+    plain = [c.completions.create(model="tiny", prompt=p, max_tokens=32, temperature=0) for p in PROMPTS]
+    assert any(r.choices[0].finish_reason == "stop" for r in plain), "no prompt met EOS: the test shows nothing"
+    for prompt in PROMPTS:
+        whole = c.completions.create(model="tiny", prompt=prompt, max_tokens=32, temperature=0,
+                                     extra_body={"ignore_eos": True})
+        assert (whole.usage.completion_tokens, whole.choices[0].finish_reason) == (32, "length")
+    chat = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=32, extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 32
+    wait_idle(server)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("tools", [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]),
+    ("tool_choice", "required"), ("parallel_tool_calls", True), ("functions", [{"name": "f"}]),
+    ("function_call", "auto"),
+])  # fmt: skip
+def test_tool_calling_is_refused_naming_the_field(server, field, value):
+    with pytest.raises(openai.BadRequestError) as info:
+        client(server).chat.completions.create(model="tiny", messages=CHAT, **{field: value})
+    assert info.value.body["param"] == field and "not supported" in info.value.body["message"]
+
+
+def test_stream_options_without_stream_is_refused(server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client(server).chat.completions.create(model="tiny", messages=CHAT, stream_options={"include_usage": True})
+    assert info.value.body["param"] == "stream_options"
+
+
+def test_system_fingerprint_and_usage_null_in_chunks(server):
+    c = client(server)
+    fingerprint = server.stack.state.system_fingerprint
+    assert fingerprint.startswith("fp_")
+    assert c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4).system_fingerprint == fingerprint
+    assert c.completions.create(model="tiny", prompt="hi", max_tokens=4).system_fingerprint == fingerprint
+    for chat in (True, False):
+        create = c.chat.completions.create if chat else c.completions.create
+        kwargs = {"messages": CHAT} if chat else {"prompt": "hi"}
+        chunks = list(create(model="tiny", max_tokens=6, stream=True, stream_options={"include_usage": True},
+                             **kwargs))
+        assert all(chunk.system_fingerprint == fingerprint for chunk in chunks)
+        *body, last = chunks
+        assert last.choices == [] and last.usage.completion_tokens <= 6
+        assert all(chunk.usage is None and "usage" in chunk.model_fields_set for chunk in body)
+        plain = list(create(model="tiny", max_tokens=6, stream=True, **kwargs))
+        assert all("usage" not in chunk.model_fields_set for chunk in plain)  # as OpenAI: no usage key at all
+    wait_idle(server)
+
+
+def test_negative_seed_and_text_response_format(server):
+    c = client(server)
+    ask = lambda seed: c.chat.completions.create(  # noqa: E731
+        model="tiny", messages=CHAT, max_tokens=8, seed=seed, temperature=1.0, response_format={"type": "text"})
+    first, again, other = ask(-42), ask(-42), ask(42)
+    assert first.choices[0].message.content == again.choices[0].message.content
+    assert first.usage.completion_tokens >= 1 and other.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(model="tiny", messages=CHAT, response_format={"type": "json_object"})
+    assert info.value.body["param"] == "response_format"
+    wait_idle(server)
+
+
+def test_head_health(server):
+    response = httpx.head(f"{server.url}/health")
+    assert response.status_code == 200 and response.content == b""
