@@ -107,7 +107,9 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                     raise p.APIError(413, f"the request body exceeds the limit of {limit} bytes")
                 chunks.append(chunk)
     except TimeoutError:
-        raise p.APIError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)") from None
+        # Connection: close, so the connection goes too instead of waiting for the rest of the body.
+        raise p.APIError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)",
+                         headers={"Connection": "close"}) from None
     return b"".join(chunks)
 
 
