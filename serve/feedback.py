@@ -4,7 +4,12 @@ Records share the labelled data's schema (prompt, source, num_prompt_tokens, num
 plus what the predictor said, so retraining is training with more rows. Crash safety: a record is one
 `write` of one line; segments are flushed and fsync'd every `sync_every` records (and on close), rotated
 by size, and never appended to after a restart, so a kill -9 can only leave a torn last line, which the
-reader skips. At most the records not yet synced are lost.
+reader skips. At most the records not yet synced are lost. The reader also skips (and counts) lines without
+the record schema, so a stray or hand-edited file cannot crash `s3 feedback` or retraining.
+
+Who writes here: the server, for every mispredicted request of any client that passes the API key check.
+Feedback prompts are therefore client-chosen text that `s3 train --feedback` trains on (see README, "Feedback
+store: who can write to it").
 """
 
 from __future__ import annotations
@@ -91,20 +96,53 @@ class FeedbackWriter:
         self.close()
 
 
-def read_feedback(directory: str | pathlib.Path) -> Iterator[dict]:
-    """Every whole record in every segment, oldest segment first; torn lines are skipped."""
+# What a reader needs of a record, by field: the training columns and the prediction it was admitted under.
+RECORD_FIELDS = {"prompt": (str, type(None)), "source": (str,), "num_prompt_tokens": (int,),
+                 "num_output_tokens": (int,), "finished": (bool,), "true_bucket": (int,),
+                 "predicted_bucket": (int, type(None))}
+
+
+def is_feedback_record(record: object) -> bool:
+    """Whether ``record`` has the schema `feedback_record` writes (bool is not taken for an int)."""
+    if not isinstance(record, dict):
+        return False
+    for name, types in RECORD_FIELDS.items():
+        value = record.get(name, ...)
+        if type(value) not in types or (type(value) is int and value < 0):
+            return False
+    return type(record.get("num_preemptions", 0)) is int
+
+
+def read_feedback(directory: str | pathlib.Path, *, skipped: collections.Counter | None = None) -> Iterator[dict]:
+    """Every usable record in every segment, oldest segment first. Lines it cannot use are skipped and, when
+    ``skipped`` is given, counted there: ``torn`` (not a whole JSON line, e.g. the last write before a kill -9)
+    and ``not_a_record`` (valid JSON without the feedback schema, e.g. a file someone else wrote)."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"feedback folder {directory} does not exist")
+    skipped = collections.Counter() if skipped is None else skipped
     for path in sorted(directory.glob("segment-*.jsonl")):
         with path.open(encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.endswith("\n"):
-                    break  # a torn last line: the write it belonged to never completed
+                    skipped["torn"] += 1  # a torn last line: the write it belonged to never completed
+                    break
                 try:
-                    yield json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError:
+                    skipped["torn"] += 1
                     continue
+                if is_feedback_record(record):
+                    yield record
+                else:
+                    skipped["not_a_record"] += 1
+
+
+def summarize_store(directory: str | pathlib.Path) -> dict:
+    """`summarize` of a store's usable records, with how many lines were skipped and why."""
+    skipped: collections.Counter = collections.Counter()
+    summary = summarize(list(read_feedback(directory, skipped=skipped)))
+    return summary | {"num_skipped": sum(skipped.values()), "skipped": dict(sorted(skipped.items()))}
 
 
 def summarize(records: list[dict]) -> dict:
@@ -137,6 +175,9 @@ def format_summary(summary: dict) -> str:
         "",
         "bucket  predicted  true",
     ]
+    if summary.get("num_skipped"):  # summarize_store's count
+        reasons = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in summary["skipped"].items())
+        lines.insert(1, f"skipped {summary['num_skipped']} unusable lines ({reasons})")
     lines += [
         f"{b:>6}  {summary['by_predicted_bucket'].get(b, 0):>9}  {summary['by_true_bucket'].get(b, 0):>4}"
         for b in buckets

@@ -1,3 +1,4 @@
+import collections
 import json
 import os
 import signal
@@ -10,8 +11,17 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from core.buckets import BucketSpec
-from serve.feedback import FeedbackWriter, feedback_record, read_feedback, summarize
+from serve.feedback import (
+    FeedbackWriter, feedback_record, format_summary, is_feedback_record, read_feedback, summarize, summarize_store,
+)  # fmt: skip
 from tests.fakes import make_request, make_scheduler, run_until_done
+
+
+def _record(request_id: str, *, predicted_bucket: int | None = 0, true_bucket: int = 1, **extra) -> dict:
+    """A record with the schema the server writes (serve.feedback.feedback_record)."""
+    return {"request_id": request_id, "prompt": f"prompt {request_id}", "source": "feedback",
+            "num_prompt_tokens": 3, "num_output_tokens": 10, "finished": True,
+            "predicted_bucket": predicted_bucket, "true_bucket": true_bucket} | extra
 
 
 def test_records_of_mispredicted_requests_have_the_training_schema(tmp_path):
@@ -29,7 +39,7 @@ def test_records_of_mispredicted_requests_have_the_training_schema(tmp_path):
 def test_rotation_and_summary(tmp_path):
     with FeedbackWriter(tmp_path, sync_every=3, max_segment_bytes=300) as writer:
         for i in range(20):
-            writer.write({"request_id": str(i), "predicted_bucket": i % 3, "true_bucket": 1, "num_preemptions": 1})
+            writer.write(_record(str(i), predicted_bucket=i % 3, num_preemptions=1))
     assert len(list(tmp_path.glob("segment-*.jsonl"))) > 3
     records = list(read_feedback(tmp_path))
     assert [r["request_id"] for r in records] == [str(i) for i in range(20)]
@@ -47,7 +57,8 @@ from serve.feedback import FeedbackWriter
 w = FeedbackWriter(sys.argv[1], sync_every=5, max_segment_bytes=4000)
 i = 0
 while True:
-    w.write({"request_id": str(i), "prompt": "p" * 200, "predicted_bucket": 0, "true_bucket": 1})
+    w.write({"request_id": str(i), "prompt": "p" * 200, "source": "feedback", "num_prompt_tokens": 200,
+             "num_output_tokens": 9, "finished": True, "predicted_bucket": 0, "true_bucket": 1})
     i += 1
     if i == 50:
         print("ready", flush=True)
@@ -66,6 +77,25 @@ def test_kill_9_mid_write_leaves_every_segment_readable(tmp_path):
     # A restarted writer starts a new segment instead of appending after a torn line.
     before = set(tmp_path.glob("segment-*.jsonl"))
     with FeedbackWriter(tmp_path) as writer:
-        writer.write({"request_id": "after", "predicted_bucket": 0, "true_bucket": 0})
+        writer.write(_record("after"))
     assert len(set(tmp_path.glob("segment-*.jsonl")) - before) == 1
     assert list(read_feedback(tmp_path))[-1]["request_id"] == "after"
+
+
+def test_the_reader_skips_and_counts_lines_it_cannot_use(tmp_path):
+    good = [_record("a"), _record("b", predicted_bucket=None, prompt=None)]
+    junk = ["[1, 2]", '"text"', "null", "{}", json.dumps(_record("c") | {"true_bucket": "1"}),
+            json.dumps(_record("d") | {"finished": 1}), json.dumps(_record("e") | {"num_output_tokens": True}),
+            json.dumps(_record("f") | {"true_bucket": -1}), json.dumps({k: v for k, v in _record("g").items()
+                                                                       if k != "source"})]
+    lines = [json.dumps(good[0]), *junk, "{torn", json.dumps(good[1])]
+    (tmp_path / "segment-1.jsonl").write_text("\n".join(lines) + "\n" + '{"request_id": "cut off')
+    skipped = collections.Counter()
+    assert list(read_feedback(tmp_path, skipped=skipped)) == good
+    assert skipped == {"not_a_record": len(junk), "torn": 2}
+    assert not any(is_feedback_record(json.loads(line)) for line in junk)
+    summary = summarize_store(tmp_path)
+    assert summary["num_records"] == 2 and summary["num_skipped"] == len(junk) + 2
+    assert "skipped 11 unusable lines (9 not a record, 2 torn)" in format_summary(summary)
+    result = CliRunner().invoke(main, ["feedback", str(tmp_path)])  # no traceback on a store like this
+    assert result.exit_code == 0 and "2 feedback records" in result.output, result.output
