@@ -26,10 +26,10 @@ def _trace(out: SchedulerOutput) -> tuple:
 def test_model_and_cost_model_make_the_same_schedule(policy):
     rng = random.Random(1)
     prompts = {str(i): [rng.randrange(1, 128) for _ in range(rng.randint(3, 30))] for i in range(8)}
-    config = EngineConfig(kv_cache_tokens=96, block_size=4, max_num_seqs=4, max_num_batched_tokens=24,
+    config = EngineConfig(kv_cache_tokens=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=24,
                           policy=PolicyConfig(policy=policy, watermark=0.0))  # fmt: skip
     engine = LLMEngine(config, model=tiny_llama(), tokenizer=None, clock=lambda: 0.0)
-    engine.executor.eos_token_ids = set(range(0, 128, 7))  # varied lengths from a model with no EOS of its own
+    engine.executor.eos_token_ids = set(range(0, 128, 23))  # varied lengths from a model with no EOS of its own
     for rid, ids in prompts.items():
         engine.add_request(rid, ids, max_new_tokens=MAX_NEW)
     model_trace, lengths = [], {}
