@@ -17,7 +17,9 @@ class ServeConfig:
 
     engine: EngineConfig = EngineConfig(policy=PolicyConfig(policy="s3"))
     """Model, KV pool, batch limits, tensor-parallel degree; ``engine.policy.policy`` is the admission policy
-    (s3, max, paged; oracle needs ``oracle_lengths``)."""
+    (s3, max, paged; oracle needs ``oracle_lengths``). ``engine.max_num_batched_tokens`` (tokens per step) and
+    ``engine.long_prefill_token_threshold`` (prompt tokens per request per step) bound how long one step takes,
+    so that a long prompt is prefilled in slices between the running streams' tokens (configs/serve_cpu.yaml)."""
     predictor: str | None = None
     """Length-predictor checkpoint folder (the output of `s3 train`); needed by the s3 policy."""
     oracle_lengths: str | None = None
