@@ -113,13 +113,13 @@ def served_model_name(config: ServeConfig) -> str:
 
 def serve_main(config: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM (rank 0), or follow rank 0's steps (other tensor-parallel ranks)."""
-    config.check_exposure()  # every rank, before minutes of loading a model
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(config.torch_threads or max(1, _num_cores() - 1))
     rank = int(os.environ.get("RANK", "0"))
     if config.engine.tensor_parallel > 1 and rank != 0:
-        _follow(config)
+        _follow(config)  # binds nothing; rank 0's refusal below ends the launch (the launcher stops every rank)
         return
+    config.check_exposure()  # before minutes of loading a model
     stack = build_stack(config)
     _log_startup(config, stack)
     server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level))
