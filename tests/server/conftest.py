@@ -28,9 +28,9 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """s3 policy with a predictor that always says bucket 0 (most answers mispredict), EOS on, a KV pool of
-    128 blocks x 4 tokens: the load test preempts. A request body must arrive within 1 s."""
+    128 blocks x 4 tokens: the load test preempts."""
     tmp = tmp_path_factory.mktemp("s3-server")
-    config = serve_config(tmp, kv_cache_tokens=512, max_waiting_requests=1000, body_timeout_s=1.0)
+    config = serve_config(tmp, kv_cache_tokens=512, max_waiting_requests=1000)
     srv = start_server(config, predictor=FakePredictor(bucket=0))
     yield srv
     srv.stop()
