@@ -165,7 +165,7 @@ class LLMEngine:
         self.executor.follow()
 
     def shutdown(self) -> None:
-        if self.rank == 0 and self.config.tensor_parallel > 1:
+        if self.rank == 0:
             self.executor.shutdown()
 
     # -- offline use ------------------------------------------------------------------------------------------

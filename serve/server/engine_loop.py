@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 from serve.engine.llm import LLMEngine
 from serve.engine.plan import SamplingParams
-from serve.kv import blocks_for
 from core.request import LengthPrediction, Request
 from serve.scheduler import SchedulerStats
 
@@ -272,15 +271,14 @@ class EngineLoop:
                 return
 
     def _publish(self) -> None:
-        scheduler = self.engine.scheduler
-        block_size = scheduler.pool.block_size
+        snap = self.engine.snapshot()
         self.snapshot = EngineSnapshot(
-            num_waiting=scheduler.num_waiting,
-            num_running=scheduler.num_running,
-            num_kv_blocks=scheduler.pool.num_blocks,
-            num_kv_blocks_reserved=scheduler.pool.num_used_blocks,
-            num_kv_blocks_used=sum(blocks_for(r.num_computed_tokens, block_size) for r in scheduler.running),
-            stats=dataclasses.replace(scheduler.stats),
+            num_waiting=snap.num_waiting,
+            num_running=snap.num_running,
+            num_kv_blocks=snap.num_kv_blocks,
+            num_kv_blocks_reserved=snap.num_kv_blocks_held,
+            num_kv_blocks_used=snap.num_kv_blocks_used,
+            stats=snap.stats,
         )
 
 

@@ -157,7 +157,7 @@ def simulate_policy(
             continue
         step = core.step()
         assert step.output.seqs, "the scheduler made no progress with requests waiting"
-        acc.add(step.output, executor.last_step_s, clock.now, scheduler.snapshot().num_kv_blocks_held)
+        acc.add(step.output, executor.last_step_s, clock.now, scheduler.pool.num_used_blocks)
     return _summarise(policy, requests, scheduler, acc, time.perf_counter() - wall0)
 
 
