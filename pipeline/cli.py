@@ -121,15 +121,16 @@ def feedback(directory, as_json):
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (see configs/).")
 @click.option("--model", default=None, help="smollm2 (default), a .gguf file or a Hugging Face folder.")
-@click.option("--num-prompts", type=int, default=None, help="Prompts per policy.")
+@click.option("--num-prompts", type=int, default=None, help="Prompts per policy (none labelled, none twice).")
 @click.option("--max-new-tokens", type=int, default=None, help="Cap on generated tokens.")
-@click.option("--policies", default=None, help="Comma-separated, e.g. max,paged,s3,oracle (max always runs first).")
-@click.option("--predictor", default=None, help="oracle-buckets, noisy, or a predictor checkpoint folder.")
+@click.option("--policies", default=None, help="Comma-separated policies of the registry (max always runs first).")
+@click.option("--predictor", default=None,
+              help="Bucket predictor: oracle, noisy-oracle, constant, scalar-ratio, or a checkpoint folder.")
 @click.option("--output-dir", default=None, help="Where bench.json and bench.png go.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
 def bench(config_path, model, num_prompts, max_new_tokens, policies, predictor, output_dir, overrides):
-    """Offline throughput of the engine under each policy, side by side, plus a transformers reference."""
-    from serve.bench import BenchConfig, format_bench, run_bench, save_bench
+    """Offline throughput and latency of the engine under each policy, side by side, plus a transformers reference."""
+    from pipeline.bench import BenchConfig, format_bench, run_bench, save_bench
 
     flags = {
         "model": model, "num_prompts": num_prompts, "max_new_tokens": max_new_tokens, "predictor": predictor,

@@ -14,17 +14,10 @@ import os
 import pathlib
 from typing import Any, Callable, Iterator, Protocol
 
-from pipeline.prompts import PromptRow, Skipped, read_prompt_sets
+from pipeline.prompts import PROMPT_SETS, PromptRow, Skipped, format_prompt, read_prompt_sets
 
-DEFAULT_INPUTS = (
-    "data/prompts/gsm8k_train.json",
-    "data/prompts/gpteacher_toolformer.json",
-    "data/prompts/gpteacher_roleplay.json",
-    "data/prompts/chat_bench_mix.json",
-    "data/prompts/awesome_chatgpt_prompts.json",
-    "data/prompts/nq_open.json",
-    "data/prompts/hh_rlhf_harmless_test.json",
-)
+DEFAULT_INPUTS = PROMPT_SETS
+"""`s3 generate`'s default inputs: the seven prompt sets."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +87,6 @@ class Engine(Protocol):
         self, prompts: dict[str, list[int]], *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
         presence_penalty: float, frequency_penalty: float,
     ) -> Iterator[Completion]: ...
-
-
-def format_prompt(tokenizer, prompt: str) -> list[int]:
-    """The tokenizer's chat template, the prompt as one user message, with the generation prompt."""
-    messages = [{"role": "user", "content": prompt}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def recipe(config: GenerateConfig, engine: Engine) -> dict:

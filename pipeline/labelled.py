@@ -1,4 +1,5 @@
-"""The labelled data set: shards -> `datasets` dataset on disk + Parquet + dataset card + length histogram."""
+"""The labelled data set: shards -> `datasets` dataset on disk + Parquet + dataset card + length histogram; and
+finding it again (`labelled_data`) and the prompts it holds (`labelled_prompts`, which benchmarks never draw)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,39 @@ from pipeline.prompts import Skipped
 
 COLUMNS = ("id", "prompt", "source", "row", "num_prompt_tokens", "num_output_tokens", "finished",
            "sample_output_tokens", "output_text")
+
+
+def labelled_data(path: str | pathlib.Path) -> tuple[str, dict]:
+    """A `generate` output folder (dataset/ + recipe.json) or a dataset path -> (dataset path, recipe)."""
+    folder = pathlib.Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"labelled data {folder} does not exist; make it with `s3 generate`")
+    recipe_path = folder / "recipe.json"
+    if recipe_path.exists() and (folder / "dataset").exists():
+        return str(folder / "dataset"), json.loads(recipe_path.read_text())
+    if recipe_path.exists():
+        raise FileNotFoundError(f"{folder} has no dataset/ yet: its `s3 generate` run has not finished; run it again")
+    return str(folder), {}
+
+
+def labelled_prompts(path: str | pathlib.Path) -> set[str]:
+    """Every prompt of a `generate` output folder (or a dataset folder): its dataset's and, when it has shards,
+    those labelled since the dataset was last written, which a predictor trained later may have seen."""
+    from pipeline.generate import read_shards
+
+    folder = pathlib.Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"labelled data {folder} does not exist")
+    dataset = folder / "dataset" if (folder / "recipe.json").exists() else folder
+    shards = read_shards(folder / "shards")
+    if not (dataset / "state.json").exists() and not shards:
+        raise FileNotFoundError(f"{folder} holds no labelled prompts (no dataset, no shards)")
+    prompts = {row["prompt"] for row in shards.values()}
+    if (dataset / "state.json").exists():
+        import datasets
+
+        prompts |= set(datasets.load_from_disk(str(dataset))["prompt"])
+    return prompts
 
 
 def write_dataset(rows: list[dict], skipped: list[Skipped], recipe: dict, output_dir: str | pathlib.Path) -> dict:

@@ -1,7 +1,11 @@
-"""Reading prompt sets: JSON, JSONL, CSV, Parquet or a `datasets` folder, with configurable field names.
+"""Prompts: reading prompt sets, the chat formatting every stage uses, and sampling serving prompts.
 
-Bad input never stops a run: a missing file, a file without the prompt field, an unreadable row or an
-empty prompt becomes a `Skipped` entry naming the file and row, and the rest goes on.
+The lowest module of the pipeline (it imports nothing of the project): `s3 generate`, `s3 bench` and the
+pipeline's serving rounds all read, format and draw prompts here, so the three cannot drift apart.
+
+Reading: JSON, JSONL, CSV, Parquet or a `datasets` folder, with configurable field names. Bad input never
+stops a run: a missing file, a file without the prompt field, an unreadable row or an empty prompt becomes a
+`Skipped` entry naming the file and row, and the rest goes on.
 """
 
 from __future__ import annotations
@@ -10,7 +14,20 @@ import csv
 import dataclasses
 import json
 import pathlib
-from typing import Iterator
+import random
+from typing import Collection, Iterator
+
+PROMPT_SETS = (
+    "data/prompts/gsm8k_train.json",
+    "data/prompts/gpteacher_toolformer.json",
+    "data/prompts/gpteacher_roleplay.json",
+    "data/prompts/chat_bench_mix.json",
+    "data/prompts/awesome_chatgpt_prompts.json",
+    "data/prompts/nq_open.json",
+    "data/prompts/hh_rlhf_harmless_test.json",
+)
+"""The seven prompt sets in data/prompts (data/README.md): what `s3 generate` labels by default and what
+`s3 bench` and the pipeline's serving rounds draw from (less the labelled prompts)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +126,6 @@ def read_prompt_sets(
     paths: list[str], *, prompt_field: str, input_field: str | None, limit_per_source: int | None = None, seed: int = 0
 ) -> tuple[list[PromptRow], list[Skipped]]:
     """All prompts of several files; ``limit_per_source`` takes a seeded random subset of each file."""
-    import random
-
     rows: list[PromptRow] = []
     skipped: list[Skipped] = []
     for path in paths:
@@ -120,3 +135,42 @@ def read_prompt_sets(
         rows += file_rows
         skipped += file_skipped
     return rows, skipped
+
+
+def format_prompt(tokenizer, prompt: str) -> list[int]:
+    """The tokenizer's chat template, the prompt as one user message, with the generation prompt.
+
+    How `s3 generate` made the labels, so serving and benchmarks format prompts the same way."""
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def sample_prompts(
+    paths: list[str] | tuple[str, ...], num_prompts: int, *, exclude: Collection[str] = (), seed: int = 0,
+    prompt_field: str = "instruction", input_field: str | None = "input",
+) -> list[PromptRow]:
+    """``num_prompts`` distinct prompts drawn without replacement, none of them in ``exclude``.
+
+    Round-robin over the files (sorted by name), each file in a seeded random order; a file that runs out
+    leaves the rotation. A prompt text that occurs twice (in one file or two) is drawn at most once. Asking
+    for more prompts than there are is an error that says how many there are."""
+    rows, _ = read_prompt_sets(list(paths), prompt_field=prompt_field, input_field=input_field)
+    seen = set(exclude)
+    by_source: dict[str, list[PromptRow]] = {}
+    for row in rows:
+        if row.prompt not in seen:
+            seen.add(row.prompt)
+            by_source.setdefault(row.source, []).append(row)
+    rng = random.Random(seed)
+    for queue in by_source.values():
+        rng.shuffle(queue)
+    available = sum(map(len, by_source.values()))
+    if num_prompts > available:
+        raise ValueError(f"asked for {num_prompts} prompts but {', '.join(paths)} hold only {available} that are "
+                         f"not excluded (labelled or repeated); lower num_prompts or add prompt files")
+    queues = [by_source[source] for source in sorted(by_source)]
+    picked: list[PromptRow] = []
+    for i in range(max(map(len, queues), default=0)):
+        picked += [queue[i] for queue in queues if i < len(queue)]
+    return picked[:num_prompts]

@@ -85,7 +85,7 @@ def _serve_round(pipeline, checkpoint: str, *, with_max: bool, feedback_dir: pat
     """The serving prompts under s3 with ``checkpoint`` (and `max` for the ratio); mispredictions to feedback."""
     from pipeline.run import serving_prompts
     from predictor_train.inference import LengthPredictor
-    from serve.bench import run_policy
+    from pipeline.bench import run_policy
     from serve.engine.llm import EngineConfig
     from serve.engine.loader import load_model
     from serve.engine.plan import SamplingParams

@@ -7,7 +7,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.run import PipelineConfig
 from predictor_train.train import TrainConfig
-from serve.bench import BenchConfig
+from pipeline.bench import BenchConfig
 from serve.server.config import ServeConfig
 from serve.sim.simulate import SimulateConfig
 

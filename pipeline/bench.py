@@ -1,0 +1,391 @@
+"""`s3 bench`: the engine's offline throughput and latency under each policy, side by side in one run.
+
+Fair by construction:
+- the prompts are drawn without replacement from the prompt sets, round-robin by source, and never from the
+  labelled data a predictor learned from (`labelled_data`);
+- every policy sees the same prompts, KV budget and model load, all requests arriving at t=0;
+- an untimed warm-up on other prompts runs before the first timed policy;
+- `max` runs first: greedy decoding is deterministic, so its outputs are every prompt's true length, and each
+  policy then gets exactly what the registry says it needs (`policy_needs`): nothing, a bucket predictor's
+  buckets (never the true length), or the exact length;
+- every ratio is to the `max` of the same run.
+
+A plain `transformers` `generate` with static batching runs on the same prompts as a reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from core.buckets import BucketSpec
+from core.predictors import BASELINES, baseline_predictor
+from core.request import LengthPrediction, Request
+from pipeline.prompts import PROMPT_SETS, format_prompt, sample_prompts
+from serve.engine.llm import EngineConfig, LLMEngine, eos_token_ids
+from serve.engine.plan import SamplingParams
+from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs
+
+WARMUP_NEW_TOKENS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Settings of `s3 bench`; every policy sees the same prompts and KV budget."""
+
+    model: str = "smollm2"
+    """`smollm2`, a .gguf file or a Hugging Face folder."""
+    prompts: tuple[str, ...] = PROMPT_SETS
+    """Prompt files to draw from (round-robin over them, without replacement)."""
+    labelled_data: str | None = "data/labelled"
+    """An `s3 generate` folder whose prompts are never drawn (those a predictor learned from): its dataset and its
+    shards. None draws from every prompt, for prompt files no predictor has seen."""
+    num_prompts: int = 256
+    """Timed prompts per policy (all arrive at t=0)."""
+    warmup_prompts: int = 4
+    """Prompts run once, untimed, before the first timed policy (other prompts than the timed ones, at most 32
+    new tokens each), so that no policy pays the first calls' costs. 0 skips the warm-up."""
+    max_new_tokens: int = 512
+    policies: tuple[str, ...] = POLICY_NAMES
+    """Policies of the registry (serve/policies.py) to run; `max` always runs, first (it measures the true lengths)."""
+    predictor: str = "oracle"
+    """The bucket predictor of policies that need one: a baseline (`oracle`: the true bucket; `noisy-oracle`: the
+    true bucket with probability `predictor_accuracy`, else a neighbour; `constant`: the last bucket;
+    `scalar-ratio`: one bucket for all, at the median true length) or a predictor checkpoint folder."""
+    predictor_accuracy: float = 0.8
+    num_buckets: int = 10
+    kv_worst_case_seqs: int = 8
+    """KV budget: room for this many worst-case (longest prompt + max_new_tokens) sequences."""
+    max_num_seqs: int = 64
+    block_size: int = 16
+    frequency_penalty: float = 0.0
+    """OpenAI's frequency penalty of every request (greedy otherwise); data/labelled was made with 0.5."""
+    reference_batch: int = 32
+    """Batch size of the `transformers` generate reference (0 skips it; skipped with a frequency penalty, which
+    `generate` does not have)."""
+    seed: int = 0
+    output_dir: str = "runs/bench"
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.policies if p not in POLICY_NAMES]
+        if unknown or not self.policies:
+            raise ValueError(f"policies must be a non-empty subset of {', '.join(POLICY_NAMES)}; got {unknown}")
+        if self.num_prompts < 1 or self.warmup_prompts < 0 or self.max_new_tokens < 1:
+            raise ValueError("num_prompts and max_new_tokens must be >= 1, warmup_prompts >= 0")
+        if not 0 <= self.predictor_accuracy <= 1:
+            raise ValueError(f"predictor_accuracy must be in [0, 1], got {self.predictor_accuracy}")
+
+    @property
+    def run_order(self) -> list[str]:
+        return ["max", *[p for p in self.policies if p != "max"]]
+
+
+@dataclasses.dataclass
+class BenchResult:
+    name: str
+    """The policy (or the reference's name)."""
+    wall_s: float
+    num_requests: int
+    generated_tokens: int
+    ttft_s: list[float | None] = dataclasses.field(default_factory=list, repr=False)
+    """Per request: seconds from t=0 (all arrive then) to its first token; None where not measured."""
+    latency_s: list[float] = dataclasses.field(default_factory=list, repr=False)
+    """Per request: seconds from t=0 to its last token."""
+    prediction: str = "none"
+    """What the policy was given: none, buckets (from the predictor) or exact (the true length)."""
+    mean_running_batch: float = 0.0
+    kv_utilization: float = 0.0
+    kv_reserved: float = 0.0
+    num_preemptions: int = 0
+    num_mispredictions: int = 0
+    num_recomputed_tokens: int = 0
+    steps: list[tuple[int, int, float]] = dataclasses.field(default_factory=list, repr=False)
+    """(tokens computed, KV entries read, seconds) of every step, for calibrating the simulator."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_s
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.wall_s
+
+    def record(self) -> dict:
+        """The JSON record: the keys every bench reader relies on, then the rest."""
+        ttft = [t for t in self.ttft_s if t is not None]
+        return {
+            "policy": self.name, "generated_tokens_per_s": self.tokens_per_s,
+            "mean_ttft_s": _mean(ttft), "p50_ttft_s": percentile(ttft, 50), "p99_ttft_s": percentile(ttft, 99),
+            "mean_latency_s": _mean(self.latency_s), "p50_latency_s": percentile(self.latency_s, 50),
+            "p99_latency_s": percentile(self.latency_s, 99),
+            "num_preemptions": self.num_preemptions, "num_recomputed_tokens": self.num_recomputed_tokens,
+            **{k: v for k, v in dataclasses.asdict(self).items() if k not in ("steps", "ttft_s", "latency_s")},
+            "tokens_per_s": self.tokens_per_s, "requests_per_s": self.requests_per_s,
+            "ttft_s": self.ttft_s, "latency_s": self.latency_s, "steps": self.steps,
+        }  # fmt: skip
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear interpolation between the closest ranks (numpy's default); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def draw_prompts(config: BenchConfig, tokenizer) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
+    """(timed prompts, warm-up prompts), all distinct, none labelled, as (text, chat-formatted ids)."""
+    from pipeline.labelled import labelled_prompts
+
+    exclude = labelled_prompts(config.labelled_data) if config.labelled_data else set()
+    rows = sample_prompts(config.prompts, config.num_prompts + config.warmup_prompts, exclude=exclude,
+                          seed=config.seed)  # fmt: skip
+    formatted = [(row.prompt, format_prompt(tokenizer, row.prompt)) for row in rows]
+    return formatted[: config.num_prompts], formatted[config.num_prompts :]
+
+
+def run_policy(
+    name: str,
+    engine_config: EngineConfig,
+    *,
+    model,
+    tokenizer,
+    prompts: list[tuple[str, list[int]]],
+    max_new_tokens: int,
+    predictions: Sequence[LengthPrediction | None] | None,
+    buckets: BucketSpec,
+    sampling: SamplingParams = SamplingParams(),
+    on_finish: Callable[[Request], None] = lambda request: None,
+) -> tuple[BenchResult, list[int]]:
+    """All prompts through a fresh engine with policy ``name``, all arriving at t=0; returns the result and
+    each output length. ``on_finish`` sees every finished request (e.g. to write its mispredictions)."""
+    config = dataclasses.replace(engine_config, policy=PolicyConfig(policy=name))
+    engine = LLMEngine(config, model=model, tokenizer=tokenizer, buckets=buckets, clock=time.perf_counter)
+    start = time.perf_counter()
+    requests = [
+        engine.add_request(str(i), ids, max_new_tokens=max_new_tokens, sampling=sampling, prompt=text,
+                           prediction=predictions[i] if predictions else None)
+        for i, (text, ids) in enumerate(prompts)
+    ]  # fmt: skip
+    batch_sum = live_sum = held_sum = 0.0
+    steps = []
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        step = engine.core.step()
+        for request in step.finished:
+            on_finish(request)
+        dt = time.perf_counter() - t0
+        out, snap = step.output, engine.snapshot()
+        live_tokens = sum(s.start + s.num_new_tokens for s in out.seqs)
+        steps.append((out.num_batched_tokens, live_tokens, dt))
+        batch_sum += len(out.seqs)
+        live_sum += live_tokens / (snap.num_kv_blocks * engine.config.block_size) * dt
+        held_sum += snap.num_kv_blocks_held / snap.num_kv_blocks * dt
+    wall = time.perf_counter() - start
+    stats = engine.snapshot().stats
+    lengths = [r.num_output_tokens for r in requests]
+    result = BenchResult(
+        name, wall, len(prompts), sum(lengths),
+        ttft_s=[None if r.first_token_time is None else r.first_token_time - start for r in requests],
+        latency_s=[r.finish_time - start for r in requests], prediction=policy_needs(name),
+        mean_running_batch=batch_sum / max(1, len(steps)), kv_utilization=live_sum / wall,
+        kv_reserved=held_sum / wall, num_preemptions=stats.num_preemptions,
+        num_mispredictions=stats.num_mispredictions, num_recomputed_tokens=stats.num_recomputed_tokens, steps=steps,
+    )  # fmt: skip
+    return result, lengths
+
+
+def predictions_for(name: str, *, predicted: Sequence[LengthPrediction], true_lengths: Sequence[int],
+                    buckets: BucketSpec) -> list[LengthPrediction] | None:
+    """What policy ``name`` is given, by the registry's `policy_needs`: nothing, the bucket predictor's
+    predictions (the exact length stripped, so a bucket policy can never see it), or the true length."""
+    need = policy_needs(name)
+    if need == "none":
+        return None
+    if need == "buckets":
+        return [dataclasses.replace(p, num_tokens=None) for p in predicted]
+    return [LengthPrediction(buckets.bucket_of(n), num_tokens=n) for n in true_lengths]
+
+
+def bucket_predictions(config: BenchConfig, texts: list[str], true_lengths: list[int],
+                       buckets: BucketSpec) -> list[LengthPrediction]:
+    """The bucket predictor's predictions of the timed prompts: a baseline, or a trained checkpoint."""
+    if config.predictor in BASELINES:
+        predictor = baseline_predictor(config.predictor, buckets, lengths=dict(zip(texts, true_lengths)),
+                                       accuracy=config.predictor_accuracy, seed=config.seed + 1)  # fmt: skip
+    else:
+        from predictor_train.inference import LengthPredictor
+
+        predictor = LengthPredictor.load(config.predictor, expected_buckets=buckets)
+    return list(predictor.predict(texts))
+
+
+@torch.inference_mode()
+def run_reference(model, tokenizer, prompts, *, batch_size: int, max_new_tokens: int, eos_ids: set[int]) -> BenchResult:
+    """`transformers` generate with static batching (left padding), greedy, on the same prompts. A batch's
+    requests all end when its last one does; their time to first token is not measured."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
+    model.set_attn_implementation("sdpa")
+    generated, latency, start = 0, [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        chunk = [ids for _, ids in prompts[i : i + batch_size]]
+        width = max(map(len, chunk))
+        input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk])
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
+        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)  # fmt: skip
+        for row in out[:, width:].tolist():
+            generated += next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
+        latency += [time.perf_counter() - start] * len(chunk)
+    return BenchResult(f"hf-generate@{batch_size}", time.perf_counter() - start, len(prompts), generated,
+                       ttft_s=[None] * len(prompts), latency_s=latency)  # fmt: skip
+
+
+def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict:
+    from serve.engine.loader import load_model
+
+    model, tokenizer = load_model(None if config.model == "smollm2" else config.model)
+    prompts, warmup = draw_prompts(config, tokenizer)
+    longest = max(len(ids) for _, ids in prompts + warmup) + config.max_new_tokens
+    engine_config = EngineConfig(
+        model=config.model, kv_cache_tokens=config.kv_worst_case_seqs * longest + config.block_size,
+        block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+    )  # fmt: skip
+    buckets = BucketSpec.uniform(config.max_new_tokens, config.num_buckets)
+    sampling = SamplingParams(frequency_penalty=config.frequency_penalty)
+    progress(f"{len(prompts)} prompts, KV pool {engine_config.kv_cache_tokens} tokens ({config.kv_worst_case_seqs} x {longest})")
+    if warmup:
+        progress(f"warm-up: {len(warmup)} other prompts, untimed")
+        run_policy("max", engine_config, model=model, tokenizer=tokenizer, prompts=warmup, buckets=buckets,
+                   max_new_tokens=min(WARMUP_NEW_TOKENS, config.max_new_tokens), predictions=None, sampling=sampling)
+    results, true_lengths, predicted = [], [], []
+    for name in config.run_order:
+        progress(f"running {name}")
+        given = None if name == "max" else predictions_for(name, predicted=predicted, true_lengths=true_lengths,
+                                                              buckets=buckets)  # fmt: skip
+        result, lengths = run_policy(name, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
+                                     max_new_tokens=config.max_new_tokens, predictions=given, buckets=buckets,
+                                     sampling=sampling)  # fmt: skip
+        if name == "max":
+            true_lengths = lengths
+            predicted = bucket_predictions(config, [text for text, _ in prompts], true_lengths, buckets)
+        elif lengths != true_lengths:
+            progress(f"warning: {name} produced different lengths than max (non-deterministic kernels?)")
+        results.append(result)
+    reference = None
+    if config.reference_batch and sampling.has_penalties:
+        progress("skipping the transformers generate reference: it has no frequency penalty")
+    elif config.reference_batch:
+        progress(f"running transformers generate at batch {config.reference_batch}")
+        reference = run_reference(model, tokenizer, prompts, batch_size=config.reference_batch,
+                                  max_new_tokens=config.max_new_tokens, eos_ids=eos_token_ids(model, tokenizer))
+    return {"config": config, "results": results, "reference": reference,
+            "kv_cache_tokens": engine_config.kv_cache_tokens, "prompts": [text for text, _ in prompts],
+            "true_lengths": true_lengths, "prompt_tokens": [len(ids) for _, ids in prompts],
+            "predicted_buckets": [p.bucket for p in predicted]}  # fmt: skip
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned columns under a header and a rule."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+BENCH_COLUMNS = [
+    ("run", lambda r, base: r["policy"]),
+    ("given", lambda r, base: r["prediction"]),
+    ("tok/s", lambda r, base: f"{r['generated_tokens_per_s']:.1f}"),
+    ("vs max", lambda r, base: f"{r['generated_tokens_per_s'] / base:.2f}x"),
+    ("TTFT mean s", lambda r, base: _s(r["mean_ttft_s"])),
+    ("p50", lambda r, base: _s(r["p50_ttft_s"])),
+    ("p99", lambda r, base: _s(r["p99_ttft_s"])),
+    ("latency p50 s", lambda r, base: _s(r["p50_latency_s"])),
+    ("p99", lambda r, base: _s(r["p99_latency_s"])),
+    ("batch", lambda r, base: f"{r['mean_running_batch']:.1f}"),
+    ("KV used", lambda r, base: f"{r['kv_utilization']:.0%}"),
+    ("KV held", lambda r, base: f"{r['kv_reserved']:.0%}"),
+    ("preempt", lambda r, base: str(r["num_preemptions"])),
+    ("mispred", lambda r, base: str(r["num_mispredictions"])),
+    ("recomp tok", lambda r, base: str(r["num_recomputed_tokens"])),
+    ("gen tok", lambda r, base: str(r["generated_tokens"])),
+]
+
+
+def format_bench(report: dict) -> str:
+    records = [r.record() for r in report["results"]]
+    if report["reference"] is not None:
+        records.append(report["reference"].record() | {"prediction": "-"})
+    base = records[0]["generated_tokens_per_s"]  # max runs first
+    config = report["config"]
+    head = (f"{len(report['prompts'])} prompts (none labelled, none twice), all at t=0, max_new_tokens "
+            f"{config.max_new_tokens}, KV pool {report['kv_cache_tokens']} tokens, bucket predictor: {config.predictor}")
+    rows = [[fn(r, base) for _, fn in BENCH_COLUMNS] for r in records]
+    return head + "\n\n" + text_table([name for name, _ in BENCH_COLUMNS], rows)
+
+
+def save_bench(report: dict, output_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+    """bench.json (config, prompts, true lengths, one record per policy under `results`, the reference) and
+    bench.png."""
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "png": out / "bench.png"}
+    reference = report["reference"]
+    data = {
+        "config": dataclasses.asdict(report["config"]),
+        "kv_cache_tokens": report["kv_cache_tokens"],
+        "prompts": report["prompts"],
+        "true_lengths": report["true_lengths"],
+        "prompt_tokens": report["prompt_tokens"],
+        "predicted_buckets": report["predicted_buckets"],
+        "results": [r.record() for r in report["results"]],
+        "reference": None if reference is None else reference.record(),
+    }
+    paths["json"].write_text(json.dumps(data, indent=1))
+    _plot(report["results"] + ([reference] if reference else []), paths["png"])
+    return paths
+
+
+def _plot(results: list[BenchResult], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    base = results[0].tokens_per_s
+    bars = ax1.bar([r.name for r in results], [r.tokens_per_s for r in results], color="#4c72b0")
+    for bar, r in zip(bars, results):
+        ax1.annotate(f"{r.tokens_per_s / base:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                     ha="center", va="bottom")  # fmt: skip
+    ax1.set_ylabel("generated tokens/s")
+    ax1.set_title("engine throughput (ratio to max, same run)")
+    ax1.tick_params(axis="x", rotation=30)
+    engine_runs = [r for r in results if r.steps]
+    ttft = [percentile([t for t in r.ttft_s if t is not None], 50) or 0.0 for r in engine_runs]
+    ax2.bar([r.name for r in engine_runs], ttft, color="#55a868")
+    ax2.set_ylabel("median time to first token (s)")
+    ax2.set_title("all requests at t=0")
+    ax2.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
