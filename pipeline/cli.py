@@ -106,13 +106,13 @@ def generate(config_path, inputs, prompt_field, model, max_new_tokens, limit_per
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def feedback(directory, as_json):
-    """Summarise a misprediction feedback store (counts by bucket, under- and over-prediction)."""
+    """Summarise a misprediction feedback store (counts by bucket, under- and over-prediction, lines skipped)."""
     import json
 
-    from serve.feedback import format_summary, read_feedback, summarize
+    from serve.feedback import format_summary, summarize_store
 
     try:
-        summary = summarize(list(read_feedback(directory)))
+        summary = summarize_store(directory)
     except FileNotFoundError as exc:
         _fail(str(exc))
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
@@ -204,16 +204,20 @@ def evaluate(checkpoint, data, split, quantile, output_dir, batch_size):
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, default=None)
 @click.option("--api-key", default=None, help="Require this bearer key (default: env S3_API_KEY).")
+@click.option("--allow-insecure-no-auth", is_flag=True, default=None,
+              help="Serve a non-loopback --host without an API key (anyone who can reach the port can use it).")
 @click.option("--tensor-parallel", type=int, default=None, help="Ranks (launch that many with the deepspeed launcher).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
-def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, tensor_parallel, overrides):
+def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, allow_insecure_no_auth,
+          tensor_parallel, overrides):
     """OpenAI-compatible server with the predictive admission controller and the feedback stream."""
     from serve.server.config import ServeConfig
     from serve.server.launch import serve_main
 
     flags = {
         "engine.policy.policy": policy, "predictor": predictor, "fallback_policy": fallback_policy, "host": host,
-        "port": port, "api_key": api_key, "engine.tensor_parallel": tensor_parallel,
+        "port": port, "api_key": api_key, "allow_insecure_no_auth": allow_insecure_no_auth,
+        "engine.tensor_parallel": tensor_parallel,
     }  # fmt: skip
     try:
         config = load_config(ServeConfig, config_path, overrides, values=flags)

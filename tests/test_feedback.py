@@ -99,3 +99,15 @@ def test_the_reader_skips_and_counts_lines_it_cannot_use(tmp_path):
     assert "skipped 11 unusable lines (9 not a record, 2 torn)" in format_summary(summary)
     result = CliRunner().invoke(main, ["feedback", str(tmp_path)])  # no traceback on a store like this
     assert result.exit_code == 0 and "2 feedback records" in result.output, result.output
+    assert "skipped 11 unusable lines (9 not a record, 2 torn)" in result.output, result.output
+    result = CliRunner().invoke(main, ["feedback", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["skipped"] == {"not_a_record": 9, "torn": 2}
+
+
+def test_s3_feedback_prints_no_skipped_line_for_a_clean_store(tmp_path):
+    with FeedbackWriter(tmp_path) as writer:
+        writer.write(_record("a"))
+    result = CliRunner().invoke(main, ["feedback", str(tmp_path)])
+    assert result.exit_code == 0 and "1 feedback records" in result.output and "skipped" not in result.output
+    assert json.loads(CliRunner().invoke(main, ["feedback", str(tmp_path), "--json"]).output)["num_skipped"] == 0

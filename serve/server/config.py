@@ -104,7 +104,8 @@ class ServeConfig:
         raise ValueError(
             f"--host {self.host} serves other machines, and no API key is set: anyone who can reach port "
             f"{self.port} could use the server. Set S3_API_KEY in the environment (or --api-key), bind "
-            "127.0.0.1, or pass --set allow_insecure_no_auth=true to serve without a key anyway"
+            "127.0.0.1, or pass --allow-insecure-no-auth (--set allow_insecure_no_auth=true) to serve without a "
+            "key anyway"
         )
 
 

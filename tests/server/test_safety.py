@@ -47,7 +47,7 @@ def test_loopback_hosts(host):
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.com", ""])
 def test_a_network_host_without_a_key_refuses_to_start(monkeypatch, host):
     monkeypatch.delenv("S3_API_KEY", raising=False)
-    with pytest.raises(ValueError, match="no API key is set.*S3_API_KEY.*allow_insecure_no_auth=true"):
+    with pytest.raises(ValueError, match="no API key is set.*S3_API_KEY.*--allow-insecure-no-auth"):
         ServeConfig(host=host).check_exposure()
     ServeConfig(host=host, api_key="k").check_exposure()
     ServeConfig(host=host, allow_insecure_no_auth=True).check_exposure()
@@ -61,6 +61,22 @@ def test_s3_serve_refuses_before_loading_anything(monkeypatch):
     monkeypatch.delenv("S3_API_KEY", raising=False)
     result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0", "--set", "engine.model=/no/such/model"])
     assert result.exit_code == 2 and "no API key is set" in result.output, result.output
+
+
+def test_allow_insecure_no_auth_is_a_serve_flag(monkeypatch):
+    monkeypatch.delenv("S3_API_KEY", raising=False)
+    configs = []
+    monkeypatch.setattr("serve.server.launch.serve_main", lambda config: configs.append(config))
+    args = ["serve", "--host", "0.0.0.0", "--set", "engine.model=/no/such/model"]
+    result = CliRunner().invoke(main, [*args, "--allow-insecure-no-auth"])
+    assert result.exit_code == 0, result.output
+    assert configs[-1].allow_insecure_no_auth and configs[-1].host == "0.0.0.0"
+    configs[-1].check_exposure()  # the flag is what lets a keyless network host start
+    result = CliRunner().invoke(main, args)  # without the flag: the YAML's false stands
+    assert result.exit_code == 0 and not configs[-1].allow_insecure_no_auth, result.output
+    with pytest.raises(ValueError, match="--allow-insecure-no-auth"):
+        configs[-1].check_exposure()
+    assert "--allow-insecure-no-auth" in CliRunner().invoke(main, ["serve", "--help"]).output
 
 
 @pytest.fixture(scope="module")
