@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import click  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.stages import DECODING_KEYS, labelled_data  # noqa: E402
+from pipeline.commands import DECODING_KEYS  # noqa: E402
+from pipeline.labelled import labelled_data  # noqa: E402
 from predictor_train.data import drop_sources, load_records, sources_of, split_records  # noqa: E402
 from predictor_train.evaluate import evaluate_rows, format_table  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402

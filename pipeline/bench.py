@@ -27,6 +27,7 @@ from core.buckets import BucketSpec
 from core.predictors import BASELINES, baseline_predictor
 from core.request import LengthPrediction, Request
 from pipeline.prompts import PROMPT_SETS, format_prompt, sample_prompts
+from pipeline.summary import text_table
 from serve.engine.llm import EngineConfig, LLMEngine, eos_token_ids
 from serve.engine.plan import SamplingParams
 from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs
@@ -298,13 +299,6 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
 
 
 # -- report -----------------------------------------------------------------------------------------------------
-
-
-def text_table(header: list[str], rows: list[list[str]]) -> str:
-    """Right-aligned columns under a header and a rule."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _s(value: float | None) -> str:

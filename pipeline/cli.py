@@ -88,8 +88,8 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
 def generate(config_path, inputs, prompt_field, model, max_new_tokens, limit_per_source, output_dir, write_only,
              overrides):
     """Label prompts with the target model's real output lengths (resumable)."""
+    from pipeline.commands import label_and_save
     from pipeline.generate import GenerateConfig
-    from pipeline.stages import run_generate
 
     flags = {
         "inputs": list(inputs) or None, "prompt_field": prompt_field, "model": model,
@@ -97,7 +97,7 @@ def generate(config_path, inputs, prompt_field, model, max_new_tokens, limit_per
     }  # fmt: skip
     try:
         config = load_config(GenerateConfig, config_path, overrides, values=flags)
-        run_generate(config, echo=lambda msg: click.echo(msg, err=True), write_only=write_only)
+        label_and_save(config, echo=lambda msg: click.echo(msg, err=True), write_only=write_only)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
 
@@ -158,14 +158,14 @@ def train(config_path, data, target_model, feedback, previous, output_dir, overr
     """Fine-tune the length-bucket predictor with DeepSpeed, then evaluate it on the test split."""
     import logging
 
-    from pipeline.stages import run_train
+    from pipeline.commands import train_and_evaluate
     from predictor_train.train import TrainConfig
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = load_config(TrainConfig, config_path, overrides, values={"output_dir": output_dir})
-        run_train(config, data=data, target_model=target_model, feedback=feedback, previous=previous,
-                  echo=click.echo)  # fmt: skip
+        train_and_evaluate(config, data=data, target_model=target_model, feedback=feedback, previous=previous,
+                           echo=click.echo)  # fmt: skip
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
 
@@ -181,7 +181,7 @@ def train(config_path, data, target_model, feedback, previous, output_dir, overr
 def evaluate(checkpoint, data, split, quantile, output_dir, batch_size):
     """Evaluate a predictor checkpoint: per-source rows, baselines (majority bucket, prompt-length regression,
     per-source mean), NLL, calibration error and quantile coverage; confusion and reliability plots."""
-    from pipeline.stages import labelled_data
+    from pipeline.labelled import labelled_data
     from predictor_train.evaluate import evaluate_checkpoint
 
     try:

@@ -1,9 +1,10 @@
 """`s3 pipeline run`: generate -> train -> collect (serve, mispredictions) -> retrain -> bench, in one folder.
 
-Each stage reads the previous stages' outputs from `runs/<run-id>/<stage>/` and writes a `stage.json` with a
-hash of its inputs (its config section and its upstream outputs). A stage whose `stage.json` is there with
-the same input hash is skipped; otherwise it runs again (generate resumes where it stopped). Every stage is
-one wandb run in the pipeline's group; the summary table goes to wandb and to the terminal.
+Each stage (pipeline/stages.py, the `STAGES` table) reads the previous stages' outputs and writes its own under
+`runs/<run-id>/<stage>/`, with a `stage.json` holding a hash of its inputs (its config sections, its version and
+its upstream stages' fingerprints). A stage whose `stage.json` has the same input hash is skipped; otherwise
+it runs again (generate resumes where it stopped). Every stage that runs is one wandb run in the pipeline's
+group (the code it calls opens none of its own); the summary table goes to wandb and to the terminal.
 """
 
 from __future__ import annotations
@@ -12,55 +13,16 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import random
 import time
 from typing import Callable
 
-from pipeline.generate import GenerateConfig
-from predictor_train.train import TrainConfig
+from pipeline.stages import STAGES, PipelineConfig, ServeRoundConfig, Stage, StageContext, serving_prompts
+from pipeline.tracking import log_stage, start_run
 
-STAGES = ("generate", "train", "collect", "retrain", "bench")
+__all__ = ["STAGE_NAMES", "Pipeline", "PipelineConfig", "ServeRoundConfig", "serving_prompts"]
+# PipelineConfig, ServeRoundConfig and serving_prompts are imported from here by the CLI and benchmarks/load.py.
 
-
-@dataclasses.dataclass(frozen=True)
-class ServeRoundConfig:
-    """The offline serving rounds (collect, then bench after retraining) on the same fresh prompts."""
-
-    inputs: tuple[str, ...] = ("data/prompts/gsm8k_train.json", "data/prompts/gpteacher_toolformer.json",
-                               "data/prompts/gpteacher_roleplay.json")  # fmt: skip
-    """Prompt files to draw serving traffic from (prompts already in the labelled data are left out)."""
-    num_prompts: int = 32
-    """Requests per round."""
-    model: str = "smollm2"
-    """The served model: `smollm2`, a .gguf file or a Hugging Face folder (the one the data was labelled with)."""
-    device: str = "cpu"
-    max_new_tokens: int = 512
-    """Output cap; must equal the predictor's max_tokens (its buckets span it)."""
-    kv_worst_case_seqs: int = 8
-    """KV budget: room for this many worst-case (longest prompt + max_new_tokens) sequences."""
-    max_num_seqs: int = 64
-    seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """The whole loop. Sections are the stages' own configs; `--set train.epochs=1` overrides one field."""
-
-    run_id: str = "default"
-    """Folder name under runs_dir (and the wandb group)."""
-    runs_dir: str = "runs"
-    labelled_data: str = "data/labelled"
-    """Labelled data committed with the project; used as is unless `regenerate` is true."""
-    regenerate: bool = False
-    """Run `generate` into the run folder instead of using `labelled_data`."""
-    generate: GenerateConfig = GenerateConfig()
-    train: TrainConfig = TrainConfig()
-    retrain_epochs: int = 1
-    """Epochs of the retraining round (from the trained checkpoint, with the feedback added)."""
-    serve: ServeRoundConfig = ServeRoundConfig()
-    wandb_project: str = "s3-serve"
-    wandb_mode: str | None = None
-    """offline (default unless WANDB_MODE is set), online or disabled."""
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 def _hash(value) -> str:
@@ -76,69 +38,48 @@ class Pipeline:
         self.echo = echo
         self.outputs: dict[str, dict] = {}
 
-    def stage_dir(self, stage: str) -> pathlib.Path:
-        return self.root / stage
-
-    def _inputs(self, stage: str) -> dict:
-        sections = {"generate": ["labelled_data", "regenerate", "generate"], "train": ["train"],
-                    "collect": ["serve"], "retrain": ["train", "retrain_epochs"], "bench": ["serve"]}  # fmt: skip
+    def _inputs(self, stage: Stage) -> dict:
         config = dataclasses.asdict(self.config)
-        upstream = {s: self.outputs.get(s, {}).get("fingerprint") for s in STAGES[: STAGES.index(stage)]}
-        return {"config": {k: config[k] for k in sections[stage]}, "upstream": upstream}
+        upstream = {name: self.outputs.get(name, {}).get("fingerprint") for name in STAGE_NAMES[: STAGE_NAMES.index(stage.name)]}
+        return {"config": {k: config[k] for k in stage.config_keys}, "version": stage.version, "upstream": upstream}
 
     def run(self, *, start: str | None = None, only: str | None = None) -> dict:
         for name in (start, only):
-            if name is not None and name not in STAGES:
-                raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-        first = STAGES.index(only or start or STAGES[0])
+            if name is not None and name not in STAGE_NAMES:
+                raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
+        first = STAGE_NAMES.index(only or start or STAGE_NAMES[0])
         for index, stage in enumerate(STAGES):
-            record = self.stage_dir(stage) / "stage.json"
+            record = self.root / stage.name / "stage.json"
             inputs_hash = _hash(self._inputs(stage))
             previous = json.loads(record.read_text()) if record.exists() else None
-            forced = index >= first and (only is None or stage == only)
+            forced = index >= first and (only is None or stage.name == only)
             if previous and previous["inputs_hash"] == inputs_hash and not (forced and (start or only)):
-                self.echo(f"[{stage}] up to date, skipped")
-                self.outputs[stage] = previous["outputs"]
+                self.echo(f"[{stage.name}] up to date, skipped")
+                self.outputs[stage.name] = previous["outputs"]
                 continue
             if not forced:
                 if previous is None:
-                    raise ValueError(f"stage {stage} has not run yet in {self.root}; run without --only/--from")
-                self.outputs[stage] = previous["outputs"]  # kept as asked, though its inputs changed
+                    raise ValueError(f"stage {stage.name} has not run yet in {self.root}; run without --only/--from")
+                self.outputs[stage.name] = previous["outputs"]  # kept as asked, though its inputs changed
                 continue
-            self.echo(f"[{stage}] running")
+            self.echo(f"[{stage.name}] running")
             started = time.perf_counter()
             outputs = self._run_stage(stage)
             outputs["seconds"] = round(time.perf_counter() - started, 1)
-            self.outputs[stage] = outputs
-            self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+            self.outputs[stage.name] = outputs
+            record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps({"inputs_hash": inputs_hash, "outputs": outputs}, indent=2, default=str))
         return self.outputs
 
-    def _run_stage(self, stage: str) -> dict:
-        """Run one stage, then record it as one wandb run of the pipeline's group.
-
-        The stage's own code runs with its tracking off, so that each stage is exactly one wandb run."""
-        from pipeline import stage_impl
-
-        outputs = getattr(stage_impl, f"run_{stage}")(self)
-        run = stage_impl.start_stage_run(self, stage)
+    def _run_stage(self, stage: Stage) -> dict:
+        """Run one stage, then record it as one wandb run of the pipeline's group. The code the stage calls
+        (training, labelling) runs with tracking off, so that each stage is exactly one wandb run."""
+        ctx = StageContext(config=self.config, stage_dir=self.root / stage.name, upstream=dict(self.outputs),
+                           echo=self.echo)  # fmt: skip
+        outputs = stage.run(ctx)
+        run = start_run(project=self.config.wandb_project, job_type=stage.name, group=self.config.run_id,
+                        config=dataclasses.asdict(self.config), mode=self.config.wandb_mode)  # fmt: skip
         if run is not None:
-            stage_impl.log_stage(run, stage, outputs)
+            log_stage(run, stage.name, outputs)
             run.finish()
         return outputs
-
-
-def serving_prompts(config: ServeRoundConfig, exclude: set[str]) -> list[str]:
-    """A seeded sample of prompts not in the labelled data, round-robin over the input files."""
-    from pipeline.prompts import read_prompt_sets
-
-    rows, _ = read_prompt_sets(list(config.inputs), prompt_field="instruction", input_field="input")
-    by_source: dict[str, list[str]] = {}
-    for row in rows:
-        if row.prompt not in exclude:
-            by_source.setdefault(row.source, []).append(row.prompt)
-    rng = random.Random(config.seed)
-    for prompts in by_source.values():
-        rng.shuffle(prompts)
-    sources = sorted(by_source)
-    return [by_source[sources[i % len(sources)]][i // len(sources)] for i in range(config.num_prompts)]

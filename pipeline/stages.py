@@ -1,140 +1,230 @@
-"""Stage runners: build what a stage needs from its config, run it with a progress bar, record it."""
+"""The pipeline's stages: generate -> train -> collect -> retrain -> bench, listed in `STAGES`.
+
+Each stage is a function of a `StageContext` (the pipeline's config, the stage's own folder, the outputs of the
+stages before it) returning its outputs; pipeline/run.py decides which stages run and records them. The
+serving rounds (collect, bench) serve fresh prompts, none of them labelled, under `max` and `s3` in one run, so
+that every s3/max ratio divides two figures of the same run.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import pathlib
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
-from tqdm import tqdm
-
-from pipeline import generate as gen
-from pipeline.labelled import write_dataset
-from pipeline.tracking import start_run
+from pipeline.generate import GenerateConfig
+from pipeline.prompts import PROMPT_SETS, sample_prompts
+from predictor_train.train import TrainConfig
 
 
-def run_generate(
-    config: gen.GenerateConfig, *, echo: Callable[[str], None] = print, engine=None, write_only: bool = False
-) -> dict:
-    """`s3 generate`: label what is not labelled yet, then write the dataset, card and histogram.
+@dataclasses.dataclass(frozen=True)
+class ServeRoundConfig:
+    """The offline serving rounds (collect, then bench after retraining) on the same fresh prompts."""
 
-    ``write_only`` labels nothing: it writes the dataset from the rows labelled so far (a long run can be
-    used before it ends, and resumed later)."""
-    if engine is None:
-        from serve.engine.llm import EngineConfig, LLMEngine
-
-        engine = LLMEngine(EngineConfig(model=config.model, device=config.device, max_num_seqs=config.max_num_seqs,
-                                        kv_cache_tokens=config.max_num_seqs * 1024))
-    plan = gen.plan(config, engine)
-    for skipped in plan.skipped:
-        echo(f"skipped {skipped}")
-    echo(f"{plan.num_done} prompts already labelled, {len(plan.todo)} to go ({len(plan.skipped)} skipped)")
-    if write_only:
-        plan.todo = []
-    run = start_run(project=config.wandb_project, job_type="generate", config=dataclasses.asdict(config),
-                    mode=config.wandb_mode)
-    bar = tqdm(total=plan.num_done + len(plan.todo), initial=plan.num_done, unit="prompt", desc="generate")
-    start, tokens = time.perf_counter(), 0
-
-    def on_row(row: dict) -> None:
-        nonlocal tokens
-        tokens += sum(row["sample_output_tokens"])
-        # Count tokens as they are generated where the engine says (rows finish late, in bursts).
-        live = getattr(engine, "num_generated_tokens", tokens)
-        bar.update(1)
-        bar.set_postfix(tok_s=f"{live / (time.perf_counter() - start):.1f}")
-
-    try:
-        rows = gen.run(config, engine, plan.todo, on_row)
-    finally:
-        bar.close()
-    recipe = json.loads((pathlib.Path(config.output_dir) / "recipe.json").read_text())
-    stats = write_dataset(rows, plan.skipped, recipe, config.output_dir)
-    echo(f"{stats['num_rows']} labelled prompts in {config.output_dir} "
-         f"(mean {stats['mean_output_tokens']:.1f} output tokens, {stats['num_capped']} hit the cap)")
-    if run is not None:
-        import wandb
-
-        lengths = [[r["num_output_tokens"]] for r in rows]
-        run.log({"output_tokens": wandb.Histogram([r["num_output_tokens"] for r in rows]),
-                 "lengths": wandb.Table(data=lengths, columns=["num_output_tokens"])})
-        run.summary.update(stats | {"by_source": json.dumps(stats["by_source"])})
-        run.finish()
-    return stats
+    inputs: tuple[str, ...] = PROMPT_SETS
+    """Prompt files to draw serving traffic from (round-robin, without replacement; labelled prompts left out)."""
+    num_prompts: int = 32
+    """Requests per round."""
+    model: str = "smollm2"
+    """The served model: `smollm2`, a .gguf file or a Hugging Face folder (the one the data was labelled with)."""
+    device: str = "cpu"
+    max_new_tokens: int = 512
+    """Output cap; must equal the predictor's max_tokens (its buckets span it)."""
+    kv_worst_case_seqs: int = 8
+    """KV budget: room for this many worst-case (longest prompt + max_new_tokens) sequences."""
+    max_num_seqs: int = 64
+    seed: int = 0
 
 
-def labelled_data(path: str) -> tuple[str, dict]:
-    """A `generate` output folder (dataset/ + recipe.json) or a dataset path -> (dataset path, recipe)."""
-    folder = pathlib.Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"labelled data {folder} does not exist; make it with `s3 generate`")
-    recipe_path = folder / "recipe.json"
-    if recipe_path.exists() and (folder / "dataset").exists():
-        return str(folder / "dataset"), json.loads(recipe_path.read_text())
-    if recipe_path.exists():
-        raise FileNotFoundError(f"{folder} has no dataset/ yet: its `s3 generate` run has not finished; run it again")
-    return str(folder), {}
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The whole loop. Sections are the stages' own configs; `--set train.epochs=1` overrides one field."""
+
+    run_id: str = "default"
+    """Folder name under runs_dir (and the wandb group)."""
+    runs_dir: str = "runs"
+    labelled_data: str = "data/labelled"
+    """Labelled data committed with the project; used as is unless `regenerate` is true."""
+    regenerate: bool = False
+    """Run `generate` into the run folder instead of using `labelled_data`."""
+    generate: GenerateConfig = GenerateConfig()
+    train: TrainConfig = TrainConfig()
+    retrain_epochs: int = 1
+    """Epochs of the retraining round (from the trained checkpoint, with the feedback added)."""
+    serve: ServeRoundConfig = ServeRoundConfig()
+    wandb_project: str = "s3-serve"
+    wandb_mode: str | None = None
+    """offline (the default), online or disabled; the WANDB_MODE environment variable wins over it."""
 
 
-def feedback_dataset(directory: str):
-    """The feedback store's records as a `datasets` Dataset with the labelled data's columns."""
-    import datasets
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+    """What a stage gets."""
 
-    from serve.feedback import read_feedback
-
-    records = [r for r in read_feedback(directory) if r.get("prompt")]
-    if not records:
-        raise ValueError(f"the feedback store {directory} holds no records with a prompt")
-    columns = ("prompt", "source", "num_prompt_tokens", "num_output_tokens", "finished")
-    return datasets.Dataset.from_dict({c: [r[c] for r in records] for c in columns})
-
-
-# What of an `s3 generate` recipe a checkpoint keeps: the lengths depend on it, and serving samples with it.
-DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "chat_template")
+    config: PipelineConfig
+    stage_dir: pathlib.Path
+    """The stage's own folder, runs/<run-id>/<stage>/."""
+    upstream: Mapping[str, dict]
+    """Outputs of the stages before it, by stage name."""
+    echo: Callable[[str], None] = print
 
 
-def run_train(config, *, data: str, target_model: str | None = None, feedback: str | None = None,
-              previous: str | None = None, echo: Callable[[str], None] = print) -> dict:
-    """`s3 train`: train (or retrain on feedback from ``previous``), then evaluate on the test split.
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], dict]
+    config_keys: tuple[str, ...]
+    """PipelineConfig fields the stage reads: with the upstream stages' fingerprints, its inputs."""
+    version: int = 1
+    """Bumped when the stage's outputs change meaning, so that a recorded run of the old code is not reused."""
 
-    Returns the checkpoint folder and id, the test-split metrics, and (retraining) the before/after report."""
-    from predictor_train.evaluate import evaluate_checkpoint
-    from predictor_train.retrain import retrain_predictor
-    from predictor_train.train import train_predictor
 
-    dataset, recipe = labelled_data(data)
-    if feedback:
-        if not previous:
-            raise ValueError("--feedback needs --from CHECKPOINT: retraining starts from the previous predictor")
-        report = retrain_predictor(config, dataset, feedback_dataset(feedback), previous_checkpoint=previous)
-        lines = [f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
-                 f"{report.num_feedback_used} feedback records ({report.num_feedback_dropped} held out)",
-                 report.table()]
-        checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
+def serving_prompts(config: ServeRoundConfig, exclude: set[str]) -> list[str]:
+    """The serving round's prompt texts: drawn without replacement, round-robin by file, none in ``exclude``."""
+    rows = sample_prompts(config.inputs, config.num_prompts, exclude=exclude, seed=config.seed)
+    return [row.prompt for row in rows]
+
+
+def _fingerprint(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _test_summary(metrics: dict) -> dict:
+    keep = ("accuracy", "within_one_accuracy", "under_prediction_rate", "mae_tokens")
+    return {method: {k: v for k, v in m.items() if k in keep} for method, m in metrics.items()}
+
+
+# -- the stages -------------------------------------------------------------------------------------------------
+
+
+def generate_stage(ctx: StageContext) -> dict:
+    """The labelled data: the committed folder, or (regenerate) `s3 generate` into the run folder."""
+    from pipeline.commands import label_and_save
+    from pipeline.labelled import labelled_data
+
+    config = ctx.config
+    if config.regenerate:
+        folder = ctx.stage_dir / "labelled"
+        label_and_save(dataclasses.replace(config.generate, output_dir=str(folder), wandb_mode="disabled"),
+                       echo=ctx.echo)  # fmt: skip
     else:
-        target = target_model or recipe.get("model")
-        if not target:
-            raise ValueError(f"{data} has no recipe.json naming the target model; pass --target-model")
-        decoding = {k: recipe[k] for k in DECODING_KEYS if k in recipe}
-        result = train_predictor(config, dataset, target_model=target, decoding=decoding)
-        checkpoint, summary = result.checkpoint_dir, {"history": result.history}
-        lines = [f"best epoch {result.best_epoch}; checkpoint {result.info.checkpoint_id} in {checkpoint}"]
-    if _rank() > 0:  # under the deepspeed launcher rank 0 alone evaluates, reports and writes the figures
-        return summary | {"checkpoint": pathlib.Path(checkpoint)}
-    for line in lines:
-        echo(line)
-    evaluation = evaluate_checkpoint(checkpoint, dataset, out_dir=checkpoint)
-    echo("test split:\n" + evaluation.table)
-    echo(f"confusion matrix: {evaluation.confusion_png}")
-    from predictor_train.checkpoint import read_info
-
-    return summary | {"checkpoint": pathlib.Path(checkpoint), "checkpoint_id": read_info(checkpoint).checkpoint_id,
-                      "test_metrics": evaluation.metrics}
+        folder = pathlib.Path(config.labelled_data)
+        labelled_data(str(folder))  # fails clearly when the data is not there
+        ctx.echo(f"using the labelled data in {folder} (set regenerate=true to label again)")
+    return {"data": str(folder), "fingerprint": _fingerprint(folder / "dataset")}
 
 
-def _rank() -> int:
-    from predictor_train.train import rank_and_world_size
+def train_stage(ctx: StageContext) -> dict:
+    from pipeline.commands import train_and_evaluate
 
-    return rank_and_world_size()[0]
+    config = dataclasses.replace(ctx.config.train, output_dir=str(ctx.stage_dir / "checkpoint"), wandb_mode="disabled")
+    out = train_and_evaluate(config, data=ctx.upstream["generate"]["data"], echo=ctx.echo)
+    return {"checkpoint": str(out["checkpoint"]), "fingerprint": out["checkpoint_id"],
+            "test": _test_summary(out["test_metrics"]), "history": out.get("history", [])}  # fmt: skip
+
+
+def collect_stage(ctx: StageContext) -> dict:
+    """Serve fresh prompts under max and s3 with the trained predictor; s3's mispredictions to a feedback store."""
+    feedback = ctx.stage_dir / "feedback"
+    if feedback.exists():  # records of an earlier run of this stage: kept aside, not mixed into this round's
+        feedback.rename(feedback.with_name(f"feedback.previous-{time.time_ns()}"))
+    runs = serve_round(ctx, ctx.upstream["train"]["checkpoint"], feedback_dir=feedback)
+    return {"feedback": str(feedback), "fingerprint": _fingerprint(feedback) if feedback.exists() else "none", **runs}
+
+
+def retrain_stage(ctx: StageContext) -> dict:
+    from pipeline.commands import train_and_evaluate
+
+    trained = ctx.upstream["train"]
+    if not ctx.upstream["collect"]["s3"].get("mispredicted_requests"):
+        ctx.echo("no mispredictions were collected: nothing to retrain on; keeping the trained predictor")
+        return {"checkpoint": trained["checkpoint"], "fingerprint": "unchanged"}
+    config = dataclasses.replace(ctx.config.train, epochs=ctx.config.retrain_epochs, wandb_mode="disabled",
+                                 output_dir=str(ctx.stage_dir / "checkpoint"))  # fmt: skip
+    out = train_and_evaluate(config, data=ctx.upstream["generate"]["data"], feedback=ctx.upstream["collect"]["feedback"],
+                             previous=trained["checkpoint"], echo=ctx.echo)  # fmt: skip
+    report = out["retrain"]
+    return {
+        "checkpoint": str(out["checkpoint"]), "fingerprint": out["checkpoint_id"],
+        "feedback_used": report.num_feedback_used, "feedback_held_out": report.num_feedback_held_out,
+        "before": {name: _test_summary(r.metrics)["predictor"] for name, r in report.before.items()},
+        "after": {name: _test_summary(r.metrics)["predictor"] for name, r in report.after.items()},
+    }  # fmt: skip
+
+
+def bench_stage(ctx: StageContext) -> dict:
+    """The same prompts as collect, under max and s3 with the retrained predictor, in one run."""
+    return {"fingerprint": "bench", **serve_round(ctx, ctx.upstream["retrain"]["checkpoint"], feedback_dir=None)}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("generate", generate_stage, ("labelled_data", "regenerate", "generate")),
+    Stage("train", train_stage, ("train",)),
+    Stage("collect", collect_stage, ("serve",), version=2),
+    Stage("retrain", retrain_stage, ("train", "retrain_epochs"), version=2),
+    Stage("bench", bench_stage, ("serve",), version=2),
+)
+"""Every stage, in the order they run."""
+
+
+# -- serving rounds ---------------------------------------------------------------------------------------------
+
+
+def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Path | None,
+                policies: tuple[str, ...] = ("max", "s3")) -> dict:
+    """The serving prompts under each of ``policies`` (max first) with ``checkpoint`` as the bucket predictor;
+    s3's mispredictions go to ``feedback_dir``. One record per policy, all from this one run."""
+    from pipeline.bench import predictions_for, run_policy
+    from pipeline.labelled import labelled_prompts
+    from pipeline.prompts import format_prompt
+    from predictor_train.inference import LengthPredictor
+    from serve.engine.llm import EngineConfig
+    from serve.engine.loader import load_model
+    from serve.engine.plan import SamplingParams
+    from serve.feedback import FeedbackWriter, feedback_record
+
+    config = ctx.config.serve
+    texts = serving_prompts(config, exclude=labelled_prompts(ctx.upstream["generate"]["data"]))
+    model, tokenizer = load_model(None if config.model == "smollm2" else config.model, device=config.device)
+    prompts = [(text, format_prompt(tokenizer, text)) for text in texts]
+    predictor = LengthPredictor.load(checkpoint, device=config.device)
+    buckets = predictor.buckets
+    if buckets.max_tokens != config.max_new_tokens:
+        raise ValueError(f"the predictor's buckets span {buckets.max_tokens} tokens but serve.max_new_tokens is "
+                         f"{config.max_new_tokens}; make them equal")
+    longest = max(len(ids) for _, ids in prompts) + config.max_new_tokens
+    engine_config = EngineConfig(model=config.model, device=config.device, max_num_seqs=config.max_num_seqs,
+                                 kv_cache_tokens=config.kv_worst_case_seqs * longest)
+    writer = FeedbackWriter(feedback_dir) if feedback_dir else None
+
+    def on_finish(request) -> None:
+        if writer is not None and request.mispredictions:
+            writer.write(feedback_record(request, buckets, checkpoint_id=predictor.checkpoint_id))
+
+    predicted = predictor.predict(texts)
+    sampling = SamplingParams.from_decoding(predictor.decoding)  # as the labels were made
+    runs, true_lengths = {}, []
+    for policy in ["max", *[p for p in policies if p != "max"]]:
+        ctx.echo(f"  serving {len(prompts)} prompts under {policy}")
+        given = None if policy == "max" else predictions_for(policy, predicted=predicted, true_lengths=true_lengths,
+                                                                buckets=buckets)  # fmt: skip
+        result, lengths = run_policy(policy, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
+                                     max_new_tokens=config.max_new_tokens, predictions=given, buckets=buckets,
+                                     sampling=sampling, on_finish=on_finish if policy == "s3" else lambda r: None)
+        true_lengths = true_lengths or lengths
+        record = result.record()
+        runs[policy] = {"tokens_per_s": result.tokens_per_s, "preemptions": result.num_preemptions,
+                        "mispredictions": result.num_mispredictions, "mean_running_batch": result.mean_running_batch,
+                        "generated_tokens": result.generated_tokens, "mean_ttft_s": record["mean_ttft_s"],
+                        "p99_latency_s": record["p99_latency_s"]}  # fmt: skip
+    if writer is not None:
+        writer.close()
+        runs["s3"]["mispredicted_requests"] = writer.num_written
+    runs["s3"]["checkpoint_id"] = predictor.checkpoint_id
+    return runs

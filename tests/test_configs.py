@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.run import PipelineConfig
+from pipeline.stages import PipelineConfig
 from predictor_train.train import TrainConfig
 from pipeline.bench import BenchConfig
 from serve.server.config import ServeConfig

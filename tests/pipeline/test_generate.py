@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.generate import Completion, GenerateConfig, read_shards
 from pipeline.prompts import read_prompts
-from pipeline.stages import run_generate
+from pipeline.commands import label_and_save
 
 
 class FakeTokenizer:
@@ -59,7 +59,7 @@ def _config(tmp_path, **kw):
 
 def test_labels_everything_and_lists_what_it_skipped(tmp_path):
     messages = []
-    stats = run_generate(_config(tmp_path), engine=FakeEngine(), echo=messages.append)
+    stats = label_and_save(_config(tmp_path), engine=FakeEngine(), echo=messages.append)
     assert stats["num_rows"] == 12 + 1 + 1  # a.json, "hello", "from csv"
     assert stats["by_source"] == {"a": 12, "b": 1, "c": 1}
     text = "\n".join(messages)
@@ -81,28 +81,28 @@ def test_labels_everything_and_lists_what_it_skipped(tmp_path):
 def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
     config = _config(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        run_generate(config, engine=FakeEngine(die_after=5), echo=lambda m: None)
+        label_and_save(config, engine=FakeEngine(die_after=5), echo=lambda m: None)
     assert len(read_shards(tmp_path / "out" / "shards")) == 5
     # A crash mid-write leaves a torn line: it is ignored and that prompt is redone.
     shard = sorted((tmp_path / "out" / "shards").glob("part-*.jsonl"))[0]
     shard.write_text(shard.read_text() + '{"id": "a:9", "prom')
     second = FakeEngine()
-    stats = run_generate(config, engine=second, echo=lambda m: None)
+    stats = label_and_save(config, engine=second, echo=lambda m: None)
     assert len(second.seen) == 14 - 5 and stats["num_rows"] == 14
     ids = [json.loads(l)["id"] for p in (tmp_path / "out" / "shards").glob("*.jsonl") for l in p.read_text().splitlines() if l.endswith("}")]  # noqa: E501
     assert len(ids) == len(set(ids)) == 14
 
 
 def test_changed_recipe_is_refused(tmp_path):
-    run_generate(_config(tmp_path), engine=FakeEngine(), echo=lambda m: None)
+    label_and_save(_config(tmp_path), engine=FakeEngine(), echo=lambda m: None)
     with pytest.raises(ValueError, match="max_new_tokens differ"):
-        run_generate(_config(tmp_path) .__class__(**{**_config(tmp_path).__dict__, "max_new_tokens": 11}),
+        label_and_save(_config(tmp_path) .__class__(**{**_config(tmp_path).__dict__, "max_new_tokens": 11}),
                      engine=FakeEngine(), echo=lambda m: None)
 
 
 def test_sampling_mode_keeps_every_length_and_their_max(tmp_path):
     config = _config(tmp_path, num_samples=3, temperature=0.8)
-    run_generate(config, engine=FakeEngine(), echo=lambda m: None)
+    label_and_save(config, engine=FakeEngine(), echo=lambda m: None)
     ds = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
     for r in ds:
         assert len(r["sample_output_tokens"]) == 3 and r["num_output_tokens"] == max(r["sample_output_tokens"])
@@ -122,8 +122,8 @@ def test_parquet_and_datasets_folder_inputs(tmp_path):
 def test_write_only_makes_a_dataset_from_the_rows_so_far(tmp_path):
     config = _config(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        run_generate(config, engine=FakeEngine(die_after=4), echo=lambda m: None)
+        label_and_save(config, engine=FakeEngine(die_after=4), echo=lambda m: None)
     untouched = FakeEngine()
-    stats = run_generate(config, engine=untouched, echo=lambda m: None, write_only=True)
+    stats = label_and_save(config, engine=untouched, echo=lambda m: None, write_only=True)
     assert stats["num_rows"] == 4 and untouched.seen == []
     assert datasets.load_from_disk(str(tmp_path / "out" / "dataset")).num_rows == 4

@@ -44,7 +44,11 @@ def test_pipeline_runs_every_stage_then_skips_them(world, monkeypatch):
     for stage in ("generate", "train", "collect", "retrain", "bench"):
         assert f"[{stage}] running" in result.output
         assert (world / "runs" / "t" / stage / "stage.json").exists()
-    assert "s3 / max throughput" in result.output and "before retraining" in result.output
+    assert "s3 / max throughput (same round)" in result.output and "before retraining" in result.output
+    # Each serving round ran its own max on the same prompts: every ratio comes from one run.
+    for stage in ("collect", "bench"):
+        outputs = json.loads((world / "runs" / "t" / stage / "stage.json").read_text())["outputs"]
+        assert outputs["max"]["generated_tokens"] == outputs["s3"]["generated_tokens"] > 0
 
     again = CliRunner().invoke(main, _args(world))
     assert again.exit_code == 0, again.output

@@ -1,0 +1,128 @@
+"""The bodies of the `s3 generate` and `s3 train` commands: build what they need from their config, run with a
+progress bar, record the run. The pipeline's stages (pipeline/stages.py) call these too."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Callable
+
+from tqdm import tqdm
+
+from pipeline import generate as gen
+from pipeline.labelled import labelled_data, write_dataset
+from pipeline.tracking import start_run
+
+
+def label_and_save(
+    config: gen.GenerateConfig, *, echo: Callable[[str], None] = print, engine=None, write_only: bool = False
+) -> dict:
+    """`s3 generate`: label what is not labelled yet, then write the dataset, card and histogram.
+
+    ``write_only`` labels nothing: it writes the dataset from the rows labelled so far (a long run can be
+    used before it ends, and resumed later)."""
+    if engine is None:
+        from serve.engine.llm import EngineConfig, LLMEngine
+
+        engine = LLMEngine(EngineConfig(model=config.model, device=config.device, max_num_seqs=config.max_num_seqs,
+                                        kv_cache_tokens=config.max_num_seqs * 1024))
+    plan = gen.plan(config, engine)
+    for skipped in plan.skipped:
+        echo(f"skipped {skipped}")
+    echo(f"{plan.num_done} prompts already labelled, {len(plan.todo)} to go ({len(plan.skipped)} skipped)")
+    if write_only:
+        plan.todo = []
+    run = start_run(project=config.wandb_project, job_type="generate", config=dataclasses.asdict(config),
+                    mode=config.wandb_mode)
+    bar = tqdm(total=plan.num_done + len(plan.todo), initial=plan.num_done, unit="prompt", desc="generate")
+    start, tokens = time.perf_counter(), 0
+
+    def on_row(row: dict) -> None:
+        nonlocal tokens
+        tokens += sum(row["sample_output_tokens"])
+        # Count tokens as they are generated where the engine says (rows finish late, in bursts).
+        live = getattr(engine, "num_generated_tokens", tokens)
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{live / (time.perf_counter() - start):.1f}")
+
+    try:
+        rows = gen.run(config, engine, plan.todo, on_row)
+    finally:
+        bar.close()
+    recipe = json.loads((pathlib.Path(config.output_dir) / "recipe.json").read_text())
+    stats = write_dataset(rows, plan.skipped, recipe, config.output_dir)
+    echo(f"{stats['num_rows']} labelled prompts in {config.output_dir} "
+         f"(mean {stats['mean_output_tokens']:.1f} output tokens, {stats['num_capped']} hit the cap)")
+    if run is not None:
+        import wandb
+
+        lengths = [[r["num_output_tokens"]] for r in rows]
+        run.log({"output_tokens": wandb.Histogram([r["num_output_tokens"] for r in rows]),
+                 "lengths": wandb.Table(data=lengths, columns=["num_output_tokens"])})
+        run.summary.update(stats | {"by_source": json.dumps(stats["by_source"])})
+        run.finish()
+    return stats
+
+
+def feedback_dataset(directory: str):
+    """The feedback store's records as a `datasets` Dataset with the labelled data's columns."""
+    import datasets
+
+    from serve.feedback import read_feedback
+
+    records = [r for r in read_feedback(directory) if r.get("prompt")]
+    if not records:
+        raise ValueError(f"the feedback store {directory} holds no records with a prompt")
+    columns = ("prompt", "source", "num_prompt_tokens", "num_output_tokens", "finished")
+    return datasets.Dataset.from_dict({c: [r[c] for r in records] for c in columns})
+
+
+# What of an `s3 generate` recipe a checkpoint keeps: the lengths depend on it, and serving samples with it.
+DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "chat_template")
+
+
+def train_and_evaluate(config, *, data: str, target_model: str | None = None, feedback: str | None = None,
+              previous: str | None = None, echo: Callable[[str], None] = print) -> dict:
+    """`s3 train`: train (or retrain on feedback from ``previous``), then evaluate on the test split.
+
+    Returns the checkpoint folder and id, the test-split metrics, and (retraining) the before/after report."""
+    from predictor_train.evaluate import evaluate_checkpoint
+    from predictor_train.retrain import retrain_predictor
+    from predictor_train.train import train_predictor
+
+    dataset, recipe = labelled_data(data)
+    if feedback:
+        if not previous:
+            raise ValueError("--feedback needs --from CHECKPOINT: retraining starts from the previous predictor")
+        report = retrain_predictor(config, dataset, feedback_dataset(feedback), previous_checkpoint=previous)
+        lines = [f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
+                 f"{report.num_feedback_used} feedback records ({report.num_feedback_dropped} held out)",
+                 report.table()]
+        checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
+    else:
+        target = target_model or recipe.get("model")
+        if not target:
+            raise ValueError(f"{data} has no recipe.json naming the target model; pass --target-model")
+        decoding = {k: recipe[k] for k in DECODING_KEYS if k in recipe}
+        result = train_predictor(config, dataset, target_model=target, decoding=decoding)
+        checkpoint, summary = result.checkpoint_dir, {"history": result.history}
+        lines = [f"best epoch {result.best_epoch}; checkpoint {result.info.checkpoint_id} in {checkpoint}"]
+    if _rank() > 0:  # under the deepspeed launcher rank 0 alone evaluates, reports and writes the figures
+        return summary | {"checkpoint": pathlib.Path(checkpoint)}
+    for line in lines:
+        echo(line)
+    evaluation = evaluate_checkpoint(checkpoint, dataset, out_dir=checkpoint)
+    echo("test split:\n" + evaluation.table)
+    echo(f"confusion matrix: {evaluation.confusion_png}")
+    from predictor_train.checkpoint import read_info
+
+    return summary | {"checkpoint": pathlib.Path(checkpoint), "checkpoint_id": read_info(checkpoint).checkpoint_id,
+                      "test_metrics": evaluation.metrics}
+
+
+def _rank() -> int:
+    from predictor_train.train import rank_and_world_size
+
+    return rank_and_world_size()[0]
