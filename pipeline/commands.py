@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline import generate as gen
 from pipeline.labelled import labelled_data, write_dataset
-from pipeline.tracking import start_run
+from core.tracking import start_run
 
 
 def label_and_save(

@@ -57,7 +57,7 @@ class GenerateConfig:
     output_dir: str = "data/labelled"
     wandb_project: str = "s3-serve"
     wandb_mode: str | None = None
-    """offline (default unless WANDB_MODE is set), online, or disabled."""
+    """offline (the default), online or disabled; the WANDB_MODE environment variable wins (core/tracking.py)."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_new_tokens < 1:

@@ -17,7 +17,8 @@ import time
 from typing import Callable
 
 from pipeline.stages import STAGES, PipelineConfig, ServeRoundConfig, Stage, StageContext, serving_prompts
-from pipeline.tracking import log_stage, start_run
+from core.tracking import start_run, tracking_off
+from pipeline.tracking import log_stage
 
 __all__ = ["STAGE_NAMES", "Pipeline", "PipelineConfig", "ServeRoundConfig", "serving_prompts"]
 # PipelineConfig, ServeRoundConfig and serving_prompts are imported from here by the CLI and benchmarks/load.py.
@@ -76,7 +77,8 @@ class Pipeline:
         (training, labelling) runs with tracking off, so that each stage is exactly one wandb run."""
         ctx = StageContext(config=self.config, stage_dir=self.root / stage.name, upstream=dict(self.outputs),
                            echo=self.echo)  # fmt: skip
-        outputs = stage.run(ctx)
+        with tracking_off():
+            outputs = stage.run(ctx)
         run = start_run(project=self.config.wandb_project, job_type=stage.name, group=self.config.run_id,
                         config=dataclasses.asdict(self.config), mode=self.config.wandb_mode)  # fmt: skip
         if run is not None:

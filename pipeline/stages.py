@@ -56,7 +56,7 @@ class PipelineConfig:
     serve: ServeRoundConfig = ServeRoundConfig()
     wandb_project: str = "s3-serve"
     wandb_mode: str | None = None
-    """offline (the default), online or disabled; the WANDB_MODE environment variable wins over it."""
+    """offline (the default), online or disabled; the WANDB_MODE environment variable wins (core/tracking.py)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +111,7 @@ def generate_stage(ctx: StageContext) -> dict:
     config = ctx.config
     if config.regenerate:
         folder = ctx.stage_dir / "labelled"
-        label_and_save(dataclasses.replace(config.generate, output_dir=str(folder), wandb_mode="disabled"),
-                       echo=ctx.echo)  # fmt: skip
+        label_and_save(dataclasses.replace(config.generate, output_dir=str(folder)), echo=ctx.echo)
     else:
         folder = pathlib.Path(config.labelled_data)
         labelled_data(str(folder))  # fails clearly when the data is not there
@@ -123,7 +122,7 @@ def generate_stage(ctx: StageContext) -> dict:
 def train_stage(ctx: StageContext) -> dict:
     from pipeline.commands import train_and_evaluate
 
-    config = dataclasses.replace(ctx.config.train, output_dir=str(ctx.stage_dir / "checkpoint"), wandb_mode="disabled")
+    config = dataclasses.replace(ctx.config.train, output_dir=str(ctx.stage_dir / "checkpoint"))
     out = train_and_evaluate(config, data=ctx.upstream["generate"]["data"], echo=ctx.echo)
     return {"checkpoint": str(out["checkpoint"]), "fingerprint": out["checkpoint_id"],
             "test": _test_summary(out["test_metrics"]), "history": out.get("history", [])}  # fmt: skip
@@ -145,7 +144,7 @@ def retrain_stage(ctx: StageContext) -> dict:
     if not ctx.upstream["collect"]["s3"].get("mispredicted_requests"):
         ctx.echo("no mispredictions were collected: nothing to retrain on; keeping the trained predictor")
         return {"checkpoint": trained["checkpoint"], "fingerprint": "unchanged"}
-    config = dataclasses.replace(ctx.config.train, epochs=ctx.config.retrain_epochs, wandb_mode="disabled",
+    config = dataclasses.replace(ctx.config.train, epochs=ctx.config.retrain_epochs,
                                  output_dir=str(ctx.stage_dir / "checkpoint"))  # fmt: skip
     out = train_and_evaluate(config, data=ctx.upstream["generate"]["data"], feedback=ctx.upstream["collect"]["feedback"],
                              previous=trained["checkpoint"], echo=ctx.echo)  # fmt: skip

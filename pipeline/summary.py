@@ -65,7 +65,7 @@ def format_summary(outputs: dict) -> str:
 
 
 def log_summary(config, outputs: dict) -> None:
-    from pipeline.tracking import start_run
+    from core.tracking import start_run
 
     run = start_run(project=config.wandb_project, job_type="summary", group=config.run_id, config={},
                     mode=config.wandb_mode)  # fmt: skip

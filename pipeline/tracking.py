@@ -1,29 +1,9 @@
-"""wandb, offline by default: a run never depends on the network.
-
-WANDB_MODE (or the stage's `wandb_mode`) picks online / offline / disabled; without either, runs are
-written offline under ./wandb and can be synced later with `wandb sync`.
-"""
+"""What the pipeline records in wandb: a stage's scalars, curves and artifacts. Starting runs, and which mode
+they use, is core/tracking.py's (the WANDB_MODE environment variable wins; offline by default)."""
 
 from __future__ import annotations
 
-import os
 import pathlib
-from typing import Any
-
-
-def start_run(*, project: str, job_type: str, config: dict[str, Any], mode: str | None = None, group: str | None = None):
-    """A wandb run for one stage, or None when tracking is disabled or wandb cannot start."""
-    mode = mode or os.environ.get("WANDB_MODE") or "offline"
-    if mode == "disabled":
-        return None
-    import wandb
-
-    os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        return wandb.init(project=project, job_type=job_type, group=group, config=config, mode=mode, reinit="finish_previous")
-    except Exception as exc:  # tracking must never take a stage down with it
-        print(f"warning: wandb did not start ({exc}); continuing without tracking")
-        return None
 
 
 def log_stage(run, stage: str, outputs: dict) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from predictor_train.backbone import DEFAULT_BACKBONE, Backbone, load_classifier, model_input_names
 from core.buckets import BucketSpec
+from core.tracking import start_run
 from predictor_train.checkpoint import CheckpointInfo, read_info, save_checkpoint
 from predictor_train.data import (Examples, batches, cap_per_source, class_weights, drop_sources, labels_of,
                                   load_records, num_batches, split_records)
@@ -92,7 +92,8 @@ class TrainConfig:
     wandb_project: str = "s3-predictor"
     """wandb project name."""
     wandb_mode: WandbMode = "offline"
-    """``offline`` (default, never uses the network), ``online`` or ``disabled``; WANDB_MODE overrides it."""
+    """``offline`` (default, never uses the network), ``online`` or ``disabled``; the WANDB_MODE environment variable
+    wins over it (core/tracking.py)."""
     output_dir: str = "runs/predictor"
     """Where the best checkpoint (and the wandb run folder) is written."""
 
@@ -343,18 +344,8 @@ def _save_best(config: TrainConfig, engine, backbone: Backbone, *, spec: BucketS
 
 
 def start_wandb(config: TrainConfig, *, spec: BucketSpec, meta: dict[str, Any]):
-    """A wandb run, or None when disabled; offline unless WANDB_MODE or the config say otherwise."""
-    mode = os.environ.get("WANDB_MODE", config.wandb_mode)
-    if mode == "disabled":
-        return None
-    import wandb
-
-    run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return wandb.init(project=config.wandb_project, mode=mode, dir=str(run_dir), job_type="train-predictor",
-                          config={**dataclasses.asdict(config), "buckets": list(spec.upper_edges),
-                                  "target_model": meta["target_model"], "data": meta["data"]})
-    except Exception as err:  # tracking must never stop training (e.g. online mode with no network)
-        log.warning("wandb.init failed (%s); training without wandb logging", err)
-        return None
+    """A wandb run under the output folder, or None; the mode follows core/tracking.py (WANDB_MODE wins, then
+    ``config.wandb_mode``; offline by default; none inside a pipeline stage, which records itself)."""
+    return start_run(project=config.wandb_project, job_type="train-predictor", mode=config.wandb_mode,
+                     dir=config.output_dir, config={**dataclasses.asdict(config), "buckets": list(spec.upper_edges),
+                                                    "target_model": meta["target_model"], "data": meta["data"]})

@@ -1,0 +1,60 @@
+"""wandb, with one rule for every stage and command, and never the network unless asked.
+
+Which mode a run uses, first match wins:
+1. the ``WANDB_MODE`` environment variable (as wandb users expect);
+2. the mode the caller's config gives (its ``wandb_mode`` field);
+3. ``offline``: the run is written under ``dir`` (or ./wandb) and can be synced later with `wandb sync`.
+
+``disabled`` starts nothing. Inside `tracking_off()` nothing starts either, whatever the mode: the pipeline
+runs each stage inside it and records the stage as one run itself, so training or labelling called by a stage
+never opens a second run. wandb is imported only when a run starts (this module imports no torch, no wandb).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("s3_tracking_off", default=False)
+
+
+def wandb_mode(configured: str | None = None) -> str:
+    """The mode a run would use: WANDB_MODE, else ``configured``, else offline."""
+    return os.environ.get("WANDB_MODE") or configured or "offline"
+
+
+@contextlib.contextmanager
+def tracking_off() -> Iterator[None]:
+    """No run starts inside this block (the caller records what happens in it)."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
+
+
+def start_run(*, project: str, job_type: str, config: dict[str, Any], mode: str | None = None,
+              group: str | None = None, dir: str | None = None):  # noqa: A002 (wandb's name)
+    """A wandb run, or None when tracking is off or disabled, or when wandb cannot start (tracking never takes
+    the work down with it)."""
+    if _OFF.get():
+        return None
+    mode = wandb_mode(mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if dir is not None:
+        os.makedirs(dir, exist_ok=True)
+    try:
+        return wandb.init(project=project, job_type=job_type, group=group, config=config, mode=mode, dir=dir,
+                          reinit="finish_previous")  # fmt: skip
+    except Exception as exc:  # e.g. online with no network
+        log.warning("wandb did not start (%s); continuing without tracking", exc)
+        return None
