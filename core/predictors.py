@@ -19,12 +19,13 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 from core.buckets import BucketSpec
 from core.request import LengthPrediction
 
 
+@runtime_checkable
 class Predictor(Protocol):
     """What admission needs of a length predictor."""
 

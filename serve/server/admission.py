@@ -11,60 +11,28 @@ can never overtake the request it cancels.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import queue
 import threading
 import time
-from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 from core.buckets import BucketSpec
-from serve.feedback import FeedbackWriter, feedback_record
-from serve.policies import PolicyConfig
+from core.predictors import OraclePredictor, Predictor
 from core.request import LengthPrediction, Request
+from serve.feedback import FeedbackWriter, feedback_record
+from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs
 from serve.server.config import ServeConfig
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, send_error
 
 log = logging.getLogger(__name__)
 
 
-class Predictor(Protocol):
-    """What admission needs of a length predictor (predictor_train.inference.LengthPredictor provides it)."""
-
-    buckets: BucketSpec
-    checkpoint_id: str | None
-
-    def predict(self, prompts: list[str]) -> list[LengthPrediction]: ...
-
-
 class ServeSetupError(ValueError):
     """The server cannot start as configured; the message says what to change."""
 
 
-@dataclasses.dataclass
-class TablePredictor:
-    """Known output lengths looked up by prompt text (e.g. measured by a greedy run): a perfect bucket classifier,
-    the stand-in for a trained predictor in benchmarks. Unknown prompts get the last bucket (the worst case)."""
-
-    lengths: dict[str, int]
-    buckets: BucketSpec
-    checkpoint_id: str | None = "oracle-table"
-
-    def predict(self, prompts: list[str]) -> list[LengthPrediction]:
-        out = []
-        for prompt in prompts:
-            n = self.lengths.get(prompt)
-            bucket = self.buckets.num_buckets - 1 if n is None else self.buckets.bucket_of(n)
-            out.append(LengthPrediction(bucket=bucket, num_tokens=n))
-        return out
-
-    @classmethod
-    def from_file(cls, path: str | Path, buckets: BucketSpec) -> "TablePredictor":
-        lengths = json.loads(Path(path).read_text())
-        if not isinstance(lengths, dict) or not all(isinstance(v, int) for v in lengths.values()):
-            raise ValueError(f"{path} must hold a JSON object {{prompt text: output tokens}}")
-        return cls(lengths, buckets)
+TablePredictor = OraclePredictor  # its former name here (tests/server import it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,24 +50,32 @@ class Admission:
 
 
 def resolve_admission(config: ServeConfig, predictor: Predictor | None = None) -> Admission:
-    """The policy to serve with: s3 (and oracle) need a predictor; without one, the fallback or an error."""
+    """The policy to serve with, and its predictor: what the registry says the policy needs (`policy_needs`).
+    A policy that needs buckets gets the checkpoint (or the oracle_lengths table); without one, the fallback
+    policy or an error. A policy that needs exact lengths gets only the oracle_lengths table."""
     policy = config.engine.policy
-    if policy.policy not in ("s3", "oracle"):
+    need = policy_needs(policy.policy)
+    if need == "none":
         return Admission(policy, None)
     if predictor is None:
         try:
             predictor = load_predictor(config)
         except (FileNotFoundError, ValueError, OSError) as exc:
             return _fallback(config, str(exc))
-    if policy.policy == "oracle" and not isinstance(predictor, TablePredictor):
-        raise ServeSetupError("the oracle policy needs exact lengths: give oracle_lengths, or use --policy s3")
+    if need == "exact" and not isinstance(predictor, OraclePredictor):
+        raise ServeSetupError(f"the {policy.policy} policy needs exact lengths: give oracle_lengths, or use a policy "
+                              f"that needs a bucket predictor ({', '.join(_needing('buckets'))})")
     return Admission(policy, predictor)
+
+
+def _needing(need: str) -> list[str]:
+    return [name for name in POLICY_NAMES if policy_needs(name) == need]
 
 
 def load_predictor(config: ServeConfig) -> Predictor:
     if config.oracle_lengths:
-        return TablePredictor.from_file(config.oracle_lengths, BucketSpec.uniform(config.max_new_tokens,
-                                                                                  config.num_buckets))
+        return OraclePredictor.from_file(config.oracle_lengths, BucketSpec.uniform(config.max_new_tokens,
+                                                                                   config.num_buckets))
     if not config.predictor:
         raise FileNotFoundError("no predictor checkpoint was given")
     from predictor_train.inference import LengthPredictor  # torch + transformers: only when needed
@@ -112,7 +88,7 @@ def _fallback(config: ServeConfig, reason: str) -> Admission:
         raise ServeSetupError(
             f"the {config.policy} policy needs a length predictor and none could be loaded ({reason}). Train one "
             "with `s3 train` and pass --predictor FOLDER, or add --fallback-policy max|paged to serve without one, "
-            "or choose --policy max|paged."
+            f"or choose a policy that needs none ({', '.join(_needing('none'))})."
         )
     policy = dataclasses.replace(config.engine.policy, policy=config.fallback_policy)
     return Admission(policy, None, note=f"no usable predictor ({reason}); serving with --fallback-policy "
