@@ -27,11 +27,13 @@ run: setup
 simulate: setup
 	$(BIN)/s3 simulate --config configs/simulate_paper.yaml
 
+# --durations: CI's output lists the 15 slowest tests.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
+# Skips the tests that load the real models (integration) and the other slow ones (slow).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -125,7 +125,7 @@ class BenchResult:
             "mean_latency_s": _mean(self.latency_s), "p50_latency_s": percentile(self.latency_s, 50),
             "p99_latency_s": percentile(self.latency_s, 99),
             "num_preemptions": self.num_preemptions, "num_recomputed_tokens": self.num_recomputed_tokens,
-            **{k: v for k, v in dataclasses.asdict(self).items() if k not in ("steps", "ttft_s", "latency_s")},
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("steps", "ttft_s", "latency_s")},
             "tokens_per_s": self.tokens_per_s, "requests_per_s": self.requests_per_s,
             "ttft_s": self.ttft_s, "latency_s": self.latency_s, "steps": self.steps,
         }  # fmt: skip

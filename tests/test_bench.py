@@ -8,6 +8,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 
+pytestmark = pytest.mark.slow  # end-to-end runs on a tiny model
+
 RECORD_KEYS = ("policy", "generated_tokens_per_s", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "mean_latency_s",
                "p50_latency_s", "p99_latency_s", "num_preemptions", "num_recomputed_tokens")
 

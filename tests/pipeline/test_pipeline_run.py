@@ -10,6 +10,8 @@ from pipeline.cli import main
 from serve.feedback import read_feedback
 from tests.predictor.synthetic import make_records
 
+pytestmark = pytest.mark.slow  # end-to-end runs on a tiny model
+
 MAX_NEW = 40
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
@@ -13,6 +14,7 @@ TINY = ["--set", "backbone=tiny-random", "--set", f"max_tokens={MAX_TOKENS}", "-
         "--set", "epochs=2", "--set", "lr=0.01", "--set", "batch_size=32", "--set", "wandb_mode=disabled"]  # fmt: skip
 
 
+@pytest.mark.slow  # trains twice
 def test_train_evaluate_and_retrain_on_feedback(labelled, tmp_path):
     runner = CliRunner()
     first = tmp_path / "first"

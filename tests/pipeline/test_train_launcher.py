@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from core.distributed import free_port
 from tests.pipeline.test_train_cli import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # two processes under the deepspeed launcher
 def test_train_with_two_ranks(labelled, tmp_path):
     out = tmp_path / "predictor"
     args = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
