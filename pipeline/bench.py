@@ -325,6 +325,9 @@ BENCH_COLUMNS = [
 ]
 
 
+ENGINE_ONLY = {"batch", "KV used", "KV held", "preempt", "mispred", "recomp tok"}
+
+
 def format_bench(report: dict) -> str:
     records = [r.record() for r in report["results"]]
     if report["reference"] is not None:
@@ -334,6 +337,8 @@ def format_bench(report: dict) -> str:
     head = (f"{len(report['prompts'])} prompts (none labelled, none twice), all at t=0, max_new_tokens "
             f"{config.max_new_tokens}, KV pool {report['kv_cache_tokens']} tokens, bucket predictor: {config.predictor}")
     rows = [[fn(r, base) for _, fn in BENCH_COLUMNS] for r in records]
+    if report["reference"] is not None:  # no scheduler: its engine columns mean nothing
+        rows[-1] = [cell if name not in ENGINE_ONLY else "-" for (name, _), cell in zip(BENCH_COLUMNS, rows[-1])]
     return head + "\n\n" + text_table([name for name, _ in BENCH_COLUMNS], rows)
 
 
