@@ -1,14 +1,18 @@
-"""Admission policies: how much KV memory a request reserves, and which waiting requests to admit.
+"""Admission policies: how much KV memory a request reserves, who gets in, in what order, and who yields.
 
 One scheduler runs them all (serve/scheduler.py); a policy only answers questions about requests:
 
-- ``reserves``: whether blocks are reserved up front (``max``, ``s3``, ``oracle``) or allocated as tokens
-  arrive (``paged``);
-- ``initial_reservation(request)``: (output tokens, bucket) to reserve at first admission;
-- ``grown_reservation(request)``: the larger (output tokens, bucket) after a misprediction;
+- ``reserves``: whether blocks are reserved up front (``max``, ``s3-reserve``, ``oracle``) or allocated as
+  tokens arrive (every other policy);
+- ``initial_reservation(request)`` / ``grown_reservation(request)``: (output tokens, bucket) to reserve at
+  admission and after a misprediction (reserving policies);
 - ``candidates(waiting, now)``: indices into the waiting queue in the order admission should try them, and
   ``must_stop(request, now)``: whether failing to fit that request ends admission for this step;
+- ``admission_gate(running, ...)``: an extra test a request must pass to be admitted (the projected peak);
 - ``choose_victim(candidates, needy)``: which running sequence to preempt when memory runs out.
+
+A policy is one class registered under its name (``@register``); the CLI, the configs and the server read
+``POLICY_NAMES`` and ``policy_needs`` from here.
 """
 
 from __future__ import annotations
@@ -18,11 +22,24 @@ from typing import Callable, Iterable, Literal, Sequence
 
 from core.buckets import BucketSpec
 from core.request import Request
+from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, PeakGate, RemainingEstimator
 
-PolicyName = Literal["max", "paged", "s3", "oracle"]
-POLICY_NAMES: tuple[PolicyName, ...] = ("max", "paged", "s3", "oracle")
-
+PolicyName = str
+Needs = Literal["none", "buckets", "exact"]
 VictimFn = Callable[[Sequence[Request], Request], Request]
+
+POLICIES: dict[str, type["AdmissionPolicy"]] = {}
+"""Every policy by name, in the order they are registered (the order benchmarks run them)."""
+
+
+def register(cls: type["AdmissionPolicy"]) -> type["AdmissionPolicy"]:
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def policy_needs(name: str) -> Needs:
+    """What prediction a policy reads: none, bucket probabilities from a predictor, or the exact length."""
+    return POLICIES[name].needs
 
 
 def preempt_self(candidates: Sequence[Request], needy: Request) -> Request:
@@ -31,7 +48,7 @@ def preempt_self(candidates: Sequence[Request], needy: Request) -> Request:
 
 
 def preempt_last_admitted(candidates: Sequence[Request], needy: Request) -> Request:
-    """vLLM's rule: the most recently admitted sequence yields (it has the least work to redo)."""
+    """vLLM's rule: the most recently admitted sequence yields."""
     return candidates[-1]
 
 
@@ -40,36 +57,64 @@ class PolicyConfig:
     """Knobs of the admission policies."""
 
     policy: PolicyName = "s3"
-    """Which admission policy to run."""
+    """Which admission policy to run (see POLICY_NAMES)."""
     watermark: float = 0.01
-    """`paged`: fraction of the pool kept free at admission, so running sequences can grow."""
+    """`paged`, `paged-sjf`: fraction of the pool kept free at admission, so running sequences can grow."""
+    quantile: float = 0.9
+    """`s3`, `peak-history`: the quantile q of a request's remaining length (given what it has written) that
+    the projected-peak admission test charges. 0 charges the shortest length still possible (with any
+    `prior_weight`, one token: `paged`'s "fits now" test); higher is more careful: fewer preemptions,
+    smaller batches."""
+    prior_weight: float = 0.05
+    """`s3`: weight of a uniform prior mixed into the bucket probabilities, so buckets the predictor gives no
+    mass (a long tail it never predicts) still count when a request outruns its prediction."""
     lookahead: int = 256
-    """`s3`: how many waiting requests (in arrival order) the packing looks at each step."""
+    """`s3`, `s3-reserve`, `paged-sjf`: how many waiting requests (in arrival order) the ordering looks at."""
     aging_s: float = 30.0
-    """`s3`: a request waiting this long can no longer be overtaken by later arrivals."""
+    """`s3`, `s3-reserve`, `paged-sjf`: a request waiting this long can no longer be overtaken."""
     reserve_quantile: float | None = None
-    """`s3`: reserve at this quantile of the bucket probabilities instead of the arg-max bucket."""
+    """`s3-reserve`: reserve at this quantile of the bucket probabilities instead of the arg-max bucket."""
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if not 0 <= self.watermark < 1:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        if not 0 <= self.quantile <= 1 or not 0 <= self.prior_weight <= 1:
+            raise ValueError(f"quantile and prior_weight must be in [0, 1], got {self.quantile}, {self.prior_weight}")
         if self.lookahead < 1 or self.aging_s < 0:
             raise ValueError("lookahead must be >= 1 and aging_s >= 0")
         if self.reserve_quantile is not None and not 0 < self.reserve_quantile <= 1:
             raise ValueError(f"reserve_quantile must be in (0, 1], got {self.reserve_quantile}")
 
 
+@dataclasses.dataclass(frozen=True)
+class StepLimits:
+    """The scheduler's limits a policy's admission test needs."""
+
+    capacity_tokens: int
+    block_size: int
+    prefill_rate: int
+    """Most prompt tokens one sequence computes in a step."""
+    max_num_batched_tokens: int
+
+
 class AdmissionPolicy:
     """Base: first-come-first-served admission with a fixed reservation (subclasses override)."""
 
     name: str = "base"
+    needs: Needs = "none"
     reserves: bool = True
-    choose_victim: VictimFn = staticmethod(preempt_self)
+    tracks_buckets: bool = False
+    """Paged policies with a predictor: note a misprediction event when a request passes its predicted bucket."""
+    watermark: float = 0.0
 
-    def __init__(self, buckets: BucketSpec | None = None) -> None:
+    def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
+        self.config = config
         self.buckets = buckets
+
+    def choose_victim(self, candidates: Sequence[Request], needy: Request) -> Request:
+        return preempt_self(candidates, needy)
 
     def initial_reservation(self, request: Request) -> tuple[int, int | None]:
         """(output tokens, bucket) to reserve when ``request`` is first admitted."""
@@ -97,53 +142,176 @@ class AdmissionPolicy:
     def must_stop(self, request: Request, now: float) -> bool:
         return True  # strict FCFS: nobody overtakes the head of the queue
 
+    def admission_gate(self, running: Sequence[Request], limits: StepLimits) -> PeakGate | None:
+        """The projected-peak test for this step's admissions, or None when the policy has none."""
+        return None
 
+    def observe_finished(self, request: Request) -> None:
+        """A request ended (finished or aborted)."""
+
+
+@register
 class MaxPolicy(AdmissionPolicy):
     """Reserve prompt + max_new_tokens (Orca / FasterTransformer): never preempts, wastes the unused tail."""
 
     name = "max"
 
 
-class OraclePolicy(AdmissionPolicy):
-    """Reserve the true output length (benchmarks only): the upper bound of any length predictor."""
-
-    name = "oracle"
-
-    def initial_reservation(self, request: Request) -> tuple[int, int | None]:
-        prediction = request.prediction
-        if prediction is None or prediction.num_tokens is None:
-            return request.max_new_tokens, None
-        return max(1, min(prediction.num_tokens, request.max_new_tokens)), None
-
-
+@register
 class PagedPolicy(AdmissionPolicy):
     """No reservation: blocks are allocated as tokens arrive; on exhaustion the last admitted is preempted."""
 
     name = "paged"
     reserves = False
-    choose_victim = staticmethod(preempt_last_admitted)
+
+    def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
+        super().__init__(config, buckets)
+        self.watermark = config.watermark
+
+    def initial_reservation(self, request: Request) -> tuple[int, int | None]:
+        return 0, None
+
+    def choose_victim(self, candidates: Sequence[Request], needy: Request) -> Request:
+        return preempt_last_admitted(candidates, needy)
+
+
+class _Ordered:
+    """Mixin: shortest predicted remaining work first within a look-ahead window; aged requests first, in
+    arrival order. Work is the steps a request still needs: its prompt at the prefill rate plus its mean
+    remaining output."""
+
+    estimator: RemainingEstimator
+    prefill_rate: int = 1
+
+    def work(self, request: Request) -> float:
+        prefill = request.num_tokens / self.prefill_rate
+        return prefill + self.estimator.estimate(request).mean_tokens
+
+    def is_aged(self, request: Request, now: float) -> bool:
+        return now - request.arrival_time >= self.config.aging_s
+
+    def candidates(self, waiting: Sequence[Request], now: float) -> Iterable[int]:
+        # The queue is in arrival order, so the aged requests are a prefix: they go first, in order.
+        num_aged = 0
+        while num_aged < len(waiting) and self.is_aged(waiting[num_aged], now):
+            num_aged += 1
+        yield from range(num_aged)
+        window = range(num_aged, min(len(waiting), num_aged + self.config.lookahead))
+        yield from sorted(window, key=lambda i: self.work(waiting[i]))
+
+
+@register
+class PagedSJFPolicy(_Ordered, PagedPolicy):
+    """Ablation: `paged` admission and victims, in shortest-predicted-work-first order (the predictor's only
+    use)."""
+
+    name = "paged-sjf"
+    needs = "buckets"
+
+    def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
+        super().__init__(config, buckets)
+        self.estimator = BucketEstimator(_require(buckets, self.name), quantile=0.5,
+                                         prior_weight=config.prior_weight)
+
+
+class _PeakAdmission(PagedPolicy):
+    """Paged allocation behind the projected-peak admission test (serve/estimate.py)."""
+
+    estimator: RemainingEstimator
+
+    def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
+        super().__init__(config, buckets)
+        self.watermark = 0.0  # the peak test keeps the room running sequences grow into
+
+    def remaining(self, request: Request) -> int:
+        return self.estimator.estimate(request).quantile_tokens
+
+    def admission_gate(self, running: Sequence[Request], limits: StepLimits) -> PeakGate:
+        gate = PeakGate(
+            self.remaining,
+            capacity_tokens=limits.capacity_tokens,
+            block_size=limits.block_size,
+            prefill_rate=limits.prefill_rate,
+            prefill_share=limits.max_num_batched_tokens - len(running) - 1,
+        )
+        for request in running:
+            gate.add(request)
+        return gate
+
+    def observe_finished(self, request: Request) -> None:
+        self.estimator.observe(request)
+
+
+@register
+class PeakHistoryPolicy(_PeakAdmission):
+    """Ablation (LightLLM-style, no predictor): the peak test with the recent finished lengths as the guess;
+    FCFS order and `paged`'s victims."""
+
+    name = "peak-history"
+
+    def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
+        super().__init__(config, buckets)
+        self.estimator = HistoryEstimator(quantile=config.quantile)
+
+
+@register
+class S3Policy(_Ordered, _PeakAdmission):
+    """Predictive paged scheduling: admission by projected peak at quantile q of each request's remaining
+    length given what it wrote, shortest predicted work first with aging, least computed yields first."""
+
+    name = "s3"
+    needs = "buckets"
+    tracks_buckets = True
+
+    def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
+        super().__init__(config, buckets)
+        self.estimator = BucketEstimator(_require(buckets, self.name), quantile=config.quantile,
+                                         prior_weight=config.prior_weight)
+
+    def initial_reservation(self, request: Request) -> tuple[int, int | None]:
+        # Nothing is reserved; the bucket is kept to note the misprediction when the request passes it.
+        prediction = request.prediction
+        bucket = None if prediction is None else min(prediction.bucket, self.buckets.num_buckets - 1)
+        return 0, bucket
+
+    def choose_victim(self, candidates: Sequence[Request], needy: Request) -> Request:
+        # Least work thrown away; among equals, the one expected to hold memory longest.
+        return min(candidates, key=lambda r: (r.num_computed_tokens, -self.remaining(r)))
+
+
+@register
+class S3OraclePolicy(S3Policy):
+    """Ablation: `s3` with exact lengths (benchmarks only); its peak test never preempts."""
+
+    name = "s3-oracle"
+    needs = "exact"
+    tracks_buckets = False
+
+    def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
+        _PeakAdmission.__init__(self, config, buckets)
+        self.estimator = ExactEstimator()
 
     def initial_reservation(self, request: Request) -> tuple[int, int | None]:
         return 0, None
 
 
-class S3Policy(AdmissionPolicy):
-    """Reserve the predicted bucket's upper edge; pack the waiting queue by decreasing first fit, with aging."""
+@register
+class S3ReservePolicy(AdmissionPolicy):
+    """The paper's scheme: reserve the predicted bucket's upper edge; pack the waiting queue by decreasing
+    first fit, with aging; a sequence that outgrows its reservation grows by a bucket or yields."""
 
-    name = "s3"
+    name = "s3-reserve"
+    needs = "buckets"
 
-    def __init__(self, buckets: BucketSpec, *, lookahead: int, aging_s: float, reserve_quantile: float | None) -> None:
-        super().__init__(buckets)
-        self.lookahead = lookahead
-        self.aging_s = aging_s
-        self.reserve_quantile = reserve_quantile
+    def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
+        super().__init__(config, _require(buckets, self.name))
 
     def predicted_bucket(self, request: Request) -> int | None:
         prediction = request.prediction
         if prediction is None:
             return None
-        if self.reserve_quantile is not None and prediction.probs is not None:
-            return self.buckets.quantile_bucket(prediction.probs, self.reserve_quantile)
+        if self.config.reserve_quantile is not None and prediction.probs is not None:
+            return self.buckets.quantile_bucket(prediction.probs, self.config.reserve_quantile)
         return min(prediction.bucket, self.buckets.num_buckets - 1)
 
     def initial_reservation(self, request: Request) -> tuple[int, int | None]:
@@ -153,15 +321,14 @@ class S3Policy(AdmissionPolicy):
         return min(self.buckets.upper_edge(bucket), request.max_new_tokens), bucket
 
     def is_aged(self, request: Request, now: float) -> bool:
-        return now - request.arrival_time >= self.aging_s
+        return now - request.arrival_time >= self.config.aging_s
 
     def candidates(self, waiting: Sequence[Request], now: float) -> Iterable[int]:
-        # The queue is in arrival order, so the aged requests are a prefix: they go first, in order.
         num_aged = 0
         while num_aged < len(waiting) and self.is_aged(waiting[num_aged], now):
             num_aged += 1
         yield from range(num_aged)
-        window = range(num_aged, min(len(waiting), num_aged + self.lookahead))
+        window = range(num_aged, min(len(waiting), num_aged + self.config.lookahead))
         # Decreasing first fit: the largest reservations claim memory first, smaller ones fill the gaps.
         # (A waiting request's reserved_output_tokens is the reservation it will take when admitted.)
         size = lambda i: waiting[i].num_prompt_tokens + waiting[i].reserved_output_tokens
@@ -171,16 +338,31 @@ class S3Policy(AdmissionPolicy):
         return self.is_aged(request, now)
 
 
-def make_policy(config: PolicyConfig, buckets: BucketSpec | None = None) -> AdmissionPolicy:
-    """Build the policy named in ``config``; ``s3`` needs the predictor's bucket scheme."""
-    if config.policy == "max":
-        return MaxPolicy(buckets)
-    if config.policy == "paged":
-        return PagedPolicy(buckets)
-    if config.policy == "oracle":
-        return OraclePolicy(buckets)
+@register
+class OraclePolicy(AdmissionPolicy):
+    """Reserve the true output length (benchmarks only): the upper bound of any reserving predictor."""
+
+    name = "oracle"
+    needs = "exact"
+
+    def initial_reservation(self, request: Request) -> tuple[int, int | None]:
+        prediction = request.prediction
+        if prediction is None or prediction.num_tokens is None:
+            return request.max_new_tokens, None
+        return max(1, min(prediction.num_tokens, request.max_new_tokens)), None
+
+
+POLICY_NAMES: tuple[PolicyName, ...] = tuple(POLICIES)
+
+
+def _require(buckets: BucketSpec | None, name: str) -> BucketSpec:
     if buckets is None:
-        raise ValueError("the s3 policy needs the predictor's bucket scheme (a BucketSpec)")
-    return S3Policy(
-        buckets, lookahead=config.lookahead, aging_s=config.aging_s, reserve_quantile=config.reserve_quantile
-    )
+        raise ValueError(f"the {name} policy needs the predictor's bucket scheme (a BucketSpec)")
+    return buckets
+
+
+def make_policy(config: PolicyConfig, buckets: BucketSpec | None = None, *, prefill_rate: int = 1) -> AdmissionPolicy:
+    """Build the policy named in ``config``; predictive policies need the predictor's bucket scheme."""
+    policy = POLICIES[config.policy](config, buckets)
+    policy.prefill_rate = max(1, prefill_rate)
+    return policy

@@ -18,8 +18,9 @@ from typing import Any, Callable, Sequence
 
 from core.buckets import BucketSpec
 from serve.kv import BlockPool, blocks_for
-from serve.policies import PolicyConfig, VictimFn, make_policy
+from serve.policies import PolicyConfig, StepLimits, VictimFn, make_policy
 from core.request import MispredictionEvent, Request, RequestStatus
+from serve.estimate import PeakGate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,8 @@ class SchedulerOutput:
     """The plan of one step, handed to the executor."""
 
     seqs: list[ScheduledSeq] = dataclasses.field(default_factory=list)
-    """What to compute, running sequences first (in admission order), then newly admitted ones."""
+    """What to compute: running sequences first (decoding ones, then those still prefilling, each in
+    admission order), then newly admitted ones."""
     new_requests: list[NewRequestData] = dataclasses.field(default_factory=list)
     """Admitted this step, for the first time or again after a preemption (their cache starts empty)."""
     preempted_request_ids: list[str] = dataclasses.field(default_factory=list)
@@ -150,17 +152,28 @@ class Scheduler:
         victim_fn: VictimFn | None = None,
     ) -> None:
         self.config = config
-        self.policy = make_policy(config.policy, buckets)
+        self.policy = make_policy(config.policy, buckets, prefill_rate=self._prefill_rate(config))
         self.choose_victim: VictimFn = victim_fn or self.policy.choose_victim
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.clock = clock
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # in arrival order (preempted requests go back to their place)
-        self.running: list[Request] = []  # in admission order
+        self.running: list[Request] = []  # decoding ones first, then prefilling ones, each in admission order
         self.stats = SchedulerStats()
-        self._watermark_blocks = int(config.policy.watermark * config.num_blocks)
+        self._watermark_blocks = int(self.policy.watermark * config.num_blocks)
+        self._limits = StepLimits(
+            capacity_tokens=self.pool.capacity_tokens,
+            block_size=config.block_size,
+            prefill_rate=self._prefill_rate(config),
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
         self._order: dict[str, tuple[float, int]] = {}
         self._finished_ids: list[str] = []
+
+    @staticmethod
+    def _prefill_rate(config: SchedulerConfig) -> int:
+        cap = config.long_prefill_token_threshold
+        return min(cap, config.max_num_batched_tokens) if cap else config.max_num_batched_tokens
 
     # -- requests in and out ---------------------------------------------------------------------------------
 
@@ -275,13 +288,18 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         """Give each running sequence its next tokens, growing or preempting on memory; returns the budget left."""
-        reserves = self.policy.reserves
+        reserves, tracks_buckets = self.policy.reserves, self.policy.tracks_buckets
+        # Decodes first (stable): a sequence still prefilling never costs a decoding one its token this step,
+        # so a long prompt cannot stall running streams, and the peak test's finish times hold.
+        self.running.sort(key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             if reserves and request.num_output_tokens >= request.reserved_output_tokens:
                 if not self._grow_reservation(request, i, out):
                     continue  # it was preempted; running[i] is now the next sequence
+            elif tracks_buckets and request.reserved_bucket is not None:
+                self._note_bucket_overrun(request)
             num_new = self._num_new_tokens(request, budget)
             if not reserves and not self._allocate(request, request.num_computed_tokens + num_new, i, out):
                 continue
@@ -307,6 +325,24 @@ class Scheduler:
         ok = self._allocate(request, total, index, out)
         event.preempted = not ok
         return ok
+
+    def _note_bucket_overrun(self, request: Request) -> None:
+        """Paged policies with a predictor reserve nothing, but a request that passes its predicted bucket's
+        upper edge is still a misprediction: note the event (training data) and move on to the next bucket."""
+        buckets = self.policy.buckets
+        bucket = request.reserved_bucket
+        while bucket < buckets.num_buckets - 1 and request.num_output_tokens >= buckets.upper_edge(bucket):
+            self.stats.num_mispredictions += 1
+            request.mispredictions.append(MispredictionEvent(
+                request_id=request.request_id,
+                prompt=request.prompt,
+                predicted_bucket=bucket,
+                reserved_output_tokens=buckets.upper_edge(bucket),
+                num_output_tokens=request.num_output_tokens,
+                probs=request.prediction.probs if request.prediction else None,
+            ))
+            bucket += 1
+        request.reserved_bucket = bucket
 
     def _allocate(self, request: Request, num_tokens: int, index: int, out: SchedulerOutput) -> bool:
         """Make ``request``'s table cover ``num_tokens``, preempting victims among the sequences not yet
@@ -334,12 +370,15 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
         """Admit waiting requests in the policy's order while memory, batch size and token budget allow."""
         admitted: list[int] = []
+        gate = None
         for index in self.policy.candidates(self.waiting, now):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[index]
             num_new = self._num_new_tokens(request, budget)
-            if not self._admit(request, num_new):
+            if gate is None:  # built on first use: most steps of a busy server admit nobody
+                gate = self.policy.admission_gate(self.running, self._limits) or _NO_GATE
+            if not self._admit(request, num_new, gate):
                 if self.policy.must_stop(request, now):
                     break
                 continue
@@ -355,8 +394,9 @@ class Scheduler:
             taken, end = set(admitted), max(admitted) + 1
             self.waiting[:end] = [r for i, r in enumerate(self.waiting[:end]) if i not in taken]
 
-    def _admit(self, request: Request, num_new: int) -> bool:
-        """Take the request's blocks (its whole reservation, or its first chunk under `paged`); False if short."""
+    def _admit(self, request: Request, num_new: int, gate: "PeakGate | _NoGate") -> bool:
+        """Take the request's blocks (its whole reservation, or its first chunk when paged); False if short or
+        when the policy's projected peak would not fit."""
         if self.policy.reserves:
             num_tokens = request.num_prompt_tokens + request.reserved_output_tokens
             assert num_tokens >= request.num_tokens
@@ -364,9 +404,10 @@ class Scheduler:
                 return False
         else:
             needed = self.pool.num_new_blocks(request.request_id, num_new)
-            if needed + self._watermark_blocks > self.pool.num_free_blocks:
+            if needed + self._watermark_blocks > self.pool.num_free_blocks or not gate.fits(request):
                 return False
             self.pool.allocate(request.request_id, num_new)
+            gate.add(request)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         return True
@@ -398,6 +439,7 @@ class Scheduler:
         for event in request.mispredictions:
             event.final_output_tokens, event.finish_reason = final, request.finish_reason
         self._finished_ids.append(request.request_id)
+        self.policy.observe_finished(request)
 
     def check_invariants(self) -> None:
         """Internal consistency, for tests: the pool is whole and every live request is in one queue."""
@@ -411,3 +453,16 @@ class Scheduler:
                 assert held == blocks_for(r.num_prompt_tokens + r.reserved_output_tokens, self.pool.block_size)
         if not self.has_unfinished():
             assert self.pool.num_free_blocks == self.pool.num_blocks, "blocks leaked after all requests ended"
+
+
+class _NoGate:
+    """The admission gate of policies without a projected-peak test: everything passes."""
+
+    def fits(self, request: Request) -> bool:
+        return True
+
+    def add(self, request: Request) -> None:
+        pass
+
+
+_NO_GATE = _NoGate()

@@ -19,12 +19,13 @@ class FakeClock:
 
 
 def make_scheduler(policy: str = "s3", *, num_blocks: int = 16, block_size: int = 4, **kwargs) -> Scheduler:
-    policy_kwargs = {k: kwargs.pop(k) for k in ("aging_s", "lookahead", "watermark", "reserve_quantile") if k in kwargs}
+    policy_kwargs = {k: kwargs.pop(k) for k in ("aging_s", "lookahead", "watermark", "reserve_quantile", "quantile", "prior_weight") if k in kwargs}
     config = SchedulerConfig(
         num_blocks=num_blocks,
         block_size=block_size,
         max_num_seqs=kwargs.pop("max_num_seqs", 8),
         max_num_batched_tokens=kwargs.pop("max_num_batched_tokens", 64),
+        long_prefill_token_threshold=kwargs.pop("long_prefill_token_threshold", 0),
         policy=PolicyConfig(policy=policy, **policy_kwargs),
     )
     return Scheduler(config, buckets=kwargs.pop("buckets", BUCKETS), clock=kwargs.pop("clock", FakeClock()), **kwargs)

@@ -15,6 +15,7 @@ request_st = st.fixed_dictionaries(
         "max_new": st.integers(1, 40),
         "true": st.integers(1, 50),  # may exceed max_new: then the length cap ends it
         "bucket": st.integers(0, 3),  # often wrong
+        "probs": st.one_of(st.none(), st.lists(st.floats(0.01, 1), min_size=4, max_size=4)),
         "arrival": st.integers(0, 30),
         "abort_at": st.one_of(st.none(), st.integers(0, 60)),
     }
@@ -30,8 +31,15 @@ workload_st = st.fixed_dictionaries(
         "extra_budget": st.integers(0, 30),
         "aging_s": st.integers(0, 12),
         "lookahead": st.integers(1, 10),
+        "watermark": st.sampled_from([0.0, 0.1, 0.3]),
+        "quantile": st.floats(0, 1),
+        "reserve_quantile": st.one_of(st.none(), st.floats(0.1, 1)),
+        "victim": st.sampled_from([None, "first", "self"]),
+        "prefill_cap": st.integers(0, 8),
     }
 )
+
+VICTIMS = {None: None, "first": lambda candidates, needy: candidates[0], "self": lambda candidates, needy: needy}
 
 
 def _build(w):
@@ -46,9 +54,13 @@ def _build(w):
         max_num_batched_tokens=w["max_num_seqs"] + w["extra_budget"],
         aging_s=float(w["aging_s"]),
         lookahead=w["lookahead"],
-        watermark=0.0,
+        watermark=w["watermark"],
+        quantile=w["quantile"],
+        reserve_quantile=w["reserve_quantile"],
+        long_prefill_token_threshold=w["prefill_cap"],
         buckets=buckets,
         clock=clock,
+        victim_fn=VICTIMS[w["victim"]],
     )
     requests = [
         Request(
@@ -56,7 +68,8 @@ def _build(w):
             prompt_token_ids=[7] * r["prompt"],
             max_new_tokens=r["max_new"],
             arrival_time=float(r["arrival"]),
-            prediction=LengthPrediction(bucket=r["bucket"], num_tokens=min(r["true"], r["max_new"])),
+            prediction=LengthPrediction(bucket=r["bucket"], probs=tuple(r["probs"]) if r["probs"] else None,
+                                        num_tokens=min(r["true"], r["max_new"])),
         )
         for i, r in enumerate(w["requests"])
     ]
@@ -64,12 +77,13 @@ def _build(w):
 
 
 def _check_admission_order(sched, waiting_before, out, now):
-    """FCFS policies never let anyone pass a waiting request; `s3` never lets anyone pass an aged one."""
+    """FCFS policies never let anyone pass a waiting request; the ordering ones never let anyone pass an aged one."""
     order = sched._order
     admitted = [sched.requests[rid] for rid in out.new_request_ids]
     left_behind = [r for r in waiting_before if r.status != RequestStatus.RUNNING and not r.is_finished]
     for passed in left_behind:
-        protected = sched.policy.name != "s3" or now - passed.arrival_time >= sched.policy.aging_s
+        fcfs = sched.policy.name in ("max", "paged", "peak-history", "oracle")
+        protected = fcfs or now - passed.arrival_time >= sched.policy.config.aging_s
         if protected:
             assert all(order[a.request_id] < order[passed.request_id] for a in admitted), (passed, admitted)
 
@@ -113,5 +127,5 @@ def test_scheduler_invariants(w):
         # All its tokens, in order, none lost or duplicated across preemptions.
         assert r.output_token_ids == list(range(1, lengths[r.request_id] + 1))
         assert all(e.final_output_tokens == r.num_output_tokens for e in r.mispredictions)
-        if sched.policy.name in ("max", "paged"):
+        if not sched.policy.tracks_buckets and not sched.policy.reserves or sched.policy.name in ("max", "oracle"):
             assert not r.mispredictions

@@ -5,7 +5,7 @@ from tests.fakes import BUCKETS, FakeClock, make_request, make_scheduler, run_un
 
 
 def test_lifecycle_and_reservation_of_a_correct_prediction():
-    sched = make_scheduler("s3")
+    sched = make_scheduler("s3-reserve")
     sched.add_request(make_request("a", prompt_tokens=4, true_tokens=10))
     assert sched.waiting[0].reserved_output_tokens == 16  # bucket 0's upper edge
     out = sched.schedule()
@@ -29,7 +29,7 @@ def test_max_tokens_ends_with_length():
 
 
 def test_underprediction_grows_in_place_when_memory_is_free():
-    sched = make_scheduler("s3", num_blocks=32)
+    sched = make_scheduler("s3-reserve", num_blocks=32)
     sched.add_request(make_request("a", bucket=0, max_new_tokens=64))
     (request,) = run_until_done(sched, {"a": 40})
     assert request.num_output_tokens == 40 and request.num_preemptions == 0
@@ -45,7 +45,7 @@ def test_underprediction_preempts_when_memory_is_short_and_recomputes():
     from core.buckets import BucketSpec
 
     buckets = BucketSpec.uniform(24, 3)
-    sched = make_scheduler("s3", num_blocks=8, buckets=buckets)
+    sched = make_scheduler("s3-reserve", num_blocks=8, buckets=buckets)
     sched.add_request(make_request("a", bucket=0, max_new_tokens=24))
     sched.add_request(make_request("b", bucket=0, max_new_tokens=24))
     finished = run_until_done(sched, {"a": 20, "b": 20})
@@ -144,10 +144,10 @@ def test_long_prompts_are_chunked_within_the_token_budget():
     assert request.num_output_tokens == 3
 
 
-def test_s3_packs_largest_first_but_aged_requests_are_not_overtaken():
+def test_s3_reserve_packs_largest_first_but_aged_requests_are_not_overtaken():
     clock = FakeClock()
     # 10 blocks of 4 tokens. "old" needs 4 + 32 = 9 blocks; the small ones need 5 each.
-    sched = make_scheduler("s3", num_blocks=10, aging_s=2.0, clock=clock)
+    sched = make_scheduler("s3-reserve", num_blocks=10, aging_s=2.0, clock=clock)
     sched.add_request(make_request("small0", bucket=0, max_new_tokens=32))
     sched.add_request(make_request("old", bucket=1, max_new_tokens=32, arrival_time=0.5))
     for i in range(1, 6):
@@ -164,7 +164,7 @@ def test_s3_packs_largest_first_but_aged_requests_are_not_overtaken():
 def test_quantile_reservation_uses_the_probabilities():
     from core.request import LengthPrediction
 
-    sched = make_scheduler("s3", reserve_quantile=0.9)
+    sched = make_scheduler("s3-reserve", reserve_quantile=0.9)
     request = make_request("a")
     request.prediction = LengthPrediction(bucket=0, probs=(0.6, 0.2, 0.15, 0.05))
     sched.add_request(request)

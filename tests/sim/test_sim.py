@@ -71,13 +71,16 @@ def _small_config(**kw):
 def test_all_policies_finish_everything_and_s3_beats_max():
     report = run_simulation(_small_config(predictor=PredictorConfig(accuracy=0.6)))
     by = {r.policy: r for r in report.results}
-    assert set(by) == {"max", "paged", "s3", "oracle"}
+    from serve.policies import POLICY_NAMES
+
+    assert set(by) == set(POLICY_NAMES)
     total = sum(i for i in [by["max"].generated_tokens_per_s * by["max"].makespan_s])
     for r in report.results:
         assert r.num_requests == 300
         assert r.generated_tokens_per_s * r.makespan_s == pytest.approx(total)
     assert by["max"].num_preemptions == 0 and by["max"].num_mispredictions == 0
     assert by["s3"].num_mispredictions > 0  # 40% wrong predictions, some too short
+    assert by["s3-oracle"].num_preemptions == 0
     assert by["s3"].mean_running_batch > by["max"].mean_running_batch
     assert report.ratios("s3")["max"] > 1.0
 

@@ -1,0 +1,255 @@
+"""Remaining-length estimates and the projected-peak admission test of the predictive paged policies.
+
+Pure Python (no torch): the scheduler imports it.
+
+A running sequence grows by one KV token per step until it ends, so the memory of a set of sequences peaks
+just before one of them finishes. With ``a_i`` the tokens sequence ``i`` holds once its pending prefill is
+done, ``g_i`` the KV tokens it still writes after that and ``T_i`` the steps until it finishes (prefill steps
+included), the holding at step ``s`` is at most ``a_i + min(s - 1, g_i)`` while ``s <= T_i``, and the peak is
+
+    max over k of  sum over the k sequences with the largest T of (a_i + min(T_(k) - 1, g_i))
+
+plus one partial block per sequence. This is the admission test LightLLM runs with a history-based guess of
+the remaining length (and SGLang with known lengths); here the remaining length comes from the predictor's
+bucket probabilities, conditioned on what the sequence has already written.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import math
+from typing import Callable, Protocol, Sequence
+
+from core.buckets import BucketSpec
+from core.request import Request
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """What a sequence still has to generate, as a quantile (for memory) and a mean (for ordering)."""
+
+    quantile_tokens: int
+    """Output tokens still to come at the policy's quantile `q` (at least 1)."""
+    mean_tokens: float
+    """Expected output tokens still to come."""
+
+
+class RemainingEstimator(Protocol):
+    def estimate(self, request: Request) -> Estimate:
+        """How many more output tokens ``request`` will generate, given what it has written."""
+        ...
+
+    def observe(self, request: Request) -> None:
+        """A request finished (history-based estimators learn from it)."""
+        ...
+
+
+def conditional_remaining(
+    buckets: BucketSpec, probs: Sequence[float], written: int, quantile: float, cap: int
+) -> Estimate:
+    """Remaining output tokens of a request that has written ``written`` tokens, its final length drawn from
+    ``probs`` over ``buckets`` (uniform inside each bucket) restricted to lengths above ``written``; the
+    final length never exceeds ``cap`` (the request's max_new_tokens)."""
+    spans = []  # (start, end, mass) of each bucket's part above `written`
+    for bucket, p in enumerate(probs):
+        low, high = buckets.lower_edge(bucket), buckets.upper_edge(bucket)
+        if p <= 0 or high <= written:
+            continue
+        start = max(low, written)
+        spans.append((start, high, p * (high - start) / (high - low)))
+    total = sum(mass for _, _, mass in spans)
+    if total <= 0 or written >= cap:  # past every bucket: only the cap bounds it
+        left = max(1, cap - written)
+        return Estimate(left, float(left))
+    mean = sum(mass * (start + end) / 2 for start, end, mass in spans) / total
+    target, final = quantile * total, float(spans[-1][1])
+    for start, end, mass in spans:
+        if target <= mass:
+            final = start + (end - start) * target / mass
+            break
+        target -= mass
+    final, mean = min(final, cap), min(mean, cap)
+    return Estimate(max(1, math.ceil(final) - written), max(1.0, mean - written))
+
+
+class BucketEstimator:
+    """Remaining length from the request's bucket probabilities (or its one arg-max bucket), with a little
+    uniform prior mixed in so that buckets the predictor gives no mass still count."""
+
+    def __init__(self, buckets: BucketSpec, *, quantile: float, prior_weight: float) -> None:
+        self.buckets = buckets
+        self.quantile = quantile
+        self.prior_weight = prior_weight
+        self._prior = (1.0 / buckets.num_buckets,) * buckets.num_buckets
+
+    def probs(self, request: Request) -> tuple[float, ...]:
+        prediction, n = request.prediction, self.buckets.num_buckets
+        if prediction is None:
+            return self._prior
+        if prediction.probs is not None and len(prediction.probs) == n:
+            given = prediction.probs
+        else:
+            given = tuple(float(b == min(prediction.bucket, n - 1)) for b in range(n))
+        w = self.prior_weight
+        return tuple((1 - w) * p + w / n for p in given)
+
+    def estimate(self, request: Request) -> Estimate:
+        return conditional_remaining(
+            self.buckets, self.probs(request), request.num_output_tokens, self.quantile, request.max_new_tokens
+        )
+
+    def observe(self, request: Request) -> None:
+        pass
+
+
+class ExactEstimator:
+    """The true remaining length (LengthPrediction.num_tokens): the `s3-oracle` ablation and benchmarks."""
+
+    def estimate(self, request: Request) -> Estimate:
+        prediction = request.prediction
+        final = prediction.num_tokens if prediction is not None and prediction.num_tokens is not None else None
+        final = request.max_new_tokens if final is None else min(final, request.max_new_tokens)
+        left = max(1, final - request.num_output_tokens)
+        return Estimate(left, float(left))
+
+    def observe(self, request: Request) -> None:
+        pass
+
+
+class HistoryEstimator:
+    """No predictor: the lengths of the last ``window`` finished requests, conditioned on what was written
+    (LightLLM's and the Past-Future scheduler's guess). Until something has finished, the worst case."""
+
+    def __init__(self, *, quantile: float, window: int = 1000) -> None:
+        self.quantile = quantile
+        self._recent: collections.deque[int] = collections.deque(maxlen=window)
+        self._sorted: list[int] = []
+
+    def observe(self, request: Request) -> None:
+        if request.finish_reason == "abort":
+            return
+        if len(self._recent) == self._recent.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self._recent[0])]
+        self._recent.append(request.num_output_tokens)
+        bisect.insort(self._sorted, request.num_output_tokens)
+
+    def estimate(self, request: Request) -> Estimate:
+        written, cap = request.num_output_tokens, request.max_new_tokens
+        above = self._sorted[bisect.bisect_right(self._sorted, written):]
+        if not above:
+            left = max(1, cap - written)
+            return Estimate(left, float(left))
+        final = above[min(len(above) - 1, int(self.quantile * len(above)))]
+        mean = sum(above) / len(above)
+        return Estimate(max(1, min(final, cap) - written), max(1.0, min(mean, cap) - written))
+
+
+# -- the projected peak --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """One sequence's future as the peak test sees it: at step ``s`` (1 = this step) it holds at most
+    ``tokens + min(s - 1, growth)`` tokens, until step ``steps`` (its last)."""
+
+    tokens: int
+    """Tokens it holds once its pending prefill is done, plus its last block's unused room."""
+    growth: int
+    """Tokens it grows by after that (its remaining output less the last token, which is never cached),
+    less what its final block's rounding already covers; may be negative."""
+    steps: int
+    """Steps until it finishes, pending prefill steps included."""
+
+
+class PeakGate:
+    """The projected-peak test over a step's running set; admitted requests join it.
+
+    ``remaining(request)`` gives a request's remaining output tokens (an `Estimate.quantile_tokens`);
+    ``prefill_rate`` is the most prompt tokens one sequence computes in a step (the per-request cap, or the
+    step's budget), ``prefill_share`` a lower bound on the tokens the sequences still prefilling share each
+    step (the budget less one decode per running sequence; decodes go first). A sequence's prefill ends within
+    the steps its own prompt takes at ``prefill_rate`` plus the steps the prompts ahead of it take at
+    ``prefill_share``.
+
+    Each sequence is charged in whole blocks: the tokens it holds plus its last block's room, never more than
+    its final length rounded up to a block. So with exact lengths the peak never exceeds what reserving every
+    exact length would hold, and it is never below what the pool will really hold.
+    """
+
+    def __init__(
+        self,
+        remaining: Callable[[Request], int],
+        *,
+        capacity_tokens: int,
+        block_size: int,
+        prefill_rate: int,
+        prefill_share: int,
+    ) -> None:
+        self.remaining = remaining
+        self.capacity_tokens = capacity_tokens
+        self.block_size = block_size
+        self.prefill_rate = max(1, prefill_rate)
+        self.prefill_share = max(1, prefill_share)
+        self.entries: list[Projection] = []  # sorted by steps, longest first
+        self._keys: list[int] = []  # -steps of each entry, for bisect
+        self._pending_ahead = 0  # prompt tokens still to prefill, over the sequences already in
+
+    def projection(self, request: Request) -> Projection:
+        """Where ``request`` (running, or about to be admitted after everyone in) is headed."""
+        pending = request.num_tokens - request.num_computed_tokens
+        growth = self.remaining(request) - 1
+        tokens = request.num_tokens + self.block_size - 1
+        final_rounded = -(-(request.num_tokens + growth) // self.block_size) * self.block_size
+        if pending <= 1:  # decoding: one token per step
+            steps = growth + 1
+        else:
+            steps = math.ceil(pending / self.prefill_rate) + math.ceil(self._pending_ahead / self.prefill_share)
+            steps += growth
+        return Projection(tokens, min(growth, final_rounded - tokens), steps)
+
+    def add(self, request: Request) -> None:
+        entry = self.projection(request)
+        at = bisect.bisect_right(self._keys, -entry.steps)
+        self.entries.insert(at, entry)
+        self._keys.insert(at, -entry.steps)
+        pending = request.num_tokens - request.num_computed_tokens
+        if pending > 1:
+            self._pending_ahead += pending
+
+    def fits(self, request: Request) -> bool:
+        """Whether the peak of the running set plus ``request`` fits the pool."""
+        entry = self.projection(request)
+        at = bisect.bisect_right(self._keys, -entry.steps)
+        entries = self.entries[:at] + [entry] + self.entries[at:]
+        return peak_tokens(entries, self.block_size) <= self.capacity_tokens
+
+
+def peak_tokens(entries: Sequence[Projection], block_size: int = 1) -> int:
+    """The projected peak in tokens of ``entries`` (sorted by steps, longest first).
+
+    Evaluated at each distinct finishing step ``s``: every sequence still alive holds
+    ``tokens + min(s - 1, growth)``, i.e. ``tokens + s - 1`` less a shortfall ``max(0, s - 1 - growth)``.
+    The shortfall of a decoding sequence is below ``block_size`` and only in its last steps, so only entries
+    finishing within a block's worth of steps of ``s`` are visited; sequences still prefilling (a longer
+    shortfall) are few and visited every time.
+    """
+    peak = held = 0
+    prefilling: list[Projection] = []
+    for k, entry in enumerate(entries):
+        held += entry.tokens
+        if entry.steps - 1 - entry.growth >= block_size:
+            prefilling.append(entry)
+        if k + 1 < len(entries) and entries[k + 1].steps == entry.steps:
+            continue  # evaluate once per finishing step, with everyone who finishes then
+        s = entry.steps
+        shortfall = sum(max(0, s - 1 - e.growth) for e in prefilling)
+        j = k
+        while j >= 0 and entries[j].steps - s <= block_size - 2:
+            near = entries[j]
+            if near.steps - 1 - near.growth < block_size:
+                shortfall += max(0, s - 1 - near.growth)
+            j -= 1
+        peak = max(peak, held + (k + 1) * (s - 1) - shortfall)
+    return peak

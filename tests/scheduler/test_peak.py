@@ -1,0 +1,203 @@
+"""The predictive paged policies: the remaining-length estimator, the projected-peak test and the `s3` order."""
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core.buckets import BucketSpec
+from core.request import LengthPrediction, Request
+from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, PeakGate, conditional_remaining
+from serve.kv import blocks_for
+from tests.fakes import FakeClock, make_request, make_scheduler, run_until_done
+
+BUCKETS = BucketSpec.uniform(40, 4)  # (0,10], (10,20], (20,30], (30,40]
+
+probs_st = st.lists(st.floats(0, 1), min_size=4, max_size=4).filter(lambda p: sum(p) > 1e-3)
+
+
+# -- the estimator ---------------------------------------------------------------------------------------------
+
+
+@given(probs_st, st.integers(0, 45), st.floats(0, 1), st.floats(0, 1), st.integers(1, 50))
+def test_conditional_remaining_is_above_what_was_written_and_within_the_cap(probs, written, q1, q2, cap):
+    low, high = sorted((q1, q2))
+    a = conditional_remaining(BUCKETS, probs, written, low, cap)
+    b = conditional_remaining(BUCKETS, probs, written, high, cap)
+    assert 1 <= a.quantile_tokens <= b.quantile_tokens  # monotone in q
+    if written < cap:
+        assert written + b.quantile_tokens <= cap
+        assert a.mean_tokens >= 1
+
+
+def test_outrunning_the_predicted_bucket_conditions_on_the_longer_tail():
+    # Arg-max bucket 0 with most mass; a request already past it has the higher buckets' lengths left.
+    probs = (0.85, 0.1, 0.04, 0.01)
+    fresh = conditional_remaining(BUCKETS, probs, 0, 0.5, 40)
+    past = conditional_remaining(BUCKETS, probs, 12, 0.5, 40)
+    assert fresh.quantile_tokens <= 10
+    assert 12 + past.quantile_tokens > 12 and 12 + past.quantile_tokens <= 20  # mostly bucket 1 is left
+    late = conditional_remaining(BUCKETS, probs, 35, 0.9, 40)
+    assert 35 + late.quantile_tokens <= 40
+    # Past every bucket's mass: only the cap is left.
+    assert conditional_remaining(BUCKETS, (1, 0, 0, 0), 15, 0.5, 30).quantile_tokens == 15
+
+
+def test_prior_keeps_mass_in_buckets_the_predictor_never_gives():
+    request = make_request("a", max_new_tokens=40)
+    request.prediction = LengthPrediction(bucket=0, probs=(1.0, 0.0, 0.0, 0.0))
+    request.output_token_ids = [1] * 11  # past bucket 0
+    with_prior = BucketEstimator(BUCKETS, quantile=0.9, prior_weight=0.05).estimate(request)
+    assert 11 + with_prior.quantile_tokens > 20  # the tail is still possible
+    no_prediction = make_request("b", max_new_tokens=40)
+    assert BucketEstimator(BUCKETS, quantile=0.5, prior_weight=0.05).estimate(no_prediction).quantile_tokens == 20
+
+
+def test_history_estimator_starts_at_the_worst_case_and_learns():
+    est = HistoryEstimator(quantile=0.5, window=3)
+    request = make_request("a", max_new_tokens=40)
+    assert est.estimate(request).quantile_tokens == 40
+    for n in (5, 10, 30, 8):  # the window keeps the last three: 10, 30, 8
+        done = make_request(f"d{n}", max_new_tokens=40)
+        done.output_token_ids = [1] * n
+        est.observe(done)
+    assert est.estimate(request).quantile_tokens == 10
+    request.output_token_ids = [1] * 12
+    assert est.estimate(request).quantile_tokens == 30 - 12
+
+
+# -- the peak test ---------------------------------------------------------------------------------------------
+
+seq_st = st.fixed_dictionaries({
+    "prompt": st.integers(1, 30), "written": st.integers(0, 30), "extra": st.integers(1, 40),
+    "prefilled": st.booleans(),
+})
+
+
+def _sequence(i: int, spec: dict) -> Request:
+    request = Request(f"r{i}", [1] * spec["prompt"], max_new_tokens=spec["written"] + spec["extra"])
+    request.output_token_ids = [1] * spec["written"]
+    request.prediction = LengthPrediction(bucket=0, num_tokens=spec["written"] + spec["extra"])
+    # Decoding (all but the last sampled token cached) or not started (admitted again after a preemption).
+    request.num_computed_tokens = request.num_tokens - 1 if spec["prefilled"] else 0
+    return request
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(seq_st, min_size=1, max_size=12), seq_st, st.integers(1, 8), st.integers(1, 64))
+def test_exact_lengths_never_admit_less_than_exact_reservation(running_specs, candidate_spec, block_size, rate):
+    running = [_sequence(i, spec) for i, spec in enumerate(running_specs)]
+    candidate = _sequence(len(running), {**candidate_spec, "prefilled": False})
+    # What reserving each exact length would hold: prompt + every output token.
+    exact = sum(blocks_for(r.num_prompt_tokens + r.prediction.num_tokens, block_size) for r in running + [candidate])
+    estimator = ExactEstimator()
+    gate = PeakGate(lambda r: estimator.estimate(r).quantile_tokens, capacity_tokens=exact * block_size,
+                    block_size=block_size, prefill_rate=rate, prefill_share=rate)
+    for request in running:
+        gate.add(request)
+    assert gate.fits(candidate)
+
+
+workload_st = st.fixed_dictionaries({
+    "requests": st.lists(st.fixed_dictionaries({
+        "prompt": st.integers(1, 24), "max_new": st.integers(1, 40), "true": st.integers(1, 50),
+        "arrival": st.integers(0, 20),
+    }), min_size=1, max_size=25),
+    "block_size": st.integers(1, 8),
+    "extra_blocks": st.integers(0, 40),
+    "max_num_seqs": st.integers(1, 8),
+    "extra_budget": st.integers(0, 30),
+    "prefill_cap": st.integers(0, 12),
+})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload_st)
+def test_s3_oracle_never_preempts(w):
+    """With exact lengths the projected peak is an upper bound of what the pool will hold: no preemption, under
+    chunked prefill, per-request prefill caps, tight budgets and staggered arrivals."""
+    largest = max(blocks_for(r["prompt"] + r["max_new"], w["block_size"]) for r in w["requests"])
+    clock = FakeClock()
+    from serve.scheduler import Scheduler, SchedulerConfig
+    from serve.policies import PolicyConfig
+
+    config = SchedulerConfig(
+        num_blocks=largest + w["extra_blocks"], block_size=w["block_size"], max_num_seqs=w["max_num_seqs"],
+        max_num_batched_tokens=w["max_num_seqs"] + w["extra_budget"],
+        long_prefill_token_threshold=w["prefill_cap"], policy=PolicyConfig(policy="s3-oracle"),
+    )
+    sched = Scheduler(config, buckets=BUCKETS, clock=clock)
+    lengths = {}
+    pending = []
+    for i, r in enumerate(w["requests"]):
+        true = min(r["true"], r["max_new"])
+        lengths[f"r{i}"] = true
+        pending.append(Request(f"r{i}", [7] * r["prompt"], max_new_tokens=r["max_new"], arrival_time=r["arrival"],
+                               prediction=LengthPrediction(bucket=0, num_tokens=true)))
+    pending.sort(key=lambda r: r.arrival_time)
+    from tests.fakes import ScriptedExecutor
+
+    executor = ScriptedExecutor(lengths)
+    for _ in range(5000):
+        while pending and pending[0].arrival_time <= clock.now:
+            sched.add_request(pending.pop(0))
+        if not pending and not sched.has_unfinished():
+            break
+        out = sched.schedule()
+        sched.update_from_output(out, executor.execute(sched, out))
+        sched.check_invariants()
+        clock.now += 1.0
+    else:
+        raise AssertionError("the workload did not finish")
+    assert sched.stats.num_preemptions == 0
+
+
+# -- the s3 policy in the scheduler ----------------------------------------------------------------------------
+
+
+def test_s3_admits_short_predicted_work_first():
+    sched = make_scheduler("s3", num_blocks=64, max_num_seqs=1)
+    sched.add_request(make_request("long", bucket=3, max_new_tokens=64))
+    sched.add_request(make_request("short", bucket=0, max_new_tokens=64))
+    assert sched.schedule().new_request_ids == ["short"]
+
+
+def test_s3_notes_a_misprediction_per_bucket_passed_without_preempting():
+    sched = make_scheduler("s3", num_blocks=32)
+    sched.add_request(make_request("a", bucket=0, max_new_tokens=64))
+    (request,) = run_until_done(sched, {"a": 40})
+    assert request.num_preemptions == 0
+    assert [e.predicted_bucket for e in request.mispredictions] == [0, 1]
+    assert [e.reserved_output_tokens for e in request.mispredictions] == [16, 32]
+    assert all(not e.preempted and e.final_output_tokens == 40 for e in request.mispredictions)
+    assert sched.stats.num_mispredictions == 2
+
+
+def test_s3_holds_back_what_would_overflow_at_its_peak():
+    # 12 blocks of 4 = 48 tokens. Each request: 4 prompt tokens, predicted bucket 1 (up to 32 tokens).
+    # `paged` admits all three at once (each needs one block now); s3 sees their peaks would not fit.
+    lengths = {rid: 30 for rid in "abc"}
+    admitted_first = {}
+    for policy in ("paged", "s3"):
+        sched = make_scheduler(policy, num_blocks=12, watermark=0.0, quantile=0.9, prior_weight=0.0)
+        for rid in "abc":
+            sched.add_request(make_request(rid, bucket=1, max_new_tokens=32))
+        admitted_first[policy] = len(sched.schedule().new_request_ids)
+        run_until_done(sched, lengths)
+        admitted_first[policy, "preemptions"] = sched.stats.num_preemptions
+    assert admitted_first["paged"] == 3 and admitted_first["paged", "preemptions"] > 0
+    assert admitted_first["s3"] == 1 and admitted_first["s3", "preemptions"] == 0
+
+
+def test_s3_victim_is_the_least_computed():
+    sched = make_scheduler("s3")
+    a, b, c = (make_request(rid, bucket=0) for rid in "abc")
+    a.num_computed_tokens, b.num_computed_tokens, c.num_computed_tokens = 9, 3, 6
+    assert sched.choose_victim([a, b, c], a) is b
+
+
+def test_quantile_zero_admits_what_fits_now_like_paged():
+    # With any prior mass the shortest length still possible is one more token: q = 0 charges nothing ahead.
+    for policy, kwargs in (("paged", {"watermark": 0.0}), ("s3", {"quantile": 0.0, "prior_weight": 0.05})):
+        sched = make_scheduler(policy, num_blocks=12, **kwargs)
+        for rid in "abc":
+            sched.add_request(make_request(rid, bucket=1, max_new_tokens=32))
+        assert len(sched.schedule().new_request_ids) == 3, policy
