@@ -8,8 +8,6 @@ import click
 
 from pipeline.config import ConfigError, load_config
 
-NOT_BUILT: dict[str, tuple[str, int]] = {}
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--local_rank", type=int, default=None, hidden=True, help="Set by the deepspeed launcher; ignored.")
@@ -226,26 +224,9 @@ def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, 
         _fail(str(exc))
 
 
-def _not_built(name: str, summary: str, issue: int) -> click.Command:
-    def run(**_kwargs):
-        _fail(f"`s3 {name}` is not built yet (tracked in issue #{issue}).")
-
-    return click.Command(
-        name,
-        callback=run,
-        help=f"{summary} NOT BUILT YET (issue #{issue}).",
-        short_help=f"[not built yet] {summary}",
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    )
-
-
-for _name, (_summary, _issue) in NOT_BUILT.items():
-    main.add_command(_not_built(_name, _summary, _issue))
-
-
 @main.group()
 def pipeline() -> None:
-    """The whole loop: generate -> train -> serve/bench -> retrain -> bench again."""
+    """The whole loop: generate -> train -> collect (serve, mispredictions) -> retrain -> bench."""
 
 
 @pipeline.command("run")

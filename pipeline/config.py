@@ -98,7 +98,3 @@ def load_config(
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
     return from_dict(cls, data, where=str(path) if path else "config")
 
-
-def to_dict(config: Any) -> dict:
-    """A config as plain data (for YAML/JSON records next to what it made)."""
-    return dataclasses.asdict(config)
