@@ -174,8 +174,10 @@ def run_config(name: str, overrides: list[str], *, config: str, log_dir: Path, *
 @click.option("--stream-max-tokens", default=512, show_default=True)
 @click.option("--short-delay-s", default=1.0, show_default=True)
 @click.option("--set", "overrides", multiple=True, help="Extra override for both servers, e.g. predictor=PATH.")
+@click.option("--only", type=click.Choice(list(CONFIGS)), default=None,
+              help="Run one configuration (e.g. `--only after --set engine.long_prefill_token_threshold=32`).")
 @click.option("--output", default="runs/long_prefill.json", show_default=True)
-def main(config, long_prompt_tokens, num_streams, stream_max_tokens, short_delay_s, overrides, output):
+def main(config, long_prompt_tokens, num_streams, stream_max_tokens, short_delay_s, overrides, only, output):
     """Before/after figures of fair prefill, one server per configuration, as JSON."""
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +185,8 @@ def main(config, long_prompt_tokens, num_streams, stream_max_tokens, short_delay
                     stream_max_tokens=stream_max_tokens, short_delay_s=short_delay_s)
     results = []
     for name, config_overrides in CONFIGS.items():
+        if only is not None and name != only:
+            continue
         results.append(run_config(name, [*overrides, *config_overrides], config=config, log_dir=out.parent,
                                   **scenario))
         print(json.dumps(results[-1]), flush=True)

@@ -58,3 +58,19 @@ def test_the_benchmark_scenario_reports_its_figures(capped_server):
     assert figures["longest_over_median"] >= 1 and figures["long_ttft_s"] > 0 and figures["short_ttft_s"] > 0
     assert isinstance(figures["short_first_token_before_long"], bool)
     assert 0 <= figures["stream_gap_longest_during_long_prefill_s"] <= figures["stream_gap_longest_s"]
+
+
+def test_only_runs_one_configuration(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    bench = _bench()
+    calls = []
+    monkeypatch.setattr(bench, "run_config", lambda name, overrides, **_: calls.append((name, overrides)) or {})
+    out = tmp_path / "long_prefill.json"
+    args = ["--only", "after", "--set", "engine.long_prefill_token_threshold=32", "--output", str(out)]
+    result = CliRunner().invoke(bench.main, args)
+    assert result.exit_code == 0, result.output
+    assert calls == [("after", ["engine.long_prefill_token_threshold=32"])] and out.exists()
+    calls.clear()
+    assert CliRunner().invoke(bench.main, ["--output", str(out)]).exit_code == 0
+    assert [name for name, _ in calls] == ["before", "after"]
