@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import heapq
 import math
 from typing import Callable, Protocol, Sequence
 
@@ -52,26 +53,48 @@ def conditional_remaining(
     """Remaining output tokens of a request that has written ``written`` tokens, its final length drawn from
     ``probs`` over ``buckets`` (uniform inside each bucket) restricted to lengths above ``written``; the
     final length never exceeds ``cap`` (the request's max_new_tokens)."""
-    spans = []  # (start, end, mass) of each bucket's part above `written`
-    for bucket, p in enumerate(probs):
-        low, high = buckets.lower_edge(bucket), buckets.upper_edge(bucket)
-        if p <= 0 or high <= written:
-            continue
+    return LengthDistribution(buckets, probs).remaining(written, quantile, cap)
+
+
+class LengthDistribution:
+    """A final-length distribution, uniform inside each bucket, with suffix sums so that conditioning on
+    "longer than ``written``" costs two bisections (it runs for every running sequence every step)."""
+
+    def __init__(self, buckets: BucketSpec, probs: Sequence[float]) -> None:
+        spans = [(buckets.lower_edge(b), buckets.upper_edge(b), p) for b, p in enumerate(probs) if p > 0]
+        self.lows = [low for low, _, _ in spans]
+        self.highs = [high for _, high, _ in spans]
+        self.masses = [p for _, _, p in spans]
+        n = len(spans)
+        # Over buckets i.. : total mass, and mass-weighted midpoint sum (for the mean).
+        self.mass_from = [0.0] * (n + 1)
+        self.mid_from = [0.0] * (n + 1)
+        for i in range(n - 1, -1, -1):
+            self.mass_from[i] = self.mass_from[i + 1] + self.masses[i]
+            self.mid_from[i] = self.mid_from[i + 1] + self.masses[i] * (self.lows[i] + self.highs[i]) / 2
+        # Mass below each bucket's upper edge, counted from the first bucket (for the quantile search).
+        self.cum = [self.mass_from[0] - self.mass_from[i + 1] for i in range(n)]
+
+    def remaining(self, written: int, quantile: float, cap: int) -> Estimate:
+        first = bisect.bisect_right(self.highs, written)  # the first bucket reaching above `written`
+        if first == len(self.highs) or written >= cap:  # past every bucket: only the cap bounds it
+            left = max(1, cap - written)
+            return Estimate(left, float(left))
+        low, high, p = self.lows[first], self.highs[first], self.masses[first]
         start = max(low, written)
-        spans.append((start, high, p * (high - start) / (high - low)))
-    total = sum(mass for _, _, mass in spans)
-    if total <= 0 or written >= cap:  # past every bucket: only the cap bounds it
-        left = max(1, cap - written)
-        return Estimate(left, float(left))
-    mean = sum(mass * (start + end) / 2 for start, end, mass in spans) / total
-    target, final = quantile * total, float(spans[-1][1])
-    for start, end, mass in spans:
-        if target <= mass:
-            final = start + (end - start) * target / mass
-            break
-        target -= mass
-    final, mean = min(final, cap), min(mean, cap)
-    return Estimate(max(1, math.ceil(final) - written), max(1.0, mean - written))
+        partial = p * (high - start) / (high - low)
+        total = partial + self.mass_from[first + 1]
+        mean = (partial * (start + high) / 2 + self.mid_from[first + 1]) / total
+        target = quantile * total
+        if target <= partial:
+            final = start + (high - start) * target / partial if partial > 0 else start
+        else:  # in a later bucket: find it on the cumulative masses, shifted to start at `written`
+            offset = self.cum[first] - partial
+            i = min(bisect.bisect_left(self.cum, target + offset - 1e-12, first + 1), len(self.cum) - 1)
+            below = self.cum[i] - self.masses[i] - offset
+            final = self.lows[i] + (self.highs[i] - self.lows[i]) * max(0.0, target - below) / self.masses[i]
+        final, mean = min(final, cap), min(mean, cap)
+        return Estimate(max(1, math.ceil(final - 1e-9) - written), max(1.0, mean - written))
 
 
 class BucketEstimator:
@@ -83,6 +106,7 @@ class BucketEstimator:
         self.quantile = quantile
         self.prior_weight = prior_weight
         self._prior = (1.0 / buckets.num_buckets,) * buckets.num_buckets
+        self._dists: dict[str, LengthDistribution] = {}  # per live request
 
     def probs(self, request: Request) -> tuple[float, ...]:
         prediction, n = request.prediction, self.buckets.num_buckets
@@ -92,16 +116,17 @@ class BucketEstimator:
             given = prediction.probs
         else:
             given = tuple(float(b == min(prediction.bucket, n - 1)) for b in range(n))
-        w = self.prior_weight
-        return tuple((1 - w) * p + w / n for p in given)
+        total, w = sum(given) or 1.0, self.prior_weight
+        return tuple((1 - w) * p / total + w / n for p in given)
 
     def estimate(self, request: Request) -> Estimate:
-        return conditional_remaining(
-            self.buckets, self.probs(request), request.num_output_tokens, self.quantile, request.max_new_tokens
-        )
+        dist = self._dists.get(request.request_id)
+        if dist is None:
+            dist = self._dists[request.request_id] = LengthDistribution(self.buckets, self.probs(request))
+        return dist.remaining(request.num_output_tokens, self.quantile, request.max_new_tokens)
 
     def observe(self, request: Request) -> None:
-        pass
+        self._dists.pop(request.request_id, None)
 
 
 class ExactEstimator:
@@ -169,9 +194,10 @@ class PeakGate:
     ``remaining(request)`` gives a request's remaining output tokens (an `Estimate.quantile_tokens`);
     ``prefill_rate`` is the most prompt tokens one sequence computes in a step (the per-request cap, or the
     step's budget), ``prefill_share`` a lower bound on the tokens the sequences still prefilling share each
-    step (the budget less one decode per running sequence; decodes go first). A sequence's prefill ends within
-    the steps its own prompt takes at ``prefill_rate`` plus the steps the prompts ahead of it take at
-    ``prefill_share``.
+    step (the budget less one decode for every other sequence that may run; decodes go first). In each step
+    before a sequence's prefill ends, either it got its full ``prefill_rate`` or the prompts up to it in
+    running order took at least ``prefill_share``: so its prefill ends within ``ceil(pending / prefill_rate)
+    + ceil((pending ahead + pending) / prefill_share)`` steps.
 
     Each sequence is charged in whole blocks: the tokens it holds plus its last block's room, never more than
     its final length rounded up to a block. So with exact lengths the peak never exceeds what reserving every
@@ -205,8 +231,8 @@ class PeakGate:
         if pending <= 1:  # decoding: one token per step
             steps = growth + 1
         else:
-            steps = math.ceil(pending / self.prefill_rate) + math.ceil(self._pending_ahead / self.prefill_share)
-            steps += growth
+            steps = math.ceil(pending / self.prefill_rate)
+            steps += math.ceil((self._pending_ahead + pending) / self.prefill_share) + growth
         return Projection(tokens, min(growth, final_rounded - tokens), steps)
 
     def add(self, request: Request) -> None:
@@ -223,33 +249,36 @@ class PeakGate:
         entry = self.projection(request)
         at = bisect.bisect_right(self._keys, -entry.steps)
         entries = self.entries[:at] + [entry] + self.entries[at:]
-        return peak_tokens(entries, self.block_size) <= self.capacity_tokens
+        return peak_tokens(entries) <= self.capacity_tokens
 
 
-def peak_tokens(entries: Sequence[Projection], block_size: int = 1) -> int:
+def peak_tokens(entries: Sequence[Projection]) -> int:
     """The projected peak in tokens of ``entries`` (sorted by steps, longest first).
 
-    Evaluated at each distinct finishing step ``s``: every sequence still alive holds
-    ``tokens + min(s - 1, growth)``, i.e. ``tokens + s - 1`` less a shortfall ``max(0, s - 1 - growth)``.
-    The shortfall of a decoding sequence is below ``block_size`` and only in its last steps, so only entries
-    finishing within a block's worth of steps of ``s`` are visited; sequences still prefilling (a longer
-    shortfall) are few and visited every time.
+    Evaluated at each distinct finishing step ``s``, latest first: every sequence still alive holds
+    ``tokens + min(s - 1, growth)``, i.e. ``tokens + s - 1`` less a shortfall ``max(0, s - c)`` with
+    ``c = growth + 1``. The sequences with a shortfall are kept in a heap by ``c``: as ``s`` falls they leave
+    it for good, so the whole evaluation is O(n log n).
     """
     peak = held = 0
-    prefilling: list[Projection] = []
+    short: list[int] = []  # max-heap (negated) of c over alive sequences with c < s
+    num_short = sum_short = 0
+    push, pop = heapq.heappush, heapq.heappop
+    last = len(entries) - 1
     for k, entry in enumerate(entries):
         held += entry.tokens
-        if entry.steps - 1 - entry.growth >= block_size:
-            prefilling.append(entry)
-        if k + 1 < len(entries) and entries[k + 1].steps == entry.steps:
-            continue  # evaluate once per finishing step, with everyone who finishes then
+        c = entry.growth + 1
         s = entry.steps
-        shortfall = sum(max(0, s - 1 - e.growth) for e in prefilling)
-        j = k
-        while j >= 0 and entries[j].steps - s <= block_size - 2:
-            near = entries[j]
-            if near.steps - 1 - near.growth < block_size:
-                shortfall += max(0, s - 1 - near.growth)
-            j -= 1
-        peak = max(peak, held + (k + 1) * (s - 1) - shortfall)
+        if c < s:  # a sequence with c >= s has no shortfall now, nor at any later (smaller) s
+            push(short, -c)
+            num_short += 1
+            sum_short += c
+        if k < last and entries[k + 1].steps == s:
+            continue  # evaluate once per finishing step, with everyone who finishes then
+        while short and -short[0] >= s:
+            sum_short += pop(short)
+            num_short -= 1
+        total = held + (k + 1) * (s - 1) - (num_short * s - sum_short)
+        if total > peak:
+            peak = total
     return peak

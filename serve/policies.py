@@ -97,6 +97,7 @@ class StepLimits:
     prefill_rate: int
     """Most prompt tokens one sequence computes in a step."""
     max_num_batched_tokens: int
+    max_num_seqs: int
 
 
 class AdmissionPolicy:
@@ -191,11 +192,12 @@ class _Ordered:
         return now - request.arrival_time >= self.config.aging_s
 
     def candidates(self, waiting: Sequence[Request], now: float) -> Iterable[int]:
-        # The queue is in arrival order, so the aged requests are a prefix: they go first, in order.
+        # The queue is in arrival order, so the aged requests are a prefix: they go first, in order (lazily:
+        # admission usually stops long before the end of a long aged prefix).
         num_aged = 0
         while num_aged < len(waiting) and self.is_aged(waiting[num_aged], now):
+            yield num_aged
             num_aged += 1
-        yield from range(num_aged)
         window = range(num_aged, min(len(waiting), num_aged + self.config.lookahead))
         yield from sorted(window, key=lambda i: self.work(waiting[i]))
 
@@ -232,7 +234,7 @@ class _PeakAdmission(PagedPolicy):
             capacity_tokens=limits.capacity_tokens,
             block_size=limits.block_size,
             prefill_rate=limits.prefill_rate,
-            prefill_share=limits.max_num_batched_tokens - len(running) - 1,
+            prefill_share=limits.max_num_batched_tokens - limits.max_num_seqs + 1,
         )
         for request in running:
             gate.add(request)

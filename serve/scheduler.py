@@ -166,6 +166,7 @@ class Scheduler:
             block_size=config.block_size,
             prefill_rate=self._prefill_rate(config),
             max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
         )
         self._order: dict[str, tuple[float, int]] = {}
         self._finished_ids: list[str] = []

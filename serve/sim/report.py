@@ -12,15 +12,18 @@ COLUMNS = [
     ("policy", "policy", "{}"),
     ("tok/s", "generated_tokens_per_s", "{:.0f}"),
     ("req/s", "requests_per_s", "{:.2f}"),
-    ("lat mean s", "mean_latency_s", "{:.1f}"),
-    ("lat p99 s", "p99_latency_s", "{:.1f}"),
+    ("TTFT p50 s", "p50_ttft_s", "{:.2f}"),
+    ("TTFT p99 s", "p99_ttft_s", "{:.2f}"),
+    ("lat mean s", "mean_latency_s", "{:.2f}"),
+    ("lat p50 s", "p50_latency_s", "{:.2f}"),
+    ("lat p99 s", "p99_latency_s", "{:.2f}"),
     ("batch", "mean_running_batch", "{:.1f}"),
     ("KV used", "kv_utilization", "{:.0%}"),
     ("KV held", "kv_reserved", "{:.0%}"),
     ("preempt", "num_preemptions", "{}"),
     ("mispred", "num_mispredictions", "{}"),
     ("recomp tok", "num_recomputed_tokens", "{}"),
-    ("sim wall s", "wall_s", "{:.1f}"),
+    ("sim wall s", "wall_s", "{:.0f}"),
 ]
 
 
@@ -48,9 +51,13 @@ def format_report(report: SimulationReport) -> str:
     ratios = report.ratios("s3")
     if ratios:
         lines += ["", "s3 throughput ratio (same run): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items() if k != "s3")]
+    paged, s3 = report.result("paged"), report.result("s3")
+    if paged and s3:
+        lines += [f"s3 / paged (same run): mean latency {s3.mean_latency_s / paged.mean_latency_s:.2f}x, "
+                  f"p99 TTFT {s3.p99_ttft_s / max(paged.p99_ttft_s, 1e-12):.2f}x"]
     if report.rates:
         lines += ["", f"largest arrival rate within mean {config.slo_token_latency_s}s/token:"]
-        lines += [f"  {r.policy:>7}: {r.max_rate:.2f} req/s" for r in report.rates]
+        lines += [f"  {r.policy:>12}: {r.max_rate:.2f} req/s" for r in report.rates]
     return "\n".join(lines)
 
 

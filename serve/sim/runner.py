@@ -11,7 +11,7 @@ import time
 from typing import Sequence
 
 from core.buckets import BucketSpec
-from serve.policies import PolicyConfig, PolicyName
+from serve.policies import PolicyName
 from core.request import Request
 from serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
 from serve.sim.costmodel import CostModel
@@ -67,10 +67,13 @@ class PolicyResult:
     generated_tokens_per_s: float
     requests_per_s: float
     mean_latency_s: float
+    p50_latency_s: float
     p99_latency_s: float
     mean_token_latency_s: float
     """Mean over requests of latency / output tokens (the SLO metric)."""
     mean_ttft_s: float
+    p50_ttft_s: float
+    p99_ttft_s: float
     mean_running_batch: float
     kv_utilization: float
     """Time-weighted fraction of the pool holding live tokens."""
@@ -170,6 +173,7 @@ def _summarise(policy: str, requests: list[Request], scheduler: Scheduler, acc: 
     start = min(r.arrival_time for r in requests)
     makespan = max(r.finish_time for r in requests) - start
     latencies = [r.finish_time - r.arrival_time for r in requests]
+    ttfts = [r.first_token_time - r.arrival_time for r in requests]
     stats = scheduler.stats
     step = max(1, len(acc.points) // TIMELINE_POINTS)
     return PolicyResult(
@@ -179,9 +183,12 @@ def _summarise(policy: str, requests: list[Request], scheduler: Scheduler, acc: 
         generated_tokens_per_s=sum(r.num_output_tokens for r in requests) / makespan,
         requests_per_s=len(requests) / makespan,
         mean_latency_s=sum(latencies) / len(latencies),
+        p50_latency_s=_percentile(latencies, 0.5),
         p99_latency_s=_percentile(latencies, 0.99),
         mean_token_latency_s=sum(lat / r.num_output_tokens for lat, r in zip(latencies, requests)) / len(requests),
-        mean_ttft_s=sum(r.first_token_time - r.arrival_time for r in requests) / len(requests),
+        mean_ttft_s=sum(ttfts) / len(ttfts),
+        p50_ttft_s=_percentile(ttfts, 0.5),
+        p99_ttft_s=_percentile(ttfts, 0.99),
         mean_running_batch=acc.batch_sum / max(1, acc.steps),
         kv_utilization=acc.kv_used_time / max(acc.busy_time, 1e-12),
         kv_reserved=acc.kv_reserved_time / max(acc.busy_time, 1e-12),

@@ -141,8 +141,9 @@ def find_max_rate(
 ) -> RateResult:
     """Bisect the Poisson arrival rate at which ``policy`` still meets the token-latency SLO.
 
-    ``capacity`` is the policy's offline requests/s on the same workload: no higher rate is sustainable,
-    so the search runs in [0, capacity]. A probe is `rate_search_requests` Poisson arrivals; it
+    ``capacity`` is the policy's offline requests/s on the same workload; the sweep probes fractions of it
+    (above 1 too) and the search bisects between the highest rate that met the SLO and the lowest above it
+    that did not. A probe is `rate_search_requests` Poisson arrivals; it
     meets the SLO when their mean latency per output token (queueing included) is within it.
     """
     workload = dataclasses.replace(config.workload, mode="online", num_requests=config.rate_search_requests)
@@ -156,10 +157,18 @@ def find_max_rate(
 
     for fraction in LOAD_SWEEP:  # the latency-vs-load curve, for the plot
         meets_slo(fraction * capacity)
-    low, high = 0.0, capacity
-    if any(r == capacity and v <= config.slo_token_latency_s for r, v in probes):
-        low = high
-    else:
+    # Bracket the answer from the sweep, probing higher while even the highest rate meets the SLO: an open
+    # loop can run above the offline capacity measured on a finite workload (arrivals spread the prefill).
+    slo = config.slo_token_latency_s
+    low = max((r for r, v in probes if v <= slo), default=0.0)
+    high = min((r for r, v in probes if v > slo and r > low), default=None)
+    for _ in range(4):
+        if high is not None:
+            break
+        rate = 2 * max(r for r, _ in probes)
+        high = None if meets_slo(rate) else rate
+        low = rate if high is None else low
+    if high is not None:
         for _ in range(config.rate_search_steps):
             mid = (low + high) / 2
             low, high = (mid, high) if meets_slo(mid) else (low, mid)

@@ -92,12 +92,31 @@ def test_rate_search_and_report_files(tmp_path):
     report = run_simulation(config)
     assert [r.policy for r in report.rates] == ["max", "s3"]
     for rate, result in zip(report.rates, report.results):
-        assert 0 < rate.max_rate <= result.requests_per_s
+        assert 0 < rate.max_rate
     text = format_report(report)
     assert "s3 throughput ratio" in text and "largest arrival rate" in text
     paths = save_report(report, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["s3_throughput_ratios"]["s3"] == 1.0 and paths["png"].stat().st_size > 10_000
+
+
+def test_rate_search_probes_above_the_offline_capacity():
+    # An SLO every rate meets: the search must not stop at the offline capacity.
+    config = _small_config(policies=("paged",), find_max_rate=True, rate_search_requests=200, rate_search_steps=1,
+                           slo_token_latency_s=1e6)
+    report = run_simulation(config)
+    assert report.rates[0].max_rate > 1.5 * report.results[0].requests_per_s
+
+
+def test_results_carry_the_shared_benchmark_keys(tmp_path):
+    from serve.sim.report import save_report
+
+    report = run_simulation(_small_config(policies=("paged", "s3")))
+    record = json.loads(save_report(report, tmp_path)["json"].read_text())["results"][0]
+    keys = ("policy", "generated_tokens_per_s", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "mean_latency_s",
+            "p50_latency_s", "p99_latency_s", "num_preemptions", "num_recomputed_tokens")
+    assert all(record[k] is not None for k in keys)
+    assert record["p50_ttft_s"] <= record["p99_ttft_s"] and record["p50_latency_s"] <= record["p99_latency_s"]
 
 
 def test_simulating_10k_requests_takes_seconds():
