@@ -50,7 +50,7 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
             click.echo(format_calibration(*calibrate(calibrate_from)))
         except (OSError, KeyError, ValueError) as exc:
             _fail(f"cannot calibrate from {calibrate_from}: {exc!r}")
-        click.echo("wrote configs/calibration/smollm2-cpu.json (used by --preset smollm2-cpu)")
+        click.echo("wrote runs/calibration/smollm2-cpu.json (used by --preset smollm2-cpu from this folder)")
         return
 
     flags = {

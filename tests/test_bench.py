@@ -68,9 +68,13 @@ def test_bench_prompts_are_distinct_and_never_labelled(bench_run):
 def test_calibration_fits_the_bench_and_replays_it(tiny_chat_model_dir, tmp_path, monkeypatch):
     from serve.sim import calibrate as calibration
 
-    monkeypatch.setattr(calibration, "CALIBRATION_DIR", tmp_path / "calibration")
+    import subprocess
+
     _bench(tiny_chat_model_dir, tmp_path, "--policies", "max,s3", "--set", "reference_batch=0")
-    fit, rows = calibration.calibrate(tmp_path / "bench.json")
+    fit, rows = calibration.calibrate(tmp_path / "bench.json", output_dir=tmp_path / "calibration")
     assert fit.overhead_s >= 0 and fit.per_token_s >= 0 and fit.per_context_s >= 0
     assert [r["policy"] for r in rows] == ["max", "s3"]
-    assert all(r["simulated_tokens_per_s"] > 0 for r in rows)
+    assert all(r["simulated_tokens_per_s"] > 0 and r["held_out_step_error"] >= 0 for r in rows)
+    assert (tmp_path / "calibration" / "smollm2-cpu.json").exists()
+    # Calibrating never rewrites the tracked file.
+    assert subprocess.run(["git", "diff", "--quiet", "configs/calibration"]).returncode == 0

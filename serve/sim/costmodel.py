@@ -169,6 +169,9 @@ PRESETS = {
 
 
 CALIBRATION_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "calibration"
+"""The shipped fit (tracked)."""
+RUNS_CALIBRATION_DIR = pathlib.Path("runs") / "calibration"
+"""Where `s3 simulate --calibrate-from` writes a new fit; read before the shipped one."""
 
 SMOLLM2_CPU = CostModel(
     ModelSpec("smollm2-135m", 0.135e9, 30, 576, 9, 3, 64, max_seq_len=8192, dtype_bytes=4),
@@ -177,12 +180,16 @@ SMOLLM2_CPU = CostModel(
 
 
 def load_calibration(name: str) -> LinearCost | None:
-    path = CALIBRATION_DIR / f"{name}.json"
-    return LinearCost(**json.loads(path.read_text())) if path.exists() else None
+    for folder in (RUNS_CALIBRATION_DIR, CALIBRATION_DIR):
+        path = folder / f"{name}.json"
+        if path.exists():
+            return LinearCost(**json.loads(path.read_text()))
+    return None
 
 
 def get_preset(name: str) -> CostModel:
-    """A named preset; `smollm2-cpu` uses configs/calibration/smollm2-cpu.json when `s3 simulate --calibrate` wrote it."""
+    """A named preset; `smollm2-cpu` uses the fit `s3 simulate --calibrate-from` wrote to runs/calibration/, else
+    the shipped configs/calibration/smollm2-cpu.json."""
     if name == "smollm2-cpu":
         return dataclasses.replace(SMOLLM2_CPU, linear=load_calibration(name))
     if name not in PRESETS:
