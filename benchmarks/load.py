@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from serve.engine.llm import EngineConfig  # noqa: E402
 from core.distributed import free_port  # noqa: E402
-from serve.policies import PolicyConfig  # noqa: E402
+from serve.policies import PolicyConfig, policy_needs  # noqa: E402
 from serve.server.config import ServeConfig  # noqa: E402
 
 
@@ -83,6 +83,8 @@ class Result:
     num_tokens: int = 0
     start: float = 0.0
     first_token: float | None = None
+    longest_gap: float = 0.0
+    """Longest wait between two content chunks of this request (a stall)."""
     end: float = 0.0
     error: str | None = None
 
@@ -112,9 +114,11 @@ def load_prompts(n: int, seed: int, sources: tuple[str, ...] = (), exclude_label
 def serve_config(cfg: LoadConfig, policy: str, port: int, *, oracle_lengths: str | None, feedback_dir: str):
     engine = EngineConfig(model=cfg.model, kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs,
                           policy=PolicyConfig(policy=policy, aging_s=cfg.aging_s))
-    predictor = cfg.predictor if policy == "s3" else None
-    return ServeConfig(engine=engine, predictor=predictor, oracle_lengths=oracle_lengths if policy == "s3" and
-                       not predictor else None, num_buckets=cfg.num_buckets, port=port, api_key=None,
+    needs = policy_needs(policy)
+    predictor = cfg.predictor if needs == "buckets" else None
+    exact = needs == "exact" or (needs == "buckets" and not predictor)
+    return ServeConfig(engine=engine, predictor=predictor, oracle_lengths=oracle_lengths if exact else None,
+                       num_buckets=cfg.num_buckets, port=port, api_key=None,
                        served_model_name="bench",
                        max_new_tokens=cfg.max_tokens, max_waiting_requests=cfg.num_requests + 1,
                        feedback_dir=feedback_dir, log_level="warning", torch_threads=cfg.torch_threads)
@@ -173,7 +177,10 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, fre
                     result.num_tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices", []):
                     if choice["delta"].get("content"):
-                        result.first_token = result.first_token or time.perf_counter()
+                        now = time.perf_counter()
+                        if result.first_token is not None:
+                            result.longest_gap = max(result.longest_gap, now - last)
+                        result.first_token, last = result.first_token or now, now
                         pieces.append(choice["delta"]["content"])
     except httpx.HTTPError as exc:
         result.error = repr(exc)
@@ -226,10 +233,20 @@ def run_policy(cfg: LoadConfig, policy: str, prompts: list[str], *, oracle_lengt
 def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str, float], max_tokens: int) -> dict:
     ok = [r for r in results if r.error is None]
     ttfts = sorted(r.ttft for r in ok)
+    latencies = sorted(r.end - r.start for r in ok)
     tokens = sum(r.num_tokens for r in ok)
     return {
         "policy": policy, "requests": len(results), "errors": len(results) - len(ok), "wall_s": wall,
         "generated_tokens": tokens, "tokens_per_s": tokens / wall,
+        # The keys every benchmark's per-policy records share (s3 simulate, s3 bench, this one).
+        "generated_tokens_per_s": tokens / wall,
+        "mean_ttft_s": statistics.fmean(ttfts) if ttfts else float("nan"),
+        "p50_ttft_s": _quantile(ttfts, 0.5), "p99_ttft_s": _quantile(ttfts, 0.99),
+        "mean_latency_s": statistics.fmean(latencies) if latencies else float("nan"),
+        "p50_latency_s": _quantile(latencies, 0.5), "p99_latency_s": _quantile(latencies, 0.99),
+        "num_preemptions": metrics.get("s3_preemptions_total", 0),
+        "num_recomputed_tokens": metrics.get("s3_recomputed_tokens_total", 0),
+        "longest_stall_s": max((r.longest_gap for r in ok), default=0.0),
         "mean_output_tokens": tokens / max(1, len(ok)),
         "share_at_cap": sum(r.num_tokens >= max_tokens for r in ok) / max(1, len(ok)),
         "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan"),
@@ -279,7 +296,9 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
     cfg = dataclasses.replace(cfg, frequency_penalty=request_frequency_penalty(cfg))
     prompts = load_prompts(cfg.num_requests, cfg.seed, cfg.sources, cfg.exclude_labelled)
     order = sorted(cfg.policies, key=lambda p: p != "max")  # max first: its answers give the oracle lengths
-    if "s3" in order and not cfg.predictor and "max" not in order:
+    wants_lengths = any(policy_needs(p) == "exact" or (policy_needs(p) == "buckets" and not cfg.predictor)
+                        for p in order)
+    if wants_lengths and "max" not in order:
         order.insert(0, "max")
     rows, oracle = {}, None
     with tempfile.TemporaryDirectory() as workdir:
@@ -323,7 +342,8 @@ def main(policies, sources, output, **kwargs):
     rows = benchmark(cfg)
     print("\n" + format_table(rows))
     if output:
-        Path(output).write_text(json.dumps([{k: v for k, v in r.items() if k != "answers"} for r in rows], indent=2))
+        records = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
+        Path(output).write_text(json.dumps({"config": dataclasses.asdict(cfg), "results": records}, indent=2))
 
 
 if __name__ == "__main__":

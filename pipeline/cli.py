@@ -7,6 +7,7 @@ import sys
 import click
 
 from pipeline.config import ConfigError, load_config
+from serve.policies import POLICY_NAMES, policy_needs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -195,9 +196,11 @@ def evaluate(checkpoint, data, split, quantile, output_dir, batch_size):
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default="configs/serve_cpu.yaml",
               show_default=True, help="YAML config (see configs/).")
-@click.option("--policy", type=click.Choice(["s3", "max", "paged"]), default=None, help="Admission policy.")
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default=None,
+              help="Admission policy (s3: predictive paged scheduling; s3-reserve: the paper's reservations).")
 @click.option("--predictor", default=None, help="Length-predictor checkpoint (the output of `s3 train`).")
-@click.option("--fallback-policy", type=click.Choice(["max", "paged"]), default=None,
+@click.option("--fallback-policy", type=click.Choice([p for p in POLICY_NAMES if policy_needs(p) == "none"]),
+              default=None,
               help="With s3 and no usable predictor, serve with this policy instead of refusing to start.")
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, default=None)

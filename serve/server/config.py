@@ -8,7 +8,7 @@ import os
 from typing import Literal
 
 from serve.engine.llm import EngineConfig
-from serve.policies import PolicyConfig
+from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ServeConfig:
     num_buckets: int = 10
     """Buckets of the ``oracle_lengths`` stand-in (equal widths up to ``max_new_tokens``); a checkpoint brings
     its own."""
-    fallback_policy: Literal["max", "paged"] | None = None
+    fallback_policy: str | None = None
     """With the s3 policy and no usable predictor, serve with this policy instead of refusing to start."""
     check_target_model: bool = True
     """Refuse a predictor checkpoint trained on another target model's output lengths."""
@@ -86,8 +86,11 @@ class ServeConfig:
             raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
-        if self.fallback_policy not in (None, "max", "paged"):
-            raise ValueError(f"fallback_policy must be max or paged, got {self.fallback_policy!r}")
+        if self.fallback_policy is not None and (self.fallback_policy not in POLICY_NAMES
+                                                 or policy_needs(self.fallback_policy) != "none"):
+            choices = ", ".join(p for p in POLICY_NAMES if policy_needs(p) == "none")
+            raise ValueError(f"fallback_policy must be a policy that needs no predictor ({choices}), "
+                             f"got {self.fallback_policy!r}")
 
     @property
     def policy(self) -> str:

@@ -1,0 +1,90 @@
+"""Tokens/s against p99 latency across the `s3` policy's quantile q, in the simulator, one workload for all.
+
+    .venv/bin/python benchmarks/quantile_sweep.py --preset llama-2-13b-a100 --rate-fraction 0.9 --output runs/q_sweep
+
+Runs `paged` once on the offline workload to measure its capacity (requests/s), then every q at
+``rate_fraction`` of it (Poisson arrivals, the same for every q), plus `paged` at that rate for reference.
+Writes q_sweep.json (a `results` list with the shared benchmark keys and `q`) and q_sweep.png. Not collected
+by pytest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serve.policies import PolicyConfig  # noqa: E402
+from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
+from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
+
+KEYS = ("policy", "generated_tokens_per_s", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "mean_latency_s",
+        "p50_latency_s", "p99_latency_s", "num_preemptions", "num_recomputed_tokens")
+
+
+@click.command()
+@click.option("--preset", default="llama-2-13b-a100", show_default=True)
+@click.option("--num-requests", type=int, default=3000, show_default=True)
+@click.option("--rate-fraction", type=float, default=0.9, show_default=True)
+@click.option("--quantiles", default="0,0.5,0.7,0.8,0.9,0.95,0.99", show_default=True)
+@click.option("--accuracy", type=float, default=0.6, show_default=True, help="Confusion predictor's accuracy.")
+@click.option("--trace", default=None, help="A length trace (e.g. labelled lengths with predictor probabilities).")
+@click.option("--max-new-tokens", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", default="runs/q_sweep", show_default=True)
+def main(preset, num_requests, rate_fraction, quantiles, accuracy, trace, max_new_tokens, seed, output):
+    kind = "file" if trace else "confusion"
+    workload = WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed)
+    base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens,
+                          predictor=PredictorConfig(kind=kind, accuracy=accuracy), policies=("paged",))
+    capacity = run_simulation(base).results[0].requests_per_s
+    online = dataclasses.replace(workload, mode="online", rate=rate_fraction * capacity)
+    records = []
+    for q in [float(x) for x in quantiles.split(",")]:
+        config = dataclasses.replace(base, workload=online, policies=("s3",), policy=PolicyConfig(quantile=q))
+        result = run_simulation(config).results[0]
+        records.append({**{k: getattr(result, k) for k in KEYS}, "q": q})
+        print(f"q={q:<5} tok/s {result.generated_tokens_per_s:9.1f}  p99 latency {result.p99_latency_s:8.2f} s  "
+              f"mean {result.mean_latency_s:7.2f} s  preemptions {result.num_preemptions}", flush=True)
+    paged = run_simulation(dataclasses.replace(base, workload=online)).results[0]
+    records.append({**{k: getattr(paged, k) for k in KEYS}, "q": None})
+    print(f"paged   tok/s {paged.generated_tokens_per_s:9.1f}  p99 latency {paged.p99_latency_s:8.2f} s  "
+          f"mean {paged.mean_latency_s:7.2f} s  preemptions {paged.num_preemptions}")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "q_sweep.json").write_text(json.dumps({"preset": preset, "rate": online.rate, "capacity_rps": capacity,
+                                                  "results": records}, indent=2))
+    plot(records, out / "q_sweep.png", f"{preset}, Poisson at {rate_fraction:.2f} of paged's capacity")
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    s3 = [r for r in records if r["q"] is not None]
+    ax.plot([r["p99_latency_s"] for r in s3], [r["generated_tokens_per_s"] for r in s3], "o-", label="s3 across q")
+    for r in s3:
+        ax.annotate(f"q={r['q']:g}", (r["p99_latency_s"], r["generated_tokens_per_s"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    for r in records:
+        if r["q"] is None:
+            ax.plot([r["p99_latency_s"]], [r["generated_tokens_per_s"]], "s", color="grey", label="paged")
+    ax.set_xlabel("p99 end-to-end latency (s)")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
