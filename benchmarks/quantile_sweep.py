@@ -19,12 +19,12 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.records import RESULT_KEYS  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
 from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
 from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
 
-KEYS = ("policy", "generated_tokens_per_s", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "mean_latency_s",
-        "p50_latency_s", "p99_latency_s", "num_preemptions", "num_recomputed_tokens")
+KEYS = RESULT_KEYS
 
 
 @click.command()

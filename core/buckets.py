@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,3 +85,43 @@ class BucketSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "BucketSpec":
         return cls(tuple(data["upper_edges"]))
+
+
+def bucket_frequencies(spec: BucketSpec, lengths: Iterable[int], *, pseudo_count: float = 1.0) -> tuple[float, ...]:
+    """The share of ``lengths`` in each bucket, with ``pseudo_count`` added to every bucket (none is left at 0):
+    the label distribution, as a prior to mix into a predictor's probabilities."""
+    if pseudo_count <= 0:
+        raise ValueError(f"pseudo_count must be > 0, got {pseudo_count}")
+    counts = [pseudo_count] * spec.num_buckets
+    for n in lengths:
+        counts[spec.bucket_of(min(max(int(n), 0), spec.max_tokens))] += 1
+    return tuple(c / sum(counts) for c in counts)
+
+
+Shape = tuple[tuple[float, ...], ...]
+"""Where lengths fall inside each bucket: per bucket, the shares of its equal-width sub-ranges (summing to 1)."""
+
+
+def within_bucket_shape(spec: BucketSpec, lengths: Iterable[int], *, bins: int = 8, pseudo_count: float = 1.0) -> Shape:
+    """The shape of observed ``lengths`` inside each bucket of ``spec``: bucket ``b`` split into ``bins`` equal
+    sub-ranges, each given its share of the lengths that fall in ``b``, with ``pseudo_count`` added to every
+    sub-range (a bucket with few or no lengths stays close to uniform). A predictor says which bucket; this
+    says where inside it, e.g. that answers in a 0-410 token first bucket mostly end well before 410."""
+    if bins < 1 or pseudo_count <= 0:
+        raise ValueError(f"bins must be >= 1 and pseudo_count > 0, got {bins}, {pseudo_count}")
+    counts = [[pseudo_count] * bins for _ in range(spec.num_buckets)]
+    for n in lengths:
+        n = min(max(int(n), 0), spec.max_tokens)
+        bucket = spec.bucket_of(n)
+        low, high = spec.lower_edge(bucket), spec.upper_edge(bucket)
+        counts[bucket][min(bins - 1, max(0, math.ceil((n - low) / (high - low) * bins) - 1))] += 1
+    return tuple(tuple(c / sum(row) for c in row) for row in counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthProfile:
+    """What a predictor learned of its training labels besides the classifier: their bucket frequencies and
+    where they fall inside each bucket (the `length_prior` / `length_shape` a trained checkpoint carries)."""
+
+    length_prior: tuple[float, ...]
+    length_shape: Shape

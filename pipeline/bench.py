@@ -30,7 +30,7 @@ from pipeline.prompts import PROMPT_SETS, format_prompt, sample_prompts
 from pipeline.summary import text_table
 from serve.engine.llm import EngineConfig, LLMEngine, eos_token_ids
 from serve.engine.plan import SamplingParams
-from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs
+from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs, with_length_profile
 
 WARMUP_NEW_TOKENS = 32
 
@@ -59,6 +59,9 @@ class BenchConfig:
     true bucket with probability `predictor_accuracy`, else a neighbour; `constant`: the last bucket;
     `scalar-ratio`: one bucket for all, at the median true length) or a predictor checkpoint folder."""
     predictor_accuracy: float = 0.8
+    policy: PolicyConfig = PolicyConfig()
+    """Policy knobs (`quantile`, `prior_weight`, `aging_s`, ...); the `policy` field is set per run. A trained
+    predictor's within-bucket shape fills `bucket_shape` unless it is set here."""
     num_buckets: int = 10
     kv_worst_case_seqs: int = 8
     """KV budget: room for this many worst-case (longest prompt + max_new_tokens) sequences."""
@@ -168,11 +171,13 @@ def run_policy(
     predictions: Sequence[LengthPrediction | None] | None,
     buckets: BucketSpec,
     sampling: SamplingParams = SamplingParams(),
+    knobs: PolicyConfig = PolicyConfig(),
     on_finish: Callable[[Request], None] = lambda request: None,
 ) -> tuple[BenchResult, list[int]]:
-    """All prompts through a fresh engine with policy ``name``, all arriving at t=0; returns the result and
-    each output length. ``on_finish`` sees every finished request (e.g. to write its mispredictions)."""
-    config = dataclasses.replace(engine_config, policy=PolicyConfig(policy=name))
+    """All prompts through a fresh engine with policy ``name`` (and ``knobs``' other fields), all arriving at
+    t=0; returns the result and each output length. ``on_finish`` sees every finished request (e.g. to write
+    its mispredictions)."""
+    config = dataclasses.replace(engine_config, policy=dataclasses.replace(knobs, policy=name))
     engine = LLMEngine(config, model=model, tokenizer=tokenizer, buckets=buckets, clock=time.perf_counter)
     start = time.perf_counter()
     requests = [
@@ -220,17 +225,14 @@ def predictions_for(name: str, *, predicted: Sequence[LengthPrediction], true_le
     return [LengthPrediction(buckets.bucket_of(n), num_tokens=n) for n in true_lengths]
 
 
-def bucket_predictions(config: BenchConfig, texts: list[str], true_lengths: list[int],
-                       buckets: BucketSpec) -> list[LengthPrediction]:
-    """The bucket predictor's predictions of the timed prompts: a baseline, or a trained checkpoint."""
+def bucket_predictor(config: BenchConfig, texts: list[str], true_lengths: list[int], buckets: BucketSpec):
+    """The bucket predictor of the policies that need one: a baseline, or a trained checkpoint."""
     if config.predictor in BASELINES:
-        predictor = baseline_predictor(config.predictor, buckets, lengths=dict(zip(texts, true_lengths)),
-                                       accuracy=config.predictor_accuracy, seed=config.seed + 1)  # fmt: skip
-    else:
-        from predictor_train.inference import LengthPredictor
+        return baseline_predictor(config.predictor, buckets, lengths=dict(zip(texts, true_lengths)),
+                                  accuracy=config.predictor_accuracy, seed=config.seed + 1)  # fmt: skip
+    from predictor_train.inference import LengthPredictor
 
-        predictor = LengthPredictor.load(config.predictor, expected_buckets=buckets)
-    return list(predictor.predict(texts))
+    return LengthPredictor.load(config.predictor, expected_buckets=buckets)
 
 
 @torch.inference_mode()
@@ -271,17 +273,18 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         progress(f"warm-up: {len(warmup)} other prompts, untimed")
         run_policy("max", engine_config, model=model, tokenizer=tokenizer, prompts=warmup, buckets=buckets,
                    max_new_tokens=min(WARMUP_NEW_TOKENS, config.max_new_tokens), predictions=None, sampling=sampling)
-    results, true_lengths, predicted = [], [], []
+    results, true_lengths, predicted, knobs = [], [], [], config.policy
     for name in config.run_order:
         progress(f"running {name}")
         given = None if name == "max" else predictions_for(name, predicted=predicted, true_lengths=true_lengths,
                                                               buckets=buckets)  # fmt: skip
         result, lengths = run_policy(name, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
                                      max_new_tokens=config.max_new_tokens, predictions=given, buckets=buckets,
-                                     sampling=sampling)  # fmt: skip
+                                     sampling=sampling, knobs=knobs)  # fmt: skip
         if name == "max":
-            true_lengths = lengths
-            predicted = bucket_predictions(config, [text for text, _ in prompts], true_lengths, buckets)
+            true_lengths, texts = lengths, [text for text, _ in prompts]
+            predictor = bucket_predictor(config, texts, true_lengths, buckets)
+            predicted, knobs = list(predictor.predict(texts)), with_length_profile(config.policy, predictor)
         elif lengths != true_lengths:
             progress(f"warning: {name} produced different lengths than max (non-deterministic kernels?)")
         results.append(result)

@@ -187,6 +187,7 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
     from serve.engine.loader import load_model
     from serve.engine.plan import SamplingParams
     from serve.feedback import FeedbackWriter, feedback_record
+    from serve.policies import PolicyConfig, with_length_profile
 
     config = ctx.config.serve
     texts = serving_prompts(config, exclude=labelled_prompts(ctx.upstream["generate"]["data"]))
@@ -215,7 +216,8 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
                                                                 buckets=buckets)  # fmt: skip
         result, lengths = run_policy(policy, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
                                      max_new_tokens=config.max_new_tokens, predictions=given, buckets=buckets,
-                                     sampling=sampling, on_finish=on_finish if policy == "s3" else lambda r: None)
+                                     sampling=sampling, knobs=with_length_profile(PolicyConfig(), predictor),
+                                     on_finish=on_finish if policy == "s3" else lambda r: None)
         true_lengths = true_lengths or lengths
         record = result.record()
         runs[policy] = {"tokens_per_s": result.tokens_per_s, "preemptions": result.num_preemptions,

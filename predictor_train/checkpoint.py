@@ -50,6 +50,12 @@ class CheckpointInfo:
     """The checkpoint this one was retrained from, if any."""
     temperature: float = 1.0
     """Logits are divided by this before the softmax (fitted on the validation split; 1.0 = uncalibrated)."""
+    length_prior: list[float] | None = None
+    """The training lengths' bucket frequencies (`core.buckets.bucket_frequencies`): the `s3` policy's prior for
+    lengths the predictor gives little mass. None (older checkpoints): uniform."""
+    length_shape: list[list[float]] | None = None
+    """Where the training lengths fall inside each bucket (`core.buckets.within_bucket_shape`); the `s3` policy
+    spreads each bucket's probability by it. None (older checkpoints): uniform."""
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -45,6 +45,17 @@ class LengthPredictor:
         return self.info.buckets
 
     @property
+    def length_prior(self) -> tuple[float, ...] | None:
+        """The training lengths' bucket frequencies (None for checkpoints older than this field)."""
+        return None if self.info.length_prior is None else tuple(self.info.length_prior)
+
+    @property
+    def length_shape(self) -> tuple[tuple[float, ...], ...] | None:
+        """Where the training lengths fell inside each bucket (None for checkpoints older than this field)."""
+        shape = self.info.length_shape
+        return None if shape is None else tuple(tuple(row) for row in shape)
+
+    @property
     def temperature(self) -> float:
         """The calibration temperature the logits are divided by (stored in the checkpoint)."""
         return float(self.info.temperature)

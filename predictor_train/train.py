@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from predictor_train.backbone import DEFAULT_BACKBONE, Backbone, load_classifier, model_input_names
-from core.buckets import BucketSpec
+from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.tracking import start_run
 from predictor_train.checkpoint import CheckpointInfo, read_info, save_checkpoint
 from predictor_train.data import (Examples, batches, cap_per_source, class_weights, drop_sources, labels_of,
@@ -202,6 +202,8 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
                          "the hash split puts ~10% of prompts in validation, so give at least a few dozen records")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
+    meta = {**meta, "length_prior": bucket_frequencies(spec, train.num_output_tokens),
+            "length_shape": within_bucket_shape(spec, train.num_output_tokens)}
     engine, ds_config = _start_engine(config, backbone)
     is_main = rank_and_world_size()[0] == 0  # every rank validates the same way; rank 0 alone writes
     train_labels = labels_of(train.num_output_tokens, spec)
@@ -338,7 +340,8 @@ def _save_best(config: TrainConfig, engine, backbone: Backbone, *, spec: BucketS
         checkpoint_id="", buckets=spec, bucket_scheme=config.bucket_scheme, target_model=meta["target_model"],
         decoding=meta["decoding"], train_config=dataclasses.asdict(config), backbone_kind=backbone.kind,
         metrics=metrics, deepspeed_config=ds_config, data=meta["data"],
-        parent_checkpoint_id=meta.get("parent_checkpoint_id"),
+        parent_checkpoint_id=meta.get("parent_checkpoint_id"), length_prior=list(meta["length_prior"]),
+        length_shape=[list(row) for row in meta["length_shape"]],
     )
     return save_checkpoint(config.output_dir, engine.module, backbone.tokenizer, info)
 

@@ -23,7 +23,7 @@ import heapq
 import math
 from typing import Callable, Protocol, Sequence
 
-from core.buckets import BucketSpec
+from core.buckets import BucketSpec, Shape
 from core.request import Request
 
 
@@ -48,20 +48,30 @@ class RemainingEstimator(Protocol):
 
 
 def conditional_remaining(
-    buckets: BucketSpec, probs: Sequence[float], written: int, quantile: float, cap: int
+    buckets: BucketSpec, probs: Sequence[float], written: int, quantile: float, cap: int, shape: Shape | None = None
 ) -> Estimate:
     """Remaining output tokens of a request that has written ``written`` tokens, its final length drawn from
-    ``probs`` over ``buckets`` (uniform inside each bucket) restricted to lengths above ``written``; the
-    final length never exceeds ``cap`` (the request's max_new_tokens)."""
-    return LengthDistribution(buckets, probs).remaining(written, quantile, cap)
+    ``probs`` over ``buckets`` (spread inside each bucket by ``shape``, uniform when None) restricted to lengths
+    above ``written``; the final length never exceeds ``cap`` (the request's max_new_tokens)."""
+    return LengthDistribution(buckets, probs, shape).remaining(written, quantile, cap)
 
 
 class LengthDistribution:
-    """A final-length distribution, uniform inside each bucket, with suffix sums so that conditioning on
-    "longer than ``written``" costs two bisections (it runs for every running sequence every step)."""
+    """A final-length distribution, piecewise uniform: each bucket's probability spread over its sub-ranges by
+    ``shape`` (`core.buckets.within_bucket_shape`; uniform over the bucket when None). Suffix sums make
+    conditioning on "longer than ``written``" cost two bisections (it runs for every running sequence every
+    step)."""
 
-    def __init__(self, buckets: BucketSpec, probs: Sequence[float]) -> None:
-        spans = [(buckets.lower_edge(b), buckets.upper_edge(b), p) for b, p in enumerate(probs) if p > 0]
+    def __init__(self, buckets: BucketSpec, probs: Sequence[float], shape: Shape | None = None) -> None:
+        if shape is not None and len(shape) != buckets.num_buckets:
+            raise ValueError(f"a shape for {len(shape)} buckets does not fit {buckets.num_buckets} buckets")
+        spans = []
+        for b, p in enumerate(probs):
+            low, high = buckets.lower_edge(b), buckets.upper_edge(b)
+            shares = (1.0,) if shape is None else shape[b]
+            width = (high - low) / len(shares)
+            spans += [(low + j * width, low + (j + 1) * width, p * share) for j, share in enumerate(shares)
+                      if p * share > 0]  # fmt: skip
         self.lows = [low for low, _, _ in spans]
         self.highs = [high for _, high, _ in spans]
         self.masses = [p for _, _, p in spans]
@@ -77,13 +87,14 @@ class LengthDistribution:
 
     def remaining(self, written: int, quantile: float, cap: int) -> Estimate:
         first = bisect.bisect_right(self.highs, written)  # the first bucket reaching above `written`
-        if first == len(self.highs) or written >= cap:  # past every bucket: only the cap bounds it
+        if first < len(self.highs) and written < cap:
+            low, high, p = self.lows[first], self.highs[first], self.masses[first]
+            start = max(low, written)
+            partial = p * (high - start) / (high - low)
+            total = partial + self.mass_from[first + 1]
+        if first == len(self.highs) or written >= cap or total <= 0:  # no mass left: only the cap bounds it
             left = max(1, cap - written)
             return Estimate(left, float(left))
-        low, high, p = self.lows[first], self.highs[first], self.masses[first]
-        start = max(low, written)
-        partial = p * (high - start) / (high - low)
-        total = partial + self.mass_from[first + 1]
         mean = (partial * (start + high) / 2 + self.mid_from[first + 1]) / total
         target = quantile * total
         if target <= partial:
@@ -99,13 +110,22 @@ class LengthDistribution:
 
 class BucketEstimator:
     """Remaining length from the request's bucket probabilities (or its one arg-max bucket), with a little
-    uniform prior mixed in so that buckets the predictor gives no mass still count."""
+    ``prior`` mixed in so that buckets the predictor gives no mass still count (the training labels' bucket
+    frequencies; uniform over buckets when None), spread inside each bucket by ``shape`` (where the training
+    labels fell; uniform when None)."""
 
-    def __init__(self, buckets: BucketSpec, *, quantile: float, prior_weight: float) -> None:
+    def __init__(self, buckets: BucketSpec, *, quantile: float, prior_weight: float, shape: Shape | None = None,
+                 prior: Sequence[float] | None = None) -> None:
+        n = buckets.num_buckets
+        if shape is not None and len(shape) != n:
+            raise ValueError(f"bucket_shape has {len(shape)} rows for {n} buckets")
+        if prior is not None and (len(prior) != n or sum(prior) <= 0):
+            raise ValueError(f"bucket_prior needs {n} non-negative weights that are not all 0, got {prior}")
         self.buckets = buckets
         self.quantile = quantile
         self.prior_weight = prior_weight
-        self._prior = (1.0 / buckets.num_buckets,) * buckets.num_buckets
+        self.shape = shape
+        self._prior = (1.0 / n,) * n if prior is None else tuple(p / sum(prior) for p in prior)
         self._dists: dict[str, LengthDistribution] = {}  # per live request
 
     def probs(self, request: Request) -> tuple[float, ...]:
@@ -117,12 +137,12 @@ class BucketEstimator:
         else:
             given = tuple(float(b == min(prediction.bucket, n - 1)) for b in range(n))
         total, w = sum(given) or 1.0, self.prior_weight
-        return tuple((1 - w) * p / total + w / n for p in given)
+        return tuple((1 - w) * p / total + w * prior for p, prior in zip(given, self._prior))
 
     def estimate(self, request: Request) -> Estimate:
         dist = self._dists.get(request.request_id)
         if dist is None:
-            dist = self._dists[request.request_id] = LengthDistribution(self.buckets, self.probs(request))
+            dist = self._dists[request.request_id] = LengthDistribution(self.buckets, self.probs(request), self.shape)
         return dist.remaining(request.num_output_tokens, self.quantile, request.max_new_tokens)
 
     def observe(self, request: Request) -> None:

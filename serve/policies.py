@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable, Literal, Sequence
 
-from core.buckets import BucketSpec
+from core.buckets import BucketSpec, Shape
 from core.request import Request
 from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, PeakGate, RemainingEstimator
 
@@ -66,14 +66,22 @@ class PolicyConfig:
     `prior_weight`, one token: `paged`'s "fits now" test); higher is more careful: fewer preemptions,
     smaller batches."""
     prior_weight: float = 0.05
-    """`s3`: weight of a uniform prior mixed into the bucket probabilities, so buckets the predictor gives no
-    mass (a long tail it never predicts) still count when a request outruns its prediction."""
+    """`s3`, `paged-sjf`: weight of the prior (`bucket_prior`) mixed into the bucket probabilities, so buckets
+    the predictor gives no mass (a long tail it never predicts) still count when a request outruns its
+    prediction."""
     lookahead: int = 256
     """`s3`, `s3-reserve`, `paged-sjf`: how many waiting requests (in arrival order) the ordering looks at."""
     aging_s: float = 30.0
     """`s3`, `s3-reserve`, `paged-sjf`: a request waiting this long can no longer be overtaken."""
     reserve_quantile: float | None = None
     """`s3-reserve`: reserve at this quantile of the bucket probabilities instead of the arg-max bucket."""
+    bucket_prior: tuple[float, ...] | None = None
+    """`s3`, `paged-sjf`: the prior mixed in with `prior_weight`, and a request's distribution when it has no
+    prediction: the training labels' bucket frequencies (`core.buckets.bucket_frequencies`; a trained
+    predictor carries them and the server, `s3 bench` and `s3 simulate` fill them in). None: uniform."""
+    bucket_shape: Shape | None = None
+    """`s3`, `paged-sjf`: where lengths fall inside each bucket (`core.buckets.within_bucket_shape` of the
+    training labels; filled in like `bucket_prior`). None spreads each bucket's probability uniformly over it."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -86,6 +94,23 @@ class PolicyConfig:
             raise ValueError("lookahead must be >= 1 and aging_s >= 0")
         if self.reserve_quantile is not None and not 0 < self.reserve_quantile <= 1:
             raise ValueError(f"reserve_quantile must be in (0, 1], got {self.reserve_quantile}")
+        if self.bucket_prior is not None:
+            prior = tuple(float(x) for x in self.bucket_prior)
+            if min(prior) < 0 or sum(prior) <= 0:
+                raise ValueError(f"bucket_prior needs non-negative weights that are not all 0, got {prior}")
+            object.__setattr__(self, "bucket_prior", prior)
+        if self.bucket_shape is not None:
+            shape = tuple(tuple(float(x) for x in row) for row in self.bucket_shape)
+            if any(not row or min(row) < 0 or sum(row) <= 0 for row in shape):
+                raise ValueError("bucket_shape: every bucket needs a non-empty row of non-negative shares")
+            object.__setattr__(self, "bucket_shape", shape)
+
+
+def with_length_profile(config: PolicyConfig, predictor: object) -> PolicyConfig:
+    """``config`` with what ``predictor`` learned of its training labels (a trained checkpoint's
+    ``length_prior`` and ``length_shape``) where ``config`` leaves `bucket_prior` / `bucket_shape` unset."""
+    prior, shape = getattr(predictor, "length_prior", None), getattr(predictor, "length_shape", None)
+    return dataclasses.replace(config, bucket_prior=config.bucket_prior or prior, bucket_shape=config.bucket_shape or shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +238,8 @@ class PagedSJFPolicy(_Ordered, PagedPolicy):
     def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
         super().__init__(config, buckets)
         self.estimator = BucketEstimator(_require(buckets, self.name), quantile=0.5,
-                                         prior_weight=config.prior_weight)
+                                         prior_weight=config.prior_weight, shape=config.bucket_shape,
+                                         prior=config.bucket_prior)
 
 
 class _PeakAdmission(PagedPolicy):
@@ -268,7 +294,8 @@ class S3Policy(_Ordered, _PeakAdmission):
     def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
         super().__init__(config, buckets)
         self.estimator = BucketEstimator(_require(buckets, self.name), quantile=config.quantile,
-                                         prior_weight=config.prior_weight)
+                                         prior_weight=config.prior_weight, shape=config.bucket_shape,
+                                         prior=config.bucket_prior)
 
     def initial_reservation(self, request: Request) -> tuple[int, int | None]:
         # Nothing is reserved; the bucket is kept to note the misprediction when the request passes it.

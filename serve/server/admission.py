@@ -21,7 +21,7 @@ from core.buckets import BucketSpec
 from core.predictors import OraclePredictor, Predictor
 from core.request import LengthPrediction, Request
 from serve.feedback import FeedbackWriter, feedback_record
-from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs
+from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs, with_length_profile
 from serve.server.config import ServeConfig
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, send_error
 
@@ -65,7 +65,7 @@ def resolve_admission(config: ServeConfig, predictor: Predictor | None = None) -
     if need == "exact" and not isinstance(predictor, OraclePredictor):
         raise ServeSetupError(f"the {policy.policy} policy needs exact lengths: give oracle_lengths, or use a policy "
                               f"that needs a bucket predictor ({', '.join(_needing('buckets'))})")
-    return Admission(policy, predictor)
+    return Admission(with_length_profile(policy, predictor), predictor)
 
 
 def _needing(need: str) -> list[str]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from core.buckets import BucketSpec
-from serve.policies import POLICY_NAMES, PolicyConfig, PolicyName
+from core.buckets import BucketSpec, LengthProfile, bucket_frequencies, within_bucket_shape
+from serve.policies import POLICY_NAMES, PolicyConfig, PolicyName, with_length_profile
 from serve.scheduler import SchedulerConfig
 from serve.sim.costmodel import CostModel, get_preset
 from serve.sim.runner import PolicyResult, simulate_policy
@@ -98,6 +98,12 @@ def _setup(config: SimulateConfig) -> tuple[CostModel, BucketSpec, SchedulerConf
         max_num_batched_tokens=config.max_num_batched_tokens,
         policy=config.policy,
     )
+    if config.predictor.learned_profile:
+        sample = config.workload if config.workload.trace else dataclasses.replace(
+            config.workload, seed=config.workload.seed + 1, mode="offline", num_requests=5000)
+        lengths = [item.num_output_tokens for item in make_workload(sample, cost.model.max_seq_len, config.max_new_tokens)]
+        learned = LengthProfile(bucket_frequencies(buckets, lengths), within_bucket_shape(buckets, lengths))
+        sched = dataclasses.replace(sched, policy=with_length_profile(config.policy, learned))
     return cost, buckets, sched
 
 

@@ -68,6 +68,10 @@ class PredictorConfig:
     """`confusion`: fraction of errors that predict one bucket too low (each of those mispredicts)."""
     num_buckets: int = 10
     """Buckets of width max_len / num_buckets over the model's context length."""
+    learned_profile: bool = True
+    """Give the `s3` policy what a trained predictor's checkpoint carries of its training labels
+    (`PolicyConfig.bucket_prior` and `bucket_shape`), from a sample of lengths: a second draw of the synthetic
+    workload with another seed, or a trace's own lengths. False: uniform prior, uniform inside each bucket."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.accuracy <= 1 or not 0 <= self.under_share <= 1:

@@ -11,6 +11,7 @@ from core.buckets import BucketSpec
 from predictor_train.checkpoint import PREDICTOR_FILE, compute_checkpoint_id, read_info
 from core.distributed import disable_shm_comm, setup_single_process_env
 from predictor_train.evaluate import evaluate_checkpoint
+from predictor_train.inference import LengthPredictor
 from predictor_train.train import TrainConfig, build_deepspeed_config, make_buckets, train_predictor
 
 from .conftest import TARGET_MODEL, tiny_config
@@ -101,6 +102,12 @@ def test_training_writes_a_loadable_checkpoint(trained, dataset, tmp_path):
     assert info.train_config["backbone"] == "tiny-random" and info.decoding["temperature"] == 0.0
     assert info.deepspeed_config["train_micro_batch_size_per_gpu"] == 16 and info.backbone_kind == "tiny-random"
     assert info.metrics["epoch"] == trained.best_epoch and len(trained.history) <= 3
+    # where the training lengths fall inside each bucket, for the s3 policy's remaining-length estimate
+    assert len(info.length_shape) == NUM_BUCKETS and all(abs(sum(row) - 1) < 1e-9 for row in info.length_shape)
+    assert len(info.length_prior) == NUM_BUCKETS and abs(sum(info.length_prior) - 1) < 1e-9
+    loaded = LengthPredictor.load(folder)
+    assert loaded.length_shape == tuple(tuple(row) for row in info.length_shape)
+    assert loaded.length_prior == tuple(info.length_prior)
     assert list((folder / "wandb").glob("offline-run-*")), "wandb should log offline"
     # The synthetic task is easy: the instruction fixes the bucket.
     assert max(h["accuracy"] for h in trained.history) >= 0.8

@@ -3,7 +3,7 @@
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.buckets import BucketSpec
+from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.request import LengthPrediction, Request
 from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, PeakGate, conditional_remaining
 from serve.kv import blocks_for
@@ -49,6 +49,48 @@ def test_prior_keeps_mass_in_buckets_the_predictor_never_gives():
     assert 11 + with_prior.quantile_tokens > 20  # the tail is still possible
     no_prediction = make_request("b", max_new_tokens=40)
     assert BucketEstimator(BUCKETS, quantile=0.5, prior_weight=0.05).estimate(no_prediction).quantile_tokens == 20
+
+
+@given(probs_st, st.lists(st.integers(0, 45), max_size=30), st.integers(0, 45), st.floats(0, 1), st.floats(0, 1),
+       st.integers(1, 50))
+def test_a_within_bucket_shape_keeps_the_estimate_monotone_and_in_range(probs, lengths, written, q1, q2, cap):
+    shape = within_bucket_shape(BUCKETS, lengths, bins=4)
+    low, high = sorted((q1, q2))
+    a = conditional_remaining(BUCKETS, probs, written, low, cap, shape)
+    b = conditional_remaining(BUCKETS, probs, written, high, cap, shape)
+    assert 1 <= a.quantile_tokens <= b.quantile_tokens
+    if written < cap:
+        assert written + b.quantile_tokens <= cap
+
+
+def test_a_within_bucket_shape_moves_the_estimate_to_where_labels_fell():
+    # Training answers in bucket 0 (0-10] all ended by 3 tokens: a fresh request predicted there is charged
+    # about 3 at q = 0.9, not 9 as "uniform inside the bucket" would; past 3 tokens, the rest of the bucket.
+    shape = within_bucket_shape(BUCKETS, [1, 2, 2, 3] * 50, bins=5, pseudo_count=0.01)
+    uniform = conditional_remaining(BUCKETS, (1, 0, 0, 0), 0, 0.9, 40)
+    shaped = conditional_remaining(BUCKETS, (1, 0, 0, 0), 0, 0.9, 40, shape)
+    assert uniform.quantile_tokens == 9 and shaped.quantile_tokens <= 4
+    assert shaped.mean_tokens < uniform.mean_tokens
+    assert 5 + conditional_remaining(BUCKETS, (1, 0, 0, 0), 5, 0.5, 40, shape).quantile_tokens <= 10
+    rows = within_bucket_shape(BUCKETS, [])
+    assert all(row == (1 / 8,) * 8 for row in rows)  # no labels: uniform
+
+
+def test_the_label_prior_keeps_an_outrun_request_near_the_lengths_that_occur():
+    # Labels mostly short: a request that outran its (one-hot) bucket 0 is re-estimated from where labels
+    # continue (bucket 1), not from a uniform prior over the whole range up to the cap.
+    prior = bucket_frequencies(BUCKETS, [5] * 90 + [15] * 9 + [35])
+    assert abs(sum(prior) - 1) < 1e-9 and prior[0] > prior[1] > prior[3] > 0
+    request = make_request("a", max_new_tokens=40)
+    request.prediction = LengthPrediction(bucket=0, probs=(1.0, 0.0, 0.0, 0.0))
+    request.output_token_ids = [1] * 11
+    learned = BucketEstimator(BUCKETS, quantile=0.5, prior_weight=0.05, prior=prior).estimate(request)
+    uniform = BucketEstimator(BUCKETS, quantile=0.5, prior_weight=0.05).estimate(request)
+    assert 11 + learned.quantile_tokens <= 20 < 11 + uniform.quantile_tokens
+    assert learned.mean_tokens < uniform.mean_tokens
+    # no prediction at all: the label distribution itself
+    none = BucketEstimator(BUCKETS, quantile=0.5, prior_weight=0.05, prior=prior).estimate(make_request("b", max_new_tokens=40))
+    assert none.quantile_tokens <= 10
 
 
 def test_history_estimator_starts_at_the_worst_case_and_learns():
@@ -201,3 +243,17 @@ def test_quantile_zero_admits_what_fits_now_like_paged():
         for rid in "abc":
             sched.add_request(make_request(rid, bucket=1, max_new_tokens=32))
         assert len(sched.schedule().new_request_ids) == 3, policy
+
+
+def test_a_trained_predictors_length_profile_fills_the_policy_knobs_it_leaves_unset():
+    from types import SimpleNamespace
+
+    from serve.policies import PolicyConfig, with_length_profile
+
+    shape = within_bucket_shape(BUCKETS, [1, 2, 3], bins=2)
+    trained = SimpleNamespace(length_prior=(0.7, 0.1, 0.1, 0.1), length_shape=shape)
+    filled = with_length_profile(PolicyConfig(), trained)
+    assert filled.bucket_prior == (0.7, 0.1, 0.1, 0.1) and filled.bucket_shape == shape
+    own = PolicyConfig(bucket_prior=(1, 1, 1, 1))
+    assert with_length_profile(own, trained).bucket_prior == (1.0, 1.0, 1.0, 1.0)
+    assert with_length_profile(PolicyConfig(), object()) == PolicyConfig()  # a baseline predictor has none

@@ -119,10 +119,11 @@ def test_results_carry_the_shared_benchmark_keys(tmp_path):
     assert record["p50_ttft_s"] <= record["p99_ttft_s"] and record["p50_latency_s"] <= record["p99_latency_s"]
 
 
+@pytest.mark.slow
 def test_simulating_10k_requests_takes_seconds():
     import time
 
     config = SimulateConfig(policies=("s3",), workload=dataclasses.replace(WorkloadConfig(), num_requests=10_000))
     start = time.perf_counter()
     run_simulation(config)
-    assert time.perf_counter() - start < 60  # about 3 s here; generous for a loaded CI machine
+    assert time.perf_counter() - start < 120  # about 30 s here (the projected peak); generous for a loaded CI machine

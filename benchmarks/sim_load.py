@@ -1,0 +1,145 @@
+"""The load benchmark's protocol in the simulator: open-loop Poisson arrivals at fractions of `paged`'s measured
+capacity, several seeds, the same arrivals for every policy, at any preset (minutes, not hours).
+
+    .venv/bin/python benchmarks/sim_load.py --preset llama-2-13b-a100 --output runs/sim_load_13b
+    .venv/bin/python benchmarks/sim_load.py --preset smollm2-cpu --trace runs/trace_validation.jsonl \
+        --max-new-tokens 512 --kv-cache-tokens 11904 --max-num-seqs 64 --output runs/sim_load_cpu
+
+For each seed: `paged` on the whole workload at t=0 measures the capacity (requests/s); then every policy serves
+the same Poisson arrivals at each fraction of it. Writes sim_load.json (a `results` list with the shared
+benchmark keys plus `rate_fraction`, `rate` and `seed`; a `summary` of the mean and spread over seeds of each
+policy's figures and of its ratios to `paged`) and sim_load.png. Simulated time: the figures are the cost
+model's. Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.records import RESULT_KEYS  # noqa: E402
+from serve.policies import PolicyConfig  # noqa: E402
+from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
+from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
+
+SUMMARY_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_latency_s", "mean_ttft_s", "p99_ttft_s",
+                "num_preemptions", "num_recomputed_tokens")
+RATIO_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_ttft_s")
+
+
+@click.command()
+@click.option("--preset", default="llama-2-13b-a100", show_default=True)
+@click.option("--policies", default="paged,paged-sjf,peak-history,s3,s3-oracle", show_default=True)
+@click.option("--rate-fractions", default="0.5,0.8,0.9,1.0,1.2", show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--num-requests", type=int, default=2000, show_default=True)
+@click.option("--accuracy", type=float, default=0.9861, show_default=True, help="Confusion predictor's accuracy.")
+@click.option("--trace", default=None, help="A length trace with predictor probabilities (predictor_trace.py).")
+@click.option("--max-new-tokens", type=int, default=None)
+@click.option("--kv-cache-tokens", type=int, default=None)
+@click.option("--max-num-seqs", type=int, default=None)
+@click.option("--quantile", type=float, default=PolicyConfig.quantile, show_default=True, help="s3's q.")
+@click.option("--output", default="runs/sim_load", show_default=True)
+def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace, max_new_tokens, kv_cache_tokens,
+         max_num_seqs, quantile, output):
+    names = tuple(p for p in policies.split(",") if p)
+    if "paged" not in names:
+        names = ("paged", *names)
+    limits = {k: v for k, v in (("kv_cache_tokens", kv_cache_tokens), ("max_num_seqs", max_num_seqs)) if v}
+    records = []
+    for seed in [int(s) for s in seeds.split(",")]:
+        workload = WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed)
+        base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens, policies=("paged",),
+                              predictor=PredictorConfig(kind="file" if trace else "confusion", accuracy=accuracy),
+                              policy=PolicyConfig(quantile=quantile), **limits)  # fmt: skip
+        capacity = run_simulation(base).results[0].requests_per_s
+        for fraction in [float(f) for f in rate_fractions.split(",")]:
+            online = dataclasses.replace(workload, mode="online", rate=fraction * capacity)
+            report = run_simulation(dataclasses.replace(base, workload=online, policies=names))
+            for result in report.results:
+                records.append({**{k: getattr(result, k) for k in RESULT_KEYS}, "rate_fraction": fraction,
+                                "rate": online.rate, "seed": seed, "capacity_rps": capacity})
+            print(f"seed {seed} rate {fraction:.2f} x {capacity:.2f} req/s: " + "  ".join(
+                f"{r.policy} {r.generated_tokens_per_s:.0f} tok/s, lat {r.mean_latency_s:.2f} s"
+                for r in report.results), flush=True)  # fmt: skip
+    summary = summarize(records)
+    print(format_summary(summary))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sim_load.json").write_text(json.dumps({"preset": preset, "trace": trace, "num_requests": num_requests,
+                                                   "quantile": quantile, "results": records, "summary": summary},
+                                                  indent=2))  # fmt: skip
+    plot(summary, out / "sim_load.png", f"{preset}: open-loop load, mean over seeds (bars: min-max)")
+    print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (rate fraction, policy): mean, min and max over seeds of each figure and of its ratio to `paged`
+    on the same seed and rate."""
+    paged = {(r["rate_fraction"], r["seed"]): r for r in records if r["policy"] == "paged"}
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["rate_fraction"], r["policy"]), []).append(r)
+    rows = []
+    for (fraction, policy), runs in groups.items():
+        row = {"rate_fraction": fraction, "policy": policy, "num_seeds": len(runs)}
+        for key in SUMMARY_KEYS:
+            values = [r[key] for r in runs]
+            row[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+        for key in RATIO_KEYS:
+            ratios = [r[key] / paged[(fraction, r["seed"])][key] for r in runs if paged[(fraction, r["seed"])][key]]
+            if ratios:
+                row[f"{key}_vs_paged"] = {"mean": statistics.fmean(ratios), "min": min(ratios), "max": max(ratios)}
+        rows.append(row)
+    return rows
+
+
+def format_summary(summary: list[dict]) -> str:
+    def spread(cell: dict, fmt: str) -> str:
+        return f"{cell['mean']:{fmt}} [{cell['min']:{fmt}}-{cell['max']:{fmt}}]"
+
+    lines = ["| rate / capacity | policy | tokens/s | vs paged | mean latency s | vs paged | p99 TTFT s | vs paged "
+             "| preemptions |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in summary:
+        ratios = [spread(row[f"{k}_vs_paged"], ".2f") + "x" if f"{k}_vs_paged" in row else "-" for k in RATIO_KEYS]
+        lines.append(f"| {row['rate_fraction']:.2f} | {row['policy']} | {spread(row['generated_tokens_per_s'], '.0f')} "
+                     f"| {ratios[0]} | {spread(row['mean_latency_s'], '.2f')} | {ratios[1]} "
+                     f"| {spread(row['p99_ttft_s'], '.2f')} | {ratios[2]} | {row['num_preemptions']['mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for policy in dict.fromkeys(r["policy"] for r in summary):
+        rows = sorted((r for r in summary if r["policy"] == policy), key=lambda r: r["rate_fraction"])
+        x = [r["rate_fraction"] for r in rows]
+        for ax, key in ((ax1, "mean_latency_s"), (ax2, "p99_ttft_s")):
+            mean = [r[key]["mean"] for r in rows]
+            err = [[m - r[key]["min"] for m, r in zip(mean, rows)], [r[key]["max"] - m for m, r in zip(mean, rows)]]
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=policy)
+    ax1.set_ylabel("mean end-to-end latency (s)")
+    ax2.set_ylabel("p99 time to first token (s)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("arrival rate / paged's offline capacity")
+        ax.set_yscale("log")
+    ax1.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

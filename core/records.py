@@ -1,0 +1,6 @@
+"""The keys every benchmark's per-policy records share (the ``results`` list of its JSON: `s3 bench`'s
+bench.json, `s3 simulate`'s report.json, benchmarks/load.py's --output, the simulator sweeps), so that runs
+can be compared."""
+
+RESULT_KEYS = ("policy", "generated_tokens_per_s", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "mean_latency_s",
+               "p50_latency_s", "p99_latency_s", "num_preemptions", "num_recomputed_tokens")
