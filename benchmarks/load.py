@@ -128,9 +128,10 @@ def _serve(config: ServeConfig) -> None:
     import os
 
     os.environ.pop("S3_API_KEY", None)
+    from pipeline.cli import load_predictor_checkpoint
     from serve.server.launch import serve_main
 
-    serve_main(config)
+    serve_main(config, load_checkpoint=load_predictor_checkpoint)
 
 
 def start_server(config: ServeConfig, timeout: float = 300) -> multiprocessing.Process:

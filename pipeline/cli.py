@@ -222,9 +222,16 @@ def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, 
     }  # fmt: skip
     try:
         config = load_config(ServeConfig, config_path, overrides, values=flags)
-        serve_main(config)
+        serve_main(config, load_checkpoint=load_predictor_checkpoint)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+
+
+def load_predictor_checkpoint(path: str):
+    """`s3 serve`'s checkpoint loader (torch and transformers are imported only when a checkpoint is loaded)."""
+    from predictor_train.inference import LengthPredictor
+
+    return LengthPredictor.load(path)
 
 
 @main.group()

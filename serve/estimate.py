@@ -27,14 +27,31 @@ from core.buckets import BucketSpec, Shape
 from core.request import Request
 
 
+SLICES = 4
+"""Equal-probability slices a sequence's remaining length is split into for the peak test (its expected
+memory over time is the average of the slices' step functions)."""
+
+SLICE_LEVELS = tuple((j + 0.5) / SLICES for j in range(SLICES))
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """What a sequence still has to generate, as a quantile (for memory) and a mean (for ordering)."""
+    """What a sequence still has to generate: its distribution as equal-probability slices (for the peak test),
+    a quantile and a mean (for ordering and victims) and a spread."""
 
     quantile_tokens: int
-    """Output tokens still to come at the policy's quantile `q` (at least 1)."""
+    """Output tokens still to come at the estimator's quantile (at least 1)."""
     mean_tokens: float
     """Expected output tokens still to come."""
+    slices: tuple[int, ...] = ()
+    """Remaining tokens at the midpoint of each of SLICES equal-probability slices (one value when exact);
+    empty means ``(quantile_tokens,)``."""
+    std_tokens: float = 0.0
+    """Standard deviation of the remaining tokens (0 when exact)."""
+
+
+def exact(left: int) -> Estimate:
+    return Estimate(left, float(left), (left,), 0.0)
 
 
 class RemainingEstimator(Protocol):
@@ -59,7 +76,7 @@ def conditional_remaining(
 class LengthDistribution:
     """A final-length distribution, piecewise uniform: each bucket's probability spread over its sub-ranges by
     ``shape`` (`core.buckets.within_bucket_shape`; uniform over the bucket when None). Suffix sums make
-    conditioning on "longer than ``written``" cost two bisections (it runs for every running sequence every
+    conditioning on "longer than ``written``" cost a few bisections (it runs for every running sequence every
     step)."""
 
     def __init__(self, buckets: BucketSpec, probs: Sequence[float], shape: Shape | None = None) -> None:
@@ -76,36 +93,46 @@ class LengthDistribution:
         self.highs = [high for _, high, _ in spans]
         self.masses = [p for _, _, p in spans]
         n = len(spans)
-        # Over buckets i.. : total mass, and mass-weighted midpoint sum (for the mean).
+        # Over spans i.. : total mass, mass x mean and mass x second moment (uniform on each span).
         self.mass_from = [0.0] * (n + 1)
         self.mid_from = [0.0] * (n + 1)
+        self.sq_from = [0.0] * (n + 1)
         for i in range(n - 1, -1, -1):
-            self.mass_from[i] = self.mass_from[i + 1] + self.masses[i]
-            self.mid_from[i] = self.mid_from[i + 1] + self.masses[i] * (self.lows[i] + self.highs[i]) / 2
-        # Mass below each bucket's upper edge, counted from the first bucket (for the quantile search).
+            lo, hi, p = self.lows[i], self.highs[i], self.masses[i]
+            self.mass_from[i] = self.mass_from[i + 1] + p
+            self.mid_from[i] = self.mid_from[i + 1] + p * (lo + hi) / 2
+            self.sq_from[i] = self.sq_from[i + 1] + p * (lo * lo + lo * hi + hi * hi) / 3
+        # Mass below each span's upper edge, counted from the first span (for the quantile search).
         self.cum = [self.mass_from[0] - self.mass_from[i + 1] for i in range(n)]
 
-    def remaining(self, written: int, quantile: float, cap: int) -> Estimate:
-        first = bisect.bisect_right(self.highs, written)  # the first bucket reaching above `written`
+    def remaining(self, written: int, quantile: float, cap: int, levels: Sequence[float] = ()) -> Estimate:
+        """The remaining length given ``written``: at ``quantile``, its mean and spread, and at each of ``levels``
+        (the slices)."""
+        first = bisect.bisect_right(self.highs, written)  # the first span reaching above `written`
         if first < len(self.highs) and written < cap:
             low, high, p = self.lows[first], self.highs[first], self.masses[first]
             start = max(low, written)
             partial = p * (high - start) / (high - low)
             total = partial + self.mass_from[first + 1]
         if first == len(self.highs) or written >= cap or total <= 0:  # no mass left: only the cap bounds it
-            left = max(1, cap - written)
-            return Estimate(left, float(left))
+            return exact(max(1, cap - written))
+
+        def left_at(level: float) -> int:
+            target = level * total
+            if target <= partial:
+                final = start + (high - start) * target / partial if partial > 0 else start
+            else:  # in a later span: find it on the cumulative masses, shifted to start at `written`
+                offset = self.cum[first] - partial
+                i = min(bisect.bisect_left(self.cum, target + offset - 1e-12, first + 1), len(self.cum) - 1)
+                below = self.cum[i] - self.masses[i] - offset
+                final = self.lows[i] + (self.highs[i] - self.lows[i]) * max(0.0, target - below) / self.masses[i]
+            return max(1, math.ceil(min(final, cap) - 1e-9) - written)
+
         mean = (partial * (start + high) / 2 + self.mid_from[first + 1]) / total
-        target = quantile * total
-        if target <= partial:
-            final = start + (high - start) * target / partial if partial > 0 else start
-        else:  # in a later bucket: find it on the cumulative masses, shifted to start at `written`
-            offset = self.cum[first] - partial
-            i = min(bisect.bisect_left(self.cum, target + offset - 1e-12, first + 1), len(self.cum) - 1)
-            below = self.cum[i] - self.masses[i] - offset
-            final = self.lows[i] + (self.highs[i] - self.lows[i]) * max(0.0, target - below) / self.masses[i]
-        final, mean = min(final, cap), min(mean, cap)
-        return Estimate(max(1, math.ceil(final - 1e-9) - written), max(1.0, mean - written))
+        square = (partial * (start * start + start * high + high * high) / 3 + self.sq_from[first + 1]) / total
+        std = min(math.sqrt(max(0.0, square - mean * mean)), (cap - written) / 2)  # the cap bounds the spread
+        return Estimate(left_at(quantile), max(1.0, min(mean, cap) - written), tuple(left_at(u) for u in levels),
+                        std)  # fmt: skip
 
 
 class BucketEstimator:
@@ -143,7 +170,7 @@ class BucketEstimator:
         dist = self._dists.get(request.request_id)
         if dist is None:
             dist = self._dists[request.request_id] = LengthDistribution(self.buckets, self.probs(request), self.shape)
-        return dist.remaining(request.num_output_tokens, self.quantile, request.max_new_tokens)
+        return dist.remaining(request.num_output_tokens, self.quantile, request.max_new_tokens, SLICE_LEVELS)
 
     def observe(self, request: Request) -> None:
         self._dists.pop(request.request_id, None)
@@ -156,8 +183,7 @@ class ExactEstimator:
         prediction = request.prediction
         final = prediction.num_tokens if prediction is not None and prediction.num_tokens is not None else None
         final = request.max_new_tokens if final is None else min(final, request.max_new_tokens)
-        left = max(1, final - request.num_output_tokens)
-        return Estimate(left, float(left))
+        return exact(max(1, final - request.num_output_tokens))
 
     def observe(self, request: Request) -> None:
         pass
@@ -171,6 +197,8 @@ class HistoryEstimator:
         self.quantile = quantile
         self._recent: collections.deque[int] = collections.deque(maxlen=window)
         self._sorted: list[int] = []
+        self._sums: list[float] | None = None  # prefix sums of _sorted and of its squares, rebuilt after a change
+        self._squares: list[float] = []
 
     def observe(self, request: Request) -> None:
         if request.finish_reason == "abort":
@@ -179,16 +207,27 @@ class HistoryEstimator:
             del self._sorted[bisect.bisect_left(self._sorted, self._recent[0])]
         self._recent.append(request.num_output_tokens)
         bisect.insort(self._sorted, request.num_output_tokens)
+        self._sums = None
 
     def estimate(self, request: Request) -> Estimate:
-        written, cap = request.num_output_tokens, request.max_new_tokens
-        above = self._sorted[bisect.bisect_right(self._sorted, written):]
-        if not above:
-            left = max(1, cap - written)
-            return Estimate(left, float(left))
-        final = above[min(len(above) - 1, int(self.quantile * len(above)))]
-        mean = sum(above) / len(above)
-        return Estimate(max(1, min(final, cap) - written), max(1.0, min(mean, cap) - written))
+        written, cap, lengths = request.num_output_tokens, request.max_new_tokens, self._sorted
+        first = bisect.bisect_right(lengths, written)
+        n = len(lengths) - first
+        if n == 0:
+            return exact(max(1, cap - written))
+        if self._sums is None:
+            self._sums, self._squares = [0.0], [0.0]
+            for x in lengths:
+                self._sums.append(self._sums[-1] + x)
+                self._squares.append(self._squares[-1] + x * x)
+
+        def left_at(level: float) -> int:
+            return max(1, min(lengths[first + min(n - 1, int(level * n))], cap) - written)
+
+        mean = (self._sums[-1] - self._sums[first]) / n
+        variance = max(0.0, (self._squares[-1] - self._squares[first]) / n - mean * mean)
+        return Estimate(left_at(self.quantile), max(1.0, min(mean, cap) - written),
+                        tuple(left_at(u) for u in SLICE_LEVELS), min(math.sqrt(variance), (cap - written) / 2))
 
 
 # -- the projected peak --------------------------------------------------------------------------------------
@@ -196,8 +235,9 @@ class HistoryEstimator:
 
 @dataclasses.dataclass(frozen=True)
 class Projection:
-    """One sequence's future as the peak test sees it: at step ``s`` (1 = this step) it holds at most
-    ``tokens + min(s - 1, growth)`` tokens, until step ``steps`` (its last)."""
+    """One slice of a sequence's future as the peak test sees it: at step ``s`` (1 = this step) it holds at
+    most ``tokens + min(s - 1, growth)`` tokens, until step ``steps`` (its last), counted with ``weight`` (the
+    slice's probability; 1 for an exact length)."""
 
     tokens: int
     """Tokens it holds once its pending prefill is done, plus its last block's unused room."""
@@ -206,12 +246,19 @@ class Projection:
     less what its final block's rounding already covers; may be negative."""
     steps: int
     """Steps until it finishes, pending prefill steps included."""
+    weight: float = 1.0
 
 
 class PeakGate:
     """The projected-peak test over a step's running set; admitted requests join it.
 
-    ``remaining(request)`` gives a request's remaining output tokens (an `Estimate.quantile_tokens`);
+    ``estimate(request)`` gives a request's remaining output tokens as an `Estimate`. Each sequence's future
+    memory is the average of its slices' step functions (its expected memory at every future step, under
+    its remaining-length distribution), and the projected peak is the largest expected total over the steps
+    to come, plus a margin of ``z`` standard deviations of the running set's total remaining length (the
+    sequences taken as independent, their variances add). ``z = 0`` is the expected peak; with exact lengths
+    there is one slice and no spread, and the test is exact.
+
     ``prefill_rate`` is the most prompt tokens one sequence computes in a step (the per-request cap, or the
     step's budget), ``prefill_share`` a lower bound on the tokens the sequences still prefilling share each
     step (the budget less one decode for every other sequence that may run; decodes go first). In each step
@@ -226,79 +273,102 @@ class PeakGate:
 
     def __init__(
         self,
-        remaining: Callable[[Request], int],
+        estimate: Callable[[Request], Estimate],
         *,
         capacity_tokens: int,
         block_size: int,
         prefill_rate: int,
         prefill_share: int,
+        z: float = 0.0,
     ) -> None:
-        self.remaining = remaining
+        self.estimate = estimate
         self.capacity_tokens = capacity_tokens
         self.block_size = block_size
         self.prefill_rate = max(1, prefill_rate)
         self.prefill_share = max(1, prefill_share)
-        self.entries: list[Projection] = []  # sorted by steps, longest first
-        self._keys: list[int] = []  # -steps of each entry, for bisect
+        self.z = z
+        self.entries: list[Projection] = []  # sorted by steps, longest first, once `_sorted` is True
+        self._sorted = True
         self._pending_ahead = 0  # prompt tokens still to prefill, over the sequences already in
+        self._variance = 0.0  # of the running set's total remaining tokens
 
-    def projection(self, request: Request) -> Projection:
-        """Where ``request`` (running, or about to be admitted after everyone in) is headed."""
+    def projection(self, request: Request) -> tuple[list[Projection], float]:
+        """Where ``request`` (running, or about to be admitted after everyone in) is headed: its slices, and
+        the variance of its remaining length."""
         pending = request.num_tokens - request.num_computed_tokens
-        growth = self.remaining(request) - 1
+        estimate = self.estimate(request)
+        slices = estimate.slices or (estimate.quantile_tokens,)
         tokens = request.num_tokens + self.block_size - 1
-        final_rounded = -(-(request.num_tokens + growth) // self.block_size) * self.block_size
-        if pending <= 1:  # decoding: one token per step
-            steps = growth + 1
-        else:
-            steps = math.ceil(pending / self.prefill_rate)
-            steps += math.ceil((self._pending_ahead + pending) / self.prefill_share) + growth
-        return Projection(tokens, min(growth, final_rounded - tokens), steps)
+        prefill_steps = 0
+        if pending > 1:  # decoding sequences grow one token per step from now
+            prefill_steps = math.ceil(pending / self.prefill_rate)
+            prefill_steps += math.ceil((self._pending_ahead + pending) / self.prefill_share)
+        entries = []
+        for left in slices:
+            growth = left - 1
+            final_rounded = -(-(request.num_tokens + growth) // self.block_size) * self.block_size
+            entries.append(Projection(tokens, min(growth, final_rounded - tokens), prefill_steps + growth + 1
+                                      if pending > 1 else growth + 1, 1.0 / len(slices)))  # fmt: skip
+        return entries, estimate.std_tokens**2
 
     def add(self, request: Request) -> None:
-        entry = self.projection(request)
-        at = bisect.bisect_right(self._keys, -entry.steps)
-        self.entries.insert(at, entry)
-        self._keys.insert(at, -entry.steps)
+        entries, variance = self.projection(request)
+        self.entries += entries
+        self._sorted = False
+        self._variance += variance
         pending = request.num_tokens - request.num_computed_tokens
         if pending > 1:
             self._pending_ahead += pending
 
     def fits(self, request: Request) -> bool:
-        """Whether the peak of the running set plus ``request`` fits the pool."""
-        entry = self.projection(request)
-        at = bisect.bisect_right(self._keys, -entry.steps)
-        entries = self.entries[:at] + [entry] + self.entries[at:]
-        return peak_tokens(entries) <= self.capacity_tokens
+        """Whether the projected peak of the running set plus ``request`` fits the pool. Into an empty running
+        set anything passes (waiting would not make room; the pool's "fits now" still applies)."""
+        if not self.entries:
+            return True
+        mine, variance = self.projection(request)
+        if not self._sorted:
+            self.entries.sort(key=_latest_first)
+            self._sorted = True
+        entries = sorted(self.entries + mine, key=_latest_first)  # two sorted runs: a linear merge
+        margin = self.z * math.sqrt(self._variance + variance)
+        return peak_tokens(entries) + margin <= self.capacity_tokens
 
 
-def peak_tokens(entries: Sequence[Projection]) -> int:
-    """The projected peak in tokens of ``entries`` (sorted by steps, longest first).
+def _latest_first(entry: Projection) -> int:
+    return -entry.steps
 
-    Evaluated at each distinct finishing step ``s``, latest first: every sequence still alive holds
+
+def peak_tokens(entries: Sequence[Projection]) -> float:
+    """The projected peak in tokens of ``entries`` (sorted by steps, longest first), each counted with its
+    weight.
+
+    Evaluated at each distinct finishing step ``s``, latest first: every entry still alive holds
     ``tokens + min(s - 1, growth)``, i.e. ``tokens + s - 1`` less a shortfall ``max(0, s - c)`` with
-    ``c = growth + 1``. The sequences with a shortfall are kept in a heap by ``c``: as ``s`` falls they leave
+    ``c = growth + 1``. The entries with a shortfall are kept in a heap by ``c``: as ``s`` falls they leave
     it for good, so the whole evaluation is O(n log n).
     """
-    peak = held = 0
-    short: list[int] = []  # max-heap (negated) of c over alive sequences with c < s
-    num_short = sum_short = 0
+    peak = held = alive = 0.0
+    short: list[tuple[int, float]] = []  # max-heap (negated c) over alive entries with c < s, with weights
+    weight_short = sum_short = 0.0  # their total weight and weighted sum of c
     push, pop = heapq.heappush, heapq.heappop
     last = len(entries) - 1
     for k, entry in enumerate(entries):
-        held += entry.tokens
+        w = entry.weight
+        held += w * entry.tokens
+        alive += w
         c = entry.growth + 1
         s = entry.steps
-        if c < s:  # a sequence with c >= s has no shortfall now, nor at any later (smaller) s
-            push(short, -c)
-            num_short += 1
-            sum_short += c
+        if c < s:  # an entry with c >= s has no shortfall now, nor at any later (smaller) s
+            push(short, (-c, w))
+            weight_short += w
+            sum_short += w * c
         if k < last and entries[k + 1].steps == s:
             continue  # evaluate once per finishing step, with everyone who finishes then
-        while short and -short[0] >= s:
-            sum_short += pop(short)
-            num_short -= 1
-        total = held + (k + 1) * (s - 1) - (num_short * s - sum_short)
+        while short and -short[0][0] >= s:
+            c_neg, w_out = pop(short)
+            sum_short += w_out * c_neg
+            weight_short -= w_out
+        total = held + alive * (s - 1) - (weight_short * s - sum_short)
         if total > peak:
             peak = total
     return peak

@@ -18,6 +18,7 @@ A policy is one class registered under its name (``@register``); the CLI, the co
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from typing import Callable, Iterable, Literal, Sequence
 
 from core.buckets import BucketSpec, Shape
@@ -60,11 +61,12 @@ class PolicyConfig:
     """Which admission policy to run (see POLICY_NAMES)."""
     watermark: float = 0.01
     """`paged`, `paged-sjf`: fraction of the pool kept free at admission, so running sequences can grow."""
-    quantile: float = 0.9
-    """`s3`, `peak-history`: the quantile q of a request's remaining length (given what it has written) that
-    the projected-peak admission test charges. 0 charges the shortest length still possible (with any
-    `prior_weight`, one token: `paged`'s "fits now" test); higher is more careful: fewer preemptions,
-    smaller batches."""
+    quantile: float = 0.5
+    """`s3`, `peak-history`: the probability q with which the projected peak should stay within the pool. Each
+    running sequence's memory over the coming steps is projected from its remaining-length distribution
+    (given what it has written); the test admits while the expected peak plus z_q standard deviations of the
+    running set's total remaining length fits (z_q = 0 at q = 0.5, about 1.28 at 0.9). 0 skips the projection:
+    `paged`'s "fits now" test; higher is more careful: fewer preemptions, smaller batches."""
     prior_weight: float = 0.05
     """`s3`, `paged-sjf`: weight of the prior (`bucket_prior`) mixed into the bucket probabilities, so buckets
     the predictor gives no mass (a long tail it never predicts) still count when a request outruns its
@@ -249,18 +251,22 @@ class _PeakAdmission(PagedPolicy):
 
     def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
         super().__init__(config, buckets)
-        self.watermark = 0.0  # the peak test keeps the room running sequences grow into
+        # the peak test keeps the room running sequences grow into; without it (q = 0), `paged`'s watermark
+        self.watermark = config.watermark if config.quantile <= 0 else 0.0
 
     def remaining(self, request: Request) -> int:
         return self.estimator.estimate(request).quantile_tokens
 
-    def admission_gate(self, running: Sequence[Request], limits: StepLimits) -> PeakGate:
+    def admission_gate(self, running: Sequence[Request], limits: StepLimits) -> PeakGate | None:
+        if self.config.quantile <= 0:
+            return None  # q = 0: `paged`'s "fits now"
         gate = PeakGate(
-            self.remaining,
+            self.estimator.estimate,
             capacity_tokens=limits.capacity_tokens,
             block_size=limits.block_size,
             prefill_rate=limits.prefill_rate,
             prefill_share=limits.max_num_batched_tokens - limits.max_num_seqs + 1,
+            z=statistics.NormalDist().inv_cdf(min(self.config.quantile, 1 - 1e-4)),
         )
         for request in running:
             gate.add(request)

@@ -9,9 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "serve", "predictor_train", "pipeline")
 MAY_IMPORT = {"core": {"core"}, "serve": {"core", "serve"}, "predictor_train": {"core", "predictor_train"},
               "pipeline": set(PACKAGES)}  # fmt: skip
-# Known, and left to do: `s3 serve` loads a trained checkpoint itself (a function-local import); the CLI could
-# hand serve_main a loader instead.
-KNOWN_UPWARD = {("serve.server.admission", "predictor_train.inference")}
+KNOWN_UPWARD: set[tuple[str, str]] = set()  # none left; an exception would be listed here with its reason
 
 
 def _module(path: pathlib.Path) -> str:

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from core.buckets import BucketSpec
 from core.predictors import OraclePredictor, Predictor
@@ -49,7 +49,13 @@ class Admission:
         return self.predictor.buckets if self.predictor is not None else None
 
 
-def resolve_admission(config: ServeConfig, predictor: Predictor | None = None) -> Admission:
+CheckpointLoader = Callable[[str], Predictor]
+"""Loads a trained predictor checkpoint folder (`predictor_train`'s `LengthPredictor.load`). `serve` never imports
+the training package: the entry point (`s3 serve`, the load benchmark) hands the loader in."""
+
+
+def resolve_admission(config: ServeConfig, predictor: Predictor | None = None, *,
+                      load_checkpoint: CheckpointLoader | None = None) -> Admission:
     """The policy to serve with, and its predictor: what the registry says the policy needs (`policy_needs`).
     A policy that needs buckets gets the checkpoint (or the oracle_lengths table); without one, the fallback
     policy or an error. A policy that needs exact lengths gets only the oracle_lengths table."""
@@ -59,7 +65,7 @@ def resolve_admission(config: ServeConfig, predictor: Predictor | None = None) -
         return Admission(policy, None)
     if predictor is None:
         try:
-            predictor = load_predictor(config)
+            predictor = load_predictor(config, load_checkpoint)
         except (FileNotFoundError, ValueError, OSError) as exc:
             return _fallback(config, str(exc))
     if need == "exact" and not isinstance(predictor, OraclePredictor):
@@ -72,15 +78,16 @@ def _needing(need: str) -> list[str]:
     return [name for name in POLICY_NAMES if policy_needs(name) == need]
 
 
-def load_predictor(config: ServeConfig) -> Predictor:
+def load_predictor(config: ServeConfig, load_checkpoint: CheckpointLoader | None = None) -> Predictor:
     if config.oracle_lengths:
         return OraclePredictor.from_file(config.oracle_lengths, BucketSpec.uniform(config.max_new_tokens,
                                                                                    config.num_buckets))
     if not config.predictor:
         raise FileNotFoundError("no predictor checkpoint was given")
-    from predictor_train.inference import LengthPredictor  # torch + transformers: only when needed
-
-    return LengthPredictor.load(config.predictor)
+    if load_checkpoint is None:
+        raise ValueError(f"cannot load the predictor checkpoint {config.predictor}: this entry point gave no "
+                         "checkpoint loader (`s3 serve` does)")
+    return load_checkpoint(config.predictor)
 
 
 def _fallback(config: ServeConfig, reason: str) -> Admission:

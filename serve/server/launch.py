@@ -24,7 +24,7 @@ from serve.engine.llm import LLMEngine
 from serve.feedback import FeedbackWriter
 from serve.policies import PolicyConfig
 from serve.server.admission import (
-    Admission, AdmissionController, FeedbackLog, Predictor, check_target_model, resolve_admission,
+    Admission, AdmissionController, CheckpointLoader, FeedbackLog, Predictor, check_target_model, resolve_admission,
 )  # fmt: skip
 from serve.server.app import ServerState, create_app
 from serve.server.async_engine import AsyncEngine
@@ -59,9 +59,10 @@ class ServingStack:
         self.engine_loop.stop()
 
 
-def build_stack(config: ServeConfig, *, model=None, tokenizer=None, predictor: Predictor | None = None) -> ServingStack:
+def build_stack(config: ServeConfig, *, model=None, tokenizer=None, predictor: Predictor | None = None,
+                load_checkpoint: CheckpointLoader | None = None) -> ServingStack:
     """Load (or take) the model and the predictor and wire the server together; nothing runs until `start`."""
-    admission = resolve_admission(config, predictor)
+    admission = resolve_admission(config, predictor, load_checkpoint=load_checkpoint)
     engine_config = dataclasses.replace(config.engine, policy=admission.policy)
     engine = LLMEngine(engine_config, model=model, tokenizer=tokenizer, buckets=admission.buckets)
     if admission.predictor is not None and config.check_target_model:
@@ -111,8 +112,9 @@ def served_model_name(config: ServeConfig) -> str:
     return model if model == "smollm2" else Path(model).name.removesuffix(".gguf")
 
 
-def serve_main(config: ServeConfig) -> None:
-    """Run the server until SIGINT/SIGTERM (rank 0), or follow rank 0's steps (other tensor-parallel ranks)."""
+def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM (rank 0), or follow rank 0's steps (other tensor-parallel ranks).
+    ``load_checkpoint`` loads ``config.predictor`` (see `CheckpointLoader`)."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(config.torch_threads or max(1, _num_cores() - 1))
     rank = int(os.environ.get("RANK", "0"))
@@ -120,7 +122,7 @@ def serve_main(config: ServeConfig) -> None:
         _follow(config)  # binds nothing; rank 0's refusal below ends the launch (the launcher stops every rank)
         return
     config.check_exposure()  # before minutes of loading a model
-    stack = build_stack(config)
+    stack = build_stack(config, load_checkpoint=load_checkpoint)
     _log_startup(config, stack)
     server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level))
     stack.start()

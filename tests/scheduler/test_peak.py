@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 
 from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.request import LengthPrediction, Request
-from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, PeakGate, conditional_remaining
+from serve.estimate import (BucketEstimator, ExactEstimator, HistoryEstimator, PeakGate, Projection,
+                            conditional_remaining, peak_tokens)
 from serve.kv import blocks_for
 from tests.fakes import FakeClock, make_request, make_scheduler, run_until_done
 
@@ -131,11 +132,48 @@ def test_exact_lengths_never_admit_less_than_exact_reservation(running_specs, ca
     # What reserving each exact length would hold: prompt + every output token.
     exact = sum(blocks_for(r.num_prompt_tokens + r.prediction.num_tokens, block_size) for r in running + [candidate])
     estimator = ExactEstimator()
-    gate = PeakGate(lambda r: estimator.estimate(r).quantile_tokens, capacity_tokens=exact * block_size,
+    gate = PeakGate(estimator.estimate, capacity_tokens=exact * block_size,
                     block_size=block_size, prefill_rate=rate, prefill_share=rate)
     for request in running:
         gate.add(request)
     assert gate.fits(candidate)
+
+
+proj_st = st.builds(lambda t, g, extra: (t, g, g + 1 + extra), st.integers(1, 60), st.integers(0, 60),
+                    st.integers(0, 20))
+
+
+def _sorted(entries):
+    return sorted(entries, key=lambda e: -e.steps)
+
+
+@given(st.lists(st.lists(proj_st, min_size=1, max_size=4), min_size=1, max_size=8))
+def test_peak_of_slices_lies_between_the_peaks_of_their_extremes(sequences):
+    """A sequence counted as four equal-probability slices: its expected memory. Splitting an exact length
+    into identical slices changes nothing; the expected peak lies between charging every sequence its
+    shortest slice and its longest."""
+    exact = [Projection(t, g, s) for (t, g, s), *_ in sequences]
+    split = [Projection(t, g, s, 0.25) for (t, g, s), *_ in sequences for _ in range(4)]
+    assert peak_tokens(_sorted(split)) == peak_tokens(_sorted(exact))
+    sliced = [Projection(t, g, s, 1 / len(seq)) for seq in sequences for t, g, s in seq]
+    low = [min((Projection(*p) for p in seq), key=lambda e: e.steps) for seq in sequences]
+    high = [max((Projection(*p) for p in seq), key=lambda e: e.steps) for seq in sequences]
+    middle = peak_tokens(_sorted(sliced))
+    # each sequence's memory curve lies between its shortest and longest slice's only when they share tokens
+    if all(len({t for t, _, _ in seq}) == 1 and all(g + 1 == st_ for _, g, st_ in seq) for seq in sequences):
+        assert peak_tokens(_sorted(low)) - 1e-9 <= middle <= peak_tokens(_sorted(high)) + 1e-9
+
+
+def test_a_higher_q_admits_no_more_and_q_half_is_the_expected_peak():
+    # Two running sequences predicted in bucket 1 (10-20 tokens): the margin grows with q.
+    def admitted(q):
+        sched = make_scheduler("s3", num_blocks=14, block_size=4, quantile=q, prior_weight=0.0)
+        for rid in "abcd":
+            sched.add_request(make_request(rid, bucket=1, max_new_tokens=40))
+        return len(sched.schedule().new_request_ids)
+
+    counts = [admitted(q) for q in (0.0, 0.5, 0.9, 0.999)]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
 
 
 workload_st = st.fixed_dictionaries({
@@ -215,11 +253,12 @@ def test_s3_notes_a_misprediction_per_bucket_passed_without_preempting():
 
 def test_s3_holds_back_what_would_overflow_at_its_peak():
     # 12 blocks of 4 = 48 tokens. Each request: 4 prompt tokens, predicted bucket 1 (up to 32 tokens).
-    # `paged` admits all three at once (each needs one block now); s3 sees their peaks would not fit.
+    # `paged` admits all three at once (each needs one block now); s3 sees their peaks would not fit. The
+    # lengths (30) sit at the top of the predicted bucket: a careful q keeps s3 from ever preempting.
     lengths = {rid: 30 for rid in "abc"}
     admitted_first = {}
     for policy in ("paged", "s3"):
-        sched = make_scheduler(policy, num_blocks=12, watermark=0.0, quantile=0.9, prior_weight=0.0)
+        sched = make_scheduler(policy, num_blocks=12, watermark=0.0, quantile=0.999, prior_weight=0.0)
         for rid in "abc":
             sched.add_request(make_request(rid, bucket=1, max_new_tokens=32))
         admitted_first[policy] = len(sched.schedule().new_request_ids)

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipeline.cli import load_predictor_checkpoint
 from pipeline.config import load_config
 from serve.server.admission import ServeSetupError, TablePredictor, check_target_model, resolve_admission
 from serve.server.config import ServeConfig
@@ -39,11 +40,12 @@ def test_s3_without_a_predictor_refuses_to_start_and_says_what_to_do(tmp_path):
     with pytest.raises(ServeSetupError, match="--predictor FOLDER.*--fallback-policy max\\|paged"):
         resolve_admission(ServeConfig())
     with pytest.raises(ServeSetupError, match="no predictor.json"):
-        resolve_admission(ServeConfig(predictor=str(tmp_path)))
+        resolve_admission(ServeConfig(predictor=str(tmp_path)), load_checkpoint=load_predictor_checkpoint)
 
 
 def test_fallback_and_predictor_free_policies(tmp_path):
-    fallback = resolve_admission(ServeConfig(predictor=str(tmp_path), fallback_policy="paged"))
+    fallback = resolve_admission(ServeConfig(predictor=str(tmp_path), fallback_policy="paged"),
+                                 load_checkpoint=load_predictor_checkpoint)
     assert fallback.policy.policy == "paged" and fallback.predictor is None and "no predictor.json" in fallback.note
     plain = resolve_admission(load_config(ServeConfig, values={"engine.policy.policy": "max"}))
     assert plain.policy.policy == "max" and plain.predictor is None and plain.note is None

@@ -66,7 +66,7 @@ def test_s3_serve_refuses_before_loading_anything(monkeypatch):
 def test_allow_insecure_no_auth_is_a_serve_flag(monkeypatch):
     monkeypatch.delenv("S3_API_KEY", raising=False)
     configs = []
-    monkeypatch.setattr("serve.server.launch.serve_main", lambda config: configs.append(config))
+    monkeypatch.setattr("serve.server.launch.serve_main", lambda config, **kwargs: configs.append(config))
     args = ["serve", "--host", "0.0.0.0", "--set", "engine.model=/no/such/model"]
     result = CliRunner().invoke(main, [*args, "--allow-insecure-no-auth"])
     assert result.exit_code == 0, result.output
