@@ -149,15 +149,30 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def draw_prompts(config: BenchConfig, tokenizer) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
-    """(timed prompts, warm-up prompts), all distinct, none labelled, as (text, chat-formatted ids)."""
+def draw_prompts(config: BenchConfig, tokenizer, context_tokens: int | None = None,
+                 progress: Callable[[str], None] = print) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
+    """(timed prompts, warm-up prompts), all distinct, none labelled, as (text, chat-formatted ids); with
+    ``context_tokens``, only prompts whose ids and max_new_tokens fit it (the others are skipped and counted)."""
     from pipeline.labelled import labelled_prompts
 
     exclude = labelled_prompts(config.labelled_data) if config.labelled_data else set()
+    formatted: dict[str, list[int]] = {}
+    skipped = 0
+
+    def fits(row) -> bool:
+        nonlocal skipped
+        ids = formatted[row.prompt] = format_prompt(tokenizer, row.prompt)
+        ok = context_tokens is None or len(ids) + config.max_new_tokens <= context_tokens
+        skipped += not ok
+        return ok
+
     rows = sample_prompts(config.prompts, config.num_prompts + config.warmup_prompts, exclude=exclude,
-                          seed=config.seed)  # fmt: skip
-    formatted = [(row.prompt, format_prompt(tokenizer, row.prompt)) for row in rows]
-    return formatted[: config.num_prompts], formatted[config.num_prompts :]
+                          seed=config.seed, accept=fits)  # fmt: skip
+    if skipped:
+        progress(f"skipped {skipped} prompts that do not fit the {context_tokens}-token context with "
+                 f"{config.max_new_tokens} new tokens")
+    drawn = [(row.prompt, formatted[row.prompt]) for row in rows]
+    return drawn[: config.num_prompts], drawn[config.num_prompts :]
 
 
 def run_policy(
@@ -260,7 +275,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
     from serve.engine.loader import load_model
 
     model, tokenizer = load_model(None if config.model == "smollm2" else config.model)
-    prompts, warmup = draw_prompts(config, tokenizer)
+    context = getattr(model.config, "max_position_embeddings", None)
+    prompts, warmup = draw_prompts(config, tokenizer, context, progress)
     longest = max(len(ids) for _, ids in prompts + warmup) + config.max_new_tokens
     engine_config = EngineConfig(
         model=config.model, kv_cache_tokens=config.kv_worst_case_seqs * longest + config.block_size,

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import pathlib
 import random
-from typing import Collection, Iterator
+from typing import Callable, Collection, Iterator
 
 PROMPT_SETS = (
     "data/prompts/gsm8k_train.json",
@@ -149,8 +149,10 @@ def format_prompt(tokenizer, prompt: str) -> list[int]:
 def sample_prompts(
     paths: list[str] | tuple[str, ...], num_prompts: int, *, exclude: Collection[str] = (), seed: int = 0,
     prompt_field: str = "instruction", input_field: str | None = "input",
+    accept: Callable[[PromptRow], bool] | None = None,
 ) -> list[PromptRow]:
-    """``num_prompts`` distinct prompts drawn without replacement, none of them in ``exclude``.
+    """``num_prompts`` distinct prompts drawn without replacement, none of them in ``exclude``, each passing
+    ``accept`` when given (e.g. fits the model's context).
 
     Round-robin over the files (sorted by name), each file in a seeded random order; a file that runs out
     leaves the rotation. A prompt text that occurs twice (in one file or two) is drawn at most once. Asking
@@ -172,5 +174,10 @@ def sample_prompts(
     queues = [by_source[source] for source in sorted(by_source)]
     picked: list[PromptRow] = []
     for i in range(max(map(len, queues), default=0)):
-        picked += [queue[i] for queue in queues if i < len(queue)]
-    return picked[:num_prompts]
+        for queue in queues:
+            if i < len(queue) and len(picked) < num_prompts and (accept is None or accept(queue[i])):
+                picked.append(queue[i])
+    if len(picked) < num_prompts:
+        raise ValueError(f"asked for {num_prompts} prompts but only {len(picked)} of those not excluded are "
+                         "accepted (fit the context); lower num_prompts")
+    return picked

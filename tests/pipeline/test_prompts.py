@@ -1,5 +1,6 @@
 """Drawing serving and benchmark prompts: without replacement, round-robin by source, never a labelled one."""
 
+import dataclasses
 import json
 
 import pytest
@@ -51,6 +52,22 @@ def test_bench_draws_distinct_unlabelled_prompts_from_the_seven_sets():
     assert len(timed) == 300 and len(warmup) == 5 and len(set(texts)) == 305
     assert not set(texts) & labelled_prompts("data/labelled")
     assert len(config.prompts) == len(PROMPT_SETS) == 7
+
+
+def test_bench_skips_prompts_that_do_not_fit_the_context(tmp_path):
+    class CharTokenizer:
+        def apply_chat_template(self, messages, **_kwargs):
+            return [1] * len(messages[0]["content"])  # one id per character
+
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps([{"instruction": text} for text in ("short", "tiny", "x" * 50, "y" * 40, "ok")]))
+    config = BenchConfig(prompts=(str(path),), labelled_data=None, num_prompts=3, warmup_prompts=0, max_new_tokens=2)
+    said = []
+    timed, _ = draw_prompts(config, CharTokenizer(), context_tokens=7, progress=said.append)
+    assert sorted(text for text, _ in timed) == ["ok", "short", "tiny"]
+    assert all(len(ids) + 2 <= 7 for _, ids in timed) and all(line.startswith("skipped") for line in said)
+    with pytest.raises(ValueError, match="fit the context"):
+        draw_prompts(dataclasses.replace(config, num_prompts=4), CharTokenizer(), context_tokens=7)
 
 
 def test_labelled_prompts_include_the_shards(tmp_path):

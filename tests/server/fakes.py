@@ -82,5 +82,8 @@ def start_server(config: ServeConfig, *, predictor=None, eos: bool = True) -> Ba
     tokenizer = CharTokenizer()
     if not eos:
         tokenizer.eos_token_id = None
-    stack = build_stack(config, model=model, tokenizer=tokenizer, predictor=predictor)
+    from pipeline.cli import load_predictor_checkpoint  # as `s3 serve` hands it in
+
+    stack = build_stack(config, model=model, tokenizer=tokenizer, predictor=predictor,
+                        load_checkpoint=load_predictor_checkpoint)
     return BackgroundServer(stack).start()
