@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
 @click.option("--output", default="runs/trace_test.jsonl", show_default=True)
 def main(checkpoint, data, split, output):
+    from pipeline.labelled import labelled_data
     from predictor_train.data import load_records, split_records
     from predictor_train.inference import LengthPredictor
 
     predictor = LengthPredictor.load(checkpoint)
-    rows = split_records(load_records(data))[split]
+    rows = split_records(load_records(labelled_data(data)[0]))[split]
     probs = predictor.predict_probs(rows["prompt"]).tolist()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w") as f:
