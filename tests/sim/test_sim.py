@@ -126,4 +126,6 @@ def test_simulating_10k_requests_takes_seconds():
     config = SimulateConfig(policies=("s3",), workload=dataclasses.replace(WorkloadConfig(), num_requests=10_000))
     start = time.perf_counter()
     run_simulation(config)
-    assert time.perf_counter() - start < 120  # about 30 s here (the projected peak); generous for a loaded CI machine
+    # 70-95 s on this 2-core machine: s3 tests four slices per running sequence, and after a failed test it
+    # tries the next candidates of its look-ahead window; generous for a loaded CI machine
+    assert time.perf_counter() - start < 300
