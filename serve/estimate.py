@@ -307,8 +307,8 @@ class PeakGate:
         for left in slices:
             growth = left - 1
             final_rounded = -(-(request.num_tokens + growth) // self.block_size) * self.block_size
-            entries.append(Projection(tokens, min(growth, final_rounded - tokens), prefill_steps + growth + 1
-                                      if pending > 1 else growth + 1, 1.0 / len(slices)))  # fmt: skip
+            entries.append(Projection(tokens, min(growth, final_rounded - tokens), prefill_steps + growth + 1,
+                                      1.0 / len(slices)))  # fmt: skip
         return entries, estimate.std_tokens**2
 
     def add(self, request: Request) -> None:
