@@ -125,7 +125,8 @@ class LengthDistribution:
                 offset = self.cum[first] - partial
                 i = min(bisect.bisect_left(self.cum, target + offset - 1e-12, first + 1), len(self.cum) - 1)
                 below = self.cum[i] - self.masses[i] - offset
-                final = self.lows[i] + (self.highs[i] - self.lows[i]) * max(0.0, target - below) / self.masses[i]
+                share = min(1.0, max(0.0, target - below) / self.masses[i])  # within span i (masses may be tiny)
+                final = self.lows[i] + (self.highs[i] - self.lows[i]) * share
             return max(1, math.ceil(min(final, cap) - 1e-9) - written)
 
         mean = (partial * (start + high) / 2 + self.mid_from[first + 1]) / total
