@@ -1,20 +1,18 @@
-"""Test helpers: a tiny random LLaMA, reference greedy tokens from generate(), and a minimal scheduler.
-
-MiniScheduler is just enough scheduling to drive a ModelRunner the way the real scheduler will: a free list of
-blocks (shuffled, so block tables are not contiguous), blocks allocated as tokens arrive, optional chunked prefill,
-and preemption by recompute (free the blocks, keep prompt + generated tokens, compute them again).
-"""
+"""Test helpers: a tiny random LLaMA, reference greedy tokens from generate(), and EngineDriver (the real
+scheduler and executor over a ModelRunner the test builds)."""
 
 from __future__ import annotations
-
-import dataclasses
-import random
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from serve.engine.plan import GREEDY, SamplingParams, SequenceStep
+from core.request import Request
+from serve.engine.executor import ModelExecutor
+from serve.engine.plan import GREEDY
 from serve.engine.runner import ModelRunner
+from serve.policies import PolicyConfig, VictimFn
+from serve.scheduler import Scheduler, SchedulerConfig
+from serve.step import EngineCore
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -46,7 +44,7 @@ def eos_ids(model) -> list[int]:
 def reference_greedy(model, prompts: list[list[int]], num_new_tokens: int) -> list[list[int]]:
     """generate(do_sample=False) one prompt at a time (no padding), so the reference is the plain model's.
 
-    Stops at the model's EOS like generate() does; MiniScheduler(stop_token_ids=...) does the same."""
+    Stops at the model's EOS like generate() does; EngineDriver(stop_token_ids=...) does the same."""
     outs = []
     for p in prompts:
         ids = torch.tensor([p])
@@ -58,77 +56,52 @@ def reference_greedy(model, prompts: list[list[int]], num_new_tokens: int) -> li
     return outs
 
 
-@dataclasses.dataclass
-class Seq:
-    token_ids: list[int]  # prompt + generated
-    num_prompt_tokens: int
-    max_new_tokens: int
-    sampling: SamplingParams
-    stop_token_ids: tuple[int, ...] = ()
-    num_computed_tokens: int = 0
-    blocks: list[int] = dataclasses.field(default_factory=list)
+class EngineDriver:
+    """The project's scheduler and ModelExecutor, stepped by EngineCore over a given ModelRunner.
 
-    @property
-    def generated(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+    What LLMEngine builds, minus the model loading, so tests can hand it any runner (a DeepSpeed-wrapped model, a
+    pool of stale garbage). The policy is `paged` with no watermark: blocks are taken as tokens arrive and a
+    sequence that cannot grow preempts another (by recompute). ``chunk_tokens`` caps the prompt (or recompute)
+    tokens one sequence computes per step; ``victim`` names the request to preempt whenever it is a candidate.
+    """
 
-    @property
-    def finished(self) -> bool:
-        out = self.generated
-        return len(out) >= self.max_new_tokens or (bool(out) and out[-1] in self.stop_token_ids)
-
-
-class MiniScheduler:
     def __init__(
-        self, runner: ModelRunner, *, chunk_tokens: int | None = None, stop_token_ids=(), seed: int = 0
-    ) -> None:
-        self.runner = runner
-        self.stop_token_ids = tuple(stop_token_ids)
-        self.chunk_tokens = chunk_tokens  # most tokens one sequence computes per step (None: all it has)
-        self.free = list(range(runner.num_blocks))
-        random.Random(seed).shuffle(self.free)
-        self.seqs: dict[str, Seq] = {}
+        self, runner: ModelRunner, *, chunk_tokens: int | None = None, stop_token_ids=(), max_num_seqs: int = 8,
+        victim: str | None = None, tensor_parallel: int = 1,
+    ) -> None:  # fmt: skip
+        config = SchedulerConfig(
+            num_blocks=runner.num_blocks, block_size=runner.block_size, max_num_seqs=max_num_seqs,
+            long_prefill_token_threshold=chunk_tokens or 0, policy=PolicyConfig(policy="paged", watermark=0.0),
+        )  # fmt: skip
+        self.scheduler = Scheduler(config, victim_fn=_prefer(victim) if victim else None)
+        self.executor = ModelExecutor(runner, eos_token_ids=set(stop_token_ids), tensor_parallel=tensor_parallel)
+        self.core = EngineCore(self.scheduler, self.executor)
+        self.requests: dict[str, Request] = {}
 
     def add(self, request_id: str, prompt_ids: list[int], max_new_tokens: int, sampling=GREEDY) -> None:
-        self.seqs[request_id] = Seq(list(prompt_ids), len(prompt_ids), max_new_tokens, sampling, self.stop_token_ids)
+        request = Request(request_id, list(prompt_ids), max_new_tokens, sampling=sampling)
+        self.scheduler.add_request(request)
+        self.requests[request_id] = request
 
     def output(self, request_id: str) -> list[int]:
-        return self.seqs[request_id].generated
+        return list(self.requests[request_id].output_token_ids)
 
-    def preempt(self, request_id: str) -> None:
-        """Drop the sequence's KV; its next step recomputes prompt + generated tokens from scratch."""
-        seq = self.seqs[request_id]
-        self.free.extend(seq.blocks)
-        seq.blocks, seq.num_computed_tokens = [], 0
+    def step(self) -> None:
+        self.core.step()
+        self.scheduler.check_invariants()
 
-    def step(self, request_ids: list[str] | None = None) -> dict[str, int]:
-        """One runner step over the given unfinished sequences (default: all of them)."""
-        ids = [r for r in (request_ids or list(self.seqs)) if not self.seqs[r].finished]
-        plan = [self._plan_one(r) for r in ids]
-        out = self.runner.execute(plan).sampled_token_ids
-        for s in plan:
-            seq = self.seqs[s.request_id]
-            seq.num_computed_tokens = s.num_tokens_after
-            if s.request_id in out:
-                seq.token_ids.append(out[s.request_id])
-            if seq.finished:
-                self.free.extend(seq.blocks)
-                seq.blocks = []
-        assert len(self.free) + sum(len(q.blocks) for q in self.seqs.values()) == self.runner.num_blocks
-        return out
-
-    def run(self) -> None:
-        while not all(s.finished for s in self.seqs.values()):
+    def run(self, max_steps: int = 10_000) -> None:
+        for _ in range(max_steps):
+            if not self.core.has_unfinished():
+                return
             self.step()
+        raise AssertionError(f"not finished after {max_steps} steps")
 
-    def _plan_one(self, request_id: str) -> SequenceStep:
-        seq = self.seqs[request_id]
-        todo = seq.token_ids[seq.num_computed_tokens :]
-        new = todo[: self.chunk_tokens] if self.chunk_tokens else todo
-        end = seq.num_computed_tokens + len(new)
-        while len(seq.blocks) * self.runner.block_size < end:
-            seq.blocks.append(self.free.pop())
-        return SequenceStep(
-            request_id, new, seq.num_computed_tokens, list(seq.blocks),
-            sample=end == len(seq.token_ids), sampling=seq.sampling,
-        )  # fmt: skip
+
+def _prefer(request_id: str) -> VictimFn:
+    """Preempt ``request_id`` when it is a candidate, else the last in running order (paged's own choice)."""
+
+    def choose(candidates, needy):
+        return next((r for r in candidates if r.request_id == request_id), candidates[-1])
+
+    return choose

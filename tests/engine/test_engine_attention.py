@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from engine_driver import MiniScheduler, reference_greedy, tiny_llama
+from engine_driver import EngineDriver, reference_greedy, tiny_llama
 
 import serve.engine.attention as attention
 from serve.engine.attention import build_paged_batch, decodes_first, group_by_length, paged_attention_forward
@@ -102,7 +102,7 @@ def test_greedy_tokens_unchanged_with_very_different_context_lengths(monkeypatch
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (300, 1, 9, 40, 2, 120)]
     reference = reference_greedy(tiny_llama(), prompts, 10)
-    sched = MiniScheduler(ModelRunner(tiny_llama(), num_blocks=160, block_size=BS), chunk_tokens=64)
+    sched = EngineDriver(ModelRunner(tiny_llama(), num_blocks=160, block_size=BS), chunk_tokens=64)
     for i, p in enumerate(prompts):
         sched.add(str(i), p, 10)
     sched.run()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from engine_driver import MiniScheduler, reference_greedy, tiny_llama
+from engine_driver import EngineDriver, reference_greedy, tiny_llama
 
 from core import distributed
 from serve.engine import parallel
@@ -47,7 +47,7 @@ def test_runner_drives_a_deepspeed_wrapped_model(clean_env):
     reference = reference_greedy(tiny_llama(), prompts, 10)
     engine = parallel.wrap_tensor_parallel(tiny_llama())
     assert type(engine).__name__ == "InferenceEngine"
-    sched = MiniScheduler(ModelRunner(engine, num_blocks=16, block_size=4), chunk_tokens=4)
+    sched = EngineDriver(ModelRunner(engine, num_blocks=16, block_size=4), chunk_tokens=4)
     for i, p in enumerate(prompts):
         sched.add(str(i), p, 10)
     sched.run()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_driver import MiniScheduler, reference_greedy, tiny_llama
+from engine_driver import EngineDriver, reference_greedy, tiny_llama
 
 from serve.engine.plan import SequenceStep
 from serve.engine.runner import ModelRunner
@@ -29,12 +29,12 @@ def reference(prompts):
     return reference_greedy(tiny_llama(), prompts, NUM_NEW)
 
 
-def make_sched(model, *, block_size=4, num_blocks=64, **kwargs) -> MiniScheduler:
+def make_sched(model, *, block_size=4, num_blocks=64, **kwargs) -> EngineDriver:
     runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
     # Stale, finite garbage everywhere: a read outside a sequence's own tokens would change its tokens.
     for t in runner.pool.k + runner.pool.v:
         t.normal_(0, 10)
-    return MiniScheduler(runner, **kwargs)
+    return EngineDriver(runner, **kwargs)
 
 
 def add_all(sched, prompts, ids=None):
@@ -81,20 +81,17 @@ def test_sequences_join_midway(model, prompts, reference):
     assert outputs(sched, [0, 4, 2]) == [reference[0], reference[4], reference[2]]
 
 
-def test_preemption_by_recompute(model, prompts, reference):
-    sched = make_sched(model, num_blocks=48, chunk_tokens=6)
+@pytest.mark.parametrize("victim", [None, "4"])
+def test_preemption_by_recompute(model, prompts, reference, victim):
+    # 14 blocks of 4 hold any one sequence but not all five: sequences that cannot grow preempt others, whose
+    # prompt and generated tokens are computed again, in chunks of 6, into whatever blocks are free by then.
+    sched = make_sched(model, num_blocks=14, chunk_tokens=6, victim=victim)
     add_all(sched, prompts)
-    for _ in range(8):
-        sched.step()
-    before = len(sched.free)
-    sched.preempt("4")  # mid-decode: prompt (22) + 4 generated tokens recomputed in chunks of 6
-    sched.preempt("1")
-    assert len(sched.free) > before
-    # The others keep running while the preempted ones wait, and their freed blocks get reused.
-    for _ in range(3):
-        sched.step(["0", "2", "3"])
     sched.run()
     assert outputs(sched, range(len(prompts))) == reference
+    assert sched.scheduler.stats.num_preemptions > 0 and sched.scheduler.stats.num_recomputed_tokens > 0
+    if victim:  # the longest prompt (22 tokens), preempted mid-decode
+        assert sched.requests[victim].num_preemptions > 0
 
 
 def test_mid_prefill_step_samples_nothing(model, prompts):

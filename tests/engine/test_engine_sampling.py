@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_driver import MiniScheduler, tiny_llama
+from engine_driver import EngineDriver, tiny_llama
 
 from serve.engine.plan import SamplingParams
 from serve.engine.runner import ModelRunner
@@ -56,22 +56,18 @@ def test_seeded_request_is_reproducible_across_batching_and_preemption():
     prompts = [[5, 9, 2, 77, 31], [8, 8, 1], [100, 3, 4, 5, 6, 7, 8]]
     seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234)
 
-    def run(ids, preempt_at=None):
+    def run(ids, num_blocks=32, victim=None):
         model = tiny_llama()
-        sched = MiniScheduler(ModelRunner(model, num_blocks=32, block_size=4), chunk_tokens=3)
+        sched = EngineDriver(ModelRunner(model, num_blocks=num_blocks, block_size=4), chunk_tokens=3, victim=victim)
         for i in ids:
             sched.add(str(i), prompts[i], 10, sampling=seeded if i == 0 else SamplingParams(temperature=1.5))
-        for n in range(100):
-            if n == preempt_at:
-                sched.preempt("0")
-            if all(s.finished for s in sched.seqs.values()):
-                break
-            sched.step()
+        sched.run()
+        assert victim is None or sched.requests[victim].num_preemptions > 0
         return sched.output("0")
 
     alone = run([0])
     assert run([0, 1, 2]) == alone
-    assert run([1, 0, 2], preempt_at=6) == alone
+    assert run([1, 0, 2], num_blocks=7, victim="0") == alone  # 7 blocks of 4 for 13 blocks of work
     assert len(set(alone)) > 1  # really sampling, not stuck on one token
 
 

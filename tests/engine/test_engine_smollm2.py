@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_driver import MiniScheduler, chat_prompt_ids, eos_ids, reference_greedy
+from engine_driver import EngineDriver, chat_prompt_ids, eos_ids, reference_greedy
 
 from serve.engine.loader import load_model
 from serve.engine.runner import ModelRunner
@@ -18,7 +18,7 @@ def test_smollm2_greedy_matches_generate():
     prompts = [chat_prompt_ids(tokenizer, c) for c in CHATS]
     reference = reference_greedy(model, prompts, NUM_NEW)
     runner = ModelRunner(model, num_blocks=64, block_size=16)
-    sched = MiniScheduler(runner, chunk_tokens=16, stop_token_ids=eos_ids(model))
+    sched = EngineDriver(runner, chunk_tokens=16, stop_token_ids=eos_ids(model))
     sched.add("0", prompts[0], NUM_NEW)
     for _ in range(4):  # "0" is decoding when the others arrive and prefill in chunks beside it
         sched.step()

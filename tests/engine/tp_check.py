@@ -1,5 +1,6 @@
-"""Run by test_engine_parallel.py under `deepspeed --no_local_rank --num_gpus 2`: every rank drives the same
-plan through a tensor-parallel ModelRunner; rank 0 writes the greedy tokens and the reference from generate().
+"""Run by test_engine_parallel.py under `deepspeed --no_local_rank --num_gpus 2`: rank 0 schedules and broadcasts
+each step's plan, as `s3 serve` does, and the other ranks follow it through their shard of the model; rank 0 writes
+the greedy tokens and the reference from generate().
 
 Usage: deepspeed --no_local_rank --num_gpus 2 tests/engine/tp_check.py OUT.json [--smollm2]
 """
@@ -16,7 +17,7 @@ from core.distributed import world_size
 from serve.engine.parallel import wrap_tensor_parallel
 from serve.engine.runner import ModelRunner
 
-from engine_driver import MiniScheduler, chat_prompt_ids, eos_ids, reference_greedy  # this folder is on sys.path
+from engine_driver import EngineDriver, chat_prompt_ids, eos_ids, reference_greedy  # this folder is on sys.path
 
 
 def build_model(smollm2: bool):
@@ -42,15 +43,20 @@ def main(out_path: str, smollm2: bool, num_new_tokens: int = 12) -> None:
     reference = reference_greedy(model, prompts, num_new_tokens)
     engine = wrap_tensor_parallel(model)
     runner = ModelRunner(engine, num_blocks=64, block_size=4)
-    sched = MiniScheduler(runner, stop_token_ids=eos_ids(model))
-    for i, p in enumerate(prompts):
-        sched.add(str(i), p, num_new_tokens)
-    sched.run()
+    rank, size = int(os.environ.get("RANK", 0)), world_size()
+    sched = EngineDriver(runner, stop_token_ids=eos_ids(model), tensor_parallel=size)
+    if rank == 0:
+        for i, p in enumerate(prompts):
+            sched.add(str(i), p, num_new_tokens)
+        sched.run()
+        sched.executor.shutdown()
+    else:
+        sched.executor.follow()
     result = {
-        "rank": int(os.environ.get("RANK", 0)),
-        "world_size": world_size(),
+        "rank": rank,
+        "world_size": size,
         "kv_heads_per_rank": runner.pool.num_kv_heads[0],
-        "tokens": [sched.output(str(i)) for i in range(len(prompts))],
+        "tokens": [sched.output(str(i)) for i in range(len(prompts))] if rank == 0 else [],
         "reference": reference,
     }
     if result["rank"] == 0:
