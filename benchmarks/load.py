@@ -61,7 +61,7 @@ class LoadConfig:
     predictor: str | None = None
     """Predictor checkpoint for s3; default: the oracle-ish stand-in from the max run."""
     sources: tuple[str, ...] = ()
-    """Prompt files (instruction sets); default: the three shipped in data/prompts."""
+    """Prompt files (instruction sets); default: the seven in data/prompts."""
     frequency_penalty: float | None = None
     """Of every request (greedy otherwise); default: the predictor's labels' (its checkpoint records them), else
     `s3 generate`'s default."""
@@ -94,16 +94,14 @@ class Result:
 
 
 def load_prompts(n: int, seed: int, sources: tuple[str, ...] = (), exclude_labelled: str | None = None) -> list[str]:
-    """A seeded sample of instruction sets (default: the three in data/prompts), round-robin over the sources,
-    without the prompts labelled in ``exclude_labelled`` (those the predictor was trained on)."""
+    """A seeded sample of instruction sets (default: the seven in data/prompts), round-robin over the sources,
+    without the prompts labelled in ``exclude_labelled`` (its dataset and its shards: a predictor may have trained
+    on any of them)."""
     from pipeline.generate import DEFAULT_INPUTS
+    from pipeline.labelled import labelled_prompts
     from pipeline.run import ServeRoundConfig, serving_prompts
 
-    exclude: set[str] = set()
-    if exclude_labelled and Path(exclude_labelled, "dataset").exists():
-        import datasets
-
-        exclude = set(datasets.load_from_disk(str(Path(exclude_labelled, "dataset")))["prompt"])
+    exclude = labelled_prompts(exclude_labelled) if exclude_labelled and Path(exclude_labelled).exists() else set()
     config = ServeRoundConfig(inputs=tuple(sources or DEFAULT_INPUTS), num_prompts=n, seed=seed)
     return serving_prompts(config, exclude)
 
@@ -329,7 +327,7 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
 @click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from the max run).")
 @click.option("--frequency-penalty", type=float, default=None,
               help="Of every request (default: as the predictor's labels were made, else 0.5 like s3 generate).")
-@click.option("--sources", default="", help="Comma-separated prompt files (default: the three in data/prompts).")
+@click.option("--sources", default="", help="Comma-separated prompt files (default: the seven in data/prompts).")
 @click.option("--exclude-labelled", default=LoadConfig.exclude_labelled, show_default=True,
               help="Leave out the prompts labelled in this `s3 generate` folder ('' keeps them).")
 @click.option("--model", default=LoadConfig.model, show_default=True)
