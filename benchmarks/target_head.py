@@ -1,14 +1,14 @@
 """A small head over the target model's own prompt representation, beside the trained predictor (TRAIL-style).
 
     .venv/bin/python benchmarks/target_head.py [--data data/labelled] [--predictor runs/predictor] \
-        [--output-dir runs/target_head]
+        [--max-train-rows-per-source 300] [--output-dir runs/target_head]
 
 Runs SmolLM2 over every labelled prompt (chat-formatted as `s3 generate` labelled it), keeps four vectors of
 its hidden states (mean over the prompt and at its last token, from the middle and the final layer), trains a
 two-layer head on the train split with early stopping on validation NLL, fits a temperature on validation, and
 evaluates it on the test split with the same metrics and baselines as `s3 evaluate`, beside the trained
 predictor. Prints both tables and the cost per prompt; writes `target_head.json` and the plots to the output
-folder. Features are cached in the output folder (delete `features.pt` after relabelling).
+folder. Features are cached in the output folder (delete `features.pt` after relabelling or changing the cap).
 
 The head is a comparison row, not the predictor the server uses: a server has these states only after the
 prompt's prefill, so admitting by them would mean prefilling before admission (or a second forward pass).
@@ -31,7 +31,7 @@ from core.buckets import BucketSpec  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
 from pipeline.prompts import format_prompt  # noqa: E402
 from predictor_train.calibration import fit_temperature  # noqa: E402
-from predictor_train.data import labels_of, load_records, split_records  # noqa: E402
+from predictor_train.data import cap_per_source, labels_of, load_records, split_records  # noqa: E402
 from predictor_train.evaluate import evaluate_rows  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402
 from serve.engine.loader import load_model  # noqa: E402
@@ -55,9 +55,11 @@ def cached_features(model_and_tokenizer, splits: dict, path: Path) -> dict:
     if path.exists():
         return torch.load(path)
     model, tokenizer = model_and_tokenizer()
-    cache = {"seconds_per_prompt": 0.0}
+    cache, seconds = {}, 0.0
     for name, rows in splits.items():
-        cache[name], cache["seconds_per_prompt"] = prompt_features(model, tokenizer, list(rows["prompt"]))
+        cache[name], per_prompt = prompt_features(model, tokenizer, list(rows["prompt"]))
+        seconds += per_prompt * len(rows)
+    cache["seconds_per_prompt"] = seconds / sum(len(rows) for rows in splits.values())
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(cache, path)
     return cache
@@ -110,15 +112,20 @@ class HeadPredictor:
 @click.option("--data", default="data/labelled", show_default=True)
 @click.option("--predictor", "predictor_dir", default="runs/predictor", show_default=True,
               help="The trained predictor to compare with (its bucket scheme is used for the head too).")
+@click.option("--max-train-rows-per-source", type=int, default=0, show_default=True,
+              help="Train the head on at most this many rows per source (0: all), as TrainConfig's option.")
 @click.option("--output-dir", default="runs/target_head", show_default=True)
-def main(data, predictor_dir, output_dir):
+def main(data, predictor_dir, max_train_rows_per_source, output_dir):
     out = Path(output_dir)
     predictor = LengthPredictor.load(predictor_dir)
     spec = predictor.buckets
     dataset, _recipe = labelled_data(data)
     splits = split_records(load_records(dataset))
+    full_train = splits["train"]  # the baselines are fitted on all of it, as `s3 evaluate` does
+    splits["train"] = cap_per_source(full_train, max_train_rows_per_source)
     cache = cached_features(load_model, splits, out / "features.pt")
-    labels = {name: torch.tensor(labels_of(splits[name]["num_output_tokens"], spec)) for name in splits}
+    labels = {name: torch.tensor(labels_of([min(int(n), spec.max_tokens) for n in splits[name]["num_output_tokens"]],
+                                           spec)) for name in splits}
     start = time.perf_counter()
     head = train_head(cache["train"], labels["train"], cache["validation"], labels["validation"], spec.num_buckets)
     train_s = time.perf_counter() - start
@@ -128,7 +135,7 @@ def main(data, predictor_dir, output_dir):
         head(cache["test"][:1])
         head_ms = (time.perf_counter() - start) * 1e3
     features = {p: cache[name][i] for name in splits for i, p in enumerate(splits[name]["prompt"])}
-    rows, train = splits["test"], splits["train"]
+    rows, train = splits["test"], full_train
     head_report = evaluate_rows(HeadPredictor(head, features, spec, temperature), rows, train=train,
                                 out_dir=out, title="test split")
     predictor_report = evaluate_rows(predictor, rows, train=train, title="test split")
