@@ -177,7 +177,9 @@ def train(config_path, data, target_model, feedback, previous, output_dir, overr
 @click.option("--output-dir", default=None,
               help="Where the confusion matrix and reliability plot go (default: the checkpoint).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per predictor batch.")
-def evaluate(checkpoint, data, split, quantile, output_dir, batch_size):
+@click.option("--exclude-source", "exclude_sources", multiple=True, metavar="SOURCE",
+              help="Leave this source's rows out (repeatable), as `s3 train --set exclude_sources=[...]` does.")
+def evaluate(checkpoint, data, split, quantile, output_dir, batch_size, exclude_sources):
     """Evaluate a predictor checkpoint: per-source rows, baselines (majority bucket, prompt-length regression,
     per-source mean), NLL, calibration error and quantile coverage; confusion and reliability plots."""
     from pipeline.labelled import labelled_data
@@ -186,7 +188,7 @@ def evaluate(checkpoint, data, split, quantile, output_dir, batch_size):
     try:
         dataset, _ = labelled_data(data)
         report = evaluate_checkpoint(checkpoint, dataset, split=split, out_dir=output_dir or checkpoint,
-                                     quantile=quantile, batch_size=batch_size)  # fmt: skip
+                                     quantile=quantile, batch_size=batch_size, exclude_sources=exclude_sources)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     click.echo(f"{split} split:\n{report.table}\nconfusion matrix: {report.confusion_png}\n"

@@ -27,7 +27,7 @@ from core.buckets import BucketSpec
 from predictor_train.baselines import (baseline_buckets, fit_length_regression, majority_bucket,  # noqa: F401
                                        regression_buckets, source_histogram_probs)
 from predictor_train.calibration import probability_metrics, reliability_bins
-from predictor_train.data import load_records, sources_of, split_records
+from predictor_train.data import drop_sources, load_records, sources_of, split_records
 from predictor_train.plots import plot_confusion, plot_reliability
 
 METRIC_NAMES = ("accuracy", "within_one_accuracy", "mae_tokens", "under_prediction_rate", "mean_wasted_tokens")
@@ -124,9 +124,19 @@ class EvalReport:
 
 
 def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | Path | None = None,
-                       batch_size: int = 32, quantile: float | None = None) -> EvalReport:
-    """Evaluate a LengthPredictor on one split of ``data`` (path or Dataset), with baselines from train."""
-    splits = split_records(load_records(data))
+                       batch_size: int = 32, quantile: float | None = None,
+                       exclude_sources: Sequence[str] = ()) -> EvalReport:
+    """Evaluate a LengthPredictor on one split of ``data`` (path or Dataset), with baselines from train.
+
+    ``exclude_sources`` leaves those sources' rows out before splitting; the split is stratified by source, so
+    the other sources keep exactly their rows in every split (what training with the same exclusion saw).
+    """
+    records = load_records(data)
+    unknown = sorted(set(exclude_sources) - set(sources_of(records)))
+    if unknown:
+        raise ValueError(f"no rows of source(s) {', '.join(unknown)} to exclude; the data has "
+                         f"{', '.join(sorted(set(sources_of(records))))}")
+    splits = split_records(drop_sources(records, exclude_sources))
     rows = splits[split]
     if len(rows) == 0 or len(splits["train"]) == 0:
         raise ValueError(f"the {split} or train split is empty ({len(rows)} / {len(splits['train'])} rows); "
@@ -208,10 +218,10 @@ def _report_table(metrics: dict, per_source: dict, probabilities: dict) -> str:
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, data, *, split: str = "test",
                         out_dir: str | Path | None = None, batch_size: int = 32,
-                        quantile: float | None = None) -> EvalReport:
+                        quantile: float | None = None, exclude_sources: Sequence[str] = ()) -> EvalReport:
     """Load a checkpoint and evaluate it (the ``s3 evaluate`` entry point)."""
     from predictor_train.inference import LengthPredictor
 
     predictor = LengthPredictor.load(checkpoint_dir)
     return evaluate_predictor(predictor, data, split=split, out_dir=out_dir, batch_size=batch_size,
-                              quantile=quantile)
+                              quantile=quantile, exclude_sources=exclude_sources)

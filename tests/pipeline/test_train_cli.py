@@ -25,7 +25,10 @@ def test_train_evaluate_and_retrain_on_feedback(labelled, tmp_path):
     assert info["target_model"] == "tiny-target" and (first / "confusion_matrix.png").exists()
 
     result = runner.invoke(main, ["evaluate", str(first), "--data", str(labelled), "--split", "validation"])
-    assert result.exit_code == 0, result.output and "validation split" in result.output
+    assert result.exit_code == 0, result.output
+    assert "validation split" in result.output
+    result = runner.invoke(main, ["evaluate", str(first), "--data", str(labelled), "--exclude-source", "nowhere"])
+    assert result.exit_code != 0 and "no rows of source(s) nowhere" in result.output
 
     feedback_dir = tmp_path / "feedback"
     spec = BucketSpec.uniform(MAX_TOKENS, NUM_BUCKETS)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+
+import datasets
 import pytest
 
 from core.buckets import BucketSpec
@@ -106,3 +108,20 @@ def test_per_source_rows_and_source_mean_baseline():
 def test_format_table_shows_percent_and_tokens():
     table = format_table({"x": bucket_metrics(TRUE, PRED, SPEC)})
     assert "25.0" in table and "23.8" in table and "wasted tok" in table
+
+
+def test_excluding_a_source_keeps_the_other_sources_test_rows():
+    """``s3 evaluate --exclude-source``: the excluded source is gone, the others keep exactly their test rows."""
+    from predictor_train.data import split_records
+    from predictor_train.evaluate import evaluate_predictor
+
+    lengths = [10, 30, 60, 90]
+    rows = [{"prompt": f"{source} prompt {i}", "num_output_tokens": lengths[i % 4], "num_prompt_tokens": 3,
+             "source": source} for source in ("x", "y") for i in range(40)]  # fmt: skip
+    predictor = FakePredictor({row["prompt"]: 0 for row in rows})
+    report = evaluate_predictor(predictor, datasets.Dataset.from_list(rows), exclude_sources=["y"])
+    assert set(report.per_source) == {"x"}
+    whole = split_records(datasets.Dataset.from_list(rows))["test"]
+    assert report.metrics["predictor"]["num_examples"] == sum(s == "x" for s in whole["source"])
+    with pytest.raises(ValueError, match="no rows of source.*z.*the data has x, y"):
+        evaluate_predictor(predictor, datasets.Dataset.from_list(rows), exclude_sources=["z"])
