@@ -128,15 +128,16 @@ def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | P
                        exclude_sources: Sequence[str] = ()) -> EvalReport:
     """Evaluate a LengthPredictor on one split of ``data`` (path or Dataset), with baselines from train.
 
-    ``exclude_sources`` leaves those sources' rows out before splitting; the split is stratified by source, so
-    the other sources keep exactly their rows in every split (what training with the same exclusion saw).
+    ``exclude_sources`` leaves those sources' rows out of every split after splitting, as training does, so the
+    other sources keep exactly the rows they have in the whole data's splits.
     """
     records = load_records(data)
-    unknown = sorted(set(exclude_sources) - set(sources_of(records)))
+    known = set(sources_of(records))
+    unknown = sorted(set(exclude_sources) - known)
     if unknown:
-        raise ValueError(f"no rows of source(s) {', '.join(unknown)} to exclude; the data has "
-                         f"{', '.join(sorted(set(sources_of(records))))}")
-    splits = split_records(drop_sources(records, exclude_sources))
+        raise ValueError(f"no rows of source(s) {', '.join(unknown)} to exclude; "
+                         f"the data has {', '.join(sorted(known))}")
+    splits = {name: drop_sources(rows, exclude_sources) for name, rows in split_records(records).items()}
     rows = splits[split]
     if len(rows) == 0 or len(splits["train"]) == 0:
         raise ValueError(f"the {split} or train split is empty ({len(rows)} / {len(splits['train'])} rows); "

@@ -8,8 +8,9 @@ import datasets
 import pytest
 
 from core.buckets import BucketSpec
-from predictor_train.evaluate import (bucket_metrics, confusion_matrix, evaluate_rows, fit_length_regression,
-                                      format_table, majority_bucket, regression_buckets)
+from predictor_train.data import split_records
+from predictor_train.evaluate import (bucket_metrics, confusion_matrix, evaluate_predictor, evaluate_rows,
+                                      fit_length_regression, format_table, majority_bucket, regression_buckets)
 
 # Buckets (0, 25], (25, 50], (50, 75], (75, 100]; midpoints 12.5, 37.5, 62.5, 87.5.
 SPEC = BucketSpec.uniform(100, 4)
@@ -112,9 +113,6 @@ def test_format_table_shows_percent_and_tokens():
 
 def test_excluding_a_source_keeps_the_other_sources_test_rows():
     """``s3 evaluate --exclude-source``: the excluded source is gone, the others keep exactly their test rows."""
-    from predictor_train.data import split_records
-    from predictor_train.evaluate import evaluate_predictor
-
     lengths = [10, 30, 60, 90]
     rows = [{"prompt": f"{source} prompt {i}", "num_output_tokens": lengths[i % 4], "num_prompt_tokens": 3,
              "source": source} for source in ("x", "y") for i in range(40)]  # fmt: skip
