@@ -136,6 +136,15 @@ def split_records(ds: datasets.Dataset, fractions: Sequence[float] = DEFAULT_FRA
     return datasets.DatasetDict({s: ds.select(indices[s]) for s in SPLITS})
 
 
+def check_sources(ds, sources: Sequence[str]) -> None:
+    """Raise ValueError naming any of ``sources`` that no row of ``ds`` has (a typo would exclude nothing)."""
+    known = set(sources_of(ds))
+    unknown = sorted(set(sources) - known)
+    if unknown:
+        raise ValueError(f"no rows of source(s) {', '.join(unknown)} to exclude; "
+                         f"the data has {', '.join(sorted(known))}")
+
+
 def drop_sources(ds: datasets.Dataset, sources: Sequence[str]) -> datasets.Dataset:
     """The rows whose source is not in ``sources`` (leave-one-source-out training)."""
     if not sources:

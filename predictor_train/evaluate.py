@@ -27,7 +27,7 @@ from core.buckets import BucketSpec
 from predictor_train.baselines import (baseline_buckets, fit_length_regression, majority_bucket,  # noqa: F401
                                        regression_buckets, source_histogram_probs)
 from predictor_train.calibration import probability_metrics, reliability_bins
-from predictor_train.data import drop_sources, load_records, sources_of, split_records
+from predictor_train.data import check_sources, drop_sources, load_records, sources_of, split_records
 from predictor_train.plots import plot_confusion, plot_reliability
 
 METRIC_NAMES = ("accuracy", "within_one_accuracy", "mae_tokens", "under_prediction_rate", "mean_wasted_tokens")
@@ -132,11 +132,7 @@ def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | P
     other sources keep exactly the rows they have in the whole data's splits.
     """
     records = load_records(data)
-    known = set(sources_of(records))
-    unknown = sorted(set(exclude_sources) - known)
-    if unknown:
-        raise ValueError(f"no rows of source(s) {', '.join(unknown)} to exclude; "
-                         f"the data has {', '.join(sorted(known))}")
+    check_sources(records, exclude_sources)
     splits = {name: drop_sources(rows, exclude_sources) for name, rows in split_records(records).items()}
     rows = splits[split]
     if len(rows) == 0 or len(splits["train"]) == 0:

@@ -23,8 +23,8 @@ from predictor_train.backbone import DEFAULT_BACKBONE, Backbone, load_classifier
 from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.tracking import start_run
 from predictor_train.checkpoint import CheckpointInfo, read_info, save_checkpoint
-from predictor_train.data import (Examples, batches, cap_per_source, class_weights, drop_sources, labels_of,
-                                  load_records, num_batches, split_records)
+from predictor_train.data import (Examples, batches, cap_per_source, check_sources, class_weights, drop_sources,
+                                  labels_of, load_records, num_batches, split_records)
 from predictor_train.distributed import prepare_deepspeed
 from predictor_train.evaluate import bucket_metrics
 from predictor_train.losses import LossKind, length_loss
@@ -185,7 +185,9 @@ def train_predictor(config: TrainConfig, data, *, target_model: str, decoding: M
 def training_splits(config: TrainConfig, data):
     """The stratified splits, with ``exclude_sources`` dropped from train and validation and the train split
     capped at ``max_train_rows_per_source``; the test split is the full one (it keeps the excluded sources)."""
-    splits = split_records(load_records(data))
+    records = load_records(data)
+    check_sources(records, config.exclude_sources)
+    splits = split_records(records)
     train = cap_per_source(drop_sources(splits["train"], config.exclude_sources), config.max_train_rows_per_source)
     validation = drop_sources(splits["validation"], config.exclude_sources)
     if len(train) == 0:

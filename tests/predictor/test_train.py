@@ -146,6 +146,15 @@ def test_leave_out_and_cap_change_the_train_split_only(tmp_path, records):
     assert result.info.data["test"] == len(split_records_of(ds)["test"])  # the test split keeps every source
 
 
+def test_excluding_an_unknown_source_is_refused(tmp_path, records):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{**r, "source": "kept"} for r in records])
+    with pytest.raises(ValueError, match="no rows of source.*nowhere.*the data has kept"):
+        train_predictor(tiny_config(tmp_path, exclude_sources=("nowhere",)), ds, target_model=TARGET_MODEL,
+                        progress=False)
+
+
 def split_records_of(ds):
     from predictor_train.data import split_records
 
