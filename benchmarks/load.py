@@ -254,7 +254,50 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "preemptions": metrics.get("s3_preemptions_total", 0),
         "mispredictions": metrics.get("s3_mispredictions_total", 0),
         "answers": {r.prompt: (r.text, r.num_tokens) for r in ok},
+        "per_request": per_request(results),
     }  # fmt: skip
+
+
+def per_request(results: list[Result]) -> list[dict]:
+    """Each request in sending order, its times in seconds from the first one's sending (what the timeline plots)."""
+    t0 = min((r.start for r in results), default=0.0)
+    return [{"sent_s": r.start - t0, "ttft_s": r.ttft, "latency_s": r.end - r.start, "output_tokens": r.num_tokens,
+             "longest_stall_s": r.longest_gap, "error": r.error} for r in results]
+
+
+def waiting_over_time(requests: list[dict]) -> tuple[list[float], list[int]]:
+    """A step function: how many requests had been sent and had no first token yet, at each change."""
+    events = sorted([(r["sent_s"], 1) for r in requests] + [(r["sent_s"] + r["ttft_s"], -1) for r in requests])
+    times, counts, waiting = [], [], 0
+    for t, delta in events:
+        waiting += delta
+        times.append(t)
+        counts.append(waiting)
+    return times, counts
+
+
+def plot_timeline(rows: list[dict], path: Path, title: str) -> None:
+    """Time to first token against sending time, and the requests waiting for their first token, per policy:
+    where a server falls behind the arrivals, both climb through the run instead of staying flat."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in rows:
+        requests = [r for r in row["per_request"] if r["error"] is None]
+        ax1.scatter([r["sent_s"] for r in requests], [r["ttft_s"] for r in requests], s=8, label=row["policy"])
+        ax2.step(*waiting_over_time(requests), where="post", label=row["policy"])
+    ax1.set(xlabel="sent at (s)", ylabel="time to first token (s)", title="time to first token")
+    ax2.set(xlabel="time (s)", ylabel="requests", title="waiting for their first token")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _quantile(ordered: list[float], q: float) -> float:
@@ -333,7 +376,9 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
 @click.option("--model", default=LoadConfig.model, show_default=True)
 @click.option("--torch-threads", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Also write the rows as JSON (each with its per-request times) and, beside it, a timeline plot "
+                   "(.png): time to first token against sending time, and the requests waiting, per policy.")
 def main(policies, sources, output, **kwargs):
     """Serve the same load under each policy and compare throughput and time to first token."""
     split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
@@ -343,6 +388,9 @@ def main(policies, sources, output, **kwargs):
     if output:
         records = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
         Path(output).write_text(json.dumps({"config": dataclasses.asdict(cfg), "results": records}, indent=2))
+        arrivals = f"{cfg.rate} requests/s" if cfg.mode == "poisson" else f"{cfg.concurrency} clients"
+        plot_timeline(rows, Path(output).with_suffix(".png"),
+                      f"{cfg.num_requests} requests, {cfg.mode} loop, {arrivals}, KV {cfg.kv_cache_tokens} tokens, seed {cfg.seed}")
 
 
 if __name__ == "__main__":

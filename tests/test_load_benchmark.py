@@ -1,10 +1,12 @@
-"""benchmarks/load.py sends requests decoded as the predictor's labels were made."""
+"""benchmarks/load.py: requests decoded as the predictor's labels were made; per-request times and the timeline plot."""
 
 from __future__ import annotations
 
 import importlib.util
 import pathlib
 import sys
+
+import pytest
 
 
 LOAD = pathlib.Path(__file__).parents[1] / "benchmarks" / "load.py"
@@ -30,3 +32,19 @@ def test_request_frequency_penalty_follows_the_predictor(monkeypatch):
 
     monkeypatch.setattr("predictor_train.checkpoint.read_info", lambda path: Info)
     assert load.request_frequency_penalty(load.LoadConfig(predictor="some/checkpoint")) == 1.25
+
+
+def test_per_request_times_and_timeline(monkeypatch, tmp_path):
+    load = _load_module(monkeypatch)
+    # Three requests sent at 10, 11 and 12 s; the second never got a first token before it failed.
+    results = [load.Result("a", num_tokens=5, start=10.0, first_token=10.5, end=13.0),
+               load.Result("b", start=11.0, end=11.2, error="500: boom"),
+               load.Result("c", num_tokens=2, start=12.0, first_token=14.0, end=15.0)]
+    row = load.summarise("paged", results, wall=5.0, metrics={}, max_tokens=8)
+    assert [r["sent_s"] for r in row["per_request"]] == [0.0, 1.0, 2.0]
+    assert [r["ttft_s"] for r in row["per_request"]] == pytest.approx([0.5, 0.2, 2.0])
+    assert row["per_request"][0]["latency_s"] == 3.0 and row["per_request"][1]["error"] == "500: boom"
+    ok = [r for r in row["per_request"] if r["error"] is None]
+    assert load.waiting_over_time(ok) == ([0.0, 0.5, 2.0, 4.0], [1, 0, 1, 0])
+    load.plot_timeline([row, {**row, "policy": "s3"}], tmp_path / "timeline.png", "test")
+    assert (tmp_path / "timeline.png").stat().st_size > 0
