@@ -79,6 +79,16 @@ class BucketSpec:
                 return bucket
         return self.num_buckets - 1
 
+    def quantile_length(self, probs: Sequence[float], quantile: float) -> int:
+        """The ``quantile`` of the length distribution ``probs`` in tokens, lengths uniform inside each bucket:
+        inside the bucket :meth:`quantile_bucket` picks, as far as the missing probability reaches (rounded up)."""
+        bucket = self.quantile_bucket(probs, quantile)
+        total = sum(probs)
+        below, mass = sum(probs[:bucket]) / total, probs[bucket] / total
+        share = min(1.0, max(0.0, (quantile - below) / mass)) if mass > 0 else 1.0
+        low, high = self.lower_edge(bucket), self.upper_edge(bucket)
+        return max(1, math.ceil(low + (high - low) * share - 1e-9))
+
     def to_dict(self) -> dict:
         return {"upper_edges": list(self.upper_edges)}
 

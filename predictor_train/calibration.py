@@ -1,7 +1,9 @@
 """Are the bucket probabilities honest? Temperature scaling, NLL, expected calibration error, quantile coverage.
 
 The scheduler reads the probabilities, not only the arg-max: a quantile reservation takes the smallest bucket
-whose cumulative probability reaches q, so about a share q of requests should fit in it. Temperature scaling
+whose cumulative probability reaches q, so about a share q of requests should fit in it (a little more: the
+bucket overshoots q by part of its own mass, which :func:`promised_coverage` measures; the quantile in tokens,
+:func:`token_quantile_coverage`, has no overshoot). Temperature scaling
 (Guo et al., 2017) divides the logits by one scalar T fitted on the validation split by minimising the NLL; it
 changes no arg-max. The checkpoint stores T and :class:`~predictor_train.inference.LengthPredictor` applies it.
 """
@@ -69,12 +71,39 @@ def quantile_coverage(probs: Sequence[Sequence[float]], labels: Sequence[int], s
             for q in quantiles}
 
 
-def probability_metrics(probs: Sequence[Sequence[float]], labels: Sequence[int],
-                        spec: BucketSpec) -> dict[str, float]:
-    """``nll``, ``ece`` and ``coverage_q{50,70,90}`` of one set of bucket probabilities."""
+def promised_coverage(probs: Sequence[Sequence[float]], spec: BucketSpec,
+                      quantiles: Sequence[float] = COVERAGE_QUANTILES) -> dict[float, float]:
+    """For each q, the coverage the probabilities themselves promise: the mean cumulative probability of the bucket
+    chosen at q. A calibrated predictor's :func:`quantile_coverage` is close to this, which is above q: the chosen
+    bucket is the first whose cumulative probability *reaches* q, so it overshoots by part of that bucket's mass."""
+    def reached(row, bucket):
+        return sum(row[: bucket + 1]) / sum(row)
+
+    return {q: sum(reached(row, spec.quantile_bucket(row, q)) for row in probs) / len(probs) for q in quantiles}
+
+
+def token_quantile_coverage(probs: Sequence[Sequence[float]], lengths: Sequence[int], spec: BucketSpec,
+                            quantiles: Sequence[float] = COVERAGE_QUANTILES) -> dict[float, float]:
+    """For each q, the share of examples whose true length is at or under the q-quantile *in tokens* of their
+    distribution, lengths uniform inside each bucket (the estimate the `s3` scheduler takes before a request has
+    written anything). Free of the bucket overshoot, so a calibrated predictor's share is close to q itself."""
+    capped = [min(int(n), spec.max_tokens) for n in lengths]
+    return {q: sum(n <= spec.quantile_length(row, q) for row, n in zip(probs, capped)) / len(capped)
+            for q in quantiles}
+
+
+def probability_metrics(probs: Sequence[Sequence[float]], labels: Sequence[int], spec: BucketSpec,
+                        lengths: Sequence[int] | None = None) -> dict[str, float]:
+    """``nll``, ``ece``, ``coverage_q{50,70,90}`` (buckets) and ``promised_coverage_q..`` of one set of bucket
+    probabilities; with the true ``lengths`` also ``token_coverage_q..``."""
     out = {"nll": nll(probs, labels), "ece": expected_calibration_error(probs, labels)}
     for q, share in quantile_coverage(probs, labels, spec).items():
         out[f"coverage_q{round(100 * q)}"] = share
+    for q, share in promised_coverage(probs, spec).items():
+        out[f"promised_coverage_q{round(100 * q)}"] = share
+    if lengths is not None:
+        for q, share in token_quantile_coverage(probs, lengths, spec).items():
+            out[f"token_coverage_q{round(100 * q)}"] = share
     return out
 
 

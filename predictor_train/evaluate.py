@@ -13,7 +13,9 @@ since a generation cut at the cap says only "at least that long"), true bucket `
   ``upper_edge(t) - n`` like any other. Not counted: the prompt's re-prefill after a preemption, and growth in
   place when memory is free (which costs nothing), so the recompute part is the cost on a full server.
 
-Probability metrics (calibration.py): ``nll``, ``ece`` and ``coverage_q50/70/90``, for the predictor without
+Probability metrics (calibration.py): ``nll``, ``ece``, ``coverage_q50/70/90`` (of the bucket chosen at q), what
+the probabilities promise it to be (``promised_coverage_q..``) and the coverage of the quantile in tokens
+(``token_coverage_q..``), for the predictor without
 and with its stored temperature, and for the per-source histogram baseline. Baselines: baselines.py.
 """
 
@@ -96,10 +98,13 @@ def format_table(results: dict[str, dict[str, float]], *, first: str = "method")
 
 
 def format_probability_table(results: dict[str, dict[str, float]]) -> str:
-    """NLL, ECE and quantile coverage per probability source."""
-    header = ["probabilities", "NLL", "ECE", "cov q.5", "cov q.7", "cov q.9"]
-    rows = [[name, f"{m['nll']:.3f}", f"{m['ece']:.3f}", f"{m['coverage_q50']:.3f}", f"{m['coverage_q70']:.3f}",
-             f"{m['coverage_q90']:.3f}"] for name, m in results.items()]
+    """NLL, ECE and quantile coverage per probability source: of the bucket chosen at q (measured / promised by
+    the probabilities) and of the quantile in tokens, where present."""
+    header = ["probabilities", "NLL", "ECE", *(f"{kind} q.{q // 10}" for kind in ("cov", "promised", "tok cov")
+                                               for q in (50, 70, 90))]
+    keys = [f"{kind}_q{q}" for kind in ("coverage", "promised_coverage", "token_coverage") for q in (50, 70, 90)]
+    rows = [[name, f"{m['nll']:.3f}", f"{m['ece']:.3f}", *(f"{m[k]:.3f}" if k in m else "-" for k in keys)]
+            for name, m in results.items()]
     return _table(header, rows)
 
 
@@ -174,7 +179,7 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
     if calibrated is not None:
         named = {"predictor, T=1": raw, f"predictor, T={predictor.temperature:.2f}": calibrated,
                  "source histogram": source_histogram_probs(train, rows, spec)}
-        probabilities = {name: probability_metrics(p, labels, spec) for name, p in named.items()}
+        probabilities = {name: probability_metrics(p, labels, spec, lengths) for name, p in named.items()}
         curves = {name: reliability_bins(p, labels) for name, p in named.items()}
     matrix = confusion_matrix(labels, predicted, spec.num_buckets)
     png = reliability_png = None

@@ -9,6 +9,7 @@ import torch
 
 from core.buckets import BucketSpec
 from predictor_train.calibration import (expected_calibration_error, fit_temperature, nll, probability_metrics,
+                                         promised_coverage, token_quantile_coverage,
                                          quantile_coverage, reliability_bins)
 from predictor_train.losses import length_loss, ranked_probability_score, soft_targets
 
@@ -28,8 +29,33 @@ def test_quantile_coverage_counts_true_buckets_at_or_under_the_chosen_one():
     probs = [[0.5, 0.3, 0.2, 0.0]] * 4  # q=0.5 -> bucket 0, q=0.7 -> 1, q=0.9 -> 2
     cov = quantile_coverage(probs, [0, 1, 2, 3], SPEC)
     assert cov == {0.5: 0.25, 0.7: 0.5, 0.9: 0.75}
-    assert set(probability_metrics(probs, [0, 1, 2, 3], SPEC)) == {"nll", "ece", "coverage_q50", "coverage_q70",
-                                                                   "coverage_q90"}
+    names = {f"{kind}_q{q}" for kind in ("coverage", "promised_coverage") for q in (50, 70, 90)}
+    assert set(probability_metrics(probs, [0, 1, 2, 3], SPEC)) == {"nll", "ece", *names}
+    with_lengths = probability_metrics(probs, [0, 1, 2, 3], SPEC, lengths=[1, 2, 3, 4])
+    assert {"token_coverage_q50", "token_coverage_q70", "token_coverage_q90"} < set(with_lengths)
+
+
+def test_promised_coverage_is_the_chosen_buckets_cumulative_probability():
+    probs = [[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.1, 0.7]]  # q=0.5 -> buckets 0 and 3, q=0.9 -> 2 and 3
+    promised = promised_coverage(probs, SPEC, quantiles=(0.5, 0.9))
+    assert promised[0.5] == pytest.approx((0.5 + 1.0) / 2) and promised[0.9] == pytest.approx((1.0 + 1.0) / 2)
+
+
+def test_calibrated_probabilities_cover_q_in_tokens_and_overshoot_in_buckets():
+    # Every example has the same distribution, its lengths drawn from it: calibrated by construction.
+    import random
+
+    spec = BucketSpec.uniform(400, 4)  # buckets of 100 tokens
+    row = [0.4, 0.4, 0.1, 0.1]
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) + 100 * rng.choices(range(4), row)[0] for _ in range(4000)]
+    labels = [spec.bucket_of(n) for n in lengths]
+    probs = [row] * len(lengths)
+    in_tokens = token_quantile_coverage(probs, lengths, spec)
+    assert all(abs(in_tokens[q] - q) < 0.03 for q in (0.5, 0.7, 0.9))
+    in_buckets, promised = quantile_coverage(probs, labels, spec), promised_coverage(probs, spec)
+    assert promised == pytest.approx({0.5: 0.8, 0.7: 0.8, 0.9: 0.9})  # q=0.5 takes bucket 1, reaching 0.8
+    assert all(abs(in_buckets[q] - promised[q]) < 0.03 for q in (0.5, 0.7, 0.9))
 
 
 def test_temperature_undoes_overconfidence():

@@ -22,6 +22,18 @@ def test_quantile_bucket_and_round_trip():
         spec.quantile_bucket([1.0], 0.5)
 
 
+def test_quantile_length_interpolates_inside_the_bucket_as_the_estimator_does():
+    from serve.estimate import LengthDistribution
+
+    spec = BucketSpec.uniform(40, 4)  # buckets of 10 tokens
+    assert spec.quantile_length([0.5, 0.3, 0.2, 0.0], 0.5) == 10  # all of bucket 0
+    assert spec.quantile_length([0.5, 0.3, 0.2, 0.0], 0.65) == 15  # half of bucket 1
+    assert spec.quantile_length([0.0, 0.0, 0.0, 1.0], 0.01) == 31
+    for probs in ([0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.3, 0.4], [0.0, 1.0, 0.0, 0.0]):
+        for q in (0.1, 0.25, 0.5, 0.7, 0.9, 0.99):
+            assert spec.quantile_length(probs, q) == LengthDistribution(spec, probs).remaining(0, q, 40).quantile_tokens
+
+
 def test_quantile_edges_split_counts():
     spec = BucketSpec.from_quantiles(list(range(1, 101)), max_tokens=200, num_buckets=4)
     assert spec.max_tokens == 200 and spec.num_buckets == 4
