@@ -98,7 +98,8 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
             raise ValueError("--feedback needs --from CHECKPOINT: retraining starts from the previous predictor")
         report = retrain_predictor(config, dataset, feedback_dataset(feedback), previous_checkpoint=previous)
         lines = [f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
-                 f"{report.num_feedback_used} feedback records ({report.num_feedback_dropped} held out)",
+                 f"{report.num_feedback_used} feedback records ({report.num_feedback_held_out} more held out to "
+                 f"measure on, {report.num_feedback_dropped} left out: their prompt is in the validation or test split)",
                  report.table()]
         checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
     else:
