@@ -386,11 +386,20 @@ def main(policies, sources, output, **kwargs):
     rows = benchmark(cfg)
     print("\n" + format_table(rows))
     if output:
-        records = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
-        Path(output).write_text(json.dumps({"config": dataclasses.asdict(cfg), "results": records}, indent=2))
-        arrivals = f"{cfg.rate} requests/s" if cfg.mode == "poisson" else f"{cfg.concurrency} clients"
-        plot_timeline(rows, Path(output).with_suffix(".png"),
-                      f"{cfg.num_requests} requests, {cfg.mode} loop, {arrivals}, KV {cfg.kv_cache_tokens} tokens, seed {cfg.seed}")
+        write_output(cfg, rows, Path(output))
+
+
+def write_output(cfg: LoadConfig, rows: list[dict], path: Path) -> list[dict]:
+    """The run as JSON (``config`` and the ``results`` records, without the answers) and its timeline plot beside
+    it (same name, .png); returns the records."""
+    records = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": dataclasses.asdict(cfg), "results": records}, indent=2))
+    arrivals = f"{cfg.rate:.3g} requests/s" if cfg.mode == "poisson" else f"{cfg.concurrency} clients"
+    title = f"{cfg.num_requests} requests, {cfg.mode} loop, {arrivals}, KV {cfg.kv_cache_tokens} tokens, " \
+            f"seed {cfg.seed}"
+    plot_timeline(rows, path.with_suffix(".png"), title)
+    return records
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""benchmarks/load_sweep.py: every (rate, seed) once, tagged, resumable, summarised against paged."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import sys
+
+import click
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def sweep_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for name in ("load", "sim_load", "load_sweep"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return importlib.import_module("load_sweep")
+
+
+def fake_benchmark(load, served):
+    def benchmark(cfg, echo=print):
+        served.append((cfg.rate, cfg.seed))
+        rows = []
+        for policy, slow in (("paged", 2.0), ("s3", 1.0)):
+            results = [load.Result(f"p{i}", num_tokens=10, start=float(i), first_token=i + 0.1 * slow,
+                                   end=i + slow) for i in range(4)]  # fmt: skip
+            rows.append(load.summarise(policy, results, wall=10.0 * slow, metrics={}, max_tokens=16))
+        return rows
+    return benchmark
+
+
+def test_sweep_runs_each_rate_and_seed_once_and_resumes(sweep_module, monkeypatch, tmp_path):
+    load, served = sweep_module.load, []
+    monkeypatch.setattr(load, "benchmark", fake_benchmark(load, served))
+    base = load.LoadConfig(policies=("paged", "s3"), mode="poisson", frequency_penalty=0.5)
+    records = sweep_module.sweep(base, 0.5, [0.5, 1.0], [0, 1], tmp_path, echo=lambda *_: None)
+    assert sorted(served) == [(0.25, 0), (0.25, 1), (0.5, 0), (0.5, 1)]
+    assert len(records) == 8 and {r["rate_fraction"] for r in records} == {0.5, 1.0}
+    assert (tmp_path / "rate0.5_seed1.json").exists() and (tmp_path / "rate0.5_seed1.png").exists()
+
+    served.clear()  # a second sweep reads every run back and serves nothing
+    again = sweep_module.sweep(base, 0.5, [0.5, 1.0], [0, 1], tmp_path, echo=lambda *_: None)
+    assert served == [] and [r["mean_latency_s"] for r in again] == [r["mean_latency_s"] for r in records]
+    summary = sweep_module.sim_load.summarize(again)
+    s3 = next(row for row in summary if row["policy"] == "s3" and row["rate_fraction"] == 1.0)
+    assert s3["mean_latency_s_vs_paged"]["mean"] == pytest.approx(0.5)
+
+    with pytest.raises(click.ClickException, match="other settings"):  # a changed setting is not mixed in
+        sweep_module.sweep(base, 0.6, [0.5], [0], tmp_path, echo=lambda *_: None)
+    json.loads((tmp_path / "rate1_seed0.json").read_text())  # plain JSON, one file per run
