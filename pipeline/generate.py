@@ -114,7 +114,7 @@ class ShardWriter:
         directory.mkdir(parents=True, exist_ok=True)
         index = len(list(directory.glob("part-*.jsonl")))
         self.path = directory / f"part-{index:05d}.jsonl"
-        self._file = self.path.open("a")
+        self._file = self.path.open("a", encoding="utf-8")
         self._pending = 0
         self.sync_every = sync_every
 
@@ -135,10 +135,11 @@ class ShardWriter:
 
 
 def read_shards(directory: pathlib.Path) -> dict[str, dict]:
-    """Rows of every shard by id; a torn last line (a crash mid-write) is ignored and redone."""
+    """Rows of every shard by id; a torn last line (a crash mid-write) is ignored and redone. Lines end at "\n"
+    only: a prompt may hold U+2028 or another character `str.splitlines` would also break at."""
     rows: dict[str, dict] = {}
     for path in sorted(directory.glob("part-*.jsonl")):
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").split("\n"):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:

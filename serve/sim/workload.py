@@ -100,7 +100,7 @@ def load_trace(path: str | pathlib.Path) -> list[SimRequest]:
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
     else:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     return [_trace_row(path, i, row) for i, row in enumerate(rows, start=1)]
 
 

@@ -5,7 +5,7 @@ import json
 import datasets
 import pytest
 
-from pipeline.generate import Completion, GenerateConfig, read_shards
+from pipeline.generate import Completion, GenerateConfig, ShardWriter, read_shards
 from pipeline.prompts import read_prompts
 from pipeline.commands import label_and_save
 
@@ -91,6 +91,17 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
     assert len(second.seen) == 14 - 5 and stats["num_rows"] == 14
     ids = [json.loads(l)["id"] for p in (tmp_path / "out" / "shards").glob("*.jsonl") for l in p.read_text().splitlines() if l.endswith("}")]  # noqa: E501
     assert len(ids) == len(set(ids)) == 14
+
+
+def test_shard_rows_holding_unicode_line_separators_read_back(tmp_path):
+    # str.splitlines() also breaks at U+2028, U+0085 and the like: such a row read back torn was relabelled on
+    # every resumed run (one chat_bench_mix prompt was labelled four times).
+    writer = ShardWriter(tmp_path)
+    rows = [{"id": f"a:{i}", "prompt": f"code :\u2028x = 1\x85y = 2\u2029{i}"} for i in range(2)]
+    for row in rows:
+        writer.write(row)
+    writer.close()
+    assert read_shards(tmp_path) == {row["id"]: row for row in rows}
 
 
 def test_changed_recipe_is_refused(tmp_path):
