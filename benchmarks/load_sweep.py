@@ -11,8 +11,10 @@ a CPU) goes on where it stopped. Then `load_sweep.json` (every record with `rate
 `capacity_rps`, under `results`, and the `summary` of the mean and spread over seeds of each figure and of its
 ratio to `paged`, as `benchmarks/sim_load.py` writes for the simulator) and `load_sweep.png`.
 
-`--capacity` is `paged`'s requests/s to take the fractions of, measured beforehand (e.g. `s3 bench`'s `paged`
-record on the same KV budget: requests over wall time). Not collected by pytest. Loopback only.
+`--capacity` is `paged`'s requests/s to take the fractions of. Left out, it is measured first on the same server
+settings and the first seed's prompts: every request sent at once (a closed loop with one client per request),
+`paged`'s requests over wall time, the most it completes per second with its queue never empty; that run is
+kept as `capacity.json` and read back on a rerun. Not collected by pytest. Loopback only.
 """
 
 from __future__ import annotations
@@ -34,31 +36,46 @@ def run_file(output_dir: Path, fraction: float, seed: int) -> Path:
     return output_dir / f"rate{fraction:g}_seed{seed}.json"
 
 
+def served_or_read(cfg: load.LoadConfig, path: Path, echo=print) -> list[dict]:
+    """The run's records: read back from ``path`` if it was served before with the same settings, else served now and
+    written there at once."""
+    if not path.exists():
+        return load.write_output(cfg, load.benchmark(cfg, echo=echo), path)
+    saved = json.loads(path.read_text())
+    if saved["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        raise click.ClickException(f"{path} was run with other settings; move it away or use another --output-dir")
+    echo(f"  read back from {path}")
+    return saved["results"]
+
+
+def measure_capacity(base: load.LoadConfig, seed: int, output_dir: Path, echo=print) -> float:
+    """paged's requests/s with every request sent at t=0 (its queue never empties until the tail), served once and
+    read back from ``capacity.json`` after."""
+    cfg = dataclasses.replace(base, policies=("paged",), mode="closed", concurrency=base.num_requests, seed=seed)
+    echo(f"capacity: paged with all {cfg.num_requests} requests at once, seed {seed}")
+    paged = served_or_read(cfg, output_dir / "capacity.json", echo)[0]
+    capacity = (paged["requests"] - paged["errors"]) / paged["wall_s"]
+    echo(f"capacity: {capacity:.4f} requests/s ({paged['requests'] - paged['errors']} in {paged['wall_s']:.0f} s)")
+    return capacity
+
+
 def sweep(base: load.LoadConfig, capacity: float, fractions: list[float], seeds: list[int], output_dir: Path,
           echo=print) -> list[dict]:
     """Every (fraction, seed) run, served or read back from its file; the records tagged with rate and seed."""
     records = []
     for seed in seeds:
         for fraction in fractions:
-            path = run_file(output_dir, fraction, seed)
             cfg = dataclasses.replace(base, mode="poisson", rate=fraction * capacity, seed=seed)
-            if path.exists():
-                saved = json.loads(path.read_text())
-                if saved["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
-                    raise click.ClickException(f"{path} was run with other settings; move it away or use another "
-                                               "--output-dir")
-                echo(f"rate {fraction:g} x capacity, seed {seed}: read back from {path}")
-                rows = saved["results"]
-            else:
-                echo(f"rate {fraction:g} x capacity ({cfg.rate:.4f} requests/s), seed {seed}")
-                rows = load.write_output(cfg, load.benchmark(cfg, echo=echo), path)
+            echo(f"rate {fraction:g} x capacity ({cfg.rate:.4f} requests/s), seed {seed}")
+            rows = served_or_read(cfg, run_file(output_dir, fraction, seed), echo)
             records += [{**r, "rate_fraction": fraction, "rate": cfg.rate, "seed": seed, "capacity_rps": capacity}
                         for r in rows]
     return records
 
 
 @click.command()
-@click.option("--capacity", type=float, required=True, help="paged's requests/s the rates are fractions of.")
+@click.option("--capacity", type=float, default=None,
+              help="paged's requests/s the rates are fractions of  [default: measured first, all requests at once]")
 @click.option("--rate-fractions", default="0.5,0.8,1.0,1.2", show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--num-requests", type=int, default=200, show_default=True)
@@ -75,12 +92,13 @@ def main(capacity, rate_fractions, seeds, policies, output_dir, **kwargs):
     names = tuple(p.strip() for p in policies.split(",") if p.strip())
     if "paged" not in names:
         raise click.BadParameter("the ratios are to paged: include it", param_hint="--policies")
-    if capacity <= 0:
+    if capacity is not None and capacity <= 0:
         raise click.BadParameter(f"must be positive, got {capacity}", param_hint="--capacity")
     base = load.LoadConfig(policies=names, mode="poisson", **kwargs)
-    out = Path(output_dir)
-    records = sweep(base, capacity, [float(f) for f in rate_fractions.split(",")], [int(s) for s in seeds.split(",")],
-                    out)
+    out, seed_list = Path(output_dir), [int(s) for s in seeds.split(",")]
+    if capacity is None:
+        capacity = measure_capacity(base, seed_list[0], out)
+    records = sweep(base, capacity, [float(f) for f in rate_fractions.split(",")], seed_list, out)
     summary = sim_load.summarize(records)
     print(sim_load.format_summary(summary))
     meta = {"config": dataclasses.asdict(base), "capacity_rps": capacity}

@@ -52,3 +52,22 @@ def test_sweep_runs_each_rate_and_seed_once_and_resumes(sweep_module, monkeypatc
     with pytest.raises(click.ClickException, match="other settings"):  # a changed setting is not mixed in
         sweep_module.sweep(base, 0.6, [0.5], [0], tmp_path, echo=lambda *_: None)
     json.loads((tmp_path / "rate1_seed0.json").read_text())  # plain JSON, one file per run
+
+
+def test_capacity_is_paged_requests_over_wall_with_all_sent_at_once_and_is_kept(sweep_module, monkeypatch, tmp_path):
+    load, served = sweep_module.load, []
+
+    def benchmark(cfg, echo=print):
+        served.append(cfg)
+        results = [load.Result(f"p{i}", num_tokens=10, start=0.0, first_token=0.1, end=1.0) for i in range(4)]
+        return [load.summarise("paged", results, wall=8.0, metrics={}, max_tokens=16)]
+
+    monkeypatch.setattr(load, "benchmark", benchmark)
+    base = load.LoadConfig(policies=("paged", "s3"), mode="poisson", num_requests=4, frequency_penalty=0.5)
+    assert sweep_module.measure_capacity(base, 3, tmp_path, echo=lambda *_: None) == pytest.approx(0.5)
+    (cfg,) = served
+    assert (cfg.policies, cfg.mode, cfg.concurrency, cfg.seed) == (("paged",), "closed", 4, 3)
+    assert sweep_module.measure_capacity(base, 3, tmp_path, echo=lambda *_: None) == pytest.approx(0.5)
+    assert len(served) == 1  # read back from capacity.json
+    with pytest.raises(click.ClickException, match="other settings"):
+        sweep_module.measure_capacity(base, 4, tmp_path, echo=lambda *_: None)
