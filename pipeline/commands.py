@@ -99,7 +99,8 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
         report = retrain_predictor(config, dataset, feedback_dataset(feedback), previous_checkpoint=previous)
         lines = [f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
                  f"{report.num_feedback_used} feedback records ({report.num_feedback_held_out} more held out to "
-                 f"measure on, {report.num_feedback_dropped} left out: their prompt is in the validation or test split)",
+                 f"measure on, {report.num_feedback_dropped} left out: their prompt is in the validation or test split)"
+                 + (" and replayed rows in their place (replay_only, the control)" if config.replay_only else ""),
                  report.table()]
         checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
     else:

@@ -7,7 +7,8 @@ rather than the feedback alone or the whole train split again. The validation an
 data stay as they were, and a feedback prompt that occurs in them is dropped, so they stay unseen. A share
 ``feedback_holdout`` of the feedback (by prompt hash) is held out of training too: the "after" figures on it are
 on mispredictions the new model never saw. Training starts from the previous checkpoint's weights and keeps its
-exact BucketSpec; a config asking for another bucket scheme is refused.
+exact BucketSpec; a config asking for another bucket scheme is refused. ``replay_only`` trains the same number of
+examples with replayed rows in place of the feedback: the control that says what the feedback itself adds.
 """
 
 from __future__ import annotations
@@ -131,15 +132,18 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
     feedback_examples = Examples.from_rows(extra)
     repeated = Examples(feedback_examples.prompts * config.feedback_repeat,
                         feedback_examples.num_output_tokens * config.feedback_repeat)
-    replay = replay_sample(splits["train"], round(config.replay_ratio * len(repeated)), seed=config.seed)
-    counts = {**{name: len(rows) for name, rows in splits.items()}, "feedback": len(extra),
+    num_replayed = round(config.replay_ratio * len(repeated)) + (len(repeated) if config.replay_only else 0)
+    replay = replay_sample(splits["train"], num_replayed, seed=config.seed)
+    examples = Examples.from_rows(replay) + (Examples((), ()) if config.replay_only else repeated)
+    trained_on = 0 if config.replay_only else len(extra)
+    counts = {**{name: len(rows) for name, rows in splits.items()}, "feedback": trained_on,
               "feedback_held_out": len(feedback_test), "replay": len(replay)}
     meta = dict(target_model=previous.target_model, decoding=previous.decoding, data=counts,
                 parent_checkpoint_id=previous.checkpoint_id)
-    result = fit(config, Examples.from_rows(replay) + repeated, Examples.from_rows(splits["validation"]),
+    result = fit(config, examples, Examples.from_rows(splits["validation"]),
                  backbone=backbone, spec=previous.buckets, meta=meta, progress=progress)
     after = _evaluate_all(LengthPredictor.load(result.checkpoint_dir), eval_sets, train=splits["train"])
-    return RetrainReport(result=result, parent_checkpoint_id=previous.checkpoint_id, num_feedback_used=len(extra),
+    return RetrainReport(result=result, parent_checkpoint_id=previous.checkpoint_id, num_feedback_used=trained_on,
                          num_feedback_dropped=dropped, num_feedback_held_out=len(feedback_test),
                          num_replayed=len(replay), before=before, after=after)
 

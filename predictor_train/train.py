@@ -85,6 +85,10 @@ class TrainConfig:
     feedback_repeat: int = 10
     """Retraining (``s3 train --feedback``): each feedback record is seen this many times per epoch. A serving
     round yields few mispredictions against thousands of labelled rows; seen once, they barely move the model."""
+    replay_only: bool = False
+    """Retraining, as a control: the same number of training examples per epoch, all replayed labelled rows, the
+    feedback left out of training (still measured on). Says how much of a round's gain is the feedback's and how
+    much is only more training on labelled data."""
     seed: int = 0
     """Seed for the classification head's initialisation and the batch order."""
     deepspeed_config: str = "auto"

@@ -81,3 +81,13 @@ def test_feedback_holdout_is_by_prompt_hash_and_replay_is_stratified(dataset):
     sample = replay_sample(mixed, 8, seed=0)
     assert sample["source"].count("a") == 6 and sample["source"].count("b") == 2
     assert len(replay_sample(mixed, 100, seed=0)) == 40
+
+
+def test_replay_only_control_trains_as_many_labelled_rows_and_no_feedback(trained, dataset, tmp_path):
+    feedback = _feedback(LengthPredictor.load(trained.checkpoint_dir), "a prompt of no split", 10)
+    config = tiny_config(tmp_path / "control", epochs=1, feedback_holdout=0.0, feedback_repeat=1, replay_ratio=1.0,
+                         replay_only=True)
+    report = retrain_predictor(config, dataset, feedback, previous_checkpoint=trained.checkpoint_dir, progress=False)
+    assert report.num_feedback_used == 0 and report.result.info.data["feedback"] == 0
+    assert report.num_replayed == min(len(split_records(dataset)["train"]), 2 * len(feedback))
+    assert report.after["feedback"].metrics["predictor"]["num_examples"] == len(feedback)  # still measured on
