@@ -129,12 +129,14 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
     before = _evaluate_all(LengthPredictor.load(previous_checkpoint), eval_sets, train=splits["train"])
 
     backbone = load_classifier(str(previous_checkpoint), previous.buckets, seed=config.seed)
-    feedback_examples = Examples.from_rows(extra)
-    repeated = Examples(feedback_examples.prompts * config.feedback_repeat,
-                        feedback_examples.num_output_tokens * config.feedback_repeat)
-    num_replayed = round(config.replay_ratio * len(repeated)) + (len(repeated) if config.replay_only else 0)
+    num_seen = len(extra) * config.feedback_repeat  # feedback examples an epoch sees (replay_only: replaced)
+    num_replayed = round(config.replay_ratio * num_seen) + (num_seen if config.replay_only else 0)
     replay = replay_sample(splits["train"], num_replayed, seed=config.seed)
-    examples = Examples.from_rows(replay) + (Examples((), ()) if config.replay_only else repeated)
+    examples = Examples.from_rows(replay)
+    if not config.replay_only:
+        feedback_examples = Examples.from_rows(extra)
+        examples += Examples(feedback_examples.prompts * config.feedback_repeat,
+                             feedback_examples.num_output_tokens * config.feedback_repeat)
     trained_on = 0 if config.replay_only else len(extra)
     counts = {**{name: len(rows) for name, rows in splits.items()}, "feedback": trained_on,
               "feedback_held_out": len(feedback_test), "replay": len(replay)}
