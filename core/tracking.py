@@ -41,7 +41,8 @@ def tracking_off() -> Iterator[None]:
 def start_run(*, project: str, job_type: str, config: dict[str, Any], mode: str | None = None,
               group: str | None = None, dir: str | None = None):  # noqa: A002 (wandb's name)
     """A wandb run, or None when tracking is off or disabled, or when wandb cannot start (tracking never takes
-    the work down with it)."""
+    the work down with it). ``dir`` defaults to ``WANDB_DIR`` as it is now: wandb reads that variable only once
+    per process, so a second run in the same process would otherwise go where the first one went."""
     if _OFF.get():
         return None
     mode = wandb_mode(mode)
@@ -50,6 +51,7 @@ def start_run(*, project: str, job_type: str, config: dict[str, Any], mode: str 
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
+    dir = dir or os.environ.get("WANDB_DIR")  # noqa: A001
     if dir is not None:
         os.makedirs(dir, exist_ok=True)
     try:

@@ -28,3 +28,12 @@ def test_an_offline_run_never_needs_the_network(monkeypatch, tmp_path, configure
     assert run is not None
     run.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_each_run_goes_under_the_wandb_dir_set_when_it_starts(monkeypatch, tmp_path):
+    # wandb reads WANDB_DIR once per process; a second run in the same process must still follow it.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name in ("first", "second"):
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path / name))
+        start_run(project="p", job_type="t", config={}).finish()
+        assert list((tmp_path / name / "wandb").glob("offline-run-*")), name
