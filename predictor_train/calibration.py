@@ -92,10 +92,18 @@ def token_quantile_coverage(probs: Sequence[Sequence[float]], lengths: Sequence[
             for q in quantiles}
 
 
+def median_absolute_error(probs: Sequence[Sequence[float]], lengths: Sequence[int], spec: BucketSpec) -> float:
+    """Mean |median - n| in tokens, the median of each distribution taken with lengths uniform inside each bucket:
+    the point estimate that minimises the expected absolute error, where the arg-max bucket's midpoint (the
+    ``mae_tokens`` of evaluate.py) does not."""
+    capped = [min(int(n), spec.max_tokens) for n in lengths]
+    return sum(abs(spec.quantile_length(row, 0.5) - n) for row, n in zip(probs, capped)) / len(capped)
+
+
 def probability_metrics(probs: Sequence[Sequence[float]], labels: Sequence[int], spec: BucketSpec,
                         lengths: Sequence[int] | None = None) -> dict[str, float]:
     """``nll``, ``ece``, ``coverage_q{50,70,90}`` (buckets) and ``promised_coverage_q..`` of one set of bucket
-    probabilities; with the true ``lengths`` also ``token_coverage_q..``."""
+    probabilities; with the true ``lengths`` also ``token_coverage_q..`` and ``median_mae_tokens``."""
     out = {"nll": nll(probs, labels), "ece": expected_calibration_error(probs, labels)}
     for q, share in quantile_coverage(probs, labels, spec).items():
         out[f"coverage_q{round(100 * q)}"] = share
@@ -104,6 +112,7 @@ def probability_metrics(probs: Sequence[Sequence[float]], labels: Sequence[int],
     if lengths is not None:
         for q, share in token_quantile_coverage(probs, lengths, spec).items():
             out[f"token_coverage_q{round(100 * q)}"] = share
+        out["median_mae_tokens"] = median_absolute_error(probs, lengths, spec)
     return out
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from core.buckets import BucketSpec
-from predictor_train.calibration import (expected_calibration_error, fit_temperature, nll, probability_metrics,
-                                         promised_coverage, token_quantile_coverage,
+from predictor_train.calibration import (expected_calibration_error, fit_temperature, median_absolute_error, nll,
+                                         probability_metrics, promised_coverage, token_quantile_coverage,
                                          quantile_coverage, reliability_bins)
 from predictor_train.losses import length_loss, ranked_probability_score, soft_targets
 
@@ -32,7 +32,16 @@ def test_quantile_coverage_counts_true_buckets_at_or_under_the_chosen_one():
     names = {f"{kind}_q{q}" for kind in ("coverage", "promised_coverage") for q in (50, 70, 90)}
     assert set(probability_metrics(probs, [0, 1, 2, 3], SPEC)) == {"nll", "ece", *names}
     with_lengths = probability_metrics(probs, [0, 1, 2, 3], SPEC, lengths=[1, 2, 3, 4])
-    assert {"token_coverage_q50", "token_coverage_q70", "token_coverage_q90"} < set(with_lengths)
+    assert {"token_coverage_q50", "token_coverage_q70", "token_coverage_q90", "median_mae_tokens"} < set(with_lengths)
+
+
+def test_the_median_in_tokens_beats_the_arg_max_midpoint_on_a_skewed_distribution():
+    # Buckets of 25 tokens; half the mass in the first bucket, the rest spread over the tail: the arg-max bucket's
+    # midpoint (12.5) is far from most lengths, the median (25) is the point that minimises the absolute error.
+    probs = [[0.5, 0.2, 0.15, 0.15]]
+    assert median_absolute_error(probs, [25], SPEC) == 0
+    assert median_absolute_error(probs * 2, [20, 40], SPEC) == pytest.approx((5 + 15) / 2)
+    assert median_absolute_error(probs, [500], SPEC) == 100 - 25  # lengths past the cap count as the cap
 
 
 def test_promised_coverage_is_the_chosen_buckets_cumulative_probability():
