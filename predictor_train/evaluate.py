@@ -102,9 +102,8 @@ def format_probability_table(results: dict[str, dict[str, float]]) -> str:
     """NLL, ECE and quantile coverage per probability source: of the bucket chosen at q (measured / promised by
     the probabilities) and of the quantile in tokens, and the error of the median in tokens, where present."""
     header = ["probabilities", "NLL", "ECE", *(f"{kind} q.{q // 10}" for kind in ("cov", "promised", "tok cov")
-                                               for q in (50, 70, 90))]
+                                               for q in (50, 70, 90)), "MAE median tok"]
     keys = [f"{kind}_q{q}" for kind in ("coverage", "promised_coverage", "token_coverage") for q in (50, 70, 90)]
-    header.append("MAE median tok")
     rows = [[name, f"{m['nll']:.3f}", f"{m['ece']:.3f}", *(f"{m[k]:.3f}" if k in m else "-" for k in keys),
              f"{m['median_mae_tokens']:.1f}" if "median_mae_tokens" in m else "-"]
             for name, m in results.items()]
