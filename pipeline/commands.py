@@ -101,7 +101,7 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
                  f"{report.num_feedback_used} feedback records ({report.num_feedback_held_out} more held out to "
                  f"measure on, {report.num_feedback_dropped} left out: their prompt is in the validation or test split)"
                  + (" and replayed rows in their place (replay_only, the control)" if config.replay_only else ""),
-                 report.table()]
+                 report.verdict(), report.table()]
         checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
     else:
         target = target_model or recipe.get("model")

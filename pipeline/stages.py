@@ -152,6 +152,7 @@ def retrain_stage(ctx: StageContext) -> dict:
     return {
         "checkpoint": str(out["checkpoint"]), "fingerprint": out["checkpoint_id"],
         "feedback_used": report.num_feedback_used, "feedback_held_out": report.num_feedback_held_out,
+        "kept_parent_weights": report.kept_parent, "history": report.result.history,
         "before": {name: _test_summary(r.metrics)["predictor"] for name, r in report.before.items()},
         "after": {name: _test_summary(r.metrics)["predictor"] for name, r in report.after.items()},
     }  # fmt: skip
@@ -166,7 +167,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("generate", generate_stage, ("labelled_data", "regenerate", "generate")),
     Stage("train", train_stage, ("train",)),
     Stage("collect", collect_stage, ("serve",), version=2),
-    Stage("retrain", retrain_stage, ("train", "retrain_epochs"), version=2),
+    Stage("retrain", retrain_stage, ("train", "retrain_epochs"), version=3),
     Stage("bench", bench_stage, ("serve",), version=2),
 )
 """Every stage, in the order they run."""

@@ -22,6 +22,9 @@ def _retrain_rows(retrain: dict) -> list[list[str]]:
     held out of it (feedback_holdout) are not."""
     before, after = retrain.get("before", {}), retrain.get("after", {})
     rows = []
+    if "kept_parent_weights" in retrain:  # the retrain round's guard: a retrained epoch must match them on validation
+        kept = "trained (retrained ones scored lower on validation)" if retrain["kept_parent_weights"] else "retrained"
+        rows.append(["predictor weights", "trained", kept])
     if "feedback" in before:
         n = retrain.get("feedback_used", "?")
         rows.append([f"accuracy on the mispredicted prompts retrained on (training examples, n={n})",

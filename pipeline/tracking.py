@@ -13,7 +13,7 @@ def log_stage(run, stage: str, outputs: dict) -> None:
     import wandb
 
     for record in outputs.get("history", []):  # per-epoch training curves
-        run.log(record)
+        run.log({k: v for k, v in record.items() if v is not None})  # epoch 0 of a retrain has no train loss
     run.summary.update({k: v for k, v in _flatten(outputs).items() if isinstance(v, (int, float, str))})
     for key, kind in (("data", "dataset"), ("checkpoint", "model"), ("feedback", "dataset")):
         path = outputs.get(key)

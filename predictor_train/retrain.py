@@ -7,7 +7,8 @@ rather than the feedback alone or the whole train split again. The validation an
 data stay as they were, and a feedback prompt that occurs in them is dropped, so they stay unseen. A share
 ``feedback_holdout`` of the feedback (by prompt hash) is held out of training too: the "after" figures on it are
 on mispredictions the new model never saw. Training starts from the previous checkpoint's weights and keeps its
-exact BucketSpec; a config asking for another bucket scheme is refused. ``replay_only`` trains the same number of
+exact BucketSpec; those weights are validated first and kept unless an epoch scores at least as well on the
+labelled validation split (``keep_parent_unless_matched``), so a round cannot ship a worse predictor; a config asking for another bucket scheme is refused. ``replay_only`` trains the same number of
 examples with replayed rows in place of the feedback: the control that says what the feedback itself adds.
 """
 
@@ -48,6 +49,20 @@ class RetrainReport:
     (when any) and ``test``."""
     after: dict[str, EvalReport]
     """The new checkpoint on the same two sets."""
+
+    @property
+    def kept_parent(self) -> bool:
+        """No retrained epoch matched the previous weights on validation, so the new checkpoint carries them."""
+        return self.result.best_epoch == 0
+
+    def verdict(self) -> str:
+        """One line: which weights the new checkpoint carries, with the validation scores that decided it."""
+        history = self.result.history
+        kept = next(record for record in history if record["epoch"] == self.result.best_epoch)
+        if not self.kept_parent:
+            return f"kept epoch {kept['epoch']}{_scores(kept)}"
+        retrained = "; ".join(f"epoch {record['epoch']}{_scores(record)}" for record in history if record["epoch"])
+        return f"kept the previous weights{_scores(kept)}: no retrained epoch did as well ({retrained})"
 
     def table(self) -> str:
         """Predictor rows before and after, per evaluation set, as one printable table."""
@@ -143,7 +158,8 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
     meta = dict(target_model=previous.target_model, decoding=previous.decoding, data=counts,
                 parent_checkpoint_id=previous.checkpoint_id)
     result = fit(config, examples, Examples.from_rows(splits["validation"]),
-                 backbone=backbone, spec=previous.buckets, meta=meta, progress=progress)
+                 backbone=backbone, spec=previous.buckets, meta=meta, progress=progress,
+                 start_competes=config.keep_parent_unless_matched)
     after = _evaluate_all(LengthPredictor.load(result.checkpoint_dir), eval_sets, train=splits["train"])
     return RetrainReport(result=result, parent_checkpoint_id=previous.checkpoint_id, num_feedback_used=trained_on,
                          num_feedback_dropped=dropped, num_feedback_held_out=len(feedback_test),
@@ -152,3 +168,7 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
 
 def _evaluate_all(predictor: LengthPredictor, sets: dict, *, train) -> dict[str, EvalReport]:
     return {name: evaluate_rows(predictor, rows, train=train, title=name) for name, rows in sets.items()}
+
+
+def _scores(record: dict) -> str:
+    return f" (validation accuracy {record['accuracy']:.1%}, loss {record['loss']:.3f})"

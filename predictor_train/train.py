@@ -85,6 +85,11 @@ class TrainConfig:
     feedback_repeat: int = 10
     """Retraining (``s3 train --feedback``): each feedback record is seen this many times per epoch. A serving
     round yields few mispredictions against thousands of labelled rows; seen once, they barely move the model."""
+    keep_parent_unless_matched: bool = True
+    """Retraining: the checkpoint it starts from is scored on the validation split first (as epoch 0) and its
+    weights are kept unless an epoch does at least as well on the monitored metric, so a round never ships a
+    predictor that scores worse on the labelled validation rows than the one it replaces. False keeps the best
+    epoch whatever it scores."""
     replay_only: bool = False
     """Retraining, as a control: the same number of training examples per epoch, all replayed labelled rows, the
     feedback left out of training (still measured on). Says how much of a round's gain is the feedback's and how
@@ -128,7 +133,8 @@ class TrainResult:
     info: CheckpointInfo
     """Its ``predictor.json``."""
     best_epoch: int
-    """1-based epoch whose weights were kept."""
+    """1-based epoch whose weights were kept; 0 when retraining kept the starting weights (no epoch matched them on
+    validation)."""
     history: list[dict[str, float]]
     """Per-epoch train loss and validation metrics."""
 
@@ -201,8 +207,11 @@ def training_splits(config: TrainConfig, data):
 
 
 def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone: Backbone, spec: BucketSpec,
-        meta: dict[str, Any], progress: bool = True) -> TrainResult:
-    """The training loop shared by training and retraining; ``meta`` fills the rest of CheckpointInfo."""
+        meta: dict[str, Any], progress: bool = True, start_competes: bool = False) -> TrainResult:
+    """The training loop shared by training and retraining; ``meta`` fills the rest of CheckpointInfo.
+
+    ``start_competes``: the starting weights are validated first, as epoch 0, and saved; an epoch replaces them
+    only if it scores at least as well (retraining's guard against shipping a worse predictor)."""
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(f"need both training and validation examples, got {len(train)} and {len(validation)}; "
                          "the hash split puts ~10% of prompts in validation, so give at least a few dozen records")
@@ -217,14 +226,17 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
                            device=engine.device)
     run = start_wandb(config, spec=spec, meta=meta) if is_main else None
     history, best, best_epoch, stale, info = [], None, 0, 0, None
+    first_epoch = 0 if start_competes else 1
     try:
-        for epoch in range(1, config.epochs + 1):
-            train_loss = train_epoch(engine, backbone.tokenizer, train, train_labels, weights, config=config,
-                                     epoch=epoch, progress=progress, run=run)
+        for epoch in range(first_epoch, config.epochs + 1):
+            train_loss = None
+            if epoch > 0:
+                train_loss = train_epoch(engine, backbone.tokenizer, train, train_labels, weights, config=config,
+                                         epoch=epoch, progress=progress, run=run)
             metrics = validate(engine, backbone.tokenizer, validation, weights, spec=spec, config=config)
             history.append({"epoch": epoch, "train_loss": train_loss, **metrics})
             _log_epoch(run, history[-1])
-            if _improved(metrics, best, config.monitor):
+            if _improved(metrics, best, config.monitor, ties=best_epoch == 0):
                 best, best_epoch, stale = metrics, epoch, 0
                 if is_main:
                     info = _save_best(config, engine, backbone, spec=spec, metrics={"epoch": epoch, **metrics},
@@ -260,12 +272,14 @@ def _start_engine(config: TrainConfig, backbone: Backbone):
     return engine, ds_config
 
 
-def _log_epoch(run, record: dict[str, float]) -> None:
-    log.info("epoch %d: train loss %.4f, val loss %.4f, val acc %.3f", record["epoch"], record["train_loss"],
-             record["loss"], record["accuracy"])
+def _log_epoch(run, record: dict[str, Any]) -> None:
+    """Logs one epoch's record; epoch 0 (the starting weights, retraining) has no training loss."""
+    trained = "" if record["train_loss"] is None else f"train loss {record['train_loss']:.4f}, "
+    log.info("epoch %d: %sval loss %.4f, val acc %.3f", record["epoch"], trained, record["loss"], record["accuracy"])
     if run is not None:
         val = {f"val/{k}": v for k, v in record.items() if k not in ("epoch", "train_loss")}
-        run.log({"epoch": record["epoch"], "train/loss": record["train_loss"], **val})
+        train_loss = {} if record["train_loss"] is None else {"train/loss": record["train_loss"]}
+        run.log({"epoch": record["epoch"], **train_loss, **val})
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -334,10 +348,12 @@ def validate(engine, tokenizer, validation: Examples, weights: torch.Tensor, *, 
     return {"loss": loss_sum / weight_sum, **metrics}
 
 
-def _improved(metrics: dict[str, float], best: dict[str, float] | None, monitor: Monitor) -> bool:
+def _improved(metrics: dict[str, float], best: dict[str, float] | None, monitor: Monitor, *, ties: bool) -> bool:
+    """Whether ``metrics`` beats ``best`` on ``monitor`` (or equals it, with ``ties``)."""
     if best is None:
         return True
-    return metrics["loss"] < best["loss"] if monitor == "loss" else metrics["accuracy"] > best["accuracy"]
+    new, old = (-metrics["loss"], -best["loss"]) if monitor == "loss" else (metrics["accuracy"], best["accuracy"])
+    return new >= old if ties else new > old
 
 
 def _save_best(config: TrainConfig, engine, backbone: Backbone, *, spec: BucketSpec, metrics: dict[str, float],

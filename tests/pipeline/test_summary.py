@@ -29,3 +29,13 @@ def test_rows_on_retraining_data_say_they_are_training_examples():
     table = format_summary(_outputs(held_out=True))
     assert "retrained on (training examples, n=8)" in table
     assert "held-out mispredicted prompts (not trained on, n=2)" in table
+
+
+def test_a_retrain_round_that_kept_the_previous_weights_says_so():
+    outputs = _outputs(held_out=False)
+    assert "predictor weights" not in {row[0] for row in summary_rows(outputs)}  # an older run's outputs
+    outputs["retrain"]["kept_parent_weights"] = True
+    rows = {row[0]: row[1:] for row in summary_rows(outputs)}
+    assert rows["predictor weights"] == ["trained", "trained (retrained ones scored lower on validation)"]
+    outputs["retrain"]["kept_parent_weights"] = False
+    assert {row[0]: row[1:] for row in summary_rows(outputs)}["predictor weights"] == ["trained", "retrained"]

@@ -91,3 +91,27 @@ def test_replay_only_control_trains_as_many_labelled_rows_and_no_feedback(traine
     assert report.num_feedback_used == 0 and report.result.info.data["feedback"] == 0
     assert report.num_replayed == min(len(split_records(dataset)["train"]), 2 * len(feedback))
     assert report.after["feedback"].metrics["predictor"]["num_examples"] == len(feedback)  # still measured on
+
+
+def test_a_round_that_scores_worse_on_validation_keeps_the_previous_weights(trained, dataset, tmp_path):
+    """A learning rate that wrecks the model: the guard keeps the parent's weights (epoch 0) and says so; with the
+    guard off, the wrecked epoch is what ships."""
+    feedback = _feedback(LengthPredictor.load(trained.checkpoint_dir), "a prompt of no split", 10)
+    wreck = dict(epochs=1, lr=50.0, feedback_holdout=0.0, feedback_repeat=1, replay_ratio=1.0)
+    guarded = retrain_predictor(tiny_config(tmp_path / "guarded", **wreck), dataset, feedback,
+                                previous_checkpoint=trained.checkpoint_dir, progress=False)
+    assert guarded.kept_parent and guarded.result.best_epoch == 0
+    start, epoch = guarded.result.history
+    assert start["epoch"] == 0 and start["train_loss"] is None and epoch["loss"] > start["loss"]
+    assert "kept the previous weights" in guarded.verdict() and "epoch 1 (validation accuracy" in guarded.verdict()
+    test_prompts = split_records(dataset)["test"]["prompt"]
+    parent, kept = LengthPredictor.load(trained.checkpoint_dir), LengthPredictor.load(guarded.result.checkpoint_dir)
+    assert [p.bucket for p in kept.predict(test_prompts)] == [p.bucket for p in parent.predict(test_prompts)]
+    assert guarded.result.info.parent_checkpoint_id == trained.info.checkpoint_id
+
+    unguarded = retrain_predictor(tiny_config(tmp_path / "unguarded", keep_parent_unless_matched=False, **wreck),
+                                  dataset, feedback, previous_checkpoint=trained.checkpoint_dir, progress=False)
+    assert unguarded.result.best_epoch == 1 and not unguarded.kept_parent
+    assert [r["epoch"] for r in unguarded.result.history] == [1] and unguarded.verdict().startswith("kept epoch 1")
+    assert (unguarded.after["test"].metrics["predictor"]["accuracy"]
+            < guarded.after["test"].metrics["predictor"]["accuracy"])
