@@ -44,7 +44,7 @@ def main(data, predictor_dir, output_dir):
     written = 0
     with FeedbackWriter(output_dir) as writer:
         for row, prediction in zip(fresh, predictions):
-            true_bucket = spec.bucket_of(min(int(row["num_output_tokens"]), spec.max_tokens))
+            true_bucket = spec.bucket_of(row["num_output_tokens"])
             if prediction.bucket >= true_bucket:
                 continue
             writer.write({

@@ -124,8 +124,7 @@ def main(data, predictor_dir, max_train_rows_per_source, output_dir):
     full_train = splits["train"]  # the baselines are fitted on all of it, as `s3 evaluate` does
     splits["train"] = cap_per_source(full_train, max_train_rows_per_source)
     cache = cached_features(load_model, splits, out / "features.pt")
-    labels = {name: torch.tensor(labels_of([min(int(n), spec.max_tokens) for n in splits[name]["num_output_tokens"]],
-                                           spec)) for name in splits}
+    labels = {name: torch.tensor(labels_of(splits[name]["num_output_tokens"], spec)) for name in splits}
     start = time.perf_counter()
     head = train_head(cache["train"], labels["train"], cache["validation"], labels["validation"], spec.num_buckets)
     train_s = time.perf_counter() - start

@@ -53,6 +53,11 @@ class BucketSpec:
     def max_tokens(self) -> int:
         return self.upper_edges[-1]
 
+    def clip(self, num_tokens: int) -> int:
+        """A length inside ``[0, max_tokens]``: a generation cut at the cap says only "at least that long", so
+        every length-in-tokens comparison counts it as the cap."""
+        return min(max(int(num_tokens), 0), self.max_tokens)
+
     def bucket_of(self, num_tokens: int) -> int:
         """The bucket holding a length; lengths past ``max_tokens`` fall in the last bucket."""
         return min(bisect.bisect_left(self.upper_edges, num_tokens), self.num_buckets - 1)
@@ -104,7 +109,7 @@ def bucket_frequencies(spec: BucketSpec, lengths: Iterable[int], *, pseudo_count
         raise ValueError(f"pseudo_count must be > 0, got {pseudo_count}")
     counts = [pseudo_count] * spec.num_buckets
     for n in lengths:
-        counts[spec.bucket_of(min(max(int(n), 0), spec.max_tokens))] += 1
+        counts[spec.bucket_of(spec.clip(n))] += 1
     return tuple(c / sum(counts) for c in counts)
 
 
@@ -121,7 +126,7 @@ def within_bucket_shape(spec: BucketSpec, lengths: Iterable[int], *, bins: int =
         raise ValueError(f"bins must be >= 1 and pseudo_count > 0, got {bins}, {pseudo_count}")
     counts = [[pseudo_count] * bins for _ in range(spec.num_buckets)]
     for n in lengths:
-        n = min(max(int(n), 0), spec.max_tokens)
+        n = spec.clip(n)
         bucket = spec.bucket_of(n)
         low, high = spec.lower_edge(bucket), spec.upper_edge(bucket)
         counts[bucket][min(bins - 1, max(0, math.ceil((n - low) / (high - low) * bins) - 1))] += 1

@@ -43,7 +43,7 @@ def regression_buckets(prompt_tokens: Sequence[int], line: tuple[float, float], 
 
 def source_mean_buckets(train, rows, spec: BucketSpec) -> list[int]:
     """The bucket of each row's source's mean training output length (overall mean for unseen sources)."""
-    lengths = [min(int(n), spec.max_tokens) for n in train["num_output_tokens"]]
+    lengths = [spec.clip(n) for n in train["num_output_tokens"]]
     by_source: dict[str, list[int]] = defaultdict(list)
     for source, n in zip(sources_of(train), lengths):
         by_source[source].append(n)

@@ -87,7 +87,7 @@ def token_quantile_coverage(probs: Sequence[Sequence[float]], lengths: Sequence[
     """For each q, the share of examples whose true length is at or under the q-quantile *in tokens* of their
     distribution, lengths uniform inside each bucket (the estimate the `s3` scheduler takes before a request has
     written anything). Free of the bucket overshoot, so a calibrated predictor's share is close to q itself."""
-    capped = _capped(lengths, spec)
+    capped = [spec.clip(n) for n in lengths]
     return {q: sum(n <= spec.quantile_length(row, q) for row, n in zip(probs, capped)) / len(capped)
             for q in quantiles}
 
@@ -96,13 +96,8 @@ def median_absolute_error(probs: Sequence[Sequence[float]], lengths: Sequence[in
     """Mean |median - n| in tokens, the median of each distribution taken with lengths uniform inside each bucket:
     the point estimate that minimises the expected absolute error, where the arg-max bucket's midpoint (the
     ``mae_tokens`` of evaluate.py) does not."""
-    capped = _capped(lengths, spec)
+    capped = [spec.clip(n) for n in lengths]
     return sum(abs(spec.quantile_length(row, 0.5) - n) for row, n in zip(probs, capped)) / len(capped)
-
-
-def _capped(lengths: Sequence[int], spec: BucketSpec) -> list[int]:
-    """Lengths at most ``max_tokens``: a generation cut at the cap says only "at least that long"."""
-    return [min(int(n), spec.max_tokens) for n in lengths]
 
 
 def probability_metrics(probs: Sequence[Sequence[float]], labels: Sequence[int], spec: BucketSpec,

@@ -50,7 +50,7 @@ def bucket_metrics(true_lengths: Sequence[int], predicted_buckets: Sequence[int]
         raise ValueError(f"{len(true_lengths)} lengths but {len(predicted_buckets)} predictions")
     if not true_lengths:
         raise ValueError("no examples to evaluate")
-    lengths = [min(int(n), spec.max_tokens) for n in true_lengths]
+    lengths = [spec.clip(n) for n in true_lengths]
     triples = [(n, spec.bucket_of(n), int(p)) for n, p in zip(lengths, predicted_buckets)]
     waste = [_waste(spec, n, t, p) for n, t, p in triples]
     over, recomputed = _mean(w[0] for w in waste), _mean(w[1] for w in waste)
@@ -173,7 +173,7 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
     else:
         predicted = _pick(calibrated, quantile, spec)
     lengths = [int(n) for n in rows["num_output_tokens"]]
-    labels = [spec.bucket_of(min(n, spec.max_tokens)) for n in lengths]
+    labels = [spec.bucket_of(n) for n in lengths]
     methods = {"predictor": predicted, **baseline_buckets(train, rows, spec)}
     metrics = {name: bucket_metrics(lengths, buckets, spec) for name, buckets in methods.items()}
     per_source = _per_source(rows, lengths, methods, spec)

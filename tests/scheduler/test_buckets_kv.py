@@ -11,6 +11,7 @@ def test_uniform_buckets_follow_the_paper():
     assert spec.bucket_of(1) == 0 and spec.bucket_of(205) == 0 and spec.bucket_of(206) == 1
     assert spec.bucket_of(0) == 0 and spec.bucket_of(10_000) == 9
     assert spec.lower_edge(1) == 205 and spec.midpoint(0) == 102.5
+    assert spec.clip(10_000) == 2048 and spec.clip(-3) == 0 and spec.clip(300) == 300
 
 
 def test_quantile_bucket_and_round_trip():
