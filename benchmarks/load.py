@@ -246,6 +246,7 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "num_preemptions": metrics.get("s3_preemptions_total", 0),
         "num_recomputed_tokens": metrics.get("s3_recomputed_tokens_total", 0),
         "longest_stall_s": max((r.longest_gap for r in ok), default=0.0),
+        **decode_figures(per_request(results), wall),
         "mean_output_tokens": tokens / max(1, len(ok)),
         "share_at_cap": sum(r.num_tokens >= max_tokens for r in ok) / max(1, len(ok)),
         "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan"),
@@ -263,6 +264,17 @@ def per_request(results: list[Result]) -> list[dict]:
     t0 = min((r.start for r in results), default=0.0)
     return [{"sent_s": r.start - t0, "ttft_s": r.ttft, "latency_s": r.end - r.start, "output_tokens": r.num_tokens,
              "longest_stall_s": r.longest_gap, "error": r.error} for r in results]
+
+
+def decode_figures(requests: list[dict], wall: float) -> dict[str, float]:
+    """What separates the machine's speed from the schedule: time per output token after the first (TPOT, over
+    requests of two tokens or more; mean, p50, p99) and the mean number of requests in the server, sent and not yet
+    finished (Little's law: their latencies summed over the wall time). Where two policies hold as many requests
+    at once, a TPOT ratio away from 1 is the machine, not the scheduler."""
+    ok = [r for r in requests if r["error"] is None]
+    tpots = sorted((r["latency_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1)
+    return {"mean_tpot_s": statistics.fmean(tpots) if tpots else float("nan"), "p50_tpot_s": _quantile(tpots, 0.5),
+            "p99_tpot_s": _quantile(tpots, 0.99), "mean_in_system": sum(r["latency_s"] for r in ok) / wall}
 
 
 def waiting_over_time(requests: list[dict]) -> tuple[list[float], list[int]]:
@@ -309,12 +321,12 @@ def _quantile(ordered: list[float], q: float) -> float:
 def format_table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["policy"] == "max"), rows[0])
     lines = [f"{'policy':<8}{'tok/s':>8}{'x max':>7}{'TTFT mean':>11}{'p50':>8}{'p99':>8}{'x max':>7}"
-             f"{'lat p50':>9}{'preempt':>9}{'mispred':>9}{'errors':>8}{'out mean':>10}{'at cap':>8}"]
+             f"{'lat p50':>9}{'TPOT':>8}{'preempt':>9}{'mispred':>9}{'errors':>8}{'out mean':>10}{'at cap':>8}"]
     for r in rows:
         lines.append(
             f"{r['policy']:<8}{r['tokens_per_s']:>8.1f}{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}"
             f"{r['ttft_mean_s']:>10.2f}s{r['ttft_p50_s']:>7.2f}s{r['ttft_p99_s']:>7.2f}s"
-            f"{r['ttft_mean_s'] / base['ttft_mean_s']:>7.2f}{r['latency_p50_s']:>8.1f}s"
+            f"{r['ttft_mean_s'] / base['ttft_mean_s']:>7.2f}{r['latency_p50_s']:>8.1f}s{r['mean_tpot_s']:>7.3f}s"
             f"{r['preemptions']:>9.0f}{r['mispredictions']:>9.0f}{r['errors']:>8}"
             f"{r['mean_output_tokens']:>10.0f}{r['share_at_cap']:>8.0%}"
         )

@@ -45,7 +45,8 @@ def served_or_read(cfg: load.LoadConfig, path: Path, echo=print) -> list[dict]:
     if saved["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
         raise click.ClickException(f"{path} was run with other settings; move it away or use another --output-dir")
     echo(f"  read back from {path}")
-    return saved["results"]
+    # runs saved before load.py wrote the decode figures get them from their per-request times
+    return [{**load.decode_figures(r["per_request"], r["wall_s"]), **r} for r in saved["results"]]
 
 
 def measure_capacity(base: load.LoadConfig, seed: int, output_dir: Path, echo=print) -> float:
