@@ -46,6 +46,11 @@ class WorkloadConfig:
     `predicted_bucket`, `probs` as a JSON list, `prompt`); None for a synthetic workload."""
     num_requests: int = 10_000
     """Requests to simulate (a trace is cycled or cut to this many)."""
+    trace_order: Literal["shuffle", "file"] = "shuffle"
+    """``shuffle``: a trace's rows in a random order drawn from `seed`, a new one for each pass over it, so the
+    lengths that arrive are the same mix all through the run (a trace grouped by source, as a split is, would
+    otherwise send all of one kind, then all of the next: a load that changes with time). ``file``: in the
+    file's order, for a trace whose order is the traffic's (a server log)."""
     prompt_tokens: LengthDist = LengthDist(median=30, sigma=0.7, max=512)
     """Synthetic prompt lengths (default: Alpaca-like instructions)."""
     output_tokens: LengthDist = LengthDist(median=60, sigma=0.9, max=2048)
@@ -55,6 +60,10 @@ class WorkloadConfig:
     rate: float = 10.0
     """Online arrival rate, requests/s."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trace_order not in ("shuffle", "file"):
+            raise ValueError(f"trace_order must be 'shuffle' or 'file', got {self.trace_order!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +139,13 @@ def make_workload(config: WorkloadConfig, max_seq_len: int, max_new_tokens: int 
         base = load_trace(config.trace)
         if not base:
             raise ValueError(f"trace {config.trace} has no rows")
-        items = [dataclasses.replace(base[i % len(base)]) for i in range(config.num_requests)]
+        order: list[int] = []
+        while len(order) < config.num_requests:  # one permutation per pass, cut to num_requests
+            rows = list(range(len(base)))
+            if config.trace_order == "shuffle":
+                rng.shuffle(rows)
+            order += rows
+        items = [dataclasses.replace(base[i]) for i in order[: config.num_requests]]
     else:
         items = [
             SimRequest(config.prompt_tokens.sample(rng), config.output_tokens.sample(rng))

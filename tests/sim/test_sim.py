@@ -61,6 +61,22 @@ def test_trace_errors_name_file_and_row(tmp_path):
     assert [(r.num_prompt_tokens, r.num_output_tokens, r.predicted_bucket) for r in rows] == [(5, 9, 0), (7, 300, 1)]
 
 
+def test_a_trace_is_shuffled_per_seed_a_pass_at_a_time_unless_its_order_is_kept(tmp_path):
+    """A trace grouped by source (a split is) sent in file order is a load that changes with time: every pass over
+    it is a fresh permutation instead, drawn from the seed; trace_order="file" keeps the file's order."""
+    path = tmp_path / "grouped.jsonl"
+    path.write_text("".join(f'{{"num_prompt_tokens": 5, "num_output_tokens": {n}}}\n' for n in range(1, 11)))
+    lengths = lambda **kw: [i.num_output_tokens for i in make_workload(  # noqa: E731
+        WorkloadConfig(trace=str(path), num_requests=25, **kw), max_seq_len=2048)]
+    shuffled = lengths(seed=0)
+    assert sorted(shuffled[:10]) == sorted(shuffled[10:20]) == list(range(1, 11)) and len(shuffled) == 25
+    assert shuffled[:10] != list(range(1, 11)) and shuffled[:10] != shuffled[10:20]
+    assert lengths(seed=0) == shuffled and lengths(seed=1) != shuffled
+    assert lengths(trace_order="file") == [*range(1, 11), *range(1, 11), *range(1, 6)]
+    with pytest.raises(ValueError, match="trace_order"):
+        WorkloadConfig(trace_order="sorted")
+
+
 def _small_config(**kw):
     workload = WorkloadConfig(
         num_requests=300, prompt_tokens=LengthDist(median=30, max=200), output_tokens=LengthDist(median=60, max=2000)
