@@ -35,13 +35,17 @@ KEYS = RESULT_KEYS
 @click.option("--accuracy", type=float, default=0.6, show_default=True, help="Confusion predictor's accuracy.")
 @click.option("--trace", default=None, help="A length trace (e.g. labelled lengths with predictor probabilities).")
 @click.option("--max-new-tokens", type=int, default=None)
+@click.option("--kv-cache-tokens", type=int, default=None, help="KV pool in tokens  [default: the preset's]")
+@click.option("--max-num-seqs", type=int, default=None, help="Most running sequences  [default: the preset's]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", default="runs/q_sweep", show_default=True)
-def main(preset, num_requests, rate_fraction, quantiles, accuracy, trace, max_new_tokens, seed, output):
+def main(preset, num_requests, rate_fraction, quantiles, accuracy, trace, max_new_tokens, kv_cache_tokens,
+         max_num_seqs, seed, output):
     kind = "file" if trace else "confusion"
     workload = WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed)
+    limits = {k: v for k, v in (("kv_cache_tokens", kv_cache_tokens), ("max_num_seqs", max_num_seqs)) if v}
     base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens,
-                          predictor=PredictorConfig(kind=kind, accuracy=accuracy), policies=("paged",))
+                          predictor=PredictorConfig(kind=kind, accuracy=accuracy), policies=("paged",), **limits)
     capacity = run_simulation(base).results[0].requests_per_s
     online = dataclasses.replace(workload, mode="online", rate=rate_fraction * capacity)
     records = []
