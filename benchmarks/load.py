@@ -234,6 +234,7 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
     ttfts = sorted(r.ttft for r in ok)
     latencies = sorted(r.end - r.start for r in ok)
     tokens = sum(r.num_tokens for r in ok)
+    requests = per_request(results)
     return {
         "policy": policy, "requests": len(results), "errors": len(results) - len(ok), "wall_s": wall,
         "generated_tokens": tokens, "tokens_per_s": tokens / wall,
@@ -246,7 +247,7 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "num_preemptions": metrics.get("s3_preemptions_total", 0),
         "num_recomputed_tokens": metrics.get("s3_recomputed_tokens_total", 0),
         "longest_stall_s": max((r.longest_gap for r in ok), default=0.0),
-        **decode_figures(per_request(results), wall),
+        **decode_figures(requests, wall),
         "mean_output_tokens": tokens / max(1, len(ok)),
         "share_at_cap": sum(r.num_tokens >= max_tokens for r in ok) / max(1, len(ok)),
         "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan"),
@@ -255,7 +256,7 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "preemptions": metrics.get("s3_preemptions_total", 0),
         "mispredictions": metrics.get("s3_mispredictions_total", 0),
         "answers": {r.prompt: (r.text, r.num_tokens) for r in ok},
-        "per_request": per_request(results),
+        "per_request": requests,
     }  # fmt: skip
 
 

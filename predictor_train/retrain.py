@@ -8,8 +8,9 @@ data stay as they were, and a feedback prompt that occurs in them is dropped, so
 ``feedback_holdout`` of the feedback (by prompt hash) is held out of training too: the "after" figures on it are
 on mispredictions the new model never saw. Training starts from the previous checkpoint's weights and keeps its
 exact BucketSpec; those weights are validated first and kept unless an epoch scores at least as well on the
-labelled validation split (``keep_parent_unless_matched``), so a round cannot ship a worse predictor; a config asking for another bucket scheme is refused. ``replay_only`` trains the same number of
-examples with replayed rows in place of the feedback: the control that says what the feedback itself adds.
+labelled validation split (``keep_parent_unless_matched``), so a round cannot ship a worse predictor; a config
+asking for another bucket scheme is refused. ``replay_only`` trains the same number of examples with replayed
+rows in place of the feedback: the control that says what the feedback itself adds.
 """
 
 from __future__ import annotations
