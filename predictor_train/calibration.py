@@ -100,11 +100,28 @@ def median_absolute_error(probs: Sequence[Sequence[float]], lengths: Sequence[in
     return sum(abs(spec.quantile_length(row, 0.5) - n) for row, n in zip(probs, capped)) / len(capped)
 
 
+def window_buckets(probs: Sequence[Sequence[float]]) -> list[int]:
+    """Per row, the bucket whose window of itself and its two neighbours holds the most probability: the point
+    estimate that maximises the expected within-one-bucket accuracy, where the arg-max bucket does not (a bucket
+    at an edge has one neighbour)."""
+    def window(row, b):
+        return sum(row[max(b - 1, 0):b + 2])
+
+    return [max(range(len(row)), key=lambda b: (window(row, b), row[b])) for row in probs]
+
+
+def window_within_one(probs: Sequence[Sequence[float]], labels: Sequence[int]) -> float:
+    """Within-one-bucket accuracy of :func:`window_buckets`."""
+    return sum(abs(b - y) <= 1 for b, y in zip(window_buckets(probs), labels)) / len(labels)
+
+
 def probability_metrics(probs: Sequence[Sequence[float]], labels: Sequence[int], spec: BucketSpec,
                         lengths: Sequence[int] | None = None) -> dict[str, float]:
-    """``nll``, ``ece``, ``coverage_q{50,70,90}`` (buckets) and ``promised_coverage_q..`` of one set of bucket
-    probabilities; with the true ``lengths`` also ``token_coverage_q..`` and ``median_mae_tokens``."""
-    out = {"nll": nll(probs, labels), "ece": expected_calibration_error(probs, labels)}
+    """``nll``, ``ece``, ``coverage_q{50,70,90}`` (buckets), ``promised_coverage_q..`` and
+    ``window_within_one_accuracy`` of one set of bucket probabilities; with the true ``lengths`` also
+    ``token_coverage_q..`` and ``median_mae_tokens``."""
+    out = {"nll": nll(probs, labels), "ece": expected_calibration_error(probs, labels),
+           "window_within_one_accuracy": window_within_one(probs, labels)}
     for q, share in quantile_coverage(probs, labels, spec).items():
         out[f"coverage_q{round(100 * q)}"] = share
     for q, share in promised_coverage(probs, spec).items():

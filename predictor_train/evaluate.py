@@ -15,9 +15,10 @@ since a generation cut at the cap says only "at least that long"), true bucket `
 
 Probability metrics (calibration.py): ``nll``, ``ece``, ``coverage_q50/70/90`` (of the bucket chosen at q), what
 the probabilities promise it to be (``promised_coverage_q..``) and the coverage of the quantile in tokens
-(``token_coverage_q..``) and the mean absolute error of the median in tokens (``median_mae_tokens``), for the
-predictor without and with its stored temperature, and for the per-source histogram baseline. Baselines:
-baselines.py.
+(``token_coverage_q..``), the mean absolute error of the median in tokens (``median_mae_tokens``) and the
+within-one accuracy of the bucket whose three-bucket window is most probable (``window_within_one_accuracy``),
+for the predictor without and with its stored temperature, and for the per-source histogram baseline.
+Baselines: baselines.py.
 """
 
 from __future__ import annotations
@@ -100,12 +101,14 @@ def format_table(results: dict[str, dict[str, float]], *, first: str = "method")
 
 def format_probability_table(results: dict[str, dict[str, float]]) -> str:
     """NLL, ECE and quantile coverage per probability source: of the bucket chosen at q (measured / promised by
-    the probabilities) and of the quantile in tokens, and the error of the median in tokens, where present."""
+    the probabilities) and of the quantile in tokens, the error of the median in tokens where present, and the
+    within-one accuracy of the best three-bucket window."""
     header = ["probabilities", "NLL", "ECE", *(f"{kind} q.{q // 10}" for kind in ("cov", "promised", "tok cov")
-                                               for q in (50, 70, 90)), "MAE median tok"]
+                                               for q in (50, 70, 90)), "MAE median tok", "acc±1 window"]
     keys = [f"{kind}_q{q}" for kind in ("coverage", "promised_coverage", "token_coverage") for q in (50, 70, 90)]
     rows = [[name, f"{m['nll']:.3f}", f"{m['ece']:.3f}", *(f"{m[k]:.3f}" if k in m else "-" for k in keys),
-             f"{m['median_mae_tokens']:.1f}" if "median_mae_tokens" in m else "-"]
+             f"{m['median_mae_tokens']:.1f}" if "median_mae_tokens" in m else "-",
+             f"{m['window_within_one_accuracy']:.3f}" if "window_within_one_accuracy" in m else "-"]
             for name, m in results.items()]
     return _table(header, rows)
 

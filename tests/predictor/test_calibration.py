@@ -10,7 +10,7 @@ import torch
 from core.buckets import BucketSpec
 from predictor_train.calibration import (expected_calibration_error, fit_temperature, median_absolute_error, nll,
                                          probability_metrics, promised_coverage, token_quantile_coverage,
-                                         quantile_coverage, reliability_bins)
+                                         quantile_coverage, reliability_bins, window_buckets, window_within_one)
 from predictor_train.losses import length_loss, ranked_probability_score, soft_targets
 
 SPEC = BucketSpec.uniform(100, 4)
@@ -30,9 +30,19 @@ def test_quantile_coverage_counts_true_buckets_at_or_under_the_chosen_one():
     cov = quantile_coverage(probs, [0, 1, 2, 3], SPEC)
     assert cov == {0.5: 0.25, 0.7: 0.5, 0.9: 0.75}
     names = {f"{kind}_q{q}" for kind in ("coverage", "promised_coverage") for q in (50, 70, 90)}
-    assert set(probability_metrics(probs, [0, 1, 2, 3], SPEC)) == {"nll", "ece", *names}
+    assert set(probability_metrics(probs, [0, 1, 2, 3], SPEC)) == {"nll", "ece", "window_within_one_accuracy", *names}
     with_lengths = probability_metrics(probs, [0, 1, 2, 3], SPEC, lengths=[1, 2, 3, 4])
     assert {"token_coverage_q50", "token_coverage_q70", "token_coverage_q90", "median_mae_tokens"} < set(with_lengths)
+
+
+def test_the_best_window_beats_the_arg_max_within_one_bucket():
+    # The arg-max (bucket 0) is within one of buckets 0-1 (0.4 of the mass); bucket 1's window (0-2) holds 0.7.
+    probs = [[0.4, 0.0, 0.3, 0.3]]
+    assert window_buckets(probs) == [1]
+    assert window_within_one(probs * 5, [0, 1, 2, 3, 3]) == pytest.approx(0.6)
+    assert window_buckets([[0.6, 0.3, 0.1, 0.0]]) == [1]  # the window around 1 holds all the mass, 0's only 0.9
+    assert window_buckets([[0.3, 0.6, 0.0, 0.1]]) == [1]  # tied windows (0 and 1): the more probable bucket
+    assert window_buckets([[0.0, 0.0, 0.0, 1.0]]) == [3]  # the top bucket has one neighbour
 
 
 def test_the_median_in_tokens_beats_the_arg_max_midpoint_on_a_skewed_distribution():
