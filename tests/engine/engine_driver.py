@@ -3,6 +3,8 @@ scheduler and executor over a ModelRunner the test builds)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -15,8 +17,14 @@ from serve.scheduler import Scheduler, SchedulerConfig
 from serve.step import EngineCore
 
 
+DEVICE = os.environ.get("S3_TEST_DEVICE", "cpu")
+"""Where the tiny models run: `S3_TEST_DEVICE=cuda pytest tests/engine/test_engine_runner.py` checks the paged
+engine against generate() on a GPU (fp32, so the greedy tokens must still be identical)."""
+
+
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    """2 layers, hidden 64, 4 heads over 2 KV heads (GQA), vocab 128; no EOS so generate() runs to the end."""
+    """2 layers, hidden 64, 4 heads over 2 KV heads (GQA), vocab 128; no EOS so generate() runs to the end.
+    On `DEVICE`."""
     torch.manual_seed(seed)
     fields = dict(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -25,7 +33,7 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     )  # fmt: skip
     model = LlamaForCausalLM(LlamaConfig(**(fields | overrides))).eval()
     model.generation_config.eos_token_id = None
-    return model
+    return model.to(DEVICE)
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
@@ -47,7 +55,7 @@ def reference_greedy(model, prompts: list[list[int]], num_new_tokens: int) -> li
     Stops at the model's EOS like generate() does; EngineDriver(stop_token_ids=...) does the same."""
     outs = []
     for p in prompts:
-        ids = torch.tensor([p])
+        ids = torch.tensor([p], device=model.device)
         gen = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_new_tokens, do_sample=False,
             pad_token_id=model.generation_config.pad_token_id or 0,
