@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.records import RESULT_KEYS  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
 from serve.scheduler import Scheduler, SchedulerOutput, StepResult  # noqa: E402
-from serve.sim.runner import _Accumulator, _requests, _summarise  # noqa: E402
+from serve.sim.runner import TrueLengths, _Accumulator, _requests, _summarise  # noqa: E402
 from serve.sim.simulate import SimulateConfig, _items, _setup  # noqa: E402
 from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
 from serve.step import EngineCore  # noqa: E402
@@ -51,21 +51,12 @@ class TracedLengths:
 
     def __init__(self, inner, true_lengths: dict[str, int]) -> None:
         self.inner = inner
-        self.true_lengths = true_lengths
-        self._generated: dict[str, int] = {}
+        self.lengths = TrueLengths(true_lengths)
 
     def execute(self, out: SchedulerOutput) -> StepResult:
-        for request_id in out.finished_request_ids:
-            self._generated.pop(request_id, None)
-        for new in out.new_requests:  # admitted, or re-admitted after a preemption with what it wrote
-            self._generated[new.request_id] = len(new.output_token_ids)
+        self.lengths.schedule(out)
         result = self.inner.execute(out)
-        stopped = set()
-        for request_id in result.sampled_token_ids:
-            self._generated[request_id] += 1
-            if self._generated[request_id] >= self.true_lengths[request_id]:
-                stopped.add(request_id)
-        return StepResult(result.sampled_token_ids, stopped)
+        return StepResult(result.sampled_token_ids, {r for r in result.sampled_token_ids if self.lengths.sampled(r)})
 
 
 def build_model(shape: str, device: str, dtype: str):

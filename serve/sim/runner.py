@@ -29,30 +29,46 @@ class SimClock:
         return self.now
 
 
-class CostModelExecutor:
-    """The cost model as an `Executor` (serve/step.py): advances the clock by the step's modelled time and ends
-    each sequence at its true length. Keeps its own count of each request's generated tokens."""
+class TrueLengths:
+    """Each sequence's generated-token count, kept across preemptions (a re-admitted sequence arrives with what it
+    wrote), and whether a sampled token brings it to its true length."""
 
-    def __init__(self, cost: CostModel, true_lengths: dict[str, int], clock: SimClock) -> None:
-        self.cost = cost
+    def __init__(self, true_lengths: dict[str, int]) -> None:
         self.true_lengths = true_lengths
-        self.clock = clock
-        self.last_step_s = 0.0
         self._generated: dict[str, int] = {}
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def schedule(self, out: SchedulerOutput) -> None:
+        """Take in a step's plan: forget the finished, (re)start the admitted."""
         for request_id in out.finished_request_ids:
             self._generated.pop(request_id, None)
         for new in out.new_requests:
             self._generated[new.request_id] = len(new.output_token_ids)
+
+    def sampled(self, request_id: str) -> bool:
+        """Count one token for ``request_id``; True when that ends it."""
+        self._generated[request_id] += 1
+        return self._generated[request_id] >= self.true_lengths[request_id]
+
+
+class CostModelExecutor:
+    """The cost model as an `Executor` (serve/step.py): advances the clock by the step's modelled time and ends
+    each sequence at its true length."""
+
+    def __init__(self, cost: CostModel, true_lengths: dict[str, int], clock: SimClock) -> None:
+        self.cost = cost
+        self.lengths = TrueLengths(true_lengths)
+        self.clock = clock
+        self.last_step_s = 0.0
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        self.lengths.schedule(out)
         self.last_step_s = self.cost.step_time(out)
         self.clock.now += self.last_step_s
         result = StepResult()
         for seq in out.seqs:
             if seq.samples:
                 result.sampled_token_ids[seq.request_id] = 0
-                self._generated[seq.request_id] += 1
-                if self._generated[seq.request_id] >= self.true_lengths[seq.request_id]:
+                if self.lengths.sampled(seq.request_id):
                     result.stopped_request_ids.add(seq.request_id)
         return result
 
