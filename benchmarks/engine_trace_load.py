@@ -31,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.records import RESULT_KEYS  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
 from serve.scheduler import Scheduler, SchedulerOutput, StepResult  # noqa: E402
-from serve.sim.runner import TrueLengths, _Accumulator, _requests, _summarise  # noqa: E402
-from serve.sim.simulate import SimulateConfig, _items, _setup  # noqa: E402
+from serve.sim.runner import TrueLengths, replay, requests_of  # noqa: E402
+from serve.sim.simulate import SimulateConfig, setup, workload_items  # noqa: E402
 from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
-from serve.step import EngineCore  # noqa: E402
 
 # SmolLM2-135M-Instruct's architecture (its config.json); the weights are random.
 SHAPES = {
@@ -76,28 +75,14 @@ def serve_items(model, policy: str, items, sched, buckets, max_seq_len: int, max
     config = dataclasses.replace(sched, policy=dataclasses.replace(sched.policy, policy=policy))
     scheduler = Scheduler(config, buckets=buckets, clock=time.perf_counter)
     runner = ModelRunner(model, num_blocks=config.num_blocks, block_size=config.block_size)
-    requests = _requests(items, max_seq_len, max_new_tokens)
+    requests = requests_of(items, max_seq_len, max_new_tokens)
     executor = TracedLengths(ModelExecutor(runner, eos_token_ids=set()),
                              {r.request_id: item.num_output_tokens for r, item in zip(requests, items)})
-    core = EngineCore(scheduler, executor)
-    acc = _Accumulator(scheduler.pool.capacity_tokens, scheduler.pool.num_blocks)
     start = time.perf_counter()
     for request in requests:
         request.arrival_time = start + (0.0 if offline else request.arrival_time)
-    pending = sorted(requests, key=lambda r: r.arrival_time)
-    next_arrival, wall0 = 0, time.perf_counter()
-    while next_arrival < len(pending) or core.has_unfinished():
-        now = time.perf_counter()
-        while next_arrival < len(pending) and pending[next_arrival].arrival_time <= now:
-            scheduler.add_request(pending[next_arrival])
-            next_arrival += 1
-        if not core.has_unfinished():
-            time.sleep(max(0.0, pending[next_arrival].arrival_time - time.perf_counter()))
-            continue
-        step = core.step()
-        done = time.perf_counter()
-        acc.add(step.output, done - now, done, scheduler.pool.num_used_blocks)
-    return _summarise(policy, requests, scheduler, acc, time.perf_counter() - wall0)
+    return replay(policy, scheduler, executor, requests, clock=time.perf_counter,
+                  wait_until=lambda t: time.sleep(max(0.0, t - time.perf_counter())))
 
 
 @click.command()
@@ -131,7 +116,8 @@ def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_reque
     records: list[dict] = []
 
     def save(result, **tags) -> None:
-        records.append({**{k: getattr(result, k) for k in RESULT_KEYS}, "mean_running_batch": result.mean_running_batch,
+        records.append({**{k: getattr(result, k) for k in RESULT_KEYS}, "num_requests": result.num_requests,
+                        "makespan_s": result.makespan_s, "mean_running_batch": result.mean_running_batch,
                         "num_steps": result.num_steps, "wall_s": result.wall_s, **tags})
         (out / "engine_trace.json").write_text(json.dumps({**meta, "results": records}, indent=2))
         click.echo(f"{tags} {result.policy}: {result.generated_tokens_per_s:.0f} tok/s, mean latency "
@@ -143,8 +129,8 @@ def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_reque
                                 max_num_seqs=max_num_seqs, predictor=PredictorConfig(kind="file"),
                                 workload=WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed),
                                 policy=PolicyConfig(quantile=quantile, aging_s=aging_s))
-        cost, buckets, sched = _setup(config)
-        items = _items(config, config.workload, cost, buckets)
+        cost, buckets, sched = setup(config)
+        items = workload_items(config, config.workload, cost, buckets)
         args = (sched, buckets, cost.model.max_seq_len, max_new_tokens)
         if warmup_requests:
             serve_items(model, "paged", items[:warmup_requests], *args, offline=True)
@@ -154,7 +140,7 @@ def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_reque
         rps = capacity or measured.requests_per_s
         for fraction in [float(f) for f in rate_fractions.split(",")]:
             online = dataclasses.replace(config.workload, mode="online", rate=fraction * rps)
-            online_items = _items(config, online, cost, buckets)
+            online_items = workload_items(config, online, cost, buckets)
             for name in names:
                 if time.perf_counter() - began > deadline_s:
                     click.echo(f"deadline: {name} at {fraction} not run", err=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from core.buckets import BucketSpec
 from serve.policies import PolicyName
@@ -16,7 +16,7 @@ from core.request import Request
 from serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
 from serve.sim.costmodel import CostModel
 from serve.sim.workload import SimRequest
-from serve.step import EngineCore
+from serve.step import EngineCore, Executor
 
 TIMELINE_POINTS = 400
 
@@ -132,7 +132,8 @@ def max_new_tokens_of(num_prompt_tokens: int, max_seq_len: int, max_new_tokens: 
     return room if max_new_tokens is None else min(room, max_new_tokens)
 
 
-def _requests(items: Sequence[SimRequest], max_seq_len: int, max_new_tokens: int | None) -> list[Request]:
+def requests_of(items: Sequence[SimRequest], max_seq_len: int, max_new_tokens: int | None) -> list[Request]:
+    """One scheduler `Request` per workload item, named by its index, its prompt as that many placeholder tokens."""
     return [
         Request(
             request_id=str(i),
@@ -146,6 +147,31 @@ def _requests(items: Sequence[SimRequest], max_seq_len: int, max_new_tokens: int
     ]
 
 
+def replay(policy: str, scheduler: Scheduler, executor: Executor, requests: Sequence[Request], *,
+           clock: Callable[[], float], wait_until: Callable[[float], None]) -> PolicyResult:
+    """Serve ``requests``, each added to ``scheduler`` once ``clock`` reaches its ``arrival_time``, stepping
+    ``executor`` until all have ended; ``wait_until(t)`` passes idle time up to the next arrival. The simulator's
+    clock is advanced by its executor, a real engine's is the wall clock; the metrics are the same."""
+    wall0 = time.perf_counter()
+    core = EngineCore(scheduler, executor)
+    pending = sorted(requests, key=lambda r: r.arrival_time)
+    acc = _Accumulator(scheduler.pool.capacity_tokens, scheduler.pool.num_blocks)
+    next_arrival = 0
+    while next_arrival < len(pending) or core.has_unfinished():
+        now = clock()
+        while next_arrival < len(pending) and pending[next_arrival].arrival_time <= now:
+            scheduler.add_request(pending[next_arrival])
+            next_arrival += 1
+        if not core.has_unfinished():
+            wait_until(pending[next_arrival].arrival_time)
+            continue
+        step = core.step()
+        assert step.output.seqs, "the scheduler made no progress with requests waiting"
+        done = clock()
+        acc.add(step.output, done - now, done, scheduler.pool.num_used_blocks)
+    return _summarise(policy, list(requests), scheduler, acc, time.perf_counter() - wall0)
+
+
 def simulate_policy(
     policy: PolicyName,
     items: Sequence[SimRequest],
@@ -155,29 +181,18 @@ def simulate_policy(
     sched: SchedulerConfig,
     max_new_tokens: int | None = None,
 ) -> PolicyResult:
-    """Run ``items`` through a scheduler with ``policy`` and return its metrics."""
-    wall0 = time.perf_counter()
+    """Run ``items`` through a scheduler with ``policy`` in simulated time and return its metrics."""
     clock = SimClock()
     config = dataclasses.replace(sched, policy=dataclasses.replace(sched.policy, policy=policy))
     scheduler = Scheduler(config, buckets=buckets, clock=clock)
-    requests = _requests(items, cost.model.max_seq_len, max_new_tokens)
+    requests = requests_of(items, cost.model.max_seq_len, max_new_tokens)
     true_len = {r.request_id: item.num_output_tokens for r, item in zip(requests, items)}
     executor = CostModelExecutor(cost, true_len, clock)
-    core = EngineCore(scheduler, executor)
-    pending = sorted(requests, key=lambda r: r.arrival_time)
-    acc = _Accumulator(scheduler.pool.capacity_tokens, scheduler.pool.num_blocks)
-    next_arrival = 0
-    while next_arrival < len(pending) or core.has_unfinished():
-        while next_arrival < len(pending) and pending[next_arrival].arrival_time <= clock.now:
-            scheduler.add_request(pending[next_arrival])
-            next_arrival += 1
-        if not core.has_unfinished():
-            clock.now = pending[next_arrival].arrival_time  # idle until the next arrival
-            continue
-        step = core.step()
-        assert step.output.seqs, "the scheduler made no progress with requests waiting"
-        acc.add(step.output, executor.last_step_s, clock.now, scheduler.pool.num_used_blocks)
-    return _summarise(policy, requests, scheduler, acc, time.perf_counter() - wall0)
+
+    def idle_until(t: float) -> None:
+        clock.now = t
+
+    return replay(policy, scheduler, executor, requests, clock=clock, wait_until=idle_until)
 
 
 def _percentile(values: list[float], q: float) -> float:

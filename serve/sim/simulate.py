@@ -87,7 +87,8 @@ class SimulationReport:
         return {r.policy: mine.generated_tokens_per_s / r.generated_tokens_per_s for r in self.results}
 
 
-def _setup(config: SimulateConfig) -> tuple[CostModel, BucketSpec, SchedulerConfig]:
+def setup(config: SimulateConfig) -> tuple[CostModel, BucketSpec, SchedulerConfig]:
+    """The cost model, the buckets and the scheduler config (with a learned length profile if asked) of a run."""
     cost = get_preset(config.preset)
     buckets = BucketSpec.uniform(config.max_new_tokens or cost.model.max_seq_len, config.predictor.num_buckets)
     sched = SchedulerConfig(
@@ -107,7 +108,9 @@ def _setup(config: SimulateConfig) -> tuple[CostModel, BucketSpec, SchedulerConf
     return cost, buckets, sched
 
 
-def _items(config: SimulateConfig, workload: WorkloadConfig, cost: CostModel, buckets: BucketSpec) -> list[SimRequest]:
+def workload_items(config: SimulateConfig, workload: WorkloadConfig, cost: CostModel,
+                   buckets: BucketSpec) -> list[SimRequest]:
+    """The requests of ``workload``, each with the configured predictor's prediction."""
     items = make_workload(workload, cost.model.max_seq_len, config.max_new_tokens)
     predict(items, config.predictor, buckets, seed=workload.seed)
     return items
@@ -119,8 +122,8 @@ def _simulate(config: SimulateConfig, policy, items, cost, buckets, sched) -> Po
 
 def run_simulation(config: SimulateConfig, progress: Callable[[str], None] = lambda _: None) -> SimulationReport:
     """Run every configured policy on the same requests; optionally search each one's SLO rate."""
-    cost, buckets, sched = _setup(config)
-    items = _items(config, config.workload, cost, buckets)
+    cost, buckets, sched = setup(config)
+    items = workload_items(config, config.workload, cost, buckets)
     results = []
     for policy in config.policies:
         progress(f"simulating {policy} on {len(items)} requests")
@@ -156,7 +159,7 @@ def find_max_rate(
     probes: list[tuple[float, float]] = []
 
     def meets_slo(rate: float) -> bool:
-        items = _items(config, dataclasses.replace(workload, rate=rate), cost, buckets)
+        items = workload_items(config, dataclasses.replace(workload, rate=rate), cost, buckets)
         value = _simulate(config, policy, items, cost, buckets, sched).mean_token_latency_s
         probes.append((rate, value))
         return value <= config.slo_token_latency_s
