@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import random
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, Sequence, get_args
 
 import datasets
 import torch
@@ -214,16 +214,43 @@ def class_weights(labels: Sequence[int], num_buckets: int, *, smoothing: float =
     return [w / mean for w in raw]
 
 
+PromptTruncation = Literal["head", "head_tail"]
+"""How a prompt longer than ``max_prompt_tokens`` is cut: ``head`` keeps its first tokens; ``head_tail`` keeps
+the first quarter of the budget from its start and the rest from its end, where a long prompt usually puts its
+request ("... My first request is ..."); the ratio of Sun et al. 2019, How to Fine-Tune BERT for Text
+Classification, who found head + tail the best cut for long inputs."""
+
+
 def encode(tokenizer, prompts: Sequence[str], *, max_prompt_tokens: int,
-           input_names: Sequence[str] = ("input_ids", "attention_mask")) -> dict[str, torch.Tensor]:
-    """Tokenise a batch, padded to its longest prompt and truncated to ``max_prompt_tokens``."""
-    enc = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt")
+           input_names: Sequence[str] = ("input_ids", "attention_mask"),
+           truncation: PromptTruncation = "head") -> dict[str, torch.Tensor]:
+    """Tokenise a batch, padded to its longest prompt and cut to ``max_prompt_tokens`` (see PromptTruncation)."""
+    if truncation == "head":
+        enc = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_prompt_tokens,
+                        return_tensors="pt")
+    elif truncation == "head_tail":
+        full = tokenizer(list(prompts), truncation=False, verbose=False)
+        enc = tokenizer.pad({k: [head_and_tail(row, max_prompt_tokens) for row in full[k]] for k in full.keys()},
+                            return_tensors="pt")
+    else:
+        raise ValueError(f"truncation must be one of {get_args(PromptTruncation)}, got {truncation!r}")
     return {k: v for k, v in enc.items() if k in input_names}
+
+
+def head_and_tail(ids: Sequence, limit: int) -> list:
+    """The first ``limit // 4`` and last ``limit - limit // 4`` items of ``ids`` (all of it when it fits), so a
+    tokenised sequence keeps its leading and trailing special tokens."""
+    ids = list(ids)
+    if len(ids) <= limit:
+        return ids
+    head = limit // 4
+    return ids[:head] + ids[len(ids) - (limit - head):]
 
 
 def batches(prompts: Sequence[str], labels: Sequence[int], tokenizer, *, batch_size: int, max_prompt_tokens: int,
             input_names: Sequence[str] = ("input_ids", "attention_mask"), shuffle_seed: int | None = None,
-            shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
+            shard: tuple[int, int] = (0, 1),
+            truncation: PromptTruncation = "head") -> Iterator[dict[str, torch.Tensor]]:
     """Tokenised batches with a ``labels`` tensor; shuffled (reproducibly) when ``shuffle_seed`` is given.
 
     ``shard=(rank, world_size)`` keeps every world_size-th example of the shuffled order, all shards equally long,
@@ -237,7 +264,7 @@ def batches(prompts: Sequence[str], labels: Sequence[int], tokenizer, *, batch_s
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = encode(tokenizer, [prompts[i] for i in rows], max_prompt_tokens=max_prompt_tokens,
-                       input_names=input_names)
+                       input_names=input_names, truncation=truncation)
         batch["labels"] = torch.tensor([labels[i] for i in rows], dtype=torch.long)
         yield batch
 

@@ -38,6 +38,7 @@ class LengthPredictor:
         self.info = info
         self.device = torch.device(device)
         self.max_prompt_tokens = int(info.train_config.get("max_prompt_tokens", 256))
+        self.prompt_truncation = info.train_config.get("prompt_truncation", "head")
         self.input_names = model_input_names(model)
 
     @property
@@ -95,7 +96,7 @@ class LengthPredictor:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = encode(self.tokenizer, [prompts[i] for i in rows], max_prompt_tokens=self.max_prompt_tokens,
-                           input_names=self.input_names)
+                           input_names=self.input_names, truncation=self.prompt_truncation)
             logits[rows] = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float().cpu()
         return logits
 

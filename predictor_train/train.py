@@ -23,8 +23,8 @@ from predictor_train.backbone import DEFAULT_BACKBONE, Backbone, load_classifier
 from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.tracking import start_run
 from predictor_train.checkpoint import CheckpointInfo, read_info, save_checkpoint
-from predictor_train.data import (Examples, batches, cap_per_source, check_sources, class_weights, drop_sources,
-                                  labels_of, load_records, num_batches, split_records)
+from predictor_train.data import (Examples, PromptTruncation, batches, cap_per_source, check_sources, class_weights,
+                                  drop_sources, labels_of, load_records, num_batches, split_records)
 from predictor_train.distributed import prepare_deepspeed
 from predictor_train.evaluate import bucket_metrics
 from predictor_train.losses import LossKind, length_loss
@@ -57,7 +57,10 @@ class TrainConfig:
     batch_size: int = 16
     """Prompts per micro-batch; overrides ``train_micro_batch_size_per_gpu`` in the DeepSpeed file."""
     max_prompt_tokens: int = 256
-    """Prompts are truncated to this many tokens (the predictor only needs the start of a prompt)."""
+    """Prompts longer than this many tokens are cut (``prompt_truncation`` says where)."""
+    prompt_truncation: PromptTruncation = "head"
+    """``head`` keeps a long prompt's first ``max_prompt_tokens``; ``head_tail`` its first quarter of them and
+    the rest from its end (see predictor_train/data.py)."""
     patience: int = 2
     """Epochs without improvement of the monitored validation metric before stopping."""
     monitor: Monitor = "loss"
@@ -117,7 +120,7 @@ class TrainConfig:
         if self.max_train_rows_per_source < 0 or self.replay_ratio < 0 or not 0 <= self.feedback_holdout < 1:
             raise ValueError("max_train_rows_per_source and replay_ratio must be >= 0, feedback_holdout in [0, 1)")
         for name, choices in (("bucket_scheme", BucketScheme), ("wandb_mode", WandbMode), ("monitor", Monitor),
-                              ("loss", LossKind)):
+                              ("loss", LossKind), ("prompt_truncation", PromptTruncation)):
             if getattr(self, name) not in get_args(choices):
                 raise ValueError(f"{name} must be one of {get_args(choices)}, got {getattr(self, name)!r}")
         if self.max_tokens < self.num_buckets:
@@ -307,7 +310,8 @@ def train_epoch(engine, tokenizer, train: Examples, labels: list[int], weights: 
     engine.train()
     rank, world_size = rank_and_world_size()
     stream = batches(train.prompts, labels, tokenizer, batch_size=config.batch_size,
-                     max_prompt_tokens=config.max_prompt_tokens, input_names=model_input_names(engine.module),
+                     max_prompt_tokens=config.max_prompt_tokens, truncation=config.prompt_truncation,
+                     input_names=model_input_names(engine.module),
                      shuffle_seed=config.seed + epoch, shard=(rank, world_size))
     total = num_batches(len(train), config.batch_size, world_size)
     bar = tqdm(stream, total=total, desc=f"epoch {epoch}/{config.epochs}", disable=not progress or rank > 0,
@@ -335,7 +339,8 @@ def validate(engine, tokenizer, validation: Examples, weights: torch.Tensor, *, 
     engine.eval()
     labels = labels_of(validation.num_output_tokens, spec)
     stream = batches(validation.prompts, labels, tokenizer, batch_size=2 * config.batch_size,
-                     max_prompt_tokens=config.max_prompt_tokens, input_names=model_input_names(engine.module))
+                     max_prompt_tokens=config.max_prompt_tokens, truncation=config.prompt_truncation,
+                     input_names=model_input_names(engine.module))
     loss_sum, weight_sum, predicted = 0.0, 0.0, []
     for batch in stream:
         batch = {k: v.to(engine.device) for k, v in batch.items()}

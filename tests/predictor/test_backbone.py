@@ -91,3 +91,21 @@ def test_folder_backbones_take_the_right_path(tmp_path):
 def test_missing_hub_name_fails_without_downloading():
     with pytest.raises(FileNotFoundError, match="downloads are off"):
         load_classifier("no-such-org/no-such-encoder", SPEC)
+
+
+def test_head_tail_truncation_keeps_both_ends_of_a_long_prompt():
+    tokenizer = load_classifier(TINY_BACKBONE, SPEC).tokenizer
+    long = "first words here " + "filler " * 60 + "the request comes last"
+    prompts = [long, "a short one"]
+    head = encode(tokenizer, prompts, max_prompt_tokens=16)
+    cut = encode(tokenizer, prompts, max_prompt_tokens=16, truncation="head_tail")
+    full = tokenizer(long)["input_ids"]
+    assert cut["input_ids"].shape == head["input_ids"].shape == (2, 16)
+    # a quarter of the budget from the start ([CLS] first), the rest from the end ([SEP] last)
+    assert cut["input_ids"][0].tolist() == full[:4] + full[-12:]
+    assert head["input_ids"][0].tolist()[:-1] == full[:15]  # head keeps only the start
+    # a prompt that fits is encoded the same either way, padding and mask included
+    assert cut["input_ids"][1].tolist() == head["input_ids"][1].tolist()
+    assert cut["attention_mask"].tolist() == head["attention_mask"].tolist()
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        encode(tokenizer, prompts, max_prompt_tokens=16, truncation="middle")

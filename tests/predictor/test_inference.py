@@ -103,3 +103,20 @@ def test_stored_temperature_scales_the_probabilities(trained, tmp_path):
     assert hot.temperature == 3.0
     assert torch.allclose(hot.predict_probs(PROMPTS), (logits / 3.0).softmax(-1), atol=1e-6)
     assert read_info(folder).checkpoint_id != trained.info.checkpoint_id  # the temperature is part of the id
+
+
+def test_prompts_are_cut_as_the_checkpoint_was_trained(trained):
+    """A checkpoint records its truncation; a head_tail one reads the end of a long prompt, a head one does not."""
+    import dataclasses
+
+    from predictor_train.checkpoint import read_info
+
+    loaded = LengthPredictor.load(trained.checkpoint_dir)
+    info = read_info(trained.checkpoint_dir)
+    head_tail_info = dataclasses.replace(info, train_config={**info.train_config, "prompt_truncation": "head_tail"})
+    head_tail = LengthPredictor(loaded.model, loaded.tokenizer, head_tail_info)
+    assert loaded.prompt_truncation == "head" and head_tail.prompt_truncation == "head_tail"
+    start = "Briefly explain " + "owls and maps " * 40
+    endings = [start + "in one word", start + "in a long essay with many sections"]
+    assert loaded.predict_logits(endings).diff(dim=0).abs().max() == 0  # the ends fall past the cut
+    assert head_tail.predict_logits(endings).diff(dim=0).abs().max() > 0

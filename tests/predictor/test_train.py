@@ -20,7 +20,8 @@ from .synthetic import NUM_BUCKETS
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=-1.0), dict(bucket_scheme="log"), dict(wandb_mode="on"),
                                  dict(max_tokens=5, num_buckets=10), dict(monitor="f1"), dict(loss="mse"),
-                                 dict(label_sigma=0.0), dict(feedback_holdout=1.0), dict(replay_ratio=-1.0)])
+                                 dict(label_sigma=0.0), dict(feedback_holdout=1.0), dict(replay_ratio=-1.0),
+                                 dict(prompt_truncation="middle")])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
