@@ -48,11 +48,9 @@ RATIO_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_ttft_s")
 @click.option("--quantile", type=float, default=PolicyConfig.quantile, show_default=True, help="s3's q.")
 @click.option("--aging-s", type=float, default=PolicyConfig.aging_s, show_default=True,
               help="Aging bound of the ordering policies (s3, paged-sjf).")
-@click.option("--aged-fits-now/--no-aged-fits-now", default=PolicyConfig.aged_fits_now, show_default=True,
-              help="s3: a request past the aging bound is admitted when it fits now.")
 @click.option("--output", default="runs/sim_load", show_default=True)
 def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace, max_new_tokens, kv_cache_tokens,
-         max_num_seqs, quantile, aging_s, aged_fits_now, output):
+         max_num_seqs, quantile, aging_s, output):
     names = tuple(p for p in policies.split(",") if p)
     if "paged" not in names:
         names = ("paged", *names)
@@ -62,8 +60,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
         workload = WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed)
         base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens, policies=("paged",),
                               predictor=PredictorConfig(kind="file" if trace else "confusion", accuracy=accuracy),
-                              policy=PolicyConfig(quantile=quantile, aging_s=aging_s, aged_fits_now=aged_fits_now),
-                              **limits)  # fmt: skip
+                              policy=PolicyConfig(quantile=quantile, aging_s=aging_s), **limits)  # fmt: skip
         capacity = run_simulation(base).results[0].requests_per_s
         for fraction in [float(f) for f in rate_fractions.split(",")]:
             online = dataclasses.replace(workload, mode="online", rate=fraction * capacity)
@@ -78,8 +75,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     print(format_summary(summary))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": preset, "trace": trace, "num_requests": num_requests, "quantile": quantile, "aging_s": aging_s,
-            "aged_fits_now": aged_fits_now}
+    meta = {"preset": preset, "trace": trace, "num_requests": num_requests, "quantile": quantile, "aging_s": aging_s}
     (out / "sim_load.json").write_text(json.dumps({**meta, "results": records, "summary": summary}, indent=2))
     plot(summary, out / "sim_load.png", f"{preset}: open-loop load, mean over seeds (bars: min-max)")
     print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")

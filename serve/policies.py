@@ -80,9 +80,6 @@ class PolicyConfig:
     """`s3`, `s3-reserve`, `paged-sjf`: how many waiting requests (in arrival order) the ordering looks at."""
     aging_s: float = 30.0
     """`s3`, `s3-reserve`, `paged-sjf`: a request waiting this long can no longer be overtaken."""
-    aged_fits_now: bool = False
-    """`s3`: a request waiting past `aging_s` is admitted as soon as it fits now (`paged`'s test) instead of
-    waiting until the projected peak fits too; bounds how long the peak test's caution can hold a request."""
     reserve_quantile: float | None = None
     """`s3-reserve`: reserve at this quantile of the bucket probabilities instead of the arg-max bucket."""
     bucket_prior: tuple[float, ...] | None = None
@@ -181,10 +178,6 @@ class AdmissionPolicy:
     def admission_gate(self, running: Sequence[Request], limits: StepLimits) -> PeakGate | None:
         """The projected-peak test for this step's admissions, or None when the policy has none."""
         return None
-
-    def skips_gate(self, request: Request, now: float) -> bool:
-        """Whether ``request`` is admitted on "fits now" alone, its projected peak not tested."""
-        return False
 
     def observe_finished(self, request: Request) -> None:
         """A request ended (finished or aborted)."""
@@ -325,9 +318,6 @@ class S3Policy(_Ordered, _PeakAdmission):
         # Least work thrown away; among equals, the one expected to hold memory longest.
         return min(candidates, key=lambda r: (r.num_computed_tokens, -self.remaining(r)))
 
-    def skips_gate(self, request: Request, now: float) -> bool:
-        return self.config.aged_fits_now and self.is_aged(request, now)
-
 
 @register
 class S3OraclePolicy(S3Policy):
@@ -343,9 +333,6 @@ class S3OraclePolicy(S3Policy):
 
     def initial_reservation(self, request: Request) -> tuple[int, int | None]:
         return 0, None
-
-    def skips_gate(self, request: Request, now: float) -> bool:
-        return False  # exact lengths: the peak test alone, so that it never preempts
 
 
 @register

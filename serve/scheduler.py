@@ -379,7 +379,7 @@ class Scheduler:
             num_new = self._num_new_tokens(request, budget)
             if gate is None:  # built on first use: most steps of a busy server admit nobody
                 gate = self.policy.admission_gate(self.running, self._limits) or _NO_GATE
-            if not self._admit(request, num_new, gate, test_peak=not self.policy.skips_gate(request, now)):
+            if not self._admit(request, num_new, gate):
                 if self.policy.must_stop(request, now):
                     break
                 continue
@@ -395,10 +395,9 @@ class Scheduler:
             taken, end = set(admitted), max(admitted) + 1
             self.waiting[:end] = [r for i, r in enumerate(self.waiting[:end]) if i not in taken]
 
-    def _admit(self, request: Request, num_new: int, gate: "PeakGate | _NoGate", *, test_peak: bool = True) -> bool:
+    def _admit(self, request: Request, num_new: int, gate: "PeakGate | _NoGate") -> bool:
         """Take the request's blocks (its whole reservation, or its first chunk when paged); False if short or
-        when the policy's projected peak would not fit (unless ``test_peak`` is False; the gate counts the
-        request either way)."""
+        when the policy's projected peak would not fit."""
         if self.policy.reserves:
             num_tokens = request.num_prompt_tokens + request.reserved_output_tokens
             assert num_tokens >= request.num_tokens
@@ -406,7 +405,7 @@ class Scheduler:
                 return False
         else:
             needed = self.pool.num_new_blocks(request.request_id, num_new)
-            if needed + self._watermark_blocks > self.pool.num_free_blocks or (test_peak and not gate.fits(request)):
+            if needed + self._watermark_blocks > self.pool.num_free_blocks or not gate.fits(request):
                 return False
             self.pool.allocate(request.request_id, num_new)
             gate.add(request)

@@ -1,6 +1,5 @@
 """The predictive paged policies: the remaining-length estimator, the projected-peak test and the `s3` order."""
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -267,27 +266,6 @@ def test_s3_holds_back_what_would_overflow_at_its_peak():
         admitted_first[policy, "preemptions"] = sched.stats.num_preemptions
     assert admitted_first["paged"] == 3 and admitted_first["paged", "preemptions"] > 0
     assert admitted_first["s3"] == 1 and admitted_first["s3", "preemptions"] == 0
-
-
-@pytest.mark.parametrize("policy", ["s3", "s3-oracle"])
-def test_with_aged_fits_now_a_request_past_the_aging_bound_skips_the_peak_test_except_under_the_oracle(policy):
-    # As above: 12 blocks, three requests whose peaks do not fit together. Once "c" has waited 2 s it gets in
-    # on "fits now", as under paged; the oracle keeps its exact peak test (and so never preempts).
-    clock = FakeClock()
-    admitted = {}
-    for aged_fits_now in (False, True):
-        sched = make_scheduler(policy, num_blocks=12, quantile=0.999, prior_weight=0.0, aging_s=2.0,
-                               aged_fits_now=aged_fits_now, clock=clock)
-        for rid in "abc":
-            exact = {"true_tokens": 30} if policy == "s3-oracle" else {"bucket": 1}
-            sched.add_request(make_request(rid, max_new_tokens=32, **exact))
-        clock.now = 0.0
-        first = sched.schedule().new_request_ids
-        clock.now = 3.0
-        admitted[aged_fits_now] = (first, sched.schedule().new_request_ids)
-    assert admitted[False][0] == ["a"] and admitted[False][1] == []
-    assert admitted[True][0] == ["a"]
-    assert admitted[True][1] == ([] if policy == "s3-oracle" else ["b", "c"])
 
 
 def test_s3_victim_is_the_least_computed():
