@@ -6,12 +6,16 @@
   from, nothing else); a source unseen in training gets the overall mean.
 - ``source_histogram`` (probabilities only, for NLL, ECE and coverage): the training bucket frequencies of the
   prompt's source, add-one smoothed.
+- ``neighbour_probs``: the bucket frequencies of the prompt's nearest training prompts in an encoder's embedding
+  space (no training; benchmarks/knn_baseline.py embeds the prompts).
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from typing import Sequence
+
+import torch
 
 from core.buckets import BucketSpec
 from predictor_train.data import sources_of
@@ -76,3 +80,23 @@ def baseline_buckets(train, rows, spec: BucketSpec) -> dict[str, list[int]]:
         "regression": regression_buckets([int(n) for n in rows["num_prompt_tokens"]], line, spec),
         "source_mean": source_mean_buckets(train, rows, spec),
     }
+
+
+def neighbour_probs(train_embeddings: torch.Tensor, train_buckets: Sequence[int], embeddings: torch.Tensor, *,
+                    k: int, num_buckets: int, prior_weight: float = 0.02, chunk: int = 1024) -> torch.Tensor:
+    """Per row of ``embeddings``, the bucket frequencies of its ``k`` most similar rows of ``train_embeddings``
+    (dot product: cosine for L2-normalised rows), mixed with ``prior_weight`` of all training rows' frequencies
+    so that no bucket has zero probability. ``(len(embeddings), num_buckets)``."""
+    if k < 1 or not 0 <= prior_weight <= 1:
+        raise ValueError(f"k must be >= 1 and prior_weight in [0, 1], got {k}, {prior_weight}")
+    labels = torch.as_tensor(list(train_buckets), dtype=torch.long)
+    if len(labels) != len(train_embeddings) or not len(labels):
+        raise ValueError(f"{len(train_embeddings)} training embeddings but {len(labels)} buckets")
+    prior = torch.bincount(labels, minlength=num_buckets).float() / len(labels)
+    k = min(k, len(labels))
+    out = []
+    for start in range(0, len(embeddings), chunk):
+        nearest = (embeddings[start:start + chunk] @ train_embeddings.T).topk(k, dim=1).indices
+        counts = torch.zeros(len(nearest), num_buckets).scatter_add_(1, labels[nearest], torch.ones(nearest.shape))
+        out.append((1 - prior_weight) * counts / k + prior_weight * prior)
+    return torch.cat(out) if out else torch.empty(0, num_buckets)

@@ -56,6 +56,27 @@ def test_baselines():
     assert fit_length_regression([4, 4], [10, 30]) == (0.0, 20.0)
 
 
+def test_neighbour_probs_are_the_nearest_training_rows_buckets_with_a_little_prior():
+    import torch
+
+    from predictor_train.baselines import neighbour_probs
+
+    # two clusters of training rows: around (1, 0) all bucket 0, around (0, 1) all bucket 2
+    train = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [1.0, 0.0],
+                                                        [0.1, 1.0], [-0.1, 1.0]]), dim=1)
+    buckets = [0, 0, 0, 2, 2]
+    queries = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.0, 1.0]]), dim=1)
+    probs = neighbour_probs(train, buckets, queries, k=2, num_buckets=3, prior_weight=0.1)
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2))
+    prior = torch.tensor([0.6, 0.0, 0.4])
+    assert torch.allclose(probs[0], 0.9 * torch.tensor([1.0, 0, 0]) + 0.1 * prior)
+    assert torch.allclose(probs[1], 0.9 * torch.tensor([0, 0, 1.0]) + 0.1 * prior)
+    # k beyond the training rows takes them all: every query gets the training frequencies
+    assert torch.allclose(neighbour_probs(train, buckets, queries, k=50, num_buckets=3), prior.expand(2, 3))
+    with pytest.raises(ValueError, match="training embeddings"):
+        neighbour_probs(train, buckets[:3], queries, k=2, num_buckets=3)
+
+
 def test_confusion_matrix_rows_are_true_buckets():
     matrix = confusion_matrix([0, 1, 2, 3], PRED, 4)
     assert matrix == [[1, 0, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]]
