@@ -23,37 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from core.buckets import BucketSpec  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
-from predictor_train.backbone import load_classifier, model_input_names  # noqa: E402
-from predictor_train.baselines import neighbour_probs  # noqa: E402
+from predictor_train.backbone import load_classifier  # noqa: E402
+from predictor_train.baselines import encoder_embeddings, neighbour_probs  # noqa: E402
 from predictor_train.calibration import probability_metrics  # noqa: E402
-from predictor_train.data import (cap_per_source, encode, labels_of, load_records, sources_of,  # noqa: E402
-                                  split_records)
+from predictor_train.data import cap_per_source, labels_of, load_records, sources_of, split_records  # noqa: E402
 from predictor_train.evaluate import bucket_metrics  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402
 from predictor_train.train import TrainConfig  # noqa: E402
 
 MIX_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 """Weights of the predictor in the averaged distribution tried on validation."""
-
-
-@torch.inference_mode()
-def embed(backbone, prompts: list[str], *, max_prompt_tokens: int, batch_size: int = 64) -> torch.Tensor:
-    """Mean-pooled, L2-normalised last hidden states of ``backbone``'s encoder, one row per prompt."""
-    encoder, names = backbone.model.base_model.eval(), model_input_names(backbone.model)
-    out = torch.empty(len(prompts), encoder.config.hidden_size)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad little
-    for start in tqdm(range(0, len(order), batch_size), desc="embedding", leave=False):
-        rows = order[start:start + batch_size]
-        batch = encode(backbone.tokenizer, [prompts[i] for i in rows], max_prompt_tokens=max_prompt_tokens,
-                       input_names=names)
-        hidden = encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out[rows] = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).float()
-    return out
 
 
 def scores(probs: torch.Tensor, lengths: list[int], spec: BucketSpec) -> dict[str, float]:
@@ -103,7 +85,7 @@ def main(data, backbone, predictor, k_values, max_prompt_tokens, max_tokens, num
     checkpoint = LengthPredictor.load(predictor) if predictor else None
     spec = checkpoint.buckets if checkpoint else BucketSpec.uniform(max_tokens, num_buckets)
     encoder = load_classifier(backbone, spec)
-    emb = {name: embed(encoder, list(split["prompt"]), max_prompt_tokens=max_prompt_tokens)
+    emb = {name: encoder_embeddings(encoder, list(split["prompt"]), max_prompt_tokens=max_prompt_tokens)
            for name, split in splits.items()}
     lengths = {name: [int(n) for n in split["num_output_tokens"]] for name, split in splits.items()}
     buckets = {name: labels_of([spec.clip(n) for n in lengths[name]], spec) for name in splits}

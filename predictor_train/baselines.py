@@ -6,8 +6,10 @@
   from, nothing else); a source unseen in training gets the overall mean.
 - ``source_histogram`` (probabilities only, for NLL, ECE and coverage): the training bucket frequencies of the
   prompt's source, add-one smoothed.
-- ``neighbour_probs``: the bucket frequencies of the prompt's nearest training prompts in an encoder's embedding
-  space (no training; benchmarks/knn_baseline.py embeds the prompts).
+- ``neighbours`` (``neighbour_probs``, with ``encoder_embeddings``): the bucket frequencies of the prompt's k
+  nearest training prompts in the embedding of the untouched encoder the predictor is fine-tuned from; what the
+  encoder knows of similar prompts without any training (``s3 evaluate --neighbours K``,
+  benchmarks/knn_baseline.py).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from collections import Counter, defaultdict
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from core.buckets import BucketSpec
-from predictor_train.data import sources_of
+from predictor_train.data import encode, sources_of
 
 
 def majority_bucket(train_lengths: Sequence[int], spec: BucketSpec) -> int:
@@ -100,3 +103,23 @@ def neighbour_probs(train_embeddings: torch.Tensor, train_buckets: Sequence[int]
         counts = torch.zeros(len(nearest), num_buckets).scatter_add_(1, labels[nearest], torch.ones(nearest.shape))
         out.append((1 - prior_weight) * counts / k + prior_weight * prior)
     return torch.cat(out) if out else torch.empty(0, num_buckets)
+
+
+@torch.inference_mode()
+def encoder_embeddings(backbone, prompts: Sequence[str], *, max_prompt_tokens: int,
+                       batch_size: int = 64) -> torch.Tensor:
+    """Mean-pooled, L2-normalised last hidden states of a `backbone.Backbone`'s encoder (its classification head
+    unused), one row per prompt: for MiniLM-L6 the sentence embedding it was trained to give."""
+    from predictor_train.backbone import model_input_names
+
+    encoder, names = backbone.model.base_model.eval(), model_input_names(backbone.model)
+    out = torch.empty(len(prompts), encoder.config.hidden_size)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad little
+    for start in tqdm(range(0, len(order), batch_size), desc="embedding", leave=False, disable=len(order) < 1000):
+        rows = order[start:start + batch_size]
+        batch = encode(backbone.tokenizer, [prompts[i] for i in rows], max_prompt_tokens=max_prompt_tokens,
+                       input_names=names)
+        hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out[rows] = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).float()
+    return out

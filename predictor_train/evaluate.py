@@ -18,7 +18,8 @@ the probabilities promise it to be (``promised_coverage_q..``) and the coverage 
 (``token_coverage_q..``), the mean absolute error of the median in tokens (``median_mae_tokens``) and the
 within-one accuracy of the bucket whose three-bucket window is most probable (``window_within_one_accuracy``),
 for the predictor without and with its stored temperature, and for the per-source histogram baseline.
-Baselines: baselines.py.
+Baselines: baselines.py; with ``neighbours=k`` also the k nearest training prompts in the untouched backbone's
+embedding (slower: it embeds the train split).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from pathlib import Path
 from typing import Sequence
 
 from core.buckets import BucketSpec
-from predictor_train.baselines import (baseline_buckets, fit_length_regression, majority_bucket,  # noqa: F401
-                                       regression_buckets, source_histogram_probs)
+from predictor_train.baselines import (baseline_buckets, encoder_embeddings, fit_length_regression,  # noqa: F401
+                                       majority_bucket, neighbour_probs, regression_buckets, source_histogram_probs)
 from predictor_train.calibration import probability_metrics, reliability_bins
 from predictor_train.data import check_sources, drop_sources, load_records, sources_of, split_records
 from predictor_train.plots import plot_confusion, plot_reliability
@@ -135,7 +136,7 @@ class EvalReport:
 
 def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | Path | None = None,
                        batch_size: int = 32, quantile: float | None = None,
-                       exclude_sources: Sequence[str] = ()) -> EvalReport:
+                       exclude_sources: Sequence[str] = (), neighbours: int = 0) -> EvalReport:
     """Evaluate a LengthPredictor on one split of ``data`` (path or Dataset), with baselines from train.
 
     ``exclude_sources`` leaves those sources' rows out of every split after splitting, as training does, so the
@@ -149,7 +150,7 @@ def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | P
         raise ValueError(f"the {split} or train split is empty ({len(rows)} / {len(splits['train'])} rows); "
                          "evaluation needs more data")
     return evaluate_rows(predictor, rows, train=splits["train"], out_dir=out_dir, batch_size=batch_size,
-                         quantile=quantile, title=f"{split} split")
+                         quantile=quantile, title=f"{split} split", neighbours=neighbours)
 
 
 def _predictor_probs(predictor, prompts: list[str], batch_size: int):
@@ -166,9 +167,28 @@ def _pick(probs: list[list[float]], quantile: float | None, spec: BucketSpec) ->
     return [spec.quantile_bucket(row, quantile) for row in probs]
 
 
+def neighbour_baseline(predictor, train, rows, *, k: int) -> list[list[float]]:
+    """Bucket probabilities of ``rows`` from their ``k`` nearest ``train`` prompts, embedded by the backbone the
+    checkpoint was fine-tuned from, untouched (baselines.py)."""
+    from predictor_train.backbone import load_classifier
+
+    config = getattr(getattr(predictor, "info", None), "train_config", None)
+    if not config:
+        raise ValueError("the neighbours baseline needs a trained checkpoint (it embeds with its backbone)")
+    spec = predictor.buckets
+    backbone = load_classifier(config["backbone"], spec, seed=int(config.get("seed", 0)))
+    embed = dict(max_prompt_tokens=predictor.max_prompt_tokens)
+    train_buckets = [spec.bucket_of(spec.clip(int(n))) for n in train["num_output_tokens"]]
+    probs = neighbour_probs(encoder_embeddings(backbone, list(train["prompt"]), **embed), train_buckets,
+                            encoder_embeddings(backbone, list(rows["prompt"]), **embed), k=k,
+                            num_buckets=spec.num_buckets)
+    return probs.tolist()
+
+
 def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, batch_size: int = 32,
-                  quantile: float | None = None, title: str = "") -> EvalReport:
-    """Evaluate on given rows (Dataset or column dict), with baselines fitted on ``train``."""
+                  quantile: float | None = None, title: str = "", neighbours: int = 0) -> EvalReport:
+    """Evaluate on given rows (Dataset or column dict), with baselines fitted on ``train`` (``neighbours=k``:
+    also the k-nearest-prompts baseline)."""
     spec, prompts = predictor.buckets, list(rows["prompt"])
     raw, calibrated = _predictor_probs(predictor, prompts, batch_size)
     if calibrated is None:
@@ -178,12 +198,16 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
     lengths = [int(n) for n in rows["num_output_tokens"]]
     labels = [spec.bucket_of(n) for n in lengths]
     methods = {"predictor": predicted, **baseline_buckets(train, rows, spec)}
+    near = neighbour_baseline(predictor, train, rows, k=neighbours) if neighbours else None
+    if near is not None:
+        methods["neighbours"] = _pick(near, None, spec)
     metrics = {name: bucket_metrics(lengths, buckets, spec) for name, buckets in methods.items()}
     per_source = _per_source(rows, lengths, methods, spec)
     probabilities, curves = {}, {}
     if calibrated is not None:
         named = {"predictor, T=1": raw, f"predictor, T={predictor.temperature:.2f}": calibrated,
-                 "source histogram": source_histogram_probs(train, rows, spec)}
+                 "source histogram": source_histogram_probs(train, rows, spec),
+                 **({f"neighbours, k={neighbours}": near} if near is not None else {})}
         probabilities = {name: probability_metrics(p, labels, spec, lengths) for name, p in named.items()}
         curves = {name: reliability_bins(p, labels) for name, p in named.items()}
     matrix = confusion_matrix(labels, predicted, spec.num_buckets)
@@ -225,10 +249,11 @@ def _report_table(metrics: dict, per_source: dict, probabilities: dict) -> str:
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, data, *, split: str = "test",
                         out_dir: str | Path | None = None, batch_size: int = 32,
-                        quantile: float | None = None, exclude_sources: Sequence[str] = ()) -> EvalReport:
+                        quantile: float | None = None, exclude_sources: Sequence[str] = (),
+                        neighbours: int = 0) -> EvalReport:
     """Load a checkpoint and evaluate it (the ``s3 evaluate`` entry point)."""
     from predictor_train.inference import LengthPredictor
 
     predictor = LengthPredictor.load(checkpoint_dir)
     return evaluate_predictor(predictor, data, split=split, out_dir=out_dir, batch_size=batch_size,
-                              quantile=quantile, exclude_sources=exclude_sources)
+                              quantile=quantile, exclude_sources=exclude_sources, neighbours=neighbours)

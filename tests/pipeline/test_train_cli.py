@@ -25,9 +25,11 @@ def test_train_evaluate_and_retrain_on_feedback(labelled, tmp_path):
     info = json.loads((first / "predictor.json").read_text())
     assert info["target_model"] == "tiny-target" and (first / "confusion_matrix.png").exists()
 
-    result = runner.invoke(main, ["evaluate", str(first), "--data", str(labelled), "--split", "validation"])
+    result = runner.invoke(main, ["evaluate", str(first), "--data", str(labelled), "--split", "validation",
+                                  "--neighbours", "5"])
     assert result.exit_code == 0, result.output
     assert "validation split" in result.output
+    assert "\nneighbours " in result.output and "neighbours, k=5" in result.output  # a bucket row and a probs row
     result = runner.invoke(main, ["evaluate", str(first), "--data", str(labelled), "--exclude-source", "nowhere"])
     assert result.exit_code != 0 and "no rows of source(s) nowhere" in result.output
 

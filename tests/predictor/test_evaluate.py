@@ -77,6 +77,12 @@ def test_neighbour_probs_are_the_nearest_training_rows_buckets_with_a_little_pri
         neighbour_probs(train, buckets[:3], queries, k=2, num_buckets=3)
 
 
+def test_the_neighbours_baseline_needs_a_trained_checkpoints_backbone():
+    rows = {"prompt": ["a", "b", "c", "d"], "num_output_tokens": TRUE, "num_prompt_tokens": [1, 2, 3, 9]}
+    with pytest.raises(ValueError, match="needs a trained checkpoint"):
+        evaluate_rows(FakePredictor(dict(zip("abcd", PRED))), rows, train=rows, neighbours=2)
+
+
 def test_confusion_matrix_rows_are_true_buckets():
     matrix = confusion_matrix([0, 1, 2, 3], PRED, 4)
     assert matrix == [[1, 0, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]]
