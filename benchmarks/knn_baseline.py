@@ -30,7 +30,7 @@ from predictor_train.backbone import load_classifier  # noqa: E402
 from predictor_train.baselines import encoder_embeddings, neighbour_probs  # noqa: E402
 from predictor_train.calibration import probability_metrics  # noqa: E402
 from predictor_train.data import cap_per_source, labels_of, load_records, sources_of, split_records  # noqa: E402
-from predictor_train.evaluate import bucket_metrics  # noqa: E402
+from predictor_train.evaluate import bucket_metrics, per_source_metrics  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402
 from predictor_train.train import TrainConfig  # noqa: E402
 
@@ -41,19 +41,8 @@ MIX_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 def scores(probs: torch.Tensor, lengths: list[int], spec: BucketSpec) -> dict[str, float]:
     """`s3 evaluate`'s arg-max and probability metrics of one set of bucket probabilities."""
     rows = probs.tolist()
-    labels = labels_of([spec.clip(n) for n in lengths], spec)
     return {**bucket_metrics(lengths, probs.argmax(1).tolist(), spec),
-            **probability_metrics(rows, labels, spec, lengths=lengths)}
-
-
-def by_source(probs: torch.Tensor, lengths: list[int], sources: list[str], spec: BucketSpec) -> dict[str, float]:
-    """Within-one accuracy of the arg-max bucket per source."""
-    out = {}
-    for source in sorted(set(sources)):
-        rows = [i for i, s in enumerate(sources) if s == source]
-        out[source] = bucket_metrics([lengths[i] for i in rows], probs[rows].argmax(1).tolist(),
-                                     spec)["within_one_accuracy"]
-    return out
+            **probability_metrics(rows, labels_of(lengths, spec), spec, lengths=lengths)}
 
 
 def choose_k(train_emb, train_buckets, val_emb, val_lengths, k_values, spec) -> tuple[int, dict[int, float]]:
@@ -88,7 +77,7 @@ def main(data, backbone, predictor, k_values, max_prompt_tokens, max_tokens, num
     emb = {name: encoder_embeddings(encoder, list(split["prompt"]), max_prompt_tokens=max_prompt_tokens)
            for name, split in splits.items()}
     lengths = {name: [int(n) for n in split["num_output_tokens"]] for name, split in splits.items()}
-    buckets = {name: labels_of([spec.clip(n) for n in lengths[name]], spec) for name in splits}
+    buckets = {name: labels_of(lengths[name], spec) for name in splits}
     sources = {name: sources_of(split) for name, split in splits.items()}
     ks = [int(k) for k in k_values.split(",")]
 
@@ -106,8 +95,9 @@ def main(data, backbone, predictor, k_values, max_prompt_tokens, max_tokens, num
         methods[f"average, predictor weight {weight}"] = weight * model["test"] + (1 - weight) * knn["test"]
     results = []
     for method, probs in methods.items():
+        by_source = per_source_metrics(splits["test"], lengths["test"], {method: probs.argmax(1).tolist()}, spec)
         record = {"method": method, "split": "test", "k": k, **scores(probs, lengths["test"], spec),
-                  "within_one_by_source": by_source(probs, lengths["test"], sources["test"], spec)}
+                  "within_one_by_source": {s: m[method]["within_one_accuracy"] for s, m in by_source.items()}}
         results.append(record)
         click.echo(f"{method}: accuracy {record['accuracy']:.1%}, within one {record['within_one_accuracy']:.1%} "
                    f"(window {record['window_within_one_accuracy']:.1%}), MAE {record['mae_tokens']:.1f}, "

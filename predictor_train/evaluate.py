@@ -32,7 +32,7 @@ from core.buckets import BucketSpec
 from predictor_train.baselines import (baseline_buckets, encoder_embeddings, fit_length_regression,  # noqa: F401
                                        majority_bucket, neighbour_probs, regression_buckets, source_histogram_probs)
 from predictor_train.calibration import probability_metrics, reliability_bins
-from predictor_train.data import check_sources, drop_sources, load_records, sources_of, split_records
+from predictor_train.data import check_sources, drop_sources, labels_of, load_records, sources_of, split_records
 from predictor_train.plots import plot_confusion, plot_reliability
 
 METRIC_NAMES = ("accuracy", "within_one_accuracy", "mae_tokens", "under_prediction_rate", "mean_wasted_tokens")
@@ -178,8 +178,8 @@ def neighbour_baseline(predictor, train, rows, *, k: int) -> list[list[float]]:
     spec = predictor.buckets
     backbone = load_classifier(config["backbone"], spec, seed=int(config.get("seed", 0)))
     embed = dict(max_prompt_tokens=predictor.max_prompt_tokens)
-    train_buckets = [spec.bucket_of(spec.clip(int(n))) for n in train["num_output_tokens"]]
-    probs = neighbour_probs(encoder_embeddings(backbone, list(train["prompt"]), **embed), train_buckets,
+    probs = neighbour_probs(encoder_embeddings(backbone, list(train["prompt"]), **embed),
+                            labels_of(train["num_output_tokens"], spec),
                             encoder_embeddings(backbone, list(rows["prompt"]), **embed), k=k,
                             num_buckets=spec.num_buckets)
     return probs.tolist()
@@ -202,7 +202,7 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
     if near is not None:
         methods["neighbours"] = _pick(near, None, spec)
     metrics = {name: bucket_metrics(lengths, buckets, spec) for name, buckets in methods.items()}
-    per_source = _per_source(rows, lengths, methods, spec)
+    per_source = per_source_metrics(rows, lengths, methods, spec)
     probabilities, curves = {}, {}
     if calibrated is not None:
         named = {"predictor, T=1": raw, f"predictor, T={predictor.temperature:.2f}": calibrated,
@@ -222,7 +222,8 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
                       probabilities=probabilities, reliability_png=reliability_png)
 
 
-def _per_source(rows, lengths: list[int], methods: dict[str, list[int]], spec: BucketSpec) -> dict:
+def per_source_metrics(rows, lengths: list[int], methods: dict[str, list[int]], spec: BucketSpec) -> dict:
+    """``{source: {method: bucket_metrics}}`` of each method's predicted buckets on each source's rows."""
     sources = sources_of(rows)
     out = {}
     for source in sorted(set(sources)):
