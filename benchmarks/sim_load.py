@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.records import RESULT_KEYS  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
+from serve.sim.report import step_time_fit  # noqa: E402
 from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
 from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
 
@@ -61,7 +62,8 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
         base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens, policies=("paged",),
                               predictor=PredictorConfig(kind="file" if trace else "confusion", accuracy=accuracy),
                               policy=PolicyConfig(quantile=quantile, aging_s=aging_s), **limits)  # fmt: skip
-        capacity = run_simulation(base).results[0].requests_per_s
+        capacity_run = run_simulation(base)
+        capacity, fit = capacity_run.results[0].requests_per_s, step_time_fit(capacity_run.cost)
         for fraction in [float(f) for f in rate_fractions.split(",")]:
             online = dataclasses.replace(workload, mode="online", rate=fraction * capacity)
             report = run_simulation(dataclasses.replace(base, workload=online, policies=names))
@@ -75,7 +77,8 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     print(format_summary(summary))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": preset, "trace": trace, "num_requests": num_requests, "quantile": quantile, "aging_s": aging_s}
+    meta = {"preset": preset, "trace": trace, "num_requests": num_requests, "quantile": quantile, "aging_s": aging_s,
+            "step_time_fit": fit}
     (out / "sim_load.json").write_text(json.dumps({**meta, "results": records, "summary": summary}, indent=2))
     plot(summary, out / "sim_load.png", f"{preset}: open-loop load, mean over seeds (bars: min-max)")
     print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import pathlib
 
+from serve.sim.costmodel import CostModel
 from serve.sim.simulate import SimulationReport
 
 COLUMNS = [
@@ -27,6 +28,19 @@ COLUMNS = [
 ]
 
 
+def step_time_fit(cost: CostModel) -> dict | None:
+    """The calibrated step-time model a preset ran with (None: the roofline), for the record."""
+    return dataclasses.asdict(cost.linear) if cost.linear else None
+
+
+def step_time_line(cost: CostModel) -> str:
+    fit = cost.linear
+    if fit is None:
+        return "step time: roofline (the preset's hardware figures)"
+    return (f"step time: fitted, {fit.overhead_s * 1e3:.1f} ms + {fit.per_token_s * 1e3:.2f} ms per computed token + "
+            f"{fit.per_context_s * 1e6:.1f} us per KV entry read (from {fit.source or 'unknown'})")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
@@ -45,6 +59,7 @@ def format_report(report: SimulationReport) -> str:
         + f"; predictor {config.predictor.kind}"
         + (f" (accuracy {config.predictor.accuracy:.2%})" if config.predictor.kind == "confusion" else "")
         + f"; {report.buckets.num_buckets} buckets of {report.buckets.upper_edge(0)} tokens",
+        step_time_line(cost),
         "",
         _table([c[0] for c in COLUMNS], [[f.format(getattr(r, a)) for _, a, f in COLUMNS] for r in report.results]),
     ]
@@ -66,6 +81,7 @@ def to_json(report: SimulationReport) -> dict:
         "config": dataclasses.asdict(report.config),
         "model": dataclasses.asdict(report.cost.model),
         "hardware": dataclasses.asdict(report.cost.hardware),
+        "step_time_fit": step_time_fit(report.cost),
         "num_blocks": report.num_blocks,
         "buckets": report.buckets.to_dict(),
         "results": [{k: v for k, v in dataclasses.asdict(r).items() if k != "timeline"} for r in report.results],

@@ -114,6 +114,18 @@ def test_rate_search_and_report_files(tmp_path):
     paths = save_report(report, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["s3_throughput_ratios"]["s3"] == 1.0 and paths["png"].stat().st_size > 10_000
+    assert data["step_time_fit"] is None and "step time: roofline" in text  # the paper preset
+
+
+def test_a_calibrated_preset_says_which_fit_it_ran_with(tmp_path, monkeypatch):
+    from serve.sim.report import format_report, to_json
+
+    monkeypatch.chdir(tmp_path)  # no runs/calibration/ here: the shipped fit
+    config = dataclasses.replace(_small_config(policies=("paged",)), preset="smollm2-cpu", max_new_tokens=256)
+    report = run_simulation(config)
+    fit = to_json(report)["step_time_fit"]
+    assert fit == dataclasses.asdict(get_preset("smollm2-cpu").linear) and fit["source"]
+    assert f"{fit['overhead_s'] * 1e3:.1f} ms" in format_report(report)
 
 
 def test_rate_search_probes_above_the_offline_capacity():
