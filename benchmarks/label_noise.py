@@ -8,7 +8,8 @@ the labels' recipe (greedy, frequency penalty 0.5, 512 new tokens) in two ways:
 - ``rerun``: the same prompts, batched differently (another order): fp32 greedy decoding can flip a token when
   the batch around a sequence differs, and every later token with it;
 - ``newline``: each prompt with one newline appended. The predictor's tokenizer drops whitespace, so it reads the
-  two prompts as the same input (the script checks this for every prompt); SmolLM2 reads one token more.
+  two prompts as the same input (the script checks this for every prompt); SmolLM2 reads one token more;
+- ``space`` (not run by default): the prompt's first space doubled, the same kind of change inside the prompt.
 
 For each pair (label, new length) a predictor that sees the same input for both can be within one bucket of
 both only if the two buckets are at most two apart, and in the right bucket for both only if they are equal. So
@@ -31,7 +32,11 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = {"rerun": lambda prompt: prompt, "newline": lambda prompt: prompt + "\n"}
+VARIANTS = {
+    "rerun": lambda prompt: prompt,
+    "newline": lambda prompt: prompt + "\n",
+    "space": lambda prompt: prompt.replace(" ", "  ", 1),
+}
 
 
 @click.command()
