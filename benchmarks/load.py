@@ -58,6 +58,8 @@ class LoadConfig:
     policies: tuple[str, ...] = ("max", "paged", "s3")
     aging_s: float = 30.0
     """s3: a request waiting this long can no longer be overtaken (PolicyConfig.aging_s)."""
+    short_queue: int = 8
+    """s3: while fewer requests wait, the peak test leaves out the last blocks' room (PolicyConfig.short_queue)."""
     predictor: str | None = None
     """Predictor checkpoint for s3; default: the oracle-ish stand-in from the max run."""
     sources: tuple[str, ...] = ()
@@ -111,7 +113,7 @@ def load_prompts(n: int, seed: int, sources: tuple[str, ...] = (), exclude_label
 
 def serve_config(cfg: LoadConfig, policy: str, port: int, *, oracle_lengths: str | None, feedback_dir: str):
     engine = EngineConfig(model=cfg.model, kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs,
-                          policy=PolicyConfig(policy=policy, aging_s=cfg.aging_s))
+                          policy=PolicyConfig(policy=policy, aging_s=cfg.aging_s, short_queue=cfg.short_queue))
     needs = policy_needs(policy)
     predictor = cfg.predictor if needs == "buckets" else None
     exact = needs == "exact" or (needs == "buckets" and not predictor)
@@ -380,6 +382,8 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
 @click.option("--policies", default=",".join(LoadConfig.policies), show_default=True)
 @click.option("--aging-s", type=float, default=LoadConfig.aging_s, show_default=True,
               help="s3: seconds after which a waiting request can no longer be overtaken.")
+@click.option("--short-queue", type=int, default=LoadConfig.short_queue, show_default=True,
+              help="s3: below this many waiting requests the peak test leaves out the last blocks' room.")
 @click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from the max run).")
 @click.option("--frequency-penalty", type=float, default=None,
               help="Of every request (default: as the predictor's labels were made, else 0.5 like s3 generate).")

@@ -241,7 +241,8 @@ class Projection:
     slice's probability; 1 for an exact length)."""
 
     tokens: int
-    """Tokens it holds once its pending prefill is done, plus its last block's unused room."""
+    """Tokens it holds once its pending prefill is done, plus its last block's unused room (see PeakGate's
+    ``block_room``)."""
     growth: int
     """Tokens it grows by after that (its remaining output less the last token, which is never cached),
     less what its final block's rounding already covers; may be negative."""
@@ -269,7 +270,9 @@ class PeakGate:
 
     Each sequence is charged in whole blocks: the tokens it holds plus its last block's room, never more than
     its final length rounded up to a block. So with exact lengths the peak never exceeds what reserving every
-    exact length would hold, and it is never below what the pool will really hold.
+    exact length would hold, and it is never below what the pool will really hold. ``block_room=False`` leaves
+    out the last block's room now (the final block is still charged whole): a lighter test, up to a block per
+    sequence below what the pool holds, without that guarantee.
     """
 
     def __init__(
@@ -281,6 +284,7 @@ class PeakGate:
         prefill_rate: int,
         prefill_share: int,
         z: float = 0.0,
+        block_room: bool = True,
     ) -> None:
         self.estimate = estimate
         self.capacity_tokens = capacity_tokens
@@ -288,6 +292,7 @@ class PeakGate:
         self.prefill_rate = max(1, prefill_rate)
         self.prefill_share = max(1, prefill_share)
         self.z = z
+        self.block_room = block_room
         self.entries: list[Projection] = []  # sorted by steps, longest first, once `_sorted` is True
         self._sorted = True
         self._pending_ahead = 0  # prompt tokens still to prefill, over the sequences already in
@@ -299,7 +304,7 @@ class PeakGate:
         pending = request.num_tokens - request.num_computed_tokens
         estimate = self.estimate(request)
         slices = estimate.slices or (estimate.quantile_tokens,)
-        tokens = request.num_tokens + self.block_size - 1
+        tokens = request.num_tokens + (self.block_size - 1 if self.block_room else 0)
         prefill_steps = 0
         if pending > 1:  # decoding sequences grow one token per step from now
             prefill_steps = math.ceil(pending / self.prefill_rate)

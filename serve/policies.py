@@ -8,7 +8,8 @@ One scheduler runs them all (serve/scheduler.py); a policy only answers question
   admission and after a misprediction (reserving policies);
 - ``candidates(waiting, now)``: indices into the waiting queue in the order admission should try them, and
   ``must_stop(request, now)``: whether failing to fit that request ends admission for this step;
-- ``admission_gate(running, ...)``: an extra test a request must pass to be admitted (the projected peak);
+- ``admission_gate(running, limits, num_waiting)``: an extra test a request must pass to be admitted (the
+  projected peak);
 - ``choose_victim(candidates, needy)``: which running sequence to preempt when memory runs out.
 
 A policy is one class registered under its name (``@register``); the CLI, the configs and the server read
@@ -80,6 +81,11 @@ class PolicyConfig:
     """`s3`, `s3-reserve`, `paged-sjf`: how many waiting requests (in arrival order) the ordering looks at."""
     aging_s: float = 30.0
     """`s3`, `s3-reserve`, `paged-sjf`: a request waiting this long can no longer be overtaken."""
+    short_queue: int = 8
+    """`s3`, `peak-history`: while fewer requests than this wait, the projected-peak test counts the tokens each
+    sequence holds without its last block's free room (up to a block less per sequence): a small bunch is let in
+    about as `paged` would let it in, and the room's margin comes back once a queue builds. 0 always counts the room
+    (`s3-oracle` does: it keeps the test exact with known lengths)."""
     reserve_quantile: float | None = None
     """`s3-reserve`: reserve at this quantile of the bucket probabilities instead of the arg-max bucket."""
     bucket_prior: tuple[float, ...] | None = None
@@ -97,8 +103,8 @@ class PolicyConfig:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         if not 0 <= self.quantile <= 1 or not 0 <= self.prior_weight <= 1:
             raise ValueError(f"quantile and prior_weight must be in [0, 1], got {self.quantile}, {self.prior_weight}")
-        if self.lookahead < 1 or self.aging_s < 0:
-            raise ValueError("lookahead must be >= 1 and aging_s >= 0")
+        if self.lookahead < 1 or self.aging_s < 0 or self.short_queue < 0:
+            raise ValueError("lookahead must be >= 1, aging_s and short_queue >= 0")
         if self.reserve_quantile is not None and not 0 < self.reserve_quantile <= 1:
             raise ValueError(f"reserve_quantile must be in (0, 1], got {self.reserve_quantile}")
         if self.bucket_prior is not None:
@@ -175,8 +181,9 @@ class AdmissionPolicy:
     def must_stop(self, request: Request, now: float) -> bool:
         return True  # strict FCFS: nobody overtakes the head of the queue
 
-    def admission_gate(self, running: Sequence[Request], limits: StepLimits) -> PeakGate | None:
-        """The projected-peak test for this step's admissions, or None when the policy has none."""
+    def admission_gate(self, running: Sequence[Request], limits: StepLimits, num_waiting: int) -> PeakGate | None:
+        """The projected-peak test for this step's admissions (``num_waiting`` requests wait), or None when the
+        policy has none."""
         return None
 
     def observe_finished(self, request: Request) -> None:
@@ -262,7 +269,9 @@ class _PeakAdmission(PagedPolicy):
     def remaining(self, request: Request) -> int:
         return self.estimator.estimate(request).quantile_tokens
 
-    def admission_gate(self, running: Sequence[Request], limits: StepLimits) -> PeakGate | None:
+    short_queue: int = 0  # set from the config by the policies that use it
+
+    def admission_gate(self, running: Sequence[Request], limits: StepLimits, num_waiting: int) -> PeakGate | None:
         if self.config.quantile <= 0:
             return None  # q = 0: `paged`'s "fits now"
         gate = PeakGate(
@@ -272,6 +281,7 @@ class _PeakAdmission(PagedPolicy):
             prefill_rate=limits.prefill_rate,
             prefill_share=limits.max_num_batched_tokens - limits.max_num_seqs + 1,
             z=statistics.NormalDist().inv_cdf(min(self.config.quantile, 1 - 1e-4)),
+            block_room=num_waiting >= self.short_queue,
         )
         for request in running:
             gate.add(request)
@@ -291,6 +301,7 @@ class PeakHistoryPolicy(_PeakAdmission):
     def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
         super().__init__(config, buckets)
         self.estimator = HistoryEstimator(quantile=config.quantile)
+        self.short_queue = config.short_queue
 
 
 @register
@@ -307,6 +318,7 @@ class S3Policy(_Ordered, _PeakAdmission):
         self.estimator = BucketEstimator(_require(buckets, self.name), quantile=config.quantile,
                                          prior_weight=config.prior_weight, shape=config.bucket_shape,
                                          prior=config.bucket_prior)
+        self.short_queue = config.short_queue
 
     def initial_reservation(self, request: Request) -> tuple[int, int | None]:
         # Nothing is reserved; the bucket is kept to note the misprediction when the request passes it.

@@ -378,7 +378,7 @@ class Scheduler:
             request = self.waiting[index]
             num_new = self._num_new_tokens(request, budget)
             if gate is None:  # built on first use: most steps of a busy server admit nobody
-                gate = self.policy.admission_gate(self.running, self._limits) or _NO_GATE
+                gate = self.policy.admission_gate(self.running, self._limits, len(self.waiting)) or _NO_GATE
             if not self._admit(request, num_new, gate):
                 if self.policy.must_stop(request, now):
                     break

@@ -8,6 +8,7 @@ from core.request import LengthPrediction, Request
 from serve.estimate import (BucketEstimator, ExactEstimator, HistoryEstimator, PeakGate, Projection,
                             conditional_remaining, peak_tokens)
 from serve.kv import blocks_for
+from serve.policies import StepLimits
 from tests.fakes import FakeClock, make_request, make_scheduler, run_until_done
 
 BUCKETS = BucketSpec.uniform(40, 4)  # (0,10], (10,20], (20,30], (30,40]
@@ -258,7 +259,8 @@ def test_s3_holds_back_what_would_overflow_at_its_peak():
     lengths = {rid: 30 for rid in "abc"}
     admitted_first = {}
     for policy in ("paged", "s3"):
-        sched = make_scheduler(policy, num_blocks=12, watermark=0.0, quantile=0.999, prior_weight=0.0)
+        sched = make_scheduler(policy, num_blocks=12, watermark=0.0, quantile=0.999, prior_weight=0.0,
+                               short_queue=0)
         for rid in "abc":
             sched.add_request(make_request(rid, bucket=1, max_new_tokens=32))
         admitted_first[policy] = len(sched.schedule().new_request_ids)
@@ -266,6 +268,30 @@ def test_s3_holds_back_what_would_overflow_at_its_peak():
         admitted_first[policy, "preemptions"] = sched.stats.num_preemptions
     assert admitted_first["paged"] == 3 and admitted_first["paged", "preemptions"] > 0
     assert admitted_first["s3"] == 1 and admitted_first["s3", "preemptions"] == 0
+
+
+def test_without_the_last_blocks_room_the_peak_test_admits_what_the_pool_really_holds():
+    # Blocks of 4 tokens, a pool of 12. `a` (5 prompt tokens, 1 written, 1 to come) holds 2 blocks and finishes
+    # this step; `b` (4 prompt tokens, 2 to write) needs 1 block now and 2 once `a` is gone: 12 tokens at most.
+    # Charged its last block's room, each looks a block fuller (8 + 7 tokens now): refused. Without it: admitted.
+    def fits(block_room: bool) -> bool:
+        gate = PeakGate(ExactEstimator().estimate, capacity_tokens=12, block_size=4, prefill_rate=64,
+                        prefill_share=64, block_room=block_room)
+        a = make_request("a", prompt_tokens=5, true_tokens=2)
+        a.output_token_ids, a.num_computed_tokens = [1], 5
+        gate.add(a)
+        return gate.fits(make_request("b", prompt_tokens=4, true_tokens=2))
+
+    assert not fits(block_room=True) and fits(block_room=False)
+
+
+def test_s3_charges_the_room_once_a_queue_builds_and_s3_oracle_always():
+    limits = StepLimits(capacity_tokens=64, block_size=4, prefill_rate=64, max_num_batched_tokens=64, max_num_seqs=8)
+    s3 = make_scheduler("s3", short_queue=3).policy
+    assert not s3.admission_gate([], limits, num_waiting=2).block_room  # a short queue: about as `paged` admits
+    assert s3.admission_gate([], limits, num_waiting=3).block_room  # a queue: the room's margin again
+    oracle = make_scheduler("s3-oracle", short_queue=3).policy
+    assert oracle.admission_gate([], limits, num_waiting=0).block_room  # exact lengths keep the exact test
 
 
 def test_s3_victim_is_the_least_computed():
