@@ -260,6 +260,8 @@ class _PeakAdmission(PagedPolicy):
     """Paged allocation behind the projected-peak admission test (serve/estimate.py)."""
 
     estimator: RemainingEstimator
+    short_queue: int = 0
+    """PolicyConfig.short_queue for the policies that follow it; 0 (always charge the room) for `s3-oracle`."""
 
     def __init__(self, config: PolicyConfig, buckets: BucketSpec | None = None) -> None:
         super().__init__(config, buckets)
@@ -268,8 +270,6 @@ class _PeakAdmission(PagedPolicy):
 
     def remaining(self, request: Request) -> int:
         return self.estimator.estimate(request).quantile_tokens
-
-    short_queue: int = 0  # set from the config by the policies that use it
 
     def admission_gate(self, running: Sequence[Request], limits: StepLimits, num_waiting: int) -> PeakGate | None:
         if self.config.quantile <= 0:
