@@ -70,8 +70,14 @@ def main(data, split, per_source, variants, predictor_tokenizer, model, max_new_
     unknown = set(names) - set(VARIANTS)
     if unknown:
         raise click.BadParameter(f"unknown variant(s) {sorted(unknown)}; choose from {sorted(VARIANTS)}")
-    rows = sample_rows(split_records(load_records(labelled_data(data)[0]))[split], per_source, seed)
+    dataset_path, labels_recipe = labelled_data(data)
+    rows = sample_rows(split_records(load_records(dataset_path))[split], per_source, seed)
     recipe = GenerateConfig(model=model, max_new_tokens=max_new_tokens)  # the labels' decoding otherwise
+    differs = [k for k in ("max_new_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty")
+               if k in labels_recipe and labels_recipe[k] != getattr(recipe, k)]
+    if differs:  # a folder with a recipe.json says how its lengths were made; compare like with like
+        raise click.ClickException(f"{data} was labelled with other decoding ({', '.join(differs)}): "
+                                   + ", ".join(f"{k}={labels_recipe[k]}" for k in differs))
     spec = BucketSpec.uniform(recipe.max_new_tokens, 10)  # the predictor's buckets (configs/train_cpu.yaml)
     reader = AutoTokenizer.from_pretrained(predictor_tokenizer or minilm_dir(), local_files_only=True)
     engine = LLMEngine(EngineConfig(model=recipe.model, max_num_seqs=max_num_seqs,

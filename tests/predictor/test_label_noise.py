@@ -53,3 +53,13 @@ def test_the_benchmark_reruns_each_variant_and_writes_every_prompt(label_noise, 
         assert len(record["prompts"]) == 4 and record["predictor_input_unchanged"] == 1.0
         assert 0.5 <= record["within_one_ceiling"] <= 1
     assert (out / "label_noise.png").exists()
+
+
+def test_labels_made_with_other_decoding_are_refused(label_noise, tmp_path):
+    folder = tmp_path / "labelled"
+    rows = [{"prompt": f"p{i}", "source": "a", "num_prompt_tokens": 3, "num_output_tokens": 5, "finished": True}
+            for i in range(20)]
+    datasets.Dataset.from_list(rows).save_to_disk(folder / "dataset")
+    (folder / "recipe.json").write_text(json.dumps({"max_new_tokens": 512, "frequency_penalty": 0.0}))
+    result = CliRunner().invoke(label_noise.main, ["--data", str(folder), "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "frequency_penalty=0.0" in result.output
