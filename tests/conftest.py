@@ -1,6 +1,12 @@
 """Fixtures shared across test folders."""
 
+import importlib
+import pathlib
+import sys
+
 import pytest
+
+BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +28,17 @@ def tiny_chat_model_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def import_benchmark(monkeypatch):
+    """``import_benchmark(name, *also)``: the script ``benchmarks/<name>.py`` freshly imported as a module (``also``:
+    other benchmark modules it imports, dropped from the import cache with it); the path is undone after the test."""
+
+    def load(name: str, *also: str):
+        monkeypatch.syspath_prepend(str(BENCHMARKS))
+        for module in (*also, name):
+            monkeypatch.delitem(sys.modules, module, raising=False)
+        return importlib.import_module(name)
+
+    return load

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import pathlib
 import random
-import sys
 
 from click.testing import CliRunner
 
 from core.records import RESULT_KEYS
 
-BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
 
-
-def test_a_tiny_replay_serves_every_traced_token_under_each_policy(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    monkeypatch.delitem(sys.modules, "engine_trace_load", raising=False)
-    bench = importlib.import_module("engine_trace_load")
+def test_a_tiny_replay_serves_every_traced_token_under_each_policy(import_benchmark, tmp_path):
+    bench = import_benchmark("engine_trace_load")
     rng = random.Random(0)
     rows = []
     for _ in range(30):

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import pathlib
-import sys
 
 import click
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def sweep_module(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    for name in ("load", "sim_load", "load_sweep"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    return importlib.import_module("load_sweep")
+def sweep_module(import_benchmark):
+    return import_benchmark("load_sweep", "load", "sim_load")
 
 
 def fake_benchmark(load, served):

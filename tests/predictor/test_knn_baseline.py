@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import pathlib
-import sys
 
 import datasets
 from click.testing import CliRunner
 
 
-BENCHMARKS = pathlib.Path(__file__).parents[2] / "benchmarks"
-
-
 def test_knn_baseline_scores_itself_the_predictor_their_average_and_each_unseen_source(
-        monkeypatch, tmp_path, records, trained):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    monkeypatch.delitem(sys.modules, "knn_baseline", raising=False)
-    knn = importlib.import_module("knn_baseline")
+        import_benchmark, tmp_path, records, trained):
+    knn = import_benchmark("knn_baseline")
     data = tmp_path / "labelled"
     rows = [{**r, "source": "a" if i % 2 else "b"} for i, r in enumerate(records)]
     datasets.Dataset.from_list(rows).save_to_disk(data)

@@ -3,10 +3,7 @@ they put on any predictor."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import pathlib
-import sys
 
 import datasets
 import pytest
@@ -14,14 +11,10 @@ from click.testing import CliRunner
 
 from core.buckets import BucketSpec
 
-BENCHMARKS = pathlib.Path(__file__).parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def label_noise(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    monkeypatch.delitem(sys.modules, "label_noise", raising=False)
-    return importlib.import_module("label_noise")
+def label_noise(import_benchmark):
+    return import_benchmark("label_noise")
 
 
 def test_the_ceilings_count_pairs_no_one_answer_can_serve(label_noise):

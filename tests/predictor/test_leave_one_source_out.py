@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pathlib
-import sys
 
 import datasets
 import pytest
@@ -14,14 +11,10 @@ from predictor_train.data import split_records
 
 from .conftest import TARGET_MODEL, tiny_config
 
-BENCHMARKS = pathlib.Path(__file__).parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def loso(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    monkeypatch.delitem(sys.modules, "leave_one_source_out", raising=False)
-    return importlib.import_module("leave_one_source_out")
+def loso(import_benchmark):
+    return import_benchmark("leave_one_source_out")
 
 
 def test_a_held_out_source_is_scored_on_rows_it_never_saw_and_a_rerun_reuses_its_checkpoint(
