@@ -83,14 +83,16 @@ def main(data, split, per_source, variants, predictor_tokenizer, model, max_new_
     engine = LLMEngine(EngineConfig(model=recipe.model, max_num_seqs=max_num_seqs,
                                     kv_cache_tokens=max_num_seqs * 1024))  # fmt: skip
     labels = [row["num_output_tokens"] for row in rows]
+    # Each labelled prompt as the predictor and as SmolLM2 read it, to tell whether a variant changed it.
+    read_as = [reader(row["prompt"])["input_ids"] for row in rows]
+    formatted = [format_prompt(engine.tokenizer, row["prompt"]) for row in rows]
     records = []
     for name in names:
         perturb = VARIANTS[name]
         prompts = [perturb(row["prompt"]) for row in rows]
-        same_input = [reader(p)["input_ids"] == reader(row["prompt"])["input_ids"] for p, row in zip(prompts, rows)]
+        same_input = [reader(p)["input_ids"] == original for p, original in zip(prompts, read_as)]
         ids = {f"{name}-{i}": format_prompt(engine.tokenizer, p) for i, p in enumerate(prompts)}  # ids are unique
-        target_changed = [ids[f"{name}-{i}"] != format_prompt(engine.tokenizer, row["prompt"])
-                          for i, row in enumerate(rows)]
+        target_changed = [ids[f"{name}-{i}"] != original for i, original in enumerate(formatted)]
         order = list(ids)
         random.Random(seed + 1).shuffle(order)  # another batch order than the labelling run's
         start = time.perf_counter()
