@@ -97,22 +97,24 @@ def serve_items(model, policy: str, items, sched, buckets, max_seq_len: int, max
 @click.option("--max-new-tokens", type=int, default=512, show_default=True)
 @click.option("--kv-cache-tokens", type=int, default=12492, show_default=True)
 @click.option("--max-num-seqs", type=int, default=64, show_default=True)
-@click.option("--quantile", type=float, default=0.5, show_default=True)
-@click.option("--aging-s", type=float, default=30.0, show_default=True)
+@click.option("--quantile", type=float, default=PolicyConfig.quantile, show_default=True)
+@click.option("--aging-s", type=float, default=PolicyConfig.aging_s, show_default=True)
+@click.option("--short-queue", type=int, default=PolicyConfig.short_queue, show_default=True)
 @click.option("--warmup-requests", type=int, default=32, show_default=True)
 @click.option("--capacity", type=float, default=None,
               help="paged's requests/s to take the fractions of  [default: measured first, per seed]")
 @click.option("--deadline-s", type=float, default=float("inf"), help="Start no run after this many seconds.")
 @click.option("--output", default="runs/engine_trace", show_default=True)
 def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_requests, max_new_tokens,
-         kv_cache_tokens, max_num_seqs, quantile, aging_s, warmup_requests, capacity, deadline_s, output):
+         kv_cache_tokens, max_num_seqs, quantile, aging_s, short_queue, warmup_requests, capacity, deadline_s, output):
     began = time.perf_counter()
     names = tuple(p for p in policies.split(",") if p)
     model = build_model(shape, device, dtype)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"trace": trace, "device": device, "dtype": dtype, "shape": shape, "num_requests": num_requests,
-            "kv_cache_tokens": kv_cache_tokens, "max_num_seqs": max_num_seqs, "quantile": quantile, "aging_s": aging_s}
+            "kv_cache_tokens": kv_cache_tokens, "max_num_seqs": max_num_seqs, "quantile": quantile, "aging_s": aging_s,
+            "short_queue": short_queue}
     records: list[dict] = []
 
     def save(result, **tags) -> None:
@@ -128,7 +130,8 @@ def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_reque
         config = SimulateConfig(preset="smollm2-cpu", max_new_tokens=max_new_tokens, kv_cache_tokens=kv_cache_tokens,
                                 max_num_seqs=max_num_seqs, predictor=PredictorConfig(kind="file"),
                                 workload=WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed),
-                                policy=PolicyConfig(quantile=quantile, aging_s=aging_s))
+                                policy=PolicyConfig(quantile=quantile, aging_s=aging_s,
+                                                    short_queue=short_queue))
         cost, buckets, sched = setup(config)
         items = workload_items(config, config.workload, cost, buckets)
         args = (sched, buckets, cost.model.max_seq_len, max_new_tokens)
