@@ -1,11 +1,14 @@
 """The length predictor in the admission path, and the feedback it learns from.
 
-Where the predictor runs: in its own thread, between the HTTP handlers and the engine thread. New requests
-queue up while a batch is being classified and form the next batch (up to ``max_batch_size``), so batches
-grow with load without a fixed wait. Run in the engine thread instead, every classifier pass would lengthen
-the decode step of every running sequence; here it overlaps the step (torch releases the GIL) and the engine
-thread only ever sees requests that already carry their prediction. Aborts travel the same path, so an abort
-can never overtake the request it cancels.
+Where the predictor runs. On a GPU, in its own thread between the HTTP handlers and the engine thread
+(`AdmissionController`): new requests queue up while a batch is being classified and form the next batch (up to
+``max_batch_size``), so batches grow with load without a fixed wait, and a classifier pass overlaps the decode
+step (torch releases the GIL) instead of lengthening it. Aborts travel the same path, so an abort can never
+overtake the request it cancels. On a CPU, in the engine thread, between two steps (`EngineLoop`'s
+``classify``): torch computations issued from two threads slow each other on shared cores even when they take
+turns (one 9 ms prediction every 0.5 s made SmolLM2's 103 ms decode steps 29-38% longer from a thread of its own,
+7% from the engine thread; `benchmarks/predictor_contention.py`). Either way the engine only ever schedules
+requests that carry their prediction.
 """
 
 from __future__ import annotations
@@ -149,6 +152,36 @@ class FeedbackLog:
 _STOP = object()
 
 
+class Classifier:
+    """The predictor over prompts, in batches of at most ``max_batch_size``: predictions, or None for each prompt
+    of a batch the predictor fails on (the request is then admitted with the worst-case reservation, as S3Policy
+    does for a missing prediction, instead of failing); timed in the server's metrics."""
+
+    def __init__(self, predictor: Predictor, metrics=None, *, max_batch_size: int = 32) -> None:
+        self.predictor = predictor
+        self.metrics = metrics  # serve.server.metrics.ServerMetrics or None
+        self.max_batch_size = max_batch_size
+
+    def __call__(self, prompts: list[str]) -> list[LengthPrediction | None]:
+        return [p for i in range(0, len(prompts), self.max_batch_size)
+                for p in self._batch(prompts[i:i + self.max_batch_size])]
+
+    def _batch(self, prompts: list[str]) -> Sequence[LengthPrediction | None]:
+        start = time.perf_counter()
+        try:
+            predictions = list(self.predictor.predict(prompts))
+            assert len(predictions) == len(prompts), (len(predictions), len(prompts))
+        except Exception:
+            log.exception("the length predictor failed on a batch of %d prompts", len(prompts))
+            if self.metrics is not None:
+                self.metrics.predictor_errors.inc()
+            return [None] * len(prompts)
+        if self.metrics is not None:
+            self.metrics.predictor_batch_seconds.observe(time.perf_counter() - start)
+            self.metrics.predictor_batch_size.observe(len(prompts))
+        return predictions
+
+
 class AdmissionController:
     """The predictor thread: classifies new requests in batches and forwards every command, in order, to the
     engine loop. Once stopped, every request still queued here, or submitted later, is answered with an error
@@ -156,10 +189,9 @@ class AdmissionController:
 
     def __init__(self, predictor: Predictor, engine_loop: EngineLoop, *, max_batch_size: int = 32,
                  metrics=None) -> None:
-        self.predictor = predictor
+        self.classify = Classifier(predictor, metrics, max_batch_size=max_batch_size)
         self.engine_loop = engine_loop
         self.max_batch_size = max_batch_size
-        self.metrics = metrics  # serve.server.metrics.ServerMetrics or None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # submit's check and put happen before, or after, the stop's drain
         self._stopped = False
@@ -197,7 +229,7 @@ class AdmissionController:
 
     def _forward(self, batch: list) -> None:
         adds = [c for c in batch if isinstance(c, Add)]
-        predictions = dict(zip((a.request_id for a in adds), self._predict([a.prompt for a in adds])))
+        predictions = dict(zip((a.request_id for a in adds), self.classify([a.prompt for a in adds])))
         for command in batch:
             if isinstance(command, Add):
                 command = dataclasses.replace(command, prediction=predictions[command.request_id])
@@ -231,22 +263,3 @@ class AdmissionController:
             batch.append(command)
             num_adds += isinstance(command, Add)
         return batch
-
-    def _predict(self, prompts: list[str]) -> Sequence[LengthPrediction | None]:
-        """Predictions, or None for each prompt when the predictor fails: the request is then admitted with
-        the worst-case reservation (S3Policy does that for a missing prediction) instead of failing."""
-        if not prompts:
-            return []
-        start = time.perf_counter()
-        try:
-            predictions = list(self.predictor.predict(prompts))
-            assert len(predictions) == len(prompts), (len(predictions), len(prompts))
-        except Exception:
-            log.exception("the length predictor failed on a batch of %d prompts", len(prompts))
-            if self.metrics is not None:
-                self.metrics.predictor_errors.inc()
-            return [None] * len(prompts)
-        if self.metrics is not None:
-            self.metrics.predictor_batch_seconds.observe(time.perf_counter() - start)
-            self.metrics.predictor_batch_size.observe(len(prompts))
-        return predictions

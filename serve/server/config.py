@@ -37,7 +37,7 @@ class ServeConfig:
     with (0.5 for data/labelled: served without it, SmolLM2 loops to the cap far more often than predicted),
     0 (OpenAI's default) without a predictor."""
     predictor_batch_size: int = 32
-    """Most prompts the predictor thread classifies in one batch."""
+    """Most prompts the length predictor classifies in one batch."""
     host: str = "127.0.0.1"
     """Address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every interface (needs an API key, or
     ``allow_insecure_no_auth``)."""
@@ -69,6 +69,10 @@ class ServeConfig:
     """CPU threads of torch's intra-op pool; default all cores but one (at least one), leaving a core to the
     HTTP and predictor threads. Oversubscribed cores make each engine step wait for a descheduled pool worker
     (tiny_llama on 2 cores: 60 ms per step instead of 1 ms)."""
+    predictor_thread: bool | None = None
+    """Classify new requests on a thread of their own, overlapping the engine's steps, rather than in the engine
+    thread between two steps. Default: only when the engine runs on a GPU; on a CPU, torch computations issued
+    from two threads slow each other (see `serve.server.admission`)."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     def __post_init__(self) -> None:

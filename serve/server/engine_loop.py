@@ -2,7 +2,8 @@
 
 Recipe of one turn of the loop:
 1. take every queued command (block on the queue when there is no work);
-2. apply them in order: add requests (with their length prediction), abort requests, run inspections;
+2. apply them in order: add requests (with their length prediction, made here in one batch where the loop
+   classifies new requests itself: see `serve.server.admission`), abort requests, run inspections;
 3. if any request is waiting or running, run one `engine.step()`;
 4. hand each request's new tokens to its asyncio queue, one `loop.call_soon_threadsafe` per event loop;
 5. publish a snapshot of the engine's state (queue depth, KV blocks, counters) for /metrics and admission.
@@ -17,7 +18,7 @@ import dataclasses
 import logging
 import queue
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from serve.engine.llm import LLMEngine
 from serve.engine.plan import SamplingParams
@@ -52,7 +53,8 @@ class TokenEvent:
 
 @dataclasses.dataclass(frozen=True)
 class Add:
-    """Queue a request; ``prediction`` is filled in by the predictor thread on its way here."""
+    """Queue a request; ``prediction`` is filled in by the predictor thread on its way here, or by the engine
+    loop itself (`EngineLoop.classify`)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -106,10 +108,14 @@ class EngineDead(RuntimeError):
 class EngineLoop:
     """Owns an LLMEngine in a thread; other threads send it commands through `submit`."""
 
-    def __init__(self, engine: LLMEngine, *, feedback=None, keepalive_s: float = 60.0) -> None:
+    def __init__(self, engine: LLMEngine, *, feedback=None, keepalive_s: float = 60.0,
+                 classify: Callable[[list[str]], Sequence[LengthPrediction | None]] | None = None) -> None:
         self.engine = engine
         self.feedback = feedback  # serve.server.admission.FeedbackLog or None
         self.keepalive_s = keepalive_s
+        self.classify = classify
+        """Predicts the length of the requests added without a prediction, between steps (a CPU server's
+        `admission.Classifier`); None where they arrive classified or need no prediction."""
         self.snapshot = EngineSnapshot(num_kv_blocks=engine.scheduler.pool.num_blocks)
         self.error: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -165,6 +171,8 @@ class EngineLoop:
         """One turn of the loop (see the module docstring); False when told to shut down."""
         busy = self.engine.has_unfinished()
         commands = self._take_commands(block=not busy)
+        if self.classify is not None:
+            commands = self._classified(commands)
         for i, command in enumerate(commands):
             if command is _SHUTDOWN:
                 self._end_all(None)
@@ -191,6 +199,16 @@ class EngineLoop:
                 commands.append(self._commands.get_nowait())
             except queue.Empty:
                 return commands
+
+    def _classified(self, commands: list) -> list:
+        """``commands`` with each new request's prediction filled in, one predictor batch for all of them."""
+        unclassified = [i for i, c in enumerate(commands) if isinstance(c, Add) and c.prediction is None]
+        if not unclassified:
+            return commands
+        commands = list(commands)
+        for i, prediction in zip(unclassified, self.classify([commands[i].prompt for i in unclassified])):
+            commands[i] = dataclasses.replace(commands[i], prediction=prediction)
+        return commands
 
     def _keepalive(self) -> None:
         """Tensor parallel: an empty step, so the other ranks' collective does not time out while idle."""

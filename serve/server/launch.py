@@ -24,7 +24,8 @@ from serve.engine.llm import LLMEngine
 from serve.feedback import FeedbackWriter
 from serve.policies import PolicyConfig
 from serve.server.admission import (
-    Admission, AdmissionController, CheckpointLoader, FeedbackLog, Predictor, check_target_model, resolve_admission,
+    Admission, AdmissionController, CheckpointLoader, Classifier, FeedbackLog, Predictor, check_target_model,
+    resolve_admission,
 )  # fmt: skip
 from serve.server.app import ServerState, create_app
 from serve.server.async_engine import AsyncEngine
@@ -77,10 +78,16 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
     if config.feedback_dir and predictor is not None:
         writer = FeedbackWriter(config.feedback_dir, sync_every=config.feedback_sync_every)
         feedback = FeedbackLog(writer, predictor.buckets, checkpoint_id)
-    engine_loop = EngineLoop(engine, feedback=feedback)
     metrics = ServerMetrics(lambda: engine_loop.snapshot, policy=admission.policy.policy, checkpoint_id=checkpoint_id)
+    threaded = config.predictor_thread
+    if threaded is None:
+        threaded = torch.device(engine.config.device).type != "cpu"
+    classify = None
+    if predictor is not None and not threaded:
+        classify = Classifier(predictor, metrics, max_batch_size=config.predictor_batch_size)
+    engine_loop = EngineLoop(engine, feedback=feedback, classify=classify)
     controller = None
-    if predictor is not None:
+    if predictor is not None and threaded:
         controller = AdmissionController(predictor, engine_loop, max_batch_size=config.predictor_batch_size,
                                          metrics=metrics)
     async_engine = AsyncEngine(engine_loop, ingress=controller or engine_loop, tokenizer=engine.tokenizer,

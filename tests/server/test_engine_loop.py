@@ -12,11 +12,12 @@ from serve.engine.plan import GREEDY
 from serve.feedback import FeedbackWriter, read_feedback
 from serve.policies import PolicyConfig
 from core.request import LengthPrediction
-from serve.server.admission import AdmissionController, FeedbackLog
+from serve.server.admission import AdmissionController, Classifier, FeedbackLog
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, Sink
 from serve.server.metrics import ServerMetrics
 from tests.engine.engine_driver import tiny_llama
-from tests.server.fakes import BUCKETS, FakePredictor
+from serve.server.launch import build_stack
+from tests.server.fakes import BUCKETS, CharTokenizer, FakePredictor, serve_config
 
 PROMPTS = [[5, 9, 17, 33], [40, 41, 42, 43, 44, 45, 46, 47, 48], [100, 3, 77]]
 
@@ -26,14 +27,14 @@ def model():
     return tiny_llama()
 
 
-def make_loop(model, tmp_path=None, *, policy="s3", kv_cache_tokens=512) -> EngineLoop:
+def make_loop(model, tmp_path=None, *, policy="s3", kv_cache_tokens=512, classify=None) -> EngineLoop:
     config = EngineConfig(kv_cache_tokens=kv_cache_tokens, block_size=4, max_num_seqs=8,
                           policy=PolicyConfig(policy=policy, watermark=0.0))
     engine = LLMEngine(config, model=model, tokenizer=None, buckets=BUCKETS)
     feedback = None
     if tmp_path is not None:
         feedback = FeedbackLog(FeedbackWriter(tmp_path, sync_every=1), BUCKETS, "ckpt")
-    loop = EngineLoop(engine, feedback=feedback)
+    loop = EngineLoop(engine, feedback=feedback, classify=classify)
     loop.start()
     return loop
 
@@ -201,3 +202,56 @@ def test_a_failing_predictor_admits_at_the_worst_case(model):
     assert loop.snapshot.stats.num_mispredictions == 0 and b"s3_predictor_errors_total 1.0" in metrics.render()
     controller.stop()
     loop.stop()
+
+
+def test_the_engine_thread_classifies_new_requests_between_steps_in_batches(model):
+    """A CPU server: no predictor thread; the engine loop classifies what arrived since its last step in one
+    batch (at most max_batch_size prompts a call), never while a step runs, and keeps the commands' order."""
+    predictor = FakePredictor(bucket=3)
+    predict, calls, stepping = predictor.predict, [], threading.Event()
+
+    def predict_between_steps(prompts):
+        assert not stepping.is_set()
+        calls.append(len(prompts))
+        return predict(prompts)
+
+    predictor.predict = predict_between_steps
+    metrics = ServerMetrics(lambda: loop.snapshot, policy="s3")
+    loop = make_loop(model, policy="s3", classify=Classifier(predictor, metrics, max_batch_size=4))
+    step = loop.engine.step
+
+    def watched_step():
+        stepping.set()
+        try:
+            return step()
+        finally:
+            stepping.clear()
+
+    loop.engine.step = watched_step
+    gate = threading.Event()
+
+    async def main():
+        loop.call(lambda engine: gate.wait(10))  # hold the loop: the next six arrive together
+        queues = [await _add(loop, f"r{i}", PROMPTS[i % 3], bucket=None) for i in range(6)]
+        loop.submit(Abort("r0"))  # must not overtake r0's Add
+        classified = await _add(loop, "given", PROMPTS[0], bucket=3)  # arrives classified: not classified again
+        gate.set()
+        return await asyncio.gather(*[_collect(q) for q in [*queues[1:], classified]])
+
+    results = asyncio.run(main())
+    assert calls == [4, 2]
+    assert all(event.finish_reason == "length" and len(tokens) == 24 for tokens, event in results)
+    assert loop.snapshot.stats.num_mispredictions == 0  # bucket 3 covers 24 tokens: every request had it
+    assert b"s3_predictor_batch_size_count 2.0" in metrics.render()
+    _pool_is_whole(loop)
+    loop.stop()
+
+
+@pytest.mark.parametrize("predictor_thread", [None, True, False])
+def test_a_cpu_server_classifies_in_the_engine_thread_unless_told_otherwise(tmp_path, model, predictor_thread):
+    config = serve_config(tmp_path, predictor_thread=predictor_thread)
+    stack = build_stack(config, model=model, tokenizer=CharTokenizer(), predictor=FakePredictor(bucket=3))
+    threaded = predictor_thread is True
+    assert (stack.controller is not None) is threaded
+    assert (stack.engine_loop.classify is not None) is not threaded
+

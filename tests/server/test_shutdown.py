@@ -38,7 +38,8 @@ async def _answered(q: asyncio.Queue):
 
 def test_requests_behind_the_predictor_at_shutdown_get_an_answer(tmp_path):
     predictor = GatedPredictor()
-    stack = build_stack(serve_config(tmp_path), model=tiny_llama(), tokenizer=CharTokenizer(), predictor=predictor)
+    stack = build_stack(serve_config(tmp_path, predictor_thread=True), model=tiny_llama(), tokenizer=CharTokenizer(),
+                        predictor=predictor)
     stack.start()
     controller = stack.controller
 
