@@ -6,9 +6,10 @@ Where the predictor runs. On a GPU, in its own thread between the HTTP handlers 
 step (torch releases the GIL) instead of lengthening it. Aborts travel the same path, so an abort can never
 overtake the request it cancels. On a CPU, in the engine thread, between two steps (`EngineLoop`'s
 ``classify``): torch computations issued from two threads slow each other on shared cores even when they take
-turns (one 9 ms prediction every 0.5 s made SmolLM2's 103 ms decode steps 29-38% longer from a thread of its own,
-7% from the engine thread; `benchmarks/predictor_contention.py`). Either way the engine only ever schedules
-requests that carry their prediction.
+turns (at 2 torch threads, one 9 ms prediction every 0.5 s made SmolLM2's 100-130 ms decode steps 17-38% longer
+from a thread of its own, at the same time or taking turns, and 1-7% from the engine thread;
+`benchmarks/predictor_contention.py`). Either way the engine only ever schedules requests that carry their
+prediction.
 """
 
 from __future__ import annotations
