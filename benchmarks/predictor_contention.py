@@ -112,11 +112,11 @@ def main(predictor_dir, batch, steps, period, torch_threads, output):
     predictor.predict([QUESTION] * 4)  # warm up both
     ms_per_step(engine, predictor, batch=batch, steps=4, period=None, turns=None)
     results = []
-    for mode, every, turns in (("alone", None, None), ("at the same time", period, None),
-                               ("taking turns", period, Turns()), ("in the engine thread", period, None),
-                               ("alone again", None, None)):
-        ms, made = ms_per_step(engine, predictor, batch=batch, steps=steps, period=every, turns=turns,
-                               inline=mode == "in the engine thread")
+    modes = (("alone", None, None, False), ("at the same time", period, None, False),
+             ("taking turns", period, Turns(), False), ("in the engine thread", period, None, True),
+             ("alone again", None, None, False))
+    for mode, every, turns, inline in modes:
+        ms, made = ms_per_step(engine, predictor, batch=batch, steps=steps, period=every, turns=turns, inline=inline)
         results.append({"mode": mode, "ms_per_step": ms, "predictions": made})
         click.echo(f"{mode:18s} {ms:7.1f} ms per step, {made} predictions")
     start, n = time.perf_counter(), 0

@@ -27,7 +27,7 @@ from core.request import LengthPrediction, Request
 from serve.feedback import FeedbackWriter, feedback_record
 from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs, with_length_profile
 from serve.server.config import ServeConfig
-from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, send_error
+from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, classified, send_error
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +229,7 @@ class AdmissionController:
             self._forward(batch)
 
     def _forward(self, batch: list) -> None:
-        adds = [c for c in batch if isinstance(c, Add)]
-        predictions = dict(zip((a.request_id for a in adds), self.classify([a.prompt for a in adds])))
-        for command in batch:
-            if isinstance(command, Add):
-                command = dataclasses.replace(command, prediction=predictions[command.request_id])
+        for command in classified(batch, self.classify):
             try:
                 self.engine_loop.submit(command)
             except EngineDead as exc:  # tell the client instead of leaving it waiting

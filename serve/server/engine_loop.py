@@ -105,6 +105,18 @@ class EngineDead(RuntimeError):
     """The engine thread stopped (shutdown or a crash); no request can be served."""
 
 
+def classified(commands: list, classify: Callable[[list[str]], Sequence[LengthPrediction | None]]) -> list:
+    """``commands`` in the same order, each request added without a prediction given one, all of them classified
+    in one call (the predictor thread's batch, or what the engine loop took between two steps)."""
+    unclassified = [i for i, c in enumerate(commands) if isinstance(c, Add) and c.prediction is None]
+    if not unclassified:
+        return commands
+    commands = list(commands)
+    for i, prediction in zip(unclassified, classify([commands[i].prompt for i in unclassified])):
+        commands[i] = dataclasses.replace(commands[i], prediction=prediction)
+    return commands
+
+
 class EngineLoop:
     """Owns an LLMEngine in a thread; other threads send it commands through `submit`."""
 
@@ -172,7 +184,7 @@ class EngineLoop:
         busy = self.engine.has_unfinished()
         commands = self._take_commands(block=not busy)
         if self.classify is not None:
-            commands = self._classified(commands)
+            commands = classified(commands, self.classify)
         for i, command in enumerate(commands):
             if command is _SHUTDOWN:
                 self._end_all(None)
@@ -199,16 +211,6 @@ class EngineLoop:
                 commands.append(self._commands.get_nowait())
             except queue.Empty:
                 return commands
-
-    def _classified(self, commands: list) -> list:
-        """``commands`` with each new request's prediction filled in, one predictor batch for all of them."""
-        unclassified = [i for i, c in enumerate(commands) if isinstance(c, Add) and c.prediction is None]
-        if not unclassified:
-            return commands
-        commands = list(commands)
-        for i, prediction in zip(unclassified, self.classify([commands[i].prompt for i in unclassified])):
-            commands[i] = dataclasses.replace(commands[i], prediction=prediction)
-        return commands
 
     def _keepalive(self) -> None:
         """Tensor parallel: an empty step, so the other ranks' collective does not time out while idle."""

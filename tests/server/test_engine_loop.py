@@ -15,8 +15,8 @@ from core.request import LengthPrediction
 from serve.server.admission import AdmissionController, Classifier, FeedbackLog
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, Sink
 from serve.server.metrics import ServerMetrics
-from tests.engine.engine_driver import tiny_llama
 from serve.server.launch import build_stack
+from tests.engine.engine_driver import tiny_llama
 from tests.server.fakes import BUCKETS, CharTokenizer, FakePredictor, serve_config
 
 PROMPTS = [[5, 9, 17, 33], [40, 41, 42, 43, 44, 45, 46, 47, 48], [100, 3, 77]]
@@ -254,4 +254,3 @@ def test_a_cpu_server_classifies_in_the_engine_thread_unless_told_otherwise(tmp_
     threaded = predictor_thread is True
     assert (stack.controller is not None) is threaded
     assert (stack.engine_loop.classify is not None) is not threaded
-
