@@ -1,5 +1,6 @@
 """Load benchmark of `s3 serve`: the same prompts, KV budget and batch limits served under each admission policy,
-each by its own server process on loopback; prints generated tokens/s and time to first token per policy, side
+each by its own server process on loopback, started from a client process of its own (see `in_fresh_process`);
+prints generated tokens/s and time to first token per policy, side
 by side, with ratios to `max` measured in this one run.
 
 The s3 server uses `--predictor CHECKPOINT` when given. Otherwise it uses an oracle-ish stand-in: the true
@@ -20,9 +21,11 @@ import dataclasses
 import json
 import multiprocessing
 import random
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -134,8 +137,16 @@ def _serve(config: ServeConfig) -> None:
     serve_main(config, load_checkpoint=load_predictor_checkpoint)
 
 
-def start_server(config: ServeConfig, timeout: float = 300) -> multiprocessing.Process:
-    process = multiprocessing.get_context("spawn").Process(target=_serve, args=(config,), daemon=True)
+def exit_on_sigterm(signum: int, frame) -> None:
+    """Unwind as Ctrl-C does, so the `finally` that stops the server runs (its process is a daemon besides)."""
+    sys.exit(128 + signum)
+
+
+def start_server(config: ServeConfig, timeout: float = 300, target=_serve) -> multiprocessing.Process:
+    """``target(config)`` (the server) in a process of its own, once it answers /health."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, exit_on_sigterm)  # `kill` stops the server too, instead of orphaning it
+    process = multiprocessing.get_context("spawn").Process(target=target, args=(config,), daemon=True)
     process.start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -229,6 +240,39 @@ def run_policy(cfg: LoadConfig, policy: str, prompts: list[str], *, oracle_lengt
         process.terminate()
         process.join(60)
     return summarise(policy, results, wall, metrics, cfg.max_tokens)
+
+
+def in_fresh_process(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a process of its own (spawned, not forked); its result, or its exception, comes
+    back. Each policy's client and server run this way: served one after the other from one client process, the
+    second policy decoded 7-15% slower per token than the same policy served first (2026-12-05, the cause not
+    found), which favoured whichever policy ran first."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_send_result, args=(send, fn, args, kwargs))
+    child.start()
+    send.close()
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"{fn.__name__} died in its process (exit code {child.exitcode})") from None
+    except BaseException:  # SIGTERM or Ctrl-C here: the child stops its server the same way
+        child.terminate()
+        child.join()
+        raise
+    child.join()
+    if not ok:
+        raise value
+    return value
+
+
+def _send_result(send, fn, args, kwargs) -> None:
+    try:
+        result = True, fn(*args, **kwargs)
+    except Exception as exc:
+        result = False, exc
+    send.send(result)
 
 
 def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str, float], max_tokens: int) -> dict:
@@ -361,7 +405,7 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
     with tempfile.TemporaryDirectory() as workdir:
         for policy in order:
             echo(f"-- {policy}: {cfg.num_requests} requests, {cfg.mode} loop, KV {cfg.kv_cache_tokens} tokens")
-            rows[policy] = run_policy(cfg, policy, prompts, oracle_lengths=oracle, workdir=workdir)
+            rows[policy] = in_fresh_process(run_policy, cfg, policy, prompts, oracle_lengths=oracle, workdir=workdir)
             echo(format_table([rows[policy]]).splitlines()[1])
             if policy == "max":
                 oracle = f"{workdir}/lengths.json"

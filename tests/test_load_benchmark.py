@@ -51,3 +51,60 @@ def test_per_request_times_and_timeline(monkeypatch, tmp_path):
     assert load.waiting_over_time(ok) == ([0.0, 0.5, 2.0, 4.0], [1, 0, 1, 0])
     load.plot_timeline([row, {**row, "policy": "s3"}], tmp_path / "timeline.png", "test")
     assert (tmp_path / "timeline.png").stat().st_size > 0
+
+
+KILLED_BENCHMARK = """
+import sys, time, types
+sys.path[:0] = [{root!r}, {benchmarks!r}]
+import load
+from core.distributed import free_port
+from tests.health_stub import serve_health
+
+process = load.start_server(types.SimpleNamespace(port=free_port(), policy="stub"), timeout=60, target=serve_health)
+print(process.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_benchmark_stops_the_server_it_started():
+    """`kill` on load.py or load_sweep.py ends its server process as Ctrl-C does (it used to be left running)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    root = LOAD.parents[1]
+    script = KILLED_BENCHMARK.format(root=str(root), benchmarks=str(LOAD.parent))
+    bench = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    server = None
+    try:
+        server = int(bench.stdout.readline())
+        assert _alive(server)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while _alive(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(server)
+    finally:
+        bench.kill()
+        if server is not None and _alive(server):
+            os.kill(server, signal.SIGKILL)
+
+
+def test_each_policy_is_served_from_a_fresh_process(import_benchmark):
+    """The client of each policy runs in a process of its own: the result comes back, and so does an exception."""
+    import os
+
+    load = import_benchmark("load")
+    assert load.in_fresh_process(os.getpid) != os.getpid()
+    with pytest.raises(ValueError, match="invalid literal"):
+        load.in_fresh_process(int, "not a number")
