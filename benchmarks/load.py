@@ -1,7 +1,7 @@
 """Load benchmark of `s3 serve`: the same prompts, KV budget and batch limits served under each admission policy,
 each by its own server process on loopback, started from a client process of its own (see `in_fresh_process`);
-prints generated tokens/s and time to first token per policy, side
-by side, with ratios to `max` measured in this one run.
+prints generated tokens/s and time to first token per policy, side by side, with ratios to `max` measured in this
+one run.
 
 The s3 server uses `--predictor CHECKPOINT` when given. Otherwise it uses an oracle-ish stand-in: the true
 output lengths measured by the `max` run (greedy decoding, so every policy produces the same answers), looked
