@@ -242,6 +242,11 @@ def run_policy(cfg: LoadConfig, policy: str, prompts: list[str], *, oracle_lengt
     return summarise(policy, results, wall, metrics, cfg.max_tokens)
 
 
+def _ratio(total: float, count: float) -> float:
+    """The server's own mean (of one request's mean time per token), to set beside the client's."""
+    return total / count if count else float("nan")
+
+
 def in_fresh_process(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` in a process of its own (spawned, not forked); its result, or its exception, comes
     back. Each policy's client and server run this way: served one after the other from one client process, the
@@ -294,6 +299,8 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "num_recomputed_tokens": metrics.get("s3_recomputed_tokens_total", 0),
         "longest_stall_s": max((r.longest_gap for r in ok), default=0.0),
         **decode_figures(requests, wall),
+        "server_mean_tpot_s": _ratio(metrics.get("s3_time_per_output_token_seconds_sum", 0.0),
+                                     metrics.get("s3_time_per_output_token_seconds_count", 0.0)),
         "mean_output_tokens": tokens / max(1, len(ok)),
         "share_at_cap": sum(r.num_tokens >= max_tokens for r in ok) / max(1, len(ok)),
         "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan"),
