@@ -57,15 +57,12 @@ def test_per_request_times_and_timeline(monkeypatch, tmp_path):
 
 
 KILLED_BENCHMARK = """
-import sys, time, types
+import sys
 sys.path[:0] = [{root!r}, {benchmarks!r}]
 import load
-from core.distributed import free_port
-from tests.health_stub import serve_health
+from tests.health_stub import start_and_wait
 
-process = load.start_server(types.SimpleNamespace(port=free_port(), policy="stub"), timeout=60, target=serve_health)
-print(process.pid, flush=True)
-time.sleep(120)
+load.in_fresh_process(start_and_wait)
 """
 
 
@@ -77,8 +74,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_killed_benchmark_stops_the_server_it_started():
-    """`kill` on load.py or load_sweep.py ends its server process as Ctrl-C does (it used to be left running)."""
+def test_a_killed_benchmark_stops_its_client_and_server():
+    """`kill` on load.py or load_sweep.py ends the processes it started (a policy's client, and the server that
+    client started) as Ctrl-C does; the server used to be left running."""
     import os
     import signal
     import subprocess
@@ -87,20 +85,21 @@ def test_a_killed_benchmark_stops_the_server_it_started():
     root = LOAD.parents[1]
     script = KILLED_BENCHMARK.format(root=str(root), benchmarks=str(LOAD.parent))
     bench = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
-    server = None
+    children = []
     try:
-        server = int(bench.stdout.readline())
-        assert _alive(server)
+        children = [int(pid) for pid in bench.stdout.readline().split()]
+        assert len(children) == 2 and all(_alive(pid) for pid in children)
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(30) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 10
-        while _alive(server) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(server)
+        assert not any(_alive(pid) for pid in children)
     finally:
         bench.kill()
-        if server is not None and _alive(server):
-            os.kill(server, signal.SIGKILL)
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_each_policy_is_served_from_a_fresh_process(import_benchmark):
