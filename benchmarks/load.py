@@ -137,16 +137,11 @@ def _serve(config: ServeConfig) -> None:
     serve_main(config, load_checkpoint=load_predictor_checkpoint)
 
 
-def exit_on_sigterm(signum: int, frame) -> None:
-    """Unwind as Ctrl-C does, so the `finally` that stops the server runs (its process is a daemon besides)."""
-    sys.exit(128 + signum)
-
-
 def unwind_on_sigterm() -> None:
-    """From here on `kill` unwinds this process as Ctrl-C does, so the code that stops its child processes runs
-    instead of leaving them running (a server holds 1.5 GB)."""
+    """From here on `kill` unwinds this process as Ctrl-C does (SystemExit), so the code that stops its child
+    processes runs instead of leaving them running (a server holds 1.5 GB)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, exit_on_sigterm)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def start_server(config: ServeConfig, timeout: float = 300, target=_serve) -> multiprocessing.Process:
@@ -248,11 +243,6 @@ def run_policy(cfg: LoadConfig, policy: str, prompts: list[str], *, oracle_lengt
     return summarise(policy, results, wall, metrics, cfg.max_tokens)
 
 
-def _ratio(total: float, count: float) -> float:
-    """The server's own mean (of one request's mean time per token), to set beside the client's."""
-    return total / count if count else float("nan")
-
-
 def in_fresh_process(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` in a process of its own (spawned, not forked); its result, or its exception, comes
     back. Each policy's client and server run this way: served one after the other from one client process, the
@@ -306,8 +296,7 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "num_recomputed_tokens": metrics.get("s3_recomputed_tokens_total", 0),
         "longest_stall_s": max((r.longest_gap for r in ok), default=0.0),
         **decode_figures(requests, wall),
-        "server_mean_tpot_s": _ratio(metrics.get("s3_time_per_output_token_seconds_sum", 0.0),
-                                     metrics.get("s3_time_per_output_token_seconds_count", 0.0)),
+        "server_mean_tpot_s": server_mean_tpot(metrics),
         "mean_output_tokens": tokens / max(1, len(ok)),
         "share_at_cap": sum(r.num_tokens >= max_tokens for r in ok) / max(1, len(ok)),
         "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan"),
@@ -325,6 +314,13 @@ def per_request(results: list[Result]) -> list[dict]:
     t0 = min((r.start for r in results), default=0.0)
     return [{"sent_s": r.start - t0, "ttft_s": r.ttft, "latency_s": r.end - r.start, "output_tokens": r.num_tokens,
              "longest_stall_s": r.longest_gap, "error": r.error} for r in results]
+
+
+def server_mean_tpot(metrics: dict[str, float]) -> float:
+    """The server's own mean over requests of each one's time per output token, to set beside the client's
+    `mean_tpot_s`; NaN where the server gave none."""
+    count = metrics.get("s3_time_per_output_token_seconds_count", 0.0)
+    return metrics.get("s3_time_per_output_token_seconds_sum", 0.0) / count if count else float("nan")
 
 
 def decode_figures(requests: list[dict], wall: float) -> dict[str, float]:

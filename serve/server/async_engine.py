@@ -2,8 +2,8 @@
 
 Nothing here touches the engine: requests go out as commands (to the predictor thread on a GPU server, or
 straight to the engine thread, which classifies them itself on a CPU) and come back as TokenEvents on an
-asyncio queue. Token ids become text here, where stop strings are checked; a stop string ends the request with an abort that says
-where it stopped.
+asyncio queue. Token ids become text here, where stop strings are checked; a stop string ends the request with
+an abort that says where it stopped.
 """
 
 from __future__ import annotations
