@@ -124,6 +124,13 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_mispredictions: int = 0
     num_recomputed_tokens: int = 0
+    num_batched_seqs: int = 0
+    """Sequences stepped, summed over steps (over `num_steps`: the mean running batch)."""
+    num_batched_tokens: int = 0
+    """Tokens computed (prompt and output), summed over steps."""
+    step_time_s: float = 0.0
+    """The clock's time from each step's plan to its update, summed: the engine's time in steps, the
+    simulator's modelled one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +266,11 @@ class Scheduler:
 
     def update_from_output(self, out: SchedulerOutput, result: StepResult) -> list[Request]:
         """Advance every scheduled sequence by its computed tokens; return the requests that finished."""
-        self.stats.num_steps += 1
         now = self.clock()
+        self.stats.num_steps += 1
+        self.stats.num_batched_seqs += len(out.seqs)
+        self.stats.num_batched_tokens += out.num_batched_tokens
+        self.stats.step_time_s += now - out.time
         finished = []
         for seq in out.seqs:
             request = self.requests.get(seq.request_id)

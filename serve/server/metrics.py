@@ -46,6 +46,10 @@ class _EngineCollector:
             "s3_generated_tokens": ("Output tokens generated.", stats.num_generated_tokens),
             "s3_recomputed_tokens": ("Tokens computed again after preemptions.", stats.num_recomputed_tokens),
             "s3_engine_steps": ("Engine steps run.", stats.num_steps),
+            "s3_engine_step_seconds": ("Time in engine steps (plan, run, update), summed.", stats.step_time_s),
+            "s3_batched_sequences": ("Sequences stepped, summed over steps (over s3_engine_steps: the mean batch).",
+                                     stats.num_batched_seqs),
+            "s3_batched_tokens": ("Tokens computed (prompt and output), summed over steps.", stats.num_batched_tokens),
             "s3_requests_aborted": ("Requests aborted in the engine (client gone, shutdown).", stats.num_aborted),
         }
         for name, (doc, value) in counters.items():

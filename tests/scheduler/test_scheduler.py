@@ -1,7 +1,7 @@
 import pytest
 
 from core.request import RequestStatus
-from tests.fakes import BUCKETS, FakeClock, make_request, make_scheduler, run_until_done
+from tests.fakes import BUCKETS, FakeClock, ScriptedExecutor, make_request, make_scheduler, run_until_done
 
 
 def test_lifecycle_and_reservation_of_a_correct_prediction():
@@ -169,3 +169,22 @@ def test_quantile_reservation_uses_the_probabilities():
     request.prediction = LengthPrediction(bucket=0, probs=(0.6, 0.2, 0.15, 0.05))
     sched.add_request(request)
     assert request.reserved_bucket == 2 and request.reserved_output_tokens == 32
+
+
+def test_stats_sum_each_steps_batch_tokens_and_time():
+    clock = FakeClock()
+    sched = make_scheduler("paged", num_blocks=64, max_num_batched_tokens=8, max_num_seqs=8, clock=clock)
+    sched.add_request(make_request("a", prompt_tokens=6, max_new_tokens=3))
+    sched.add_request(make_request("b", prompt_tokens=4, max_new_tokens=3))
+    executor = ScriptedExecutor({"a": 3, "b": 3})
+    batches = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        clock.now += 0.25  # the step runs
+        sched.update_from_output(out, executor.execute(sched, out))
+        batches.append(len(out.seqs))
+    stats = sched.stats
+    assert stats.num_steps == len(batches) and stats.num_batched_seqs == sum(batches)
+    # both prompts (10 tokens, chunked at 8 a step) and each output token but the last, which ends the request
+    assert stats.num_batched_tokens == 10 + 2 * 2
+    assert stats.step_time_s == pytest.approx(0.25 * stats.num_steps)

@@ -131,6 +131,8 @@ def test_metrics_show_engine_state_and_latencies(server):
         assert name in text, name
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
     assert values["s3_time_to_first_token_seconds_count"] >= 1 and values["s3_generated_tokens_total"] >= 12
+    assert values["s3_batched_sequences_total"] >= 12 and values["s3_engine_steps_total"] >= 12
+    assert values["s3_batched_tokens_total"] >= 12 and values["s3_engine_step_seconds_total"] > 0
     assert values["s3_kv_blocks_total"] == 128
 
 
