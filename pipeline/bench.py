@@ -200,7 +200,7 @@ def run_policy(
                            prediction=predictions[i] if predictions else None)
         for i, (text, ids) in enumerate(prompts)
     ]  # fmt: skip
-    batch_sum = live_sum = held_sum = 0.0
+    live_sum = held_sum = 0.0
     steps = []
     while engine.has_unfinished():
         t0 = time.perf_counter()
@@ -211,7 +211,6 @@ def run_policy(
         out, snap = step.output, engine.snapshot()
         live_tokens = sum(s.start + s.num_new_tokens for s in out.seqs)
         steps.append((out.num_batched_tokens, live_tokens, dt))
-        batch_sum += len(out.seqs)
         live_sum += live_tokens / (snap.num_kv_blocks * engine.config.block_size) * dt
         held_sum += snap.num_kv_blocks_held / snap.num_kv_blocks * dt
     wall = time.perf_counter() - start
@@ -221,7 +220,7 @@ def run_policy(
         name, wall, len(prompts), sum(lengths),
         ttft_s=[None if r.first_token_time is None else r.first_token_time - start for r in requests],
         latency_s=[r.finish_time - start for r in requests], prediction=policy_needs(name),
-        mean_running_batch=batch_sum / max(1, len(steps)), kv_utilization=live_sum / wall,
+        mean_running_batch=stats.num_batched_seqs / max(1, stats.num_steps), kv_utilization=live_sum / wall,
         kv_reserved=held_sum / wall, num_preemptions=stats.num_preemptions,
         num_mispredictions=stats.num_mispredictions, num_recomputed_tokens=stats.num_recomputed_tokens, steps=steps,
     )  # fmt: skip

@@ -67,8 +67,8 @@ class ServeConfig:
     """Feedback records per fsync (the rest are synced when the engine goes idle and on shutdown)."""
     torch_threads: int | None = None
     """CPU threads of torch's intra-op pool; default all cores but one (at least one), leaving a core to the
-    HTTP thread (and a GPU server's predictor thread). Oversubscribed cores make each engine step wait for a descheduled pool worker
-    (tiny_llama on 2 cores: 60 ms per step instead of 1 ms)."""
+    HTTP thread (and a GPU server's predictor thread). Oversubscribed cores make each engine step wait for a
+    descheduled pool worker (tiny_llama on 2 cores: 60 ms per step instead of 1 ms)."""
     predictor_thread: bool | None = None
     """Classify new requests on a thread of their own, overlapping the engine's steps, rather than in the engine
     thread between two steps. Default: only when the engine runs on a GPU; on a CPU, torch computations issued

@@ -108,8 +108,6 @@ class PolicyResult:
 class _Accumulator:
     capacity_tokens: int
     num_blocks: int
-    steps: int = 0
-    batch_sum: int = 0
     kv_used_time: float = 0.0
     kv_reserved_time: float = 0.0
     busy_time: float = 0.0
@@ -118,8 +116,6 @@ class _Accumulator:
     def add(self, out: SchedulerOutput, dt: float, now: float, used_blocks: int) -> None:
         live = sum(s.start + s.num_new_tokens for s in out.seqs) / self.capacity_tokens
         reserved = used_blocks / self.num_blocks
-        self.steps += 1
-        self.batch_sum += len(out.seqs)
         self.kv_used_time += live * dt
         self.kv_reserved_time += reserved * dt
         self.busy_time += dt
@@ -220,7 +216,7 @@ def _summarise(policy: str, requests: list[Request], scheduler: Scheduler, acc: 
         mean_ttft_s=sum(ttfts) / len(ttfts),
         p50_ttft_s=_percentile(ttfts, 0.5),
         p99_ttft_s=_percentile(ttfts, 0.99),
-        mean_running_batch=acc.batch_sum / max(1, acc.steps),
+        mean_running_batch=stats.num_batched_seqs / max(1, stats.num_steps),
         kv_utilization=acc.kv_used_time / max(acc.busy_time, 1e-12),
         kv_reserved=acc.kv_reserved_time / max(acc.busy_time, 1e-12),
         num_preemptions=stats.num_preemptions,
