@@ -296,7 +296,7 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "num_recomputed_tokens": metrics.get("s3_recomputed_tokens_total", 0),
         "longest_stall_s": max((r.longest_gap for r in ok), default=0.0),
         **decode_figures(requests, wall),
-        **server_figures(metrics),
+        **server_figures(metrics, wall),
         "mean_output_tokens": tokens / max(1, len(ok)),
         "share_at_cap": sum(r.num_tokens >= max_tokens for r in ok) / max(1, len(ok)),
         "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan"),
@@ -316,12 +316,14 @@ def per_request(results: list[Result]) -> list[dict]:
              "longest_stall_s": r.longest_gap, "error": r.error} for r in results]
 
 
-def server_figures(metrics: dict[str, float]) -> dict[str, float]:
+def server_figures(metrics: dict[str, float], wall: float) -> dict[str, float]:
     """The server's own figures, from its /metrics: its mean over requests of each one's time per output token
-    (`server_mean_tpot_s`, to set beside the client's `mean_tpot_s`), and per engine step the time, the sequences
-    stepped and the tokens computed (`mean_step_s`, `mean_running_batch`, `mean_batched_tokens`). Where two policies
-    step as many sequences at a time, a longer step is the machine or a policy's overhead, not its schedule. NaN
-    where the server gave none."""
+    (`server_mean_tpot_s`, to set beside the client's `mean_tpot_s`), per engine step the time, the sequences
+    stepped and the tokens computed (`mean_step_s`, `mean_running_batch`, `mean_batched_tokens`), and the share of
+    the run's ``wall`` time spent in steps (`step_share`). Where two policies step as many sequences at a time, a
+    longer step is the machine or a policy's overhead, not its schedule; where the steps fill the run (a share
+    near 1), the server is never idle and time lost between steps returns as a larger batch. NaN where the
+    server gave none."""
     def per(total: str, count: str) -> float:
         n = metrics.get(count, 0.0)
         return metrics.get(total, 0.0) / n if n else float("nan")
@@ -330,7 +332,9 @@ def server_figures(metrics: dict[str, float]) -> dict[str, float]:
     return {"server_mean_tpot_s": per("s3_time_per_output_token_seconds_sum", "s3_time_per_output_token_seconds_count"),
             "mean_step_s": per("s3_engine_step_seconds_total", steps),
             "mean_running_batch": per("s3_batched_sequences_total", steps),
-            "mean_batched_tokens": per("s3_batched_tokens_total", steps)}
+            "mean_batched_tokens": per("s3_batched_tokens_total", steps),
+            "step_share": metrics["s3_engine_step_seconds_total"] / wall
+            if "s3_engine_step_seconds_total" in metrics and wall > 0 else float("nan")}
 
 
 def decode_figures(requests: list[dict], wall: float) -> dict[str, float]:
@@ -389,14 +393,14 @@ def format_table(rows: list[dict]) -> str:
     nan = float("nan")  # records read back from before the server gave its step figures
     base = next((r for r in rows if r["policy"] == "max"), rows[0])
     lines = [f"{'policy':<8}{'tok/s':>8}{'x max':>7}{'TTFT mean':>11}{'p50':>8}{'p99':>8}{'x max':>7}"
-             f"{'lat p50':>9}{'TPOT':>8}{'step':>8}{'batch':>7}{'preempt':>9}{'mispred':>9}{'errors':>8}"
+             f"{'lat p50':>9}{'TPOT':>8}{'step':>8}{'batch':>7}{'busy':>6}{'preempt':>9}{'mispred':>9}{'errors':>8}"
              f"{'out mean':>10}{'at cap':>8}"]
     for r in rows:
         lines.append(
             f"{r['policy']:<8}{r['tokens_per_s']:>8.1f}{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}"
             f"{r['ttft_mean_s']:>10.2f}s{r['ttft_p50_s']:>7.2f}s{r['ttft_p99_s']:>7.2f}s"
             f"{r['ttft_mean_s'] / base['ttft_mean_s']:>7.2f}{r['latency_p50_s']:>8.1f}s{r['mean_tpot_s']:>7.3f}s"
-            f"{r.get('mean_step_s', nan):>7.3f}s{r.get('mean_running_batch', nan):>7.1f}"
+            f"{r.get('mean_step_s', nan):>7.3f}s{r.get('mean_running_batch', nan):>7.1f}{r.get('step_share', nan):>6.0%}"
             f"{r['preemptions']:>9.0f}{r['mispredictions']:>9.0f}{r['errors']:>8}"
             f"{r['mean_output_tokens']:>10.0f}{r['share_at_cap']:>8.0%}"
         )
