@@ -400,7 +400,8 @@ def format_table(rows: list[dict]) -> str:
             f"{r['policy']:<8}{r['tokens_per_s']:>8.1f}{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}"
             f"{r['ttft_mean_s']:>10.2f}s{r['ttft_p50_s']:>7.2f}s{r['ttft_p99_s']:>7.2f}s"
             f"{r['ttft_mean_s'] / base['ttft_mean_s']:>7.2f}{r['latency_p50_s']:>8.1f}s{r['mean_tpot_s']:>7.3f}s"
-            f"{r.get('mean_step_s', nan):>7.3f}s{r.get('mean_running_batch', nan):>7.1f}{r.get('step_share', nan):>6.0%}"
+            f"{r.get('mean_step_s', nan):>7.3f}s{r.get('mean_running_batch', nan):>7.1f}"
+            f"{r.get('step_share', nan):>6.0%}"
             f"{r['preemptions']:>9.0f}{r['mispredictions']:>9.0f}{r['errors']:>8}"
             f"{r['mean_output_tokens']:>10.0f}{r['share_at_cap']:>8.0%}"
         )

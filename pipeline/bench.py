@@ -220,7 +220,7 @@ def run_policy(
         name, wall, len(prompts), sum(lengths),
         ttft_s=[None if r.first_token_time is None else r.first_token_time - start for r in requests],
         latency_s=[r.finish_time - start for r in requests], prediction=policy_needs(name),
-        mean_running_batch=stats.num_batched_seqs / max(1, stats.num_steps), kv_utilization=live_sum / wall,
+        mean_running_batch=stats.mean_running_batch, kv_utilization=live_sum / wall,
         kv_reserved=held_sum / wall, num_preemptions=stats.num_preemptions,
         num_mispredictions=stats.num_mispredictions, num_recomputed_tokens=stats.num_recomputed_tokens, steps=steps,
     )  # fmt: skip

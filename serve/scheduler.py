@@ -125,12 +125,17 @@ class SchedulerStats:
     num_mispredictions: int = 0
     num_recomputed_tokens: int = 0
     num_batched_seqs: int = 0
-    """Sequences stepped, summed over steps (over `num_steps`: the mean running batch)."""
+    """Sequences stepped, summed over steps (see `mean_running_batch`)."""
     num_batched_tokens: int = 0
     """Tokens computed (prompt and output), summed over steps."""
     step_time_s: float = 0.0
     """The clock's time from each step's plan to its update, summed: the engine's time in steps, the
     simulator's modelled one."""
+
+    @property
+    def mean_running_batch(self) -> float:
+        """Sequences stepped per step, on average (0 before the first step)."""
+        return self.num_batched_seqs / max(1, self.num_steps)
 
 
 @dataclasses.dataclass(frozen=True)

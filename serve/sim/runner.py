@@ -216,7 +216,7 @@ def _summarise(policy: str, requests: list[Request], scheduler: Scheduler, acc: 
         mean_ttft_s=sum(ttfts) / len(ttfts),
         p50_ttft_s=_percentile(ttfts, 0.5),
         p99_ttft_s=_percentile(ttfts, 0.99),
-        mean_running_batch=stats.num_batched_seqs / max(1, stats.num_steps),
+        mean_running_batch=stats.mean_running_batch,
         kv_utilization=acc.kv_used_time / max(acc.busy_time, 1e-12),
         kv_reserved=acc.kv_reserved_time / max(acc.busy_time, 1e-12),
         num_preemptions=stats.num_preemptions,

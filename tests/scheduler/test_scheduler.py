@@ -185,6 +185,7 @@ def test_stats_sum_each_steps_batch_tokens_and_time():
         batches.append(len(out.seqs))
     stats = sched.stats
     assert stats.num_steps == len(batches) and stats.num_batched_seqs == sum(batches)
+    assert stats.mean_running_batch == pytest.approx(sum(batches) / len(batches))
     # both prompts (10 tokens, chunked at 8 a step) and each output token but the last, which ends the request
     assert stats.num_batched_tokens == 10 + 2 * 2
     assert stats.step_time_s == pytest.approx(0.25 * stats.num_steps)
