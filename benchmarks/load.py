@@ -181,6 +181,7 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, fre
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 result.error = f"{response.status_code}: {(await response.aread())[:200]!r}"
+                result.end = time.perf_counter()
                 return result
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -310,9 +311,11 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
 
 
 def per_request(results: list[Result]) -> list[dict]:
-    """Each request in sending order, its times in seconds from the first one's sending (what the timeline plots)."""
+    """Each request in sending order, its times in seconds from the first one's sending (what the timeline plots);
+    a failed request has no time to first token or latency (None)."""
     t0 = min((r.start for r in results), default=0.0)
-    return [{"sent_s": r.start - t0, "ttft_s": r.ttft, "latency_s": r.end - r.start, "output_tokens": r.num_tokens,
+    return [{"sent_s": r.start - t0, "ttft_s": None if r.error else r.ttft,
+             "latency_s": None if r.error else r.end - r.start, "output_tokens": r.num_tokens,
              "longest_stall_s": r.longest_gap, "error": r.error} for r in results]
 
 

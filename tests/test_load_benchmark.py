@@ -42,8 +42,9 @@ def test_per_request_times_and_timeline(monkeypatch, tmp_path):
                load.Result("c", num_tokens=2, start=12.0, first_token=14.0, end=15.0)]
     row = load.summarise("paged", results, wall=5.0, metrics={}, max_tokens=8)
     assert [r["sent_s"] for r in row["per_request"]] == [0.0, 1.0, 2.0]
-    assert [r["ttft_s"] for r in row["per_request"]] == pytest.approx([0.5, 0.2, 2.0])
-    assert row["per_request"][0]["latency_s"] == 3.0 and row["per_request"][1]["error"] == "500: boom"
+    assert [r["ttft_s"] for r in row["per_request"]] == [0.5, None, 2.0]  # a failed request has no times
+    assert [r["latency_s"] for r in row["per_request"]] == [3.0, None, 3.0]
+    assert row["per_request"][1]["error"] == "500: boom"
     # TPOT: (3.0 - 0.5) / 4 for "a", (3.0 - 2.0) / 1 for "c"; in the server: (3 + 3) s of latency over 5 s
     assert row["mean_tpot_s"] == pytest.approx((0.625 + 1.0) / 2) and row["p99_tpot_s"] == pytest.approx(1.0)
     assert row["mean_in_system"] == pytest.approx(6.0 / 5.0) and "TPOT" in load.format_table([row])
