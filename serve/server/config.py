@@ -61,6 +61,10 @@ class ServeConfig:
     declares more bytes than it sends would otherwise hold a handler open)."""
     retry_after_s: int = 1
     """Retry-After sent with a 429."""
+    keep_alive_s: float = 75.0
+    """How long an idle keep-alive connection stays open. Longer than pooling clients keep theirs (httpx, under the
+    OpenAI SDK: 5 s), so that the server never closes a connection a client is about to reuse: with both at 5 s
+    (uvicorn's default) a request now and then met a closed socket (a client ReadError, no answer)."""
     feedback_dir: str | None = "runs/feedback"
     """Where mispredicted requests are written for `s3 train --feedback`; null disables it."""
     feedback_sync_every: int = 32
@@ -86,8 +90,9 @@ class ServeConfig:
                      "feedback_sync_every", "num_buckets", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.body_timeout_s > 0:
-            raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
+        for name in ("body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.fallback_policy is not None and (self.fallback_policy not in POLICY_NAMES

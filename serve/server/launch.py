@@ -131,7 +131,7 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
     config.check_exposure()  # before minutes of loading a model
     stack = build_stack(config, load_checkpoint=load_checkpoint)
     _log_startup(config, stack)
-    server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level))
+    server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level, config.keep_alive_s))
     stack.start()
     try:
         with _signals_end_the_run():
@@ -180,10 +180,10 @@ def _follow(config: ServeConfig) -> None:
     engine.follow()
 
 
-def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str, keep_alive_s: float) -> uvicorn.Config:
     # Graceful shutdown lets running requests finish for a while; then they are cut off and aborted.
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
-                          access_log=log_level == "debug")
+                          timeout_keep_alive=keep_alive_s, access_log=log_level == "debug")
 
 
 def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
@@ -205,9 +205,10 @@ def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
 class BackgroundServer:
     """A server in a background thread on a free loopback port (tests, benchmarks)."""
 
-    def __init__(self, stack: ServingStack, *, host: str = "127.0.0.1", log_level: str = "warning") -> None:
+    def __init__(self, stack: ServingStack, *, host: str = "127.0.0.1", log_level: str = "warning",
+                 keep_alive_s: float = ServeConfig.keep_alive_s) -> None:
         self.stack = stack
-        self.server = uvicorn.Server(_uvicorn_config(stack.app, host, 0, log_level))
+        self.server = uvicorn.Server(_uvicorn_config(stack.app, host, 0, log_level, keep_alive_s))
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.host = host
         self.port: int | None = None

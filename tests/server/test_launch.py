@@ -14,12 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from pipeline.cli import load_predictor_checkpoint
 from pipeline.config import load_config
 from serve.server.admission import ServeSetupError, TablePredictor, check_target_model, resolve_admission
 from serve.server.config import ServeConfig
-from serve.server.launch import served_model_name
+from serve.server.launch import _uvicorn_config, served_model_name
 from tests.engine.engine_driver import tiny_llama
 from tests.server.conftest import API_KEY, client, wait_idle
 from tests.server.fakes import BUCKETS, FakePredictor, serve_config, start_server
@@ -34,6 +35,16 @@ def test_the_shipped_config_loads_and_flags_override_it():
     assert config.host == "127.0.0.1" and config.predictor == "runs/predictor"
     with pytest.raises(ValueError, match="fallback_policy"):
         load_config(ServeConfig, values={"fallback_policy": "s3"})
+
+
+def test_idle_connections_outlive_a_pooling_clients():
+    # httpx (and the OpenAI SDK over it) drops an idle pooled connection after 5 s; a server that closes it at the
+    # same moment races the client's next request on it (a ReadError, the request lost).
+    config = load_config(ServeConfig, ROOT / "configs/serve_cpu.yaml")
+    assert config.keep_alive_s == ServeConfig.keep_alive_s > httpx.Limits().keepalive_expiry
+    assert _uvicorn_config(FastAPI(), "127.0.0.1", 0, "warning", config.keep_alive_s).timeout_keep_alive == 75
+    with pytest.raises(ValueError, match="keep_alive_s"):
+        load_config(ServeConfig, values={"keep_alive_s": 0})
 
 
 def test_s3_without_a_predictor_refuses_to_start_and_says_what_to_do(tmp_path):
