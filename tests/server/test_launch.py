@@ -37,7 +37,7 @@ def test_the_shipped_config_loads_and_flags_override_it():
         load_config(ServeConfig, values={"fallback_policy": "s3"})
 
 
-def test_idle_connections_outlive_a_pooling_clients():
+def test_idle_connections_stay_open_longer_than_pooling_clients_keep_them():
     # httpx (and the OpenAI SDK over it) drops an idle pooled connection after 5 s; a server that closes it at the
     # same moment races the client's next request on it (a ReadError, the request lost).
     config = load_config(ServeConfig, ROOT / "configs/serve_cpu.yaml")
