@@ -181,7 +181,6 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, fre
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 result.error = f"{response.status_code}: {(await response.aread())[:200]!r}"
-                result.end = time.perf_counter()
                 return result
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -198,7 +197,8 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, fre
                         pieces.append(choice["delta"]["content"])
     except httpx.HTTPError as exc:
         result.error = repr(exc)
-    result.text, result.end = "".join(pieces), time.perf_counter()
+    finally:  # every way out, a refused request's included, ends the request's clock
+        result.text, result.end = "".join(pieces), time.perf_counter()
     return result
 
 
