@@ -7,6 +7,9 @@ The s3 server uses `--predictor CHECKPOINT` when given. Otherwise it uses an ora
 output lengths measured by the `max` run (greedy decoding, so every policy produces the same answers), looked
 up by prompt; that is S3 with a perfect bucket classifier, which reserves each request's bucket upper edge.
 Requests carry the frequency penalty the labels were made with (`--frequency-penalty`; data/labelled: 0.5).
+Decoding is greedy, so every policy should give every prompt the same answer: each record says how many of its
+answers differ from the first policy's (`answers_differing`), and each request carries a fingerprint of its
+answer (`answer_sha1`) for comparing runs after the fact.
 
     .venv/bin/python benchmarks/load.py --num-requests 48 --concurrency 16 --max-tokens 128 --kv-cache-tokens 2048
     .venv/bin/python benchmarks/load.py --mode poisson --rate 1.5 --predictor runs/predictor
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import random
@@ -312,11 +316,22 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
 
 def per_request(results: list[Result]) -> list[dict]:
     """Each request in sending order, its times in seconds from the first one's sending (what the timeline plots);
-    a failed request has no time to first token or latency (None)."""
+    a failed request has no time to first token or latency (None). ``answer_sha1`` fingerprints the answer, so runs
+    can be compared request by request after the fact (another day's, another machine's) without keeping the text."""
     t0 = min((r.start for r in results), default=0.0)
     return [{"sent_s": r.start - t0, "ttft_s": None if r.error else r.ttft,
              "latency_s": None if r.error else r.end - r.start, "output_tokens": r.num_tokens,
-             "longest_stall_s": r.longest_gap, "error": r.error} for r in results]
+             "longest_stall_s": r.longest_gap, "error": r.error,
+             "answer_sha1": None if r.error else answer_fingerprint(r.text)} for r in results]
+
+
+def answer_fingerprint(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def answers_differing(answers: dict[str, tuple[str, int]], reference: dict[str, tuple[str, int]]) -> int:
+    """Prompts answered under both runs whose answers differ (a request that failed in either is not counted)."""
+    return sum(prompt in reference and reference[prompt] != answer for prompt, answer in answers.items())
 
 
 def server_figures(metrics: dict[str, float], wall: float) -> dict[str, float]:
@@ -441,8 +456,13 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
             if policy == "max":
                 oracle = f"{workdir}/lengths.json"
                 Path(oracle).write_text(json.dumps({p: n for p, (_, n) in rows["max"]["answers"].items()}))
-    same = len({json.dumps(rows[p]["answers"], sort_keys=True) for p in rows}) == 1
+    reference = rows[order[0]]["answers"]
+    for policy in order:
+        rows[policy]["answers_differing"] = answers_differing(rows[policy]["answers"], reference)
+    same = not any(rows[p]["answers_differing"] for p in order)
     echo(f"\nanswers identical under every policy (greedy, frequency penalty {cfg.frequency_penalty}): {same}")
+    if not same:
+        echo("  answers unlike " + order[0] + "'s: " + ", ".join(f"{p} {rows[p]['answers_differing']}" for p in order))
     return [rows[p] for p in order if p in cfg.policies]
 
 

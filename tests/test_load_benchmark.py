@@ -45,6 +45,7 @@ def test_per_request_times_and_timeline(monkeypatch, tmp_path):
     assert [r["ttft_s"] for r in row["per_request"]] == [0.5, None, 2.0]  # a failed request has no times
     assert [r["latency_s"] for r in row["per_request"]] == [3.0, None, 3.0]
     assert row["per_request"][1]["error"] == "500: boom"
+    assert row["per_request"][1]["answer_sha1"] is None and len(row["per_request"][0]["answer_sha1"]) == 16
     # TPOT: (3.0 - 0.5) / 4 for "a", (3.0 - 2.0) / 1 for "c"; in the server: (3 + 3) s of latency over 5 s
     assert row["mean_tpot_s"] == pytest.approx((0.625 + 1.0) / 2) and row["p99_tpot_s"] == pytest.approx(1.0)
     assert row["mean_in_system"] == pytest.approx(6.0 / 5.0) and "TPOT" in load.format_table([row])
@@ -118,3 +119,32 @@ def test_each_policy_is_served_from_a_fresh_process(import_benchmark):
     assert load.in_fresh_process(os.getpid) != os.getpid()
     with pytest.raises(ValueError, match="invalid literal"):
         load.in_fresh_process(int, "not a number")
+
+
+def test_answers_are_compared_prompt_by_prompt(monkeypatch):
+    """A policy's answers against the reference run's: only prompts both answered count, and a fingerprint tells
+    two texts apart without keeping them."""
+    load = _load_module(monkeypatch)
+    reference = {"a": ("Hi there.", 3), "b": ("Two.", 2), "c": ("Long answer", 9)}
+    assert load.answers_differing(reference, reference) == 0
+    assert load.answers_differing({"a": ("Hi there.", 3), "b": ("Three.", 2)}, reference) == 1  # "c" failed here
+    assert load.answers_differing({"a": ("Hi there.", 3), "d": ("New.", 2)}, reference) == 0
+    assert load.answer_fingerprint("Two.") == load.answer_fingerprint("Two.") != load.answer_fingerprint("Three.")
+
+
+def test_each_record_counts_its_answers_unlike_the_first_policys(monkeypatch):
+    load = _load_module(monkeypatch)
+    texts = {"paged": {"a": "x", "b": "y"}, "s3": {"a": "x", "b": "z"}}
+
+    def serve(fn, cfg, policy, prompts, **kwargs):
+        results = [load.Result(p, text=texts[policy][p], num_tokens=1, start=0.0, first_token=1.0, end=1.0)
+                   for p in prompts]
+        return load.summarise(policy, results, wall=1.0, metrics={}, max_tokens=8)
+
+    monkeypatch.setattr(load, "load_prompts", lambda *args: ["a", "b"])
+    monkeypatch.setattr(load, "in_fresh_process", serve)
+    said = []
+    rows = load.benchmark(load.LoadConfig(policies=("paged", "s3"), predictor="ckpt", frequency_penalty=0.5,
+                                          num_requests=2), echo=said.append)
+    assert [(r["policy"], r["answers_differing"]) for r in rows] == [("paged", 0), ("s3", 1)]
+    assert "answers unlike paged's: paged 0, s3 1" in said[-1]
