@@ -215,11 +215,11 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
         ctx.echo(f"  serving {len(prompts)} prompts under {policy}")
         given = None if policy == "max" else predictions_for(policy, predicted=predicted, true_lengths=true_lengths,
                                                                 buckets=buckets)  # fmt: skip
-        result, lengths = run_policy(policy, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
+        result, answers = run_policy(policy, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
                                      max_new_tokens=config.max_new_tokens, predictions=given, buckets=buckets,
                                      sampling=sampling, knobs=with_length_profile(PolicyConfig(), predictor),
                                      on_finish=on_finish if policy == "s3" else lambda r: None)
-        true_lengths = true_lengths or lengths
+        true_lengths = true_lengths or [len(answer) for answer in answers]
         record = result.record()
         runs[policy] = {"tokens_per_s": result.tokens_per_s, "preemptions": result.num_preemptions,
                         "mispredictions": result.num_mispredictions, "mean_running_batch": result.mean_running_batch,

@@ -38,6 +38,7 @@ def test_bench_runs_every_registered_policy_with_max_first(bench_run):
     assert report["reference"]["policy"] == "hf-generate@3"
     # Greedy decoding: every policy and the reference generate exactly the same tokens.
     assert len({r["generated_tokens"] for r in report["results"]} | {report["reference"]["generated_tokens"]}) == 1
+    assert all(r["answers_differing"] == 0 for r in report["results"]) and "unlike max" not in result.output
     by = {r["policy"]: r for r in report["results"]}
     assert by["max"]["num_preemptions"] == 0 and by["max"]["prediction"] == "none"
     assert by["oracle"]["prediction"] == "exact" and by["s3"]["prediction"] == "buckets"
