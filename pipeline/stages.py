@@ -210,7 +210,7 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
 
     predicted = predictor.predict(texts)
     sampling = SamplingParams.from_decoding(predictor.decoding)  # as the labels were made
-    runs, true_lengths = {}, []
+    runs, true_lengths, max_answers = {}, [], []
     for policy in ["max", *[p for p in policies if p != "max"]]:
         ctx.echo(f"  serving {len(prompts)} prompts under {policy}")
         given = None if policy == "max" else predictions_for(policy, predicted=predicted, true_lengths=true_lengths,
@@ -219,12 +219,16 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
                                      max_new_tokens=config.max_new_tokens, predictions=given, buckets=buckets,
                                      sampling=sampling, knobs=with_length_profile(PolicyConfig(), predictor),
                                      on_finish=on_finish if policy == "s3" else lambda r: None)
+        max_answers = max_answers or answers
         true_lengths = true_lengths or [len(answer) for answer in answers]
+        differing = sum(a != b for a, b in zip(answers, max_answers))
+        if differing:
+            ctx.echo(f"  warning: {policy} answered {differing} prompts unlike max (same prompts and decoding)")
         record = result.record()
         runs[policy] = {"tokens_per_s": result.tokens_per_s, "preemptions": result.num_preemptions,
                         "mispredictions": result.num_mispredictions, "mean_running_batch": result.mean_running_batch,
                         "generated_tokens": result.generated_tokens, "mean_ttft_s": record["mean_ttft_s"],
-                        "p99_latency_s": record["p99_latency_s"]}  # fmt: skip
+                        "p99_latency_s": record["p99_latency_s"], "answers_differing": differing}  # fmt: skip
     if writer is not None:
         writer.close()
         runs["s3"]["mispredicted_requests"] = writer.num_written

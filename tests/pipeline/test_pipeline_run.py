@@ -52,6 +52,7 @@ def test_pipeline_runs_every_stage_then_skips_them(world, monkeypatch):
     for stage in ("collect", "bench"):
         outputs = json.loads((world / "runs" / "t" / stage / "stage.json").read_text())["outputs"]
         assert outputs["max"]["generated_tokens"] == outputs["s3"]["generated_tokens"] > 0
+        assert outputs["s3"]["answers_differing"] == 0  # token for token: only the schedule differs
 
     again = CliRunner().invoke(main, _args(world))
     assert again.exit_code == 0, again.output

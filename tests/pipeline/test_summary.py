@@ -13,7 +13,7 @@ def _outputs(*, held_out: bool) -> dict:
         retrain["after"]["feedback_held_out"] = metrics(0.5)
     serve = lambda max_tps, s3_tps: {"max": {"tokens_per_s": max_tps},  # noqa: E731
                                      "s3": {"tokens_per_s": s3_tps, "mispredictions": 3, "preemptions": 1,
-                                            "mean_running_batch": 7.0}}  # fmt: skip
+                                            "mean_running_batch": 7.0, "answers_differing": 0}}  # fmt: skip
     return {"train": {"test": {"predictor": metrics(0.4), "majority": metrics(0.2), "regression": metrics(0.15)}},
             "collect": serve(100.0, 120.0), "retrain": retrain, "bench": serve(50.0, 75.0)}  # fmt: skip
 
@@ -23,6 +23,7 @@ def test_every_ratio_divides_figures_of_one_round():
     # Before: 120 / 100 from collect's own max; after: 75 / 50 from the bench round's own max (not 75 / 100).
     assert rows["s3 / max throughput (same round)"] == ["1.20x", "1.50x"]
     assert rows["max tokens/s (this round's own run)"] == ["100.0", "50.0"]
+    assert rows["s3 prompts answered unlike max"] == ["0", "0"]
 
 
 def test_rows_on_retraining_data_say_they_are_training_examples():
