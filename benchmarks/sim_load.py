@@ -49,11 +49,13 @@ RATIO_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_ttft_s")
 @click.option("--quantile", type=float, default=PolicyConfig.quantile, show_default=True, help="s3's q.")
 @click.option("--aging-s", type=float, default=PolicyConfig.aging_s, show_default=True,
               help="Aging bound of the ordering policies (s3, paged-sjf).")
+@click.option("--aging-queue-factor", type=float, default=PolicyConfig.aging_queue_factor, show_default=True,
+              help="k > 0: the aging bound follows the queue (PolicyConfig.aging_queue_factor).")
 @click.option("--short-queue", type=int, default=PolicyConfig.short_queue, show_default=True,
               help="s3: below this many waiting requests the peak test leaves out the last blocks' room.")
 @click.option("--output", default="runs/sim_load", show_default=True)
 def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace, max_new_tokens, kv_cache_tokens,
-         max_num_seqs, quantile, aging_s, short_queue, output):
+         max_num_seqs, quantile, aging_s, aging_queue_factor, short_queue, output):
     names = tuple(p for p in policies.split(",") if p)
     if "paged" not in names:
         names = ("paged", *names)
@@ -63,7 +65,8 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
         workload = WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed)
         base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens, policies=("paged",),
                               predictor=PredictorConfig(kind="file" if trace else "confusion", accuracy=accuracy),
-                              policy=PolicyConfig(quantile=quantile, aging_s=aging_s, short_queue=short_queue),
+                              policy=PolicyConfig(quantile=quantile, aging_s=aging_s, aging_queue_factor=aging_queue_factor,
+                                                  short_queue=short_queue),
                               **limits)  # fmt: skip
         capacity_run = run_simulation(base)
         capacity, fit = capacity_run.results[0].requests_per_s, step_time_fit(capacity_run.cost)
@@ -81,7 +84,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"preset": preset, "trace": trace, "num_requests": num_requests, "quantile": quantile, "aging_s": aging_s,
-            "short_queue": short_queue, "step_time_fit": fit}
+            "aging_queue_factor": aging_queue_factor, "short_queue": short_queue, "step_time_fit": fit}
     (out / "sim_load.json").write_text(json.dumps({**meta, "results": records, "summary": summary}, indent=2))
     plot(summary, out / "sim_load.png", f"{preset}: open-loop load, mean over seeds (bars: min-max)")
     print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")

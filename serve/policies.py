@@ -18,6 +18,7 @@ A policy is one class registered under its name (``@register``); the CLI, the co
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import statistics
 from typing import Callable, Iterable, Literal, Sequence
@@ -81,6 +82,12 @@ class PolicyConfig:
     """`s3`, `s3-reserve`, `paged-sjf`: how many waiting requests (in arrival order) the ordering looks at."""
     aging_s: float = 30.0
     """`s3`, `s3-reserve`, `paged-sjf`: a request waiting this long can no longer be overtaken."""
+    aging_queue_factor: float = 0.0
+    """`s3`, `paged-sjf`: 0 keeps `aging_s` fixed. k > 0 makes the bound follow the queue: k times the time the
+    server now takes to admit as many requests as are waiting (their number over the rate at which the last
+    64 requests finished), about how long first-come-first-served would make the newest of them wait, on any
+    hardware. `aging_s` holds until 8 requests have finished. k = 1 keeps the p99 time to first token near
+    `paged`'s and gives up part of the mean latency the fixed bound buys (docs/scheduling.md)."""
     short_queue: int = 8
     """`s3`, `peak-history`: while fewer requests than this wait, the projected-peak test counts the tokens each
     sequence holds without its last block's free room (up to a block less per sequence): a small bunch is let in
@@ -103,8 +110,8 @@ class PolicyConfig:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         if not 0 <= self.quantile <= 1 or not 0 <= self.prior_weight <= 1:
             raise ValueError(f"quantile and prior_weight must be in [0, 1], got {self.quantile}, {self.prior_weight}")
-        if self.lookahead < 1 or self.aging_s < 0 or self.short_queue < 0:
-            raise ValueError("lookahead must be >= 1, aging_s and short_queue >= 0")
+        if self.lookahead < 1 or min(self.aging_s, self.aging_queue_factor, self.short_queue) < 0:
+            raise ValueError("lookahead must be >= 1, aging_s, aging_queue_factor and short_queue >= 0")
         if self.reserve_quantile is not None and not 0 < self.reserve_quantile <= 1:
             raise ValueError(f"reserve_quantile must be in (0, 1], got {self.reserve_quantile}")
         if self.bucket_prior is not None:
@@ -215,6 +222,23 @@ class PagedPolicy(AdmissionPolicy):
         return preempt_last_admitted(candidates, needy)
 
 
+class FinishRate:
+    """Requests finished per second over the last ``window`` finishes (None until ``min_finished``)."""
+
+    def __init__(self, window: int = 64, min_finished: int = 8) -> None:
+        self.times: collections.deque[float] = collections.deque(maxlen=window)
+        self.min_finished = min_finished
+
+    def observe(self, finish_time: float) -> None:
+        self.times.append(finish_time)
+
+    def per_s(self) -> float | None:
+        if len(self.times) < self.min_finished:
+            return None
+        span = self.times[-1] - self.times[0]
+        return (len(self.times) - 1) / span if span > 0 else float("inf")
+
+
 class _Ordered:
     """Mixin: shortest predicted remaining work first within a look-ahead window; aged requests first, in
     arrival order. Work is the steps a request still needs: its prompt at the prefill rate plus its mean
@@ -222,19 +246,32 @@ class _Ordered:
 
     estimator: RemainingEstimator
     prefill_rate: int = 1
+    finish_rate: FinishRate | None = None
 
     def work(self, request: Request) -> float:
         prefill = request.num_tokens / self.prefill_rate
         return prefill + self.estimator.estimate(request).mean_tokens
 
-    def is_aged(self, request: Request, now: float) -> bool:
-        return now - request.arrival_time >= self.config.aging_s
+    def aging_bound(self, num_waiting: int) -> float:
+        """How long a request may wait before nobody can overtake it: `aging_s`, or with `aging_queue_factor`
+        k, k times the time the recent finish rate needs to admit ``num_waiting`` requests."""
+        rate = None if self.finish_rate is None else self.finish_rate.per_s()
+        if not self.config.aging_queue_factor or rate is None:
+            return self.config.aging_s
+        return self.config.aging_queue_factor * num_waiting / rate
+
+    def observe_finished(self, request: Request) -> None:
+        super().observe_finished(request)  # type: ignore[misc]
+        if self.config.aging_queue_factor and request.finish_time is not None:
+            self.finish_rate = self.finish_rate or FinishRate()
+            self.finish_rate.observe(request.finish_time)
 
     def candidates(self, waiting: Sequence[Request], now: float) -> Iterable[int]:
         # The queue is in arrival order, so the aged requests are a prefix: they go first, in order (lazily:
         # admission usually stops long before the end of a long aged prefix).
+        bound = self.aging_bound(len(waiting))
         num_aged = 0
-        while num_aged < len(waiting) and self.is_aged(waiting[num_aged], now):
+        while num_aged < len(waiting) and now - waiting[num_aged].arrival_time >= bound:
             yield num_aged
             num_aged += 1
         window = range(num_aged, min(len(waiting), num_aged + self.config.lookahead))

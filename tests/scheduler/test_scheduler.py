@@ -1,6 +1,7 @@
 import pytest
 
 from core.request import RequestStatus
+from serve.policies import PolicyConfig
 from tests.fakes import BUCKETS, FakeClock, ScriptedExecutor, make_request, make_scheduler, run_until_done
 
 
@@ -189,3 +190,24 @@ def test_stats_sum_each_steps_batch_tokens_and_time():
     # both prompts (10 tokens, chunked at 8 a step) and each output token but the last, which ends the request
     assert stats.num_batched_tokens == 10 + 2 * 2
     assert stats.step_time_s == pytest.approx(0.25 * stats.num_steps)
+
+
+def test_a_queue_scaled_aging_bound_follows_how_fast_requests_finish():
+    from serve.policies import make_policy
+
+    policy = make_policy(PolicyConfig(policy="s3", aging_s=30.0, aging_queue_factor=1.0), BUCKETS)
+    # The queue in arrival order: long requests first (arrived at t = 0..3), then a short one (t = 9.5).
+    waiting = [make_request(f"long{i}", bucket=3, arrival_time=float(i)) for i in range(4)]
+    waiting.append(make_request("short", bucket=0, arrival_time=9.5))
+    assert policy.aging_bound(len(waiting)) == 30.0  # nothing finished yet: the fixed bound
+    assert list(policy.candidates(waiting, now=10.0))[0] == 4  # the short one overtakes all four
+    for t in range(9):  # one request finished a second: 5 waiting take about 5 s to admit
+        done = make_request(f"done{t}")
+        done.finish_time = float(t)
+        policy.observe_finished(done)
+    assert policy.aging_bound(len(waiting)) == pytest.approx(5.0)
+    # At t = 7 the three that have waited 5 s or more go first, in arrival order; then the short one.
+    order = list(policy.candidates(waiting, now=7.0))
+    assert order[:3] == [0, 1, 2] and order[3] == 4
+    with pytest.raises(ValueError, match="aging_queue_factor"):
+        PolicyConfig(aging_queue_factor=-1.0)
