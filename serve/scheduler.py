@@ -420,7 +420,10 @@ class Scheduler:
                 return False
         else:
             needed = self.pool.num_new_blocks(request.request_id, num_new)
-            if needed + self._watermark_blocks > self.pool.num_free_blocks or not gate.fits(request):
+            # The watermark keeps room for running sequences to grow; with none running it would only starve a
+            # request that fits the pool but not the pool less the watermark.
+            watermark = self._watermark_blocks if self.running else 0
+            if needed + watermark > self.pool.num_free_blocks or not gate.fits(request):
                 return False
             self.pool.allocate(request.request_id, num_new)
             gate.add(request)

@@ -30,6 +30,7 @@ workload_st = st.fixed_dictionaries(
         "max_num_seqs": st.integers(1, 8),
         "extra_budget": st.integers(0, 30),
         "aging_s": st.integers(0, 12),
+        "aging_queue_factor": st.sampled_from([0.0, 0.5, 1.0]),
         "lookahead": st.integers(1, 10),
         "watermark": st.sampled_from([0.0, 0.1, 0.3]),
         "quantile": st.floats(0, 1),
@@ -56,6 +57,7 @@ def _build(w):
         max_num_seqs=w["max_num_seqs"],
         max_num_batched_tokens=w["max_num_seqs"] + w["extra_budget"],
         aging_s=float(w["aging_s"]),
+        aging_queue_factor=w["aging_queue_factor"],
         lookahead=w["lookahead"],
         watermark=w["watermark"],
         quantile=w["quantile"],
@@ -84,9 +86,12 @@ def _check_admission_order(sched, waiting_before, out, now):
     order = sched._order
     admitted = [sched.requests[rid] for rid in out.new_request_ids]
     left_behind = [r for r in waiting_before if r.status != RequestStatus.RUNNING and not r.is_finished]
+    bound = sched.policy.config.aging_s  # s3-reserve's; the ordering policies' may follow the queue
+    if hasattr(sched.policy, "aging_bound"):  # the queue it saw: the waiting ones and this step's preempted
+        bound = sched.policy.aging_bound(len(waiting_before) + len(out.preempted_request_ids))
     for passed in left_behind:
         fcfs = sched.policy.name in ("max", "paged", "peak-history", "oracle")
-        protected = fcfs or now - passed.arrival_time >= sched.policy.config.aging_s
+        protected = fcfs or now - passed.arrival_time >= bound
         if protected:
             assert all(order[a.request_id] < order[passed.request_id] for a in admitted), (passed, admitted)
 

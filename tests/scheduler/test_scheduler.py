@@ -211,3 +211,11 @@ def test_a_queue_scaled_aging_bound_follows_how_fast_requests_finish():
     assert order[:3] == [0, 1, 2] and order[3] == 4
     with pytest.raises(ValueError, match="aging_queue_factor"):
         PolicyConfig(aging_queue_factor=-1.0)
+
+
+def test_a_lone_request_that_fits_the_pool_but_not_the_watermark_is_admitted():
+    # 7 blocks of 1 token, a 30% watermark (2 blocks): a 6-token prompt fits only once nothing runs.
+    sched = make_scheduler("paged", num_blocks=7, block_size=1, watermark=0.3, max_num_batched_tokens=64)
+    sched.add_request(make_request("a", prompt_tokens=6, max_new_tokens=1))
+    (request,) = run_until_done(sched, {"a": 1})
+    assert request.num_output_tokens == 1
