@@ -81,13 +81,14 @@ class PolicyConfig:
     lookahead: int = 256
     """`s3`, `s3-reserve`, `paged-sjf`: how many waiting requests (in arrival order) the ordering looks at."""
     aging_s: float = 30.0
-    """`s3`, `s3-reserve`, `paged-sjf`: a request waiting this long can no longer be overtaken."""
-    aging_queue_factor: float = 0.0
-    """`s3`, `paged-sjf`: 0 keeps `aging_s` fixed. k > 0 makes the bound follow the queue: k times the time the
-    server now takes to admit as many requests as are waiting (their number over the rate at which the last
-    64 requests finished), about how long first-come-first-served would make the newest of them wait, on any
-    hardware. `aging_s` holds until 8 requests have finished. k = 1 keeps the p99 time to first token near
-    `paged`'s and gives up part of the mean latency the fixed bound buys (docs/scheduling.md)."""
+    """`s3-reserve`; `s3` and `paged-sjf` with `aging_queue_factor` 0 or before 8 requests have finished: a
+    request waiting this long can no longer be overtaken."""
+    aging_queue_factor: float = 1.0
+    """`s3`, `paged-sjf`: k > 0 makes the aging bound follow the queue: k times the time the server now takes to
+    admit as many requests as are waiting (their number over the rate at which the last 64 requests finished),
+    about how long first-come-first-served would make the newest of them wait, on any hardware; `aging_s`
+    holds until 8 requests have finished. 0 keeps `aging_s` fixed (the default until 2026-12-06). At k = 1 the
+    simulator's p99 time to first token stays near `paged`'s at every preset (docs/scheduling.md)."""
     short_queue: int = 8
     """`s3`, `peak-history`: while fewer requests than this wait, the projected-peak test counts the tokens each
     sequence holds without its last block's free room (up to a block less per sequence): a small bunch is let in
