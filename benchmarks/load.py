@@ -63,11 +63,11 @@ class LoadConfig:
     max_num_seqs: int = 32
     """Most sequences a server runs at once."""
     policies: tuple[str, ...] = ("max", "paged", "s3")
-    aging_s: float = 30.0
+    aging_s: float = PolicyConfig.aging_s
     """s3: a request waiting this long can no longer be overtaken (PolicyConfig.aging_s)."""
-    aging_queue_factor: float = 1.0
+    aging_queue_factor: float = PolicyConfig.aging_queue_factor
     """s3: k > 0, the aging bound follows the queue; 0, aging_s is fixed (PolicyConfig.aging_queue_factor)."""
-    short_queue: int = 8
+    short_queue: int = PolicyConfig.short_queue
     """s3: while fewer requests wait, the peak test leaves out the last blocks' room (PolicyConfig.short_queue)."""
     predictor: str | None = None
     """Predictor checkpoint for s3; default: the oracle-ish stand-in from the max run."""

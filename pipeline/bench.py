@@ -229,6 +229,11 @@ def run_policy(
     return result, answers
 
 
+def answers_unlike(answers: Sequence[tuple[int, ...]], reference: Sequence[tuple[int, ...]]) -> int:
+    """How many prompts were answered unlike ``reference`` (the same prompts, in order), token for token."""
+    return sum(a != b for a, b in zip(answers, reference))
+
+
 def predictions_for(name: str, *, predicted: Sequence[LengthPrediction], true_lengths: Sequence[int],
                     buckets: BucketSpec) -> list[LengthPrediction] | None:
     """What policy ``name`` is given, by the registry's `policy_needs`: nothing, the bucket predictor's
@@ -304,7 +309,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
             predictor = bucket_predictor(config, texts, true_lengths, buckets)
             predicted, knobs = list(predictor.predict(texts)), with_length_profile(config.policy, predictor)
         else:
-            result.answers_differing = sum(a != b for a, b in zip(answers, reference_answers))
+            result.answers_differing = answers_unlike(answers, reference_answers)
             if result.answers_differing:
                 progress(f"warning: {name} answered {result.answers_differing} prompts unlike max "
                          "(non-deterministic kernels?)")

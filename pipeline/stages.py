@@ -180,7 +180,7 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
                 policies: tuple[str, ...] = ("max", "s3")) -> dict:
     """The serving prompts under each of ``policies`` (max first) with ``checkpoint`` as the bucket predictor;
     s3's mispredictions go to ``feedback_dir``. One record per policy, all from this one run."""
-    from pipeline.bench import predictions_for, run_policy
+    from pipeline.bench import answers_unlike, predictions_for, run_policy
     from pipeline.labelled import labelled_prompts
     from pipeline.prompts import format_prompt
     from predictor_train.inference import LengthPredictor
@@ -210,9 +210,10 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
 
     predicted = predictor.predict(texts)
     sampling = SamplingParams.from_decoding(predictor.decoding)  # as the labels were made
-    runs, true_lengths, max_answers = {}, [], []
+    runs, max_answers = {}, []
     for policy in ["max", *[p for p in policies if p != "max"]]:
         ctx.echo(f"  serving {len(prompts)} prompts under {policy}")
+        true_lengths = [len(answer) for answer in max_answers]
         given = None if policy == "max" else predictions_for(policy, predicted=predicted, true_lengths=true_lengths,
                                                                 buckets=buckets)  # fmt: skip
         result, answers = run_policy(policy, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
@@ -220,8 +221,7 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
                                      sampling=sampling, knobs=with_length_profile(PolicyConfig(), predictor),
                                      on_finish=on_finish if policy == "s3" else lambda r: None)
         max_answers = max_answers or answers
-        true_lengths = true_lengths or [len(answer) for answer in answers]
-        differing = sum(a != b for a, b in zip(answers, max_answers))
+        differing = answers_unlike(answers, max_answers)
         if differing:
             ctx.echo(f"  warning: {policy} answered {differing} prompts unlike max (same prompts and decoding)")
         record = result.record()
