@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 from core.buckets import BucketSpec, Shape
 from core.request import Request
@@ -240,6 +240,18 @@ class FinishRate:
         return (len(self.times) - 1) / span if span > 0 else float("inf")
 
 
+def aged_first(waiting: Sequence[Request], now: float, bound: float, lookahead: int,
+               key: Callable[[int], float]) -> Iterator[int]:
+    """Indices of ``waiting`` (in arrival order) to try: those that have waited ``bound`` seconds or more first,
+    in arrival order (a prefix; yielded lazily, as admission usually stops long before the end of a long aged
+    prefix), then the next ``lookahead`` by ``key`` ascending."""
+    num_aged = 0
+    while num_aged < len(waiting) and now - waiting[num_aged].arrival_time >= bound:
+        yield num_aged
+        num_aged += 1
+    yield from sorted(range(num_aged, min(len(waiting), num_aged + lookahead)), key=key)
+
+
 class _Ordered:
     """Mixin: shortest predicted remaining work first within a look-ahead window; aged requests first, in
     arrival order. Work is the steps a request still needs: its prompt at the prefill rate plus its mean
@@ -268,15 +280,8 @@ class _Ordered:
             self.finish_rate.observe(request.finish_time)
 
     def candidates(self, waiting: Sequence[Request], now: float) -> Iterable[int]:
-        # The queue is in arrival order, so the aged requests are a prefix: they go first, in order (lazily:
-        # admission usually stops long before the end of a long aged prefix).
-        bound = self.aging_bound(len(waiting))
-        num_aged = 0
-        while num_aged < len(waiting) and now - waiting[num_aged].arrival_time >= bound:
-            yield num_aged
-            num_aged += 1
-        window = range(num_aged, min(len(waiting), num_aged + self.config.lookahead))
-        yield from sorted(window, key=lambda i: self.work(waiting[i]))
+        return aged_first(waiting, now, self.aging_bound(len(waiting)), self.config.lookahead,
+                          key=lambda i: self.work(waiting[i]))
 
 
 @register
@@ -414,15 +419,10 @@ class S3ReservePolicy(AdmissionPolicy):
         return now - request.arrival_time >= self.config.aging_s
 
     def candidates(self, waiting: Sequence[Request], now: float) -> Iterable[int]:
-        num_aged = 0
-        while num_aged < len(waiting) and self.is_aged(waiting[num_aged], now):
-            num_aged += 1
-        yield from range(num_aged)
-        window = range(num_aged, min(len(waiting), num_aged + self.config.lookahead))
         # Decreasing first fit: the largest reservations claim memory first, smaller ones fill the gaps.
         # (A waiting request's reserved_output_tokens is the reservation it will take when admitted.)
-        size = lambda i: waiting[i].num_prompt_tokens + waiting[i].reserved_output_tokens
-        yield from sorted(window, key=size, reverse=True)
+        size = lambda i: -(waiting[i].num_prompt_tokens + waiting[i].reserved_output_tokens)
+        return aged_first(waiting, now, self.config.aging_s, self.config.lookahead, key=size)
 
     def must_stop(self, request: Request, now: float) -> bool:
         return self.is_aged(request, now)
