@@ -31,7 +31,7 @@ from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
 from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
 
 SUMMARY_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_latency_s", "mean_ttft_s", "p99_ttft_s",
-                "num_preemptions", "num_recomputed_tokens")
+                "num_preemptions", "num_recomputed_tokens", "longest_stall_s")
 RATIO_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_ttft_s")
 
 
@@ -51,11 +51,13 @@ RATIO_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_ttft_s")
               help="Aging bound of the ordering policies (s3, paged-sjf).")
 @click.option("--aging-queue-factor", type=float, default=PolicyConfig.aging_queue_factor, show_default=True,
               help="k > 0: the aging bound follows the queue (PolicyConfig.aging_queue_factor).")
+@click.option("--resume-first/--no-resume-first", default=PolicyConfig.resume_first, show_default=True,
+              help="s3, paged-sjf: a preempted request that has streamed tokens goes first (PolicyConfig.resume_first).")
 @click.option("--short-queue", type=int, default=PolicyConfig.short_queue, show_default=True,
               help="s3: below this many waiting requests the peak test leaves out the last blocks' room.")
 @click.option("--output", default="runs/sim_load", show_default=True)
 def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace, max_new_tokens, kv_cache_tokens,
-         max_num_seqs, quantile, aging_s, aging_queue_factor, short_queue, output):
+         max_num_seqs, quantile, aging_s, aging_queue_factor, resume_first, short_queue, output):
     names = tuple(p for p in policies.split(",") if p)
     if "paged" not in names:
         names = ("paged", *names)
@@ -66,7 +68,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
         base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens, policies=("paged",),
                               predictor=PredictorConfig(kind="file" if trace else "confusion", accuracy=accuracy),
                               policy=PolicyConfig(quantile=quantile, aging_s=aging_s, aging_queue_factor=aging_queue_factor,
-                                                  short_queue=short_queue),
+                                                  short_queue=short_queue, resume_first=resume_first),
                               **limits)  # fmt: skip
         capacity_run = run_simulation(base)
         capacity, fit = capacity_run.results[0].requests_per_s, step_time_fit(capacity_run.cost)
@@ -74,7 +76,8 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
             online = dataclasses.replace(workload, mode="online", rate=fraction * capacity)
             report = run_simulation(dataclasses.replace(base, workload=online, policies=names))
             for result in report.results:
-                records.append({**{k: getattr(result, k) for k in RESULT_KEYS}, "rate_fraction": fraction,
+                records.append({**{k: getattr(result, k) for k in RESULT_KEYS}, "longest_stall_s": result.longest_stall_s,
+                                "rate_fraction": fraction,
                                 "rate": online.rate, "seed": seed, "capacity_rps": capacity})
             print(f"seed {seed} rate {fraction:.2f} x {capacity:.2f} req/s: " + "  ".join(
                 f"{r.policy} {r.generated_tokens_per_s:.0f} tok/s, lat {r.mean_latency_s:.2f} s"
@@ -84,7 +87,8 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"preset": preset, "trace": trace, "num_requests": num_requests, "quantile": quantile, "aging_s": aging_s,
-            "aging_queue_factor": aging_queue_factor, "short_queue": short_queue, "step_time_fit": fit}
+            "aging_queue_factor": aging_queue_factor, "resume_first": resume_first, "short_queue": short_queue,
+            "step_time_fit": fit}
     (out / "sim_load.json").write_text(json.dumps({**meta, "results": records, "summary": summary}, indent=2))
     plot(summary, out / "sim_load.png", f"{preset}: open-loop load, mean over seeds (bars: min-max)")
     print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")
@@ -116,12 +120,13 @@ def format_summary(summary: list[dict]) -> str:
         return f"{cell['mean']:{fmt}} [{cell['min']:{fmt}}-{cell['max']:{fmt}}]"
 
     lines = ["| rate / capacity | policy | tokens/s | vs paged | mean latency s | vs paged | p99 TTFT s | vs paged "
-             "| preemptions |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| preemptions | longest stall s |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in summary:
         ratios = [spread(row[f"{k}_vs_paged"], ".2f") + "x" if f"{k}_vs_paged" in row else "-" for k in RATIO_KEYS]
         lines.append(f"| {row['rate_fraction']:.2f} | {row['policy']} | {spread(row['generated_tokens_per_s'], '.0f')} "
                      f"| {ratios[0]} | {spread(row['mean_latency_s'], '.2f')} | {ratios[1]} "
-                     f"| {spread(row['p99_ttft_s'], '.2f')} | {ratios[2]} | {row['num_preemptions']['mean']:.0f} |")
+                     f"| {spread(row['p99_ttft_s'], '.2f')} | {ratios[2]} | {row['num_preemptions']['mean']:.0f} "
+                     f"| {spread(row['longest_stall_s'], '.1f')} |")
     return "\n".join(lines)
 
 

@@ -96,6 +96,9 @@ class Request:
     num_recomputed_tokens: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
+    longest_stall_s: float = 0.0
+    """The longest wait between two of its output tokens (a preempted request's shows its wait to resume)."""
     finish_time: float | None = None
     mispredictions: list[MispredictionEvent] = dataclasses.field(default_factory=list)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from core.buckets import BucketSpec, Shape
 from core.request import Request
@@ -83,6 +83,10 @@ class PolicyConfig:
     aging_s: float = 30.0
     """`s3-reserve`; `s3` and `paged-sjf` with `aging_queue_factor` 0 or before 8 requests have finished: a
     request waiting this long can no longer be overtaken."""
+    resume_first: bool = True
+    """`s3`, `paged-sjf`: a preempted request that has already streamed tokens goes first among those not aged
+    (its client is mid-answer; `paged`'s arrival order puts it near the front too). False orders it by its
+    predicted work like a new request, which can leave a started answer stalled until the aging bound."""
     aging_queue_factor: float = 1.0
     """`s3`, `paged-sjf`: k > 0 makes the aging bound follow the queue: k times the time the server now takes to
     admit as many requests as are waiting (their number over the rate at which the last 64 requests finished),
@@ -241,7 +245,7 @@ class FinishRate:
 
 
 def aged_first(waiting: Sequence[Request], now: float, bound: float, lookahead: int,
-               key: Callable[[int], float]) -> Iterator[int]:
+               key: Callable[[int], Any]) -> Iterator[int]:
     """Indices of ``waiting`` (in arrival order) to try: those that have waited ``bound`` seconds or more first,
     in arrival order (a prefix; yielded lazily, as admission usually stops long before the end of a long aged
     prefix), then the next ``lookahead`` by ``key`` ascending."""
@@ -280,8 +284,11 @@ class _Ordered:
             self.finish_rate.observe(request.finish_time)
 
     def candidates(self, waiting: Sequence[Request], now: float) -> Iterable[int]:
-        return aged_first(waiting, now, self.aging_bound(len(waiting)), self.config.lookahead,
-                          key=lambda i: self.work(waiting[i]))
+        if self.config.resume_first:
+            key = lambda i: (waiting[i].num_output_tokens == 0, self.work(waiting[i]))
+        else:
+            key = lambda i: self.work(waiting[i])
+        return aged_first(waiting, now, self.aging_bound(len(waiting)), self.config.lookahead, key=key)
 
 
 @register

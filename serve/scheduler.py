@@ -288,6 +288,9 @@ class Scheduler:
             self.stats.num_generated_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now
+            else:
+                request.longest_stall_s = max(request.longest_stall_s, now - request.last_token_time)
+            request.last_token_time = now
             if seq.request_id in result.stopped_request_ids:
                 status = RequestStatus.FINISHED_STOPPED
             elif request.num_output_tokens >= request.max_new_tokens:

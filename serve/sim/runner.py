@@ -100,6 +100,8 @@ class PolicyResult:
     num_recomputed_tokens: int
     num_steps: int
     wall_s: float
+    longest_stall_s: float = 0.0
+    """The longest wait of any request between two of its tokens (preempted requests waiting to resume)."""
     timeline: list[tuple[float, int, float, float]] = dataclasses.field(default_factory=list, repr=False)
     """Sampled (time, running batch, kv utilization, kv reserved) points, for plots."""
 
@@ -224,5 +226,6 @@ def _summarise(policy: str, requests: list[Request], scheduler: Scheduler, acc: 
         num_recomputed_tokens=stats.num_recomputed_tokens,
         num_steps=stats.num_steps,
         wall_s=wall,
+        longest_stall_s=max(r.longest_stall_s for r in requests),
         timeline=acc.points[::step],
     )

@@ -213,6 +213,32 @@ def test_a_queue_scaled_aging_bound_follows_how_fast_requests_finish():
         PolicyConfig(aging_queue_factor=-1.0)
 
 
+def test_a_preempted_request_that_has_streamed_resumes_before_shorter_new_ones():
+    from serve.policies import make_policy
+
+    started = make_request("started", bucket=3, arrival_time=0.0)
+    started.output_token_ids.extend([1, 2, 3])  # preempted mid-answer, waiting to be recomputed
+    fresh = make_request("fresh", bucket=0, arrival_time=1.0)
+    for name in ("s3", "paged-sjf"):
+        assert list(make_policy(PolicyConfig(policy=name), BUCKETS).candidates([started, fresh], now=2.0)) == [0, 1]
+        unpinned = make_policy(PolicyConfig(policy=name, resume_first=False), BUCKETS)
+        assert list(unpinned.candidates([started, fresh], now=2.0)) == [1, 0]  # by predicted work alone
+
+
+def test_longest_stall_is_the_longest_wait_between_two_of_a_requests_tokens():
+    clock = FakeClock()
+    sched = make_scheduler("paged", num_blocks=64, clock=clock)
+    request = make_request("a", prompt_tokens=4, max_new_tokens=4)
+    sched.add_request(request)
+    executor = ScriptedExecutor({"a": 4})
+    step_times = iter([5.0, 0.25, 1.0, 0.5])  # the prefill (to the first token), then three decodes
+    while sched.has_unfinished():
+        out = sched.schedule()
+        clock.now += next(step_times)
+        sched.update_from_output(out, executor.execute(sched, out))
+    assert request.num_output_tokens == 4 and request.longest_stall_s == 1.0  # the wait to the first token is TTFT
+
+
 def test_a_lone_request_that_fits_the_pool_but_not_the_watermark_is_admitted():
     # 7 blocks of 1 token, a 30% watermark (2 blocks): a 6-token prompt fits only once nothing runs.
     sched = make_scheduler("paged", num_blocks=7, block_size=1, watermark=0.3, max_num_batched_tokens=64)
