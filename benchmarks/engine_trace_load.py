@@ -101,6 +101,7 @@ def serve_items(model, policy: str, items, sched, buckets, max_seq_len: int, max
 @click.option("--aging-s", type=float, default=PolicyConfig.aging_s, show_default=True)
 @click.option("--aging-queue-factor", type=float, default=PolicyConfig.aging_queue_factor, show_default=True,
               help="s3: k > 0, the aging bound is k x the queue's drain time; 0 keeps --aging-s fixed.")
+@click.option("--resume-first/--no-resume-first", default=PolicyConfig.resume_first, show_default=True)
 @click.option("--short-queue", type=int, default=PolicyConfig.short_queue, show_default=True)
 @click.option("--warmup-requests", type=int, default=32, show_default=True)
 @click.option("--capacity", type=float, default=None,
@@ -108,8 +109,8 @@ def serve_items(model, policy: str, items, sched, buckets, max_seq_len: int, max
 @click.option("--deadline-s", type=float, default=float("inf"), help="Start no run after this many seconds.")
 @click.option("--output", default="runs/engine_trace", show_default=True)
 def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_requests, max_new_tokens,
-         kv_cache_tokens, max_num_seqs, quantile, aging_s, aging_queue_factor, short_queue,
-         warmup_requests, capacity, deadline_s, output):
+         kv_cache_tokens, max_num_seqs, quantile, aging_s, aging_queue_factor, resume_first,
+         short_queue, warmup_requests, capacity, deadline_s, output):
     began = time.perf_counter()
     names = tuple(p for p in policies.split(",") if p)
     model = build_model(shape, device, dtype)
@@ -117,7 +118,7 @@ def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_reque
     out.mkdir(parents=True, exist_ok=True)
     meta = {"trace": trace, "device": device, "dtype": dtype, "shape": shape, "num_requests": num_requests,
             "kv_cache_tokens": kv_cache_tokens, "max_num_seqs": max_num_seqs, "quantile": quantile, "aging_s": aging_s,
-            "aging_queue_factor": aging_queue_factor, "short_queue": short_queue}
+            "aging_queue_factor": aging_queue_factor, "resume_first": resume_first, "short_queue": short_queue}
     records: list[dict] = []
 
     def save(result, **tags) -> None:
@@ -134,7 +135,7 @@ def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_reque
                                 max_num_seqs=max_num_seqs, predictor=PredictorConfig(kind="file"),
                                 workload=WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed),
                                 policy=PolicyConfig(quantile=quantile, aging_s=aging_s, short_queue=short_queue,
-                                                    aging_queue_factor=aging_queue_factor))
+                                                    aging_queue_factor=aging_queue_factor, resume_first=resume_first))
         cost, buckets, sched = setup(config)
         items = workload_items(config, config.workload, cost, buckets)
         args = (sched, buckets, cost.model.max_seq_len, max_new_tokens)

@@ -67,6 +67,8 @@ class LoadConfig:
     """s3: a request waiting this long can no longer be overtaken (PolicyConfig.aging_s)."""
     aging_queue_factor: float = PolicyConfig.aging_queue_factor
     """s3: k > 0, the aging bound follows the queue; 0, aging_s is fixed (PolicyConfig.aging_queue_factor)."""
+    resume_first: bool = PolicyConfig.resume_first
+    """s3: a preempted request that has streamed tokens goes first (PolicyConfig.resume_first)."""
     short_queue: int = PolicyConfig.short_queue
     """s3: while fewer requests wait, the peak test leaves out the last blocks' room (PolicyConfig.short_queue)."""
     predictor: str | None = None
@@ -123,7 +125,8 @@ def load_prompts(n: int, seed: int, sources: tuple[str, ...] = (), exclude_label
 def serve_config(cfg: LoadConfig, policy: str, port: int, *, oracle_lengths: str | None, feedback_dir: str):
     engine = EngineConfig(model=cfg.model, kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs,
                           policy=PolicyConfig(policy=policy, aging_s=cfg.aging_s, short_queue=cfg.short_queue,
-                                              aging_queue_factor=cfg.aging_queue_factor))
+                                              aging_queue_factor=cfg.aging_queue_factor,
+                                              resume_first=cfg.resume_first))
     needs = policy_needs(policy)
     predictor = cfg.predictor if needs == "buckets" else None
     exact = needs == "exact" or (needs == "buckets" and not predictor)
@@ -482,6 +485,8 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
               help="s3: seconds after which a waiting request can no longer be overtaken.")
 @click.option("--aging-queue-factor", type=float, default=LoadConfig.aging_queue_factor, show_default=True,
               help="s3: k > 0, the aging bound is k x the queue's drain time; 0 keeps --aging-s fixed.")
+@click.option("--resume-first/--no-resume-first", default=LoadConfig.resume_first, show_default=True,
+              help="s3: a preempted request that has streamed tokens goes first.")
 @click.option("--short-queue", type=int, default=LoadConfig.short_queue, show_default=True,
               help="s3: below this many waiting requests the peak test leaves out the last blocks' room.")
 @click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from the max run).")

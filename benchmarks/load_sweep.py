@@ -86,6 +86,7 @@ def sweep(base: load.LoadConfig, capacity: float, fractions: list[float], seeds:
 @click.option("--policies", default="paged,s3", show_default=True)
 @click.option("--aging-s", type=float, default=load.LoadConfig.aging_s, show_default=True)
 @click.option("--aging-queue-factor", type=float, default=load.LoadConfig.aging_queue_factor, show_default=True)
+@click.option("--resume-first/--no-resume-first", default=load.LoadConfig.resume_first, show_default=True)
 @click.option("--short-queue", type=int, default=load.LoadConfig.short_queue, show_default=True)
 @click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from a max run).")
 @click.option("--torch-threads", type=int, default=None)
