@@ -284,7 +284,7 @@ class _Ordered:
             self.finish_rate.observe(request.finish_time)
 
     def candidates(self, waiting: Sequence[Request], now: float) -> Iterable[int]:
-        if self.config.resume_first:
+        if self.config.resume_first:  # False sorts first: answers already streaming lead the window
             key = lambda i: (waiting[i].num_output_tokens == 0, self.work(waiting[i]))
         else:
             key = lambda i: self.work(waiting[i])
