@@ -33,6 +33,7 @@ def test_a_tiny_replay_serves_every_traced_token_under_each_policy(import_benchm
     assert [r["policy"] for r in online] == ["paged", "s3"]
     for record in report["results"]:
         assert set(RESULT_KEYS) <= set(record) and record["num_requests"] == 20
+        assert 0 < record["longest_stall_s"] < record["makespan_s"]
     capacity_rps = 20 / capacity["makespan_s"]
     assert all(r["rate_fraction"] == 4.0 and abs(r["capacity_rps"] - capacity_rps) < 1e-6 * capacity_rps
                for r in online)
