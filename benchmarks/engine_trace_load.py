@@ -28,7 +28,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.records import RESULT_KEYS  # noqa: E402
+from core.records import result_record  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
 from serve.scheduler import Scheduler, SchedulerOutput, StepResult  # noqa: E402
 from serve.sim.runner import TrueLengths, replay, requests_of  # noqa: E402
@@ -122,14 +122,13 @@ def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_reque
     records: list[dict] = []
 
     def save(result, **tags) -> None:
-        records.append({**{k: getattr(result, k) for k in RESULT_KEYS}, "num_requests": result.num_requests,
-                        "makespan_s": result.makespan_s, "longest_stall_s": result.longest_stall_s,
-                        "mean_running_batch": result.mean_running_batch,
-                        "num_steps": result.num_steps, "wall_s": result.wall_s, **tags})
+        records.append({**result_record(result, "num_requests", "makespan_s", "longest_stall_s", "mean_running_batch",
+                                        "num_steps", "wall_s"), **tags})
         (out / "engine_trace.json").write_text(json.dumps({**meta, "results": records}, indent=2))
         click.echo(f"{tags} {result.policy}: {result.generated_tokens_per_s:.0f} tok/s, mean latency "
                    f"{result.mean_latency_s:.2f} s, p99 TTFT {result.p99_ttft_s:.2f} s, preemptions "
-                   f"{result.num_preemptions}, longest stall {result.longest_stall_s:.1f} s, {result.num_steps} steps in {result.wall_s:.0f} s", err=True)
+                   f"{result.num_preemptions}, longest stall {result.longest_stall_s:.1f} s, {result.num_steps} steps "
+                   f"in {result.wall_s:.0f} s", err=True)
 
     for seed in [int(s) for s in seeds.split(",")]:
         config = SimulateConfig(preset="smollm2-cpu", max_new_tokens=max_new_tokens, kv_cache_tokens=kv_cache_tokens,

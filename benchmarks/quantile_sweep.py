@@ -19,12 +19,10 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.records import RESULT_KEYS  # noqa: E402
+from core.records import result_record  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
 from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
 from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
-
-KEYS = RESULT_KEYS
 
 
 @click.command()
@@ -52,11 +50,11 @@ def main(preset, num_requests, rate_fraction, quantiles, accuracy, trace, max_ne
     for q in [float(x) for x in quantiles.split(",")]:
         config = dataclasses.replace(base, workload=online, policies=("s3",), policy=PolicyConfig(quantile=q))
         result = run_simulation(config).results[0]
-        records.append({**{k: getattr(result, k) for k in KEYS}, "q": q})
+        records.append({**result_record(result), "q": q})
         print(f"q={q:<5} tok/s {result.generated_tokens_per_s:9.1f}  p99 latency {result.p99_latency_s:8.2f} s  "
               f"mean {result.mean_latency_s:7.2f} s  preemptions {result.num_preemptions}", flush=True)
     paged = run_simulation(dataclasses.replace(base, workload=online)).results[0]
-    records.append({**{k: getattr(paged, k) for k in KEYS}, "q": None})
+    records.append({**result_record(paged), "q": None})
     print(f"paged   tok/s {paged.generated_tokens_per_s:9.1f}  p99 latency {paged.p99_latency_s:8.2f} s  "
           f"mean {paged.mean_latency_s:7.2f} s  preemptions {paged.num_preemptions}")
     out = Path(output)

@@ -24,7 +24,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.records import RESULT_KEYS  # noqa: E402
+from core.records import result_record  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
 from serve.sim.report import step_time_fit  # noqa: E402
 from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
@@ -76,8 +76,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
             online = dataclasses.replace(workload, mode="online", rate=fraction * capacity)
             report = run_simulation(dataclasses.replace(base, workload=online, policies=names))
             for result in report.results:
-                records.append({**{k: getattr(result, k) for k in RESULT_KEYS}, "longest_stall_s": result.longest_stall_s,
-                                "rate_fraction": fraction,
+                records.append({**result_record(result, "longest_stall_s"), "rate_fraction": fraction,
                                 "rate": online.rate, "seed": seed, "capacity_rps": capacity})
             print(f"seed {seed} rate {fraction:.2f} x {capacity:.2f} req/s: " + "  ".join(
                 f"{r.policy} {r.generated_tokens_per_s:.0f} tok/s, lat {r.mean_latency_s:.2f} s"
