@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.records import result_record  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
+from serve.policy_options import policy_options  # noqa: E402
 from serve.scheduler import Scheduler, SchedulerOutput, StepResult  # noqa: E402
 from serve.sim.runner import TrueLengths, replay, requests_of  # noqa: E402
 from serve.sim.simulate import SimulateConfig, setup, workload_items  # noqa: E402
@@ -97,28 +98,21 @@ def serve_items(model, policy: str, items, sched, buckets, max_seq_len: int, max
 @click.option("--max-new-tokens", type=int, default=512, show_default=True)
 @click.option("--kv-cache-tokens", type=int, default=12492, show_default=True)
 @click.option("--max-num-seqs", type=int, default=64, show_default=True)
-@click.option("--quantile", type=float, default=PolicyConfig.quantile, show_default=True)
-@click.option("--aging-s", type=float, default=PolicyConfig.aging_s, show_default=True)
-@click.option("--aging-queue-factor", type=float, default=PolicyConfig.aging_queue_factor, show_default=True,
-              help="s3: k > 0, the aging bound is k x the queue's drain time; 0 keeps --aging-s fixed.")
-@click.option("--resume-first/--no-resume-first", default=PolicyConfig.resume_first, show_default=True)
-@click.option("--short-queue", type=int, default=PolicyConfig.short_queue, show_default=True)
+@policy_options()
 @click.option("--warmup-requests", type=int, default=32, show_default=True)
 @click.option("--capacity", type=float, default=None,
               help="paged's requests/s to take the fractions of  [default: measured first, per seed]")
 @click.option("--deadline-s", type=float, default=float("inf"), help="Start no run after this many seconds.")
 @click.option("--output", default="runs/engine_trace", show_default=True)
 def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_requests, max_new_tokens,
-         kv_cache_tokens, max_num_seqs, quantile, aging_s, aging_queue_factor, resume_first,
-         short_queue, warmup_requests, capacity, deadline_s, output):
+         kv_cache_tokens, max_num_seqs, warmup_requests, capacity, deadline_s, output, **knobs):
     began = time.perf_counter()
     names = tuple(p for p in policies.split(",") if p)
     model = build_model(shape, device, dtype)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"trace": trace, "device": device, "dtype": dtype, "shape": shape, "num_requests": num_requests,
-            "kv_cache_tokens": kv_cache_tokens, "max_num_seqs": max_num_seqs, "quantile": quantile, "aging_s": aging_s,
-            "aging_queue_factor": aging_queue_factor, "resume_first": resume_first, "short_queue": short_queue}
+            "kv_cache_tokens": kv_cache_tokens, "max_num_seqs": max_num_seqs, **knobs}
     records: list[dict] = []
 
     def save(result, **tags) -> None:
@@ -134,8 +128,7 @@ def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_reque
         config = SimulateConfig(preset="smollm2-cpu", max_new_tokens=max_new_tokens, kv_cache_tokens=kv_cache_tokens,
                                 max_num_seqs=max_num_seqs, predictor=PredictorConfig(kind="file"),
                                 workload=WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed),
-                                policy=PolicyConfig(quantile=quantile, aging_s=aging_s, short_queue=short_queue,
-                                                    aging_queue_factor=aging_queue_factor, resume_first=resume_first))
+                                policy=PolicyConfig(**knobs))
         cost, buckets, sched = setup(config)
         items = workload_items(config, config.workload, cost, buckets)
         args = (sched, buckets, cost.model.max_seq_len, max_new_tokens)

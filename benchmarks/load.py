@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from serve.engine.llm import EngineConfig  # noqa: E402
 from core.distributed import free_port  # noqa: E402
 from serve.policies import PolicyConfig, policy_needs  # noqa: E402
+from serve.policy_options import KNOBS, policy_options  # noqa: E402
 from serve.server.config import ServeConfig  # noqa: E402
 
 
@@ -63,6 +64,8 @@ class LoadConfig:
     max_num_seqs: int = 32
     """Most sequences a server runs at once."""
     policies: tuple[str, ...] = ("max", "paged", "s3")
+    quantile: float = PolicyConfig.quantile
+    """s3's q (the policy knobs: PolicyConfig's fields of the same names, set on every server)."""
     aging_s: float = PolicyConfig.aging_s
     """s3: a request waiting this long can no longer be overtaken (PolicyConfig.aging_s)."""
     aging_queue_factor: float = PolicyConfig.aging_queue_factor
@@ -124,9 +127,7 @@ def load_prompts(n: int, seed: int, sources: tuple[str, ...] = (), exclude_label
 
 def serve_config(cfg: LoadConfig, policy: str, port: int, *, oracle_lengths: str | None, feedback_dir: str):
     engine = EngineConfig(model=cfg.model, kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs,
-                          policy=PolicyConfig(policy=policy, aging_s=cfg.aging_s, short_queue=cfg.short_queue,
-                                              aging_queue_factor=cfg.aging_queue_factor,
-                                              resume_first=cfg.resume_first))
+                          policy=PolicyConfig(policy=policy, **{k: getattr(cfg, k) for k in KNOBS}))
     needs = policy_needs(policy)
     predictor = cfg.predictor if needs == "buckets" else None
     exact = needs == "exact" or (needs == "buckets" and not predictor)
@@ -481,14 +482,7 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
 @click.option("--kv-cache-tokens", type=int, default=LoadConfig.kv_cache_tokens, show_default=True)
 @click.option("--max-num-seqs", type=int, default=LoadConfig.max_num_seqs, show_default=True)
 @click.option("--policies", default=",".join(LoadConfig.policies), show_default=True)
-@click.option("--aging-s", type=float, default=LoadConfig.aging_s, show_default=True,
-              help="s3: seconds after which a waiting request can no longer be overtaken.")
-@click.option("--aging-queue-factor", type=float, default=LoadConfig.aging_queue_factor, show_default=True,
-              help="s3: k > 0, the aging bound is k x the queue's drain time; 0 keeps --aging-s fixed.")
-@click.option("--resume-first/--no-resume-first", default=LoadConfig.resume_first, show_default=True,
-              help="s3: a preempted request that has streamed tokens goes first.")
-@click.option("--short-queue", type=int, default=LoadConfig.short_queue, show_default=True,
-              help="s3: below this many waiting requests the peak test leaves out the last blocks' room.")
+@policy_options()
 @click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from the max run).")
 @click.option("--frequency-penalty", type=float, default=None,
               help="Of every request (default: as the predictor's labels were made, else 0.5 like s3 generate).")

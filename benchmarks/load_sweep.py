@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 
 import load  # noqa: E402
 import sim_load  # noqa: E402
+from serve.policy_options import policy_options  # noqa: E402
 
 
 def run_file(output_dir: Path, fraction: float, seed: int) -> Path:
@@ -42,7 +43,10 @@ def served_or_read(cfg: load.LoadConfig, path: Path, echo=print) -> list[dict]:
     if not path.exists():
         return load.write_output(cfg, load.benchmark(cfg, echo=echo), path)
     saved = json.loads(path.read_text())
-    if saved["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
+    wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    # a knob that was no LoadConfig field yet when the run was saved ran at its default (PolicyConfig's)
+    defaults = json.loads(json.dumps(dataclasses.asdict(load.LoadConfig())))
+    if {**defaults, **saved["config"]} != wanted:
         raise click.ClickException(f"{path} was run with other settings; move it away or use another --output-dir")
     echo(f"  read back from {path}")
     # runs saved before load.py wrote the decode figures get them from their per-request times
@@ -84,10 +88,7 @@ def sweep(base: load.LoadConfig, capacity: float, fractions: list[float], seeds:
 @click.option("--kv-cache-tokens", type=int, default=load.LoadConfig.kv_cache_tokens, show_default=True)
 @click.option("--max-num-seqs", type=int, default=load.LoadConfig.max_num_seqs, show_default=True)
 @click.option("--policies", default="paged,s3", show_default=True)
-@click.option("--aging-s", type=float, default=load.LoadConfig.aging_s, show_default=True)
-@click.option("--aging-queue-factor", type=float, default=load.LoadConfig.aging_queue_factor, show_default=True)
-@click.option("--resume-first/--no-resume-first", default=load.LoadConfig.resume_first, show_default=True)
-@click.option("--short-queue", type=int, default=load.LoadConfig.short_queue, show_default=True)
+@policy_options()
 @click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from a max run).")
 @click.option("--torch-threads", type=int, default=None)
 @click.option("--output-dir", default="runs/load_sweep", show_default=True)

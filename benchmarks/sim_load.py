@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.records import result_record  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
+from serve.policy_options import policy_options  # noqa: E402
 from serve.sim.report import step_time_fit  # noqa: E402
 from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
 from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
@@ -46,18 +47,10 @@ RATIO_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_ttft_s")
 @click.option("--max-new-tokens", type=int, default=None)
 @click.option("--kv-cache-tokens", type=int, default=None)
 @click.option("--max-num-seqs", type=int, default=None)
-@click.option("--quantile", type=float, default=PolicyConfig.quantile, show_default=True, help="s3's q.")
-@click.option("--aging-s", type=float, default=PolicyConfig.aging_s, show_default=True,
-              help="Aging bound of the ordering policies (s3, paged-sjf).")
-@click.option("--aging-queue-factor", type=float, default=PolicyConfig.aging_queue_factor, show_default=True,
-              help="k > 0: the aging bound follows the queue (PolicyConfig.aging_queue_factor).")
-@click.option("--resume-first/--no-resume-first", default=PolicyConfig.resume_first, show_default=True,
-              help="s3, paged-sjf: a preempted request that has streamed tokens goes first (PolicyConfig.resume_first).")
-@click.option("--short-queue", type=int, default=PolicyConfig.short_queue, show_default=True,
-              help="s3: below this many waiting requests the peak test leaves out the last blocks' room.")
+@policy_options()
 @click.option("--output", default="runs/sim_load", show_default=True)
 def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace, max_new_tokens, kv_cache_tokens,
-         max_num_seqs, quantile, aging_s, aging_queue_factor, resume_first, short_queue, output):
+         max_num_seqs, output, **knobs):
     names = tuple(p for p in policies.split(",") if p)
     if "paged" not in names:
         names = ("paged", *names)
@@ -67,8 +60,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
         workload = WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed)
         base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens, policies=("paged",),
                               predictor=PredictorConfig(kind="file" if trace else "confusion", accuracy=accuracy),
-                              policy=PolicyConfig(quantile=quantile, aging_s=aging_s, aging_queue_factor=aging_queue_factor,
-                                                  short_queue=short_queue, resume_first=resume_first),
+                              policy=PolicyConfig(**knobs),
                               **limits)  # fmt: skip
         capacity_run = run_simulation(base)
         capacity, fit = capacity_run.results[0].requests_per_s, step_time_fit(capacity_run.cost)
@@ -85,9 +77,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     print(format_summary(summary))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": preset, "trace": trace, "num_requests": num_requests, "quantile": quantile, "aging_s": aging_s,
-            "aging_queue_factor": aging_queue_factor, "resume_first": resume_first, "short_queue": short_queue,
-            "step_time_fit": fit}
+    meta = {"preset": preset, "trace": trace, "num_requests": num_requests, **knobs, "step_time_fit": fit}
     (out / "sim_load.json").write_text(json.dumps({**meta, "results": records, "summary": summary}, indent=2))
     plot(summary, out / "sim_load.png", f"{preset}: open-loop load, mean over seeds (bars: min-max)")
     print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")

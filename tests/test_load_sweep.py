@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
@@ -49,6 +50,14 @@ def test_sweep_runs_each_rate_and_seed_once_and_resumes(sweep_module, monkeypatc
     path.write_text(json.dumps(saved))
     older = sweep_module.sweep(base, 0.5, [0.5], [0], tmp_path, echo=lambda *_: None)
     assert [[r[k] for k in figures] for r in older] == [[r[k] for k in figures] for r in records[:2]]
+
+    # a run saved before a knob was a LoadConfig field ran at its default; at another value it is not mixed in
+    saved = json.loads(path.read_text())
+    del saved["config"]["quantile"]
+    path.write_text(json.dumps(saved))
+    assert len(sweep_module.sweep(base, 0.5, [0.5], [0], tmp_path, echo=lambda *_: None)) == 2
+    with pytest.raises(click.ClickException, match="other settings"):
+        sweep_module.sweep(dataclasses.replace(base, quantile=0.9), 0.5, [0.5], [0], tmp_path, echo=lambda *_: None)
 
     with pytest.raises(click.ClickException, match="other settings"):  # a changed setting is not mixed in
         sweep_module.sweep(base, 0.6, [0.5], [0], tmp_path, echo=lambda *_: None)
