@@ -47,10 +47,13 @@ RATIO_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_ttft_s")
 @click.option("--max-new-tokens", type=int, default=None)
 @click.option("--kv-cache-tokens", type=int, default=None)
 @click.option("--max-num-seqs", type=int, default=None)
+@click.option("--capacity-max-num-seqs", type=int, default=None,
+              help="Measure paged's capacity with this many running sequences instead (rates stay fractions of "
+                   "an uncapped server's while the policies run under --max-num-seqs)  [default: --max-num-seqs]")
 @policy_options()
 @click.option("--output", default="runs/sim_load", show_default=True)
 def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace, max_new_tokens, kv_cache_tokens,
-         max_num_seqs, output, **knobs):
+         max_num_seqs, capacity_max_num_seqs, output, **knobs):
     names = tuple(p for p in policies.split(",") if p)
     if "paged" not in names:
         names = ("paged", *names)
@@ -62,7 +65,8 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
                               predictor=PredictorConfig(kind="file" if trace else "confusion", accuracy=accuracy),
                               policy=PolicyConfig(**knobs),
                               **limits)  # fmt: skip
-        capacity_run = run_simulation(base)
+        capacity_run = run_simulation(dataclasses.replace(base, max_num_seqs=capacity_max_num_seqs) if
+                                      capacity_max_num_seqs else base)
         capacity, fit = capacity_run.results[0].requests_per_s, step_time_fit(capacity_run.cost)
         for fraction in [float(f) for f in rate_fractions.split(",")]:
             online = dataclasses.replace(workload, mode="online", rate=fraction * capacity)
@@ -77,7 +81,8 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     print(format_summary(summary))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": preset, "trace": trace, "num_requests": num_requests, **knobs, "step_time_fit": fit}
+    meta = {"preset": preset, "trace": trace, "num_requests": num_requests, **knobs, "step_time_fit": fit,
+            "capacity_max_num_seqs": capacity_max_num_seqs}
     (out / "sim_load.json").write_text(json.dumps({**meta, "results": records, "summary": summary}, indent=2))
     plot(summary, out / "sim_load.png", f"{preset}: open-loop load, mean over seeds (bars: min-max)")
     print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")
