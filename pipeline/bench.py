@@ -112,6 +112,14 @@ class BenchResult:
     """Requests whose generated tokens differ from `max`'s (decoding is deterministic, so 0 is expected)."""
     steps: list[tuple[int, int, float]] = dataclasses.field(default_factory=list, repr=False)
     """(tokens computed, KV entries read, seconds) of every step, for calibrating the simulator."""
+    modelled_tokens_per_s: float | None = None
+    """Generated tokens over this run's steps timed by one step-time model fitted to the steps of every engine
+    run of the bench (`common_speed`): its schedule's throughput at one machine speed. The runs of a bench are
+    served one after the other, and this machine's speed drifts between them by several percent; this figure
+    leaves the drift (and the time outside steps) out."""
+    step_time_scale: float | None = None
+    """This run's step seconds over what the common model predicts for the same steps: above 1 its steps ran
+    slower than the bench's average for the same work (the machine drifting, or work the model does not see)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -229,6 +237,22 @@ def run_policy(
     return result, answers
 
 
+def common_speed(results: Sequence[BenchResult]) -> None:
+    """Fill each engine run's `modelled_tokens_per_s` and `step_time_scale` from one linear step-time model
+    (overhead + per token computed + per KV entry read) fitted to the steps of all of them."""
+    from serve.sim.calibrate import fit_linear
+
+    runs = [r for r in results if r.steps]
+    if len(runs) < 2:
+        return
+    fit = fit_linear([step for r in runs for step in r.steps])
+    for run in runs:
+        modelled = sum(fit.step_s(tokens, context) for tokens, context, _ in run.steps)
+        if modelled > 0:
+            run.modelled_tokens_per_s = run.generated_tokens / modelled
+            run.step_time_scale = sum(seconds for _, _, seconds in run.steps) / modelled
+
+
 def answers_unlike(answers: Sequence[tuple[int, ...]], reference: Sequence[tuple[int, ...]]) -> int:
     """How many prompts were answered unlike ``reference`` (the same prompts, in order), token for token."""
     return sum(a != b for a, b in zip(answers, reference))
@@ -321,6 +345,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         progress(f"running transformers generate at batch {config.reference_batch}")
         reference = run_reference(model, tokenizer, prompts, batch_size=config.reference_batch,
                                   max_new_tokens=config.max_new_tokens, eos_ids=eos_token_ids(model, tokenizer))
+    common_speed(results)
     return {"config": config, "results": results, "reference": reference,
             "kv_cache_tokens": engine_config.kv_cache_tokens, "prompts": [text for text, _ in prompts],
             "true_lengths": true_lengths, "prompt_tokens": [len(ids) for _, ids in prompts],
@@ -339,6 +364,8 @@ BENCH_COLUMNS = [
     ("given", lambda r, base: r["prediction"]),
     ("tok/s", lambda r, base: f"{r['generated_tokens_per_s']:.1f}"),
     ("vs max", lambda r, base: f"{r['generated_tokens_per_s'] / base:.2f}x"),
+    ("tok/s at fit", lambda r, base: _s(r["modelled_tokens_per_s"])),
+    ("steps vs fit", lambda r, base: "-" if r["step_time_scale"] is None else f"{r['step_time_scale']:.2f}x"),
     ("TTFT mean s", lambda r, base: _s(r["mean_ttft_s"])),
     ("p50", lambda r, base: _s(r["p50_ttft_s"])),
     ("p99", lambda r, base: _s(r["p99_ttft_s"])),
@@ -354,7 +381,7 @@ BENCH_COLUMNS = [
 ]
 
 
-ENGINE_ONLY = {"batch", "KV used", "KV held", "preempt", "mispred", "recomp tok"}
+ENGINE_ONLY = {"batch", "KV used", "KV held", "preempt", "mispred", "recomp tok", "tok/s at fit", "steps vs fit"}
 
 
 def format_bench(report: dict) -> str:

@@ -44,6 +44,21 @@ def test_bench_runs_every_registered_policy_with_max_first(bench_run):
     assert by["oracle"]["prediction"] == "exact" and by["s3"]["prediction"] == "buckets"
     assert all(len(r["steps"]) > 0 for r in report["results"])
     assert "vs max" in result.output and (out / "bench.png").exists()
+    assert all(r["modelled_tokens_per_s"] > 0 and r["step_time_scale"] > 0 for r in report["results"])
+    assert report["reference"]["modelled_tokens_per_s"] is None  # no steps of its own
+
+
+def test_common_speed_takes_the_drift_between_runs_out():
+    from pipeline.bench import BenchResult, common_speed
+
+    work = [(tokens, 40 * tokens + 300 * (tokens % 7), 0.0) for tokens in range(1, 40)]  # (computed, KV read, s)
+    timed = lambda scale: [(t, c, scale * (0.05 + 0.002 * t + 1e-5 * c)) for t, c, _ in work]  # noqa: E731
+    fast, slow = (BenchResult(name, wall_s=sum(s for *_, s in steps), num_requests=4, generated_tokens=390,
+                              steps=steps) for name, steps in (("paged", timed(1.0)), ("s3", timed(1.1))))
+    common_speed([fast, slow, BenchResult("hf-generate@3", wall_s=1.0, num_requests=4, generated_tokens=390)])
+    assert slow.tokens_per_s == pytest.approx(fast.tokens_per_s / 1.1)  # the same schedule, a slower machine
+    assert slow.modelled_tokens_per_s == pytest.approx(fast.modelled_tokens_per_s)
+    assert slow.step_time_scale / fast.step_time_scale == pytest.approx(1.1)
 
 
 def test_every_record_has_the_documented_keys_and_sane_latencies(bench_run):

@@ -30,7 +30,7 @@ def fit_linear(steps: list[tuple[int, int, float]], source: str = "") -> LinearC
 
 def held_out_error(fit: LinearCost, steps: list[tuple[int, int, float]]) -> float:
     """Mean absolute relative error of the fitted step time on ``steps``."""
-    predicted = [fit.overhead_s + fit.per_token_s * t + fit.per_context_s * c for t, c, _ in steps]
+    predicted = [fit.step_s(t, c) for t, c, _ in steps]
     return float(np.mean([abs(p - s) / s for p, (_, _, s) in zip(predicted, steps) if s > 0]))
 
 

@@ -90,6 +90,10 @@ class LinearCost:
     source: str = ""
     """Where the fit came from (a bench.json)."""
 
+    def step_s(self, num_tokens: int, num_context: int) -> float:
+        """Seconds of a step computing ``num_tokens`` tokens and reading ``num_context`` KV entries."""
+        return self.overhead_s + self.per_token_s * num_tokens + self.per_context_s * num_context
+
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
@@ -134,8 +138,7 @@ class CostModel:
         if num_tokens == 0:
             return 0.0
         if self.linear is not None:
-            fit = self.linear
-            return fit.overhead_s + fit.per_token_s * num_tokens + fit.per_context_s * num_context
+            return self.linear.step_s(num_tokens, num_context)
         m, hw, tp = self.model, self.hardware, self.hardware.num_devices
         kv_bytes = self.kv_spec.bytes_per_token * (num_context + num_tokens)  # read + write, per device
         bytes_moved = m.weight_bytes / tp + kv_bytes
