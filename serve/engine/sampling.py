@@ -52,10 +52,20 @@ def apply_penalties(
         return logits
     logits = logits.clone()
     vocab = logits.shape[-1]
-    for i in rows:
-        counts = torch.bincount(torch.as_tensor(output_token_ids[i], device=logits.device), minlength=vocab)[:vocab]
-        p = params[i]
-        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    # Only the (row, token) pairs that occur are touched: one unique over every penalised row's tokens instead
+    # of a vocabulary-sized count per row. On the 2-core CPU, SmolLM2's vocabulary: 0.7 ms instead of 2.4 ms at
+    # 19 rows of 150 tokens (a decode step there takes about 120 ms), 3.3 ms instead of 10.7 ms at 64 rows of 300.
+    ids = [torch.as_tensor(output_token_ids[i], dtype=torch.long) for i in rows]
+    flat = torch.cat(ids)
+    row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(x) for x in ids]))
+    inside = flat < vocab  # as bincount(...)[:vocab] did: an id past the logits is not penalised
+    pairs, counts = torch.unique(row_of[inside] * vocab + flat[inside], return_counts=True)
+    row, token = pairs // vocab, pairs % vocab
+    frequency = torch.tensor([params[i].frequency_penalty for i in rows])[row]  # float32, as the scalar math was
+    presence = torch.tensor([params[i].presence_penalty for i in rows])[row]
+    batch_rows = torch.tensor(rows)[row].to(logits.device)
+    penalty = frequency * counts + presence  # as OpenAI defines them, per occurring token
+    logits[batch_rows, token.to(logits.device)] -= penalty.to(logits.device)
     return logits
 
 

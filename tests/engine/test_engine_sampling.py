@@ -86,6 +86,26 @@ def test_penalties_follow_openais_definition():
     assert logits.eq(0).all()  # the input is left alone
 
 
+def test_penalties_equal_a_per_row_count_over_the_vocabulary_bit_for_bit():
+    # the labels in data/labelled were decoded with this per-row form; the engine must reproduce them exactly
+    def per_row(logits, params, output_token_ids):
+        logits, vocab = logits.clone(), logits.shape[-1]
+        for i, (p, ids) in enumerate(zip(params, output_token_ids)):
+            if p.has_penalties and ids:
+                counts = torch.bincount(torch.as_tensor(ids), minlength=vocab)[:vocab]
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        return logits
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 50, generator=generator) * 10
+    params = [SamplingParams(frequency_penalty=0.5), SamplingParams(), SamplingParams(frequency_penalty=0.3,
+              presence_penalty=0.7), SamplingParams(presence_penalty=-1.1), SamplingParams(frequency_penalty=1.9),
+              SamplingParams(frequency_penalty=0.5), SamplingParams(frequency_penalty=-0.2)]  # fmt: skip
+    outputs = [torch.randint(0, 12, (n,), generator=generator).tolist() for n in (40, 9, 200, 3, 1, 0, 77)]
+    outputs[4] = [49, 49, 60]  # an id past the logits is left alone, as bincount(...)[:vocab] left it
+    assert torch.equal(apply_penalties(logits, params, outputs), per_row(logits, params, outputs))
+
+
 def test_a_penalty_moves_greedy_off_a_repeated_token():
     logits = torch.log(torch.tensor([[0.1, 0.5, 0.4]]))
     assert sample(logits, [SamplingParams(frequency_penalty=0.2)], [0], [[1, 1]]) == [2]
