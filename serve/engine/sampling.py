@@ -54,7 +54,8 @@ def apply_penalties(
     vocab = logits.shape[-1]
     # Only the (row, token) pairs that occur are touched: one unique over every penalised row's tokens instead
     # of a vocabulary-sized count per row. On the 2-core CPU, SmolLM2's vocabulary: 0.7 ms instead of 2.4 ms at
-    # 19 rows of 150 tokens (a decode step there takes about 120 ms), 3.3 ms instead of 10.7 ms at 64 rows of 300.
+    # 19 rows of 150 tokens, 3.3 ms instead of 10.7 ms at 64 rows of 300; in SmolLM2's decode steps at 19
+    # sequences, alternated step by step, 111.2 ms instead of 112.3 ms.
     ids = [torch.as_tensor(output_token_ids[i], dtype=torch.long) for i in rows]
     flat = torch.cat(ids)
     row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(x) for x in ids]))
