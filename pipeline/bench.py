@@ -395,7 +395,10 @@ def format_bench(report: dict) -> str:
     rows = [[fn(r, base) for _, fn in BENCH_COLUMNS] for r in records]
     if report["reference"] is not None:  # no scheduler: its engine columns mean nothing
         rows[-1] = [cell if name not in ENGINE_ONLY else "-" for (name, _), cell in zip(BENCH_COLUMNS, rows[-1])]
-    return head + "\n\n" + text_table([name for name, _ in BENCH_COLUMNS], rows)
+    legend = ("tok/s at fit: each run's steps timed by one step-time model fitted to every run's steps (its schedule's "
+              "throughput at one machine speed; the runs are served one after the other and the machine drifts); "
+              "steps vs fit: its measured step time over that model's")
+    return head + "\n\n" + text_table([name for name, _ in BENCH_COLUMNS], rows) + "\n" + legend
 
 
 def save_bench(report: dict, output_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
