@@ -58,4 +58,3 @@ def policy_options(names: tuple[str, ...] = KNOBS) -> Callable:
         return command
 
     return decorate
-
