@@ -74,6 +74,8 @@ class LoadConfig:
     """s3: a preempted request that has streamed tokens goes first (PolicyConfig.resume_first)."""
     short_queue: int = PolicyConfig.short_queue
     """s3: while fewer requests wait, the peak test leaves out the last blocks' room (PolicyConfig.short_queue)."""
+    wait_steps: int = PolicyConfig.wait_steps
+    """s3: a sequence short of a block may sit out this many steps instead of preempting (PolicyConfig.wait_steps)."""
     predictor: str | None = None
     """Predictor checkpoint for s3; default: the oracle-ish stand-in from the max run."""
     sources: tuple[str, ...] = ()

@@ -59,6 +59,10 @@ class RemainingEstimator(Protocol):
         """How many more output tokens ``request`` will generate, given what it has written."""
         ...
 
+    def finish_within(self, request: Request, steps: int) -> float:
+        """Probability that ``request`` ends within ``steps`` more output tokens, given what it has written."""
+        ...
+
     def observe(self, request: Request) -> None:
         """A request finished (history-based estimators learn from it)."""
         ...
@@ -136,6 +140,23 @@ class LengthDistribution:
                         std)  # fmt: skip
 
 
+    def mass_above(self, length: float) -> float:
+        """Probability mass of final lengths above ``length``."""
+        first = bisect.bisect_right(self.highs, length)
+        if first == len(self.highs):
+            return 0.0
+        low, high, p = self.lows[first], self.highs[first], self.masses[first]
+        partial = p if length <= low else p * (high - length) / (high - low)
+        return partial + self.mass_from[first + 1]
+
+    def finish_probability(self, written: int, steps: int, cap: int) -> float:
+        """Probability that a request which has written ``written`` tokens ends within ``steps`` more."""
+        if written + steps >= cap:
+            return 1.0
+        above = self.mass_above(written)
+        return 1.0 if above <= 0 else 1.0 - self.mass_above(written + steps) / above
+
+
 class BucketEstimator:
     """Remaining length from the request's bucket probabilities (or its one arg-max bucket), with a little
     ``prior`` mixed in so that buckets the predictor gives no mass still count (the training labels' bucket
@@ -167,11 +188,18 @@ class BucketEstimator:
         total, w = sum(given) or 1.0, self.prior_weight
         return tuple((1 - w) * p / total + w * prior for p, prior in zip(given, self._prior))
 
-    def estimate(self, request: Request) -> Estimate:
+    def _dist(self, request: Request) -> LengthDistribution:
         dist = self._dists.get(request.request_id)
         if dist is None:
             dist = self._dists[request.request_id] = LengthDistribution(self.buckets, self.probs(request), self.shape)
-        return dist.remaining(request.num_output_tokens, self.quantile, request.max_new_tokens, SLICE_LEVELS)
+        return dist
+
+    def estimate(self, request: Request) -> Estimate:
+        return self._dist(request).remaining(request.num_output_tokens, self.quantile, request.max_new_tokens,
+                                             SLICE_LEVELS)  # fmt: skip
+
+    def finish_within(self, request: Request, steps: int) -> float:
+        return self._dist(request).finish_probability(request.num_output_tokens, steps, request.max_new_tokens)
 
     def observe(self, request: Request) -> None:
         self._dists.pop(request.request_id, None)
@@ -185,6 +213,9 @@ class ExactEstimator:
         final = prediction.num_tokens if prediction is not None and prediction.num_tokens is not None else None
         final = request.max_new_tokens if final is None else min(final, request.max_new_tokens)
         return exact(max(1, final - request.num_output_tokens))
+
+    def finish_within(self, request: Request, steps: int) -> float:
+        return float(self.estimate(request).quantile_tokens <= steps)
 
     def observe(self, request: Request) -> None:
         pass
@@ -229,6 +260,16 @@ class HistoryEstimator:
         variance = max(0.0, (self._squares[-1] - self._squares[first]) / n - mean * mean)
         return Estimate(left_at(self.quantile), max(1.0, min(mean, cap) - written),
                         tuple(left_at(u) for u in SLICE_LEVELS), min(math.sqrt(variance), (cap - written) / 2))
+
+
+    def finish_within(self, request: Request, steps: int) -> float:
+        written, lengths = request.num_output_tokens, self._sorted
+        if written + steps >= request.max_new_tokens:
+            return 1.0
+        first = bisect.bisect_right(lengths, written)
+        if first == len(lengths):
+            return 0.0
+        return (bisect.bisect_right(lengths, written + steps) - first) / (len(lengths) - first)
 
 
 # -- the projected peak --------------------------------------------------------------------------------------

@@ -98,6 +98,10 @@ class PolicyConfig:
     sequence holds without its last block's free room (up to a block less per sequence): a small bunch is let in
     about as `paged` would let it in, and the room's margin comes back once a queue builds. 0 always counts the room
     (`s3-oracle` does: it keeps the test exact with known lengths)."""
+    wait_steps: int = 16
+    """`s3`, `peak-history`: a running sequence short of a KV block sits out up to this many steps in a row, instead
+    of preempting a victim, while the chance that another running sequence ends (freeing its blocks) within the steps
+    left is at least `quantile`, by each one's remaining-length distribution. 0 preempts at once (`paged` does)."""
     reserve_quantile: float | None = None
     """`s3-reserve`: reserve at this quantile of the bucket probabilities instead of the arg-max bucket."""
     bucket_prior: tuple[float, ...] | None = None
@@ -115,8 +119,8 @@ class PolicyConfig:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         if not 0 <= self.quantile <= 1 or not 0 <= self.prior_weight <= 1:
             raise ValueError(f"quantile and prior_weight must be in [0, 1], got {self.quantile}, {self.prior_weight}")
-        if self.lookahead < 1 or min(self.aging_s, self.aging_queue_factor, self.short_queue) < 0:
-            raise ValueError("lookahead must be >= 1, aging_s, aging_queue_factor and short_queue >= 0")
+        if self.lookahead < 1 or min(self.aging_s, self.aging_queue_factor, self.short_queue, self.wait_steps) < 0:
+            raise ValueError("lookahead must be >= 1, aging_s, aging_queue_factor, short_queue and wait_steps >= 0")
         if self.reserve_quantile is not None and not 0 < self.reserve_quantile <= 1:
             raise ValueError(f"reserve_quantile must be in (0, 1], got {self.reserve_quantile}")
         if self.bucket_prior is not None:
@@ -197,6 +201,10 @@ class AdmissionPolicy:
         """The projected-peak test for this step's admissions (``num_waiting`` requests wait), or None when the
         policy has none."""
         return None
+
+    def may_wait(self, request: Request, running: Sequence[Request]) -> bool:
+        """Whether running ``request``, short of a KV block, may sit the step out instead of preempting a victim."""
+        return False
 
     def observe_finished(self, request: Request) -> None:
         """A request ended (finished or aborted)."""
@@ -320,6 +328,18 @@ class _PeakAdmission(PagedPolicy):
 
     def remaining(self, request: Request) -> int:
         return self.estimator.estimate(request).quantile_tokens
+
+    def may_wait(self, request: Request, running: Sequence[Request]) -> bool:
+        # Worth it while another running sequence is expected to finish (and free its blocks) before this one
+        # has waited `wait_steps` steps in a row: a few steps' wait instead of a victim's recomputation.
+        steps_left = self.config.wait_steps - request.num_waited_steps
+        if steps_left <= 0:
+            return False
+        none_ends = 1.0
+        for other in running:
+            if other is not request:
+                none_ends *= 1.0 - self.estimator.finish_within(other, steps_left)
+        return 1.0 - none_ends >= self.config.quantile
 
     def admission_gate(self, running: Sequence[Request], limits: StepLimits, num_waiting: int) -> PeakGate | None:
         if self.config.quantile <= 0:

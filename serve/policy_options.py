@@ -20,7 +20,7 @@ import click
 
 from serve.policies import PolicyConfig
 
-KNOBS = ("quantile", "aging_s", "aging_queue_factor", "resume_first", "short_queue")
+KNOBS = ("quantile", "aging_s", "aging_queue_factor", "resume_first", "short_queue", "wait_steps")
 """The knobs the benchmarks vary, in the order their options are listed."""
 
 

@@ -88,6 +88,8 @@ class SchedulerOutput:
     new_requests: list[NewRequestData] = dataclasses.field(default_factory=list)
     """Admitted this step, for the first time or again after a preemption (their cache starts empty)."""
     preempted_request_ids: list[str] = dataclasses.field(default_factory=list)
+    waited_request_ids: list[str] = dataclasses.field(default_factory=list)
+    """Running sequences that sat this step out, waiting for a block rather than preempting another."""
     """Preempted this step: their blocks are freed and they wait to be recomputed."""
     finished_request_ids: list[str] = dataclasses.field(default_factory=list)
     """Finished or aborted since the previous step: the executor drops their state."""
@@ -265,7 +267,7 @@ class Scheduler:
         self._finished_ids = []
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         # Memory was short this step: admitting now would only thrash (vLLM does the same).
-        if not out.preempted_request_ids:
+        if not out.preempted_request_ids and not out.waited_request_ids:
             self._schedule_waiting(out, budget, now)
         return out
 
@@ -320,11 +322,22 @@ class Scheduler:
             elif tracks_buckets and request.reserved_bucket is not None:
                 self._note_bucket_overrun(request)
             num_new = self._num_new_tokens(request, budget)
+            if not reserves and self._waits(request, request.num_computed_tokens + num_new, i):
+                out.waited_request_ids.append(request.request_id)
+                i += 1
+                continue
             if not reserves and not self._allocate(request, request.num_computed_tokens + num_new, i, out):
                 continue
+            request.num_waited_steps = 0
             out.seqs.append(self._scheduled(request, num_new))
             budget -= num_new
             i += 1
+        if out.waited_request_ids and not out.seqs:
+            # Nobody could run: waiting would stall the whole server, so victims are taken as usual.
+            for request_id in out.waited_request_ids:
+                self.requests[request_id].num_waited_steps = self.policy.config.wait_steps
+            out.waited_request_ids.clear()
+            return self._schedule_running(out, budget)
         return budget
 
     def _grow_reservation(self, request: Request, index: int, out: SchedulerOutput) -> bool:
@@ -363,6 +376,16 @@ class Scheduler:
             bucket += 1
         request.reserved_bucket = bucket
 
+    def _waits(self, request: Request, num_tokens: int, index: int) -> bool:
+        """True when ``request`` should sit this step out rather than take a victim's memory: its next block is
+        not free, and the policy expects a running sequence to finish and free blocks before long."""
+        if self.pool.num_new_blocks(request.request_id, num_tokens) <= self.pool.num_free_blocks:
+            return False
+        if not self.policy.may_wait(request, self.running):
+            return False
+        request.num_waited_steps += 1
+        return True
+
     def _allocate(self, request: Request, num_tokens: int, index: int, out: SchedulerOutput) -> bool:
         """Make ``request``'s table cover ``num_tokens``, preempting victims among the sequences not yet
         scheduled this step (running[index:]); False when ``request`` itself was preempted."""
@@ -380,7 +403,7 @@ class Scheduler:
         self.stats.num_preemptions += 1
         self.stats.num_recomputed_tokens += request.num_computed_tokens
         request.num_recomputed_tokens += request.num_computed_tokens
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.num_waited_steps = 0
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self._enqueue(request)

@@ -20,7 +20,7 @@ class FakeClock:
 
 def make_scheduler(policy: str = "s3", *, num_blocks: int = 16, block_size: int = 4, **kwargs) -> Scheduler:
     policy_kwargs = {k: kwargs.pop(k) for k in ("aging_s", "aging_queue_factor", "lookahead", "watermark", "reserve_quantile", "quantile", "prior_weight",
-                                             "short_queue") if k in kwargs}
+                                             "short_queue", "wait_steps") if k in kwargs}
     config = SchedulerConfig(
         num_blocks=num_blocks,
         block_size=block_size,

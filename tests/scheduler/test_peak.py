@@ -1,12 +1,13 @@
 """The predictive paged policies: the remaining-length estimator, the projected-peak test and the `s3` order."""
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.request import LengthPrediction, Request
-from serve.estimate import (BucketEstimator, ExactEstimator, HistoryEstimator, PeakGate, Projection,
-                            conditional_remaining, peak_tokens)
+from serve.estimate import (BucketEstimator, ExactEstimator, HistoryEstimator, LengthDistribution, PeakGate,
+                            Projection, conditional_remaining, peak_tokens)
 from serve.kv import blocks_for
 from serve.policies import StepLimits
 from tests.fakes import FakeClock, make_request, make_scheduler, run_until_done
@@ -106,6 +107,42 @@ def test_history_estimator_starts_at_the_worst_case_and_learns():
     assert est.estimate(request).quantile_tokens == 10
     request.output_token_ids = [1] * 12
     assert est.estimate(request).quantile_tokens == 30 - 12
+
+
+@given(probs_st, st.integers(0, 45), st.integers(1, 50), st.integers(1, 60))
+def test_finish_probability_is_the_conditional_cdf(probs, written, steps, cap):
+    dist = LengthDistribution(BUCKETS, probs)
+    p = dist.finish_probability(written, steps, cap)
+    assert 0 <= p <= 1 and p <= dist.finish_probability(written, steps + 1, cap) + 1e-12  # monotone in steps
+    if written + steps >= cap:
+        assert p == 1
+    elif dist.mass_above(written) > 0:  # against a fine sum over the piecewise-uniform density
+        grid = [written + (k + 0.5) / 100 for k in range(100 * 50)]
+        density = {x: _density(dist, x) for x in grid}
+        inside = sum(d for x, d in density.items() if x <= written + steps) / 100
+        assert abs(p - inside / dist.mass_above(written)) < 0.02
+
+
+def _density(dist: LengthDistribution, x: float) -> float:
+    return sum(m / (hi - lo) for lo, hi, m in zip(dist.lows, dist.highs, dist.masses) if lo < x <= hi)
+
+
+def test_each_estimator_says_how_likely_a_request_ends_soon():
+    request = make_request("a", bucket=1, max_new_tokens=40)  # bucket (10, 20] of 4 buckets of 10
+    request.output_token_ids = [1] * 12
+    bucket = BucketEstimator(BUCKETS, quantile=0.5, prior_weight=0.0)
+    assert bucket.finish_within(request, 4) == pytest.approx(0.5)  # 12 written: (12, 16] of (12, 20]
+    assert bucket.finish_within(request, 8) == pytest.approx(1.0)
+    exact = make_request("b", true_tokens=20, max_new_tokens=40)
+    exact.output_token_ids = [1] * 12
+    assert ExactEstimator().finish_within(exact, 7) == 0 and ExactEstimator().finish_within(exact, 8) == 1
+    history = HistoryEstimator(quantile=0.5)
+    for n in (5, 14, 18, 30):
+        done = make_request(f"d{n}", max_new_tokens=40)
+        done.output_token_ids = [1] * n
+        history.observe(done)
+    assert history.finish_within(request, 4) == pytest.approx(1 / 3)  # of 14, 18, 30 (past 12): 14
+    assert history.finish_within(request, 28) == 1  # reaches max_new_tokens
 
 
 # -- the peak test ---------------------------------------------------------------------------------------------
@@ -299,6 +336,51 @@ def test_s3_victim_is_the_least_computed():
     a, b, c = (make_request(rid, bucket=0) for rid in "abc")
     a.num_computed_tokens, b.num_computed_tokens, c.num_computed_tokens = 9, 3, 6
     assert sched.choose_victim([a, b, c], a) is b
+
+
+def _two_sharing_a_pool(wait_steps: int, *, lengths: dict[str, int]) -> tuple[list, object]:
+    """"a" and "b" (4-token prompts, predicted at most 16 tokens) in a pool of 9 blocks of 4: both need a fifth
+    block after 13 tokens, and only one is left."""
+    sched = make_scheduler("s3", num_blocks=9, short_queue=0, wait_steps=wait_steps)
+    for rid in "ab":
+        sched.add_request(make_request(rid, bucket=0, max_new_tokens=32))
+    steps = []
+    run_until_done(sched, lengths, on_step=steps.append)
+    return steps, sched
+
+
+def test_s3_lets_a_sequence_short_of_a_block_wait_for_one_about_to_finish():
+    # "a" (14 tokens) is expected to end within a few steps: "b" sits out one step instead of being preempted.
+    steps, sched = _two_sharing_a_pool(16, lengths={"a": 14, "b": 30})
+    assert sched.stats.num_preemptions == 0 and sched.stats.num_recomputed_tokens == 0
+    assert [out.waited_request_ids for out in steps if out.waited_request_ids] == [["b"]]
+    waited = next(out for out in steps if out.waited_request_ids)
+    assert not waited.new_requests  # nobody is admitted while a sequence waits for memory
+    # wait_steps = 0 is the old behaviour: the needy sequence yields at once and is recomputed.
+    steps, sched = _two_sharing_a_pool(0, lengths={"a": 14, "b": 30})
+    assert sched.stats.num_preemptions == 1 and not any(out.waited_request_ids for out in steps)
+
+
+def test_s3_stops_waiting_when_nobody_is_expected_to_finish_in_time():
+    # "a" outruns its predicted bucket: after a few steps of waiting the chance it ends soon falls below q, and
+    # "b" is preempted after all; it never waits longer than wait_steps in a row.
+    steps, sched = _two_sharing_a_pool(16, lengths={"a": 30, "b": 30})
+    assert sched.stats.num_preemptions == 1
+    waits = sum(1 for out in steps if out.waited_request_ids)
+    assert 0 < waits < 16
+    steps, sched = _two_sharing_a_pool(2, lengths={"a": 30, "b": 30})
+    assert sum(1 for out in steps if out.waited_request_ids) <= 2 and sched.stats.num_preemptions == 1
+
+
+def test_when_every_running_sequence_would_wait_victims_are_taken():
+    # Both need a fifth block in the same step of a pool of 8 and each expects the other to end: waiting would
+    # leave the step empty, so one is preempted instead.
+    sched = make_scheduler("s3", num_blocks=8, short_queue=0, wait_steps=16)
+    for rid in "ab":
+        sched.add_request(make_request(rid, bucket=0, max_new_tokens=28))
+    steps = []
+    run_until_done(sched, {"a": 20, "b": 20}, on_step=steps.append)
+    assert all(out.seqs for out in steps) and sched.stats.num_preemptions >= 1
 
 
 def test_quantile_zero_admits_what_fits_now_like_paged():

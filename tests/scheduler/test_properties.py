@@ -37,6 +37,7 @@ workload_st = st.fixed_dictionaries(
         "reserve_quantile": st.one_of(st.none(), st.floats(0.1, 1)),
         "victim": st.sampled_from([None, "last", "least-computed"]),
         "prefill_cap": st.integers(0, 8),
+        "wait_steps": st.sampled_from([0, 1, 4, 16]),
     }
 )
 
@@ -63,6 +64,7 @@ def _build(w):
         quantile=w["quantile"],
         reserve_quantile=w["reserve_quantile"],
         long_prefill_token_threshold=w["prefill_cap"],
+        wait_steps=w["wait_steps"],
         buckets=buckets,
         clock=clock,
         victim_fn=VICTIMS[w["victim"]],
@@ -114,7 +116,9 @@ def test_scheduler_invariants(w):
         if not pending and not sched.has_unfinished():
             break
         waiting_before = list(sched.waiting)
+        running_before = sched.num_running
         out = sched.schedule()
+        assert out.seqs or not running_before, "a step with running sequences scheduled none of them"
         _check_admission_order(sched, waiting_before, out, clock.now)
         assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
         result = executor.execute(sched, out)
