@@ -98,7 +98,7 @@ class PolicyConfig:
     sequence holds without its last block's free room (up to a block less per sequence): a small bunch is let in
     about as `paged` would let it in, and the room's margin comes back once a queue builds. 0 always counts the room
     (`s3-oracle` does: it keeps the test exact with known lengths)."""
-    wait_steps: int = 16
+    wait_steps: int = 8
     """`s3`, `peak-history`: a running sequence short of a KV block sits out up to this many steps in a row, instead
     of preempting a victim, while the chance that another running sequence ends (freeing its blocks) within the steps
     left is at least `quantile`, by each one's remaining-length distribution. 0 preempts at once (`paged` does)."""

@@ -3,6 +3,7 @@ fairness of what it measures: distinct prompts, none labelled, per-policy record
 
 import json
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -94,3 +95,21 @@ def test_calibration_fits_the_bench_and_replays_it(tiny_chat_model_dir, tmp_path
     assert (tmp_path / "calibration" / "smollm2-cpu.json").exists()
     # Calibrating never rewrites the tracked file.
     assert subprocess.run(["git", "diff", "--quiet", "configs/calibration"]).returncode == 0
+
+
+def test_a_bench_replays_in_the_simulator_with_other_knobs(bench_run, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_replay", "benchmarks/bench_replay.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    _, out = bench_run
+    result = CliRunner().invoke(replay.main, [str(out / "bench.json"), "--vary", "wait_steps=0,16",
+                                              "--vary", "resume_first=false", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "replay.json").read_text())["results"]
+    assert [(r["policy"], r["knobs"]) for r in records] == [
+        (p, {"wait_steps": w, "resume_first": False}) for w in (0, 16) for p in ("paged", "s3")]
+    assert all(set(RECORD_KEYS) <= set(r) and r["generated_tokens_per_s"] > 0 for r in records)
+    with pytest.raises(click.BadParameter):
+        replay.parse_vary(("no_such_knob=1",))
