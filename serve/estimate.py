@@ -139,15 +139,13 @@ class LengthDistribution:
         return Estimate(left_at(quantile), max(1.0, min(mean, cap) - written), tuple(left_at(u) for u in levels),
                         std)  # fmt: skip
 
-
     def mass_above(self, length: float) -> float:
         """Probability mass of final lengths above ``length``."""
         first = bisect.bisect_right(self.highs, length)
         if first == len(self.highs):
             return 0.0
         low, high, p = self.lows[first], self.highs[first], self.masses[first]
-        partial = p if length <= low else p * (high - length) / (high - low)
-        return partial + self.mass_from[first + 1]
+        return p * (high - max(low, length)) / (high - low) + self.mass_from[first + 1]
 
     def finish_probability(self, written: int, steps: int, cap: int) -> float:
         """Probability that a request which has written ``written`` tokens ends within ``steps`` more."""
@@ -260,7 +258,6 @@ class HistoryEstimator:
         variance = max(0.0, (self._squares[-1] - self._squares[first]) / n - mean * mean)
         return Estimate(left_at(self.quantile), max(1.0, min(mean, cap) - written),
                         tuple(left_at(u) for u in SLICE_LEVELS), min(math.sqrt(variance), (cap - written) / 2))
-
 
     def finish_within(self, request: Request, steps: int) -> float:
         written, lengths = request.num_output_tokens, self._sorted

@@ -88,9 +88,9 @@ class SchedulerOutput:
     new_requests: list[NewRequestData] = dataclasses.field(default_factory=list)
     """Admitted this step, for the first time or again after a preemption (their cache starts empty)."""
     preempted_request_ids: list[str] = dataclasses.field(default_factory=list)
+    """Preempted this step: their blocks are freed and they wait to be recomputed."""
     waited_request_ids: list[str] = dataclasses.field(default_factory=list)
     """Running sequences that sat this step out, waiting for a block rather than preempting another."""
-    """Preempted this step: their blocks are freed and they wait to be recomputed."""
     finished_request_ids: list[str] = dataclasses.field(default_factory=list)
     """Finished or aborted since the previous step: the executor drops their state."""
     time: float = 0.0
@@ -322,7 +322,7 @@ class Scheduler:
             elif tracks_buckets and request.reserved_bucket is not None:
                 self._note_bucket_overrun(request)
             num_new = self._num_new_tokens(request, budget)
-            if not reserves and self._waits(request, request.num_computed_tokens + num_new, i):
+            if not reserves and self._waits(request, request.num_computed_tokens + num_new):
                 out.waited_request_ids.append(request.request_id)
                 i += 1
                 continue
@@ -376,7 +376,7 @@ class Scheduler:
             bucket += 1
         request.reserved_bucket = bucket
 
-    def _waits(self, request: Request, num_tokens: int, index: int) -> bool:
+    def _waits(self, request: Request, num_tokens: int) -> bool:
         """True when ``request`` should sit this step out rather than take a victim's memory: its next block is
         not free, and the policy expects a running sequence to finish and free blocks before long."""
         if self.pool.num_new_blocks(request.request_id, num_tokens) <= self.pool.num_free_blocks:
