@@ -187,7 +187,7 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
     from serve.engine.llm import EngineConfig
     from serve.engine.loader import load_model
     from serve.engine.plan import SamplingParams
-    from serve.feedback import FeedbackWriter, feedback_record
+    from serve.feedback import FeedbackWriter, feedback_record, mispredicted
     from serve.policies import PolicyConfig, with_length_profile
 
     config = ctx.config.serve
@@ -205,7 +205,7 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
     writer = FeedbackWriter(feedback_dir) if feedback_dir else None
 
     def on_finish(request) -> None:
-        if writer is not None and request.mispredictions:
+        if writer is not None and mispredicted(request, buckets):
             writer.write(feedback_record(request, buckets, checkpoint_id=predictor.checkpoint_id))
 
     predicted = predictor.predict(texts)

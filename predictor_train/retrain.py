@@ -7,10 +7,12 @@ rather than the feedback alone or the whole train split again. The validation an
 data stay as they were, and a feedback prompt that occurs in them is dropped, so they stay unseen. A share
 ``feedback_holdout`` of the feedback (by prompt hash) is held out of training too: the "after" figures on it are
 on mispredictions the new model never saw. Training starts from the previous checkpoint's weights and keeps its
-exact BucketSpec; those weights are validated first and kept unless an epoch scores at least as well on the
-labelled validation split (``keep_parent_unless_matched``), so a round cannot ship a worse predictor; a config
-asking for another bucket scheme is refused. ``replay_only`` trains the same number of examples with replayed
-rows in place of the feedback: the control that says what the feedback itself adds.
+exact BucketSpec. The config's ``exclude_sources`` and ``max_train_rows_per_source`` select the replayed train rows
+and the validation rows as they do in training; the test split is always the full one. The previous weights are
+validated first and kept unless an epoch scores at least as well on the labelled validation split
+(``keep_parent_unless_matched``), so a round cannot ship a worse predictor; a config asking for another bucket
+scheme is refused. ``replay_only`` trains the same number of examples with replayed rows in place of the
+feedback: the control that says what the feedback itself adds.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from predictor_train.checkpoint import CheckpointInfo, describe_buckets, read_in
 from predictor_train.data import Examples, check_columns, load_records, sources_of, split_of, split_records
 from predictor_train.evaluate import EvalReport, evaluate_rows, format_table
 from predictor_train.inference import LengthPredictor
-from predictor_train.train import TrainConfig, TrainResult, fit
+from predictor_train.train import TrainConfig, TrainResult, fit, training_splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +133,12 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
     if Path(config.output_dir).resolve() == Path(previous_checkpoint).resolve():
         raise ValueError(f"output_dir {config.output_dir} is the previous checkpoint; write the retrained one "
                          "elsewhere so the before/after comparison stays possible")
-    splits = split_records(load_records(data))
+    records = load_records(data)
+    full = split_records(records)
+    splits = training_splits(config, records)  # exclude_sources and max_train_rows_per_source, as in training
     feedback_rows = load_records(feedback)
     check_columns(feedback_rows, where="the feedback records")
-    held_out = set(splits["validation"]["prompt"]) | set(splits["test"]["prompt"])
+    held_out = set(full["validation"]["prompt"]) | set(full["test"]["prompt"])
     usable, dropped = feedback_for_training(feedback_rows, held_out)
     extra, feedback_test = hold_out_feedback(usable, config.feedback_holdout)
     if len(extra) == 0:

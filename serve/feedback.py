@@ -1,4 +1,5 @@
-"""The feedback store: append-only JSON-lines segments of mispredicted requests, for `s3 train --feedback`.
+"""The feedback store: append-only JSON-lines segments of mispredicted requests (answers that outran their predicted
+bucket and answers that ended below it), for `s3 train --feedback`.
 
 Records share the labelled data's schema (prompt, source, num_prompt_tokens, num_output_tokens, finished)
 plus what the predictor said, so retraining is training with more rows. Crash safety: a record is one
@@ -23,6 +24,18 @@ from typing import Iterator
 
 from core.buckets import BucketSpec
 from core.request import Request
+
+
+def mispredicted(request: Request, buckets: BucketSpec) -> bool:
+    """Whether a finished request's prediction missed: it wrote past its predicted bucket (a misprediction event),
+    or it ended of itself (``stop``) in a bucket below the predicted one. Both kinds are recorded, so that
+    retraining does not learn only that answers are longer than predicted; an answer cut by its token limit says
+    nothing about where it would have ended, so it is never taken for an over-prediction."""
+    if request.mispredictions:
+        return True
+    prediction = request.prediction
+    return (request.finish_reason == "stop" and prediction is not None
+            and buckets.bucket_of(request.num_output_tokens) < prediction.bucket)
 
 
 def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str | None) -> dict:

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from core.buckets import BucketSpec
 from serve.feedback import (
-    FeedbackWriter, feedback_record, format_summary, is_feedback_record, read_feedback, summarize, summarize_store,
+    FeedbackWriter, feedback_record, format_summary, is_feedback_record, mispredicted, read_feedback, summarize,
+    summarize_store,
 )  # fmt: skip
 from tests.fakes import make_request, make_scheduler, run_until_done
 
@@ -34,6 +35,17 @@ def test_records_of_mispredicted_requests_have_the_training_schema(tmp_path):
     with FeedbackWriter(tmp_path) as writer:
         writer.write(record)
     assert list(read_feedback(tmp_path)) == [record]
+
+
+def test_under_and_over_predictions_are_mispredictions_and_a_cut_answer_is_neither():
+    sched = make_scheduler("s3", num_blocks=64)
+    requests = [make_request("under", bucket=0), make_request("over", bucket=3), make_request("hit", bucket=0),
+                make_request("cut", bucket=3, max_new_tokens=3), make_request("unpredicted")]
+    for request in requests:
+        sched.add_request(request)
+    finished = run_until_done(sched, {"under": 20, "over": 3, "hit": 3, "cut": 30, "unpredicted": 3})
+    assert {r.request_id: r.finish_reason for r in finished}["cut"] == "length"
+    assert {r.request_id for r in finished if mispredicted(r, sched.policy.buckets)} == {"under", "over"}
 
 
 def test_rotation_and_summary(tmp_path):

@@ -115,3 +115,18 @@ def test_a_round_that_scores_worse_on_validation_keeps_the_previous_weights(trai
     assert [r["epoch"] for r in unguarded.result.history] == [1] and unguarded.verdict().startswith("kept epoch 1")
     assert (unguarded.after["test"].metrics["predictor"]["accuracy"]
             < guarded.after["test"].metrics["predictor"]["accuracy"])
+
+
+def test_retraining_replays_and_validates_on_the_configs_sources_only(trained, dataset, tmp_path):
+    """A predictor trained without a source (leave-one-source-out) is retrained on the same selection: the replay
+    and the validation rows leave the excluded source out, the test split keeps it."""
+    two_sources = dataset.map(lambda row, i: {"source": "b" if i % 2 else "a"}, with_indices=True)
+    splits = split_records(two_sources)
+    feedback = _feedback(LengthPredictor.load(trained.checkpoint_dir), "a prompt of no split", 10)
+    config = tiny_config(tmp_path / "without_b", epochs=1, feedback_holdout=0.0, feedback_repeat=1,
+                         replay_ratio=100.0, exclude_sources=("b",))
+    report = retrain_predictor(config, two_sources, feedback, previous_checkpoint=trained.checkpoint_dir,
+                               progress=False)
+    assert report.num_replayed == splits["train"]["source"].count("a")
+    assert report.result.info.data["validation"] == splits["validation"]["source"].count("a")
+    assert report.after["test"].metrics["predictor"]["num_examples"] == len(splits["test"])
