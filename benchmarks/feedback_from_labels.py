@@ -4,9 +4,11 @@
 
 Takes the rows in `data/labelled/shards` that the built dataset (`data/labelled/dataset`) does not hold yet, i.e.
 prompts labelled since the last build, which no predictor has trained on, and writes a feedback record for each
-one the predictor under-predicts (arg-max bucket below the true one). Under `s3` such a request passes its
-predicted bucket's upper edge, which is when the server records it; the labelling recipe is the serving
-decoding, so the lengths are the ones serving would see. Then measure a retraining round on them:
+one the server would record (`serve.feedback.mispredicted`): the predictor's arg-max bucket below the true one
+(the request passes its predicted bucket's upper edge) or, unless ``--feedback under``, above it (the answer ends
+below its predicted bucket; the labels' answers end of themselves or at the token limit, and one cut at the limit
+is never an over-prediction). The labelling recipe is the serving decoding, so the lengths are the ones serving
+would see. Then measure a retraining round on them:
 
     .venv/bin/s3 train --config configs/train_cpu.yaml --feedback runs/feedback_fresh --from runs/predictor \
         --output-dir runs/predictor_retrained
@@ -33,7 +35,10 @@ from serve.feedback import FeedbackWriter  # noqa: E402
 @click.option("--data", default="data/labelled", show_default=True)
 @click.option("--predictor", "predictor_dir", default="runs/predictor", show_default=True)
 @click.option("--output-dir", default="runs/feedback_fresh", show_default=True)
-def main(data, predictor_dir, output_dir):
+@click.option("--feedback", "kind", type=click.Choice(["both", "under"]), default="both", show_default=True,
+              help="Record over-predictions too, as `s3 serve` does since 2026-12-06 (both), or only "
+                   "under-predictions, as it did before (under).")
+def main(data, predictor_dir, output_dir, kind):
     known = set(load_records(labelled_data(data)[0])["prompt"])
     fresh = [r for r in read_shards(Path(data) / "shards").values() if r["prompt"] not in known]
     if not fresh:
@@ -45,17 +50,18 @@ def main(data, predictor_dir, output_dir):
     with FeedbackWriter(output_dir) as writer:
         for row, prediction in zip(fresh, predictions):
             true_bucket = spec.bucket_of(row["num_output_tokens"])
-            if prediction.bucket >= true_bucket:
+            over = prediction.bucket > true_bucket and row["finished"] and kind == "both"
+            if prediction.bucket >= true_bucket and not over:
                 continue
             writer.write({
                 "request_id": row["id"], "prompt": row["prompt"], "source": "feedback",
                 "num_prompt_tokens": row["num_prompt_tokens"], "num_output_tokens": row["num_output_tokens"],
                 "finished": row["finished"], "predicted_bucket": prediction.bucket, "true_bucket": true_bucket,
-                "probs": list(prediction.probs) if prediction.probs else None, "num_mispredictions": 1,
+                "probs": list(prediction.probs) if prediction.probs else None, "num_mispredictions": int(not over),
                 "num_preemptions": 0, "checkpoint_id": predictor.checkpoint_id, "time": time.time(),
             })  # fmt: skip
             written += 1
-    click.echo(f"{len(fresh)} freshly labelled prompts, {written} under-predicted by {predictor.checkpoint_id}: "
+    click.echo(f"{len(fresh)} freshly labelled prompts, {written} mispredicted ({kind}) by {predictor.checkpoint_id}: "
                f"feedback records in {output_dir}")
 
 

@@ -1,0 +1,144 @@
+"""A kind of prompt the predictor never saw, served and fed back: what one retraining round on the server's
+feedback does for that kind, and which feedback to record.
+
+    .venv/bin/python benchmarks/new_source_feedback.py --config configs/train_cpu.yaml --set epochs=1 \
+        --set max_train_rows_per_source=300 --set calibrate=false --loso-dir runs/loso_9k \
+        --sources gsm8k_train,gpteacher_toolformer --num-served 200 --output-dir runs/new_source
+
+Per held-out source S: the leave-one-source-out predictor (trained without S as
+`benchmarks/leave_one_source_out.py` does, reused from ``--loso-dir`` when its settings match), then S's first
+``--num-served`` train-split rows (prompt-hash order) served as new traffic, and the feedback a server would record
+from them. ``under``: the requests that wrote past their predicted bucket (what `s3 serve` recorded until
+2026-12-06); ``both``: those and the ones that ended in a bucket below the predicted one. One retraining round per
+kind of feedback (the config plus ``--retrain-set`` overrides, S still excluded, so the replay holds no row of S and
+the validation gate judges the other sources only), scored before and after on S's test rows (never trained on)
+and on the other sources' test rows (what the round costs them). Prints a table and writes
+``<output-dir>/new_source.json`` (a ``results`` list, one record per source and kind of feedback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click  # noqa: E402
+import datasets  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.labelled import labelled_data  # noqa: E402
+from predictor_train.data import cap_per_source, drop_sources, load_records, split_records  # noqa: E402
+from predictor_train.evaluate import evaluate_rows  # noqa: E402
+from predictor_train.inference import LengthPredictor  # noqa: E402
+from predictor_train.retrain import retrain_predictor  # noqa: E402
+from predictor_train.train import TrainConfig  # noqa: E402
+
+from leave_one_source_out import of_source, trained  # noqa: E402  (the sibling script)
+
+KINDS = ("under", "both")
+
+
+def served_feedback(predictor, rows, kind: str) -> datasets.Dataset:
+    """The feedback records a server would write for ``rows`` served under ``predictor``'s arg-max buckets."""
+    spec = predictor.buckets
+    predicted = [p.bucket for p in predictor.predict(list(rows["prompt"]))]
+    keep = []
+    for i, (length, bucket) in enumerate(zip(rows["num_output_tokens"], predicted)):
+        true = spec.bucket_of(int(length))
+        if true > bucket or (kind == "both" and true < bucket):
+            keep.append(i)
+    picked = rows.select(keep)
+    return picked.map(lambda row, i: {"source": "feedback", "predicted_bucket": predicted[keep[i]]},
+                      with_indices=True)
+
+
+def scores(predictor, rows, train) -> dict:
+    metrics = evaluate_rows(predictor, rows, train=train).metrics["predictor"]
+    return {k: metrics[k] for k in ("num_examples", "accuracy", "within_one_accuracy", "mae_tokens",
+                                    "under_prediction_rate")}
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| held-out source | feedback | records (of served) | kept | its test rows: within one before -> after "
+             "| MAE | under-predicted | other sources' test rows: within one | MAE |", "| --- | --- |" + " ---: |" * 7]
+    for r in records:
+        new, old = r["new_source"], r["other_sources"]
+
+        def move(m, key, pct=True):
+            fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.1f}")
+            return f"{fmt(m['before'][key])} -> {fmt(m['after'][key])}"
+        lines.append(f"| {r['source']} | {r['feedback']} | {r['num_records']} ({r['num_served']}) | "
+                     f"{'previous weights' if r['kept_parent'] else 'retrained'} | "
+                     f"{move(new, 'within_one_accuracy')} | {move(new, 'mae_tokens', False)} | "
+                     f"{move(new, 'under_prediction_rate')} | {move(old, 'within_one_accuracy')} | "
+                     f"{move(old, 'mae_tokens', False)} |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--config", "config_path", default="configs/train_cpu.yaml", show_default=True)
+@click.option("--data", default="data/labelled", show_default=True)
+@click.option("--sources", default="gsm8k_train,gpteacher_toolformer", show_default=True,
+              help="Comma-separated sources to hold out and then serve.")
+@click.option("--num-served", default=200, show_default=True, help="Train-split rows of the source served.")
+@click.option("--feedback", "kinds", default=",".join(KINDS), show_default=True,
+              help="Kinds of feedback to retrain on: under, both.")
+@click.option("--loso-dir", default="runs/loso", show_default=True,
+              help="Where the leave-one-source-out checkpoints are (trained there when missing).")
+@click.option("--output-dir", default="runs/new_source", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="TrainConfig, for the held-out model.")
+@click.option("--retrain-set", "retrain_overrides", multiple=True, metavar="KEY=VALUE",
+              help="TrainConfig overrides for the retraining round, after --set (default: the shipped recipe).")
+def main(config_path, data, sources, num_served, kinds, loso_dir, output_dir, overrides, retrain_overrides):
+    kinds = kinds.split(",")
+    if set(kinds) - set(KINDS):
+        raise click.BadParameter(f"kinds are {', '.join(KINDS)}", param_hint="--feedback")
+    config = load_config(TrainConfig, config_path, overrides)
+    retrain_config = load_config(TrainConfig, config_path, [*overrides, *retrain_overrides])
+    dataset, recipe = labelled_data(data)
+    ds = load_records(dataset)
+    splits = split_records(ds)
+    out_root = Path(output_dir)
+    records = []
+    for source in sources.split(","):
+        parent_dir = Path(loso_dir) / source
+        parent = trained(config, ds, recipe, (source,), parent_dir, reuse=True)
+        served = cap_per_source(of_source(splits["train"], source), num_served)
+        if len(served) == 0:
+            raise click.BadParameter(f"no train-split rows of source {source}", param_hint="--sources")
+        train = drop_sources(splits["train"], [source])
+        new_rows, old_rows = of_source(splits["test"], source), drop_sources(splits["test"], [source])
+        before = {"new": scores(parent, new_rows, train), "old": scores(parent, old_rows, train)}
+        for kind in kinds:
+            feedback = served_feedback(parent, served, kind)
+            if len(feedback) == 0:  # nothing mispredicted in this direction: no round to run
+                after, kept_parent, verdict = before, True, "no feedback records: nothing to retrain on"
+            else:
+                run = dataclasses.replace(retrain_config, exclude_sources=(source,), feedback_holdout=0.0,
+                                          output_dir=str(out_root / f"{source}_{kind}"), wandb_mode="disabled")
+                report = retrain_predictor(run, ds, feedback, previous_checkpoint=parent_dir, progress=False)
+                child = LengthPredictor.load(report.result.checkpoint_dir)
+                after = {"new": scores(child, new_rows, train), "old": scores(child, old_rows, train)}
+                kept_parent, verdict = report.kept_parent, report.verdict()
+            records.append({
+                "source": source, "feedback": kind, "num_served": len(served), "num_records": len(feedback),
+                "kept_parent": kept_parent, "verdict": verdict,
+                "new_source": {"before": before["new"], "after": after["new"]},
+                "other_sources": {"before": before["old"], "after": after["old"]},
+            })
+            click.echo(f"{source}, {kind}: {len(feedback)} records; {verdict}; within one on its test rows "
+                       f"{before['new']['within_one_accuracy']:.3f} -> {after['new']['within_one_accuracy']:.3f}",
+                       err=True)
+    out_root.mkdir(parents=True, exist_ok=True)
+    settings = {"held_out_model": dataclasses.asdict(config), "retrain": dataclasses.asdict(retrain_config),
+                "num_served": num_served, "data": data}
+    (out_root / "new_source.json").write_text(json.dumps({"settings": settings, "results": records}, indent=2))
+    click.echo(markdown(records))
+    click.echo(f"wrote {out_root / 'new_source.json'}", err=True)
+
+
+if __name__ == "__main__":
+    main()

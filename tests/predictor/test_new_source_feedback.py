@@ -1,0 +1,60 @@
+"""benchmarks/new_source_feedback.py: which served requests become feedback, and one round on a held-out source."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+from click.testing import CliRunner
+
+from core.buckets import BucketSpec
+from core.predictors import LengthPrediction
+
+from .synthetic import MAX_TOKENS, NUM_BUCKETS
+
+
+@pytest.fixture
+def bench(import_benchmark):
+    return import_benchmark("new_source_feedback", "leave_one_source_out")
+
+
+class _Fixed:
+    """A predictor that predicts bucket 1 for every prompt."""
+
+    buckets = BucketSpec.uniform(64, 4)
+
+    def predict(self, prompts):
+        return [LengthPrediction(bucket=1) for _ in prompts]
+
+
+def test_under_feedback_is_what_outran_its_bucket_and_both_adds_what_ended_below_it(bench):
+    rows = datasets.Dataset.from_dict({"prompt": ["short", "hit", "long", "longer"], "source": ["x"] * 4,
+                                       "num_output_tokens": [5, 20, 40, 60]})  # buckets 0, 1, 2, 3
+    under = bench.served_feedback(_Fixed(), rows, "under")
+    both = bench.served_feedback(_Fixed(), rows, "both")
+    assert under["prompt"] == ["long", "longer"] and both["prompt"] == ["short", "long", "longer"]
+    assert set(both["source"]) == {"feedback"} and set(both["predicted_bucket"]) == {1}
+
+
+def test_one_round_per_kind_of_feedback_on_a_held_out_source(bench, records, tmp_path, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({**r, "source": "new" if i % 3 == 0 else "old"}) + "\n"
+                            for i, r in enumerate(records)))
+    monkeypatch.setattr(bench, "labelled_data", lambda path: (path, {"model": "tiny", "temperature": 0.0}))
+    config = tmp_path / "train.yaml"
+    config.write_text(f"backbone: tiny-random\nmax_tokens: {MAX_TOKENS}\nnum_buckets: {NUM_BUCKETS}\nepochs: 1\n"
+                      "lr: 1.0e-2\nbatch_size: 16\nmax_prompt_tokens: 32\ncalibrate: false\nwandb_mode: disabled\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(bench.main, [
+        "--config", str(config), "--data", str(data), "--sources", "new", "--num-served", "20",
+        "--loso-dir", str(tmp_path / "loso"), "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "new_source.json").read_text())
+    assert [(r["source"], r["feedback"]) for r in report["results"]] == [("new", "under"), ("new", "both")]
+    under, both = report["results"]
+    assert 0 <= under["num_records"] <= both["num_records"] <= 20 and both["num_records"] > 0
+    for r in report["results"]:
+        assert r["num_served"] == 20
+        assert r["new_source"]["before"]["num_examples"] == r["new_source"]["after"]["num_examples"] > 0
+    assert "| new | under |" in result.output and "| new | both |" in result.output
