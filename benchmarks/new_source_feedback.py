@@ -50,9 +50,10 @@ def served_feedback(predictor, rows, kind: str) -> datasets.Dataset:
         true = spec.bucket_of(int(length))
         if true > bucket or (kind == "both" and true < bucket):
             keep.append(i)
-    picked = rows.select(keep)
-    return picked.map(lambda row, i: {"source": "feedback", "predicted_bucket": predicted[keep[i]]},
-                      with_indices=True)
+    picked = rows.select(keep)  # built in memory: a .map would leave a cache file in the labelled data's folder
+    return datasets.Dataset.from_dict({**{name: picked[name] for name in picked.column_names},
+                                       "source": ["feedback"] * len(keep),
+                                       "predicted_bucket": [predicted[i] for i in keep]})
 
 
 def scores(predictor, rows, train) -> dict:
