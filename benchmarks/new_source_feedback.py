@@ -30,7 +30,7 @@ import datasets  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
-from predictor_train.data import cap_per_source, drop_sources, load_records, split_records  # noqa: E402
+from predictor_train.data import cap_per_source, drop_sources, load_records, sources_of, split_records  # noqa: E402
 from predictor_train.evaluate import evaluate_rows  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402
 from predictor_train.retrain import retrain_predictor  # noqa: E402
@@ -46,9 +46,9 @@ def served_feedback(predictor, rows, kind: str) -> datasets.Dataset:
     spec = predictor.buckets
     predicted = [p.bucket for p in predictor.predict(list(rows["prompt"]))]
     keep = []
-    for i, (length, bucket) in enumerate(zip(rows["num_output_tokens"], predicted)):
+    for i, (length, finished, bucket) in enumerate(zip(rows["num_output_tokens"], rows["finished"], predicted)):
         true = spec.bucket_of(int(length))
-        if true > bucket or (kind == "both" and true < bucket):
+        if true > bucket or (kind == "both" and true < bucket and finished):  # as serve.feedback.mispredicted
             keep.append(i)
     picked = rows.select(keep)  # built in memory: a .map would leave a cache file in the labelled data's folder
     return datasets.Dataset.from_dict({**{name: picked[name] for name in picked.column_names},
@@ -102,14 +102,16 @@ def main(config_path, data, sources, num_served, kinds, loso_dir, output_dir, ov
     dataset, recipe = labelled_data(data)
     ds = load_records(dataset)
     splits = split_records(ds)
+    names = sources.split(",")
+    unknown = sorted(set(names) - set(sources_of(ds)))
+    if unknown:
+        raise click.BadParameter(f"no rows of source(s) {', '.join(unknown)}", param_hint="--sources")
     out_root = Path(output_dir)
     records = []
-    for source in sources.split(","):
+    for source in names:
         parent_dir = Path(loso_dir) / source
         parent = trained(config, ds, recipe, (source,), parent_dir, reuse=True)
         served = cap_per_source(of_source(splits["train"], source), num_served)
-        if len(served) == 0:
-            raise click.BadParameter(f"no train-split rows of source {source}", param_hint="--sources")
         train = drop_sources(splits["train"], [source])
         new_rows, old_rows = of_source(splits["test"], source), drop_sources(splits["test"], [source])
         before = {"new": scores(parent, new_rows, train), "old": scores(parent, old_rows, train)}

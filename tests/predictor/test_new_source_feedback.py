@@ -29,8 +29,9 @@ class _Fixed:
 
 
 def test_under_feedback_is_what_outran_its_bucket_and_both_adds_what_ended_below_it(bench):
-    rows = datasets.Dataset.from_dict({"prompt": ["short", "hit", "long", "longer"], "source": ["x"] * 4,
-                                       "num_output_tokens": [5, 20, 40, 60]})  # buckets 0, 1, 2, 3
+    rows = datasets.Dataset.from_dict({"prompt": ["short", "hit", "long", "longer", "cut"], "source": ["x"] * 5,
+                                       "num_output_tokens": [5, 20, 40, 60, 5],  # buckets 0, 1, 2, 3, 0
+                                       "finished": [True, True, True, True, False]})  # "cut": at its token limit
     under = bench.served_feedback(_Fixed(), rows, "under")
     both = bench.served_feedback(_Fixed(), rows, "both")
     assert under["prompt"] == ["long", "longer"] and both["prompt"] == ["short", "long", "longer"]
