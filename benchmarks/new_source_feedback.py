@@ -62,6 +62,15 @@ def scores(predictor, rows, train) -> dict:
                                     "under_prediction_rate")}
 
 
+def round_record(source: str, kind: str, *, num_served: int, feedback, kept_parent: bool, verdict: str, before: dict,
+                 after: dict) -> dict:
+    """One round's entry of ``new_source.json``: before/after on the source's test rows and on the others'."""
+    return {"source": source, "feedback": kind, "num_served": num_served, "num_records": len(feedback),
+            "kept_parent": kept_parent, "verdict": verdict,
+            "new_source": {"before": before["new"], "after": after["new"]},
+            "other_sources": {"before": before["old"], "after": after["old"]}}
+
+
 def markdown(records: list[dict]) -> str:
     lines = ["| held-out source | feedback | records (of served) | kept | its test rows: within one before -> after "
              "| MAE | under-predicted | other sources' test rows: within one | MAE |", "| --- | --- |" + " ---: |" * 7]
@@ -126,12 +135,8 @@ def main(config_path, data, sources, num_served, kinds, loso_dir, output_dir, ov
                 child = LengthPredictor.load(report.result.checkpoint_dir)
                 after = {"new": scores(child, new_rows, train), "old": scores(child, old_rows, train)}
                 kept_parent, verdict = report.kept_parent, report.verdict()
-            records.append({
-                "source": source, "feedback": kind, "num_served": len(served), "num_records": len(feedback),
-                "kept_parent": kept_parent, "verdict": verdict,
-                "new_source": {"before": before["new"], "after": after["new"]},
-                "other_sources": {"before": before["old"], "after": after["old"]},
-            })
+            records.append(round_record(source, kind, num_served=len(served), feedback=feedback, kept_parent=kept_parent,
+                                        verdict=verdict, before=before, after=after))
             click.echo(f"{source}, {kind}: {len(feedback)} records; {verdict}; within one on its test rows "
                        f"{before['new']['within_one_accuracy']:.3f} -> {after['new']['within_one_accuracy']:.3f}",
                        err=True)
