@@ -48,6 +48,23 @@ def test_under_and_over_predictions_are_mispredictions_and_a_cut_answer_is_neith
     assert {r.request_id for r in finished if mispredicted(r, sched.policy.buckets)} == {"under", "over"}
 
 
+def test_the_servers_log_writes_over_predictions_but_not_an_answer_its_stop_string_cut(tmp_path):
+    from serve.server.admission import FeedbackLog
+
+    sched = make_scheduler("s3", num_blocks=64)
+    for request in (make_request("over", bucket=3), make_request("stopped", bucket=3), make_request("hit", bucket=0)):
+        sched.add_request(request)
+    finished = {r.request_id: r for r in run_until_done(sched, {"over": 3, "stopped": 40, "hit": 3})}
+    log = FeedbackLog(FeedbackWriter(tmp_path), sched.policy.buckets, "ckpt")
+    log.record(finished["over"])
+    log.record(finished["stopped"], stopped_at=5)  # a stop string ended it early: not an over-prediction
+    log.record(finished["hit"])
+    log.close()
+    (record,) = read_feedback(tmp_path)
+    assert record["request_id"] == "over" and (record["predicted_bucket"], record["true_bucket"]) == (3, 0)
+    assert summarize([record])["over_predicted"] == 1
+
+
 def test_rotation_and_summary(tmp_path):
     with FeedbackWriter(tmp_path, sync_every=3, max_segment_bytes=300) as writer:
         for i in range(20):
