@@ -79,6 +79,19 @@ def feedback_dataset(directory: str):
     return datasets.Dataset.from_dict({c: [r[c] for r in records] for c in columns})
 
 
+def store_directions(directory: str) -> str:
+    """One line on which way the store's records missed: a store of under-predictions alone teaches only "longer"."""
+    from serve.feedback import summarize_store
+
+    summary = summarize_store(directory)
+    line = (f"the store's records: {summary['under_predicted']} under-predicted, {summary['over_predicted']} "
+            f"over-predicted, {summary['exact']} in their predicted bucket")
+    if summary["under_predicted"] and not summary["over_predicted"]:
+        line += (" (no over-predictions: servers before 2026-12-06 recorded only answers that outran their bucket, "
+                 "and a round on those alone learns only that answers are longer; see docs/predictor.md)")
+    return line
+
+
 # What of an `s3 generate` recipe a checkpoint keeps: the lengths depend on it, and serving samples with it.
 DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "chat_template")
 
@@ -101,7 +114,7 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
                  f"{report.num_feedback_used} feedback records ({report.num_feedback_held_out} more held out to "
                  f"measure on, {report.num_feedback_dropped} left out: their prompt is in the validation or test split)"
                  + (" and replayed rows in their place (replay_only, the control)" if config.replay_only else ""),
-                 report.verdict(), report.table()]
+                 store_directions(feedback), report.verdict(), report.table()]
         checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
     else:
         target = target_model or recipe.get("model")
