@@ -9,10 +9,11 @@ Per held-out source S: the leave-one-source-out predictor (trained without S as
 `benchmarks/leave_one_source_out.py` does, reused from ``--loso-dir`` when its settings match), then S's first
 ``--num-served`` train-split rows (prompt-hash order) served as new traffic, and the feedback a server would record
 from them. ``under``: the requests that wrote past their predicted bucket (what `s3 serve` recorded until
-2026-12-06); ``both``: those and the ones that ended in a bucket below the predicted one. One retraining round per
-kind of feedback (the config plus ``--retrain-set`` overrides, S still excluded, so the replay holds no row of S and
-the validation gate judges the other sources only), scored before and after on S's test rows (never trained on)
-and on the other sources' test rows (what the round costs them). Prints a table and writes
+2026-12-06); ``both``: those and the ones that ended in a bucket below the predicted one (what it records now);
+``all``: every served request. One retraining round per kind of feedback (the config plus ``--retrain-set``
+overrides, S still excluded, so the replay holds no row of S and the validation gate judges the other sources
+only), scored before and after on S's test rows (never trained on) and on the other sources' test rows (what the
+round costs them). Prints a table and writes
 ``<output-dir>/new_source.json`` (a ``results`` list, one record per source and kind of feedback).
 """
 
@@ -38,7 +39,7 @@ from predictor_train.train import TrainConfig  # noqa: E402
 
 from leave_one_source_out import of_source, trained  # noqa: E402  (the sibling script)
 
-KINDS = ("under", "both")
+KINDS = ("under", "both", "all")
 
 
 def served_feedback(predictor, rows, kind: str) -> datasets.Dataset:
@@ -48,7 +49,8 @@ def served_feedback(predictor, rows, kind: str) -> datasets.Dataset:
     keep = []
     for i, (length, finished, bucket) in enumerate(zip(rows["num_output_tokens"], rows["finished"], predicted)):
         true = spec.bucket_of(int(length))
-        if true > bucket or (kind == "both" and true < bucket and finished):  # as serve.feedback.mispredicted
+        over = true < bucket and finished  # as serve.feedback.mispredicted
+        if kind == "all" or true > bucket or (kind == "both" and over):
             keep.append(i)
     picked = rows.select(keep)  # built in memory: a .map would leave a cache file in the labelled data's folder
     return datasets.Dataset.from_dict({**{name: picked[name] for name in picked.column_names},
@@ -94,8 +96,9 @@ def markdown(records: list[dict]) -> str:
 @click.option("--sources", default="gsm8k_train,gpteacher_toolformer", show_default=True,
               help="Comma-separated sources to hold out and then serve.")
 @click.option("--num-served", default=200, show_default=True, help="Train-split rows of the source served.")
-@click.option("--feedback", "kinds", default=",".join(KINDS), show_default=True,
-              help="Kinds of feedback to retrain on: under, both.")
+@click.option("--feedback", "kinds", default="under,both", show_default=True,
+              help="Kinds of feedback to retrain on: under, both, all (every served request, the well-predicted "
+                   "ones too: what a store that recorded everything would hold).")
 @click.option("--loso-dir", default="runs/loso", show_default=True,
               help="Where the leave-one-source-out checkpoints are (trained there when missing).")
 @click.option("--output-dir", default="runs/new_source", show_default=True)

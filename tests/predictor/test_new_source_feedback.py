@@ -36,6 +36,7 @@ def test_under_feedback_is_what_outran_its_bucket_and_both_adds_what_ended_below
     both = bench.served_feedback(_Fixed(), rows, "both")
     assert under["prompt"] == ["long", "longer"] and both["prompt"] == ["short", "long", "longer"]
     assert set(both["source"]) == {"feedback"} and set(both["predicted_bucket"]) == {1}
+    assert bench.served_feedback(_Fixed(), rows, "all")["prompt"] == rows["prompt"]
 
 
 def test_one_round_per_kind_of_feedback_on_a_held_out_source(bench, records, tmp_path, monkeypatch):
