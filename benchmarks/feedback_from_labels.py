@@ -28,7 +28,7 @@ from pipeline.generate import read_shards  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
 from predictor_train.data import load_records  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402
-from serve.feedback import FeedbackWriter  # noqa: E402
+from serve.feedback import FeedbackWriter, over_predicted  # noqa: E402
 
 
 @click.command()
@@ -50,7 +50,7 @@ def main(data, predictor_dir, output_dir, kind):
     with FeedbackWriter(output_dir) as writer:
         for row, prediction in zip(fresh, predictions):
             true_bucket = spec.bucket_of(row["num_output_tokens"])
-            over = prediction.bucket > true_bucket and row["finished"] and kind == "both"
+            over = kind == "both" and over_predicted(prediction.bucket, true_bucket, ended_of_itself=row["finished"])
             if prediction.bucket >= true_bucket and not over:
                 continue
             writer.write({

@@ -13,8 +13,8 @@ from them. ``under``: the requests that wrote past their predicted bucket (what 
 ``all``: every served request. One retraining round per kind of feedback (the config plus ``--retrain-set``
 overrides, S still excluded, so the replay holds no row of S and the validation gate judges the other sources
 only), scored before and after on S's test rows (never trained on) and on the other sources' test rows (what the
-round costs them). Prints a table and writes
-``<output-dir>/new_source.json`` (a ``results`` list, one record per source and kind of feedback).
+round costs them). Prints a table and writes ``<output-dir>/new_source.json`` (a ``results`` list, one record
+per source and kind of feedback).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from predictor_train.evaluate import evaluate_rows  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402
 from predictor_train.retrain import retrain_predictor  # noqa: E402
 from predictor_train.train import TrainConfig  # noqa: E402
+from serve.feedback import over_predicted  # noqa: E402
 
 from leave_one_source_out import of_source, trained  # noqa: E402  (the sibling script)
 
@@ -49,7 +50,7 @@ def served_feedback(predictor, rows, kind: str) -> datasets.Dataset:
     keep = []
     for i, (length, finished, bucket) in enumerate(zip(rows["num_output_tokens"], rows["finished"], predicted)):
         true = spec.bucket_of(int(length))
-        over = true < bucket and finished  # as serve.feedback.mispredicted
+        over = over_predicted(bucket, true, ended_of_itself=finished)
         if kind == "all" or true > bucket or (kind == "both" and over):
             keep.append(i)
     picked = rows.select(keep)  # built in memory: a .map would leave a cache file in the labelled data's folder
@@ -138,8 +139,8 @@ def main(config_path, data, sources, num_served, kinds, loso_dir, output_dir, ov
                 child = LengthPredictor.load(report.result.checkpoint_dir)
                 after = {"new": scores(child, new_rows, train), "old": scores(child, old_rows, train)}
                 kept_parent, verdict = report.kept_parent, report.verdict()
-            records.append(round_record(source, kind, num_served=len(served), feedback=feedback, kept_parent=kept_parent,
-                                        verdict=verdict, before=before, after=after))
+            records.append(round_record(source, kind, num_served=len(served), feedback=feedback,
+                                        kept_parent=kept_parent, verdict=verdict, before=before, after=after))
             click.echo(f"{source}, {kind}: {len(feedback)} records; {verdict}; within one on its test rows "
                        f"{before['new']['within_one_accuracy']:.3f} -> {after['new']['within_one_accuracy']:.3f}",
                        err=True)

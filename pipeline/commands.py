@@ -66,24 +66,29 @@ def label_and_save(
     return stats
 
 
-def feedback_dataset(directory: str):
-    """The feedback store's records as a `datasets` Dataset with the labelled data's columns."""
-    import datasets
-
+def feedback_records(directory: str) -> list[dict]:
+    """The feedback store's usable records that carry a prompt (what retraining can train on)."""
     from serve.feedback import read_feedback
 
     records = [r for r in read_feedback(directory) if r.get("prompt")]
     if not records:
         raise ValueError(f"the feedback store {directory} holds no records with a prompt")
+    return records
+
+
+def feedback_dataset(records: list[dict]):
+    """Feedback records as a `datasets` Dataset with the labelled data's columns."""
+    import datasets
+
     columns = ("prompt", "source", "num_prompt_tokens", "num_output_tokens", "finished")
     return datasets.Dataset.from_dict({c: [r[c] for r in records] for c in columns})
 
 
-def store_directions(directory: str) -> str:
-    """One line on which way the store's records missed: a store of under-predictions alone teaches only "longer"."""
-    from serve.feedback import summarize_store
+def store_directions(records: list[dict]) -> str:
+    """One line on which way the records missed: a store of under-predictions alone teaches only "longer"."""
+    from serve.feedback import summarize
 
-    summary = summarize_store(directory)
+    summary = summarize(records)
     line = (f"the store's records: {summary['under_predicted']} under-predicted, {summary['over_predicted']} "
             f"over-predicted, {summary['exact']} in their predicted bucket")
     if summary["under_predicted"] and not summary["over_predicted"]:
@@ -109,12 +114,13 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
     if feedback:
         if not previous:
             raise ValueError("--feedback needs --from CHECKPOINT: retraining starts from the previous predictor")
-        report = retrain_predictor(config, dataset, feedback_dataset(feedback), previous_checkpoint=previous)
+        records = feedback_records(feedback)  # read once: trained on, and described below
+        report = retrain_predictor(config, dataset, feedback_dataset(records), previous_checkpoint=previous)
         lines = [f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
                  f"{report.num_feedback_used} feedback records ({report.num_feedback_held_out} more held out to "
                  f"measure on, {report.num_feedback_dropped} left out: their prompt is in the validation or test split)"
                  + (" and replayed rows in their place (replay_only, the control)" if config.replay_only else ""),
-                 store_directions(feedback), report.verdict(), report.table()]
+                 store_directions(records), report.verdict(), report.table()]
         checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
     else:
         target = target_model or recipe.get("model")

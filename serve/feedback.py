@@ -26,16 +26,20 @@ from core.buckets import BucketSpec
 from core.request import Request
 
 
+def over_predicted(predicted_bucket: int | None, true_bucket: int, *, ended_of_itself: bool) -> bool:
+    """An answer that ended of itself in a bucket below the predicted one. One cut by its token limit or a stop
+    string says nothing about where it would have ended, so it is never taken for an over-prediction."""
+    return ended_of_itself and predicted_bucket is not None and true_bucket < predicted_bucket
+
+
 def mispredicted(request: Request, buckets: BucketSpec) -> bool:
     """Whether a finished request's prediction missed: it wrote past its predicted bucket (a misprediction event),
-    or it ended of itself (``stop``) in a bucket below the predicted one. Both kinds are recorded, so that
-    retraining does not learn only that answers are longer than predicted; an answer cut by its token limit says
-    nothing about where it would have ended, so it is never taken for an over-prediction."""
-    if request.mispredictions:
-        return True
+    or it was over-predicted (`over_predicted`, ending with ``stop``). Both kinds are recorded, so that retraining
+    does not learn only that answers are longer than predicted."""
     prediction = request.prediction
-    return (request.finish_reason == "stop" and prediction is not None
-            and buckets.bucket_of(request.num_output_tokens) < prediction.bucket)
+    return bool(request.mispredictions) or over_predicted(
+        prediction.bucket if prediction else None, buckets.bucket_of(request.num_output_tokens),
+        ended_of_itself=request.finish_reason == "stop")
 
 
 def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str | None) -> dict:
