@@ -10,9 +10,12 @@ Per held-out source S: the leave-one-source-out predictor (trained without S as
 ``--num-served`` train-split rows (prompt-hash order) served as new traffic, and the feedback a server would record
 from them. ``under``: the requests that wrote past their predicted bucket (what `s3 serve` recorded until
 2026-12-06); ``both``: those and the ones that ended in a bucket below the predicted one (what it records now);
-``all``: every served request. One retraining round per kind of feedback (the config plus ``--retrain-set``
-overrides, S still excluded, so the replay holds no row of S and the validation gate judges the other sources
-only), scored before and after on S's test rows (never trained on) and on the other sources' test rows (what the
+``all``: every served request, all trained on; ``sampled``: what a server with ``feedback_sample_rate``
+``--sample-rate`` records, ``both`` and that share of the well-predicted requests, weighted back into a sample of the
+traffic. One retraining round per kind of feedback (the config plus ``--retrain-set`` overrides, S still excluded,
+so the replay holds no row of S and the validation gate judges the other sources only; all feedback trained on,
+except for ``sampled``, whose round holds records out as `s3 train` does and is judged on them too),
+scored before and after on S's test rows (never trained on) and on the other sources' test rows (what the
 round costs them). Prints a table and writes ``<output-dir>/new_source.json`` (a ``results`` list, one record
 per source and kind of feedback).
 """
@@ -36,27 +39,37 @@ from predictor_train.evaluate import evaluate_rows  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402
 from predictor_train.retrain import retrain_predictor  # noqa: E402
 from predictor_train.train import TrainConfig  # noqa: E402
-from serve.feedback import over_predicted  # noqa: E402
+from serve.feedback import in_sample, over_predicted  # noqa: E402
 
 from leave_one_source_out import of_source, trained  # noqa: E402  (the sibling script)
 
-KINDS = ("under", "both", "all")
+KINDS = ("under", "both", "all", "sampled")
 
 
-def served_feedback(predictor, rows, kind: str) -> datasets.Dataset:
-    """The feedback records a server would write for ``rows`` served under ``predictor``'s arg-max buckets."""
+def served_feedback(predictor, rows, kind: str, *, sample_rate: float = 0.0) -> datasets.Dataset:
+    """The feedback records a server would write for ``rows`` served under ``predictor``'s arg-max buckets, with
+    each one's ``traffic_weight`` (``sampled``: 1 for a misprediction, 1 / ``sample_rate`` for a sampled
+    well-predicted request, chosen by a hash of its prompt; the other kinds: 0, no sample of the traffic)."""
     spec = predictor.buckets
     predicted = [p.bucket for p in predictor.predict(list(rows["prompt"]))]
-    keep = []
-    for i, (length, finished, bucket) in enumerate(zip(rows["num_output_tokens"], rows["finished"], predicted)):
+    keep, weights, sampled = [], [], []
+    for i, (prompt, length, finished, bucket) in enumerate(
+            zip(rows["prompt"], rows["num_output_tokens"], rows["finished"], predicted)):
         true = spec.bucket_of(int(length))
-        over = over_predicted(bucket, true, ended_of_itself=finished)
-        if kind == "all" or true > bucket or (kind == "both" and over):
+        missed = true > bucket or (kind != "under" and over_predicted(bucket, true, ended_of_itself=finished))
+        if kind == "all" or missed:
             keep.append(i)
+            weights.append(1.0 if kind == "sampled" else 0.0)
+            sampled.append(False)
+        elif kind == "sampled" and in_sample(prompt, sample_rate):
+            keep.append(i)
+            weights.append(1.0 / sample_rate)
+            sampled.append(True)
     picked = rows.select(keep)  # built in memory: a .map would leave a cache file in the labelled data's folder
     return datasets.Dataset.from_dict({**{name: picked[name] for name in picked.column_names},
                                        "source": ["feedback"] * len(keep),
-                                       "predicted_bucket": [predicted[i] for i in keep]})
+                                       "predicted_bucket": [predicted[i] for i in keep], "sampled": sampled,
+                                       "traffic_weight": weights})
 
 
 def scores(predictor, rows, train) -> dict:
@@ -66,10 +79,10 @@ def scores(predictor, rows, train) -> dict:
 
 
 def round_record(source: str, kind: str, *, num_served: int, feedback, kept_parent: bool, verdict: str, before: dict,
-                 after: dict) -> dict:
+                 after: dict, history: list) -> dict:
     """One round's entry of ``new_source.json``: before/after on the source's test rows and on the others'."""
     return {"source": source, "feedback": kind, "num_served": num_served, "num_records": len(feedback),
-            "kept_parent": kept_parent, "verdict": verdict,
+            "kept_parent": kept_parent, "verdict": verdict, "history": history,
             "new_source": {"before": before["new"], "after": after["new"]},
             "other_sources": {"before": before["old"], "after": after["old"]}}
 
@@ -100,16 +113,22 @@ def markdown(records: list[dict]) -> str:
 @click.option("--feedback", "kinds", default="under,both", show_default=True,
               help="Kinds of feedback to retrain on: under, both, all (every served request, the well-predicted "
                    "ones too: what a store that recorded everything would hold).")
+@click.option("--sample-rate", default=0.1, show_default=True,
+              help="--feedback sampled: the share of well-predicted requests recorded (s3 serve's "
+                   "feedback_sample_rate).")
 @click.option("--loso-dir", default="runs/loso", show_default=True,
               help="Where the leave-one-source-out checkpoints are (trained there when missing).")
 @click.option("--output-dir", default="runs/new_source", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="TrainConfig, for the held-out model.")
 @click.option("--retrain-set", "retrain_overrides", multiple=True, metavar="KEY=VALUE",
               help="TrainConfig overrides for the retraining round, after --set (default: the shipped recipe).")
-def main(config_path, data, sources, num_served, kinds, loso_dir, output_dir, overrides, retrain_overrides):
+def main(config_path, data, sources, num_served, kinds, sample_rate, loso_dir, output_dir, overrides,
+         retrain_overrides):
     kinds = kinds.split(",")
     if set(kinds) - set(KINDS):
         raise click.BadParameter(f"kinds are {', '.join(KINDS)}", param_hint="--feedback")
+    if "sampled" in kinds and not 0 < sample_rate <= 1:
+        raise click.BadParameter("must be in (0, 1] with --feedback sampled", param_hint="--sample-rate")
     config = load_config(TrainConfig, config_path, overrides)
     retrain_config = load_config(TrainConfig, config_path, [*overrides, *retrain_overrides])
     dataset, recipe = labelled_data(data)
@@ -129,24 +148,27 @@ def main(config_path, data, sources, num_served, kinds, loso_dir, output_dir, ov
         new_rows, old_rows = of_source(splits["test"], source), drop_sources(splits["test"], [source])
         before = {"new": scores(parent, new_rows, train), "old": scores(parent, old_rows, train)}
         for kind in kinds:
-            feedback = served_feedback(parent, served, kind)
+            feedback = served_feedback(parent, served, kind, sample_rate=sample_rate)
+            history = []
             if len(feedback) == 0:  # nothing mispredicted in this direction: no round to run
                 after, kept_parent, verdict = before, True, "no feedback records: nothing to retrain on"
             else:
-                run = dataclasses.replace(retrain_config, exclude_sources=(source,), feedback_holdout=0.0,
+                holdout = retrain_config.feedback_holdout if kind == "sampled" else 0.0
+                run = dataclasses.replace(retrain_config, exclude_sources=(source,), feedback_holdout=holdout,
                                           output_dir=str(out_root / f"{source}_{kind}"), wandb_mode="disabled")
                 report = retrain_predictor(run, ds, feedback, previous_checkpoint=parent_dir, progress=False)
                 child = LengthPredictor.load(report.result.checkpoint_dir)
                 after = {"new": scores(child, new_rows, train), "old": scores(child, old_rows, train)}
-                kept_parent, verdict = report.kept_parent, report.verdict()
+                kept_parent, verdict, history = report.kept_parent, report.verdict(), report.result.history
             records.append(round_record(source, kind, num_served=len(served), feedback=feedback,
-                                        kept_parent=kept_parent, verdict=verdict, before=before, after=after))
+                                        kept_parent=kept_parent, verdict=verdict, before=before, after=after,
+                                        history=history))
             click.echo(f"{source}, {kind}: {len(feedback)} records; {verdict}; within one on its test rows "
                        f"{before['new']['within_one_accuracy']:.3f} -> {after['new']['within_one_accuracy']:.3f}",
                        err=True)
     out_root.mkdir(parents=True, exist_ok=True)
     settings = {"held_out_model": dataclasses.asdict(config), "retrain": dataclasses.asdict(retrain_config),
-                "num_served": num_served, "data": data}
+                "num_served": num_served, "sample_rate": sample_rate, "data": data}
     (out_root / "new_source.json").write_text(json.dumps({"settings": settings, "results": records}, indent=2))
     click.echo(markdown(records))
     click.echo(f"wrote {out_root / 'new_source.json'}", err=True)

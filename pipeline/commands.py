@@ -77,11 +77,17 @@ def feedback_records(directory: str) -> list[dict]:
 
 
 def feedback_dataset(records: list[dict]):
-    """Feedback records as a `datasets` Dataset with the labelled data's columns."""
+    """Feedback records as a `datasets` Dataset with the labelled data's columns, whether each record was
+    ``sampled`` among the well-predicted requests, and its ``traffic_weight`` (how many served requests it stands
+    for; 0 when its server sampled nothing)."""
     import datasets
 
+    from serve.feedback import traffic_weight
+
     columns = ("prompt", "source", "num_prompt_tokens", "num_output_tokens", "finished")
-    return datasets.Dataset.from_dict({c: [r[c] for r in records] for c in columns})
+    return datasets.Dataset.from_dict({**{c: [r[c] for r in records] for c in columns},
+                                       "sampled": [bool(r.get("sampled")) for r in records],
+                                       "traffic_weight": [traffic_weight(r) for r in records]})
 
 
 def store_directions(records: list[dict]) -> str:
@@ -90,7 +96,8 @@ def store_directions(records: list[dict]) -> str:
 
     summary = summarize(records)
     line = (f"the store's records: {summary['under_predicted']} under-predicted, {summary['over_predicted']} "
-            f"over-predicted, {summary['exact']} in their predicted bucket")
+            f"over-predicted, {summary['exact']} in their predicted bucket ({summary['num_sampled']} of them sampled "
+            "well-predicted requests)")
     if summary["under_predicted"] and not summary["over_predicted"]:
         line += (" (no over-predictions: servers before 2026-12-06 recorded only answers that outran their bucket, "
                  "and a round on those alone learns only that answers are longer; see docs/predictor.md)")

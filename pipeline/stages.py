@@ -35,6 +35,9 @@ class ServeRoundConfig:
     kv_worst_case_seqs: int = 8
     """KV budget: room for this many worst-case (longest prompt + max_new_tokens) sequences."""
     max_num_seqs: int = 64
+    feedback_sample_rate: float = 0.1
+    """Share of the collect round's well-predicted requests recorded as feedback too (`s3 serve`'s
+    ``feedback_sample_rate``)."""
     seed: int = 0
 
 
@@ -152,7 +155,7 @@ def retrain_stage(ctx: StageContext) -> dict:
     return {
         "checkpoint": str(out["checkpoint"]), "fingerprint": out["checkpoint_id"],
         "feedback_used": report.num_feedback_used, "feedback_held_out": report.num_feedback_held_out,
-        "kept_parent_weights": report.kept_parent, "history": report.result.history,
+        "kept_parent_weights": report.kept_parent, "judged_on": report.traffic, "history": report.result.history,
         "before": {name: _test_summary(r.metrics)["predictor"] for name, r in report.before.items()},
         "after": {name: _test_summary(r.metrics)["predictor"] for name, r in report.after.items()},
     }  # fmt: skip
@@ -187,7 +190,7 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
     from serve.engine.llm import EngineConfig
     from serve.engine.loader import load_model
     from serve.engine.plan import SamplingParams
-    from serve.feedback import FeedbackWriter, feedback_record, mispredicted
+    from serve.feedback import FeedbackLog, FeedbackWriter
     from serve.policies import PolicyConfig, with_length_profile
 
     config = ctx.config.serve
@@ -202,11 +205,10 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
     longest = max(len(ids) for _, ids in prompts) + config.max_new_tokens
     engine_config = EngineConfig(model=config.model, device=config.device, max_num_seqs=config.max_num_seqs,
                                  kv_cache_tokens=config.kv_worst_case_seqs * longest)
-    writer = FeedbackWriter(feedback_dir) if feedback_dir else None
-
-    def on_finish(request) -> None:
-        if writer is not None and mispredicted(request, buckets):
-            writer.write(feedback_record(request, buckets, checkpoint_id=predictor.checkpoint_id))
+    feedback = None
+    if feedback_dir:
+        feedback = FeedbackLog(FeedbackWriter(feedback_dir), buckets, predictor.checkpoint_id,
+                               sample_rate=config.feedback_sample_rate)
 
     predicted = predictor.predict(texts)
     sampling = SamplingParams.from_decoding(predictor.decoding)  # as the labels were made
@@ -219,7 +221,7 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
         result, answers = run_policy(policy, engine_config, model=model, tokenizer=tokenizer, prompts=prompts,
                                      max_new_tokens=config.max_new_tokens, predictions=given, buckets=buckets,
                                      sampling=sampling, knobs=with_length_profile(PolicyConfig(), predictor),
-                                     on_finish=on_finish if policy == "s3" else lambda r: None)
+                                     on_finish=feedback.record if feedback and policy == "s3" else lambda r: None)
         max_answers = max_answers or answers
         differing = answers_unlike(answers, max_answers)
         if differing:
@@ -229,8 +231,9 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
                         "mispredictions": result.num_mispredictions, "mean_running_batch": result.mean_running_batch,
                         "generated_tokens": result.generated_tokens, "mean_ttft_s": record["mean_ttft_s"],
                         "p99_latency_s": record["p99_latency_s"], "answers_differing": differing}  # fmt: skip
-    if writer is not None:
-        writer.close()
-        runs["s3"]["mispredicted_requests"] = writer.num_written
+    if feedback is not None:
+        feedback.close()
+        runs["s3"]["mispredicted_requests"] = feedback.num_mispredicted
+        runs["s3"]["sampled_requests"] = feedback.num_sampled
     runs["s3"]["checkpoint_id"] = predictor.checkpoint_id
     return runs

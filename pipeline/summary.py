@@ -18,20 +18,20 @@ def _pct(x: float) -> str:
 
 
 def _retrain_rows(retrain: dict) -> list[list[str]]:
-    """The feedback rows: the mispredicted prompts retraining learned from are its training examples; those
-    held out of it (feedback_holdout) are not."""
+    """The feedback rows: the served prompts retraining learned from (the mispredicted ones and a sample of the
+    others) are its training examples; those held out of it (feedback_holdout) are not."""
     before, after = retrain.get("before", {}), retrain.get("after", {})
     rows = []
-    if "kept_parent_weights" in retrain:  # the retrain round's guard: a retrained epoch must match them on validation
-        kept = "trained (retrained ones scored lower on validation)" if retrain["kept_parent_weights"] else "retrained"
+    if "kept_parent_weights" in retrain:  # the guard: a retrained epoch must match them (predictor_train/retrain.py)
+        kept = "trained (retrained ones scored lower)" if retrain["kept_parent_weights"] else "retrained"
         rows.append(["predictor weights", "trained", kept])
     if "feedback" in before:
         n = retrain.get("feedback_used", "?")
-        rows.append([f"accuracy on the mispredicted prompts retrained on (training examples, n={n})",
+        rows.append([f"accuracy on the feedback prompts retrained on (training examples, n={n})",
                      _pct(before["feedback"]["accuracy"]), _pct(after["feedback"]["accuracy"])])  # fmt: skip
     if "feedback_held_out" in before:
         n = retrain.get("feedback_held_out", "?")
-        rows.append([f"accuracy on held-out mispredicted prompts (not trained on, n={n})",
+        rows.append([f"accuracy on held-out feedback prompts (not trained on, n={n})",
                      _pct(before["feedback_held_out"]["accuracy"]), _pct(after["feedback_held_out"]["accuracy"])])
     return rows
 

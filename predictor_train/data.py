@@ -177,6 +177,9 @@ class Examples:
     """Raw user prompts."""
     num_output_tokens: tuple[int, ...]
     """The target LLM's real output length for each prompt."""
+    weights: tuple[float, ...] | None = None
+    """How many requests each example stands for, when they are a sample drawn with unequal probabilities (the
+    feedback store's sample of served traffic); validation weights its loss and metrics by them. None: 1 each."""
 
     @classmethod
     def from_rows(cls, rows) -> "Examples":
@@ -184,6 +187,8 @@ class Examples:
         return cls(tuple(rows["prompt"]), tuple(int(n) for n in rows["num_output_tokens"]))
 
     def __add__(self, other: "Examples") -> "Examples":
+        if self.weights is not None or other.weights is not None:
+            raise ValueError("weighted examples are a sample to validate on; they are not concatenated")
         return Examples(self.prompts + other.prompts, self.num_output_tokens + other.num_output_tokens)
 
     def __len__(self) -> int:

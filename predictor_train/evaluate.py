@@ -46,31 +46,32 @@ def _waste(spec: BucketSpec, n: int, t: int, p: int) -> tuple[float, float]:
 
 
 def bucket_metrics(true_lengths: Sequence[int], predicted_buckets: Sequence[int],
-                   spec: BucketSpec) -> dict[str, float]:
-    """The arg-max metrics of the module docstring, plus ``num_examples``."""
+                   spec: BucketSpec, *, weights: Sequence[float] | None = None) -> dict[str, float]:
+    """The arg-max metrics of the module docstring, plus ``num_examples``. ``weights``: how many requests each
+    example stands for (a sample drawn with unequal probabilities, weighted back); the means are weighted."""
     if len(true_lengths) != len(predicted_buckets):
         raise ValueError(f"{len(true_lengths)} lengths but {len(predicted_buckets)} predictions")
     if not true_lengths:
         raise ValueError("no examples to evaluate")
+    weights = [1.0] * len(true_lengths) if weights is None else [float(w) for w in weights]
     lengths = [spec.clip(n) for n in true_lengths]
     triples = [(n, spec.bucket_of(n), int(p)) for n, p in zip(lengths, predicted_buckets)]
     waste = [_waste(spec, n, t, p) for n, t, p in triples]
-    over, recomputed = _mean(w[0] for w in waste), _mean(w[1] for w in waste)
+
+    def mean(values) -> float:
+        return sum(w * float(v) for w, v in zip(weights, values)) / sum(weights)
+
+    over, recomputed = mean(w[0] for w in waste), mean(w[1] for w in waste)
     return {
-        "accuracy": _mean(p == t for _, t, p in triples),
-        "within_one_accuracy": _mean(abs(p - t) <= 1 for _, t, p in triples),
-        "mae_tokens": _mean(abs(spec.midpoint(p) - n) for n, _, p in triples),
-        "under_prediction_rate": _mean(p < t for _, t, p in triples),
+        "accuracy": mean(p == t for _, t, p in triples),
+        "within_one_accuracy": mean(abs(p - t) <= 1 for _, t, p in triples),
+        "mae_tokens": mean(abs(spec.midpoint(p) - n) for n, _, p in triples),
+        "under_prediction_rate": mean(p < t for _, t, p in triples),
         "mean_over_reserved_tokens": over,
         "mean_recomputed_tokens": recomputed,
         "mean_wasted_tokens": over + recomputed,
         "num_examples": float(len(triples)),
     }
-
-
-def _mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values)
 
 
 def confusion_matrix(true_buckets: Sequence[int], predicted_buckets: Sequence[int],

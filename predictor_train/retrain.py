@@ -1,17 +1,24 @@
-"""Retraining: a previous checkpoint plus serving feedback (mispredicted prompts with their true lengths).
+"""Retraining: a previous checkpoint plus serving feedback (mispredicted prompts with their true lengths, and a
+sample of the well-predicted ones).
 
 Feedback records have the training-data columns plus ``predicted_bucket``, so retraining is training with more
 data. Against forgetting, an epoch is the feedback (each record ``feedback_repeat`` times) mixed with a replay
 sample of the labelled train split (``replay_ratio`` replayed rows per feedback example, stratified by source),
 rather than the feedback alone or the whole train split again. The validation and test splits of the original
 data stay as they were, and a feedback prompt that occurs in them is dropped, so they stay unseen. A share
-``feedback_holdout`` of the feedback (by prompt hash) is held out of training too: the "after" figures on it are
-on mispredictions the new model never saw. Training starts from the previous checkpoint's weights and keeps its
-exact BucketSpec. The config's ``exclude_sources`` and ``max_train_rows_per_source`` select the replayed train rows
-and the validation rows as they do in training; the test split is always the full one. The previous weights are
-validated first and kept unless an epoch scores at least as well on the labelled validation split
-(``keep_parent_unless_matched``), so a round cannot ship a worse predictor; a config asking for another bucket
-scheme is refused. ``replay_only`` trains the same number of examples with replayed rows in place of the
+``feedback_holdout`` of the mispredicted records (by a salted prompt hash), and every sampled well-predicted one,
+are held out of training: the "after" figures on them are on served requests the new model never saw. Training starts from the previous checkpoint's weights and
+keeps its exact BucketSpec. The config's ``exclude_sources`` and ``max_train_rows_per_source`` select the replayed
+train rows and the validation rows as they do in training; the test split is always the full one. A config asking
+for another bucket scheme is refused.
+
+The guard (``keep_parent_unless_matched``): the previous weights are validated first and kept unless an epoch
+scores at least as well on the labelled validation split, so a round cannot ship a worse predictor. That split
+holds none of a kind of traffic the predictor never saw, and the mispredictions are no sample of anything (a round
+that fixes them looks better on them whatever it does to the rest). So when the store holds a sample of the served
+traffic (a server's ``feedback_sample_rate``: the well-predicted requests sampled, each record weighted back by
+its ``traffic_weight``), the held-out records, weighted back into a sample of the traffic (`traffic_sample`), are
+a second judge: an epoch must also score at least as well on them. ``replay_only`` trains the same number of examples with replayed rows in place of the
 feedback: the control that says what the feedback itself adds.
 """
 
@@ -29,6 +36,10 @@ from predictor_train.data import Examples, check_columns, load_records, sources_
 from predictor_train.evaluate import EvalReport, evaluate_rows, format_table
 from predictor_train.inference import LengthPredictor
 from predictor_train.train import TrainConfig, TrainResult, fit, training_splits
+
+MIN_TRAFFIC_SAMPLE = 20.0
+"""A held-out sample of served traffic whose effective size (`effective_size`) is below this makes no guard: a
+handful of prompts, or one heavily weighted record, decides nothing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +63,9 @@ class RetrainReport:
     (when any) and ``test``."""
     after: dict[str, EvalReport]
     """The new checkpoint on the same two sets."""
+    traffic: str
+    """What the round was judged on besides the labelled validation split: the held-out sample of served traffic,
+    or why there was none."""
 
     @property
     def kept_parent(self) -> bool:
@@ -63,9 +77,10 @@ class RetrainReport:
         history = self.result.history
         kept = next(record for record in history if record["epoch"] == self.result.best_epoch)
         if not self.kept_parent:
-            return f"kept epoch {kept['epoch']}{_scores(kept)}"
+            return f"kept epoch {kept['epoch']}{_scores(kept)}; judged on {self.traffic}"
         retrained = "; ".join(f"epoch {record['epoch']}{_scores(record)}" for record in history if record["epoch"])
-        return f"kept the previous weights{_scores(kept)}: no retrained epoch did as well ({retrained})"
+        return (f"kept the previous weights{_scores(kept)}: no retrained epoch did as well ({retrained}); judged on "
+                f"{self.traffic}")
 
     def table(self) -> str:
         """Predictor rows before and after, per evaluation set, as one printable table."""
@@ -95,14 +110,44 @@ def feedback_for_training(feedback: datasets.Dataset, held_out_prompts: set[str]
     return feedback.select(keep), len(feedback) - len(keep)
 
 
+def is_held_out(prompt: str, share: float) -> bool:
+    """Whether a feedback prompt is held out: a hash of it, salted so that the choice is independent of the labelled
+    data's split (the same prompt hash), falls in the first ``share`` of [0, 1)."""
+    return share > 0 and split_of("feedback holdout\0" + prompt, (share, 0.0, 1.0 - share)) == "train"
+
+
 def hold_out_feedback(feedback: datasets.Dataset, share: float) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(trained on, held out): a prompt is held out when its hash falls in the first ``share`` of [0, 1)."""
-    if share <= 0:
-        return feedback, feedback.select([])
-    fractions = (share, 0.0, 1.0 - share)  # "train" of split_of = the held-out share
-    held = [split_of(p, fractions) == "train" for p in feedback["prompt"]]
+    """(trained on, held out): mispredicted records by `is_held_out`; every record sampled among the well-predicted
+    requests (column ``sampled``) is held out, to judge the round on: trained on, they change nothing measurable
+    (docs/predictor.md), while they are the only view of the traffic the predictor already gets right."""
+    sampled = feedback["sampled"] if "sampled" in feedback.column_names else [False] * len(feedback)
+    held = [s or is_held_out(p, share) for p, s in zip(feedback["prompt"], sampled)]
     return (feedback.select([i for i, h in enumerate(held) if not h]),
             feedback.select([i for i, h in enumerate(held) if h]))
+
+
+def traffic_sample(held_out: datasets.Dataset, max_tokens: int, share: float) -> tuple[datasets.Dataset, list[float]]:
+    """The held-out records that belong to a sample of served traffic (``traffic_weight`` > 0) and whose length is
+    the answer's own (it ended of itself or at the labels' limit ``max_tokens``, not at a client's lower one), and
+    how many served requests each stands for: its ``traffic_weight`` over its chance of being held out (``share``
+    for a mispredicted record, 1 for a sampled one)."""
+    if "traffic_weight" not in held_out.column_names:
+        return held_out.select([]), []
+    keep, weights = [], []
+    sampled = held_out["sampled"] if "sampled" in held_out.column_names else [False] * len(held_out)
+    for i, (weight, was_sampled, finished, length) in enumerate(zip(
+            held_out["traffic_weight"], sampled, held_out["finished"], held_out["num_output_tokens"])):
+        if weight > 0 and (finished or length >= max_tokens) and (was_sampled or share > 0):
+            keep.append(i)
+            weights.append(weight / (1.0 if was_sampled else share))
+    return held_out.select(keep), weights
+
+
+def effective_size(weights) -> float:
+    """Kish's effective sample size of a weighted sample, (sum w)^2 / sum w^2: the number of equally weighted
+    records that would measure as precisely (40 records, one of them weighted 10: 17.3). 0 for none."""
+    weights = [float(w) for w in weights]
+    return sum(weights) ** 2 / sum(w * w for w in weights) if weights else 0.0
 
 
 def replay_sample(train: datasets.Dataset, num_rows: int, *, seed: int) -> datasets.Dataset:
@@ -147,6 +192,10 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
     eval_sets = {"feedback": extra, **({"feedback_held_out": feedback_test} if len(feedback_test) else {}),
                  "test": splits["test"]}
     before = _evaluate_all(LengthPredictor.load(previous_checkpoint), eval_sets, train=splits["train"])
+    served, weights = traffic_sample(feedback_test, previous.buckets.max_tokens, config.feedback_holdout)
+    traffic, traffic_note = None, _traffic_note(served, weights, config)
+    if config.keep_parent_unless_matched and effective_size(weights) >= MIN_TRAFFIC_SAMPLE:
+        traffic = dataclasses.replace(Examples.from_rows(served), weights=tuple(weights))
 
     backbone = load_classifier(str(previous_checkpoint), previous.buckets, seed=config.seed)
     num_seen = len(extra) * config.feedback_repeat  # feedback examples an epoch sees (replay_only: replaced)
@@ -164,16 +213,34 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
                 parent_checkpoint_id=previous.checkpoint_id)
     result = fit(config, examples, Examples.from_rows(splits["validation"]),
                  backbone=backbone, spec=previous.buckets, meta=meta, progress=progress,
-                 start_competes=config.keep_parent_unless_matched)
+                 start_competes=config.keep_parent_unless_matched, traffic=traffic)
     after = _evaluate_all(LengthPredictor.load(result.checkpoint_dir), eval_sets, train=splits["train"])
     return RetrainReport(result=result, parent_checkpoint_id=previous.checkpoint_id, num_feedback_used=trained_on,
                          num_feedback_dropped=dropped, num_feedback_held_out=len(feedback_test),
-                         num_replayed=len(replay), before=before, after=after)
+                         num_replayed=len(replay), before=before, after=after, traffic=traffic_note)
 
 
 def _evaluate_all(predictor: LengthPredictor, sets: dict, *, train) -> dict[str, EvalReport]:
     return {name: evaluate_rows(predictor, rows, train=train, title=name) for name, rows in sets.items()}
 
 
+def _traffic_note(served: datasets.Dataset, weights: list[float], config: TrainConfig) -> str:
+    if not config.keep_parent_unless_matched:
+        return "the labelled validation split alone, among the retrained epochs: keep_parent_unless_matched is off"
+    if not len(served):
+        return ("the labelled validation split alone: no sample of served traffic in the store (the server's "
+                "feedback_sample_rate was 0, or the store predates sampling)")
+    size = effective_size(weights)
+    num_sampled = sum(served["sampled"]) if "sampled" in served.column_names else 0
+    sample = (f"{len(served)} held-out records of served traffic ({num_sampled} of them sampled well-predicted "
+              f"requests; standing for {round(sum(weights))} requests, effective sample size {size:.1f})")
+    if size >= MIN_TRAFFIC_SAMPLE:
+        return f"the labelled validation split and {sample}"
+    return f"the labelled validation split alone: {sample}, too few to judge on (at least {MIN_TRAFFIC_SAMPLE:g})"
+
+
 def _scores(record: dict) -> str:
-    return f" (validation accuracy {record['accuracy']:.1%}, loss {record['loss']:.3f})"
+    traffic = record.get("traffic")
+    served = "" if traffic is None else (f"; served traffic accuracy {traffic['accuracy']:.1%}, "
+                                         f"loss {traffic['loss']:.3f}")
+    return f" (validation accuracy {record['accuracy']:.1%}, loss {record['loss']:.3f}{served})"

@@ -210,11 +210,14 @@ def training_splits(config: TrainConfig, data):
 
 
 def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone: Backbone, spec: BucketSpec,
-        meta: dict[str, Any], progress: bool = True, start_competes: bool = False) -> TrainResult:
+        meta: dict[str, Any], progress: bool = True, start_competes: bool = False,
+        traffic: Examples | None = None) -> TrainResult:
     """The training loop shared by training and retraining; ``meta`` fills the rest of CheckpointInfo.
 
     ``start_competes``: the starting weights are validated first, as epoch 0, and saved; an epoch replaces them
-    only if it scores at least as well (retraining's guard against shipping a worse predictor)."""
+    only if it scores at least as well (retraining's guard against shipping a worse predictor). ``traffic``: a
+    weighted sample of served requests (retraining); each epoch is scored on it too, under ``traffic`` in its
+    record, and replaces the best so far only if it scores at least as well on both."""
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(f"need both training and validation examples, got {len(train)} and {len(validation)}; "
                          "the hash split puts ~10% of prompts in validation, so give at least a few dozen records")
@@ -237,6 +240,8 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
                 train_loss = train_epoch(engine, backbone.tokenizer, train, train_labels, weights, config=config,
                                          epoch=epoch, progress=progress, run=run)
             metrics = validate(engine, backbone.tokenizer, validation, weights, spec=spec, config=config)
+            if traffic is not None:
+                metrics["traffic"] = validate(engine, backbone.tokenizer, traffic, weights, spec=spec, config=config)
             history.append({"epoch": epoch, "train_loss": train_loss, **metrics})
             _log_epoch(run, history[-1])
             if _improved(metrics, best, config.monitor, ties=best_epoch == 0):
@@ -278,9 +283,13 @@ def _start_engine(config: TrainConfig, backbone: Backbone):
 def _log_epoch(run, record: dict[str, Any]) -> None:
     """Logs one epoch's record; epoch 0 (the starting weights, retraining) has no training loss."""
     trained = "" if record["train_loss"] is None else f"train loss {record['train_loss']:.4f}, "
-    log.info("epoch %d: %sval loss %.4f, val acc %.3f", record["epoch"], trained, record["loss"], record["accuracy"])
+    traffic = record.get("traffic")
+    served = "" if traffic is None else f", served traffic loss {traffic['loss']:.4f}, acc {traffic['accuracy']:.3f}"
+    log.info("epoch %d: %sval loss %.4f, val acc %.3f%s", record["epoch"], trained, record["loss"],
+             record["accuracy"], served)
     if run is not None:
-        val = {f"val/{k}": v for k, v in record.items() if k not in ("epoch", "train_loss")}
+        val = {f"val/{k}": v for k, v in record.items() if k not in ("epoch", "train_loss", "traffic")}
+        val |= {f"traffic/{k}": v for k, v in (traffic or {}).items()}
         train_loss = {} if record["train_loss"] is None else {"train/loss": record["train_loss"]}
         run.log({"epoch": record["epoch"], **train_loss, **val})
 
@@ -335,28 +344,35 @@ def train_epoch(engine, tokenizer, train: Examples, labels: list[int], weights: 
 @torch.no_grad()
 def validate(engine, tokenizer, validation: Examples, weights: torch.Tensor, *, spec: BucketSpec,
              config: TrainConfig) -> dict[str, float]:
-    """Weighted loss (as in training, so the two compare) and bucket metrics on the validation examples."""
+    """Weighted loss (as in training, so the two compare) and bucket metrics on the validation examples (each also
+    weighted by the example's ``weights``, when they have some)."""
     engine.eval()
     labels = labels_of(validation.num_output_tokens, spec)
     stream = batches(validation.prompts, labels, tokenizer, batch_size=2 * config.batch_size,
                      max_prompt_tokens=config.max_prompt_tokens, truncation=config.prompt_truncation,
                      input_names=model_input_names(engine.module))
+    sample_weights = validation.weights or (1.0,) * len(validation)
     loss_sum, weight_sum, predicted = 0.0, 0.0, []
     for batch in stream:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         target = batch.pop("labels")
         logits = engine(**batch).logits.float()  # (B, K)
-        loss_sum += F.cross_entropy(logits, target, weight=weights, reduction="sum").item()
-        weight_sum += weights[target].sum().item()
+        sample = torch.tensor(sample_weights[len(predicted):len(predicted) + len(target)], device=engine.device)
+        loss_sum += (sample * F.cross_entropy(logits, target, weight=weights, reduction="none")).sum().item()
+        weight_sum += (sample * weights[target]).sum().item()
         predicted += logits.argmax(dim=-1).tolist()
-    metrics = bucket_metrics(validation.num_output_tokens, predicted, spec)
+    metrics = bucket_metrics(validation.num_output_tokens, predicted, spec, weights=validation.weights)
     return {"loss": loss_sum / weight_sum, **metrics}
 
 
 def _improved(metrics: dict[str, float], best: dict[str, float] | None, monitor: Monitor, *, ties: bool) -> bool:
-    """Whether ``metrics`` beats ``best`` on ``monitor`` (or equals it, with ``ties``)."""
+    """Whether ``metrics`` beats ``best`` on ``monitor`` (or equals it, with ``ties``), and, when both were scored
+    on served traffic too, on that as well."""
     if best is None:
         return True
+    if "traffic" in metrics and "traffic" in best and not _improved(metrics["traffic"], best["traffic"], monitor,
+                                                                    ties=ties):
+        return False
     new, old = (-metrics["loss"], -best["loss"]) if monitor == "loss" else (metrics["accuracy"], best["accuracy"])
     return new >= old if ties else new > old
 

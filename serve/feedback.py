@@ -1,5 +1,11 @@
 """The feedback store: append-only JSON-lines segments of mispredicted requests (answers that outran their predicted
-bucket and answers that ended below it), for `s3 train --feedback`.
+bucket and answers that ended below it), and a sample of the well-predicted ones, for `s3 train --feedback`.
+
+Every mispredicted request is recorded; a well-predicted one is recorded with probability ``sample_rate`` (by a hash
+of its request id), and each record carries that rate. Weighted back (`traffic_weight`), the records are an unbiased
+sample of the served traffic, on which retraining judges whether a round helps the traffic it will serve: the
+labelled validation split holds none of a kind of prompt the predictor never saw, and the mispredictions alone are
+not a sample of anything (a round that fixes them can still make the rest worse).
 
 Records share the labelled data's schema (prompt, source, num_prompt_tokens, num_output_tokens, finished)
 plus what the predictor said, so retraining is training with more rows. Crash safety: a record is one
@@ -16,6 +22,8 @@ store: who can write to it").
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -42,8 +50,37 @@ def mispredicted(request: Request, buckets: BucketSpec) -> bool:
         ended_of_itself=request.finish_reason == "stop")
 
 
-def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str | None) -> dict:
-    """The training row of a finished request, with the prediction it was admitted under."""
+def length_is_label(request: Request, buckets: BucketSpec) -> bool:
+    """Whether a finished request's length is its answer's natural length, as the labels measure it: it ended of
+    itself, or it reached the labels' token limit. One cut earlier by its own ``max_tokens`` is not."""
+    return request.finish_reason == "stop" or (request.finish_reason == "length"
+                                                and request.max_new_tokens >= buckets.max_tokens)
+
+
+def in_sample(request_id: str, rate: float) -> bool:
+    """Whether a well-predicted request falls in the sample: a hash of its id below ``rate``, so the choice is
+    reproducible and independent of its length."""
+    if rate <= 0:
+        return False
+    digest = hashlib.blake2b(request_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < rate * 2**64
+
+
+def traffic_weight(record: dict) -> float:
+    """How many served requests ``record`` stands for in the store's sample of its traffic: 1 for a mispredicted
+    request (every one is recorded), ``1 / sample_rate`` for a well-predicted one recorded by sampling. 0 for a
+    record from a server that sampled nothing (``sample_rate`` 0, or a store from before sampling, 2026-12-07):
+    its well-predicted requests are missing, so its records are no sample of what it served."""
+    rate = record.get("sample_rate") or 0.0
+    if rate <= 0:
+        return 0.0
+    return 1.0 / rate if record.get("sampled") else 1.0
+
+
+def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str | None, sample_rate: float = 0.0,
+                    sampled: bool = False) -> dict:
+    """The training row of a finished request, with the prediction it was admitted under. ``sampled``: recorded as
+    one of the well-predicted requests sampled at ``sample_rate`` (the server's rate, kept on every record)."""
     prediction = request.prediction
     first = request.mispredictions[0] if request.mispredictions else None
     predicted = prediction.bucket if prediction else (first.predicted_bucket if first else None)
@@ -60,6 +97,8 @@ def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str
         "num_mispredictions": len(request.mispredictions),
         "num_preemptions": request.num_preemptions,
         "checkpoint_id": checkpoint_id,
+        "sample_rate": sample_rate,
+        "sampled": sampled,
         "time": time.time(),
     }
 
@@ -113,6 +152,59 @@ class FeedbackWriter:
         self.close()
 
 
+class FeedbackLog:
+    """Writes finished requests whose prediction missed, and a share ``sample_rate`` of those whose prediction held,
+    in the training data's schema (serve/feedback.py)."""
+
+    def __init__(self, writer: FeedbackWriter, buckets: BucketSpec, checkpoint_id: str | None, *,
+                 sample_rate: float = 0.0) -> None:
+        if not 0 <= sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
+        self.writer = writer
+        self.buckets = buckets
+        self.checkpoint_id = checkpoint_id
+        self.sample_rate = sample_rate
+        self.num_sampled = 0
+
+    @property
+    def num_written(self) -> int:
+        return self.writer.num_written
+
+    @property
+    def num_mispredicted(self) -> int:
+        """Records written because the prediction missed (the rest are the sample of well-predicted requests)."""
+        return self.num_written - self.num_sampled
+
+    def record(self, request: Request, *, stopped_at: int | None = None) -> None:
+        """Writes ``request`` if it was mispredicted (`mispredicted`) or, if its prediction held
+        and its length is a label (`length_is_label`), when it falls in the sample. ``stopped_at``: a stop
+        string ended the request after that many output tokens (the engine saw it as an abort, possibly a token or
+        two later); only the bucket overruns before that point count, and an answer cut by the client's stop
+        string is never taken for an over-prediction nor sampled."""
+        write = functools.partial(feedback_record, request, self.buckets, checkpoint_id=self.checkpoint_id,
+                                  sample_rate=self.sample_rate)
+        if stopped_at is None:
+            if mispredicted(request, self.buckets):
+                self.writer.write(write())
+            elif length_is_label(request, self.buckets) and in_sample(request.request_id, self.sample_rate):
+                self.writer.write(write(sampled=True))
+                self.num_sampled += 1
+            return
+        events = [e for e in request.mispredictions if e.num_output_tokens < stopped_at]
+        if not events:
+            return
+        record = write()
+        record.update(num_output_tokens=stopped_at, finished=True, true_bucket=self.buckets.bucket_of(stopped_at),
+                      num_mispredictions=len(events))
+        self.writer.write(record)
+
+    def sync(self) -> None:
+        self.writer.sync()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 # What a reader needs of a record, by field: the training columns and the prediction it was admitted under.
 RECORD_FIELDS = {"prompt": (str, type(None)), "source": (str,), "num_prompt_tokens": (int,),
                  "num_output_tokens": (int,), "finished": (bool,), "true_bucket": (int,),
@@ -163,12 +255,17 @@ def summarize_store(directory: str | pathlib.Path) -> dict:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Counts by predicted and true bucket, and the under- / over-prediction rates."""
+    """Counts by predicted and true bucket, the under- / over-prediction counts, and how many served requests the
+    sampled records stand for (``estimated_served``, from the records a sampling server wrote; 0 when none did)."""
     known = [r for r in records if r.get("predicted_bucket") is not None]
     under = sum(r["predicted_bucket"] < r["true_bucket"] for r in known)
     over = sum(r["predicted_bucket"] > r["true_bucket"] for r in known)
+    sampled = [r for r in records if r.get("sampled")]
     return {
         "num_records": len(records),
+        "num_sampled": len(sampled),
+        "sample_rates": sorted({float(r.get("sample_rate") or 0.0) for r in records}),
+        "estimated_served": round(sum(traffic_weight(r) for r in records)),
         "num_with_prediction": len(known),
         "under_predicted": under,
         "over_predicted": over,
@@ -189,6 +286,7 @@ def format_summary(summary: dict) -> str:
         f"under-predicted {summary['under_predicted']} ({summary['under_predicted'] / n:.1%}), "
         f"over-predicted {summary['over_predicted']} ({summary['over_predicted'] / n:.1%}), "
         f"exact {summary['exact']}; preemptions {summary['num_preemptions']}",
+        _sample_line(summary),
         "",
         "bucket  predicted  true",
     ]
@@ -200,3 +298,12 @@ def format_summary(summary: dict) -> str:
         for b in buckets
     ]
     return "\n".join(lines)
+
+
+def _sample_line(summary: dict) -> str:
+    rates = ", ".join(f"{rate:g}" for rate in summary["sample_rates"])
+    if not summary["estimated_served"]:
+        return (f"no sample of the well-predicted requests (sample rate {rates}): retraining cannot judge a round "
+                "on this traffic")
+    return (f"{summary['num_sampled']} of the records are well-predicted requests sampled at rate {rates}; they "
+            f"stand for about {summary['estimated_served']} served requests")

@@ -49,7 +49,7 @@ def test_under_and_over_predictions_are_mispredictions_and_a_cut_answer_is_neith
 
 
 def test_the_servers_log_writes_over_predictions_but_not_an_answer_its_stop_string_cut(tmp_path):
-    from serve.server.admission import FeedbackLog
+    from serve.feedback import FeedbackLog
 
     sched = make_scheduler("s3", num_blocks=64)
     for request in (make_request("over", bucket=3), make_request("stopped", bucket=3), make_request("hit", bucket=0)):
@@ -63,6 +63,36 @@ def test_the_servers_log_writes_over_predictions_but_not_an_answer_its_stop_stri
     (record,) = read_feedback(tmp_path)
     assert record["request_id"] == "over" and (record["predicted_bucket"], record["true_bucket"]) == (3, 0)
     assert summarize([record])["over_predicted"] == 1
+
+
+def test_the_log_samples_well_predicted_requests_and_weights_them_back(tmp_path):
+    """Every misprediction is written and a share of the rest, chosen by request id: weighted by 1 / rate, the
+    records stand for the traffic served. An answer cut at the client's own limit is not a label: never sampled."""
+    from serve.feedback import FeedbackLog, in_sample, traffic_weight
+
+    sched = make_scheduler("s3", num_blocks=256)
+    lengths = {**{f"hit{i}": 3 for i in range(40)}, "under": 20, "cut": 30}
+    for name in lengths:
+        cut = name == "cut"
+        sched.add_request(make_request(name, bucket=3 if cut else 0, max_new_tokens=3 if cut else 32))
+    finished = run_until_done(sched, lengths)
+    log = FeedbackLog(FeedbackWriter(tmp_path), sched.policy.buckets, "ckpt", sample_rate=0.25)
+    for request in finished:
+        log.record(request)
+    log.close()
+    records = {r["request_id"]: r for r in read_feedback(tmp_path)}
+    chosen = {f"hit{i}" for i in range(40) if in_sample(f"hit{i}", 0.25)}
+    assert 0 < len(chosen) < 40 and set(records) == {"under", *chosen}
+    assert traffic_weight(records["under"]) == 1.0  # recorded because it was mispredicted: every such one is
+    assert {traffic_weight(records[name]) for name in chosen} == {4.0} and log.num_sampled == len(chosen)
+    assert log.num_mispredicted == 1 and all(records[name]["sample_rate"] == 0.25 for name in records)
+    summary = summarize(list(records.values()))
+    assert summary["num_sampled"] == len(chosen) and summary["estimated_served"] == 1 + 4 * len(chosen)
+    assert f"{len(chosen)} of the records are well-predicted requests sampled at rate 0.25" in format_summary(summary)
+    assert traffic_weight({"sampled": False}) == 0.0  # a store from before sampling is no sample of its traffic
+    assert [in_sample("x", rate) for rate in (0.0, 1.0)] == [False, True]
+    with pytest.raises(ValueError, match="sample_rate"):
+        FeedbackLog(FeedbackWriter(tmp_path), sched.policy.buckets, "ckpt", sample_rate=1.5)
 
 
 def test_rotation_and_summary(tmp_path):

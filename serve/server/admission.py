@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 from core.buckets import BucketSpec
 from core.predictors import OraclePredictor, Predictor
 from core.request import LengthPrediction, Request
-from serve.feedback import FeedbackWriter, feedback_record, mispredicted
 from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs, with_length_profile
 from serve.server.config import ServeConfig
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, classified, send_error
@@ -115,42 +114,6 @@ def check_target_model(predictor: Predictor, model_id: str) -> None:
             f"this server runs {model_id!r}; train a predictor on data generated with this model, or pass "
             "--set check_target_model=false to use it anyway"
         )
-
-
-class FeedbackLog:
-    """Writes finished requests whose prediction missed, in the training data's schema (serve/feedback.py)."""
-
-    def __init__(self, writer: FeedbackWriter, buckets: BucketSpec, checkpoint_id: str | None) -> None:
-        self.writer = writer
-        self.buckets = buckets
-        self.checkpoint_id = checkpoint_id
-
-    @property
-    def num_written(self) -> int:
-        return self.writer.num_written
-
-    def record(self, request: Request, *, stopped_at: int | None = None) -> None:
-        """Writes ``request`` if it was mispredicted (serve/feedback.py, `mispredicted`). ``stopped_at``: a stop
-        string ended the request after that many output tokens (the engine saw it as an abort, possibly a token or
-        two later); only the bucket overruns before that point count, and an answer cut by the client's stop
-        string is never taken for an over-prediction."""
-        if stopped_at is None:
-            if mispredicted(request, self.buckets):
-                self.writer.write(feedback_record(request, self.buckets, checkpoint_id=self.checkpoint_id))
-            return
-        events = [e for e in request.mispredictions if e.num_output_tokens < stopped_at]
-        if not events:
-            return
-        record = feedback_record(request, self.buckets, checkpoint_id=self.checkpoint_id)
-        record.update(num_output_tokens=stopped_at, finished=True, true_bucket=self.buckets.bucket_of(stopped_at),
-                      num_mispredictions=len(events))
-        self.writer.write(record)
-
-    def sync(self) -> None:
-        self.writer.sync()
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 _STOP = object()

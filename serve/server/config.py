@@ -67,6 +67,11 @@ class ServeConfig:
     (uvicorn's default) a request now and then met a closed socket (a client ReadError, no answer)."""
     feedback_dir: str | None = "runs/feedback"
     """Where mispredicted requests are written for `s3 train --feedback`; null disables it."""
+    feedback_sample_rate: float = 0.1
+    """Share of the well-predicted requests written to the feedback store too (chosen by a hash of the request id).
+    Weighted back, the store is then a sample of the traffic served, on which retraining checks that a round helps
+    it (`s3 train --feedback`); 0 records mispredictions only, and retraining is then judged on the labelled
+    validation split alone, which holds none of a new kind of traffic."""
     feedback_sync_every: int = 32
     """Feedback records per fsync (the rest are synced when the engine goes idle and on shutdown)."""
     torch_threads: int | None = None
@@ -90,6 +95,8 @@ class ServeConfig:
                      "feedback_sync_every", "num_buckets", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.feedback_sample_rate <= 1:
+            raise ValueError(f"feedback_sample_rate must be in [0, 1], got {self.feedback_sample_rate}")
         for name in ("body_timeout_s", "keep_alive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

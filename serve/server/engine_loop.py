@@ -123,7 +123,7 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine, *, feedback=None, keepalive_s: float = 60.0,
                  classify: Callable[[list[str]], Sequence[LengthPrediction | None]] | None = None) -> None:
         self.engine = engine
-        self.feedback = feedback  # serve.server.admission.FeedbackLog or None
+        self.feedback = feedback  # serve.feedback.FeedbackLog or None
         self.keepalive_s = keepalive_s
         self.classify = classify
         """Predicts the length of the requests added without a prediction, between steps (a CPU server's

@@ -21,10 +21,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from serve.engine.llm import LLMEngine
-from serve.feedback import FeedbackWriter
+from serve.feedback import FeedbackLog, FeedbackWriter
 from serve.policies import PolicyConfig
 from serve.server.admission import (
-    Admission, AdmissionController, CheckpointLoader, Classifier, FeedbackLog, Predictor, check_target_model,
+    Admission, AdmissionController, CheckpointLoader, Classifier, Predictor, check_target_model,
     resolve_admission,
 )  # fmt: skip
 from serve.server.app import ServerState, create_app
@@ -77,7 +77,7 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
     feedback = None
     if config.feedback_dir and predictor is not None:
         writer = FeedbackWriter(config.feedback_dir, sync_every=config.feedback_sync_every)
-        feedback = FeedbackLog(writer, predictor.buckets, checkpoint_id)
+        feedback = FeedbackLog(writer, predictor.buckets, checkpoint_id, sample_rate=config.feedback_sample_rate)
     metrics = ServerMetrics(lambda: engine_loop.snapshot, policy=admission.policy.policy, checkpoint_id=checkpoint_id)
     threaded = config.predictor_thread
     if threaded is None:

@@ -29,7 +29,7 @@ def test_every_ratio_divides_figures_of_one_round():
 def test_rows_on_retraining_data_say_they_are_training_examples():
     table = format_summary(_outputs(held_out=True))
     assert "retrained on (training examples, n=8)" in table
-    assert "held-out mispredicted prompts (not trained on, n=2)" in table
+    assert "held-out feedback prompts (not trained on, n=2)" in table
 
 
 def test_a_retrain_round_that_kept_the_previous_weights_says_so():
@@ -37,6 +37,6 @@ def test_a_retrain_round_that_kept_the_previous_weights_says_so():
     assert "predictor weights" not in {row[0] for row in summary_rows(outputs)}  # an older run's outputs
     outputs["retrain"]["kept_parent_weights"] = True
     rows = {row[0]: row[1:] for row in summary_rows(outputs)}
-    assert rows["predictor weights"] == ["trained", "trained (retrained ones scored lower on validation)"]
+    assert rows["predictor weights"] == ["trained", "trained (retrained ones scored lower)"]
     outputs["retrain"]["kept_parent_weights"] = False
     assert {row[0]: row[1:] for row in summary_rows(outputs)}["predictor weights"] == ["trained", "retrained"]

@@ -46,8 +46,9 @@ def test_train_evaluate_and_retrain_on_feedback(labelled, tmp_path):
     assert result.exit_code == 0, result.output
     assert "feedback records" in result.output and "before" in result.output and "after" in result.output
     assert re.search(r"the store's records: \d+ under-predicted, 0 over-predicted, \d+ in their predicted bucket "
-                     r"\(no over-predictions", result.output)
+                     r"\(0 of them sampled well-predicted requests\) \(no over-predictions", result.output)
     assert re.search(r"^kept (epoch \d+|the previous weights) \(validation accuracy", result.output, re.M)
+    assert "judged on the labelled validation split alone: no sample of served traffic" in result.output
     used, held = re.search(r"with (\d+) feedback records \((\d+) more held out", result.output).groups()
     assert int(used) + int(held) == 30 and int(held) > 0  # none of the "[fb]" prompts is in the labelled splits
     assert json.loads((second / "predictor.json").read_text())["parent_checkpoint_id"] == info["checkpoint_id"]

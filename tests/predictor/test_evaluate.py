@@ -40,6 +40,16 @@ def test_under_predicting_everything_is_charged():
     assert low["mean_recomputed_tokens"] == pytest.approx((0 + 25 + (25 + 50) + (25 + 50 + 75)) / 4)
 
 
+def test_weighted_metrics_count_an_example_as_often_as_its_weight():
+    """A sample weighted back: weight 2 is the same as the example twice."""
+    weighted = bucket_metrics(TRUE, PRED, SPEC, weights=[2, 1, 1, 3])
+    repeated = bucket_metrics([10, 10, 30, 60, 150, 150, 150], [0, 0, 2, 0, 3, 3, 3], SPEC)
+    for key in weighted:
+        if key != "num_examples":
+            assert weighted[key] == pytest.approx(repeated[key]), key
+    assert weighted["num_examples"] == 4
+
+
 def test_metric_input_errors():
     with pytest.raises(ValueError, match="no examples"):
         bucket_metrics([], [], SPEC)

@@ -37,6 +37,11 @@ def test_under_feedback_is_what_outran_its_bucket_and_both_adds_what_ended_below
     assert under["prompt"] == ["long", "longer"] and both["prompt"] == ["short", "long", "longer"]
     assert set(both["source"]) == {"feedback"} and set(both["predicted_bucket"]) == {1}
     assert bench.served_feedback(_Fixed(), rows, "all")["prompt"] == rows["prompt"]
+    assert set(both["traffic_weight"]) == {0.0}  # mispredictions alone are no sample of the traffic
+    sampled = bench.served_feedback(_Fixed(), rows, "sampled", sample_rate=1.0)  # "hit" and "cut" sampled too
+    assert sampled["prompt"] == rows["prompt"] and set(sampled["traffic_weight"]) == {1.0}
+    assert sampled["sampled"] == [False, True, False, False, True]
+    assert bench.served_feedback(_Fixed(), rows, "sampled", sample_rate=1e-9)["prompt"] == both["prompt"]
 
 
 def test_one_round_per_kind_of_feedback_on_a_held_out_source(bench, records, tmp_path, monkeypatch):

@@ -7,9 +7,11 @@ import random
 import datasets
 import pytest
 
-from predictor_train.data import split_records
+from predictor_train.data import cap_per_source, split_records
 from predictor_train.inference import LengthPredictor
-from predictor_train.retrain import hold_out_feedback, replay_sample, retrain_predictor
+from predictor_train.retrain import (
+    effective_size, hold_out_feedback, is_held_out, replay_sample, retrain_predictor, traffic_sample,
+)  # fmt: skip
 
 from .conftest import tiny_config
 from .synthetic import TOPICS
@@ -55,6 +57,50 @@ def test_retraining_learns_the_feedback_and_keeps_the_test_split(trained, datase
     assert "before" in report.table() and "feedback:" in report.table()
 
 
+@pytest.mark.parametrize("served_as_predicted", [False, True], ids=["like-the-trained-on", "as-predicted"])
+def test_a_sample_of_served_traffic_guards_the_round(trained, dataset, tmp_path, served_as_predicted):
+    """With a weighted sample of the traffic in the store, each epoch is scored on its held-out records too and must
+    do as well there: a round that learns its records but serves the held-out traffic worse is refused."""
+    previous = LengthPredictor.load(trained.checkpoint_dir)
+    test = split_records(dataset)["test"]
+    feedback = _feedback(previous, test[0]["prompt"], test[0]["num_output_tokens"])
+    held = [is_held_out(p, 0.6) for p in feedback["prompt"]]
+    spec = previous.buckets
+    served = [int(spec.midpoint(b)) if served_as_predicted else n
+              for b, n in zip(feedback["predicted_bucket"], feedback["num_output_tokens"])]
+    lengths = [s if h else n for h, s, n in zip(held, served, feedback["num_output_tokens"])]
+    feedback = feedback.remove_columns("num_output_tokens").add_column("num_output_tokens", lengths)
+    feedback = feedback.add_column("sampled", [False] * len(feedback))
+    feedback = feedback.add_column("traffic_weight", [1.0] * len(feedback))
+    report = retrain_predictor(tiny_config(tmp_path / "retrained", epochs=2, feedback_holdout=0.6), dataset,
+                               feedback, previous_checkpoint=trained.checkpoint_dir, progress=False)
+    assert report.num_feedback_held_out >= 20 and "held-out records of served traffic" in report.traffic
+    history = report.result.history
+    assert all("traffic" in record for record in history)
+    retrained = [record["traffic"]["loss"] for record in history[1:]]
+    if served_as_predicted:  # the trained-on records say long, the held-out traffic what the parent predicted
+        assert min(retrained) > history[0]["traffic"]["loss"] and report.kept_parent
+        assert "served traffic accuracy" in report.verdict()
+    else:
+        assert min(retrained) < history[0]["traffic"]["loss"] and not report.kept_parent
+
+
+def test_sampled_records_are_held_out_and_weighted_back_into_the_traffic():
+    rows = datasets.Dataset.from_dict({
+        "prompt": [f"p{i}" for i in range(6)], "finished": [True, False, False, True, True, True],
+        "num_output_tokens": [5, 500, 100, 7, 9, 9], "sampled": [False, False, False, False, True, True],
+        "traffic_weight": [1.0, 1.0, 1.0, 0.0, 10.0, 10.0]})  # fmt: skip
+    trained_on, held = hold_out_feedback(rows, 0.0)
+    assert trained_on["prompt"] == ["p0", "p1", "p2", "p3"] and held["prompt"] == ["p4", "p5"]
+    # p2 was cut short, p3 is no sample; a mispredicted record stands for 1 / share of them, a sampled one for its own
+    served, weights = traffic_sample(rows, max_tokens=500, share=0.5)
+    assert served["prompt"] == ["p0", "p1", "p4", "p5"] and weights == [2.0, 2.0, 10.0, 10.0]
+    assert traffic_sample(rows, max_tokens=500, share=0.0)[1] == [10.0, 10.0]  # no mispredicted one held out
+    none, no_weights = traffic_sample(rows.remove_columns("traffic_weight"), max_tokens=500, share=0.5)
+    assert len(none) == 0 and no_weights == []
+    assert effective_size([1.0] * 39 + [10.0]) == pytest.approx(49**2 / 139) and effective_size([]) == 0.0
+
+
 def test_retraining_refuses_other_bucket_settings(trained, dataset, tmp_path):
     feedback = dataset.select(range(5))
     with pytest.raises(ValueError, match="cannot retrain .* num_buckets 10"):
@@ -77,6 +123,9 @@ def test_feedback_holdout_is_by_prompt_hash_and_replay_is_stratified(dataset):
     assert not set(kept["prompt"]) & set(held["prompt"])
     again, _ = hold_out_feedback(dataset.shuffle(seed=3), 0.2)
     assert set(again["prompt"]) == set(kept["prompt"])
+    # independent of the labelled split's hash: of the 20 train rows first in that hash order, some are held out
+    first = cap_per_source(split_records(dataset)["train"], 20)
+    assert 0 < len(hold_out_feedback(first, 0.2)[1]) < len(first) / 2
     mixed = datasets.Dataset.from_dict({"prompt": [f"p{i}" for i in range(40)], "source": ["a"] * 30 + ["b"] * 10})
     sample = replay_sample(mixed, 8, seed=0)
     assert sample["source"].count("a") == 6 and sample["source"].count("b") == 2

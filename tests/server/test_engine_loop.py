@@ -12,7 +12,8 @@ from serve.engine.plan import GREEDY
 from serve.feedback import FeedbackWriter, read_feedback
 from serve.policies import PolicyConfig
 from core.request import LengthPrediction
-from serve.server.admission import AdmissionController, Classifier, FeedbackLog
+from serve.feedback import FeedbackLog
+from serve.server.admission import AdmissionController, Classifier
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, Sink
 from serve.server.metrics import ServerMetrics
 from serve.server.launch import build_stack
