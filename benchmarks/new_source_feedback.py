@@ -4,6 +4,8 @@ feedback does for that kind, and which feedback to record.
     .venv/bin/python benchmarks/new_source_feedback.py --config configs/train_cpu.yaml --set epochs=1 \
         --set max_train_rows_per_source=300 --set calibrate=false --loso-dir runs/loso_9k \
         --sources gsm8k_train,gpteacher_toolformer --num-served 200 --output-dir runs/new_source
+    # the store a server with feedback_sample_rate 0.1 writes, and the round judged on it too:
+    #   --feedback sampled --sample-rate 0.1 --output-dir runs/new_source_judge
 
 Per held-out source S: the leave-one-source-out predictor (trained without S as
 `benchmarks/leave_one_source_out.py` does, reused from ``--loso-dir`` when its settings match), then S's first

@@ -69,7 +69,7 @@ def in_sample(request_id: str, rate: float) -> bool:
 def traffic_weight(record: dict) -> float:
     """How many served requests ``record`` stands for in the store's sample of its traffic: 1 for a mispredicted
     request (every one is recorded), ``1 / sample_rate`` for a well-predicted one recorded by sampling. 0 for a
-    record from a server that sampled nothing (``sample_rate`` 0, or a store from before sampling, 2026-12-07):
+    record from a server that sampled nothing (``sample_rate`` 0, or a store from before sampling, 2026-12-06):
     its well-predicted requests are missing, so its records are no sample of what it served."""
     rate = record.get("sample_rate") or 0.0
     if rate <= 0:
@@ -154,7 +154,7 @@ class FeedbackWriter:
 
 class FeedbackLog:
     """Writes finished requests whose prediction missed, and a share ``sample_rate`` of those whose prediction held,
-    in the training data's schema (serve/feedback.py)."""
+    in the training data's schema."""
 
     def __init__(self, writer: FeedbackWriter, buckets: BucketSpec, checkpoint_id: str | None, *,
                  sample_rate: float = 0.0) -> None:

@@ -70,11 +70,11 @@ def test_a_sample_of_served_traffic_guards_the_round(trained, dataset, tmp_path,
               for b, n in zip(feedback["predicted_bucket"], feedback["num_output_tokens"])]
     lengths = [s if h else n for h, s, n in zip(held, served, feedback["num_output_tokens"])]
     feedback = feedback.remove_columns("num_output_tokens").add_column("num_output_tokens", lengths)
-    feedback = feedback.add_column("sampled", [False] * len(feedback))
-    feedback = feedback.add_column("traffic_weight", [1.0] * len(feedback))
+    feedback = feedback.add_column("sampled", held)  # as if sampled among the well-predicted, at rate 0.5
+    feedback = feedback.add_column("traffic_weight", [2.0 if h else 1.0 for h in held])
     report = retrain_predictor(tiny_config(tmp_path / "retrained", epochs=2, feedback_holdout=0.6), dataset,
                                feedback, previous_checkpoint=trained.checkpoint_dir, progress=False)
-    assert report.num_feedback_held_out >= 20 and "held-out records of served traffic" in report.traffic
+    assert report.num_feedback_held_out >= 20 and "the labelled validation split and" in report.traffic
     history = report.result.history
     assert all("traffic" in record for record in history)
     retrained = [record["traffic"]["loss"] for record in history[1:]]
@@ -83,6 +83,20 @@ def test_a_sample_of_served_traffic_guards_the_round(trained, dataset, tmp_path,
         assert "served traffic accuracy" in report.verdict()
     else:
         assert min(retrained) < history[0]["traffic"]["loss"] and not report.kept_parent
+
+
+def test_a_handful_of_sampled_records_is_no_guard(trained, dataset, tmp_path):
+    """Held-out mispredictions alone judge nothing (any round that learns them does better on them): without
+    enough sampled well-predicted records the round is judged on the labelled validation split alone, and says so."""
+    previous = LengthPredictor.load(trained.checkpoint_dir)
+    feedback = _feedback(previous, "a prompt of no split", 450)
+    sampled = [i < 5 for i in range(len(feedback))]
+    feedback = feedback.add_column("sampled", sampled)
+    feedback = feedback.add_column("traffic_weight", [10.0 if s else 1.0 for s in sampled])
+    report = retrain_predictor(tiny_config(tmp_path / "retrained", epochs=1, feedback_holdout=0.5), dataset,
+                               feedback, previous_checkpoint=trained.checkpoint_dir, progress=False)
+    assert "alone" in report.traffic and "(5 of them sampled" in report.traffic and "too few" in report.traffic
+    assert not any("traffic" in record for record in report.result.history)
 
 
 def test_sampled_records_are_held_out_and_weighted_back_into_the_traffic():
