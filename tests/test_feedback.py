@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from core.buckets import BucketSpec
 from serve.feedback import (
     FeedbackWriter, feedback_record, format_summary, is_feedback_record, mispredicted, read_feedback, summarize,
     summarize_store,

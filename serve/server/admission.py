@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from core.buckets import BucketSpec
 from core.predictors import OraclePredictor, Predictor
-from core.request import LengthPrediction, Request
+from core.request import LengthPrediction
 from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs, with_length_profile
 from serve.server.config import ServeConfig
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, classified, send_error
