@@ -7,10 +7,10 @@ sample of the labelled train split (``replay_ratio`` replayed rows per feedback 
 rather than the feedback alone or the whole train split again. The validation and test splits of the original
 data stay as they were, and a feedback prompt that occurs in them is dropped, so they stay unseen. A share
 ``feedback_holdout`` of the mispredicted records (by a salted prompt hash), and every sampled well-predicted one,
-are held out of training: the "after" figures on them are on served requests the new model never saw. Training starts from the previous checkpoint's weights and
-keeps its exact BucketSpec. The config's ``exclude_sources`` and ``max_train_rows_per_source`` select the replayed
-train rows and the validation rows as they do in training; the test split is always the full one. A config asking
-for another bucket scheme is refused.
+are held out of training: the "after" figures on them are on served requests the new model never saw. Training
+starts from the previous checkpoint's weights and keeps its exact BucketSpec. The config's ``exclude_sources`` and
+``max_train_rows_per_source`` select the replayed train rows and the validation rows as they do in training; the
+test split is always the full one. A config asking for another bucket scheme is refused.
 
 The guard (``keep_parent_unless_matched``): the previous weights are validated first and kept unless an epoch
 scores at least as well on the labelled validation split, so a round cannot ship a worse predictor. That split
@@ -18,8 +18,9 @@ holds none of a kind of traffic the predictor never saw, and the mispredictions 
 that fixes them looks better on them whatever it does to the rest). So when the store holds a sample of the served
 traffic (a server's ``feedback_sample_rate``: the well-predicted requests sampled, each record weighted back by
 its ``traffic_weight``), the held-out records, weighted back into a sample of the traffic (`traffic_sample`), are
-a second judge: an epoch must also score at least as well on them. ``replay_only`` trains the same number of examples with replayed rows in place of the
-feedback: the control that says what the feedback itself adds.
+a second judge once they are enough (`MIN_TRAFFIC_SAMPLE`): an epoch must also score at least as well on them.
+``replay_only`` trains the same number of examples with replayed rows in place of the feedback: the control that
+says what the feedback itself adds.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from predictor_train.train import TrainConfig, TrainResult, fit, training_splits
 MIN_TRAFFIC_SAMPLE = 20
 """The traffic guard needs at least this many sampled well-predicted records, and an effective sample size
 (`effective_size`) of at least this. The mispredicted records alone judge nothing (a round that learns them scores
-better on them whatever it does to the rest), and on 200 served prompts with 1-4 sampled records (rate 0.1) the
-guard refused a round that took the new kind from 38% to 57% within one because it lost one of them
-(docs/predictor.md)."""
+better on them whatever it does to the rest), and on 200 served prompts with 1-6 sampled records (rate 0.1) the
+guard refused three rounds that took their new kind from 38% to 49%, 54% to 68% and 43% to 60% within one, each
+because it got one of them wrong (docs/predictor.md)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +124,7 @@ def hold_out_feedback(feedback: datasets.Dataset, share: float) -> tuple[dataset
     """(trained on, held out): mispredicted records by `is_held_out`; every record sampled among the well-predicted
     requests (column ``sampled``) is held out, to judge the round on: trained on, they change nothing measurable
     (docs/predictor.md), while they are the only view of the traffic the predictor already gets right."""
-    sampled = feedback["sampled"] if "sampled" in feedback.column_names else [False] * len(feedback)
-    held = [s or is_held_out(p, share) for p, s in zip(feedback["prompt"], sampled)]
+    held = [s or is_held_out(p, share) for p, s in zip(feedback["prompt"], _sampled(feedback))]
     return (feedback.select([i for i, h in enumerate(held) if not h]),
             feedback.select([i for i, h in enumerate(held) if h]))
 
@@ -137,9 +137,8 @@ def traffic_sample(held_out: datasets.Dataset, max_tokens: int, share: float) ->
     if "traffic_weight" not in held_out.column_names:
         return held_out.select([]), []
     keep, weights = [], []
-    sampled = held_out["sampled"] if "sampled" in held_out.column_names else [False] * len(held_out)
     for i, (weight, was_sampled, finished, length) in enumerate(zip(
-            held_out["traffic_weight"], sampled, held_out["finished"], held_out["num_output_tokens"])):
+            held_out["traffic_weight"], _sampled(held_out), held_out["finished"], held_out["num_output_tokens"])):
         if weight > 0 and (finished or length >= max_tokens) and (was_sampled or share > 0):
             keep.append(i)
             weights.append(weight / (1.0 if was_sampled else share))
@@ -242,8 +241,13 @@ def _traffic_note(served: datasets.Dataset, weights: list[float], config: TrainC
             f"{MIN_TRAFFIC_SAMPLE} sampled records and an effective size of {MIN_TRAFFIC_SAMPLE})")
 
 
+def _sampled(rows: datasets.Dataset) -> list[bool]:
+    """Each record's ``sampled`` flag; all False for records without the column (a store from before sampling)."""
+    return rows["sampled"] if "sampled" in rows.column_names else [False] * len(rows)
+
+
 def _num_sampled(served: datasets.Dataset) -> int:
-    return sum(served["sampled"]) if "sampled" in served.column_names else 0
+    return sum(_sampled(served))
 
 
 def _judges(served: datasets.Dataset, weights: list[float]) -> bool:
