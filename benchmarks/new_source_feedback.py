@@ -9,7 +9,7 @@ feedback does for that kind, and which feedback to record.
 
 Per held-out source S: the leave-one-source-out predictor (trained without S as
 `benchmarks/leave_one_source_out.py` does, reused from ``--loso-dir`` when its settings match), then S's first
-``--num-served`` train-split rows (prompt-hash order) served as new traffic, and the feedback a server would record
+``--num-served`` train-split rows (prompt-hash order, after the first ``--served-offset``) served as new traffic, and the feedback a server would record
 from them. ``under``: the requests that wrote past their predicted bucket (what `s3 serve` recorded until
 2026-12-06); ``both``: those and the ones that ended in a bucket below the predicted one (what it records now);
 ``all``: every served request, all trained on; ``sampled``: what a server with ``feedback_sample_rate``
@@ -37,9 +37,9 @@ import datasets  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
 from predictor_train.data import cap_per_source, drop_sources, load_records, sources_of, split_records  # noqa: E402
-from predictor_train.evaluate import evaluate_rows  # noqa: E402
+from predictor_train.evaluate import bucket_metrics, evaluate_rows  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402
-from predictor_train.retrain import retrain_predictor  # noqa: E402
+from predictor_train.retrain import effective_size, hold_out_feedback, retrain_predictor, traffic_sample  # noqa: E402
 from predictor_train.train import TrainConfig  # noqa: E402
 from serve.feedback import in_sample, over_predicted  # noqa: E402
 
@@ -74,19 +74,85 @@ def served_feedback(predictor, rows, kind: str, *, sample_rate: float = 0.0) -> 
                                        "traffic_weight": weights})
 
 
+def served_rows(rows, num_served: int, offset: int = 0):
+    """``num_served`` of ``rows`` in prompt-hash order, after the first ``offset`` (another round's traffic)."""
+    served = cap_per_source(rows, offset + num_served)
+    if not offset:
+        return served
+    earlier = set(cap_per_source(rows, offset)["prompt"])
+    return served.select([i for i, prompt in enumerate(served["prompt"]) if prompt not in earlier])
+
+
 def scores(predictor, rows, train) -> dict:
     metrics = evaluate_rows(predictor, rows, train=train).metrics["predictor"]
     return {k: metrics[k] for k in ("num_examples", "accuracy", "within_one_accuracy", "mae_tokens",
                                     "under_prediction_rate")}
 
 
+JUDGED = ("accuracy", "within_one_accuracy", "mae_tokens", "mean_wasted_tokens")
+"""The metrics a sample of the traffic could judge a round on, compared with the test rows' verdict."""
+
+
+def sample_scores(parent, child, feedback, share: float) -> dict:
+    """Parent and round scored on the held-out records weighted back into a sample of the traffic, as retraining
+    builds it (`traffic_sample`): what a guard on each of `JUDGED` would have seen, whatever the round's guard did."""
+    served, weights = traffic_sample(hold_out_feedback(feedback, share)[1], parent.buckets.max_tokens, share)
+    record = {"num_records": len(served), "num_sampled": sum(served["sampled"]) if len(served) else 0,
+              "effective_size": effective_size(weights)}
+    if not len(served):
+        return record
+    lengths = [int(n) for n in served["num_output_tokens"]]
+    for name, predictor in (("parent", parent), ("round", child)):
+        predicted = [p.bucket for p in predictor.predict(list(served["prompt"]))]
+        metrics = bucket_metrics(lengths, predicted, predictor.buckets, weights=weights)
+        record[name] = {k: metrics[k] for k in JUDGED}
+    return record
+
+
+def agreement(record: dict) -> dict[str, bool]:
+    """For each of `JUDGED`: whether the traffic sample and the source's test rows say the round moved it the same
+    way (an accuracy up, a token count down, counts as better)."""
+    sample, new = record["traffic_sample"], record["new_source"]
+    if "round" not in sample:
+        return {}
+
+    def better(before, after, key):
+        return after[key] >= before[key] if "accuracy" in key else after[key] <= before[key]
+    return {key: better(sample["parent"], sample["round"], key) == better(new["before"], new["after"], key)
+            for key in JUDGED}
+
+
 def round_record(source: str, kind: str, *, num_served: int, feedback, kept_parent: bool, verdict: str, before: dict,
-                 after: dict, history: list) -> dict:
-    """One round's entry of ``new_source.json``: before/after on the source's test rows and on the others'."""
-    return {"source": source, "feedback": kind, "num_served": num_served, "num_records": len(feedback),
-            "kept_parent": kept_parent, "verdict": verdict, "history": history,
-            "new_source": {"before": before["new"], "after": after["new"]},
-            "other_sources": {"before": before["old"], "after": after["old"]}}
+                 after: dict, history: list, sample: dict | None = None) -> dict:
+    """One round's entry of ``new_source.json``: before/after on the source's test rows and on the others', and
+    (``sampled``) on the traffic sample."""
+    record = {"source": source, "feedback": kind, "num_served": num_served, "num_records": len(feedback),
+              "kept_parent": kept_parent, "verdict": verdict, "history": history,
+              "new_source": {"before": before["new"], "after": after["new"]},
+              "other_sources": {"before": before["old"], "after": after["old"]}}
+    if sample is not None:
+        record["traffic_sample"] = sample
+        record["sample_agrees"] = agreement(record)
+    return record
+
+
+def judge_markdown(records: list[dict]) -> str:
+    """Per sampled round: each metric on the traffic sample and on the test rows, parent -> round."""
+    lines = ["| held-out source | sampled (records, effective size) | "
+             + " | ".join(f"{key}: sample / test rows" for key in JUDGED) + " |", "| --- |" + " ---: |" * (1 + len(JUDGED))]
+    for r in records:
+        sample, new = r.get("traffic_sample"), r["new_source"]
+        if not sample or "round" not in sample:
+            continue
+
+        def move(before, after, key):
+            fmt = (lambda v: f"{100 * v:.1f}%") if "accuracy" in key else (lambda v: f"{v:.1f}")
+            return f"{fmt(before[key])} -> {fmt(after[key])}"
+        cells = [f"{move(sample['parent'], sample['round'], k)} / {move(new['before'], new['after'], k)}"
+                 f"{'' if r['sample_agrees'][k] else ' (disagree)'}" for k in JUDGED]
+        lines.append(f"| {r['source']} | {sample['num_sampled']} ({sample['num_records']}, "
+                     f"{sample['effective_size']:.0f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(records: list[dict]) -> str:
@@ -112,6 +178,8 @@ def markdown(records: list[dict]) -> str:
 @click.option("--sources", default="gsm8k_train,gpteacher_toolformer", show_default=True,
               help="Comma-separated sources to hold out and then serve.")
 @click.option("--num-served", default=200, show_default=True, help="Train-split rows of the source served.")
+@click.option("--served-offset", default=0, show_default=True,
+              help="Skip this many rows (prompt-hash order) before the served ones: fresh traffic for another round.")
 @click.option("--feedback", "kinds", default="under,both", show_default=True,
               help="Kinds of feedback to retrain on: under, both, all (every served request, the well-predicted "
                    "ones too: what a store that recorded everything would hold).")
@@ -124,7 +192,7 @@ def markdown(records: list[dict]) -> str:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="TrainConfig, for the held-out model.")
 @click.option("--retrain-set", "retrain_overrides", multiple=True, metavar="KEY=VALUE",
               help="TrainConfig overrides for the retraining round, after --set (default: the shipped recipe).")
-def main(config_path, data, sources, num_served, kinds, sample_rate, loso_dir, output_dir, overrides,
+def main(config_path, data, sources, num_served, served_offset, kinds, sample_rate, loso_dir, output_dir, overrides,
          retrain_overrides):
     kinds = kinds.split(",")
     if set(kinds) - set(KINDS):
@@ -145,13 +213,13 @@ def main(config_path, data, sources, num_served, kinds, sample_rate, loso_dir, o
     for source in names:
         parent_dir = Path(loso_dir) / source
         parent = trained(config, ds, recipe, (source,), parent_dir, reuse=True)
-        served = cap_per_source(of_source(splits["train"], source), num_served)
+        served = served_rows(of_source(splits["train"], source), num_served, served_offset)
         train = drop_sources(splits["train"], [source])
         new_rows, old_rows = of_source(splits["test"], source), drop_sources(splits["test"], [source])
         before = {"new": scores(parent, new_rows, train), "old": scores(parent, old_rows, train)}
         for kind in kinds:
             feedback = served_feedback(parent, served, kind, sample_rate=sample_rate)
-            history = []
+            history, sample = [], None
             if len(feedback) == 0:  # nothing mispredicted in this direction: no round to run
                 after, kept_parent, verdict = before, True, "no feedback records: nothing to retrain on"
             else:
@@ -162,17 +230,22 @@ def main(config_path, data, sources, num_served, kinds, sample_rate, loso_dir, o
                 child = LengthPredictor.load(report.result.checkpoint_dir)
                 after = {"new": scores(child, new_rows, train), "old": scores(child, old_rows, train)}
                 kept_parent, verdict, history = report.kept_parent, report.verdict(), report.result.history
+                if kind == "sampled":
+                    sample = sample_scores(parent, child, feedback, holdout)
             records.append(round_record(source, kind, num_served=len(served), feedback=feedback,
                                         kept_parent=kept_parent, verdict=verdict, before=before, after=after,
-                                        history=history))
+                                        history=history, sample=sample))
             click.echo(f"{source}, {kind}: {len(feedback)} records; {verdict}; within one on its test rows "
                        f"{before['new']['within_one_accuracy']:.3f} -> {after['new']['within_one_accuracy']:.3f}",
                        err=True)
     out_root.mkdir(parents=True, exist_ok=True)
     settings = {"held_out_model": dataclasses.asdict(config), "retrain": dataclasses.asdict(retrain_config),
-                "num_served": num_served, "sample_rate": sample_rate, "data": data}
+                "num_served": num_served, "served_offset": served_offset, "sample_rate": sample_rate, "data": data}
     (out_root / "new_source.json").write_text(json.dumps({"settings": settings, "results": records}, indent=2))
     click.echo(markdown(records))
+    if "sampled" in kinds:
+        click.echo("\nWhat the traffic sample says of each round beside the source's test rows:\n")
+        click.echo(judge_markdown(records))
     click.echo(f"wrote {out_root / 'new_source.json'}", err=True)
 
 

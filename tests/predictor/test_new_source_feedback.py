@@ -65,3 +65,41 @@ def test_one_round_per_kind_of_feedback_on_a_held_out_source(bench, records, tmp
         assert r["num_served"] == 20
         assert r["new_source"]["before"]["num_examples"] == r["new_source"]["after"]["num_examples"] > 0
     assert "| new | under |" in result.output and "| new | both |" in result.output
+
+
+class _Known(_Fixed):
+    """A predictor that predicts each prompt's bucket from a table (bucket 1 for a prompt it does not know)."""
+
+    def __init__(self, buckets: dict[str, int]):
+        self.table = buckets
+
+    def predict(self, prompts):
+        return [LengthPrediction(bucket=self.table.get(p, 1)) for p in prompts]
+
+
+def test_served_offset_takes_the_next_rows_in_hash_order(bench):
+    rows = datasets.Dataset.from_dict({"prompt": [f"p{i}" for i in range(30)], "source": ["x"] * 30})
+    first, second = bench.served_rows(rows, 10), bench.served_rows(rows, 10, 10)
+    assert len(first) == len(second) == 10 and not set(first["prompt"]) & set(second["prompt"])
+    assert set(first["prompt"]) | set(second["prompt"]) == set(bench.served_rows(rows, 20)["prompt"])
+
+
+def test_the_traffic_sample_scores_parent_and_round_and_says_where_it_agrees_with_the_test_rows(bench):
+    rows = datasets.Dataset.from_dict({"prompt": ["a", "b", "c", "d"], "source": ["x"] * 4,
+                                       "num_output_tokens": [5, 20, 40, 60], "finished": [True] * 4})
+    parent, right = _Fixed(), _Known({"a": 0, "b": 1, "c": 2, "d": 3})
+    feedback = bench.served_feedback(parent, rows, "sampled", sample_rate=1.0)  # "b" sampled, the rest mispredicted
+    sample = bench.sample_scores(parent, right, feedback, share=0.999)
+    assert sample["num_records"] == 4 and sample["num_sampled"] == 1 and sample["effective_size"] > 1
+    assert sample["round"]["accuracy"] == 1.0 > sample["parent"]["accuracy"]
+    assert sample["round"]["mae_tokens"] < sample["parent"]["mae_tokens"]
+    test = {"accuracy": 0.5, "within_one_accuracy": 0.5, "mae_tokens": 10.0, "mean_wasted_tokens": 10.0}
+    worse = {**test, "accuracy": 0.4, "mae_tokens": 12.0}
+    record = bench.round_record("x", "sampled", num_served=4, feedback=feedback, kept_parent=False, verdict="",
+                                before={"new": test, "old": test}, after={"new": worse, "old": test}, history=[],
+                                sample=sample)
+    assert record["sample_agrees"] == {"accuracy": False, "within_one_accuracy": True, "mae_tokens": False,
+                                       "mean_wasted_tokens": True}
+    assert "(disagree)" in bench.judge_markdown([record])
+    assert bench.sample_scores(parent, right, feedback.select([]), share=0.2) == {
+        "num_records": 0, "num_sampled": 0, "effective_size": 0.0}
