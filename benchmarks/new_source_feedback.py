@@ -47,6 +47,9 @@ from leave_one_source_out import of_source, trained  # noqa: E402  (the sibling 
 
 KINDS = ("under", "both", "all", "sampled")
 
+JUDGED = ("accuracy", "within_one_accuracy", "mae_tokens", "mean_wasted_tokens")
+"""The metrics a sample of the traffic could judge a round on, compared with the test rows' verdict."""
+
 
 def served_feedback(predictor, rows, kind: str, *, sample_rate: float = 0.0) -> datasets.Dataset:
     """The feedback records a server would write for ``rows`` served under ``predictor``'s arg-max buckets, with
@@ -85,12 +88,7 @@ def served_rows(rows, num_served: int, offset: int = 0):
 
 def scores(predictor, rows, train) -> dict:
     metrics = evaluate_rows(predictor, rows, train=train).metrics["predictor"]
-    return {k: metrics[k] for k in ("num_examples", "accuracy", "within_one_accuracy", "mae_tokens",
-                                    "under_prediction_rate")}
-
-
-JUDGED = ("accuracy", "within_one_accuracy", "mae_tokens", "mean_wasted_tokens")
-"""The metrics a sample of the traffic could judge a round on, compared with the test rows' verdict."""
+    return {k: metrics[k] for k in ("num_examples", *JUDGED, "under_prediction_rate")}
 
 
 def sample_scores(parent, child, feedback, share: float) -> dict:

@@ -55,11 +55,14 @@ def test_one_round_per_kind_of_feedback_on_a_held_out_source(bench, records, tmp
     out = tmp_path / "out"
     result = CliRunner().invoke(bench.main, [
         "--config", str(config), "--data", str(data), "--sources", "new", "--num-served", "20",
-        "--loso-dir", str(tmp_path / "loso"), "--output-dir", str(out)])
+        "--loso-dir", str(tmp_path / "loso"), "--output-dir", str(out), "--feedback", "under,both,sampled",
+        "--sample-rate", "1.0"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "new_source.json").read_text())
-    assert [(r["source"], r["feedback"]) for r in report["results"]] == [("new", "under"), ("new", "both")]
-    under, both = report["results"]
+    assert [r["feedback"] for r in report["results"]] == ["under", "both", "sampled"]
+    under, both, sampled = report["results"]
+    assert "traffic_sample" not in both and sampled["traffic_sample"]["num_records"] > 0
+    assert "sample / test rows" in result.output
     assert 0 <= under["num_records"] <= both["num_records"] <= 20 and both["num_records"] > 0
     for r in report["results"]:
         assert r["num_served"] == 20
