@@ -18,7 +18,9 @@ holds none of a kind of traffic the predictor never saw, and the mispredictions 
 that fixes them looks better on them whatever it does to the rest). So when the store holds a sample of the served
 traffic (a server's ``feedback_sample_rate``: the well-predicted requests sampled, each record weighted back by
 its ``traffic_weight``), the held-out records, weighted back into a sample of the traffic (`traffic_sample`), are
-a second judge once they are enough (`MIN_TRAFFIC_SAMPLE`): an epoch must also score at least as well on them.
+a second judge once they are enough (`MIN_TRAFFIC_SAMPLE`): an epoch must also score at least as well on them, on
+``traffic_monitor`` (MAE by default: of the metrics measured, the one that moved as the new kind's test rows did in
+every round, docs/predictor.md).
 ``replay_only`` trains the same number of examples with replayed rows in place of the feedback: the control that
 says what the feedback itself adds.
 """
@@ -258,5 +260,5 @@ def _judges(served: datasets.Dataset, weights: list[float]) -> bool:
 def _scores(record: dict) -> str:
     traffic = record.get("traffic")
     served = "" if traffic is None else (f"; served traffic accuracy {traffic['accuracy']:.1%}, "
-                                         f"loss {traffic['loss']:.3f}")
+                                         f"MAE {traffic['mae_tokens']:.1f} tokens, loss {traffic['loss']:.3f}")
     return f" (validation accuracy {record['accuracy']:.1%}, loss {record['loss']:.3f}{served})"

@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
 BucketScheme = Literal["uniform", "quantile"]
 WandbMode = Literal["online", "offline", "disabled"]
-Monitor = Literal["loss", "accuracy"]
+Monitor = Literal["loss", "accuracy", "mae"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,8 @@ class TrainConfig:
     patience: int = 2
     """Epochs without improvement of the monitored validation metric before stopping."""
     monitor: Monitor = "loss"
-    """Validation metric for early stopping and for picking the best checkpoint: ``loss`` or ``accuracy``."""
+    """Validation metric for early stopping and for picking the best checkpoint: ``loss``, ``accuracy`` (the exact
+    bucket) or ``mae`` (the arg-max bucket's midpoint against the true length, in tokens)."""
     class_weight_smoothing: float = 1.0
     """Added to each bucket's count before inverting it into a class weight; larger is closer to unweighted."""
     loss: LossKind = "ce"
@@ -93,6 +94,9 @@ class TrainConfig:
     weights are kept unless an epoch does at least as well on the monitored metric, so a round never ships a
     predictor that scores worse on the labelled validation rows than the one it replaces. False keeps the best
     epoch whatever it scores."""
+    traffic_monitor: Monitor = "mae"
+    """Retraining: the metric the guard compares on the held-out sample of served traffic, when the store holds
+    one large enough (predictor_train/retrain.py); ``monitor`` still judges the labelled validation split."""
     replay_only: bool = False
     """Retraining, as a control: the same number of training examples per epoch, all replayed labelled rows, the
     feedback left out of training (still measured on). Says how much of a round's gain is the feedback's and how
@@ -120,7 +124,7 @@ class TrainConfig:
         if self.max_train_rows_per_source < 0 or self.replay_ratio < 0 or not 0 <= self.feedback_holdout < 1:
             raise ValueError("max_train_rows_per_source and replay_ratio must be >= 0, feedback_holdout in [0, 1)")
         for name, choices in (("bucket_scheme", BucketScheme), ("wandb_mode", WandbMode), ("monitor", Monitor),
-                              ("loss", LossKind), ("prompt_truncation", PromptTruncation)):
+                              ("traffic_monitor", Monitor), ("loss", LossKind), ("prompt_truncation", PromptTruncation)):
             if getattr(self, name) not in get_args(choices):
                 raise ValueError(f"{name} must be one of {get_args(choices)}, got {getattr(self, name)!r}")
         if self.max_tokens < self.num_buckets:
@@ -244,7 +248,7 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
                 metrics["traffic"] = validate(engine, backbone.tokenizer, traffic, weights, spec=spec, config=config)
             history.append({"epoch": epoch, "train_loss": train_loss, **metrics})
             _log_epoch(run, history[-1])
-            if _improved(metrics, best, config.monitor, ties=best_epoch == 0):
+            if _improved(metrics, best, config.monitor, ties=best_epoch == 0, traffic_monitor=config.traffic_monitor):
                 best, best_epoch, stale = metrics, epoch, 0
                 if is_main:
                     info = _save_best(config, engine, backbone, spec=spec, metrics={"epoch": epoch, **metrics},
@@ -365,15 +369,17 @@ def validate(engine, tokenizer, validation: Examples, weights: torch.Tensor, *, 
     return {"loss": loss_sum / weight_sum, **metrics}
 
 
-def _improved(metrics: dict[str, float], best: dict[str, float] | None, monitor: Monitor, *, ties: bool) -> bool:
+def _improved(metrics: dict[str, float], best: dict[str, float] | None, monitor: Monitor, *, ties: bool,
+              traffic_monitor: Monitor | None = None) -> bool:
     """Whether ``metrics`` beats ``best`` on ``monitor`` (or equals it, with ``ties``), and, when both were scored
-    on served traffic too, on that as well."""
+    on served traffic too, on that as well (on ``traffic_monitor``, ``monitor`` by default)."""
     if best is None:
         return True
-    if "traffic" in metrics and "traffic" in best and not _improved(metrics["traffic"], best["traffic"], monitor,
-                                                                    ties=ties):
+    if "traffic" in metrics and "traffic" in best and not _improved(metrics["traffic"], best["traffic"],
+                                                                    traffic_monitor or monitor, ties=ties):
         return False
-    new, old = (-metrics["loss"], -best["loss"]) if monitor == "loss" else (metrics["accuracy"], best["accuracy"])
+    key, sign = {"loss": ("loss", -1), "accuracy": ("accuracy", 1), "mae": ("mae_tokens", -1)}[monitor]
+    new, old = sign * metrics[key], sign * best[key]
     return new >= old if ties else new > old
 
 

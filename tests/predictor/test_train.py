@@ -12,7 +12,7 @@ from predictor_train.checkpoint import PREDICTOR_FILE, compute_checkpoint_id, re
 from core.distributed import disable_shm_comm, setup_single_process_env
 from predictor_train.evaluate import evaluate_checkpoint
 from predictor_train.inference import LengthPredictor
-from predictor_train.train import TrainConfig, build_deepspeed_config, make_buckets, train_predictor
+from predictor_train.train import TrainConfig, _improved, build_deepspeed_config, make_buckets, train_predictor
 
 from .conftest import TARGET_MODEL, tiny_config
 from .synthetic import NUM_BUCKETS
@@ -21,7 +21,7 @@ from .synthetic import NUM_BUCKETS
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=-1.0), dict(bucket_scheme="log"), dict(wandb_mode="on"),
                                  dict(max_tokens=5, num_buckets=10), dict(monitor="f1"), dict(loss="mse"),
                                  dict(label_sigma=0.0), dict(feedback_holdout=1.0), dict(replay_ratio=-1.0),
-                                 dict(prompt_truncation="middle")])
+                                 dict(prompt_truncation="middle"), dict(traffic_monitor="f1")])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
@@ -167,6 +167,17 @@ def test_early_stopping_with_patience(tmp_path, dataset):
     config = tiny_config(tmp_path, epochs=5, lr=1e-12, patience=1, monitor="accuracy")
     result = train_predictor(config, dataset, target_model=TARGET_MODEL, progress=False)
     assert len(result.history) == 2 and result.best_epoch == 1
+
+
+def test_an_epoch_must_match_the_best_on_validation_and_on_served_traffic_each_by_its_own_metric():
+    best = {"loss": 1.0, "accuracy": 0.5, "mae_tokens": 50.0, "traffic": {"loss": 2.0, "accuracy": 0.2, "mae_tokens": 100.0}}
+    sharper = {"loss": 0.9, "accuracy": 0.5, "mae_tokens": 60.0, "traffic": {"loss": 1.9, "accuracy": 0.3, "mae_tokens": 90.0}}
+    assert _improved(sharper, best, "loss", ties=False) and not _improved(sharper, best, "mae", ties=True)
+    assert _improved(sharper, best, "accuracy", ties=True) and not _improved(sharper, best, "accuracy", ties=False)
+    further = {**sharper, "traffic": {"loss": 1.9, "accuracy": 0.3, "mae_tokens": 120.0}}  # more right, further off
+    assert _improved(further, best, "loss", ties=False, traffic_monitor="accuracy")
+    assert not _improved(further, best, "loss", ties=False, traffic_monitor="mae")
+    assert _improved(best, None, "mae", ties=False)
 
 
 def test_too_little_data_is_refused(tmp_path, records):
