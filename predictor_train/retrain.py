@@ -39,13 +39,7 @@ from predictor_train.data import Examples, check_columns, load_records, sources_
 from predictor_train.evaluate import EvalReport, evaluate_rows, format_table
 from predictor_train.inference import LengthPredictor
 from predictor_train.train import TrainConfig, TrainResult, fit, training_splits
-
-MIN_TRAFFIC_SAMPLE = 20
-"""The traffic guard needs at least this many sampled well-predicted records, and an effective sample size
-(`effective_size`) of at least this. The mispredicted records alone judge nothing (a round that learns them scores
-better on them whatever it does to the rest), and on 200 served prompts with 1-6 sampled records (rate 0.1) the
-guard refused three rounds that took their new kind from 38% to 49%, 54% to 68% and 43% to 60% within one, each
-because it got one of them wrong (docs/predictor.md)."""
+from serve.feedback import MIN_TRAFFIC_SAMPLE
 
 
 @dataclasses.dataclass(frozen=True)
