@@ -33,13 +33,13 @@ from pathlib import Path
 
 import datasets
 
+from core.feedback import MIN_TRAFFIC_SAMPLE
 from predictor_train.backbone import load_classifier
 from predictor_train.checkpoint import CheckpointInfo, describe_buckets, read_info
 from predictor_train.data import Examples, check_columns, load_records, sources_of, split_of, split_records
 from predictor_train.evaluate import EvalReport, evaluate_rows, format_table
 from predictor_train.inference import LengthPredictor
 from predictor_train.train import TrainConfig, TrainResult, fit, training_splits
-from serve.feedback import MIN_TRAFFIC_SAMPLE
 
 
 @dataclasses.dataclass(frozen=True)

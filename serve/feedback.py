@@ -31,6 +31,7 @@ import time
 from typing import Iterator
 
 from core.buckets import BucketSpec
+from core.feedback import MIN_TRAFFIC_SAMPLE
 from core.request import Request
 
 
@@ -64,15 +65,6 @@ def in_sample(request_id: str, rate: float) -> bool:
         return False
     digest = hashlib.blake2b(request_id.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") < rate * 2**64
-
-
-MIN_TRAFFIC_SAMPLE = 20
-"""Retraining judges a round on the store's sample of the traffic only with at least this many sampled
-well-predicted records among the held-out ones, and an effective sample size (`predictor_train.retrain`'s
-``effective_size``) of at least this. The mispredicted records alone judge nothing (a round that learns them scores
-better on them whatever it does to the rest), and on 200 served prompts with 1-6 sampled records (rate 0.1) the
-guard refused three rounds that took their new kind from 38% to 49%, 54% to 68% and 43% to 60% within one, each
-because it got one of them wrong (docs/predictor.md)."""
 
 
 def traffic_weight(record: dict) -> float:
