@@ -6,20 +6,23 @@ feedback does for that kind, and which feedback to record.
         --sources gsm8k_train,gpteacher_toolformer --num-served 200 --output-dir runs/new_source
     # the store a server with feedback_sample_rate 0.1 writes, and the round judged on it too:
     #   --feedback sampled --sample-rate 0.1 --output-dir runs/new_source_judge
+    # another round on fresh traffic (the next 200 rows), every round shipped so that each can be scored:
+    #   --served-offset 200 --retrain-set keep_parent_unless_matched=false
 
-Per held-out source S: the leave-one-source-out predictor (trained without S as
-`benchmarks/leave_one_source_out.py` does, reused from ``--loso-dir`` when its settings match), then S's first
-``--num-served`` train-split rows (prompt-hash order, after the first ``--served-offset``) served as new traffic, and the feedback a server would record
-from them. ``under``: the requests that wrote past their predicted bucket (what `s3 serve` recorded until
+Per held-out source S: the leave-one-source-out predictor (trained without S as `benchmarks/leave_one_source_out.py`
+does, reused from ``--loso-dir`` when its settings match), then S's first ``--num-served`` train-split rows
+(prompt-hash order, after the first ``--served-offset``) served as new traffic, and the feedback a server would
+record from them. ``under``: the requests that wrote past their predicted bucket (what `s3 serve` recorded until
 2026-12-06); ``both``: those and the ones that ended in a bucket below the predicted one (what it records now);
 ``all``: every served request, all trained on; ``sampled``: what a server with ``feedback_sample_rate``
-``--sample-rate`` records, ``both`` and that share of the well-predicted requests, weighted back into a sample of the
-traffic. One retraining round per kind of feedback (the config plus ``--retrain-set`` overrides, S still excluded,
-so the replay holds no row of S and the validation gate judges the other sources only; all feedback trained on,
-except for ``sampled``, whose round holds records out as `s3 train` does and is judged on them too),
-scored before and after on S's test rows (never trained on) and on the other sources' test rows (what the
-round costs them). Prints a table and writes ``<output-dir>/new_source.json`` (a ``results`` list, one record
-per source and kind of feedback).
+``--sample-rate`` records, ``both`` and that share of the well-predicted requests, weighted back into a sample of
+the traffic. One retraining round per kind of feedback (the config plus ``--retrain-set`` overrides, S still
+excluded, so the replay holds no row of S and the validation gate judges the other sources only; all feedback
+trained on, except for ``sampled``, whose round holds records out as `s3 train` does and is judged on them too),
+scored before and after on S's test rows (never trained on) and on the other sources' test rows (what the round
+costs them). Prints a table and writes ``<output-dir>/new_source.json`` (a ``results`` list, one record per source
+and kind of feedback; for ``sampled``, the parent and the round scored on the traffic sample too, beside the test
+rows, on each metric a guard could compare: `JUDGED`).
 """
 
 from __future__ import annotations
@@ -136,8 +139,9 @@ def round_record(source: str, kind: str, *, num_served: int, feedback, kept_pare
 
 def judge_markdown(records: list[dict]) -> str:
     """Per sampled round: each metric on the traffic sample and on the test rows, parent -> round."""
-    lines = ["| held-out source | sampled (records, effective size) | "
-             + " | ".join(f"{key}: sample / test rows" for key in JUDGED) + " |", "| --- |" + " ---: |" * (1 + len(JUDGED))]
+    header = " | ".join(f"{key}: sample / test rows" for key in JUDGED)
+    lines = [f"| held-out source | sampled (records, effective size) | {header} |",
+             "| --- |" + " ---: |" * (1 + len(JUDGED))]
     for r in records:
         sample, new = r.get("traffic_sample"), r["new_source"]
         if not sample or "round" not in sample:

@@ -124,7 +124,8 @@ class TrainConfig:
         if self.max_train_rows_per_source < 0 or self.replay_ratio < 0 or not 0 <= self.feedback_holdout < 1:
             raise ValueError("max_train_rows_per_source and replay_ratio must be >= 0, feedback_holdout in [0, 1)")
         for name, choices in (("bucket_scheme", BucketScheme), ("wandb_mode", WandbMode), ("monitor", Monitor),
-                              ("traffic_monitor", Monitor), ("loss", LossKind), ("prompt_truncation", PromptTruncation)):
+                              ("traffic_monitor", Monitor), ("loss", LossKind),
+                              ("prompt_truncation", PromptTruncation)):
             if getattr(self, name) not in get_args(choices):
                 raise ValueError(f"{name} must be one of {get_args(choices)}, got {getattr(self, name)!r}")
         if self.max_tokens < self.num_buckets:

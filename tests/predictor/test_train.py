@@ -170,8 +170,10 @@ def test_early_stopping_with_patience(tmp_path, dataset):
 
 
 def test_an_epoch_must_match_the_best_on_validation_and_on_served_traffic_each_by_its_own_metric():
-    best = {"loss": 1.0, "accuracy": 0.5, "mae_tokens": 50.0, "traffic": {"loss": 2.0, "accuracy": 0.2, "mae_tokens": 100.0}}
-    sharper = {"loss": 0.9, "accuracy": 0.5, "mae_tokens": 60.0, "traffic": {"loss": 1.9, "accuracy": 0.3, "mae_tokens": 90.0}}
+    best = {"loss": 1.0, "accuracy": 0.5, "mae_tokens": 50.0,
+            "traffic": {"loss": 2.0, "accuracy": 0.2, "mae_tokens": 100.0}}
+    sharper = {"loss": 0.9, "accuracy": 0.5, "mae_tokens": 60.0,
+               "traffic": {"loss": 1.9, "accuracy": 0.3, "mae_tokens": 90.0}}
     assert _improved(sharper, best, "loss", ties=False) and not _improved(sharper, best, "mae", ties=True)
     assert _improved(sharper, best, "accuracy", ties=True) and not _improved(sharper, best, "accuracy", ties=False)
     further = {**sharper, "traffic": {"loss": 1.9, "accuracy": 0.3, "mae_tokens": 120.0}}  # more right, further off
