@@ -18,8 +18,8 @@ def _pct(x: float) -> str:
 
 
 def _retrain_rows(retrain: dict) -> list[list[str]]:
-    """The feedback rows: the served prompts retraining learned from (the mispredicted ones and a sample of the
-    others) are its training examples; those held out of it (feedback_holdout) are not."""
+    """The feedback rows: the mispredicted prompts retraining learned from are its training examples; those held
+    out of it (feedback_holdout, and every sampled well-predicted one, predictor_train/retrain.py) are not."""
     before, after = retrain.get("before", {}), retrain.get("after", {})
     rows = []
     if "kept_parent_weights" in retrain:  # the guard: a retrained epoch must match them (predictor_train/retrain.py)

@@ -289,7 +289,8 @@ def _log_epoch(run, record: dict[str, Any]) -> None:
     """Logs one epoch's record; epoch 0 (the starting weights, retraining) has no training loss."""
     trained = "" if record["train_loss"] is None else f"train loss {record['train_loss']:.4f}, "
     traffic = record.get("traffic")
-    served = "" if traffic is None else f", served traffic loss {traffic['loss']:.4f}, acc {traffic['accuracy']:.3f}"
+    served = "" if traffic is None else (f", served traffic loss {traffic['loss']:.4f}, acc {traffic['accuracy']:.3f}, "
+                                         f"MAE {traffic['mae_tokens']:.1f}")
     log.info("epoch %d: %sval loss %.4f, val acc %.3f%s", record["epoch"], trained, record["loss"],
              record["accuracy"], served)
     if run is not None:

@@ -306,7 +306,8 @@ def _sample_line(summary: dict) -> str:
     if not summary["estimated_served"]:
         return (f"no sample of the well-predicted requests (sample rate {rates}): retraining cannot judge a round "
                 "on this traffic")
-    judges = ("retraining judges a round on them too" if summary["num_sampled"] >= MIN_TRAFFIC_SAMPLE else
+    judges = (f"enough for retraining to judge a round on them too, if their effective sample size is also at least "
+              f"{MIN_TRAFFIC_SAMPLE} (s3 train --feedback says)" if summary["num_sampled"] >= MIN_TRAFFIC_SAMPLE else
               f"too few for retraining to judge a round on (it takes {MIN_TRAFFIC_SAMPLE})")
     return (f"{summary['num_sampled']} of the records are well-predicted requests sampled at rate {rates}; they "
             f"stand for about {summary['estimated_served']} served requests; {judges}")

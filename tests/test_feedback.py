@@ -89,7 +89,8 @@ def test_the_log_samples_well_predicted_requests_and_weights_them_back(tmp_path)
     assert summary["num_sampled"] == len(chosen) and summary["estimated_served"] == 1 + 4 * len(chosen)
     assert f"{len(chosen)} of the records are well-predicted requests sampled at rate 0.25" in format_summary(summary)
     assert "too few for retraining to judge a round on (it takes 20)" in format_summary(summary)
-    assert "retraining judges a round on them too" in format_summary({**summary, "num_sampled": 20})
+    assert "enough for retraining to judge a round on them too, if their effective sample size is also at least 20" \
+        in format_summary({**summary, "num_sampled": 20})
     assert traffic_weight({"sampled": False}) == 0.0  # a store from before sampling is no sample of its traffic
     assert [in_sample("x", rate) for rate in (0.0, 1.0)] == [False, True]
     with pytest.raises(ValueError, match="sample_rate"):
