@@ -42,6 +42,11 @@ class LengthPrediction:
     """Probability of each bucket, when the predictor gives them (enables quantile reservations)."""
     num_tokens: int | None = None
     """An exact length, when known (the oracle); the `oracle` policy reserves exactly this."""
+    familiarity: float | None = None
+    """How much the prompt resembles the predictor's training prompts (mean cosine similarity to the most similar
+    few, predictor_train/familiarity.py); None when the predictor cannot tell."""
+    unfamiliar: bool | None = None
+    """Whether ``familiarity`` is below the predictor's threshold: a kind of prompt it was not trained on."""
 
 
 @dataclasses.dataclass

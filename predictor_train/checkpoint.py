@@ -19,6 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from core.buckets import BucketSpec
 
 PREDICTOR_FILE = "predictor.json"
+FAMILIARITY_FILE = "familiarity.safetensors"
+"""Embeddings of a sample of the training prompts (predictor_train/familiarity.py); optional."""
 FORMAT_VERSION = 1
 
 
@@ -56,6 +58,10 @@ class CheckpointInfo:
     length_shape: list[list[float]] | None = None
     """Where the training lengths fall inside each bucket (`core.buckets.within_bucket_shape`); the `s3` policy
     spreads each bucket's probability by it. None (older checkpoints): uniform."""
+    familiarity: dict[str, Any] | None = None
+    """How a prompt's familiarity is scored and when it counts as unfamiliar (``k``, ``threshold``, ``quantile``,
+    ``bank_size``; predictor_train/familiarity.py), with the training prompts' embeddings in ``FAMILIARITY_FILE``.
+    None: the checkpoint keeps no record of its training prompts (older ones, or ``familiarity_bank_size: 0``)."""
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -93,6 +99,7 @@ def save_checkpoint(folder: str | Path, model: PreTrainedModel, tokenizer: PreTr
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / PREDICTOR_FILE).unlink(missing_ok=True)  # a half-written folder must not look complete
+    (folder / FAMILIARITY_FILE).unlink(missing_ok=True)  # an earlier run's, which these weights did not embed
     # Weights go out in fp32 whatever the training precision, so CPU inference loads them as they are.
     state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
              for k, v in model.state_dict().items()}

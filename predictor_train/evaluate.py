@@ -133,6 +133,9 @@ class EvalReport:
     """NLL, ECE and coverage per probability source (empty when the predictor gives no probabilities)."""
     reliability_png: Path | None = None
     """Where the reliability diagram was saved."""
+    by_familiarity: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    """The predictor's arg-max metrics on the ``familiar`` and ``unfamiliar`` rows (predictor_train/familiarity.py),
+    each with ``share`` of the rows; empty when the checkpoint keeps no training-prompt embeddings."""
 
 
 def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | Path | None = None,
@@ -218,9 +221,28 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
         png = plot_confusion(matrix, spec, Path(out_dir) / "confusion_matrix.png", title=label)
         if curves:
             reliability_png = plot_reliability(curves, Path(out_dir) / "reliability.png", title=label)
-    table = _report_table(metrics, per_source, probabilities)
+    by_familiarity = familiarity_metrics(predictor, prompts, lengths, predicted, batch_size=batch_size)
+    table = _report_table(metrics, per_source, probabilities, by_familiarity)
     return EvalReport(metrics=metrics, table=table, confusion=matrix, confusion_png=png, per_source=per_source,
-                      probabilities=probabilities, reliability_png=reliability_png)
+                      probabilities=probabilities, reliability_png=reliability_png, by_familiarity=by_familiarity)
+
+
+def familiarity_metrics(predictor, prompts: list[str], lengths: list[int], predicted: list[int], *,
+                        batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """The predictor's metrics on the prompts it finds familiar and on those it does not (with each group's share
+    of the rows); empty for a predictor that cannot tell."""
+    scores = predictor.familiarity_scores(prompts, batch_size=batch_size) \
+        if hasattr(predictor, "familiarity_scores") else None
+    if scores is None:
+        return {}
+    unfamiliar = predictor.familiarity.unfamiliar(scores).tolist()
+    out = {}
+    for name, flag in (("familiar", False), ("unfamiliar", True)):
+        idx = [i for i, u in enumerate(unfamiliar) if u == flag]
+        if idx:
+            out[name] = {"share": len(idx) / len(prompts),
+                         **bucket_metrics([lengths[i] for i in idx], [predicted[i] for i in idx], predictor.buckets)}
+    return out
 
 
 def per_source_metrics(rows, lengths: list[int], methods: dict[str, list[int]], spec: BucketSpec) -> dict:
@@ -234,7 +256,7 @@ def per_source_metrics(rows, lengths: list[int], methods: dict[str, list[int]], 
     return out
 
 
-def _report_table(metrics: dict, per_source: dict, probabilities: dict) -> str:
+def _report_table(metrics: dict, per_source: dict, probabilities: dict, by_familiarity: dict) -> str:
     blocks = [format_table(metrics)]
     if len(per_source) > 1:
         predictor_rows = {s: m["predictor"] for s, m in per_source.items()}
@@ -246,6 +268,8 @@ def _report_table(metrics: dict, per_source: dict, probabilities: dict) -> str:
         blocks.append("\n".join(lines))
     if probabilities:
         blocks.append(format_probability_table(probabilities))
+    if by_familiarity:
+        blocks.append(format_table(by_familiarity, first="predictor by familiarity"))
     return "\n\n".join(blocks)
 
 

@@ -13,6 +13,7 @@ from predictor_train.backbone import model_input_names
 from core.buckets import BucketSpec
 from predictor_train.checkpoint import CheckpointInfo, describe_buckets, read_info
 from predictor_train.data import encode
+from predictor_train.familiarity import Familiarity, mean_pooled
 from core.request import LengthPrediction  # pure Python: the serving side owns the type
 
 BENCHMARK_PROMPTS = (
@@ -30,7 +31,8 @@ BENCHMARK_PROMPTS = (
 class LengthPredictor:
     """A trained bucket classifier with the checkpoint facts that serving must agree with."""
 
-    def __init__(self, model, tokenizer, info: CheckpointInfo, *, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model, tokenizer, info: CheckpointInfo, *, device: str | torch.device = "cpu",
+                 familiarity: Familiarity | None = None) -> None:
         num_labels = model.config.num_labels
         assert num_labels == info.buckets.num_buckets, (num_labels, info.buckets)
         self.model = model.to(device).eval()
@@ -40,6 +42,8 @@ class LengthPredictor:
         self.max_prompt_tokens = int(info.train_config.get("max_prompt_tokens", 256))
         self.prompt_truncation = info.train_config.get("prompt_truncation", "head")
         self.input_names = model_input_names(model)
+        self.familiarity = familiarity
+        """The training prompts' embeddings and the unfamiliar threshold (None: the checkpoint keeps none)."""
 
     @property
     def buckets(self) -> BucketSpec:
@@ -85,37 +89,74 @@ class LengthPredictor:
             checkpoint_dir, dtype=torch.float32, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True)
-        return cls(model, tokenizer, info, device=device)
+        return cls(model, tokenizer, info, device=device, familiarity=Familiarity.load(checkpoint_dir, info))
 
     @torch.inference_mode()
-    def predict_logits(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
-        """Raw bucket logits (before the temperature), ``(len(prompts), num_buckets)``, on the CPU."""
-        logits = torch.empty(len(prompts), self.buckets.num_buckets)
-        # Longest first, so each batch pads to similar lengths; results go back to the input order.
+    def _passes(self, prompts: Sequence[str], batch_size: int, *, logits: bool = True, embed: bool = False):
+        """Yields ``(rows, logits, embeddings)`` per batch (None for what was not asked), longest prompts first, so
+        each batch pads to similar lengths; ``rows`` are the batch's indices into ``prompts``."""
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = encode(self.tokenizer, [prompts[i] for i in rows], max_prompt_tokens=self.max_prompt_tokens,
                            input_names=self.input_names, truncation=self.prompt_truncation)
-            logits[rows] = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float().cpu()
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out = self.model(**batch, output_hidden_states=embed)
+            pooled = mean_pooled(out.hidden_states[-1], batch["attention_mask"]).cpu() if embed else None
+            yield rows, out.logits.float().cpu() if logits else None, pooled
+
+    def predict_logits(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
+        """Raw bucket logits (before the temperature), ``(len(prompts), num_buckets)``, on the CPU."""
+        logits = torch.empty(len(prompts), self.buckets.num_buckets)
+        for rows, batch_logits, _ in self._passes(prompts, batch_size):
+            logits[rows] = batch_logits
         return logits
+
+    def embed(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
+        """The encoder's view of each prompt (predictor_train/familiarity.py), ``(len(prompts), hidden_size)``."""
+        out = torch.empty(len(prompts), self.model.config.hidden_size)
+        for rows, _, pooled in self._passes(prompts, batch_size, logits=False, embed=True):
+            out[rows] = pooled
+        return out
 
     def predict_probs(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
         """Calibrated bucket probabilities, ``softmax(logits / temperature)``, ``(len(prompts), num_buckets)``."""
         return (self.predict_logits(prompts, batch_size=batch_size) / self.temperature).softmax(dim=-1)
 
+    def familiarity_scores(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor | None:
+        """Each prompt's familiarity (None when the checkpoint keeps no training-prompt embeddings)."""
+        if self.familiarity is None:
+            return None
+        return self.familiarity.scores(self.embed(prompts, batch_size=batch_size))
+
+    def _probs_and_familiarity(self, prompts: Sequence[str], batch_size: int):
+        """Calibrated probabilities and familiarity scores (or None) from one pass over the prompts."""
+        embed = self.familiarity is not None
+        logits = torch.empty(len(prompts), self.buckets.num_buckets)
+        pooled = torch.empty(len(prompts), self.model.config.hidden_size) if embed else None
+        for rows, batch_logits, batch_pooled in self._passes(prompts, batch_size, embed=embed):
+            logits[rows] = batch_logits
+            if embed:
+                pooled[rows] = batch_pooled
+        scores = self.familiarity.scores(pooled) if embed else None
+        return (logits / self.temperature).softmax(dim=-1), scores
+
     def predict(self, prompts: Sequence[str], *, batch_size: int = 32,
                 quantile: float | None = None) -> list[LengthPrediction]:
         """One prediction per prompt: the arg-max bucket, or with ``quantile`` the smallest bucket whose cumulative
-        probability reaches it (e.g. 0.9 reserves more and under-predicts less)."""
+        probability reaches it (e.g. 0.9 reserves more and under-predicts less); with the prompt's familiarity when
+        the checkpoint keeps its training prompts' embeddings."""
         if not prompts:
             return []
+        probs, scores = self._probs_and_familiarity(prompts, batch_size)
         out = []
-        for row in self.predict_probs(prompts, batch_size=batch_size).tolist():
+        for i, row in enumerate(probs.tolist()):
             bucket = max(range(len(row)), key=row.__getitem__) if quantile is None else \
                 self.buckets.quantile_bucket(row, quantile)
+            familiar = {} if scores is None else {
+                "familiarity": float(scores[i]), "unfamiliar": bool(scores[i] < self.familiarity.threshold)}
             # num_tokens stays None: it means an exact length (the oracle's); the reservation comes from the bucket.
-            out.append(LengthPrediction(bucket=bucket, probs=tuple(row), num_tokens=None))
+            out.append(LengthPrediction(bucket=bucket, probs=tuple(row), num_tokens=None, **familiar))
         return out
 
     def benchmark_latency(self, batch_sizes: Sequence[int] = (1, 32), *, num_prompts: int = 32,

@@ -77,6 +77,12 @@ class TrainConfig:
     """``rps``: weight of the ranked probability score next to the cross-entropy."""
     calibrate: bool = True
     """After training, fit a softmax temperature on the validation split and store it in the checkpoint."""
+    familiarity_bank_size: int = 2048
+    """After training, keep the embeddings of this many training prompts (a sample) in the checkpoint, so serving
+    can tell prompts unlike any of them (predictor_train/familiarity.py; 3 MB at MiniLM's 384 dimensions); 0 keeps
+    none."""
+    familiarity_quantile: float = 0.05
+    """The share of validation prompts that counts as unfamiliar: the threshold is their score at this quantile."""
     exclude_sources: tuple[str, ...] = ()
     """Sources left out of the train and validation splits (leave-one-source-out); the test split keeps them."""
     max_train_rows_per_source: int = 0
@@ -121,8 +127,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or self.class_weight_smoothing <= 0 or self.label_sigma <= 0:
             raise ValueError("lr, class_weight_smoothing and label_sigma must be positive")
-        if self.max_train_rows_per_source < 0 or self.replay_ratio < 0 or not 0 <= self.feedback_holdout < 1:
-            raise ValueError("max_train_rows_per_source and replay_ratio must be >= 0, feedback_holdout in [0, 1)")
+        if min(self.max_train_rows_per_source, self.replay_ratio, self.familiarity_bank_size) < 0 \
+                or not 0 <= self.feedback_holdout < 1 or not 0 < self.familiarity_quantile < 1:
+            raise ValueError("max_train_rows_per_source, replay_ratio and familiarity_bank_size must be >= 0, "
+                             "feedback_holdout in [0, 1), familiarity_quantile in (0, 1)")
         for name, choices in (("bucket_scheme", BucketScheme), ("wandb_mode", WandbMode), ("monitor", Monitor),
                               ("traffic_monitor", Monitor), ("loss", LossKind),
                               ("prompt_truncation", PromptTruncation)):
@@ -270,6 +278,16 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
                                     batch_size=2 * config.batch_size)
         log.info("temperature %.3f: validation ECE %.3f -> %.3f", info.temperature,
                  info.metrics["ece_uncalibrated"], info.metrics["ece_calibrated"])
+    if is_main and config.familiarity_bank_size:
+        from predictor_train.familiarity import build_familiarity
+        from predictor_train.inference import LengthPredictor
+
+        info = build_familiarity(LengthPredictor.load(config.output_dir), config.output_dir, train.prompts,
+                                 validation.prompts, bank_size=config.familiarity_bank_size,
+                                 quantile=config.familiarity_quantile, seed=config.seed,
+                                 batch_size=2 * config.batch_size)
+        log.info("familiarity: %d training prompts kept; below %.3f a prompt is unfamiliar (%.0f%% of validation)",
+                 info.familiarity["bank_size"], info.familiarity["threshold"], 100 * config.familiarity_quantile)
     info = _checkpoint_info_on_all_ranks(info, config.output_dir)
     return TrainResult(checkpoint_dir=Path(config.output_dir), info=info, best_epoch=best_epoch, history=history)
 

@@ -95,6 +95,8 @@ def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str
         "predicted_bucket": predicted,
         "true_bucket": buckets.bucket_of(request.num_output_tokens),
         "probs": list(prediction.probs) if prediction and prediction.probs else None,
+        "familiarity": prediction.familiarity if prediction else None,
+        "unfamiliar": prediction.unfamiliar if prediction else None,
         "num_mispredictions": len(request.mispredictions),
         "num_preemptions": request.num_preemptions,
         "checkpoint_id": checkpoint_id,
@@ -256,8 +258,9 @@ def summarize_store(directory: str | pathlib.Path) -> dict:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Counts by predicted and true bucket, the under- / over-prediction counts, and how many served requests the
-    sampled records stand for (``estimated_served``, from the records a sampling server wrote; 0 when none did)."""
+    """Counts by predicted and true bucket, the under- / over-prediction counts, how many served requests the
+    sampled records stand for (``estimated_served``, from the records a sampling server wrote; 0 when none did),
+    and how many were unfamiliar to their predictor (with the share of the traffic served, when it can be told)."""
     known = [r for r in records if r.get("predicted_bucket") is not None]
     under = sum(r["predicted_bucket"] < r["true_bucket"] for r in known)
     over = sum(r["predicted_bucket"] > r["true_bucket"] for r in known)
@@ -275,7 +278,20 @@ def summarize(records: list[dict]) -> dict:
         "by_true_bucket": dict(sorted(collections.Counter(r["true_bucket"] for r in records).items())),
         "num_preemptions": sum(r.get("num_preemptions", 0) for r in records),
         "checkpoints": sorted({str(r.get("checkpoint_id")) for r in records}),
+        "num_unfamiliar": sum(bool(r.get("unfamiliar")) for r in records),
+        "num_with_familiarity": sum(r.get("unfamiliar") is not None for r in records),
+        "unfamiliar_traffic_share": unfamiliar_share(records),
     }
+
+
+def unfamiliar_share(records: list[dict]) -> float | None:
+    """The share of the traffic served that was unfamiliar to its predictor (predictor_train/familiarity.py),
+    estimated from the records weighted back (`traffic_weight`); None without sampled records that carry a
+    familiarity (the mispredicted ones alone are no sample: they are unfamiliar more often)."""
+    scored = [r for r in records if r.get("unfamiliar") is not None and traffic_weight(r) > 0]
+    if not any(r.get("sampled") for r in scored):
+        return None
+    return sum(traffic_weight(r) for r in scored if r["unfamiliar"]) / sum(traffic_weight(r) for r in scored)
 
 
 def format_summary(summary: dict) -> str:
@@ -288,6 +304,7 @@ def format_summary(summary: dict) -> str:
         f"over-predicted {summary['over_predicted']} ({summary['over_predicted'] / n:.1%}), "
         f"exact {summary['exact']}; preemptions {summary['num_preemptions']}",
         _sample_line(summary),
+        *_familiarity_line(summary),
         "",
         "bucket  predicted  true",
     ]
@@ -311,3 +328,16 @@ def _sample_line(summary: dict) -> str:
               f"too few for retraining to judge a round on (it takes {MIN_TRAFFIC_SAMPLE})")
     return (f"{summary['num_sampled']} of the records are well-predicted requests sampled at rate {rates}; they "
             f"stand for about {summary['estimated_served']} served requests; {judges}")
+
+
+def _familiarity_line(summary: dict) -> list[str]:
+    """How much of the traffic was unlike the predictor's training prompts (no line for older records)."""
+    if not summary.get("num_with_familiarity"):
+        return []
+    line = (f"{summary['num_unfamiliar']} of {summary['num_with_familiarity']} records scored were unfamiliar to "
+            "their predictor (unlike its training prompts)")
+    share = summary.get("unfamiliar_traffic_share")
+    if share is not None:
+        line += (f"; weighted back, about {share:.0%} of the traffic served (a predictor's own validation prompts: "
+                 "its familiarity_quantile, 5% by default; far above that, the traffic has drifted: retrain on it)")
+    return [line]

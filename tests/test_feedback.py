@@ -97,6 +97,34 @@ def test_the_log_samples_well_predicted_requests_and_weights_them_back(tmp_path)
         FeedbackLog(FeedbackWriter(tmp_path), sched.policy.buckets, "ckpt", sample_rate=1.5)
 
 
+def test_records_carry_familiarity_and_the_summary_weights_the_unfamiliar_share_back():
+    """A predictor that keeps its training prompts' embeddings scores each prompt's familiarity; the record keeps
+    it, and the summary estimates the unfamiliar share of the traffic from the sampled records weighted back."""
+    import dataclasses
+
+    from core.request import LengthPrediction
+    from tests.fakes import BUCKETS
+
+    request = make_request("a", bucket=0)
+    request.prediction = dataclasses.replace(request.prediction, familiarity=0.42, unfamiliar=True)
+    record = feedback_record(request, BUCKETS, checkpoint_id="ckpt")
+    assert (record["familiarity"], record["unfamiliar"]) == (0.42, True)
+    assert LengthPrediction(bucket=0).familiarity is None  # a predictor that cannot tell
+    sampled = dict(sample_rate=0.1, sampled=True)
+    records = [_record("miss", unfamiliar=True, sample_rate=0.1),  # stands for itself: weight 1
+               _record("hit1", unfamiliar=True, **sampled), _record("hit2", unfamiliar=False, **sampled),
+               _record("hit3", unfamiliar=False, **sampled), _record("old", sample_rate=0.1)]
+    summary = summarize(records)
+    assert (summary["num_unfamiliar"], summary["num_with_familiarity"]) == (2, 4)
+    assert summary["unfamiliar_traffic_share"] == pytest.approx(11 / 31)
+    assert "2 of 4 records scored were unfamiliar" in format_summary(summary)
+    assert "about 35% of the traffic served" in format_summary(summary)
+    mispredicted_only = summarize(records[:1])
+    assert mispredicted_only["unfamiliar_traffic_share"] is None  # no sample: they are no picture of the traffic
+    assert "of the traffic served" not in format_summary(mispredicted_only)
+    assert "unfamiliar" not in format_summary(summarize(records[-1:]))  # records from before familiarity
+
+
 def test_rotation_and_summary(tmp_path):
     with FeedbackWriter(tmp_path, sync_every=3, max_segment_bytes=300) as writer:
         for i in range(20):

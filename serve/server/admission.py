@@ -146,6 +146,7 @@ class Classifier:
         if self.metrics is not None:
             self.metrics.predictor_batch_seconds.observe(time.perf_counter() - start)
             self.metrics.predictor_batch_size.observe(len(prompts))
+            self.metrics.observe_predictions(predictions)
         return predictions
 
 

@@ -79,9 +79,24 @@ class ServerMetrics:
                                               buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.predictor_errors = Counter("s3_predictor_errors", "Predictor batches that failed (admitted at the "
                                         "worst case instead).", registry=r)
+        self.prompt_familiarity = Histogram(
+            "s3_prompt_familiarity", "How much each prompt resembles the predictor's training prompts (mean cosine "
+            "similarity to the nearest few; checkpoints that keep their training prompts' embeddings).",
+            buckets=(0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0), registry=r)
+        self.unfamiliar_prompts = Counter(
+            "s3_unfamiliar_prompts", "Prompts below the predictor's familiarity threshold, under which it put a "
+            "share of its validation prompts (familiarity_quantile, 5% by default): a share of "
+            "s3_prompt_familiarity_count well above that is traffic unlike what it was trained on.", registry=r)
         info = Gauge("s3_admission_info", "The admission policy and predictor checkpoint in use.",
                      ["policy", "checkpoint_id"], registry=r)
         info.labels(policy=policy, checkpoint_id=checkpoint_id or "").set(1)
+
+    def observe_predictions(self, predictions) -> None:
+        """Familiarity of a classified batch (`core.request.LengthPrediction`s; None for a prompt not classified)."""
+        for prediction in predictions:
+            if prediction is not None and prediction.familiarity is not None:
+                self.prompt_familiarity.observe(prediction.familiarity)
+                self.unfamiliar_prompts.inc(int(bool(prediction.unfamiliar)))
 
     def track_in_flight(self, fn: Callable[[], int]) -> None:
         self._in_flight = fn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -14,7 +15,7 @@ from serve.policies import PolicyConfig
 from core.request import LengthPrediction
 from serve.feedback import FeedbackLog
 from serve.server.admission import AdmissionController, Classifier
-from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, Sink
+from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, EngineSnapshot, Sink
 from serve.server.metrics import ServerMetrics
 from serve.server.launch import build_stack
 from tests.engine.engine_driver import tiny_llama
@@ -255,3 +256,21 @@ def test_a_cpu_server_classifies_in_the_engine_thread_unless_told_otherwise(tmp_
     threaded = predictor_thread is True
     assert (stack.controller is not None) is threaded
     assert (stack.engine_loop.classify is not None) is not threaded
+
+
+def test_the_classifier_counts_unfamiliar_prompts_in_the_metrics():
+    """A predictor that scores familiarity (predictor_train/familiarity.py) feeds /metrics: every scored prompt in
+    s3_prompt_familiarity, those below its threshold in s3_unfamiliar_prompts."""
+
+    class Familiar(FakePredictor):
+        def predict(self, prompts):
+            return [dataclasses.replace(p, familiarity=score, unfamiliar=score < 0.5)
+                    for p, score in zip(super().predict(prompts), (0.9, 0.3, 0.8))]
+
+    metrics = ServerMetrics(EngineSnapshot, policy="s3")  # an idle engine's snapshot
+    predictions = Classifier(Familiar(), metrics)(["a", "b", "c"])
+    assert [p.unfamiliar for p in predictions] == [False, True, False]
+    value = metrics.registry.get_sample_value
+    assert (value("s3_prompt_familiarity_count"), value("s3_unfamiliar_prompts_total")) == (3.0, 1.0)
+    Classifier(FakePredictor(), metrics)(["d"])  # a predictor that cannot tell counts in neither
+    assert (value("s3_prompt_familiarity_count"), value("s3_unfamiliar_prompts_total")) == (3.0, 1.0)
