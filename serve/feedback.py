@@ -334,10 +334,10 @@ def _familiarity_line(summary: dict) -> list[str]:
     """How much of the traffic was unlike the predictor's training prompts (no line for older records)."""
     if not summary.get("num_with_familiarity"):
         return []
-    line = (f"{summary['num_unfamiliar']} of {summary['num_with_familiarity']} records scored were unfamiliar to "
-            "their predictor (unlike its training prompts)")
+    line = (f"{summary['num_unfamiliar']} of {summary['num_with_familiarity']} records were of prompts unlike their "
+            "predictor's training prompts (unfamiliar)")
     share = summary.get("unfamiliar_traffic_share")
     if share is not None:
-        line += (f"; weighted back, about {share:.0%} of the traffic served (a predictor's own validation prompts: "
-                 "its familiarity_quantile, 5% by default; far above that, the traffic has drifted: retrain on it)")
+        line += (f"; weighted back, about {share:.0%} of the traffic served (of its own validation prompts, 5% by "
+                 "default: far above that, the traffic has drifted from what it learned)")
     return [line]

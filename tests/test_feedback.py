@@ -117,7 +117,7 @@ def test_records_carry_familiarity_and_the_summary_weights_the_unfamiliar_share_
     summary = summarize(records)
     assert (summary["num_unfamiliar"], summary["num_with_familiarity"]) == (2, 4)
     assert summary["unfamiliar_traffic_share"] == pytest.approx(11 / 31)
-    assert "2 of 4 records scored were unfamiliar" in format_summary(summary)
+    assert "2 of 4 records were of prompts unlike their predictor's training prompts" in format_summary(summary)
     assert "about 35% of the traffic served" in format_summary(summary)
     mispredicted_only = summarize(records[:1])
     assert mispredicted_only["unfamiliar_traffic_share"] is None  # no sample: they are no picture of the traffic

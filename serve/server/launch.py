@@ -195,6 +195,14 @@ def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
              "default frequency penalty %g", stack.engine.model_id, stack.state.model_name, admission.policy.policy,
              getattr(predictor, "checkpoint_id", None) if predictor else "none", pool.num_blocks, pool.block_size,
              config.engine.tensor_parallel, stack.state.default_frequency_penalty)
+    familiarity = getattr(predictor, "familiarity", None)
+    if familiarity is not None:
+        log.info("familiarity: prompts scoring under %.3f against the predictor's %d kept training prompts count as "
+                 "unfamiliar (s3_unfamiliar_prompts_total; %.0f%% of its validation prompts did)", familiarity.threshold,
+                 len(familiarity.bank), 100 * predictor.info.familiarity["quantile"])
+    elif hasattr(predictor, "familiarity"):  # a trained checkpoint without a bank
+        log.info("familiarity: the predictor keeps no training-prompt embeddings (trained before 2026-12-06 or with "
+                 "familiarity_bank_size 0): no unfamiliar-prompt counts")
     log.info("listening on http://%s:%d (API key %s)", config.host, config.port,
              "required" if stack.state.api_key else "not required")
     if not stack.state.api_key and not is_loopback(config.host):
