@@ -90,8 +90,13 @@ def served_rows(rows, num_served: int, offset: int = 0):
 
 
 def scores(predictor, rows, train) -> dict:
-    metrics = evaluate_rows(predictor, rows, train=train).metrics["predictor"]
-    return {k: metrics[k] for k in ("num_examples", *JUDGED, "under_prediction_rate")}
+    """`evaluate_rows`'s metrics of the predictor, with the share of ``rows`` it finds unfamiliar when its checkpoint
+    keeps a familiarity bank (predictor_train/familiarity.py; None when not)."""
+    report = evaluate_rows(predictor, rows, train=train)
+    metrics = report.metrics["predictor"]
+    unfamiliar = report.by_familiarity.get("unfamiliar", {}).get("share", 0.0) if report.by_familiarity else None
+    return {**{k: metrics[k] for k in ("num_examples", *JUDGED, "under_prediction_rate")},
+            "unfamiliar_share": unfamiliar}
 
 
 def sample_scores(parent, child, feedback, share: float) -> dict:
@@ -159,17 +164,19 @@ def judge_markdown(records: list[dict]) -> str:
 
 def markdown(records: list[dict]) -> str:
     lines = ["| held-out source | feedback | records (of served) | kept | its test rows: within one before -> after "
-             "| MAE | under-predicted | other sources' test rows: within one | MAE |", "| --- | --- |" + " ---: |" * 7]
+             "| MAE | under-predicted | unfamiliar | other sources' test rows: within one | MAE |",
+             "| --- | --- |" + " ---: |" * 8]
     for r in records:
         new, old = r["new_source"], r["other_sources"]
 
         def move(m, key, pct=True):
-            fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.1f}")
-            return f"{fmt(m['before'][key])} -> {fmt(m['after'][key])}"
+            fmt = (lambda v: "-" if v is None else f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.1f}")
+            return f"{fmt(m['before'].get(key))} -> {fmt(m['after'].get(key))}"
         lines.append(f"| {r['source']} | {r['feedback']} | {r['num_records']} ({r['num_served']}) | "
                      f"{'previous weights' if r['kept_parent'] else 'retrained'} | "
                      f"{move(new, 'within_one_accuracy')} | {move(new, 'mae_tokens', False)} | "
-                     f"{move(new, 'under_prediction_rate')} | {move(old, 'within_one_accuracy')} | "
+                     f"{move(new, 'under_prediction_rate')} | {move(new, 'unfamiliar_share')} | "
+                     f"{move(old, 'within_one_accuracy')} | "
                      f"{move(old, 'mae_tokens', False)} |")
     return "\n".join(lines)
 

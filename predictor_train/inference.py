@@ -92,9 +92,13 @@ class LengthPredictor:
         return cls(model, tokenizer, info, device=device, familiarity=Familiarity.load(checkpoint_dir, info))
 
     @torch.inference_mode()
-    def _passes(self, prompts: Sequence[str], batch_size: int, *, logits: bool = True, embed: bool = False):
-        """Yields ``(rows, logits, embeddings)`` per batch (None for what was not asked), longest prompts first, so
-        each batch pads to similar lengths; ``rows`` are the batch's indices into ``prompts``."""
+    def _forward(self, prompts: Sequence[str], batch_size: int, *,
+                 embed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw logits ``(len(prompts), num_buckets)`` and, with ``embed``, the prompts' pooled last hidden states
+        (predictor_train/familiarity.py), both on the CPU in the input order."""
+        logits = torch.empty(len(prompts), self.buckets.num_buckets)
+        pooled = torch.empty(len(prompts), self.model.config.hidden_size) if embed else None
+        # Longest first, so each batch pads to similar lengths; results go back to the input order.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -102,22 +106,18 @@ class LengthPredictor:
                            input_names=self.input_names, truncation=self.prompt_truncation)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out = self.model(**batch, output_hidden_states=embed)
-            pooled = mean_pooled(out.hidden_states[-1], batch["attention_mask"]).cpu() if embed else None
-            yield rows, out.logits.float().cpu() if logits else None, pooled
+            logits[rows] = out.logits.float().cpu()
+            if embed:
+                pooled[rows] = mean_pooled(out.hidden_states[-1], batch["attention_mask"]).cpu()
+        return logits, pooled
 
     def predict_logits(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
         """Raw bucket logits (before the temperature), ``(len(prompts), num_buckets)``, on the CPU."""
-        logits = torch.empty(len(prompts), self.buckets.num_buckets)
-        for rows, batch_logits, _ in self._passes(prompts, batch_size):
-            logits[rows] = batch_logits
-        return logits
+        return self._forward(prompts, batch_size)[0]
 
     def embed(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
         """The encoder's view of each prompt (predictor_train/familiarity.py), ``(len(prompts), hidden_size)``."""
-        out = torch.empty(len(prompts), self.model.config.hidden_size)
-        for rows, _, pooled in self._passes(prompts, batch_size, logits=False, embed=True):
-            out[rows] = pooled
-        return out
+        return self._forward(prompts, batch_size, embed=True)[1]
 
     def predict_probs(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
         """Calibrated bucket probabilities, ``softmax(logits / temperature)``, ``(len(prompts), num_buckets)``."""
@@ -129,18 +129,6 @@ class LengthPredictor:
             return None
         return self.familiarity.scores(self.embed(prompts, batch_size=batch_size))
 
-    def _probs_and_familiarity(self, prompts: Sequence[str], batch_size: int):
-        """Calibrated probabilities and familiarity scores (or None) from one pass over the prompts."""
-        embed = self.familiarity is not None
-        logits = torch.empty(len(prompts), self.buckets.num_buckets)
-        pooled = torch.empty(len(prompts), self.model.config.hidden_size) if embed else None
-        for rows, batch_logits, batch_pooled in self._passes(prompts, batch_size, embed=embed):
-            logits[rows] = batch_logits
-            if embed:
-                pooled[rows] = batch_pooled
-        scores = self.familiarity.scores(pooled) if embed else None
-        return (logits / self.temperature).softmax(dim=-1), scores
-
     def predict(self, prompts: Sequence[str], *, batch_size: int = 32,
                 quantile: float | None = None) -> list[LengthPrediction]:
         """One prediction per prompt: the arg-max bucket, or with ``quantile`` the smallest bucket whose cumulative
@@ -148,7 +136,9 @@ class LengthPredictor:
         the checkpoint keeps its training prompts' embeddings."""
         if not prompts:
             return []
-        probs, scores = self._probs_and_familiarity(prompts, batch_size)
+        logits, pooled = self._forward(prompts, batch_size, embed=self.familiarity is not None)
+        probs = (logits / self.temperature).softmax(dim=-1)
+        scores = None if pooled is None else self.familiarity.scores(pooled)
         out = []
         for i, row in enumerate(probs.tolist()):
             bucket = max(range(len(row)), key=row.__getitem__) if quantile is None else \

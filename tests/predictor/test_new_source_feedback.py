@@ -67,6 +67,8 @@ def test_one_round_per_kind_of_feedback_on_a_held_out_source(bench, records, tmp
     for r in report["results"]:
         assert r["num_served"] == 20
         assert r["new_source"]["before"]["num_examples"] == r["new_source"]["after"]["num_examples"] > 0
+        # parent and round keep familiarity banks: the share of the source's test rows each finds unfamiliar
+        assert all(0 <= r["new_source"][when]["unfamiliar_share"] <= 1 for when in ("before", "after"))
     assert "| new | under |" in result.output and "| new | both |" in result.output
 
 
