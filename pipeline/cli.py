@@ -185,7 +185,7 @@ def train(config_path, data, target_model, feedback, previous, output_dir, overr
 def evaluate(checkpoint, data, split, quantile, output_dir, batch_size, exclude_sources, neighbours):
     """Evaluate a predictor checkpoint: per-source rows, baselines (majority bucket, prompt-length regression,
     per-source mean; with --neighbours, the nearest training prompts), NLL, calibration error and quantile
-    coverage; confusion and reliability plots."""
+    coverage, the prompts the predictor finds unfamiliar apart from the rest; confusion and reliability plots."""
     from pipeline.labelled import labelled_data
     from predictor_train.evaluate import evaluate_checkpoint
 

@@ -8,7 +8,7 @@ last hidden states, mean-pooled over the prompt and L2-normalised; ``familiarity
 that a share ``quantile`` (5% by default) of the validation prompts fall under, it counts as *unfamiliar*.
 
 Served traffic like the training data is unfamiliar about ``quantile`` of the time; a kind of prompt the
-predictor never saw raises that share (measured in docs/predictor.md: 38-95% of the test prompts of four of seven
+predictor never saw raises that share (measured in docs/predictor.md: 38-95% of the test prompts of five of seven
 held-out sources, 3-6% of the other two that resemble the chat sources kept in training). The server counts
 unfamiliar prompts in ``/metrics`` and writes the score into feedback records, so `s3 feedback` can say how much
 of the traffic served has drifted from what the predictor learned: a reason to feed it back and retrain.
@@ -66,31 +66,35 @@ class Familiarity:
                    threshold=float(info.familiarity["threshold"]))
 
 
-def sample_prompts(prompts: Sequence[str], size: int, *, seed: int = 0) -> list[str]:
-    """At most ``size`` distinct prompts (retraining repeats its feedback records), the same for the same input."""
-    distinct = sorted(set(prompts))
-    return distinct if len(distinct) <= size else random.Random(seed).sample(distinct, size)
+def sample_prompts(prompts: Sequence[str], size: int, *, seed: int = 0, keep: Sequence[str] = ()) -> list[str]:
+    """At most ``size`` distinct prompts (retraining repeats its feedback records): every one of ``keep`` (up to
+    ``size``), then a sample of the others, the same for the same input."""
+    kept = list(dict.fromkeys(keep))[:size]
+    rest = sorted(set(prompts) - set(kept))
+    room = size - len(kept)
+    return kept + (rest if len(rest) <= room else random.Random(seed).sample(rest, room))
 
 
 def fit_familiarity(predictor, train_prompts: Sequence[str], validation_prompts: Sequence[str], *,
-                    bank_size: int, quantile: float, k: int = DEFAULT_K, seed: int = 0,
+                    bank_size: int, quantile: float, k: int = DEFAULT_K, seed: int = 0, keep: Sequence[str] = (),
                     batch_size: int = 64) -> tuple[Familiarity, torch.Tensor]:
-    """Embed a sample of ``train_prompts`` with ``predictor`` (a `LengthPredictor`) and set the threshold at the
-    ``quantile`` of the validation prompts' scores; returns the familiarity and those scores."""
+    """Embed a sample of ``train_prompts`` (``keep``: prompts always in it) with ``predictor`` (a `LengthPredictor`)
+    and set the threshold at the ``quantile`` of the validation prompts' scores; returns the familiarity and those
+    scores."""
     if not validation_prompts:
         raise ValueError("the familiarity threshold needs validation prompts")
-    bank = predictor.embed(sample_prompts(train_prompts, bank_size, seed=seed), batch_size=batch_size)
+    bank = predictor.embed(sample_prompts(train_prompts, bank_size, seed=seed, keep=keep), batch_size=batch_size)
     scores = Familiarity(bank, k=k).scores(predictor.embed(list(validation_prompts), batch_size=batch_size))
     return Familiarity(bank, k=k, threshold=float(torch.quantile(scores, quantile))), scores
 
 
 def build_familiarity(predictor, folder: str | Path, train_prompts: Sequence[str],
                       validation_prompts: Sequence[str], *, bank_size: int, quantile: float, k: int = DEFAULT_K,
-                      seed: int = 0, batch_size: int = 64) -> CheckpointInfo:
+                      seed: int = 0, keep: Sequence[str] = (), batch_size: int = 64) -> CheckpointInfo:
     """`fit_familiarity` for ``predictor``, the checkpoint in ``folder`` as loaded, written into it; returns its
     new info."""
     familiarity, scores = fit_familiarity(predictor, train_prompts, validation_prompts, bank_size=bank_size,
-                                          quantile=quantile, k=k, seed=seed, batch_size=batch_size)
+                                          quantile=quantile, k=k, seed=seed, keep=keep, batch_size=batch_size)
     save_file({"bank": familiarity.bank.contiguous()}, str(Path(folder) / FAMILIARITY_FILE))
     meta = {"k": k, "threshold": familiarity.threshold, "quantile": quantile, "bank_size": len(familiarity.bank),
             "validation_median": float(scores.median())}

@@ -13,7 +13,7 @@ import logging
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, Mapping, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -224,13 +224,15 @@ def training_splits(config: TrainConfig, data):
 
 def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone: Backbone, spec: BucketSpec,
         meta: dict[str, Any], progress: bool = True, start_competes: bool = False,
-        traffic: Examples | None = None) -> TrainResult:
+        traffic: Examples | None = None, familiar: tuple[Sequence[str], Sequence[str]] | None = None) -> TrainResult:
     """The training loop shared by training and retraining; ``meta`` fills the rest of CheckpointInfo.
 
     ``start_competes``: the starting weights are validated first, as epoch 0, and saved; an epoch replaces them
     only if it scores at least as well (retraining's guard against shipping a worse predictor). ``traffic``: a
     weighted sample of served requests (retraining); each epoch is scored on it too, under ``traffic`` in its
-    record, and replaces the best so far only if it scores at least as well on both."""
+    record, and replaces the best so far only if it scores at least as well on both. ``familiar``: the prompts the
+    familiarity bank samples and those it always keeps (default: the training examples', none kept); retraining
+    passes the whole train split and its fed-back prompts, all that the weights have learned from."""
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(f"need both training and validation examples, got {len(train)} and {len(validation)}; "
                          "the hash split puts ~10% of prompts in validation, so give at least a few dozen records")
@@ -282,10 +284,10 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
         from predictor_train.familiarity import build_familiarity
         from predictor_train.inference import LengthPredictor
 
-        info = build_familiarity(LengthPredictor.load(config.output_dir), config.output_dir, train.prompts,
-                                 validation.prompts, bank_size=config.familiarity_bank_size,
-                                 quantile=config.familiarity_quantile, seed=config.seed,
-                                 batch_size=2 * config.batch_size)
+        pool, keep = familiar or (train.prompts, ())
+        info = build_familiarity(LengthPredictor.load(config.output_dir), config.output_dir, pool, validation.prompts,
+                                 bank_size=config.familiarity_bank_size, quantile=config.familiarity_quantile,
+                                 seed=config.seed, keep=keep, batch_size=2 * config.batch_size)
         log.info("familiarity: %d training prompts kept; below %.3f a prompt is unfamiliar (%.0f%% of validation)",
                  info.familiarity["bank_size"], info.familiarity["threshold"], 100 * config.familiarity_quantile)
     info = _checkpoint_info_on_all_ranks(info, config.output_dir)

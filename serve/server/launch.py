@@ -198,8 +198,8 @@ def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
     familiarity = getattr(predictor, "familiarity", None)
     if familiarity is not None:
         log.info("familiarity: prompts scoring under %.3f against the predictor's %d kept training prompts count as "
-                 "unfamiliar (s3_unfamiliar_prompts_total; %.0f%% of its validation prompts did)", familiarity.threshold,
-                 len(familiarity.bank), 100 * predictor.info.familiarity["quantile"])
+                 "unfamiliar (s3_unfamiliar_prompts_total; %.0f%% of its validation prompts did)",
+                 familiarity.threshold, len(familiarity.bank), 100 * predictor.info.familiarity["quantile"])
     elif hasattr(predictor, "familiarity"):  # a trained checkpoint without a bank
         log.info("familiarity: the predictor keeps no training-prompt embeddings (trained before 2026-12-06 or with "
                  "familiarity_bank_size 0): no unfamiliar-prompt counts")

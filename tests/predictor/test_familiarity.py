@@ -64,6 +64,9 @@ def test_sample_prompts_is_distinct_and_reproducible():
     assert sorted(sample_prompts(prompts, 100)) == sorted({f"p{i}" for i in range(30)})
     assert sample_prompts(prompts, 10, seed=1) == sample_prompts(prompts, 10, seed=1)
     assert len(set(sample_prompts(prompts, 10))) == 10
+    kept = sample_prompts(prompts, 10, keep=["new", "p3", "new"])  # the fed-back prompts of a retraining round
+    assert kept[:2] == ["new", "p3"] and len(set(kept)) == 10
+    assert sample_prompts(prompts, 1, keep=["new", "p3"]) == ["new"]
 
 
 def test_scores_use_at_most_the_bank(predictor):

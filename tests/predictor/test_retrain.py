@@ -55,8 +55,8 @@ def test_retraining_learns_the_feedback_and_keeps_the_test_split(trained, datase
     held_before, held_after = before["feedback_held_out"], after["feedback_held_out"]
     assert held_after.metrics["predictor"]["accuracy"] > held_before.metrics["predictor"]["accuracy"]
     assert "before" in report.table() and "feedback:" in report.table()
-    # the new familiarity bank holds what the round trained on, the fed-back prompts (seen 10 times) once each
-    assert report.result.info.familiarity["bank_size"] == report.num_replayed + report.num_feedback_used
+    # the new familiarity bank holds all the weights learned from: the train split and the fed-back prompts
+    assert report.result.info.familiarity["bank_size"] == train_rows + report.num_feedback_used
 
 
 @pytest.mark.parametrize("served_as_predicted", [False, True], ids=["like-the-trained-on", "as-predicted"])
