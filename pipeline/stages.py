@@ -236,4 +236,6 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
         runs["s3"]["mispredicted_requests"] = feedback.num_mispredicted
         runs["s3"]["sampled_requests"] = feedback.num_sampled
     runs["s3"]["checkpoint_id"] = predictor.checkpoint_id
+    if predictor.familiarity is not None:  # how many of the served prompts looked like none it was trained on
+        runs["s3"] |= {"unfamiliar_prompts": sum(bool(p.unfamiliar) for p in predicted), "num_prompts": len(texts)}
     return runs

@@ -59,10 +59,16 @@ def summary_rows(outputs: dict) -> list[list[str]]:
         ["s3 mispredictions", str(before["s3"]["mispredictions"]), str(after["s3"]["mispredictions"])],
         ["s3 preemptions", str(before["s3"]["preemptions"]), str(after["s3"]["preemptions"])],
         ["s3 mean running batch", f"{before['s3']['mean_running_batch']:.1f}", f"{after['s3']['mean_running_batch']:.1f}"],
+        ["served prompts unfamiliar to the predictor", *(_unfamiliar(run["s3"]) for run in (before, after))],
         # the same prompts and decoding: only the schedule differs, so any differing answer is a bug
         ["s3 prompts answered unlike max", *(str(run["s3"].get("answers_differing", "-")) for run in (before, after))],
     ]  # fmt: skip
     return rows
+
+
+def _unfamiliar(run: dict) -> str:
+    """``3 of 16``; ``-`` for a predictor without a familiarity bank (predictor_train/familiarity.py)."""
+    return f"{run['unfamiliar_prompts']} of {run['num_prompts']}" if "unfamiliar_prompts" in run else "-"
 
 
 def format_summary(outputs: dict) -> str:

@@ -40,3 +40,13 @@ def test_a_retrain_round_that_kept_the_previous_weights_says_so():
     assert rows["predictor weights"] == ["trained", "trained (retrained ones scored lower)"]
     outputs["retrain"]["kept_parent_weights"] = False
     assert {row[0]: row[1:] for row in summary_rows(outputs)}["predictor weights"] == ["trained", "retrained"]
+
+
+def test_unfamiliar_served_prompts_are_counted_when_the_predictor_can_tell():
+    outputs = _outputs(held_out=False)
+    assert {row[0]: row[1:] for row in summary_rows(outputs)}["served prompts unfamiliar to the predictor"] == \
+        ["-", "-"]  # a predictor without a familiarity bank
+    outputs["collect"]["s3"] |= {"unfamiliar_prompts": 3, "num_prompts": 16}
+    outputs["bench"]["s3"] |= {"unfamiliar_prompts": 1, "num_prompts": 16}
+    rows = {row[0]: row[1:] for row in summary_rows(outputs)}
+    assert rows["served prompts unfamiliar to the predictor"] == ["3 of 16", "1 of 16"]
