@@ -347,9 +347,10 @@ def server_figures(metrics: dict[str, float], wall: float) -> dict[str, float]:
     """The server's own figures, from its /metrics: its mean over requests of each one's time per output token
     (`server_mean_tpot_s`, to set beside the client's `mean_tpot_s`), per engine step the time, the sequences
     stepped and the tokens computed (`mean_step_s`, `mean_running_batch`, `mean_batched_tokens`), and the share of
-    the run's ``wall`` time spent in steps (`step_share`). Where two policies step as many sequences at a time, a
-    longer step is the machine or a policy's overhead, not its schedule; where the steps fill the run (a share
-    near 1), the server is never idle and time lost between steps returns as a larger batch. NaN where the
+    the run's ``wall`` time spent in steps (`step_share`), and the share of the prompts its predictor found
+    unfamiliar (`unfamiliar_share`, predictor_train/familiarity.py). Where two policies step as many sequences at a
+    time, a longer step is the machine or a policy's overhead, not its schedule; where the steps fill the run (a
+    share near 1), the server is never idle and time lost between steps returns as a larger batch. NaN where the
     server gave none."""
     def per(total: str, count: str) -> float:
         n = metrics.get(count, 0.0)
@@ -360,6 +361,7 @@ def server_figures(metrics: dict[str, float], wall: float) -> dict[str, float]:
             "mean_step_s": per("s3_engine_step_seconds_total", steps),
             "mean_running_batch": per("s3_batched_sequences_total", steps),
             "mean_batched_tokens": per("s3_batched_tokens_total", steps),
+            "unfamiliar_share": per("s3_unfamiliar_prompts_total", "s3_prompt_familiarity_count"),
             "step_share": metrics["s3_engine_step_seconds_total"] / wall
             if "s3_engine_step_seconds_total" in metrics and wall > 0 else float("nan")}
 

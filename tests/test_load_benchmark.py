@@ -53,8 +53,10 @@ def test_per_request_times_and_timeline(monkeypatch, tmp_path):
     assert row["mean_step_s"] != row["mean_step_s"] and row["step_share"] != row["step_share"]
     metrics = {"s3_time_per_output_token_seconds_sum": 1.5, "s3_time_per_output_token_seconds_count": 2.0,
                "s3_engine_steps_total": 4.0, "s3_engine_step_seconds_total": 1.0, "s3_batched_sequences_total": 10.0,
-               "s3_batched_tokens_total": 30.0}
+               "s3_batched_tokens_total": 30.0, "s3_unfamiliar_prompts_total": 1.0,
+               "s3_prompt_familiarity_count": 4.0}
     served = load.summarise("paged", results, wall=5.0, metrics=metrics, max_tokens=8)
+    assert served["unfamiliar_share"] == 0.25 and row["unfamiliar_share"] != row["unfamiliar_share"]
     assert (served["server_mean_tpot_s"], served["mean_step_s"]) == (0.75, 0.25)
     assert (served["mean_running_batch"], served["mean_batched_tokens"]) == (2.5, 7.5)
     assert served["step_share"] == pytest.approx(1.0 / 5.0)  # 1 s of steps in a 5 s run
