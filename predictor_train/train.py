@@ -273,25 +273,36 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
     finally:
         if run is not None:
             run.finish()
-    if is_main and config.calibrate:
+    if is_main:
+        info = _finish_checkpoint(config, validation, familiar or (train.prompts, ())) or info
+    info = _checkpoint_info_on_all_ranks(info, config.output_dir)
+    return TrainResult(checkpoint_dir=Path(config.output_dir), info=info, best_epoch=best_epoch, history=history)
+
+
+def _finish_checkpoint(config: TrainConfig, validation: Examples,
+                       familiar: tuple[Sequence[str], Sequence[str]]) -> CheckpointInfo | None:
+    """Once the best epoch is saved: fit the temperature on the validation split and build the familiarity bank from
+    ``familiar`` (the prompts to sample, those always kept), as the config asks; the checkpoint's new info, or None
+    when it asks for neither."""
+    info = None
+    if config.calibrate:
         from predictor_train.calibration import calibrate_checkpoint
 
         info = calibrate_checkpoint(config.output_dir, validation.prompts, validation.num_output_tokens,
                                     batch_size=2 * config.batch_size)
         log.info("temperature %.3f: validation ECE %.3f -> %.3f", info.temperature,
                  info.metrics["ece_uncalibrated"], info.metrics["ece_calibrated"])
-    if is_main and config.familiarity_bank_size:
+    if config.familiarity_bank_size:
         from predictor_train.familiarity import build_familiarity
         from predictor_train.inference import LengthPredictor
 
-        pool, keep = familiar or (train.prompts, ())
+        pool, keep = familiar
         info = build_familiarity(LengthPredictor.load(config.output_dir), config.output_dir, pool, validation.prompts,
                                  bank_size=config.familiarity_bank_size, quantile=config.familiarity_quantile,
                                  seed=config.seed, keep=keep, batch_size=2 * config.batch_size)
         log.info("familiarity: %d training prompts kept; below %.3f a prompt is unfamiliar (%.0f%% of validation)",
                  info.familiarity["bank_size"], info.familiarity["threshold"], 100 * config.familiarity_quantile)
-    info = _checkpoint_info_on_all_ranks(info, config.output_dir)
-    return TrainResult(checkpoint_dir=Path(config.output_dir), info=info, best_epoch=best_epoch, history=history)
+    return info
 
 
 def _start_engine(config: TrainConfig, backbone: Backbone):
