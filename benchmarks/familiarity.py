@@ -55,9 +55,10 @@ def held_out_record(folder: Path, data, test, *, bank_size: int, quantile: float
     familiarity, _ = fit_familiarity(predictor, list(splits["train"]["prompt"]), list(splits["validation"]["prompt"]),
                                      bank_size=bank_size, quantile=quantile, k=k, seed=config.seed)
     prompts, lengths = list(test["prompt"]), [int(n) for n in test["num_output_tokens"]]
-    scores = familiarity.scores(predictor.embed(prompts))
+    logits, embedded = predictor.forward(prompts, embed=True)
+    scores = familiarity.scores(embedded)
     flagged = familiarity.unfamiliar(scores).tolist()
-    predicted = predictor.predict_probs(prompts).argmax(1).tolist()
+    predicted = logits.argmax(1).tolist()  # the arg-max: the temperature does not move it
     held = [i for i, s in enumerate(sources_of(test)) if s == source]
     seen = [i for i, s in enumerate(sources_of(test)) if s != source]
 

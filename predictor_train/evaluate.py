@@ -158,11 +158,15 @@ def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | P
 
 
 def _predictor_probs(predictor, prompts: list[str], batch_size: int):
-    """(uncalibrated, calibrated) probability lists, or (None, None) for a predictor without logits."""
-    if not hasattr(predictor, "predict_logits"):
-        return None, None
-    logits = predictor.predict_logits(prompts, batch_size=batch_size)
-    return logits.softmax(-1).tolist(), (logits / predictor.temperature).softmax(-1).tolist()
+    """(uncalibrated, calibrated) probability lists and the prompts' familiarity, from one pass over them; the
+    probabilities None for a predictor without logits, the familiarity None for one without a familiarity bank."""
+    if hasattr(predictor, "logits_and_familiarity"):
+        logits, familiarity = predictor.logits_and_familiarity(prompts, batch_size=batch_size)
+    elif hasattr(predictor, "predict_logits"):
+        logits, familiarity = predictor.predict_logits(prompts, batch_size=batch_size), None
+    else:
+        return None, None, None
+    return logits.softmax(-1).tolist(), (logits / predictor.temperature).softmax(-1).tolist(), familiarity
 
 
 def _pick(probs: list[list[float]], quantile: float | None, spec: BucketSpec) -> list[int]:
@@ -194,7 +198,7 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
     """Evaluate on given rows (Dataset or column dict), with baselines fitted on ``train`` (``neighbours=k``:
     also the k-nearest-prompts baseline)."""
     spec, prompts = predictor.buckets, list(rows["prompt"])
-    raw, calibrated = _predictor_probs(predictor, prompts, batch_size)
+    raw, calibrated, familiarity = _predictor_probs(predictor, prompts, batch_size)
     if calibrated is None:
         predicted = [p.bucket for p in predictor.predict(prompts, batch_size=batch_size, quantile=quantile)]
     else:
@@ -221,38 +225,33 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
         png = plot_confusion(matrix, spec, Path(out_dir) / "confusion_matrix.png", title=label)
         if curves:
             reliability_png = plot_reliability(curves, Path(out_dir) / "reliability.png", title=label)
-    by_familiarity = familiarity_metrics(predictor, prompts, lengths, predicted, batch_size=batch_size)
+    by_familiarity = {} if familiarity is None else familiarity_metrics(predictor, familiarity, lengths, predicted)
     table = _report_table(metrics, per_source, probabilities, by_familiarity)
     return EvalReport(metrics=metrics, table=table, confusion=matrix, confusion_png=png, per_source=per_source,
                       probabilities=probabilities, reliability_png=reliability_png, by_familiarity=by_familiarity)
 
 
-def familiarity_metrics(predictor, prompts: list[str], lengths: list[int], predicted: list[int], *,
-                        batch_size: int = 32) -> dict[str, dict[str, float]]:
-    """The predictor's metrics on the prompts it finds familiar and on those it does not (with each group's share
-    of the rows); empty for a predictor that cannot tell."""
-    scores = predictor.familiarity_scores(prompts, batch_size=batch_size) \
-        if hasattr(predictor, "familiarity_scores") else None
-    if scores is None:
-        return {}
-    unfamiliar = predictor.familiarity.unfamiliar(scores).tolist()
-    out = {}
-    for name, flag in (("familiar", False), ("unfamiliar", True)):
-        idx = [i for i, u in enumerate(unfamiliar) if u == flag]
-        if idx:
-            out[name] = {"share": len(idx) / len(prompts),
-                         **bucket_metrics([lengths[i] for i in idx], [predicted[i] for i in idx], predictor.buckets)}
-    return out
+def familiarity_metrics(predictor, familiarity, lengths: list[int], predicted: list[int]) -> dict[str, dict]:
+    """The predictor's metrics on the prompts it finds familiar and on those it does not, by their ``familiarity``
+    scores, with each group's share of the rows."""
+    groups = ["unfamiliar" if u else "familiar" for u in predictor.familiarity.unfamiliar(familiarity).tolist()]
+    by_group = metrics_by_group(groups, lengths, {"predictor": predicted}, predictor.buckets)
+    return {group: {"share": groups.count(group) / len(groups), **m["predictor"]} for group, m in by_group.items()}
 
 
 def per_source_metrics(rows, lengths: list[int], methods: dict[str, list[int]], spec: BucketSpec) -> dict:
     """``{source: {method: bucket_metrics}}`` of each method's predicted buckets on each source's rows."""
-    sources = sources_of(rows)
+    return metrics_by_group(sources_of(rows), lengths, methods, spec)
+
+
+def metrics_by_group(groups: Sequence[str], lengths: list[int], methods: dict[str, list[int]],
+                     spec: BucketSpec) -> dict:
+    """``{group: {method: bucket_metrics}}`` of each method's predicted buckets on each group's rows."""
     out = {}
-    for source in sorted(set(sources)):
-        idx = [i for i, s in enumerate(sources) if s == source]
-        out[source] = {name: bucket_metrics([lengths[i] for i in idx], [buckets[i] for i in idx], spec)
-                       for name, buckets in methods.items()}
+    for group in sorted(set(groups)):
+        idx = [i for i, g in enumerate(groups) if g == group]
+        out[group] = {name: bucket_metrics([lengths[i] for i in idx], [buckets[i] for i in idx], spec)
+                      for name, buckets in methods.items()}
     return out
 
 

@@ -92,8 +92,8 @@ class LengthPredictor:
         return cls(model, tokenizer, info, device=device, familiarity=Familiarity.load(checkpoint_dir, info))
 
     @torch.inference_mode()
-    def _forward(self, prompts: Sequence[str], batch_size: int, *,
-                 embed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, prompts: Sequence[str], *, batch_size: int = 32,
+                embed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw logits ``(len(prompts), num_buckets)`` and, with ``embed``, the prompts' pooled last hidden states
         (predictor_train/familiarity.py), both on the CPU in the input order."""
         logits = torch.empty(len(prompts), self.buckets.num_buckets)
@@ -113,21 +113,26 @@ class LengthPredictor:
 
     def predict_logits(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
         """Raw bucket logits (before the temperature), ``(len(prompts), num_buckets)``, on the CPU."""
-        return self._forward(prompts, batch_size)[0]
+        return self.forward(prompts, batch_size=batch_size)[0]
 
     def embed(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
         """The encoder's view of each prompt (predictor_train/familiarity.py), ``(len(prompts), hidden_size)``."""
-        return self._forward(prompts, batch_size, embed=True)[1]
+        return self.forward(prompts, batch_size=batch_size, embed=True)[1]
 
     def predict_probs(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
         """Calibrated bucket probabilities, ``softmax(logits / temperature)``, ``(len(prompts), num_buckets)``."""
         return (self.predict_logits(prompts, batch_size=batch_size) / self.temperature).softmax(dim=-1)
 
+    def logits_and_familiarity(self, prompts: Sequence[str], *,
+                               batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw logits and each prompt's familiarity (None when the checkpoint keeps no training-prompt embeddings),
+        from one pass over the prompts."""
+        logits, pooled = self.forward(prompts, batch_size=batch_size, embed=self.familiarity is not None)
+        return logits, None if pooled is None else self.familiarity.scores(pooled)
+
     def familiarity_scores(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor | None:
         """Each prompt's familiarity (None when the checkpoint keeps no training-prompt embeddings)."""
-        if self.familiarity is None:
-            return None
-        return self.familiarity.scores(self.embed(prompts, batch_size=batch_size))
+        return self.logits_and_familiarity(prompts, batch_size=batch_size)[1]
 
     def predict(self, prompts: Sequence[str], *, batch_size: int = 32,
                 quantile: float | None = None) -> list[LengthPrediction]:
@@ -136,15 +141,14 @@ class LengthPredictor:
         the checkpoint keeps its training prompts' embeddings."""
         if not prompts:
             return []
-        logits, pooled = self._forward(prompts, batch_size, embed=self.familiarity is not None)
+        logits, scores = self.logits_and_familiarity(prompts, batch_size=batch_size)
         probs = (logits / self.temperature).softmax(dim=-1)
-        scores = None if pooled is None else self.familiarity.scores(pooled)
+        unfamiliar = None if scores is None else self.familiarity.unfamiliar(scores)
         out = []
         for i, row in enumerate(probs.tolist()):
             bucket = max(range(len(row)), key=row.__getitem__) if quantile is None else \
                 self.buckets.quantile_bucket(row, quantile)
-            familiar = {} if scores is None else {
-                "familiarity": float(scores[i]), "unfamiliar": bool(scores[i] < self.familiarity.threshold)}
+            familiar = {} if scores is None else {"familiarity": float(scores[i]), "unfamiliar": bool(unfamiliar[i])}
             # num_tokens stays None: it means an exact length (the oracle's); the reservation comes from the bucket.
             out.append(LengthPrediction(bucket=bucket, probs=tuple(row), num_tokens=None, **familiar))
         return out
