@@ -49,6 +49,15 @@ class LengthPrediction:
     """Whether ``familiarity`` is below the predictor's threshold: a kind of prompt it was not trained on."""
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model, and the most likely tokens' at that position."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-probability) of the most likely tokens, most likely first (as many as asked)."""
+
+
 @dataclasses.dataclass
 class MispredictionEvent:
     """A running sequence reached its reservation without finishing: training data for the next predictor."""
@@ -91,6 +100,8 @@ class Request:
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    """One per output token when the sampling asks for log-probabilities (``sampling.logprobs``); else empty."""
     num_computed_tokens: int = 0
     reserved_output_tokens: int = 0
     """Output tokens the reservation holds while running, or will take when (re)admitted; 0 under the

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from core.buckets import BucketSpec
 from serve.kv import BlockPool, blocks_for
 from serve.policies import PolicyConfig, StepLimits, VictimFn, make_policy
-from core.request import MispredictionEvent, Request, RequestStatus
+from core.request import MispredictionEvent, Request, RequestStatus, TokenLogprobs
 from serve.estimate import PeakGate
 
 
@@ -113,6 +113,8 @@ class StepResult:
     """One new token per sequence whose ScheduledSeq.samples was True."""
     stopped_request_ids: set[str] = dataclasses.field(default_factory=set)
     """Sequences the executor ended (EOS, stop string, a scripted length); the token above counts."""
+    logprobs: dict[str, TokenLogprobs] = dataclasses.field(default_factory=dict)
+    """The new token's log-probabilities, for the sequences whose sampling asks for them."""
 
 
 @dataclasses.dataclass
@@ -287,6 +289,8 @@ class Scheduler:
             if not seq.samples:
                 continue
             request.output_token_ids.append(result.sampled_token_ids[seq.request_id])
+            if seq.request_id in result.logprobs:
+                request.output_logprobs.append(result.logprobs[seq.request_id])
             self.stats.num_generated_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now

@@ -46,14 +46,15 @@ class ModelExecutor:
             )
         plan = [self._step_of(seq) for seq in out.seqs]
         self._broadcast(plan)
-        sampled = self.runner.execute(plan).sampled_token_ids
+        output = self.runner.execute(plan)
+        sampled = output.sampled_token_ids
         stopped = set()
         for request_id, token in sampled.items():
             seq = self._seqs[request_id]
             seq.token_ids.append(token)
             if token in self.eos_token_ids and not seq.sampling.ignore_eos:
                 stopped.add(request_id)
-        return StepResult(dict(sampled), stopped)
+        return StepResult(dict(sampled), stopped, output.logprobs)
 
     def _step_of(self, scheduled) -> SequenceStep:
         seq = self._seqs[scheduled.request_id]

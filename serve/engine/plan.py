@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from core.request import TokenLogprobs
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -31,6 +33,10 @@ class SamplingParams:
     ignore_eos: bool = False
     """vLLM's extension: an end-of-sequence token does not end the request, so it runs to max_new_tokens
     (load generators send it so that every request produces exactly its token budget)."""
+    logprobs: int | None = None
+    """Log-probabilities to return with every generated token: None for none; k for the token's own and the k
+    most likely tokens'. They are the model's own distribution (its logits' log-softmax, before penalties,
+    temperature, top-k and top-p), as vLLM's default."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -42,6 +48,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0 (None for none), got {self.logprobs}")
 
     @property
     def is_greedy(self) -> bool:
@@ -97,3 +105,5 @@ class StepOutput:
     """request_id -> next token, for every sequence of the step with `sample=True` (in plan order)."""
     num_batched_tokens: int
     """Tokens run through the model this step (sum of len(token_ids)), for throughput accounting."""
+    logprobs: dict[str, TokenLogprobs] = dataclasses.field(default_factory=dict)
+    """request_id -> the sampled token's log-probabilities, for the sequences whose sampling asks for them."""

@@ -17,7 +17,7 @@ from torch import nn
 from serve.engine.attention import build_paged_batch, decodes_first, register_paged_attention
 from serve.engine.kv_pool import PagedKVPool
 from serve.engine.plan import SequenceStep, StepOutput
-from serve.engine.sampling import sample
+from serve.engine.sampling import sample, token_logprobs
 
 
 class ModelRunner:
@@ -71,7 +71,14 @@ class ModelRunner:
             [s.output_token_ids for s in sampled],
         )
         by_id = {s.request_id: t for s, t in zip(sampled, tokens)}
-        return StepOutput({s.request_id: by_id[s.request_id] for s in steps if s.sample}, input_ids.shape[1])
+        asking = [i for i, s in enumerate(sampled) if s.sampling.logprobs is not None]
+        logprobs = {}
+        if asking:  # from the logits as the model gave them (sample() penalised a copy)
+            found = token_logprobs(logits[asking], [tokens[i] for i in asking],
+                                   [sampled[i].sampling.logprobs for i in asking])
+            logprobs = {sampled[i].request_id: lp for i, lp in zip(asking, found)}
+        return StepOutput({s.request_id: by_id[s.request_id] for s in steps if s.sample}, input_ids.shape[1],
+                          logprobs)
 
     def _flatten(self, steps: list[SequenceStep]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = [t for s in steps for t in s.token_ids]

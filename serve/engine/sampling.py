@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from core.request import TokenLogprobs
 from serve.engine.plan import SamplingParams
-
 
 
 def sample(
@@ -41,6 +41,20 @@ def sample(
         picked = torch.searchsorted(cdf, u[:, None]).clamp_(max=probs.shape[-1] - 1)  # (R, 1)
         tokens[rows] = order.gather(-1, picked).squeeze(-1)
     return tokens.tolist()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], num_top: Sequence[int]) -> list[TokenLogprobs]:
+    """logits (R, V) as the model gave them, the token drawn in each row and how many of the most likely tokens
+    to report per row -> each drawn token's log-probability with the top ``num_top[i]`` (id, log-probability)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, torch.as_tensor(tokens, device=logits.device)[:, None]).squeeze(-1).tolist()
+    k = max(num_top, default=0)
+    top_lp, top_ids = logprobs.topk(min(k, logits.shape[-1]), dim=-1) if k else (None, None)
+    out = []
+    for i, lp in enumerate(chosen):
+        top = () if not num_top[i] else tuple(zip(top_ids[i, : num_top[i]].tolist(), top_lp[i, : num_top[i]].tolist()))
+        out.append(TokenLogprobs(lp, top))
+    return out
 
 
 def apply_penalties(

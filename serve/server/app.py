@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from serve.engine.plan import SamplingParams
 from serve.server import protocol as p
-from serve.server.async_engine import AsyncEngine, EngineError, RequestStream
+from serve.server.async_engine import AsyncEngine, EngineError, Output, RequestStream
 from serve.server.metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,12 @@ class ServerState:
     system_fingerprint: str = "fp_s3"
     """OpenAI's system_fingerprint of every answer: names the model, policy and predictor."""
     created: int = dataclasses.field(default_factory=p.now)
+
+    def __post_init__(self) -> None:
+        # A token's text in log-probabilities (special tokens named, as they are scored); cached, since the
+        # most likely tokens recur.
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(
+            lambda token_id: self.tokenizer.decode([token_id], skip_special_tokens=False))
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -182,13 +189,15 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     max_new_tokens = state.max_new_tokens_for(req, len(prompt_ids), "messages" if chat else "prompt")
     stops = p.stop_strings(req)
     head = p.Head(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, state.system_fingerprint)
-    fmt = _Format(head, chat, len(prompt_ids), usage_in_chunks=req.stream and p.include_usage(req))
+    logprobs = p.requested_logprobs(req)
+    fmt = _Format(head, chat, len(prompt_ids), usage_in_chunks=req.stream and p.include_usage(req),
+                  token_text=state.token_text if logprobs is not None else None)
     # An explicit null means "the default", as leaving it out does (protocol drops nulls before parsing).
     frequency_penalty = (req.frequency_penalty if "frequency_penalty" in req.model_fields_set
                          else state.default_frequency_penalty)
     sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                               presence_penalty=req.presence_penalty, frequency_penalty=frequency_penalty,
-                              ignore_eos=req.ignore_eos)
+                              ignore_eos=req.ignore_eos, logprobs=logprobs)
     stream = state.engine.submit(head.rid, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                  prompt=prompt_text, stop=stops)
     if req.stream:
@@ -196,17 +205,17 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
         return StreamingResponse(_sse(stream, fmt), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"}, background=BackgroundTask(stream.close))
     try:
-        text, reason = await _unless_disconnected(request, stream.collect())
+        text, reason, outputs = await _unless_disconnected(request, stream.collect())
     except ClientGone:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     except EngineError as exc:
         raise p.APIError(503, f"the engine could not finish the request: {exc}") from None
     finally:
         stream.close()
-    return JSONResponse(fmt.response(text, reason, stream.num_output_tokens))
+    return JSONResponse(fmt.response(text, reason, stream.num_output_tokens, outputs))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Format:
     """Builds one request's response or stream chunks, completion or chat."""
 
@@ -215,24 +224,44 @@ class _Format:
     num_prompt_tokens: int
     usage_in_chunks: bool = False
     """stream_options.include_usage: every chunk carries "usage" (null until the last, usage-only chunk)."""
+    token_text: Callable[[int], str] | None = None
+    """A token's text, when the request asked for log-probabilities (None: it did not)."""
+    text_offset: int = 0
+    """Characters of token text already streamed (completions' ``text_offset`` goes on from there)."""
 
     def usage(self, num_output_tokens: int) -> dict:
         return p.usage(self.num_prompt_tokens, num_output_tokens)
 
-    def response(self, text: str, finish_reason: str, num_output_tokens: int) -> dict:
+    def response(self, text: str, finish_reason: str, num_output_tokens: int, outputs: list[Output]) -> dict:
         body = p.chat_body if self.chat else p.completion_body
-        return body(self.head, text=text, finish_reason=finish_reason, usage_=self.usage(num_output_tokens))
+        return body(self.head, text=text, finish_reason=finish_reason, usage_=self.usage(num_output_tokens),
+                    logprobs=self.logprobs(outputs))
 
-    def chunks(self, text: str, finish_reason: str | None) -> list[dict]:
+    def logprobs(self, outputs: list[Output]) -> dict | None:
+        """The ``logprobs`` of a choice covering ``outputs`` (None when the request asked for none)."""
+        if self.token_text is None:
+            return None
+        token_ids = [t for output in outputs for t in output.token_ids]
+        logprobs = [lp for output in outputs for lp in output.logprobs]
+        if self.chat:
+            return p.chat_logprobs(token_ids, logprobs, self.token_text)
+        found = p.completion_logprobs(token_ids, logprobs, self.token_text, self.text_offset)
+        self.text_offset += sum(len(t) for t in found["tokens"])
+        return found
+
+    def chunks(self, output: Output) -> list[dict]:
+        text, finish_reason = output.text, output.finish_reason
+        logprobs = self.logprobs([output]) if output.token_ids else None
         if not self.chat:
-            return [self._chunk(p.completion_chunk(self.head, text=text, finish_reason=finish_reason))]
-        out = [self.chat_delta({"content": text})] if text else []
+            return [self._chunk(p.completion_chunk(self.head, text=text, finish_reason=finish_reason,
+                                                   logprobs=logprobs))]
+        out = [self.chat_delta({"content": text}, logprobs=logprobs)] if text or logprobs else []
         if finish_reason is not None:
             out.append(self.chat_delta({}, finish_reason))
         return out
 
-    def chat_delta(self, delta: dict, finish_reason: str | None = None) -> dict:
-        return self._chunk(p.chat_chunk(self.head, delta=delta, finish_reason=finish_reason))
+    def chat_delta(self, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+        return self._chunk(p.chat_chunk(self.head, delta=delta, finish_reason=finish_reason, logprobs=logprobs))
 
     def usage_chunk(self, num_output_tokens: int) -> dict:
         return p.usage_chunk(self.head, chat=self.chat, usage_=self.usage(num_output_tokens))
@@ -252,7 +281,7 @@ async def _sse(stream: RequestStream, fmt: _Format) -> AsyncIterator[str]:
         if fmt.chat:
             yield _sse_data(fmt.chat_delta({"role": "assistant", "content": ""}))
         async for output in stream.outputs():
-            for chunk in fmt.chunks(output.text, output.finish_reason):
+            for chunk in fmt.chunks(output):
                 yield _sse_data(chunk)
         if fmt.usage_in_chunks:
             yield _sse_data(fmt.usage_chunk(stream.num_output_tokens))

@@ -13,6 +13,7 @@ import dataclasses
 import time
 from typing import AsyncIterator
 
+from core.request import TokenLogprobs
 from serve.engine.plan import SamplingParams
 from serve.server.detokenize import IncrementalDetokenizer, StopStrings
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, Sink, TokenEvent
@@ -30,6 +31,11 @@ class Output:
     """Output tokens so far (the usage count; at a stop string, the tokens up to it)."""
     finish_reason: str | None = None
     """stop or length on the last Output; None before."""
+    token_ids: tuple[int, ...] = ()
+    """The tokens that arrived with this Output, when the request asked for log-probabilities (their text may
+    still be held back, or cut at a stop string)."""
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    """One per token of ``token_ids``."""
 
 
 class EngineError(RuntimeError):
@@ -129,15 +135,16 @@ class RequestStream:
         text = self._stops.feed(self._detokenizer.add(event.token_ids))
         if not self._stops.stopped and event.is_last:
             text += self._stops.feed(self._detokenizer.flush())
+        tokens = {"token_ids": event.token_ids, "logprobs": event.logprobs} if event.logprobs else {}
         if self._stops.stopped:
             if not event.is_last:  # the engine is still generating: end it there, and say where it stopped
                 self.engine.abort(self.request_id, stopped_at=self.num_output_tokens)
             self._finish("stop")
-            return Output(text, self.num_output_tokens, "stop")
+            return Output(text, self.num_output_tokens, "stop", **tokens)
         if event.is_last:
             self._finish(event.finish_reason)
-            return Output(text + self._stops.flush(), self.num_output_tokens, event.finish_reason)
-        return Output(text, self.num_output_tokens) if text else None
+            return Output(text + self._stops.flush(), self.num_output_tokens, event.finish_reason, **tokens)
+        return Output(text, self.num_output_tokens, **tokens) if text or tokens else None
 
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
@@ -160,7 +167,7 @@ class RequestStream:
             self.engine.abort(self.request_id)
             self._finish("abort")
 
-    async def collect(self) -> tuple[str, str]:
-        """The whole answer: (text, finish reason)."""
-        parts = [output.text async for output in self.outputs()]
-        return "".join(parts), self.finish_reason
+    async def collect(self) -> tuple[str, str, list[Output]]:
+        """The whole answer: (text, finish reason, every Output)."""
+        outputs = [output async for output in self.outputs()]
+        return "".join(output.text for output in outputs), self.finish_reason, outputs

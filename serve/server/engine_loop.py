@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from serve.engine.llm import LLMEngine
 from serve.engine.plan import SamplingParams
-from core.request import LengthPrediction, Request
+from core.request import LengthPrediction, Request, TokenLogprobs
 from serve.scheduler import SchedulerStats
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class TokenEvent:
     """stop, length or abort; None while the request runs."""
     error: str | None = None
     """Set when the engine could not take or finish the request (the finish reason is then abort)."""
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    """One per token when the request asked for log-probabilities (SamplingParams.logprobs)."""
 
     @property
     def is_last(self) -> bool:
@@ -265,7 +267,8 @@ class EngineLoop:
         new = tuple(request.output_token_ids[sent:])
         if new or finish_reason is not None:
             self._num_sent[request.request_id] = sent + len(new)
-            events[sink.loop].append((sink.queue, TokenEvent(new, finish_reason)))
+            logprobs = tuple(request.output_logprobs[sent:])
+            events[sink.loop].append((sink.queue, TokenEvent(new, finish_reason, logprobs=logprobs)))
 
     def _forget(self, request_id: str) -> None:
         self._sinks.pop(request_id, None)

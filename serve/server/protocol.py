@@ -14,12 +14,16 @@ import dataclasses
 import hashlib
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from core.request import TokenLogprobs
+
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs (and vLLM's default max_logprobs)
+LOWEST_LOGPROB = -9999.0  # what an impossible token's log-probability is written as (JSON has no -Infinity)
 REQUIRED = ("model", "prompt", "messages")
 
 
@@ -79,11 +83,12 @@ class GenerationRequest(BaseModel):
     """vLLM's extension: an end-of-sequence token does not end the request (it runs to max_tokens)."""
     # Accepted only at their no-op values (see UNSUPPORTED).
     logit_bias: dict[str, Any] | None = None
-    logprobs: Any = None
 
 
 class CompletionRequest(GenerationRequest):
     prompt: Any
+    logprobs: int | None = None
+    """Return each token's log-probability and the ``logprobs`` most likely tokens' (0 to MAX_LOGPROBS)."""
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -92,6 +97,8 @@ class CompletionRequest(GenerationRequest):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    """Return each token's log-probability (and, with ``top_logprobs``, the most likely tokens')."""
     top_logprobs: int | None = None
     response_format: Any = None
     # Tool and function calling: refused whatever their value (see TOOL_FIELDS).
@@ -103,7 +110,7 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 # Not implemented; accepted only when unset, zero, false or empty (best_of also at 1).
-UNSUPPORTED = ("logit_bias", "logprobs", "echo", "best_of", "suffix", "top_logprobs")
+UNSUPPORTED = ("logit_bias", "echo", "best_of", "suffix")
 TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 
 
@@ -173,6 +180,27 @@ def _check_ranges(request: GenerationRequest) -> None:
             raise bad_request(f"{name} must be in [-2, 2], got {getattr(request, name)}", name)
     if request.seed is not None and not -(2**63) <= request.seed < 2**63:
         raise bad_request(f"seed must be a 64-bit integer, in [-2**63, 2**63), got {request.seed}", "seed")
+    requested_logprobs(request)
+
+
+def requested_logprobs(request: GenerationRequest) -> int | None:
+    """How many of the most likely tokens to report with each generated token's log-probability; None when the
+    request asks for no log-probabilities. Completions: ``logprobs``; chat: ``logprobs: true`` with
+    ``top_logprobs`` (0 when left out), which needs ``logprobs: true`` as in OpenAI's API."""
+    if isinstance(request, ChatCompletionRequest):
+        name, count = "top_logprobs", request.top_logprobs
+        if count is not None and not request.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", name)
+        if not request.logprobs:
+            return None
+        count = count or 0
+    else:
+        name, count = "logprobs", getattr(request, "logprobs", None)
+        if count is None:
+            return None
+    if not 0 <= count <= MAX_LOGPROBS:
+        raise bad_request(f"{name} must be between 0 and {MAX_LOGPROBS}, got {count}", name)
+    return count
 
 
 def requested_max_tokens(request: GenerationRequest) -> int | None:
@@ -285,28 +313,59 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
             "total_tokens": num_prompt_tokens + num_completion_tokens}
 
 
-def completion_body(head: Head, *, text: str, finish_reason: str | None, usage_: dict | None) -> dict:
+def completion_body(head: Head, *, text: str, finish_reason: str | None, usage_: dict | None,
+                    logprobs: dict | None = None) -> dict:
     """A whole /v1/completions response."""
-    return {**completion_chunk(head, text=text, finish_reason=finish_reason), "usage": usage_}
+    return {**completion_chunk(head, text=text, finish_reason=finish_reason, logprobs=logprobs), "usage": usage_}
 
 
-def completion_chunk(head: Head, *, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(head: Head, *, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
     """One /v1/completions stream chunk (OpenAI streams the same object as the whole response)."""
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**head.fields("text_completion"), "choices": [choice]}
 
 
-def chat_body(head: Head, *, text: str, finish_reason: str | None, usage_: dict | None) -> dict:
+def chat_body(head: Head, *, text: str, finish_reason: str | None, usage_: dict | None,
+              logprobs: dict | None = None) -> dict:
     """A whole /v1/chat/completions response."""
     message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**head.fields("chat.completion"), "choices": [choice], "usage": usage_}
 
 
-def chat_chunk(head: Head, *, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(head: Head, *, delta: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
     """One chat stream chunk; the first carries the role, the last an empty delta and the finish reason."""
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**head.fields("chat.completion.chunk"), "choices": [choice]}
+
+
+def _logprob(value: float) -> float:
+    return max(value, LOWEST_LOGPROB)
+
+
+def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs], token_text: Callable[[int], str],
+                        text_offset: int = 0) -> dict:
+    """/v1/completions' ``logprobs``: each token's text, log-probability and offset in the answer's text (from
+    ``text_offset``), and a {text: log-probability} of the most likely tokens with the token itself, as vLLM."""
+    texts = [token_text(t) for t in token_ids]
+    offsets = [text_offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    tops = [{**{token_text(i): _logprob(v) for i, v in lp.top}, text: _logprob(lp.logprob)}
+            for text, lp in zip(texts, logprobs)]
+    return {"tokens": texts, "token_logprobs": [_logprob(lp.logprob) for lp in logprobs], "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs],
+                  token_text: Callable[[int], str]) -> dict:
+    """/v1/chat/completions' ``logprobs``: per token its text, UTF-8 bytes, log-probability and the most likely
+    tokens' (``top_logprobs``)."""
+    def entry(token_id: int, value: float) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": _logprob(value), "bytes": list(text.encode("utf-8"))}
+
+    content = [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+               for t, lp in zip(token_ids, logprobs)]
+    return {"content": content, "refusal": None}
 
 
 def usage_chunk(head: Head, *, chat: bool, usage_: dict) -> dict:

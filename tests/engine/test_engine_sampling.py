@@ -6,7 +6,7 @@ from engine_driver import EngineDriver, tiny_llama
 
 from serve.engine.plan import SamplingParams
 from serve.engine.runner import ModelRunner
-from serve.engine.sampling import apply_penalties, filtered_probs, sample
+from serve.engine.sampling import apply_penalties, filtered_probs, sample, token_logprobs
 
 LOGITS = torch.log(torch.tensor([[0.1, 0.4, 0.3, 0.2]]))  # (1, V): token 1 most likely, then 2, 3, 0
 
@@ -116,3 +116,21 @@ def test_a_penalty_moves_greedy_off_a_repeated_token():
 def test_penalties_out_of_range_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_token_logprobs_are_the_models_log_softmax_with_the_top_tokens():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 4
+    found = token_logprobs(logits, [5, 0, 49], [0, 3, 50])
+    expected = logits.log_softmax(-1)
+    assert [lp.logprob for lp in found] == pytest.approx(
+        [expected[0, 5].item(), expected[1, 0].item(), expected[2, 49].item()], abs=1e-6)
+    assert found[0].top == ()  # 0: the token's own only
+    ids, values = zip(*found[1].top)
+    assert list(ids) == expected[1].argsort(descending=True)[:3].tolist()
+    assert list(values) == pytest.approx(expected[1].sort(descending=True).values[:3].tolist(), abs=1e-6)
+    assert len(found[2].top) == 50 and sorted(i for i, _ in found[2].top) == list(range(50))
+
+
+def test_negative_logprobs_are_rejected():
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=-1)

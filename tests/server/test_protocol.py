@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from core.request import TokenLogprobs
 from serve.server import protocol as p
 
 
@@ -36,7 +37,10 @@ def _error(cls, body) -> p.APIError:
     ({"model": "m", "prompt": "hi", "presence_penalty": -3}, "presence_penalty", "[-2, 2]"),
     ({"model": "m", "prompt": "hi", "n": 2}, "n", "n=1"),
     ({"model": "m", "prompt": "hi", "stream": "yes"}, "stream", "valid boolean"),
-    ({"model": "m", "prompt": "hi", "logprobs": 3}, "logprobs", "not supported"),
+    ({"model": "m", "prompt": "hi", "echo": True}, "echo", "not supported"),
+    ({"model": "m", "prompt": "hi", "logprobs": 21}, "logprobs", "between 0 and 20"),
+    ({"model": "m", "prompt": "hi", "logprobs": -1}, "logprobs", "between 0 and 20"),
+    ({"model": "m", "prompt": "hi", "logprobs": True}, "logprobs", "valid integer"),
     ({"model": "m", "prompt": ["a", "b"]}, "prompt", "one prompt per request"),
     ({"model": "m", "prompt": 7}, "prompt", "string or a non-empty list of token ids"),
     ({"model": "m", "prompt": "hi", "stop": ["a", ""]}, "stop", "non-empty"),
@@ -56,6 +60,44 @@ def test_completion_refusals_name_the_field(body, param, words):
 ])  # fmt: skip
 def test_chat_refusals_name_the_message(messages, param):
     assert _error(p.ChatCompletionRequest, {"model": "m", "messages": messages}).param == param
+
+
+@pytest.mark.parametrize(("fields", "param", "words"), [
+    ({"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+    ({"logprobs": False, "top_logprobs": 0}, "top_logprobs", "needs logprobs: true"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "between 0 and 20"),
+    ({"logprobs": 3}, "logprobs", "valid boolean"),
+])  # fmt: skip
+def test_chat_logprobs_refusals(fields, param, words):
+    error = _error(p.ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}]} | fields)
+    assert error.status == 400 and error.param == param and words in error.message
+
+
+@pytest.mark.parametrize(("cls", "fields", "count"), [
+    (p.CompletionRequest, {"prompt": "hi"}, None),
+    (p.CompletionRequest, {"prompt": "hi", "logprobs": 0}, 0),
+    (p.CompletionRequest, {"prompt": "hi", "logprobs": 5}, 5),
+    (p.ChatCompletionRequest, {"messages": []}, None),
+    (p.ChatCompletionRequest, {"messages": [], "logprobs": False}, None),
+    (p.ChatCompletionRequest, {"messages": [], "logprobs": True}, 0),
+    (p.ChatCompletionRequest, {"messages": [], "logprobs": True, "top_logprobs": 20}, 20),
+])  # fmt: skip
+def test_requested_logprobs(cls, fields, count):
+    assert p.requested_logprobs(_parse(cls, {"model": "m"} | fields)) == count
+
+
+def test_logprobs_bodies_follow_openai():
+    lps = [TokenLogprobs(-0.5, ((7, -0.5), (8, -1.25))), TokenLogprobs(float("-inf"), ((7, -0.1), (9, -3.0)))]
+    text = {7: "a", 8: "bc", 9: "\u00e9"}.__getitem__
+    done = p.completion_logprobs([7, 9], lps, text, text_offset=4)
+    assert done == {"tokens": ["a", "\u00e9"], "token_logprobs": [-0.5, p.LOWEST_LOGPROB],
+                    "top_logprobs": [{"a": -0.5, "bc": -1.25}, {"a": -0.1, "\u00e9": p.LOWEST_LOGPROB}],
+                    "text_offset": [4, 5]}
+    chat = p.chat_logprobs([7, 9], lps, text)
+    assert chat["refusal"] is None and [c["token"] for c in chat["content"]] == ["a", "\u00e9"]
+    assert chat["content"][1]["bytes"] == [0xC3, 0xA9] and chat["content"][1]["logprob"] == p.LOWEST_LOGPROB
+    assert chat["content"][0]["top_logprobs"] == [{"token": "a", "logprob": -0.5, "bytes": [97]},
+                                                  {"token": "bc", "logprob": -1.25, "bytes": [98, 99]}]
 
 
 def test_accepted_shapes():

@@ -36,6 +36,14 @@ def test_smollm2_chat_and_streaming_completion(tmp_path):
         streamed = "".join(chunk.choices[0].text for chunk in chunks)
         assert streamed == whole.choices[0].text and len(streamed) > 10
         assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+        scored = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content":
+                                           "What is the capital of France?"}], max_tokens=8, temperature=0,
+                                           frequency_penalty=0, logprobs=True, top_logprobs=2)
+        content = scored.choices[0].logprobs.content
+        assert len(content) == scored.usage.completion_tokens
+        assert "".join(entry.token for entry in content).startswith(scored.choices[0].message.content[:4])
+        assert all(entry.logprob == entry.top_logprobs[0].logprob <= 0 for entry in content)  # greedy
         wait_idle(srv)
     finally:
         srv.stop()
