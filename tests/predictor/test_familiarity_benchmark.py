@@ -1,4 +1,5 @@
-"""benchmarks/familiarity.py: a leave-one-source-out checkpoint finds the source it never saw unfamiliar."""
+"""benchmarks/familiarity.py: a leave-one-source-out checkpoint finds the source it never saw unfamiliar;
+benchmarks/predictor_trace.py writes a simulator trace of that source with the predictor's familiarity."""
 
 from __future__ import annotations
 
@@ -32,6 +33,21 @@ def test_the_held_out_source_is_found_unfamiliar(import_benchmark, tmp_path, rec
     assert record["held_out_source"] == "left" and record["auc"] > 0.9
     assert record["held_out_unfamiliar_share"] > 0.5 > record["seen_unfamiliar_share"]
     assert (out / "familiarity.png").is_file()
+
+    trace = import_benchmark("predictor_trace")
+    path = tmp_path / "trace.jsonl"
+    result = CliRunner().invoke(trace.main, [str(tmp_path / "loso" / "left"), "--data", str(data), "--held-out",
+                                             "left", "--unfamiliar-probs", "lengths", "--output", str(path)])
+    assert result.exit_code == 0, result.output
+    traced = [json.loads(line) for line in path.read_text().splitlines()]
+    left = [r for r in traced if r["source"] == "left"]
+    assert len(left) == 90 and traced[:90] == left  # every row of the held-out source, first
+    unfamiliar = [r for r in traced if r["unfamiliar"]]
+    assert len(unfamiliar) > 45 and all(r["probs"] == unfamiliar[0]["probs"] for r in unfamiliar)
+    assert any(r["probs"] != unfamiliar[0]["probs"] for r in traced if not r["unfamiliar"])
+    result = CliRunner().invoke(trace.main, [str(tmp_path / "loso" / "left"), "--data", str(data), "--held-out",
+                                             "nowhere", "--output", str(path)])
+    assert result.exit_code != 0 and "no rows of source 'nowhere'" in result.output
 
 
 def test_auc_below_counts_ties_half(import_benchmark):
