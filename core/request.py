@@ -102,6 +102,9 @@ class Request:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
     """One per output token when the sampling asks for log-probabilities (``sampling.logprobs``); else empty."""
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    """One per prompt token after the first (which has none), once the prompt is computed, when the sampling asks
+    for them (``sampling.prompt_logprobs``); else empty."""
     num_computed_tokens: int = 0
     reserved_output_tokens: int = 0
     """Output tokens the reservation holds while running, or will take when (re)admitted; 0 under the

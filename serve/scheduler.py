@@ -115,6 +115,9 @@ class StepResult:
     """Sequences the executor ended (EOS, stop string, a scripted length); the token above counts."""
     logprobs: dict[str, TokenLogprobs] = dataclasses.field(default_factory=dict)
     """The new token's log-probabilities, for the sequences whose sampling asks for them."""
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = dataclasses.field(default_factory=dict)
+    """(the position of the first prompt token scored, their log-probabilities), for the sequences whose sampling
+    asks for prompt log-probabilities and whose step computed prompt positions (again, after a preemption)."""
 
 
 @dataclasses.dataclass
@@ -286,6 +289,8 @@ class Scheduler:
             if request is None or request.is_finished:  # aborted (and maybe forgotten) while the step ran
                 continue
             request.num_computed_tokens += seq.num_new_tokens
+            if seq.request_id in result.prompt_logprobs:
+                _keep_prompt_logprobs(request, *result.prompt_logprobs[seq.request_id])
             if not seq.samples:
                 continue
             request.output_token_ids.append(result.sampled_token_ids[seq.request_id])
@@ -515,3 +520,11 @@ class _NoGate:
 
 
 _NO_GATE = _NoGate()
+
+
+def _keep_prompt_logprobs(request: Request, first: int, found: list[TokenLogprobs]) -> None:
+    """Add the prompt log-probabilities of positions ``first``.. that ``request`` does not have yet (a recompute
+    after a preemption scores its prompt again)."""
+    have = len(request.prompt_logprobs)  # positions 1 .. have
+    assert first - 1 <= have, f"{request.request_id}: prompt log-probabilities from position {first} after {have}"
+    request.prompt_logprobs += found[have - (first - 1):]

@@ -95,9 +95,10 @@ def test_penalties_use_the_generated_tokens_across_preemption(prompts, reference
 
 
 def test_logprobs_are_the_models_and_survive_preemption(prompts):
-    """Every output token's log-probability equals a plain forward pass over prompt + answer (penalties change
-    the tokens picked, not the distribution reported), through preemptions and recompute."""
-    sampling = SamplingParams(frequency_penalty=1.5, logprobs=3)
+    """Every output token's log-probability, and every prompt token's after the first, equals a plain forward pass
+    over prompt + answer (penalties change the tokens picked, not the distribution reported), through chunked
+    prefill, preemptions and recompute."""
+    sampling = SamplingParams(frequency_penalty=1.5, logprobs=3, prompt_logprobs=2)
     config = EngineConfig(kv_cache_tokens=96, block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
                           policy=PolicyConfig(policy="paged", watermark=0.0))  # fmt: skip
     engine = LLMEngine(config, model=tiny_llama(), tokenizer=None)
@@ -107,17 +108,25 @@ def test_logprobs_are_the_models_and_survive_preemption(prompts):
     while engine.has_unfinished():
         done |= {c.request_id: c.request for c in engine.step()}
     assert engine.scheduler.stats.num_preemptions > 0
+    assert max(len(p) for p in prompts) > config.max_num_batched_tokens  # some prompt is chunked
+    assert any(done[str(i)].num_preemptions for i in range(1, len(prompts), 2))  # and some asking is recomputed
     reference = tiny_llama()
     for i, ids in enumerate(prompts):
         request = done[str(i)]
         if i % 2 == 0:
-            assert request.output_logprobs == []  # not asked for
+            assert request.output_logprobs == request.prompt_logprobs == []  # not asked for
             continue
         out = request.output_token_ids
         assert len(request.output_logprobs) == len(out) == NUM_NEW
         with torch.no_grad():
-            logits = reference(torch.tensor([[*ids, *out]])).logits[0, len(ids) - 1:-1].float()
-        expected = logits.log_softmax(-1)
+            everything = reference(torch.tensor([[*ids, *out]])).logits[0].float().log_softmax(-1)
+        assert len(request.prompt_logprobs) == len(ids) - 1
+        got = torch.tensor([lp.logprob for lp in request.prompt_logprobs])
+        assert torch.allclose(got, everything[:len(ids) - 1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1),
+                              atol=1e-4)
+        assert all([t for t, _ in lp.top] == row.topk(2).indices.tolist()
+                   for lp, row in zip(request.prompt_logprobs, everything))
+        expected = everything[len(ids) - 1:-1]
         got = torch.tensor([lp.logprob for lp in request.output_logprobs])
         assert torch.allclose(got, expected.gather(-1, torch.tensor(out)[:, None]).squeeze(-1), atol=1e-4)
         for lp, row in zip(request.output_logprobs, expected):

@@ -54,11 +54,15 @@ class ModelExecutor:
             seq.token_ids.append(token)
             if token in self.eos_token_ids and not seq.sampling.ignore_eos:
                 stopped.add(request_id)
-        return StepResult(dict(sampled), stopped, output.logprobs)
+        return StepResult(dict(sampled), stopped, output.logprobs, output.prompt_logprobs)
 
     def _step_of(self, scheduled) -> SequenceStep:
         seq = self._seqs[scheduled.request_id]
         penalised = scheduled.samples and seq.sampling.has_penalties
+        start, end = scheduled.start, scheduled.start + scheduled.num_new_tokens
+        # Positions start .. end-1 score the prompt token after each, up to the prompt's last token.
+        targets = (tuple(seq.token_ids[start + 1 : min(end, seq.num_prompt_tokens - 1) + 1])
+                   if seq.sampling.prompt_logprobs is not None else ())
         return SequenceStep(
             request_id=scheduled.request_id,
             token_ids=seq.token_ids[scheduled.start : scheduled.start + scheduled.num_new_tokens],
@@ -67,6 +71,7 @@ class ModelExecutor:
             sample=scheduled.samples,
             sampling=seq.sampling,
             output_token_ids=seq.output_token_ids if penalised else (),
+            prompt_targets=targets,
         )
 
     # -- tensor parallel --------------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ class SamplingParams:
     """Log-probabilities to return with every generated token: None for none; k for the token's own and the k
     most likely tokens'. They are the model's own distribution (its logits' log-softmax, before penalties,
     temperature, top-k and top-p), as vLLM's default."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first (each scored by the logits before it): None for none, k
+    for the token's own and the k most likely tokens'."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -48,8 +51,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0 (None for none), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (None for none), got {getattr(self, name)}")
 
     @property
     def is_greedy(self) -> bool:
@@ -90,6 +94,10 @@ class SequenceStep:
     sampling: SamplingParams = GREEDY
     output_token_ids: tuple[int, ...] = ()
     """The tokens generated so far, for the penalties; filled only when `sample` and `sampling.has_penalties`."""
+    prompt_targets: tuple[int, ...] = ()
+    """Prompt tokens to score (`sampling.prompt_logprobs`): the logits of this step's i-th token give the
+    log-probability of ``prompt_targets[i]``, the prompt token after it (at most one per token of the step, none
+    for the prompt's last token, whose logits sample)."""
 
     @property
     def num_tokens_after(self) -> int:
@@ -107,3 +115,5 @@ class StepOutput:
     """Tokens run through the model this step (sum of len(token_ids)), for throughput accounting."""
     logprobs: dict[str, TokenLogprobs] = dataclasses.field(default_factory=dict)
     """request_id -> the sampled token's log-probabilities, for the sequences whose sampling asks for them."""
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = dataclasses.field(default_factory=dict)
+    """request_id -> (the position of the first prompt token scored, the scores of `SequenceStep.prompt_targets`)."""

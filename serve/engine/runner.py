@@ -47,7 +47,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, steps: list[SequenceStep]) -> StepOutput:
-        """Run one step; returns a next token for every sequence with `sample=True`."""
+        """Run one step; returns a next token for every sequence with `sample=True` (and the log-probabilities
+        its sampling asks for)."""
         if not steps:
             return StepOutput({}, 0)
         self._check(steps)
@@ -55,7 +56,8 @@ class ModelRunner:
         input_ids, position_ids = self._flatten(batch_order)  # (1, T) each
         batch = build_paged_batch(batch_order, self.pool, self.device)
         sampled = [s for s in batch_order if s.sample]
-        keep = self._last_token_rows(batch_order)  # (S',) batch rows whose logits are needed
+        scored = [s for s in batch_order if s.prompt_targets]
+        keep = self._kept_rows(batch_order)  # batch rows whose logits are needed: sampled, then scored
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -63,9 +65,11 @@ class ModelRunner:
             logits_to_keep=keep if len(keep) else 1,
             paged_batch=batch,
         )
+        logits = out.logits[0].float()  # (len(keep), V)
+        prompt_logprobs = self._score_prompts(scored, logits[len(sampled):]) if scored else {}
         if not sampled:
-            return StepOutput({}, input_ids.shape[1])
-        logits = out.logits[0].float()  # (S', V)
+            return StepOutput({}, input_ids.shape[1], prompt_logprobs=prompt_logprobs)
+        logits = logits[: len(sampled)]
         tokens = sample(
             logits, [s.sampling for s in sampled], [s.num_tokens_after for s in sampled],
             [s.output_token_ids for s in sampled],
@@ -78,7 +82,18 @@ class ModelRunner:
                                    [sampled[i].sampling.logprobs for i in asking])
             logprobs = {sampled[i].request_id: lp for i, lp in zip(asking, found)}
         return StepOutput({s.request_id: by_id[s.request_id] for s in steps if s.sample}, input_ids.shape[1],
-                          logprobs)
+                          logprobs, prompt_logprobs)
+
+    @staticmethod
+    def _score_prompts(scored: list[SequenceStep], logits: torch.Tensor) -> dict:
+        """Each scored sequence's prompt targets from its rows of ``logits`` (in `scored` order)."""
+        out, row = {}, 0
+        for s in scored:
+            n = len(s.prompt_targets)
+            found = token_logprobs(logits[row : row + n], s.prompt_targets, [s.sampling.prompt_logprobs] * n)
+            out[s.request_id] = (s.num_computed_tokens + 1, found)
+            row += n
+        return out
 
     def _flatten(self, steps: list[SequenceStep]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = [t for s in steps for t in s.token_ids]
@@ -86,10 +101,16 @@ class ModelRunner:
         as_row = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None, :]  # noqa: E731
         return as_row(ids), as_row(pos)
 
-    def _last_token_rows(self, steps: list[SequenceStep]) -> torch.Tensor:
-        ends = torch.tensor([len(s.token_ids) for s in steps]).cumsum(0) - 1  # (S,) last row of each sequence
+    def _kept_rows(self, steps: list[SequenceStep]) -> torch.Tensor:
+        """The batch rows whose logits the step needs: each sampled sequence's last token, then the rows scoring
+        prompt tokens (each such sequence's first ``len(prompt_targets)`` tokens)."""
+        lengths = torch.tensor([len(s.token_ids) for s in steps])
+        ends = lengths.cumsum(0)  # (S,) one past each sequence's last row
         wanted = torch.tensor([s.sample for s in steps], dtype=torch.bool)
-        return ends[wanted].to(self.device)
+        rows = [ends[wanted] - 1]
+        rows += [torch.arange(len(s.prompt_targets)) + (ends[i] - lengths[i]) for i, s in enumerate(steps)
+                 if s.prompt_targets]  # fmt: skip
+        return torch.cat(rows).to(self.device)
 
     def _check(self, steps: list[SequenceStep]) -> None:
         """Plans come from our own scheduler, so violations are bugs: fail loudly before touching the pool."""

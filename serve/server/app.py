@@ -10,7 +10,7 @@ import functools
 import hmac
 import json
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -18,6 +18,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from core.request import TokenLogprobs
 from serve.engine.plan import SamplingParams
 from serve.server import protocol as p
 from serve.server.async_engine import AsyncEngine, EngineError, Output, RequestStream
@@ -190,14 +191,16 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     stops = p.stop_strings(req)
     head = p.Head(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, state.system_fingerprint)
     logprobs = p.requested_logprobs(req)
+    echo = {"echo_text": prompt_text, "echo_ids": prompt_ids} if getattr(req, "echo", False) else {}
     fmt = _Format(head, chat, len(prompt_ids), usage_in_chunks=req.stream and p.include_usage(req),
-                  token_text=state.token_text if logprobs is not None else None)
+                  token_text=state.token_text if logprobs is not None else None, **echo)
     # An explicit null means "the default", as leaving it out does (protocol drops nulls before parsing).
     frequency_penalty = (req.frequency_penalty if "frequency_penalty" in req.model_fields_set
                          else state.default_frequency_penalty)
     sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                               presence_penalty=req.presence_penalty, frequency_penalty=frequency_penalty,
-                              ignore_eos=req.ignore_eos, logprobs=logprobs)
+                              ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              prompt_logprobs=p.requested_prompt_logprobs(req))
     stream = state.engine.submit(head.rid, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                  prompt=prompt_text, stop=stops)
     if req.stream:
@@ -228,21 +231,35 @@ class _Format:
     """A token's text, when the request asked for log-probabilities (None: it did not)."""
     text_offset: int = 0
     """Characters of token text already streamed (completions' ``text_offset`` goes on from there)."""
+    echo_text: str | None = None
+    """A completion's prompt, to answer in front of the completion (``echo``); None once sent, or without echo."""
+    echo_ids: Sequence[int] = ()
 
     def usage(self, num_output_tokens: int) -> dict:
         return p.usage(self.num_prompt_tokens, num_output_tokens)
 
     def response(self, text: str, finish_reason: str, num_output_tokens: int, outputs: list[Output]) -> dict:
         body = p.chat_body if self.chat else p.completion_body
-        return body(self.head, text=text, finish_reason=finish_reason, usage_=self.usage(num_output_tokens),
-                    logprobs=self.logprobs(outputs))
+        logprobs = self.logprobs(outputs)  # before echo(), which ends the echo
+        echoed = self.echo()
+        return body(self.head, text=echoed + text, finish_reason=finish_reason,
+                    usage_=self.usage(num_output_tokens), logprobs=logprobs)
+
+    def echo(self) -> str:
+        """The prompt's text, once (the whole response, or the first chunk), for ``echo``; else ''."""
+        text, self.echo_text = self.echo_text or "", None
+        return text
 
     def logprobs(self, outputs: list[Output]) -> dict | None:
-        """The ``logprobs`` of a choice covering ``outputs`` (None when the request asked for none)."""
+        """The ``logprobs`` of a choice covering ``outputs`` (None when the request asked for none); with the
+        echoed prompt's in front, on the response or chunk that echoes it (call before `echo`)."""
         if self.token_text is None:
             return None
         token_ids = [t for output in outputs for t in output.token_ids]
-        logprobs = [lp for output in outputs for lp in output.logprobs]
+        logprobs: list[TokenLogprobs | None] = [lp for output in outputs for lp in output.logprobs]
+        if self.echo_text is not None:
+            prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs), ())
+            token_ids, logprobs = [*self.echo_ids, *token_ids], [None, *prompt, *logprobs]
         if self.chat:
             return p.chat_logprobs(token_ids, logprobs, self.token_text)
         found = p.completion_logprobs(token_ids, logprobs, self.token_text, self.text_offset)
@@ -250,8 +267,8 @@ class _Format:
         return found
 
     def chunks(self, output: Output) -> list[dict]:
-        text, finish_reason = output.text, output.finish_reason
         logprobs = self.logprobs([output]) if output.token_ids else None
+        text, finish_reason = self.echo() + output.text, output.finish_reason
         if not self.chat:
             return [self._chunk(p.completion_chunk(self.head, text=text, finish_reason=finish_reason,
                                                    logprobs=logprobs))]

@@ -36,6 +36,8 @@ class Output:
     still be held back, or cut at a stop string)."""
     logprobs: tuple[TokenLogprobs, ...] = ()
     """One per token of ``token_ids``."""
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    """On the first Output with tokens, when the request asked for them: one per prompt token after the first."""
 
 
 class EngineError(RuntimeError):
@@ -136,6 +138,8 @@ class RequestStream:
         if not self._stops.stopped and event.is_last:
             text += self._stops.feed(self._detokenizer.flush())
         tokens = {"token_ids": event.token_ids, "logprobs": event.logprobs} if event.logprobs else {}
+        if event.prompt_logprobs:
+            tokens["prompt_logprobs"] = event.prompt_logprobs
         if self._stops.stopped:
             if not event.is_last:  # the engine is still generating: end it there, and say where it stopped
                 self.engine.abort(self.request_id, stopped_at=self.num_output_tokens)

@@ -47,6 +47,8 @@ class TokenEvent:
     """Set when the engine could not take or finish the request (the finish reason is then abort)."""
     logprobs: tuple[TokenLogprobs, ...] = ()
     """One per token when the request asked for log-probabilities (SamplingParams.logprobs)."""
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    """On a request's first event with tokens, when it asked for them: one per prompt token after the first."""
 
     @property
     def is_last(self) -> bool:
@@ -268,7 +270,9 @@ class EngineLoop:
         if new or finish_reason is not None:
             self._num_sent[request.request_id] = sent + len(new)
             logprobs = tuple(request.output_logprobs[sent:])
-            events[sink.loop].append((sink.queue, TokenEvent(new, finish_reason, logprobs=logprobs)))
+            prompt = tuple(request.prompt_logprobs) if sent == 0 and new else ()
+            events[sink.loop].append((sink.queue, TokenEvent(new, finish_reason, logprobs=logprobs,
+                                                             prompt_logprobs=prompt)))
 
     def _forget(self, request_id: str) -> None:
         self._sinks.pop(request_id, None)

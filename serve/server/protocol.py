@@ -90,6 +90,7 @@ class CompletionRequest(GenerationRequest):
     logprobs: int | None = None
     """Return each token's log-probability and the ``logprobs`` most likely tokens' (0 to MAX_LOGPROBS)."""
     echo: bool = False
+    """Answer with the prompt in front of the completion (with ``logprobs``, the prompt tokens' too)."""
     best_of: int | None = None
     suffix: str | None = None
 
@@ -110,7 +111,7 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 # Not implemented; accepted only when unset, zero, false or empty (best_of also at 1).
-UNSUPPORTED = ("logit_bias", "echo", "best_of", "suffix")
+UNSUPPORTED = ("logit_bias", "best_of", "suffix")
 TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 
 
@@ -181,6 +182,11 @@ def _check_ranges(request: GenerationRequest) -> None:
     if request.seed is not None and not -(2**63) <= request.seed < 2**63:
         raise bad_request(f"seed must be a 64-bit integer, in [-2**63, 2**63), got {request.seed}", "seed")
     requested_logprobs(request)
+
+
+def requested_prompt_logprobs(request: GenerationRequest) -> int | None:
+    """The prompt tokens' log-probabilities a request asks for: an echoed completion with ``logprobs``."""
+    return requested_logprobs(request) if getattr(request, "echo", False) else None
 
 
 def requested_logprobs(request: GenerationRequest) -> int | None:
@@ -343,16 +349,17 @@ def _logprob(value: float) -> float:
     return max(value, LOWEST_LOGPROB)
 
 
-def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs], token_text: Callable[[int], str],
-                        text_offset: int = 0) -> dict:
+def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs | None],
+                        token_text: Callable[[int], str], text_offset: int = 0) -> dict:
     """/v1/completions' ``logprobs``: each token's text, log-probability and offset in the answer's text (from
-    ``text_offset``), and a {text: log-probability} of the most likely tokens with the token itself, as vLLM."""
+    ``text_offset``), and a {text: log-probability} of the most likely tokens with the token itself, as vLLM. An
+    echoed prompt's first token has none (``None``, as OpenAI)."""
     texts = [token_text(t) for t in token_ids]
     offsets = [text_offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
-    tops = [{**{token_text(i): _logprob(v) for i, v in lp.top}, text: _logprob(lp.logprob)}
+    tops = [None if lp is None else {**{token_text(i): _logprob(v) for i, v in lp.top}, text: _logprob(lp.logprob)}
             for text, lp in zip(texts, logprobs)]
-    return {"tokens": texts, "token_logprobs": [_logprob(lp.logprob) for lp in logprobs], "top_logprobs": tops,
-            "text_offset": offsets}
+    return {"tokens": texts, "token_logprobs": [None if lp is None else _logprob(lp.logprob) for lp in logprobs],
+            "top_logprobs": tops, "text_offset": offsets}
 
 
 def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs],

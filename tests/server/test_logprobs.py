@@ -1,5 +1,5 @@
 """Log-probabilities over HTTP, through the official openai client: completions' ``logprobs`` and chat's
-``logprobs`` / ``top_logprobs``, whole and streamed, one entry per generated token."""
+``logprobs`` / ``top_logprobs``, whole and streamed, one entry per generated token; ``echo``, with the prompt's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 
 import openai
 import pytest
+import torch
 
+from tests.engine.engine_driver import tiny_llama
 from tests.server.conftest import client, wait_idle
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
@@ -87,3 +89,35 @@ def test_top_logprobs_without_logprobs_is_refused(server):
     with pytest.raises(openai.BadRequestError) as info:
         client(server).chat.completions.create(model="tiny", messages=CHAT, top_logprobs=2)
     assert info.value.body["param"] == "top_logprobs"
+
+
+def test_echo_answers_the_prompt_first(server):
+    c = client(server)
+    args = dict(model="tiny", prompt="Once upon", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    plain = c.completions.create(**args).choices[0].text
+    assert c.completions.create(**args, echo=True).choices[0].text == "Once upon" + plain
+    assert "".join(ch.choices[0].text for ch in c.completions.create(**args, echo=True, stream=True)) == \
+        "Once upon" + plain
+    wait_idle(server)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server):
+    """lm-eval-harness's loglikelihood request (local-completions): a token-id prompt, echo, logprobs 1,
+    max_tokens 1, temperature 0; it sums token_logprobs over the continuation and checks each against the top."""
+    ids = [ord(ch) for ch in "The answer is 42"]
+    args = dict(model="tiny", prompt=[ids], echo=True, logprobs=1, max_tokens=1, temperature=0)
+    done = client(server).completions.create(**args)
+    lp = done.choices[0].logprobs
+    assert done.choices[0].text.startswith("The answer is 42")
+    assert len(lp.tokens) == len(ids) + done.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first prompt token has none
+    with torch.no_grad():
+        expected = tiny_llama()(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(
+        expected.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).tolist(), abs=1e-4)
+    for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert top[token] == value and len(top) <= 2
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    chunks = [ch.choices[0].logprobs for ch in client(server).completions.create(**args, stream=True)]
+    assert [t for chunk in chunks if chunk is not None for t in chunk.tokens] == lp.tokens
+    wait_idle(server)
