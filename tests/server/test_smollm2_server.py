@@ -44,6 +44,11 @@ def test_smollm2_chat_and_streaming_completion(tmp_path):
         assert len(content) == scored.usage.completion_tokens
         assert "".join(entry.token for entry in content).startswith(scored.choices[0].message.content[:4])
         assert all(entry.logprob == entry.top_logprobs[0].logprob <= 0 for entry in content)  # greedy
+        echoed = c.completions.create(model="smollm2", prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                      logprobs=1).choices[0]
+        num_prompt = len(echoed.logprobs.tokens) - 1
+        assert "".join(echoed.logprobs.tokens[:num_prompt]) == prompt and echoed.text.startswith(prompt)
+        assert echoed.logprobs.token_logprobs[0] is None and all(v < 0 for v in echoed.logprobs.token_logprobs[1:])
         wait_idle(srv)
     finally:
         srv.stop()
