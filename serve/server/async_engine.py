@@ -73,12 +73,14 @@ class AsyncEngine:
         at the next step, so a cold burst is not refused while the engine has room to run it."""
         return max(0, self.max_num_seqs - self.engine_loop.snapshot.num_running)
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, count: int = 1) -> None:
+        """503 when the engine is gone; 429 when the queue has no room for ``count`` more requests."""
         if not self.engine_loop.snapshot.alive:
             raise APIError(503, f"the engine has stopped: {self.engine_loop.error or 'shut down'}")
-        if self.num_waiting >= self.max_waiting_requests + self.num_free_slots:
+        if self.num_waiting + count > self.max_waiting_requests + self.num_free_slots:
+            more = "" if count == 1 else f" and cannot take {count} more"
             raise APIError(429, f"the server has {self.num_waiting} requests waiting for {self.num_free_slots} "
-                                f"free running slots (queue limit {self.max_waiting_requests}); retry after "
+                                f"free running slots (queue limit {self.max_waiting_requests}){more}; retry after "
                                 f"{self.retry_after_s} s",
                            code="queue_full", headers={"Retry-After": str(self.retry_after_s)})
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from core.request import TokenLogprobs
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_CHOICES = 128  # n, as OpenAI
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs (and vLLM's default max_logprobs)
 LOWEST_LOGPROB = -9999.0  # what an impossible token's log-probability is written as (JSON has no -Infinity)
 REQUIRED = ("model", "prompt", "messages")
@@ -170,8 +171,8 @@ def _validation_error(exc: pydantic.ValidationError) -> APIError:
 
 
 def _check_ranges(request: GenerationRequest) -> None:
-    if request.n != 1:
-        raise bad_request(f"n={request.n} is not supported: this server returns one choice per request (n=1)", "n")
+    if not 1 <= request.n <= MAX_CHOICES:
+        raise bad_request(f"n must be between 1 and {MAX_CHOICES}, got {request.n}", "n")
     if not 0.0 <= request.temperature <= 2.0:
         raise bad_request(f"temperature must be in [0, 2], got {request.temperature}", "temperature")
     if not 0.0 < request.top_p <= 1.0:
@@ -319,30 +320,36 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
             "total_tokens": num_prompt_tokens + num_completion_tokens}
 
 
-def completion_body(head: Head, *, text: str, finish_reason: str | None, usage_: dict | None,
-                    logprobs: dict | None = None) -> dict:
-    """A whole /v1/completions response."""
-    return {**completion_chunk(head, text=text, finish_reason=finish_reason, logprobs=logprobs), "usage": usage_}
+def completion_choice(index: int, *, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    """One choice of a /v1/completions response or stream chunk (OpenAI streams the same shape)."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion_chunk(head: Head, *, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    """One /v1/completions stream chunk (OpenAI streams the same object as the whole response)."""
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {**head.fields("text_completion"), "choices": [choice]}
-
-
-def chat_body(head: Head, *, text: str, finish_reason: str | None, usage_: dict | None,
-              logprobs: dict | None = None) -> dict:
-    """A whole /v1/chat/completions response."""
+def chat_choice(index: int, *, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    """One choice of a whole /v1/chat/completions response."""
     message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {**head.fields("chat.completion"), "choices": [choice], "usage": usage_}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_chunk(head: Head, *, delta: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    """One chat stream chunk; the first carries the role, the last an empty delta and the finish reason."""
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {**head.fields("chat.completion.chunk"), "choices": [choice]}
+def chat_delta(index: int, *, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+    """One choice of a chat stream chunk; each choice's first carries the role, its last an empty delta and the
+    finish reason."""
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_body(head: Head, *, choices: list[dict], usage_: dict | None) -> dict:
+    """A whole /v1/completions response."""
+    return {**head.fields("text_completion"), "choices": choices, "usage": usage_}
+
+
+def chat_body(head: Head, *, choices: list[dict], usage_: dict | None) -> dict:
+    """A whole /v1/chat/completions response."""
+    return {**head.fields("chat.completion"), "choices": choices, "usage": usage_}
+
+
+def stream_chunk(head: Head, *, chat: bool, choice: dict) -> dict:
+    """One stream chunk carrying one choice's piece."""
+    return {**head.fields("chat.completion.chunk" if chat else "text_completion"), "choices": [choice]}
 
 
 def _logprob(value: float) -> float:

@@ -29,7 +29,7 @@ def _error(response: httpx.Response) -> dict:
     ('{"model": "tiny", "prompt": ', None, "not valid JSON"),
     ('{"prompt": "hi"}', "model", "missing required field 'model'"),
     ('{"model": "tiny", "prompt": "hi", "max_tokens": "5"}', "max_tokens", "valid integer"),
-    ('{"model": "tiny", "prompt": "hi", "n": 3}', "n", "n=1"),
+    ('{"model": "tiny", "prompt": "hi", "n": 129}', "n", "between 1 and 128"),
     ('{"model": "tiny", "prompt": "hi", "max_tokens": 0}', "max_tokens", "between 1 and 32"),
     ('{"model": "tiny", "prompt": "hi", "max_tokens": 33}', "max_tokens", "between 1 and 32"),
     ('{"model": "tiny", "prompt": "%s"}' % ("x" * 600), "prompt", "shorten it"),

@@ -35,7 +35,7 @@ def _error(cls, body) -> p.APIError:
     ({"model": "m", "prompt": "hi", "top_p": 0}, "top_p", "(0, 1]"),
     ({"model": "m", "prompt": "hi", "frequency_penalty": 2.5}, "frequency_penalty", "[-2, 2]"),
     ({"model": "m", "prompt": "hi", "presence_penalty": -3}, "presence_penalty", "[-2, 2]"),
-    ({"model": "m", "prompt": "hi", "n": 2}, "n", "n=1"),
+    ({"model": "m", "prompt": "hi", "n": 0}, "n", "between 1 and 128"),
     ({"model": "m", "prompt": "hi", "stream": "yes"}, "stream", "valid boolean"),
     ({"model": "m", "prompt": "hi", "suffix": "x"}, "suffix", "not supported"),
     ({"model": "m", "prompt": "hi", "logprobs": 21}, "logprobs", "between 0 and 20"),

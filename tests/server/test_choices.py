@@ -1,0 +1,85 @@
+"""Several choices per request (``n``), through the official openai client: one engine request each, choice 0 the
+``n=1`` answer, streamed choices interleaved by index, usage summed, all or none admitted."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import openai
+import pytest
+
+from tests.server.conftest import async_client, client, engine_paused, wait_for, wait_idle
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_completion_choices_are_separate_samples_with_choice_0_the_single_answer(server):
+    c = client(server)
+    args = dict(model="tiny", prompt="Once upon", max_tokens=8, temperature=1.0, seed=5,
+                extra_body={"ignore_eos": True})
+    single = c.completions.create(**args)
+    several = c.completions.create(**args, n=4)
+    assert [choice.index for choice in several.choices] == [0, 1, 2, 3]
+    assert several.choices[0].text == single.choices[0].text
+    assert len({choice.text for choice in several.choices}) > 1  # sampled apart, not one answer four times
+    assert (several.usage.prompt_tokens, several.usage.completion_tokens) == (single.usage.prompt_tokens, 32)
+    assert c.completions.create(**args, n=4).choices[3].text == several.choices[3].text  # seeded: reproducible
+    wait_idle(server)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streamed_choices_equal_the_whole_ones(server, chat):
+    c = client(server)
+    args = dict(model="tiny", max_tokens=10, temperature=0.9, seed=3, n=3, extra_body={"ignore_eos": True})
+    create = c.chat.completions.create if chat else c.completions.create
+    args |= dict(messages=CHAT, logprobs=True) if chat else dict(prompt="The answer is", logprobs=0)
+    whole = create(**args)
+    texts, roles, reasons, tokens = collections.defaultdict(str), [], {}, collections.Counter()
+    usage = None
+    for chunk in create(**args, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            piece = choice.delta.content if chat else choice.text
+            texts[choice.index] += piece or ""
+            if chat and choice.delta.role:
+                roles.append(choice.index)
+            if choice.logprobs is not None:
+                tokens[choice.index] += len(choice.logprobs.content if chat else choice.logprobs.tokens)
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    expected = [(ch.message.content if chat else ch.text) for ch in whole.choices]
+    assert [texts[i] for i in range(3)] == expected and reasons == {i: "length" for i in range(3)}
+    assert roles == ([0, 1, 2] if chat else []) and dict(tokens) == {i: 10 for i in range(3)}
+    assert usage.completion_tokens == whole.usage.completion_tokens == 30
+    wait_idle(server)
+
+
+def test_n_the_server_could_never_queue_is_400(slow_server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client(slow_server).completions.create(model="tiny", prompt="hi", max_tokens=3, n=7)
+    assert info.value.body["param"] == "n" and "6 requests" in info.value.body["message"]
+
+
+def test_choices_are_admitted_all_or_none(slow_server):
+    """4 free running slots + 2 waiting: with 5 requests in, a request for 2 choices is refused whole, and the
+    queue is as it was."""
+    engine = slow_server.stack.state.engine
+
+    async def main():
+        c = async_client(slow_server)
+        ask = lambda n: c.completions.create(model="tiny", prompt="queued", max_tokens=3, n=n)  # noqa: E731
+        with engine_paused(slow_server):
+            waiting = [asyncio.ensure_future(ask(1)) for _ in range(5)]
+            await asyncio.to_thread(wait_for, lambda: engine.num_in_flight == 5)
+            with pytest.raises(openai.RateLimitError) as info:
+                await ask(2)
+            assert engine.num_in_flight == 5
+            last = asyncio.ensure_future(ask(1))  # the one place left
+            await asyncio.to_thread(wait_for, lambda: engine.num_in_flight == 6)
+        return info.value, await asyncio.gather(*waiting, last)
+
+    error, done = asyncio.run(main())
+    assert "cannot take 2 more" in error.body["message"]
+    assert [d.usage.completion_tokens for d in done] == [3] * 6
+    wait_idle(slow_server)
