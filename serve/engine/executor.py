@@ -52,7 +52,7 @@ class ModelExecutor:
         for request_id, token in sampled.items():
             seq = self._seqs[request_id]
             seq.token_ids.append(token)
-            if token in self.eos_token_ids and not seq.sampling.ignore_eos:
+            if (token in self.eos_token_ids and not seq.sampling.ignore_eos) or token in seq.sampling.stop_token_ids:
                 stopped.add(request_id)
         return StepResult(dict(sampled), stopped, output.logprobs, output.prompt_logprobs)
 
@@ -72,7 +72,15 @@ class ModelExecutor:
             sampling=seq.sampling,
             output_token_ids=seq.output_token_ids if penalised else (),
             prompt_targets=targets,
+            banned_token_ids=self._banned(seq) if scheduled.samples else (),
         )
+
+    def _banned(self, seq: _Sequence) -> tuple[int, ...]:
+        """What ends the sequence, while it is short of its `min_tokens`."""
+        if len(seq.token_ids) - seq.num_prompt_tokens >= seq.sampling.min_tokens:
+            return ()
+        eos = () if seq.sampling.ignore_eos else tuple(sorted(self.eos_token_ids))
+        return eos + seq.sampling.stop_token_ids
 
     # -- tensor parallel --------------------------------------------------------------------------------------
 

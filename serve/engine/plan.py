@@ -23,6 +23,8 @@ class SamplingParams:
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0 keeps all)."""
     top_k: int = 0
     """Keep only the k most likely tokens (0 keeps all)."""
+    min_p: float = 0.0
+    """Keep only the tokens at least min_p times as likely as the most likely one (0 keeps all)."""
     seed: int | None = None
     """With a seed, the token drawn at each position depends only on (seed, position, logits), so a request
     samples the same tokens whatever it is batched with and after preemption by recompute."""
@@ -40,6 +42,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """The same for every prompt token after the first (each scored by the logits before it): None for none, k
     for the token's own and the k most likely tokens'."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end the request as end-of-sequence does (kept in the output; `ignore_eos` does not apply)."""
+    min_tokens: int = 0
+    """Output tokens before end-of-sequence or `stop_token_ids` may be drawn (they are masked until then)."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -48,6 +54,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -94,6 +104,8 @@ class SequenceStep:
     sampling: SamplingParams = GREEDY
     output_token_ids: tuple[int, ...] = ()
     """The tokens generated so far, for the penalties; filled only when `sample` and `sampling.has_penalties`."""
+    banned_token_ids: tuple[int, ...] = ()
+    """Tokens the sample may not be (end-of-sequence and stop tokens before `sampling.min_tokens`)."""
     prompt_targets: tuple[int, ...] = ()
     """Prompt tokens to score (`sampling.prompt_logprobs`): the logits of this step's i-th token give the
     log-probability of ``prompt_targets[i]``, the prompt token after it (at most one per token of the step, none

@@ -24,12 +24,18 @@ def sample(
     params: list[SamplingParams],
     positions: list[int],
     output_token_ids: list[Sequence[int]] | None = None,
+    banned_token_ids: list[Sequence[int]] | None = None,
 ) -> list[int]:
     """logits (S, V), one SamplingParams, one position (index of the token to draw) and, for the penalties, the
-    tokens generated so far per row -> S token ids."""
+    tokens generated so far per row, and the tokens a row may not draw -> S token ids."""
     assert logits.shape[0] == len(params) == len(positions), (logits.shape, len(params), len(positions))
     if output_token_ids is not None:
         logits = apply_penalties(logits, params, output_token_ids)
+    if banned_token_ids is not None and any(banned_token_ids):
+        logits = logits.clone()
+        for i, banned in enumerate(banned_token_ids):
+            if banned:
+                logits[i, [t for t in banned if t < logits.shape[-1]]] = float("-inf")
     tokens = logits.argmax(dim=-1)  # (S,)
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if rows:
@@ -85,7 +91,8 @@ def apply_penalties(
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature + top-k + top-p. logits (R, V) fp32 -> (probs sorted descending (R, V), their token ids (R, V))."""
+    """Temperature + top-k + top-p + min-p. logits (R, V) fp32 -> (probs sorted descending (R, V), their token ids
+    (R, V))."""
     temps = torch.tensor([p.temperature for p in params], device=logits.device)
     sorted_logits, order = (logits / temps[:, None]).sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]  # (1, V)
@@ -96,6 +103,9 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[
     # Keep a token while the mass before it is below top_p: the smallest set reaching top_p (the first always stays).
     top_p = torch.tensor([p.top_p for p in params], device=logits.device)
     remove = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    # min_p against the most likely token (the first, sorted): the first always stays.
+    min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+    remove |= probs < min_p[:, None] * probs[:, :1]
     probs = probs.masked_fill(remove, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True), order
 

@@ -62,6 +62,12 @@ class ServerState:
             raise p.APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r} "
                                   "(see GET /v1/models)", param="model", code="model_not_found")
 
+    def stop_token_ids(self, request: p.GenerationRequest) -> tuple[int, ...]:
+        ids = request.stop_token_ids or []
+        if not all(0 <= t < self.vocab_size for t in ids):
+            raise p.bad_request(f"stop_token_ids must be token ids in [0, {self.vocab_size})", "stop_token_ids")
+        return tuple(ids)
+
     def max_new_tokens_for(self, request: p.GenerationRequest, num_prompt_tokens: int, prompt_param: str) -> int:
         """The request's output budget: its max_tokens, checked against the cap, the context and the KV pool."""
         limit = min(self.max_model_len, self.kv_capacity_tokens)
@@ -199,10 +205,14 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     # An explicit null means "the default", as leaving it out does (protocol drops nulls before parsing).
     frequency_penalty = (req.frequency_penalty if "frequency_penalty" in req.model_fields_set
                          else state.default_frequency_penalty)
-    sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                              presence_penalty=req.presence_penalty, frequency_penalty=frequency_penalty,
-                              ignore_eos=req.ignore_eos, logprobs=logprobs,
-                              prompt_logprobs=p.requested_prompt_logprobs(req))
+    sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k or 0),
+                              min_p=req.min_p, seed=req.seed, presence_penalty=req.presence_penalty,
+                              frequency_penalty=frequency_penalty, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              prompt_logprobs=p.requested_prompt_logprobs(req),
+                              stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens)
+    if req.min_tokens > max_new_tokens:
+        raise p.bad_request(f"min_tokens ({req.min_tokens}) exceeds the answer's {max_new_tokens} tokens",
+                            "min_tokens")
     streams = _submit(state, head.rid, prompt_ids, req.n, max_new_tokens=max_new_tokens, sampling=sampling,
                       prompt=prompt_text, stop=stops)
     if req.stream:

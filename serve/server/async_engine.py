@@ -89,7 +89,7 @@ class AsyncEngine:
         """Queue a request (429 when the queue is full, 503 when the engine is gone); read it with
         `RequestStream.outputs()` and always `close()` it."""
         self.check_capacity()
-        stream = RequestStream(self, request_id, stop=stop)
+        stream = RequestStream(self, request_id, stop=stop, stop_token_ids=sampling.stop_token_ids)
         command = Add(request_id, list(prompt_token_ids), max_new_tokens, sampling, prompt,
                       Sink(asyncio.get_running_loop(), stream.queue))
         try:
@@ -109,12 +109,15 @@ class AsyncEngine:
 class RequestStream:
     """One request's answer as it is generated."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, *, stop: list[str]) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, *, stop: list[str],
+                 stop_token_ids: tuple[int, ...] = ()) -> None:
         self.engine = engine
         self.request_id = request_id
         self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._detokenizer = IncrementalDetokenizer(engine.tokenizer)
         self._stops = StopStrings(stop)
+        self._stop_token_ids = frozenset(stop_token_ids)
+        """A stop token ends the answer without its text (as vLLM), though it counts as an output token."""
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
         self._arrival = time.perf_counter()
@@ -136,7 +139,10 @@ class RequestStream:
             self._first_token_at = time.perf_counter()
             self.engine.metrics.ttft.observe(self._first_token_at - self._arrival)
         self.num_output_tokens += len(event.token_ids)
-        text = self._stops.feed(self._detokenizer.add(event.token_ids))
+        shown = event.token_ids
+        if event.finish_reason == "stop" and shown and shown[-1] in self._stop_token_ids:
+            shown = shown[:-1]
+        text = self._stops.feed(self._detokenizer.add(shown))
         if not self._stops.stopped and event.is_last:
             text += self._stops.feed(self._detokenizer.flush())
         tokens = {"token_ids": event.token_ids, "logprobs": event.logprobs} if event.logprobs else {}

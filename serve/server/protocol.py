@@ -82,6 +82,15 @@ class GenerationRequest(BaseModel):
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
     """vLLM's extension: an end-of-sequence token does not end the request (it runs to max_tokens)."""
+    # vLLM's sampling extensions (sent in the OpenAI SDK's extra_body).
+    top_k: int | None = None
+    """Keep the k most likely tokens when sampling (-1 or 0: all)."""
+    min_p: float = 0.0
+    """Keep the tokens at least min_p times as likely as the most likely one when sampling."""
+    stop_token_ids: list[int] | None = None
+    """Tokens that end the answer as end-of-sequence does (counted in the output, not in its text when special)."""
+    min_tokens: int = 0
+    """Output tokens before end-of-sequence or stop_token_ids may come (stop strings still apply)."""
     # Accepted only at their no-op values (see UNSUPPORTED).
     logit_bias: dict[str, Any] | None = None
 
@@ -182,6 +191,12 @@ def _check_ranges(request: GenerationRequest) -> None:
             raise bad_request(f"{name} must be in [-2, 2], got {getattr(request, name)}", name)
     if request.seed is not None and not -(2**63) <= request.seed < 2**63:
         raise bad_request(f"seed must be a 64-bit integer, in [-2**63, 2**63), got {request.seed}", "seed")
+    if request.top_k is not None and request.top_k < -1:
+        raise bad_request(f"top_k must be -1 or 0 (all tokens) or positive, got {request.top_k}", "top_k")
+    if not 0.0 <= request.min_p <= 1.0:
+        raise bad_request(f"min_p must be in [0, 1], got {request.min_p}", "min_p")
+    if request.min_tokens < 0:
+        raise bad_request(f"min_tokens must be >= 0, got {request.min_tokens}", "min_tokens")
     requested_logprobs(request)
 
 

@@ -134,3 +134,15 @@ def test_token_logprobs_are_the_models_log_softmax_with_the_top_tokens():
 def test_negative_logprobs_are_rejected():
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=-1)
+
+
+def test_min_p_keeps_the_tokens_near_the_most_likely():
+    # probabilities 0.1, 0.4, 0.3, 0.2: min_p 0.6 keeps those >= 0.24 (1 and 2), 0.9 only the most likely
+    assert set(draws(SamplingParams(temperature=1.0, min_p=0.6, seed=0), 300)) == {1, 2}
+    assert set(draws(SamplingParams(temperature=1.0, min_p=0.9, seed=0), 50)) == {1}
+
+
+def test_banned_tokens_are_never_drawn():
+    assert sample(LOGITS, [SamplingParams()], [0], banned_token_ids=[(1,)]) == [2]
+    assert set(sample(LOGITS.expand(200, -1), [SamplingParams(temperature=1.0, seed=1)] * 200, list(range(200)),
+                      banned_token_ids=[(1, 2)] * 200)) == {0, 3}

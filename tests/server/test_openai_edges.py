@@ -94,3 +94,29 @@ def test_negative_seed_and_text_response_format(server):
 def test_head_health(server):
     response = httpx.head(f"{server.url}/health")
     assert response.status_code == 200 and response.content == b""
+
+
+def test_vllm_sampling_extensions(server):
+    """top_k, min_p, stop_token_ids and min_tokens, sent as the OpenAI SDK sends extensions (extra_body)."""
+    c = client(server)
+    base = dict(model="tiny", max_tokens=12, temperature=0)
+    plain = [c.completions.create(**base, prompt=p) for p in PROMPTS]
+    early = [r for r in plain if r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 12]
+    assert early, "no prompt met EOS early: min_tokens shows nothing"
+    for prompt in PROMPTS:
+        done = c.completions.create(**base, prompt=prompt, extra_body={"min_tokens": 12})
+        assert done.usage.completion_tokens == 12
+    whole = c.completions.create(**base, prompt="abc", extra_body={"ignore_eos": True}).choices[0].text
+    token = ord(whole[4])  # one character per token here
+    cut = c.completions.create(**base, prompt="abc", extra_body={"ignore_eos": True, "stop_token_ids": [token]})
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == whole[:whole.index(whole[4])]
+    assert cut.usage.completion_tokens == whole.index(whole[4]) + 1  # the stop token counts, its text does not
+    sampled = c.completions.create(**base | {"temperature": 1.0}, prompt="abc", seed=1,
+                                   extra_body={"top_k": 1, "min_p": 0.5, "ignore_eos": True})
+    assert sampled.choices[0].text == whole  # top_k 1: greedy
+    for extra, param in (({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"min_tokens": 13}, "min_tokens"),
+                         ({"stop_token_ids": [128]}, "stop_token_ids")):
+        with pytest.raises(openai.BadRequestError) as info:
+            c.completions.create(**base, prompt="abc", extra_body=extra)
+        assert info.value.body["param"] == param
+    wait_idle(server)
