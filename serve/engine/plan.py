@@ -42,6 +42,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """The same for every prompt token after the first (each scored by the logits before it): None for none, k
     for the token's own and the k most likely tokens'."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """OpenAI's: (token id, bias) pairs added to the logits before any other step of sampling."""
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end the request as end-of-sequence does (kept in the output; `ignore_eos` does not apply)."""
     min_tokens: int = 0

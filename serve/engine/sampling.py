@@ -31,11 +31,7 @@ def sample(
     assert logits.shape[0] == len(params) == len(positions), (logits.shape, len(params), len(positions))
     if output_token_ids is not None:
         logits = apply_penalties(logits, params, output_token_ids)
-    if banned_token_ids is not None and any(banned_token_ids):
-        logits = logits.clone()
-        for i, banned in enumerate(banned_token_ids):
-            if banned:
-                logits[i, [t for t in banned if t < logits.shape[-1]]] = float("-inf")
+    logits = _bias_and_ban(logits, params, banned_token_ids or [()] * len(params))
     tokens = logits.argmax(dim=-1)  # (S,)
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if rows:
@@ -61,6 +57,22 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], num_top: Sequenc
         top = () if not num_top[i] else tuple(zip(top_ids[i, : num_top[i]].tolist(), top_lp[i, : num_top[i]].tolist()))
         out.append(TokenLogprobs(lp, top))
     return out
+
+
+def _bias_and_ban(logits: torch.Tensor, params: list[SamplingParams], banned: list[Sequence[int]]) -> torch.Tensor:
+    """Each row's logit_bias added and its banned tokens set to -inf (a copy, when any row has either)."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias or banned[i]]
+    if not rows:
+        return logits
+    logits, vocab = logits.clone(), logits.shape[-1]
+    for i in rows:
+        bias = [(t, b) for t, b in params[i].logit_bias if t < vocab]
+        if bias:
+            ids, values = zip(*bias)
+            logits[i, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+        if banned[i]:
+            logits[i, [t for t in banned[i] if t < vocab]] = float("-inf")
+    return logits
 
 
 def apply_penalties(

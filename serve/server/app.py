@@ -62,6 +62,19 @@ class ServerState:
             raise p.APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r} "
                                   "(see GET /v1/models)", param="model", code="model_not_found")
 
+    def logit_bias(self, request: p.GenerationRequest) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs, each checked."""
+        pairs = []
+        for key, bias in (request.logit_bias or {}).items():
+            if not (key.isdigit() and int(key) < self.vocab_size):
+                raise p.bad_request(f"logit_bias keys must be token ids in [0, {self.vocab_size}), got {key!r}",
+                                    "logit_bias")
+            if not -100 <= bias <= 100:
+                raise p.bad_request(f"logit_bias values must be in [-100, 100], got {bias} for token {key}",
+                                    "logit_bias")
+            pairs.append((int(key), float(bias)))
+        return tuple(pairs)
+
     def stop_token_ids(self, request: p.GenerationRequest) -> tuple[int, ...]:
         ids = request.stop_token_ids or []
         if not all(0 <= t < self.vocab_size for t in ids):
@@ -209,7 +222,8 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
                               min_p=req.min_p, seed=req.seed, presence_penalty=req.presence_penalty,
                               frequency_penalty=frequency_penalty, ignore_eos=req.ignore_eos, logprobs=logprobs,
                               prompt_logprobs=p.requested_prompt_logprobs(req),
-                              stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens)
+                              stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens,
+                              logit_bias=state.logit_bias(req))
     if req.min_tokens > max_new_tokens:
         raise p.bad_request(f"min_tokens ({req.min_tokens}) exceeds the answer's {max_new_tokens} tokens",
                             "min_tokens")

@@ -91,8 +91,8 @@ class GenerationRequest(BaseModel):
     """Tokens that end the answer as end-of-sequence does (counted in the output, not in its text when special)."""
     min_tokens: int = 0
     """Output tokens before end-of-sequence or stop_token_ids may come (stop strings still apply)."""
-    # Accepted only at their no-op values (see UNSUPPORTED).
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
+    """OpenAI's: {token id as a string: bias in [-100, 100]} added to the logits."""
 
 
 class CompletionRequest(GenerationRequest):
@@ -121,7 +121,7 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 # Not implemented; accepted only when unset, zero, false or empty (best_of also at 1).
-UNSUPPORTED = ("logit_bias", "best_of", "suffix")
+UNSUPPORTED = ("best_of", "suffix")
 TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 
 

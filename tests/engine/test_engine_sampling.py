@@ -146,3 +146,9 @@ def test_banned_tokens_are_never_drawn():
     assert sample(LOGITS, [SamplingParams()], [0], banned_token_ids=[(1,)]) == [2]
     assert set(sample(LOGITS.expand(200, -1), [SamplingParams(temperature=1.0, seed=1)] * 200, list(range(200)),
                       banned_token_ids=[(1, 2)] * 200)) == {0, 3}
+
+
+def test_logit_bias_is_added_before_sampling():
+    assert sample(LOGITS, [SamplingParams(logit_bias=((3, 2.0),))], [0]) == [3]  # 0.2 -> e^2 x: the most likely
+    assert sample(LOGITS, [SamplingParams(logit_bias=((1, -100.0),))], [0]) == [2]
+    assert sample(LOGITS, [SamplingParams(logit_bias=((1, 0.0),))], [0]) == [1]

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.server.conftest import client, wait_idle
-from tests.server.fakes import MAX_NEW_TOKENS
+from tests.server.fakes import MAX_NEW_TOKENS, CharTokenizer
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
 PROMPTS = ["Once upon a time", "The answer is", "hello", "Name three colours.", "abc", "zzz", "1 2 3", "Why?"]
@@ -107,7 +107,7 @@ def test_vllm_sampling_extensions(server):
         done = c.completions.create(**base, prompt=prompt, extra_body={"min_tokens": 12})
         assert done.usage.completion_tokens == 12
     whole = c.completions.create(**base, prompt="abc", extra_body={"ignore_eos": True}).choices[0].text
-    token = ord(whole[4])  # one character per token here
+    (token,) = CharTokenizer().encode(whole[4])  # one character per token here
     cut = c.completions.create(**base, prompt="abc", extra_body={"ignore_eos": True, "stop_token_ids": [token]})
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == whole[:whole.index(whole[4])]
     assert cut.usage.completion_tokens == whole.index(whole[4]) + 1  # the stop token counts, its text does not
@@ -119,4 +119,19 @@ def test_vllm_sampling_extensions(server):
         with pytest.raises(openai.BadRequestError) as info:
             c.completions.create(**base, prompt="abc", extra_body=extra)
         assert info.value.body["param"] == param
+    wait_idle(server)
+
+
+def test_logit_bias_steers_and_bans_tokens(server):
+    c = client(server)
+    base = dict(model="tiny", prompt="abc", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    whole = c.completions.create(**base).choices[0].text
+    ids = CharTokenizer().encode(whole)
+    banned = c.completions.create(**base, logit_bias={str(t): -100 for t in ids}).choices[0].text
+    assert banned and not set(banned) & set(whole)
+    assert c.completions.create(**base, logit_bias={str(ord("z")): 100}).choices[0].text == "z" * 8
+    for bias in ({"128": 1}, {"x": 1}, {"5": 101}):
+        with pytest.raises(openai.BadRequestError) as info:
+            c.completions.create(**base, logit_bias=bias)
+        assert info.value.body["param"] == "logit_bias"
     wait_idle(server)
