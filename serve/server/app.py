@@ -1,5 +1,6 @@
-"""The HTTP routes: OpenAI's /v1/completions and /v1/chat/completions (streamed or not), /v1/models, /health and
-/metrics. Handlers validate, tokenize and submit; the engine thread does the rest (see async_engine.py).
+"""The HTTP routes: OpenAI's /v1/completions and /v1/chat/completions (streamed or not), /v1/models, vLLM's
+/tokenize and /detokenize, /health and /metrics. Handlers validate, tokenize and submit; the engine thread does the
+rest (see async_engine.py).
 """
 
 from __future__ import annotations
@@ -185,6 +186,26 @@ def create_app(state: ServerState) -> FastAPI:
         ids = _chat_prompt_ids(state.tokenizer, messages)
         return await _generate(request, state, req, ids, p.predictor_text(messages), chat=True)
 
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request) -> Response:
+        req = p.parse_body(p.TokenizeRequest, await _body(request, state))
+        state.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise p.bad_request("give either prompt or messages", "prompt")
+        if req.prompt is not None:
+            ids = list(state.tokenizer.encode(req.prompt))
+        else:
+            ids = _chat_prompt_ids(state.tokenizer, p.chat_messages(req), req.add_generation_prompt)
+        return JSONResponse({"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids})
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(request: Request) -> Response:
+        req = p.parse_body(p.DetokenizeRequest, await _body(request, state))
+        state.check_model(req.model)
+        if not all(0 <= t < state.vocab_size for t in req.tokens):
+            raise p.bad_request(f"tokens must be token ids in [0, {state.vocab_size})", "tokens")
+        return JSONResponse({"prompt": state.tokenizer.decode(req.tokens)})
+
     return app
 
 
@@ -192,10 +213,10 @@ async def _body(request: Request, state: ServerState) -> bytes:
     return await read_body(request, state.max_body_bytes, state.body_timeout_s)
 
 
-def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
     """The tokenizer's chat template with the generation prompt, as the labelled data was made."""
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     except Exception as exc:  # a template may refuse some conversations (e.g. no system role)
         raise p.bad_request(f"the model's chat template refused these messages: {exc}", "messages") from None
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -454,7 +475,8 @@ async def _api_error(request: Request, exc: p.APIError) -> JSONResponse:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = f"{request.method} {request.url.path}: {exc.detail}"
     if exc.status_code == 404:
-        message += "; routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics"
+        message += ("; routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, "
+                    "/metrics")
     return _error_response(request, p.APIError(exc.status_code, message))
 
 

@@ -120,17 +120,43 @@ class ChatCompletionRequest(GenerationRequest):
     parallel_tool_calls: Any = None
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a completion prompt, or chat messages through the chat template."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    """Messages only: end where the assistant's answer starts, as a chat request's prompt does."""
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: token ids back to text."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    tokens: list[int]
+
+
 # Not implemented; accepted only when unset, zero, false or empty (best_of also at 1).
 UNSUPPORTED = ("best_of", "suffix")
 TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 
 
-def parse_request(model_cls: type[GenerationRequest], body: bytes) -> GenerationRequest:
-    """Validate a JSON body; raise a 400 APIError naming the first bad field."""
+def parse_body(model_cls: type[BaseModel], body: bytes) -> Any:
+    """A JSON body as ``model_cls``; a 400 APIError naming the first bad field."""
     try:
-        request = model_cls.model_validate_json(body)
+        return model_cls.model_validate_json(body)
     except pydantic.ValidationError as exc:
         raise _validation_error(exc) from None
+
+
+def parse_request(model_cls: type[GenerationRequest], body: bytes) -> GenerationRequest:
+    """Validate a generation request's JSON body; raise a 400 APIError naming the first bad field."""
+    request = parse_body(model_cls, body)
     for name in UNSUPPORTED:
         value = getattr(request, name, None)
         if value and not (name == "best_of" and value == 1):

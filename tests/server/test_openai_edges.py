@@ -135,3 +135,23 @@ def test_logit_bias_steers_and_bans_tokens(server):
             c.completions.create(**base, logit_bias=bias)
         assert info.value.body["param"] == "logit_bias"
     wait_idle(server)
+
+
+def test_tokenize_and_detokenize(server):
+    url, headers = f"{server.url}", {"Authorization": "Bearer test-key"}
+    post = lambda route, body: httpx.post(f"{url}/{route}", json=body, headers=headers)  # noqa: E731
+    said = post("tokenize", {"model": "tiny", "prompt": "Hi there"}).json()
+    assert said == {"count": 8, "max_model_len": 512, "tokens": CharTokenizer().encode("Hi there")}
+    chat = post("tokenize", {"model": "tiny", "messages": CHAT}).json()
+    assert chat["tokens"] == CharTokenizer().apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"]
+    bare = post("tokenize", {"model": "tiny", "messages": CHAT, "add_generation_prompt": False}).json()
+    assert chat["tokens"][:bare["count"]] == bare["tokens"] and bare["count"] < chat["count"]
+    assert post("detokenize", {"model": "tiny", "tokens": said["tokens"]}).json() == {"prompt": "Hi there"}
+    for route, body, param in (("tokenize", {"model": "tiny"}, "prompt"),
+                               ("tokenize", {"model": "tiny", "prompt": "a", "messages": CHAT}, "prompt"),
+                               ("detokenize", {"model": "tiny", "tokens": [128]}, "tokens"),
+                               ("detokenize", {"model": "tiny", "tokens": "ab"}, "tokens")):
+        answer = post(route, body)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+    assert post("tokenize", {"model": "other", "prompt": "a"}).status_code == 404
+    assert httpx.post(f"{url}/tokenize", json={"model": "tiny", "prompt": "a"}).status_code == 401
