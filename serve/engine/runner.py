@@ -109,7 +109,7 @@ class ModelRunner:
         wanted = torch.tensor([s.sample for s in steps], dtype=torch.bool)
         rows = [ends[wanted] - 1]
         rows += [torch.arange(len(s.prompt_targets)) + (ends[i] - lengths[i]) for i, s in enumerate(steps)
-                 if s.prompt_targets]  # fmt: skip
+                 if s.prompt_targets]
         return torch.cat(rows).to(self.device)
 
     def _check(self, steps: list[SequenceStep]) -> None:

@@ -54,8 +54,8 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], num_top: Sequenc
     top_lp, top_ids = logprobs.topk(min(k, logits.shape[-1]), dim=-1) if k else (None, None)
     out = []
     for i, lp in enumerate(chosen):
-        top = () if not num_top[i] else tuple(zip(top_ids[i, : num_top[i]].tolist(), top_lp[i, : num_top[i]].tolist()))
-        out.append(TokenLogprobs(lp, top))
+        k = num_top[i]
+        out.append(TokenLogprobs(lp, tuple(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())) if k else ()))
     return out
 
 

@@ -9,9 +9,8 @@ import asyncio
 import dataclasses
 import functools
 import hmac
-import json
 import logging
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,10 +18,10 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from core.request import TokenLogprobs
 from serve.engine.plan import SamplingParams
 from serve.server import protocol as p
-from serve.server.async_engine import AsyncEngine, EngineError, Output, RequestStream
+from serve.server.answers import Choice, Format, close_all, sse_events
+from serve.server.async_engine import AsyncEngine, EngineError, RequestStream
 from serve.server.metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -231,10 +230,10 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     max_new_tokens = state.max_new_tokens_for(req, len(prompt_ids), "messages" if chat else "prompt")
     stops = p.stop_strings(req)
     head = p.Head(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, state.system_fingerprint)
-    fmt = _Format(head, chat, len(prompt_ids), usage_in_chunks=req.stream and p.include_usage(req))
+    fmt = Format(head, chat, len(prompt_ids), usage_in_chunks=req.stream and p.include_usage(req))
     logprobs = p.requested_logprobs(req)
     echo = {"echo_text": prompt_text, "echo_ids": prompt_ids} if getattr(req, "echo", False) else {}
-    choices = [_Choice(i, chat, token_text=state.token_text if logprobs is not None else None, **echo)
+    choices = [Choice(i, chat, token_text=state.token_text if logprobs is not None else None, **echo)
                for i in range(req.n)]
     # An explicit null means "the default", as leaving it out does (protocol drops nulls before parsing).
     frequency_penalty = (req.frequency_penalty if "frequency_penalty" in req.model_fields_set
@@ -252,9 +251,9 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
                       prompt=prompt_text, stop=stops)
     if req.stream:
         # close() also runs as a background task: it frees the requests even if the stream never started.
-        return StreamingResponse(_sse(streams, fmt, choices), media_type="text/event-stream",
+        return StreamingResponse(sse_events(streams, fmt, choices), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"},
-                                 background=BackgroundTask(_close_all, streams))
+                                 background=BackgroundTask(close_all, streams))
     try:
         answers = await _unless_disconnected(request, asyncio.gather(*(stream.collect() for stream in streams)))
     except ClientGone:
@@ -262,7 +261,7 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     except EngineError as exc:
         raise p.APIError(503, f"the engine could not finish the request: {exc}") from None
     finally:
-        _close_all(streams)
+        close_all(streams)
     whole = [choice.whole(text, reason, outputs) for choice, (text, reason, outputs) in zip(choices, answers)]
     return JSONResponse(fmt.response(whole, sum(stream.num_output_tokens for stream in streams)))
 
@@ -284,157 +283,9 @@ def _submit(state: ServerState, rid: str, prompt_ids: list[int], n: int, *, samp
             streams.append(engine.submit(rid if i == 0 else f"{rid}-{i}", prompt_ids,
                                          sampling=dataclasses.replace(sampling, seed=seed), **fields))
     except BaseException:
-        _close_all(streams)
+        close_all(streams)
         raise
     return streams
-
-
-def _close_all(streams: list[RequestStream]) -> None:
-    for stream in streams:
-        stream.close()
-
-
-@dataclasses.dataclass
-class _Format:
-    """Builds one request's response or stream chunks, completion or chat."""
-
-    head: p.Head
-    chat: bool
-    num_prompt_tokens: int
-    usage_in_chunks: bool = False
-    """stream_options.include_usage: every chunk carries "usage" (null until the last, usage-only chunk)."""
-
-    def usage(self, num_output_tokens: int) -> dict:
-        """The prompt counted once, the completion tokens of every choice (as OpenAI counts ``n``)."""
-        return p.usage(self.num_prompt_tokens, num_output_tokens)
-
-    def response(self, choices: list[dict], num_output_tokens: int) -> dict:
-        body = p.chat_body if self.chat else p.completion_body
-        return body(self.head, choices=choices, usage_=self.usage(num_output_tokens))
-
-    def chunk(self, choice: dict) -> dict:
-        body = p.stream_chunk(self.head, chat=self.chat, choice=choice)
-        return {**body, "usage": None} if self.usage_in_chunks else body
-
-    def usage_chunk(self, num_output_tokens: int) -> dict:
-        return p.usage_chunk(self.head, chat=self.chat, usage_=self.usage(num_output_tokens))
-
-
-@dataclasses.dataclass
-class _Choice:
-    """One choice's answer as it goes out: whole, or piece by piece; with its log-probabilities and echo."""
-
-    index: int
-    chat: bool
-    token_text: Callable[[int], str] | None = None
-    """A token's text, when the request asked for log-probabilities (None: it did not)."""
-    echo_text: str | None = None
-    """A completion's prompt, to answer in front of the completion (``echo``); None once sent, or without echo."""
-    echo_ids: Sequence[int] = ()
-    text_offset: int = 0
-    """Characters of token text already streamed (completions' ``text_offset`` goes on from there)."""
-
-    def whole(self, text: str, finish_reason: str, outputs: list[Output]) -> dict:
-        """The choice of a whole response."""
-        logprobs = self.logprobs(outputs)  # before echo(), which ends the echo
-        text = self.echo() + text
-        if self.chat:
-            return p.chat_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
-        return p.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
-
-    def pieces(self, output: Output) -> list[dict]:
-        """The stream-chunk choices of one Output."""
-        logprobs = self.logprobs([output]) if output.token_ids else None
-        text, finish_reason = self.echo() + output.text, output.finish_reason
-        if not self.chat:
-            return [p.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)]
-        out = [p.chat_delta(self.index, delta={"content": text}, logprobs=logprobs)] if text or logprobs else []
-        if finish_reason is not None:
-            out.append(p.chat_delta(self.index, delta={}, finish_reason=finish_reason))
-        return out
-
-    def role(self) -> dict:
-        """A chat stream's first piece of this choice."""
-        return p.chat_delta(self.index, delta={"role": "assistant", "content": ""})
-
-    def echo(self) -> str:
-        """The prompt's text, once (the whole response, or the first chunk), for ``echo``; else ''."""
-        text, self.echo_text = self.echo_text or "", None
-        return text
-
-    def logprobs(self, outputs: list[Output]) -> dict | None:
-        """The ``logprobs`` of this choice over ``outputs`` (None when the request asked for none); with the
-        echoed prompt's in front, on the response or chunk that echoes it (call before `echo`)."""
-        if self.token_text is None:
-            return None
-        token_ids = [t for output in outputs for t in output.token_ids]
-        logprobs: list[TokenLogprobs | None] = [lp for output in outputs for lp in output.logprobs]
-        if self.echo_text is not None:
-            prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs), ())
-            token_ids, logprobs = [*self.echo_ids, *token_ids], [None, *prompt, *logprobs]
-        if self.chat:
-            return p.chat_logprobs(token_ids, logprobs, self.token_text)
-        found = p.completion_logprobs(token_ids, logprobs, self.token_text, self.text_offset)
-        self.text_offset += sum(len(t) for t in found["tokens"])
-        return found
-
-
-def _sse_data(body: dict) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
-async def _sse(streams: list[RequestStream], fmt: _Format, choices: list[_Choice]) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, each choice's pieces as they come, ending with
-    ``data: [DONE]``. A client that goes away cancels this generator; `finally` then aborts the requests, which
-    frees their KV blocks."""
-    try:
-        if fmt.chat:
-            for choice in choices:
-                yield _sse_data(fmt.chunk(choice.role()))
-        async for i, output in _merged(streams):
-            for piece in choices[i].pieces(output):
-                yield _sse_data(fmt.chunk(piece))
-        if fmt.usage_in_chunks:
-            yield _sse_data(fmt.usage_chunk(sum(stream.num_output_tokens for stream in streams)))
-        yield "data: [DONE]\n\n"
-    except EngineError as exc:
-        yield _sse_data(p.APIError(503, f"the engine could not finish the request: {exc}").body())
-        yield "data: [DONE]\n\n"
-    finally:
-        _close_all(streams)
-
-
-async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Output]]:
-    """Every stream's Outputs as they come, each with its stream's index; an EngineError of any stream ends it."""
-    if len(streams) == 1:
-        async for output in streams[0].outputs():
-            yield 0, output
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, stream: RequestStream) -> None:
-        try:
-            async for output in stream.outputs():
-                queue.put_nowait((i, output, None))
-        except EngineError as exc:
-            queue.put_nowait((i, None, exc))
-            return
-        queue.put_nowait((i, None, None))
-
-    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
-    try:
-        left = len(streams)
-        while left:
-            i, output, error = await queue.get()
-            if error is not None:
-                raise error
-            if output is None:
-                left -= 1
-                continue
-            yield i, output
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 class ClientGone(Exception):

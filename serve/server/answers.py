@@ -1,0 +1,161 @@
+"""One request's answer going out: its choices, whole or as server-sent events in OpenAI's chunk format, with
+their log-probabilities and echoed prompt; several choices' streams merged as their pieces come."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import AsyncIterator, Callable, Sequence
+
+from core.request import TokenLogprobs
+from serve.server import protocol as p
+from serve.server.async_engine import EngineError, Output, RequestStream
+
+
+def close_all(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
+
+
+@dataclasses.dataclass
+class Format:
+    """Builds one request's response or stream chunks, completion or chat."""
+
+    head: p.Head
+    chat: bool
+    num_prompt_tokens: int
+    usage_in_chunks: bool = False
+    """stream_options.include_usage: every chunk carries "usage" (null until the last, usage-only chunk)."""
+
+    def usage(self, num_output_tokens: int) -> dict:
+        """The prompt counted once, the completion tokens of every choice (as OpenAI counts ``n``)."""
+        return p.usage(self.num_prompt_tokens, num_output_tokens)
+
+    def response(self, choices: list[dict], num_output_tokens: int) -> dict:
+        body = p.chat_body if self.chat else p.completion_body
+        return body(self.head, choices=choices, usage_=self.usage(num_output_tokens))
+
+    def chunk(self, choice: dict) -> dict:
+        body = p.stream_chunk(self.head, chat=self.chat, choice=choice)
+        return {**body, "usage": None} if self.usage_in_chunks else body
+
+    def usage_chunk(self, num_output_tokens: int) -> dict:
+        return p.usage_chunk(self.head, chat=self.chat, usage_=self.usage(num_output_tokens))
+
+
+@dataclasses.dataclass
+class Choice:
+    """One choice's answer as it goes out: whole, or piece by piece; with its log-probabilities and echo."""
+
+    index: int
+    chat: bool
+    token_text: Callable[[int], str] | None = None
+    """A token's text, when the request asked for log-probabilities (None: it did not)."""
+    echo_text: str | None = None
+    """A completion's prompt, to answer in front of the completion (``echo``); None once sent, or without echo."""
+    echo_ids: Sequence[int] = ()
+    text_offset: int = 0
+    """Characters of token text already streamed (completions' ``text_offset`` goes on from there)."""
+
+    def whole(self, text: str, finish_reason: str, outputs: list[Output]) -> dict:
+        """The choice of a whole response."""
+        logprobs = self.logprobs(outputs)  # before echo(), which ends the echo
+        text = self.echo() + text
+        if self.chat:
+            return p.chat_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
+        return p.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
+
+    def pieces(self, output: Output) -> list[dict]:
+        """The stream-chunk choices of one Output."""
+        logprobs = self.logprobs([output]) if output.token_ids else None
+        text, finish_reason = self.echo() + output.text, output.finish_reason
+        if not self.chat:
+            return [p.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)]
+        out = [p.chat_delta(self.index, delta={"content": text}, logprobs=logprobs)] if text or logprobs else []
+        if finish_reason is not None:
+            out.append(p.chat_delta(self.index, delta={}, finish_reason=finish_reason))
+        return out
+
+    def role(self) -> dict:
+        """A chat stream's first piece of this choice."""
+        return p.chat_delta(self.index, delta={"role": "assistant", "content": ""})
+
+    def echo(self) -> str:
+        """The prompt's text, once (the whole response, or the first chunk), for ``echo``; else ''."""
+        text, self.echo_text = self.echo_text or "", None
+        return text
+
+    def logprobs(self, outputs: list[Output]) -> dict | None:
+        """The ``logprobs`` of this choice over ``outputs`` (None when the request asked for none); with the
+        echoed prompt's in front, on the response or chunk that echoes it (call before `echo`)."""
+        if self.token_text is None:
+            return None
+        token_ids = [t for output in outputs for t in output.token_ids]
+        logprobs: list[TokenLogprobs | None] = [lp for output in outputs for lp in output.logprobs]
+        if self.echo_text is not None:
+            prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs), ())
+            token_ids, logprobs = [*self.echo_ids, *token_ids], [None, *prompt, *logprobs]
+        if self.chat:
+            return p.chat_logprobs(token_ids, logprobs, self.token_text)
+        found = p.completion_logprobs(token_ids, logprobs, self.token_text, self.text_offset)
+        self.text_offset += sum(len(t) for t in found["tokens"])
+        return found
+
+
+def _sse_data(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def sse_events(streams: list[RequestStream], fmt: Format, choices: list[Choice]) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, each choice's pieces as they come, ending with
+    ``data: [DONE]``. A client that goes away cancels this generator; `finally` then aborts the requests, which
+    frees their KV blocks."""
+    try:
+        if fmt.chat:
+            for choice in choices:
+                yield _sse_data(fmt.chunk(choice.role()))
+        async for i, output in merged(streams):
+            for piece in choices[i].pieces(output):
+                yield _sse_data(fmt.chunk(piece))
+        if fmt.usage_in_chunks:
+            yield _sse_data(fmt.usage_chunk(sum(stream.num_output_tokens for stream in streams)))
+        yield "data: [DONE]\n\n"
+    except EngineError as exc:
+        yield _sse_data(p.APIError(503, f"the engine could not finish the request: {exc}").body())
+        yield "data: [DONE]\n\n"
+    finally:
+        close_all(streams)
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Output]]:
+    """Every stream's Outputs as they come, each with its stream's index; an EngineError of any stream ends it."""
+    if len(streams) == 1:
+        async for output in streams[0].outputs():
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream.outputs():
+                queue.put_nowait((i, output, None))
+        except EngineError as exc:
+            queue.put_nowait((i, None, exc))
+            return
+        queue.put_nowait((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, output, error = await queue.get()
+            if error is not None:
+                raise error
+            if output is None:
+                left -= 1
+                continue
+            yield i, output
+    finally:
+        for task in tasks:
+            task.cancel()
