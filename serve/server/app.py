@@ -168,14 +168,15 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = p.parse_request(p.CompletionRequest, await _body(request, state))
         state.check_model(req.model)
-        prompt = p.completion_prompt(req)
-        if isinstance(prompt, str):
-            ids, text = list(state.tokenizer.encode(prompt)), prompt
-        else:
+        prompts = []
+        for prompt in p.completion_prompts(req):
+            if isinstance(prompt, str):
+                prompts.append((list(state.tokenizer.encode(prompt)), prompt))
+                continue
             if not all(0 <= t < state.vocab_size for t in prompt):
                 raise p.bad_request(f"prompt token ids must be in [0, {state.vocab_size})", "prompt")
-            ids, text = prompt, state.tokenizer.decode(prompt)
-        return await _generate(request, state, req, ids, text, chat=False)
+            prompts.append((prompt, state.tokenizer.decode(prompt)))
+        return await _generate(request, state, req, prompts, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
@@ -183,7 +184,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.check_model(req.model)
         messages = p.chat_messages(req)
         ids = _chat_prompt_ids(state.tokenizer, messages)
-        return await _generate(request, state, req, ids, p.predictor_text(messages), chat=True)
+        return await _generate(request, state, req, [(ids, p.predictor_text(messages))], chat=True)
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request) -> Response:
@@ -221,20 +222,26 @@ def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_p
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-async def _generate(request: Request, state: ServerState, req: p.GenerationRequest, prompt_ids: list[int],
-                    prompt_text: str, *, chat: bool) -> Response:
-    """Check the output budget, submit one engine request per choice (``n``), and answer as a stream of events or
-    as one JSON body."""
-    if not prompt_ids:
-        raise p.bad_request("the prompt is empty after tokenization", "messages" if chat else "prompt")
-    max_new_tokens = state.max_new_tokens_for(req, len(prompt_ids), "messages" if chat else "prompt")
-    stops = p.stop_strings(req)
+async def _generate(request: Request, state: ServerState, req: p.GenerationRequest,
+                    prompts: list[tuple[list[int], str]], *, chat: bool) -> Response:
+    """Check the output budgets, submit one engine request per choice (``n`` per prompt; a completion may batch
+    several prompts, each given as (token ids, text the predictor reads)), and answer as a stream of events or as
+    one JSON body."""
+    param = "messages" if chat else "prompt"
+    budgets = []
+    for ids, _ in prompts:
+        if not ids:
+            raise p.bad_request("the prompt is empty after tokenization", param)
+        budgets.append(state.max_new_tokens_for(req, len(ids), param))
+    if req.min_tokens > min(budgets):
+        raise p.bad_request(f"min_tokens ({req.min_tokens}) exceeds the answer's {min(budgets)} tokens", "min_tokens")
     head = p.Head(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, state.system_fingerprint)
-    fmt = Format(head, chat, len(prompt_ids), usage_in_chunks=req.stream and p.include_usage(req))
+    fmt = Format(head, chat, sum(len(ids) for ids, _ in prompts), usage_in_chunks=req.stream and p.include_usage(req))
     logprobs = p.requested_logprobs(req)
-    echo = {"echo_text": prompt_text, "echo_ids": prompt_ids} if getattr(req, "echo", False) else {}
-    choices = [Choice(i, chat, token_text=state.token_text if logprobs is not None else None, **echo)
-               for i in range(req.n)]
+    token_text = state.token_text if logprobs is not None else None
+    echo = getattr(req, "echo", False)
+    choices = [Choice(k * req.n + i, chat, token_text=token_text, echo_text=text if echo else None, echo_ids=ids)
+               for k, (ids, text) in enumerate(prompts) for i in range(req.n)]
     # An explicit null means "the default", as leaving it out does (protocol drops nulls before parsing).
     frequency_penalty = (req.frequency_penalty if "frequency_penalty" in req.model_fields_set
                          else state.default_frequency_penalty)
@@ -244,11 +251,7 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
                               prompt_logprobs=p.requested_prompt_logprobs(req),
                               stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens,
                               logit_bias=state.logit_bias(req))
-    if req.min_tokens > max_new_tokens:
-        raise p.bad_request(f"min_tokens ({req.min_tokens}) exceeds the answer's {max_new_tokens} tokens",
-                            "min_tokens")
-    streams = _submit(state, head.rid, prompt_ids, req.n, max_new_tokens=max_new_tokens, sampling=sampling,
-                      prompt=prompt_text, stop=stops)
+    streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req))
     if req.stream:
         # close() also runs as a background task: it frees the requests even if the stream never started.
         return StreamingResponse(sse_events(streams, fmt, choices), media_type="text/event-stream",
@@ -266,22 +269,27 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     return JSONResponse(fmt.response(whole, sum(stream.num_output_tokens for stream in streams)))
 
 
-def _submit(state: ServerState, rid: str, prompt_ids: list[int], n: int, *, sampling: SamplingParams,
-            **fields) -> list[RequestStream]:
-    """One engine request per choice, all or none (a 429 when the queue cannot take all ``n``). Choice 0 is the
-    request ``rid`` with the request's seed, so ``n=1`` answers as choice 0 of any ``n``; choice i has its own
-    request id and a seed derived from the request's (or none)."""
-    engine = state.engine
+def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], budgets: list[int], n: int, *,
+            sampling: SamplingParams, stop: list[str]) -> list[RequestStream]:
+    """One engine request per choice, ``n`` per prompt in order, all or none (a 429 when the queue cannot take
+    them all). Choice i of every prompt has the request's seed for i = 0 and one derived from it for the others, so
+    a batch answers as its prompts one by one and ``n=1`` as choice 0 of any ``n``; the first choice is the
+    request ``rid``, the others ``rid-<index>``."""
+    engine, total = state.engine, len(prompts) * n
     limit = engine.max_waiting_requests + engine.max_num_seqs
-    if n > limit:
-        raise p.bad_request(f"n={n} exceeds the {limit} requests this server queues and runs at once", "n")
-    engine.check_capacity(n)
+    if total > limit:
+        what, param = (f"n={n}", "n") if len(prompts) == 1 else (f"{len(prompts)} prompts x n={n}", "prompt")
+        raise p.bad_request(f"{what} exceeds the {limit} requests this server queues and runs at once", param)
+    engine.check_capacity(total)
     streams: list[RequestStream] = []
     try:
-        for i in range(n):
-            seed = sampling.seed if i == 0 or sampling.seed is None else (sampling.seed * 1_000_003 + i) % 2**63
-            streams.append(engine.submit(rid if i == 0 else f"{rid}-{i}", prompt_ids,
-                                         sampling=dataclasses.replace(sampling, seed=seed), **fields))
+        for k, ((ids, text), budget) in enumerate(zip(prompts, budgets)):
+            for i in range(n):
+                seed = sampling.seed if i == 0 or sampling.seed is None else (sampling.seed * 1_000_003 + i) % 2**63
+                index = k * n + i
+                streams.append(engine.submit(rid if index == 0 else f"{rid}-{index}", ids, max_new_tokens=budget,
+                                             sampling=dataclasses.replace(sampling, seed=seed), prompt=text,
+                                             stop=stop))
     except BaseException:
         close_all(streams)
         raise

@@ -270,20 +270,23 @@ def stop_strings(request: GenerationRequest) -> list[str]:
     return stops
 
 
-def completion_prompt(request: CompletionRequest) -> str | list[int]:
-    """The one prompt of a completion request: a string or a list of token ids (a batch of one is unwrapped)."""
+def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
+    """A completion request's prompts: a string, a list of token ids, or a batch of either (answered as one
+    request per prompt, their choices in order)."""
     prompt = request.prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        if not prompt:
-            raise bad_request("prompt must not be empty", "prompt")
-        return prompt
-    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise bad_request(f"got a batch of {len(prompt)} prompts; this server takes one prompt per request", "prompt")
-    raise bad_request("prompt must be a non-empty string or a non-empty list of token ids", "prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad_request("prompt must be a non-empty string or a non-empty list of token ids, or a list of them",
+                          "prompt")
+    for i, one in enumerate(prompt):
+        if isinstance(one, str) and one:
+            continue
+        if isinstance(one, list) and one and all(type(t) is int for t in one):
+            continue
+        where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+        raise bad_request(f"{where} must be a non-empty string or a non-empty list of token ids", "prompt")
+    return prompt
 
 
 def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:

@@ -83,3 +83,35 @@ def test_choices_are_admitted_all_or_none(slow_server):
     assert "cannot take 2 more" in error.body["message"]
     assert [d.usage.completion_tokens for d in done] == [3] * 6
     wait_idle(slow_server)
+
+
+def test_a_batch_of_prompts_answers_as_its_prompts_one_by_one(server):
+    c = client(server)
+    args = dict(model="tiny", max_tokens=6, temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    prompts = ["Once upon", "The answer is"]
+    alone = [c.completions.create(**args, prompt=prompt, n=2) for prompt in prompts]
+    batch = c.completions.create(**args, prompt=prompts, n=2)
+    assert [ch.index for ch in batch.choices] == [0, 1, 2, 3]
+    assert [ch.text for ch in batch.choices] == [ch.text for done in alone for ch in done.choices]
+    assert (batch.usage.prompt_tokens, batch.usage.completion_tokens) == (len("Once upon") + len("The answer is"), 24)
+    streamed = collections.defaultdict(str)
+    for chunk in c.completions.create(**args, prompt=prompts, n=2, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert [streamed[i] for i in range(4)] == [ch.text for ch in batch.choices]
+    wait_idle(server)
+
+
+def test_lm_eval_batches_token_id_prompts_with_echo(server):
+    """lm-eval-harness's local-completions with batch_size > 1: token-id prompts, echo, logprobs 1, max_tokens 1."""
+    c = client(server)
+    batch = [[ord(ch) for ch in text] for text in ("abc def", "xyz", "The answer is 42")]
+    done = c.completions.create(model="tiny", prompt=batch, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    for ids, choice in zip(batch, done.choices):
+        assert choice.text.startswith("".join(map(chr, ids)))
+        assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) >= len(ids)
+        single = c.completions.create(model="tiny", prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+        # the same figures as alone, to float rounding (batched with other prompts, the matrix shapes differ)
+        assert single.choices[0].logprobs.token_logprobs[1:] == pytest.approx(choice.logprobs.token_logprobs[1:],
+                                                                               abs=1e-4)
+    wait_idle(server)

@@ -18,7 +18,7 @@ def _error(cls, body) -> p.APIError:
     with pytest.raises(p.APIError) as info:
         request = _parse(cls, body)
         if cls is p.CompletionRequest:
-            p.completion_prompt(request)
+            p.completion_prompts(request)
         else:
             p.chat_messages(request)
         p.stop_strings(request)
@@ -41,7 +41,9 @@ def _error(cls, body) -> p.APIError:
     ({"model": "m", "prompt": "hi", "logprobs": 21}, "logprobs", "between 0 and 20"),
     ({"model": "m", "prompt": "hi", "logprobs": -1}, "logprobs", "between 0 and 20"),
     ({"model": "m", "prompt": "hi", "logprobs": True}, "logprobs", "valid integer"),
-    ({"model": "m", "prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+    ({"model": "m", "prompt": ["a", ""]}, "prompt", "prompt[1] must be a non-empty string"),
+    ({"model": "m", "prompt": []}, "prompt", "or a list of them"),
+    ({"model": "m", "prompt": [[1, 2], [3, "x"]]}, "prompt", "prompt[1]"),
     ({"model": "m", "prompt": 7}, "prompt", "string or a non-empty list of token ids"),
     ({"model": "m", "prompt": "hi", "stop": ["a", ""]}, "stop", "non-empty"),
     ({"model": "m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
@@ -104,7 +106,7 @@ def test_accepted_shapes():
     request = _parse(p.CompletionRequest, {"model": "m", "prompt": [[5, 6, 7]], "stop": "x", "temperature": 1,
                                            "best_of": 1, "n": 1, "logprobs": None,
                                            "frequency_penalty": 0.5, "presence_penalty": -0.5})
-    assert p.completion_prompt(request) == [5, 6, 7] and p.stop_strings(request) == ["x"]
+    assert p.completion_prompts(request) == [[5, 6, 7]] and p.stop_strings(request) == ["x"]
     assert (request.frequency_penalty, request.presence_penalty) == (0.5, -0.5)
     chat = _parse(p.ChatCompletionRequest, {"model": "m", "max_completion_tokens": 9, "messages": [
         {"role": "developer", "content": "be brief"},
