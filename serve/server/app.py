@@ -287,9 +287,10 @@ def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], 
             for i in range(n):
                 seed = sampling.seed if i == 0 or sampling.seed is None else (sampling.seed * 1_000_003 + i) % 2**63
                 index = k * n + i
+                # A greedy request's choices are one answer n times: the feedback store records it once.
                 streams.append(engine.submit(rid if index == 0 else f"{rid}-{index}", ids, max_new_tokens=budget,
                                              sampling=dataclasses.replace(sampling, seed=seed), prompt=text,
-                                             stop=stop))
+                                             stop=stop, feedback=i == 0 or not sampling.is_greedy))
     except BaseException:
         close_all(streams)
         raise

@@ -68,6 +68,9 @@ class Add:
     """Prompt text as the length predictor reads it; also kept in misprediction feedback."""
     sink: Sink
     prediction: LengthPrediction | None = None
+    feedback: bool = True
+    """Whether the feedback store may record the request: False for the copies of a greedy request's choices
+    after the first (the same answer, which would be one record counted ``n`` times)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +141,7 @@ class EngineLoop:
         self._lock = threading.Lock()  # submit's check and put happen before, or after, the final drain
         self._sinks: dict[str, Sink] = {}
         self._num_sent: dict[str, int] = {}
+        self._unrecorded: set[str] = set()  # requests the feedback store must not record (Add.feedback)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- other threads ------------------------------------------------------------------------------------
@@ -241,12 +245,14 @@ class EngineLoop:
             return
         self._sinks[cmd.request_id] = cmd.sink
         self._num_sent[cmd.request_id] = 0
+        if not cmd.feedback:
+            self._unrecorded.add(cmd.request_id)
 
     def _abort(self, cmd: Abort) -> None:
         request = self.engine.abort(cmd.request_id, stopped=cmd.stopped_at is not None)
+        if request is not None and cmd.stopped_at is not None:
+            self._record(request, stopped_at=cmd.stopped_at)
         self._forget(cmd.request_id)
-        if request is not None and cmd.stopped_at is not None and self.feedback is not None:
-            self.feedback.record(request, stopped_at=cmd.stopped_at)
 
     def _step(self) -> None:
         finished = self.engine.step()
@@ -254,9 +260,8 @@ class EngineLoop:
         for completion in finished:
             request = completion.request
             self._emit(events, request, completion.finish_reason)
+            self._record(request)
             self._forget(request.request_id)
-            if self.feedback is not None:
-                self.feedback.record(request)
         for request in self.engine.scheduler.running:
             self._emit(events, request, None)
         _deliver(events)
@@ -274,7 +279,12 @@ class EngineLoop:
             events[sink.loop].append((sink.queue, TokenEvent(new, finish_reason, logprobs=logprobs,
                                                              prompt_logprobs=prompt)))
 
+    def _record(self, request: Request, **fields) -> None:
+        if self.feedback is not None and request.request_id not in self._unrecorded:
+            self.feedback.record(request, **fields)
+
     def _forget(self, request_id: str) -> None:
+        self._unrecorded.discard(request_id)
         self._sinks.pop(request_id, None)
         self._num_sent.pop(request_id, None)
         self.engine.scheduler.forget(request_id)

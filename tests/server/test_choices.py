@@ -1,5 +1,6 @@
 """Several choices per request (``n``), through the official openai client: one engine request each, choice 0 the
-``n=1`` answer, streamed choices interleaved by index, usage summed, all or none admitted."""
+``n=1`` answer, streamed choices interleaved by index, usage summed, all or none admitted; a batch of prompts
+answers as its prompts one by one; a greedy request's identical choices are one feedback record."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import collections
 import openai
 import pytest
 
+from serve.feedback import read_feedback
 from tests.server.conftest import async_client, client, engine_paused, wait_for, wait_idle
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
@@ -115,3 +117,15 @@ def test_lm_eval_batches_token_id_prompts_with_echo(server):
         assert single.choices[0].logprobs.token_logprobs[1:] == pytest.approx(choice.logprobs.token_logprobs[1:],
                                                                                abs=1e-4)
     wait_idle(server)
+
+
+def test_a_greedy_requests_choices_are_one_feedback_record(server):
+    """Greedy choices are one answer n times: one feedback record; sampled choices are separate answers: one each."""
+    c = client(server)
+    args = dict(model="tiny", max_tokens=20, n=3, extra_body={"ignore_eos": True})  # bucket 0 predicted: mispredicted
+    c.completions.create(**args, prompt="greedy choices", temperature=0)
+    c.completions.create(**args, prompt="sampled choices", temperature=1.0, seed=2)
+    wait_idle(server)
+    server.stack.engine_loop.call(lambda engine: None).result(10)  # records are written before this runs
+    prompts = collections.Counter(r["prompt"] for r in read_feedback(server.stack.engine_loop.feedback.writer.directory))
+    assert (prompts["greedy choices"], prompts["sampled choices"]) == (1, 3)
