@@ -234,6 +234,37 @@ def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, 
         _fail(str(exc))
 
 
+@main.command()
+@click.argument("input_path", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="Answers, one JSON line per request (appended; requests it already answers are skipped).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default="configs/serve_cpu.yaml",
+              show_default=True, help="YAML config (see configs/).")
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default=None, help="Admission policy.")
+@click.option("--predictor", default=None, help="Length-predictor checkpoint (the output of `s3 train`).")
+@click.option("--fallback-policy", type=click.Choice([p for p in POLICY_NAMES if policy_needs(p) == "none"]),
+              default=None, help="With s3 and no usable predictor, use this policy instead of refusing to start.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
+def batch(input_path, output_path, config_path, policy, predictor, fallback_policy, overrides):
+    """Answer a file of OpenAI Batch API requests offline (as `vllm run-batch`), scheduled as `s3 serve` would."""
+    from serve.server.batch import read_batch, run_batch
+    from serve.server.config import ServeConfig
+    from serve.server.launch import build_stack, configure_process
+
+    flags = {"engine.policy.policy": policy, "predictor": predictor, "fallback_policy": fallback_policy}
+    try:
+        config = load_config(ServeConfig, config_path, overrides, values=flags)
+        read_batch(input_path)  # a bad file fails before the model loads
+        configure_process(config)
+        summary = run_batch(build_stack(config, load_checkpoint=load_predictor_checkpoint), input_path, output_path)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    rate = summary.num_completion_tokens / summary.elapsed_s if summary.elapsed_s else 0.0
+    click.echo(f"{summary.num_ok} answered, {summary.num_failed} failed, {summary.num_skipped} already in "
+               f"{output_path}; {summary.num_completion_tokens} tokens in {summary.elapsed_s:.1f} s ({rate:.1f} "
+               f"tokens/s)")
+
+
 def load_predictor_checkpoint(path: str):
     """`s3 serve`'s checkpoint loader (torch and transformers are imported only when a checkpoint is loaded)."""
     from predictor_train.inference import LengthPredictor

@@ -59,3 +59,27 @@ def test_config_layers_and_types(tmp_path):
         load_config(SimulateConfig, None, ["workload.mode=sometimes"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(SimulateConfig, None, ["block_size"])
+
+
+@pytest.mark.integration
+def test_batch_answers_a_file_with_smollm2(tmp_path):
+    source, answers = tmp_path / "in.jsonl", tmp_path / "answers.jsonl"
+    rows = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "smollm2", "messages": [{"role": "user", "content": question}], "max_tokens": 12,
+                      "temperature": 0}}
+            for i, question in enumerate(("What is the capital of France?", "Name a colour."))]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = CliRunner().invoke(main, ["batch", str(source), "-o", str(answers), "--policy", "paged",
+                                       "--set", f"feedback_dir={tmp_path / 'feedback'}"])
+    assert result.exit_code == 0, result.output
+    assert "2 answered, 0 failed, 0 already in" in result.output
+    records = {r["custom_id"]: r for r in map(json.loads, answers.read_text().splitlines())}
+    assert "Paris" in records["q0"]["response"]["body"]["choices"][0]["message"]["content"]
+    result = CliRunner().invoke(main, ["batch", str(source), "-o", str(answers), "--policy", "paged"])
+    assert "0 answered, 0 failed, 2 already in" in result.output
+
+
+def test_batch_refuses_a_missing_input(tmp_path):
+    result = CliRunner().invoke(main, ["batch", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                                       "--policy", "paged"])
+    assert result.exit_code == 2 and "none.jsonl does not exist" in result.output

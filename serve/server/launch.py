@@ -122,8 +122,7 @@ def served_model_name(config: ServeConfig) -> str:
 def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = None) -> None:
     """Run the server until SIGINT/SIGTERM (rank 0), or follow rank 0's steps (other tensor-parallel ranks).
     ``load_checkpoint`` loads ``config.predictor`` (see `CheckpointLoader`)."""
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(config.torch_threads or max(1, _num_cores() - 1))
+    configure_process(config)
     rank = int(os.environ.get("RANK", "0"))
     if config.engine.tensor_parallel > 1 and rank != 0:
         _follow(config)  # binds nothing; rank 0's refusal below ends the launch (the launcher stops every rank)
@@ -141,6 +140,12 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
     finally:
         stack.stop()
     log.info("stopped")
+
+
+def configure_process(config: ServeConfig) -> None:
+    """Logging, and torch's threads: a core is left for the HTTP side unless ``torch_threads`` says otherwise."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(config.torch_threads or max(1, _num_cores() - 1))
 
 
 class _Stopped(Exception):

@@ -1,0 +1,178 @@
+"""Offline batch (`s3 batch`): a file of OpenAI Batch API requests answered by the server in-process, as
+`vllm run-batch` does.
+
+Input, one JSON object per line: ``{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions" or
+"/v1/completions", "body": {...}}`` (custom ids unique). Output, one line per request, written as its answer is
+ready: ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``, the body as the HTTP
+server would have answered (an error body with its status for a request it refuses), or ``response: null`` and an
+``error`` for a line that is no request at all. A run cut short keeps every line it wrote; run again with the same
+output, it answers only the requests not in it yet.
+
+Every request goes to the app at once, through the same handlers as HTTP (an ASGI transport, no socket), with the
+queue sized to hold them all: the scheduler sees the whole batch, so a predictive policy orders and packs all of
+it, as in `s3 bench`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import httpx
+from tqdm import tqdm
+
+from serve.server.launch import ServingStack
+
+URLS = ("/v1/completions", "/v1/chat/completions")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRequest:
+    custom_id: str
+    url: str
+    body: dict
+    problem: str | None = None
+    """Why this line cannot be sent (a bad method, url or body), answered as an error line."""
+
+
+@dataclasses.dataclass
+class BatchSummary:
+    num_requests: int
+    num_skipped: int
+    """Already answered in the output by an earlier run."""
+    num_ok: int = 0
+    num_failed: int = 0
+    num_completion_tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+def read_batch(path: str | Path) -> list[BatchRequest]:
+    """The requests of an input file; a line that is not JSON or has no custom_id, or a custom_id given twice,
+    makes the whole file an error (its answer could not be told apart)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"batch input {path} does not exist")
+    requests, seen = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
+        custom_id = row.get("custom_id") if isinstance(row, dict) else None
+        if not isinstance(custom_id, str) or not custom_id:
+            raise ValueError(f"{path}, line {number}: every request needs a non-empty string custom_id")
+        if custom_id in seen:
+            raise ValueError(f"{path}, line {number}: custom_id {custom_id!r} is used twice")
+        seen.add(custom_id)
+        requests.append(_request(row, custom_id))
+    return requests
+
+
+def _request(row: dict, custom_id: str) -> BatchRequest:
+    url, body = row.get("url"), row.get("body")
+    problem = None
+    if row.get("method", "POST") != "POST":
+        problem = f"method must be POST, got {row.get('method')!r}"
+    elif url not in URLS:
+        problem = f"url must be one of {', '.join(URLS)}, got {url!r}"
+    elif not isinstance(body, dict):
+        problem = "body must be a JSON object (the request as it would be POSTed)"
+    elif body.get("stream"):
+        problem = "stream is not supported in a batch (each answer is written whole)"
+    return BatchRequest(custom_id, str(url), body if isinstance(body, dict) else {}, problem)
+
+
+def answered_ids(path: str | Path) -> set[str]:
+    """The custom ids an output file already answers (a torn last line, from a run cut short, is ignored)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    ids = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            ids.add(json.loads(line)["custom_id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return ids
+
+
+def run_batch(stack: ServingStack, input_path: str | Path, output_path: str | Path, *,
+              progress: bool = True) -> BatchSummary:
+    """Answer every request of ``input_path`` not yet in ``output_path`` (appended to it) with ``stack``, which
+    this starts and stops."""
+    requests = read_batch(input_path)
+    done = answered_ids(output_path)
+    todo = [r for r in requests if r.custom_id not in done]
+    summary = BatchSummary(len(requests), len(requests) - len(todo))
+    # The whole batch waits in the engine's queue rather than meeting a 429.
+    engine = stack.state.engine
+    engine.max_waiting_requests = max(engine.max_waiting_requests, sum(_num_choices(r.body) for r in todo))
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the progress bar
+    start = time.perf_counter()
+    stack.start()
+    try:
+        with output_path.open("a", encoding="utf-8") as out, \
+                tqdm(total=len(todo), unit="request", desc="batch", disable=not progress) as bar:
+            def write(record: dict) -> None:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()  # a run cut short keeps every answer written
+                bar.update()
+                _count(summary, record)
+
+            asyncio.run(_answer_all(stack, todo, write))
+    finally:
+        stack.stop()
+    summary.elapsed_s = time.perf_counter() - start
+    return summary
+
+
+async def _answer_all(stack: ServingStack, requests: list[BatchRequest], write: Callable[[dict], None]) -> None:
+    key = stack.state.api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    transport = httpx.ASGITransport(app=stack.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://s3-batch", timeout=None) as client:
+        async def answer(request: BatchRequest) -> None:
+            if request.problem is not None:
+                write(_record(request, None, error={"code": "invalid_request", "message": request.problem}))
+                return
+            response = await client.post(request.url, json=request.body, headers=headers)
+            try:
+                body = response.json()
+            except json.JSONDecodeError:
+                body = {"error": {"message": response.text or f"HTTP {response.status_code}"}}
+            write(_record(request, {"status_code": response.status_code, "request_id": body.get("id"), "body": body}))
+
+        await asyncio.gather(*(answer(r) for r in requests))
+
+
+def _record(request: BatchRequest, response: dict | None, error: dict | None = None) -> dict:
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request.custom_id, "response": response,
+            "error": error}
+
+
+def _count(summary: BatchSummary, record: dict) -> None:
+    response = record["response"]
+    if response is None or response["status_code"] != 200:
+        summary.num_failed += 1
+        return
+    summary.num_ok += 1
+    summary.num_completion_tokens += (response["body"].get("usage") or {}).get("completion_tokens", 0)
+
+
+def _num_choices(body: dict) -> int:
+    """Engine requests a body makes at most (``n`` per prompt), for sizing the queue."""
+    n = body.get("n")
+    n = n if isinstance(n, int) and n > 0 else 1
+    prompt = body.get("prompt")
+    batch = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return n * batch

@@ -1,0 +1,76 @@
+"""Offline batch (`s3 batch`, serve/server/batch.py): OpenAI Batch API lines answered in-process through the
+server's own handlers, errors as lines, and a second run answering only what the first did not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cli import load_predictor_checkpoint
+from serve.server.batch import read_batch, run_batch
+from serve.server.launch import build_stack
+from tests.engine.engine_driver import tiny_llama
+from tests.server.fakes import EOS_ID, CharTokenizer, FakePredictor, serve_config
+
+LINES = [
+    {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+     "body": {"model": "tiny", "prompt": "Once upon", "max_tokens": 5, "temperature": 0}},
+    {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 2,
+              "temperature": 1.0, "seed": 3}},
+    {"custom_id": "c", "url": "/v1/completions", "body": {"model": "tiny", "prompt": ["x", "y"], "max_tokens": 3}},
+    {"custom_id": "too hot", "url": "/v1/completions", "body": {"model": "tiny", "prompt": "a", "temperature": 5}},
+    {"custom_id": "nowhere", "url": "/v1/embeddings", "body": {"model": "tiny", "input": "a"}},
+    {"custom_id": "streamed", "url": "/v1/completions", "body": {"model": "tiny", "prompt": "a", "stream": True}},
+]  # fmt: skip
+
+
+def stack(tmp_path):
+    model = tiny_llama()
+    model.generation_config.eos_token_id = EOS_ID
+    return build_stack(serve_config(tmp_path), model=model, tokenizer=CharTokenizer(),
+                       predictor=FakePredictor(bucket=0), load_checkpoint=load_predictor_checkpoint)
+
+
+def write_lines(path, rows) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_a_batch_is_answered_line_by_line_and_resumed(tmp_path):
+    source, answers = tmp_path / "in.jsonl", tmp_path / "out" / "answers.jsonl"
+    write_lines(source, LINES[:5])
+    summary = run_batch(stack(tmp_path), source, answers, progress=False)
+    assert (summary.num_ok, summary.num_failed, summary.num_skipped) == (3, 2, 0)
+    records = {r["custom_id"]: r for r in map(json.loads, answers.read_text().splitlines())}
+    assert set(records) == {"a", "b", "c", "too hot", "nowhere"}
+    a = records["a"]["response"]
+    assert a["status_code"] == 200 and a["request_id"] == a["body"]["id"] and records["a"]["error"] is None
+    assert a["body"]["object"] == "text_completion" and a["body"]["usage"]["prompt_tokens"] == len("Once upon")
+    assert [c["index"] for c in records["b"]["response"]["body"]["choices"]] == [0, 1]
+    assert len(records["c"]["response"]["body"]["choices"]) == 2  # a batch of prompts inside a batch line
+    assert records["too hot"]["response"]["status_code"] == 400
+    assert records["too hot"]["response"]["body"]["error"]["param"] == "temperature"
+    assert records["nowhere"]["response"] is None and "url must be one of" in records["nowhere"]["error"]["message"]
+    assert summary.num_completion_tokens == sum(records[k]["response"]["body"]["usage"]["completion_tokens"]
+                                                for k in "abc")
+
+    write_lines(source, LINES)  # one more line: only it is answered
+    again = run_batch(stack(tmp_path), source, answers, progress=False)
+    assert (again.num_ok, again.num_failed, again.num_skipped) == (0, 1, 5)
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(lines) == 6 and "stream is not supported" in lines[-1]["error"]["message"]
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {}}\nnot json\n', "line 2: not JSON"),
+    ('{"url": "/v1/completions", "body": {}}\n', "line 1: every request needs a non-empty string custom_id"),
+    ('{"custom_id": "a", "body": {}}\n\n{"custom_id": "a", "body": {}}\n', "line 3: custom_id 'a' is used twice"),
+])  # fmt: skip
+def test_unusable_input_files_are_refused_naming_the_line(tmp_path, text, words):
+    source = tmp_path / "in.jsonl"
+    source.write_text(text)
+    with pytest.raises(ValueError, match=words):
+        read_batch(source)
+    with pytest.raises(FileNotFoundError):
+        read_batch(tmp_path / "missing.jsonl")
