@@ -89,7 +89,8 @@ class AsyncEngine:
         """Queue a request (429 when the queue is full, 503 when the engine is gone); read it with
         `RequestStream.outputs()` and always `close()` it."""
         self.check_capacity()
-        stream = RequestStream(self, request_id, stop=stop, stop_token_ids=sampling.stop_token_ids)
+        stream = RequestStream(self, request_id, stop=stop, stop_token_ids=sampling.stop_token_ids,
+                               min_tokens=sampling.min_tokens)
         command = Add(request_id, list(prompt_token_ids), max_new_tokens, sampling, prompt,
                       Sink(asyncio.get_running_loop(), stream.queue), feedback=feedback)
         try:
@@ -110,7 +111,7 @@ class RequestStream:
     """One request's answer as it is generated."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, *, stop: list[str],
-                 stop_token_ids: tuple[int, ...] = ()) -> None:
+                 stop_token_ids: tuple[int, ...] = (), min_tokens: int = 0) -> None:
         self.engine = engine
         self.request_id = request_id
         self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -118,6 +119,8 @@ class RequestStream:
         self._stops = StopStrings(stop)
         self._stop_token_ids = frozenset(stop_token_ids)
         """A stop token ends the answer without its text (as vLLM), though it counts as an output token."""
+        self._min_tokens = min_tokens
+        """Stop strings count only once the answer has more tokens than this (as vLLM)."""
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
         self._arrival = time.perf_counter()
@@ -142,9 +145,10 @@ class RequestStream:
         shown = event.token_ids
         if event.finish_reason == "stop" and shown and shown[-1] in self._stop_token_ids:
             shown = shown[:-1]
-        text = self._stops.feed(self._detokenizer.add(shown))
+        armed = self.num_output_tokens > self._min_tokens
+        text = self._stops.feed(self._detokenizer.add(shown), armed=armed)
         if not self._stops.stopped and event.is_last:
-            text += self._stops.feed(self._detokenizer.flush())
+            text += self._stops.feed(self._detokenizer.flush(), armed=armed)
         tokens = {"token_ids": event.token_ids, "logprobs": event.logprobs} if event.logprobs else {}
         if event.prompt_logprobs:
             tokens["prompt_logprobs"] = event.prompt_logprobs

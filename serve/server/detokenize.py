@@ -58,10 +58,13 @@ class StopStrings:
         self._num_sent = 0
         self.stopped = False
 
-    def feed(self, delta: str) -> str:
-        """Add generated text; return what can be sent now. Sets ``stopped`` when a stop string appears."""
+    def feed(self, delta: str, *, armed: bool = True) -> str:
+        """Add generated text; return what can be sent now. Sets ``stopped`` when a stop string appears; not
+        ``armed`` (an answer still short of its min_tokens, as vLLM), no stop string is looked for in it."""
         assert not self.stopped, "feed after a stop string was found"
         self.text += delta
+        if not armed:
+            return self._take(len(self.text))
         # A new match starts at or after the sent text (anything earlier would have been found before). The
         # first stop string to be completed wins, so the result does not depend on how the text was split.
         hits = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self._num_sent)) >= 0]

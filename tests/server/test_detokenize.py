@@ -80,3 +80,10 @@ def test_streamed_output_is_the_text_before_the_first_completed_stop(text, stops
     hits = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
     expected = (text[: min(hits)[1]], True) if hits else (text, False)
     assert _stream(stops, pieces) == expected
+
+
+def test_stop_strings_are_not_looked_for_before_they_are_armed():
+    """An answer short of its min_tokens keeps a stop string it writes (as vLLM); once armed, the next one ends it."""
+    stops = StopStrings(["ab"])
+    assert stops.feed("xxab", armed=False) == "xxab" and not stops.stopped
+    assert stops.feed("yyabzz") == "yy" and stops.stopped and stops.text == "xxabyy"

@@ -111,6 +111,8 @@ def test_vllm_sampling_extensions(server):
     cut = c.completions.create(**base, prompt="abc", extra_body={"ignore_eos": True, "stop_token_ids": [token]})
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == whole[:whole.index(whole[4])]
     assert cut.usage.completion_tokens == whole.index(whole[4]) + 1  # the stop token counts, its text does not
+    kept = c.completions.create(**base, prompt="abc", stop=whole[1:3], extra_body={"ignore_eos": True, "min_tokens": 6})
+    assert kept.choices[0].text.startswith(whole[:6])  # the stop string came too early to count (as vLLM)
     sampled = c.completions.create(**base | {"temperature": 1.0}, prompt="abc", seed=1,
                                    extra_body={"top_k": 1, "min_p": 0.5, "ignore_eos": True})
     assert sampled.choices[0].text == whole  # top_k 1: greedy
