@@ -251,7 +251,8 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
                               prompt_logprobs=p.requested_prompt_logprobs(req),
                               stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens,
                               logit_bias=state.logit_bias(req))
-    streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req))
+    streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req),
+                      feedback=_length_is_natural(req))
     if req.stream:
         # close() also runs as a background task: it frees the requests even if the stream never started.
         return StreamingResponse(sse_events(streams, fmt, choices), media_type="text/event-stream",
@@ -269,8 +270,16 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     return JSONResponse(fmt.response(whole, sum(stream.num_output_tokens for stream in streams)))
 
 
+def _length_is_natural(req: p.GenerationRequest) -> bool:
+    """Whether the answers end where the model ends them, so that the feedback store may take their lengths for
+    labels: not when the client forces a length (``ignore_eos``, ``min_tokens``) or changes what ends it
+    (``stop_token_ids``, a ``logit_bias``, which may touch end-of-sequence). Stop strings are the store's own
+    case (it keeps what happened before the cut)."""
+    return not (req.ignore_eos or req.min_tokens or req.stop_token_ids or req.logit_bias)
+
+
 def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], budgets: list[int], n: int, *,
-            sampling: SamplingParams, stop: list[str]) -> list[RequestStream]:
+            sampling: SamplingParams, stop: list[str], feedback: bool) -> list[RequestStream]:
     """One engine request per choice, ``n`` per prompt in order, all or none (a 429 when the queue cannot take
     them all). Choice i of every prompt has the request's seed for i = 0 and one derived from it for the others, so
     a batch answers as its prompts one by one and ``n=1`` as choice 0 of any ``n``; the first choice is the
@@ -290,7 +299,7 @@ def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], 
                 # A greedy request's choices are one answer n times: the feedback store records it once.
                 streams.append(engine.submit(rid if index == 0 else f"{rid}-{index}", ids, max_new_tokens=budget,
                                              sampling=dataclasses.replace(sampling, seed=seed), prompt=text,
-                                             stop=stop, feedback=i == 0 or not sampling.is_greedy))
+                                             stop=stop, feedback=feedback and (i == 0 or not sampling.is_greedy)))
     except BaseException:
         close_all(streams)
         raise

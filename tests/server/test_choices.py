@@ -12,6 +12,7 @@ import pytest
 
 from serve.feedback import read_feedback
 from tests.server.conftest import async_client, client, engine_paused, wait_for, wait_idle
+from tests.server.fakes import MAX_NEW_TOKENS
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
 
@@ -120,12 +121,35 @@ def test_lm_eval_batches_token_id_prompts_with_echo(server):
 
 
 def test_a_greedy_requests_choices_are_one_feedback_record(server):
-    """Greedy choices are one answer n times: one feedback record; sampled choices are separate answers: one each."""
+    """Greedy choices are one answer n times: one feedback record; sampled choices are separate answers: one each
+    that runs past its predicted bucket (bucket 0, up to 8 tokens)."""
     c = client(server)
-    args = dict(model="tiny", max_tokens=20, n=3, extra_body={"ignore_eos": True})  # bucket 0 predicted: mispredicted
-    c.completions.create(**args, prompt="greedy choices", temperature=0)
-    c.completions.create(**args, prompt="sampled choices", temperature=1.0, seed=2)
+    args = dict(model="tiny", prompt="feedback one", max_tokens=MAX_NEW_TOKENS, n=3)
+    c.completions.create(**args, temperature=0)
+    sampled = c.completions.create(**args | {"prompt": "feedback two"}, temperature=1.0, seed=2)
     wait_idle(server)
     server.stack.engine_loop.call(lambda engine: None).result(10)  # records are written before this runs
     prompts = collections.Counter(r["prompt"] for r in read_feedback(server.stack.engine_loop.feedback.writer.directory))
-    assert (prompts["greedy choices"], prompts["sampled choices"]) == (1, 3)
+    long = sum(len(choice.text) > 8 for choice in sampled.choices)  # one character per token here
+    assert prompts["feedback one"] == 1 and long <= prompts["feedback two"] <= 3 and long >= 2
+
+
+def test_answers_whose_length_the_client_forces_are_not_feedback(server):
+    """ignore_eos, min_tokens, stop_token_ids and logit_bias decide where an answer ends: not labels. The same
+    prompt unforced is written (bucket 0 predicted; it answers past it, as in test_server's feedback test)."""
+    c = client(server)
+    base = dict(model="tiny", prompt="feedback one", max_tokens=MAX_NEW_TOKENS, temperature=0)
+    forced = [{"ignore_eos": True}, {"min_tokens": 20}, {"stop_token_ids": [2]}, {"logit_bias": {"1": -100}}]
+    store = server.stack.engine_loop.feedback.writer.directory
+
+    def records() -> int:
+        wait_idle(server)
+        server.stack.engine_loop.call(lambda engine: None).result(10)  # records are written before this runs
+        return sum(r["prompt"] == "feedback one" for r in read_feedback(store)) if store.exists() else 0
+
+    before = records()
+    for extra in forced:
+        c.completions.create(**base, extra_body=extra)
+    assert records() == before
+    c.completions.create(**base)
+    assert records() == before + 1
