@@ -237,20 +237,11 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
         raise p.bad_request(f"min_tokens ({req.min_tokens}) exceeds the answer's {min(budgets)} tokens", "min_tokens")
     head = p.Head(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, state.system_fingerprint)
     fmt = Format(head, chat, sum(len(ids) for ids, _ in prompts), usage_in_chunks=req.stream and p.include_usage(req))
-    logprobs = p.requested_logprobs(req)
-    token_text = state.token_text if logprobs is not None else None
+    sampling = _sampling(state, req)
+    token_text = state.token_text if sampling.logprobs is not None else None
     echo = getattr(req, "echo", False)
     choices = [Choice(k * req.n + i, chat, token_text=token_text, echo_text=text if echo else None, echo_ids=ids)
                for k, (ids, text) in enumerate(prompts) for i in range(req.n)]
-    # An explicit null means "the default", as leaving it out does (protocol drops nulls before parsing).
-    frequency_penalty = (req.frequency_penalty if "frequency_penalty" in req.model_fields_set
-                         else state.default_frequency_penalty)
-    sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k or 0),
-                              min_p=req.min_p, seed=req.seed, presence_penalty=req.presence_penalty,
-                              frequency_penalty=frequency_penalty, ignore_eos=req.ignore_eos, logprobs=logprobs,
-                              prompt_logprobs=p.requested_prompt_logprobs(req),
-                              stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens,
-                              logit_bias=state.logit_bias(req))
     streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req),
                       feedback=_length_is_natural(req))
     if req.stream:
@@ -268,6 +259,19 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
         close_all(streams)
     whole = [choice.whole(text, reason, outputs) for choice, (text, reason, outputs) in zip(choices, answers)]
     return JSONResponse(fmt.response(whole, sum(stream.num_output_tokens for stream in streams)))
+
+
+def _sampling(state: ServerState, req: p.GenerationRequest) -> SamplingParams:
+    """The request's sampling parameters, each checked (token ids against the vocabulary)."""
+    # An explicit null means "the default", as leaving it out does (protocol drops nulls before parsing).
+    frequency_penalty = (req.frequency_penalty if "frequency_penalty" in req.model_fields_set
+                         else state.default_frequency_penalty)
+    return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k or 0),
+                          min_p=req.min_p, seed=req.seed, presence_penalty=req.presence_penalty,
+                          frequency_penalty=frequency_penalty, ignore_eos=req.ignore_eos,
+                          logprobs=p.requested_logprobs(req), prompt_logprobs=p.requested_prompt_logprobs(req),
+                          stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens,
+                          logit_bias=state.logit_bias(req))
 
 
 def _length_is_natural(req: p.GenerationRequest) -> bool:

@@ -230,10 +230,17 @@ def test_the_engine_thread_classifies_new_requests_between_steps_in_batches(mode
             stepping.clear()
 
     loop.engine.step = watched_step
-    gate = threading.Event()
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(engine):
+        entered.set()
+        return gate.wait(10)
 
     async def main():
-        loop.call(lambda engine: gate.wait(10))  # hold the loop: the next six arrive together
+        loop.call(hold)  # hold the loop: the next six arrive together
+        # Once it holds (else the loop could take the first arrivals in the same turn as the call, and classify
+        # them apart from the rest)
+        await asyncio.to_thread(entered.wait, 10)
         queues = [await _add(loop, f"r{i}", PROMPTS[i % 3], bucket=None) for i in range(6)]
         loop.submit(Abort("r0"))  # must not overtake r0's Add
         classified = await _add(loop, "given", PROMPTS[0], bucket=3)  # arrives classified: not classified again
