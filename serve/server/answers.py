@@ -12,6 +12,8 @@ from core.request import TokenLogprobs
 from serve.server import protocol as p
 from serve.server.async_engine import EngineError, Output, RequestStream
 
+LOWEST_LOGPROB = -9999.0  # what an impossible token's log-probability is written as (JSON has no -Infinity)
+
 
 def close_all(streams: list[RequestStream]) -> None:
     for stream in streams:
@@ -97,8 +99,8 @@ class Choice:
             prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs), ())
             token_ids, logprobs = [*self.echo_ids, *token_ids], [None, *prompt, *logprobs]
         if self.chat:
-            return p.chat_logprobs(token_ids, logprobs, self.token_text)
-        found = p.completion_logprobs(token_ids, logprobs, self.token_text, self.text_offset)
+            return chat_logprobs(token_ids, logprobs, self.token_text)
+        found = completion_logprobs(token_ids, logprobs, self.token_text, self.text_offset)
         self.text_offset += sum(len(t) for t in found["tokens"])
         return found
 
@@ -159,3 +161,33 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Outpu
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _logprob(value: float) -> float:
+    return max(value, LOWEST_LOGPROB)
+
+
+def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs | None],
+                        token_text: Callable[[int], str], text_offset: int = 0) -> dict:
+    """/v1/completions' ``logprobs``: each token's text, log-probability and offset in the answer's text (from
+    ``text_offset``), and a {text: log-probability} of the most likely tokens with the token itself, as vLLM. An
+    echoed prompt's first token has none (``None``, as OpenAI)."""
+    texts = [token_text(t) for t in token_ids]
+    offsets = [text_offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    tops = [None if lp is None else {**{token_text(i): _logprob(v) for i, v in lp.top}, text: _logprob(lp.logprob)}
+            for text, lp in zip(texts, logprobs)]
+    return {"tokens": texts, "token_logprobs": [None if lp is None else _logprob(lp.logprob) for lp in logprobs],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs],
+                  token_text: Callable[[int], str]) -> dict:
+    """/v1/chat/completions' ``logprobs``: per token its text, UTF-8 bytes, log-probability and the most likely
+    tokens' (``top_logprobs``)."""
+    def entry(token_id: int, value: float) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": _logprob(value), "bytes": list(text.encode("utf-8"))}
+
+    content = [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+               for t, lp in zip(token_ids, logprobs)]
+    return {"content": content, "refusal": None}

@@ -14,17 +14,14 @@ import dataclasses
 import hashlib
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from core.request import TokenLogprobs
-
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_CHOICES = 128  # n, as OpenAI
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs (and vLLM's default max_logprobs)
-LOWEST_LOGPROB = -9999.0  # what an impossible token's log-probability is written as (JSON has no -Infinity)
 REQUIRED = ("model", "prompt", "messages")
 
 
@@ -394,36 +391,6 @@ def chat_body(head: Head, *, choices: list[dict], usage_: dict | None) -> dict:
 def stream_chunk(head: Head, *, chat: bool, choice: dict) -> dict:
     """One stream chunk carrying one choice's piece."""
     return {**head.fields("chat.completion.chunk" if chat else "text_completion"), "choices": [choice]}
-
-
-def _logprob(value: float) -> float:
-    return max(value, LOWEST_LOGPROB)
-
-
-def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs | None],
-                        token_text: Callable[[int], str], text_offset: int = 0) -> dict:
-    """/v1/completions' ``logprobs``: each token's text, log-probability and offset in the answer's text (from
-    ``text_offset``), and a {text: log-probability} of the most likely tokens with the token itself, as vLLM. An
-    echoed prompt's first token has none (``None``, as OpenAI)."""
-    texts = [token_text(t) for t in token_ids]
-    offsets = [text_offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
-    tops = [None if lp is None else {**{token_text(i): _logprob(v) for i, v in lp.top}, text: _logprob(lp.logprob)}
-            for text, lp in zip(texts, logprobs)]
-    return {"tokens": texts, "token_logprobs": [None if lp is None else _logprob(lp.logprob) for lp in logprobs],
-            "top_logprobs": tops, "text_offset": offsets}
-
-
-def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs],
-                  token_text: Callable[[int], str]) -> dict:
-    """/v1/chat/completions' ``logprobs``: per token its text, UTF-8 bytes, log-probability and the most likely
-    tokens' (``top_logprobs``)."""
-    def entry(token_id: int, value: float) -> dict:
-        text = token_text(token_id)
-        return {"token": text, "logprob": _logprob(value), "bytes": list(text.encode("utf-8"))}
-
-    content = [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
-               for t, lp in zip(token_ids, logprobs)]
-    return {"content": content, "refusal": None}
 
 
 def usage_chunk(head: Head, *, chat: bool, usage_: dict) -> dict:

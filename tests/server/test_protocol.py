@@ -8,6 +8,7 @@ import pytest
 
 from core.request import TokenLogprobs
 from serve.server import protocol as p
+from serve.server.answers import LOWEST_LOGPROB, chat_logprobs, completion_logprobs
 
 
 def _parse(cls, body: dict | str):
@@ -91,13 +92,13 @@ def test_requested_logprobs(cls, fields, count):
 def test_logprobs_bodies_follow_openai():
     lps = [TokenLogprobs(-0.5, ((7, -0.5), (8, -1.25))), TokenLogprobs(float("-inf"), ((7, -0.1), (9, -3.0)))]
     text = {7: "a", 8: "bc", 9: "\u00e9"}.__getitem__
-    done = p.completion_logprobs([7, 9], lps, text, text_offset=4)
-    assert done == {"tokens": ["a", "\u00e9"], "token_logprobs": [-0.5, p.LOWEST_LOGPROB],
-                    "top_logprobs": [{"a": -0.5, "bc": -1.25}, {"a": -0.1, "\u00e9": p.LOWEST_LOGPROB}],
+    done = completion_logprobs([7, 9], lps, text, text_offset=4)
+    assert done == {"tokens": ["a", "\u00e9"], "token_logprobs": [-0.5, LOWEST_LOGPROB],
+                    "top_logprobs": [{"a": -0.5, "bc": -1.25}, {"a": -0.1, "\u00e9": LOWEST_LOGPROB}],
                     "text_offset": [4, 5]}
-    chat = p.chat_logprobs([7, 9], lps, text)
+    chat = chat_logprobs([7, 9], lps, text)
     assert chat["refusal"] is None and [c["token"] for c in chat["content"]] == ["a", "\u00e9"]
-    assert chat["content"][1]["bytes"] == [0xC3, 0xA9] and chat["content"][1]["logprob"] == p.LOWEST_LOGPROB
+    assert chat["content"][1]["bytes"] == [0xC3, 0xA9] and chat["content"][1]["logprob"] == LOWEST_LOGPROB
     assert chat["content"][0]["top_logprobs"] == [{"token": "a", "logprob": -0.5, "bytes": [97]},
                                                   {"token": "bc", "logprob": -1.25, "bytes": [98, 99]}]
 
