@@ -120,9 +120,10 @@ _STOP = object()
 
 
 class Classifier:
-    """The predictor over prompts, in batches of at most ``max_batch_size``: predictions, or None for each prompt
-    of a batch the predictor fails on (the request is then admitted with the worst-case reservation, as S3Policy
-    does for a missing prediction, instead of failing); timed in the server's metrics."""
+    """The predictor over prompts, each distinct prompt once, in batches of at most ``max_batch_size``:
+    predictions, or None for each prompt of a batch the predictor fails on (the request is then admitted with the
+    worst-case reservation, as S3Policy does for a missing prediction, instead of failing); timed in the server's
+    metrics."""
 
     def __init__(self, predictor: Predictor, metrics=None, *, max_batch_size: int = 32) -> None:
         self.predictor = predictor
@@ -130,8 +131,15 @@ class Classifier:
         self.max_batch_size = max_batch_size
 
     def __call__(self, prompts: list[str]) -> list[LengthPrediction | None]:
-        return [p for i in range(0, len(prompts), self.max_batch_size)
-                for p in self._batch(prompts[i:i + self.max_batch_size])]
+        # A prompt that comes more than once (the n choices of one request, a repeated prompt) is predicted once.
+        unique, found = list(dict.fromkeys(prompts)), {}
+        for i in range(0, len(unique), self.max_batch_size):
+            batch = unique[i:i + self.max_batch_size]
+            found.update(zip(batch, self._batch(batch)))
+        predictions = [found[prompt] for prompt in prompts]
+        if self.metrics is not None:
+            self.metrics.observe_predictions(predictions)  # per request, repeats included
+        return predictions
 
     def _batch(self, prompts: list[str]) -> Sequence[LengthPrediction | None]:
         start = time.perf_counter()
@@ -146,7 +154,6 @@ class Classifier:
         if self.metrics is not None:
             self.metrics.predictor_batch_seconds.observe(time.perf_counter() - start)
             self.metrics.predictor_batch_size.observe(len(prompts))
-            self.metrics.observe_predictions(predictions)
         return predictions
 
 

@@ -153,3 +153,22 @@ def test_answers_whose_length_the_client_forces_are_not_feedback(server):
     assert records() == before
     c.completions.create(**base)
     assert records() == before + 1
+
+
+def test_the_choices_of_one_prompt_are_predicted_once(server):
+    """Arriving together (the engine held while they queue), six choices of two prompts are two predictions."""
+    predictor, engine = server.stack.admission.predictor, server.stack.state.engine
+    before = len(predictor.calls)
+
+    async def main():
+        c = async_client(server)
+        with engine_paused(server):
+            call = asyncio.ensure_future(c.completions.create(model="tiny", prompt=["predict me once", "and me"], n=3,
+                                                              max_tokens=2))
+            await asyncio.to_thread(wait_for, lambda: engine.num_in_flight == 6)
+        return await call
+
+    assert len(asyncio.run(main()).choices) == 6
+    asked = [prompt for batch in predictor.calls[before:] for prompt in batch]
+    assert sorted(asked) == ["and me", "predict me once"]
+    wait_idle(server)
