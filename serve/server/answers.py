@@ -35,8 +35,7 @@ class Format:
         return p.usage(self.num_prompt_tokens, num_output_tokens)
 
     def response(self, choices: list[dict], num_output_tokens: int) -> dict:
-        body = p.chat_body if self.chat else p.completion_body
-        return body(self.head, choices=choices, usage_=self.usage(num_output_tokens))
+        return p.response_body(self.head, chat=self.chat, choices=choices, usage_=self.usage(num_output_tokens))
 
     def chunk(self, choice: dict) -> dict:
         body = p.stream_chunk(self.head, chat=self.chat, choice=choice)
@@ -62,16 +61,16 @@ class Choice:
 
     def whole(self, text: str, finish_reason: str, outputs: list[Output]) -> dict:
         """The choice of a whole response."""
-        logprobs = self.logprobs(outputs)  # before echo(), which ends the echo
-        text = self.echo() + text
+        echoed, logprobs = self._take(outputs, scored=True)
+        text = echoed + text
         if self.chat:
             return p.chat_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
         return p.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
 
     def pieces(self, output: Output) -> list[dict]:
         """The stream-chunk choices of one Output."""
-        logprobs = self.logprobs([output]) if output.token_ids else None
-        text, finish_reason = self.echo() + output.text, output.finish_reason
+        echoed, logprobs = self._take([output], scored=bool(output.token_ids))
+        text, finish_reason = echoed + output.text, output.finish_reason
         if not self.chat:
             return [p.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)]
         out = [p.chat_delta(self.index, delta={"content": text}, logprobs=logprobs)] if text or logprobs else []
@@ -83,14 +82,16 @@ class Choice:
         """A chat stream's first piece of this choice."""
         return p.chat_delta(self.index, delta={"role": "assistant", "content": ""})
 
-    def echo(self) -> str:
-        """The prompt's text, once (the whole response, or the first chunk), for ``echo``; else ''."""
+    def _take(self, outputs: list[Output], *, scored: bool) -> tuple[str, dict | None]:
+        """What goes out with ``outputs``: the prompt's text, once (the whole response, or the first piece), for
+        ``echo`` ('' otherwise), and, when ``scored``, the log-probabilities (the echoed prompt's in front)."""
+        logprobs = self._logprobs(outputs) if scored else None
         text, self.echo_text = self.echo_text or "", None
-        return text
+        return text, logprobs
 
-    def logprobs(self, outputs: list[Output]) -> dict | None:
+    def _logprobs(self, outputs: list[Output]) -> dict | None:
         """The ``logprobs`` of this choice over ``outputs`` (None when the request asked for none); with the
-        echoed prompt's in front, on the response or chunk that echoes it (call before `echo`)."""
+        prompt's in front while it is still to be echoed."""
         if self.token_text is None:
             return None
         token_ids = [t for output in outputs for t in output.token_ids]

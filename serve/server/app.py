@@ -75,11 +75,14 @@ class ServerState:
             pairs.append((int(key), float(bias)))
         return tuple(pairs)
 
-    def stop_token_ids(self, request: p.GenerationRequest) -> tuple[int, ...]:
-        ids = request.stop_token_ids or []
+    def check_token_ids(self, ids: list[int], param: str, what: str) -> list[int]:
+        """``ids``, when every one is in the vocabulary; else a 400 naming ``param``."""
         if not all(0 <= t < self.vocab_size for t in ids):
-            raise p.bad_request(f"stop_token_ids must be token ids in [0, {self.vocab_size})", "stop_token_ids")
-        return tuple(ids)
+            raise p.bad_request(f"{what} must be in [0, {self.vocab_size})", param)
+        return ids
+
+    def stop_token_ids(self, request: p.GenerationRequest) -> tuple[int, ...]:
+        return tuple(self.check_token_ids(request.stop_token_ids or [], "stop_token_ids", "the stop_token_ids"))
 
     def max_new_tokens_for(self, request: p.GenerationRequest, num_prompt_tokens: int, prompt_param: str) -> int:
         """The request's output budget: its max_tokens, checked against the cap, the context and the KV pool."""
@@ -173,8 +176,7 @@ def create_app(state: ServerState) -> FastAPI:
             if isinstance(prompt, str):
                 prompts.append((list(state.tokenizer.encode(prompt)), prompt))
                 continue
-            if not all(0 <= t < state.vocab_size for t in prompt):
-                raise p.bad_request(f"prompt token ids must be in [0, {state.vocab_size})", "prompt")
+            state.check_token_ids(prompt, "prompt", "prompt token ids")
             prompts.append((prompt, state.tokenizer.decode(prompt)))
         return await _generate(request, state, req, prompts, chat=False)
 
@@ -202,8 +204,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def detokenize(request: Request) -> Response:
         req = p.parse_body(p.DetokenizeRequest, await _body(request, state))
         state.check_model(req.model)
-        if not all(0 <= t < state.vocab_size for t in req.tokens):
-            raise p.bad_request(f"tokens must be token ids in [0, {state.vocab_size})", "tokens")
+        state.check_token_ids(req.tokens, "tokens", "the tokens")
         return JSONResponse({"prompt": state.tokenizer.decode(req.tokens)})
 
     return app

@@ -69,8 +69,8 @@ class Add:
     sink: Sink
     prediction: LengthPrediction | None = None
     feedback: bool = True
-    """Whether the feedback store may record the request: False for the copies of a greedy request's choices
-    after the first (the same answer, which would be one record counted ``n`` times)."""
+    """Whether the feedback store may record the request: False when its client decided where it ends (its length
+    is no label), and for a greedy request's choices after the first (the same answer, one record ``n`` times)."""
 
 
 @dataclasses.dataclass(frozen=True)

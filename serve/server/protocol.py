@@ -85,9 +85,9 @@ class GenerationRequest(BaseModel):
     min_p: float = 0.0
     """Keep the tokens at least min_p times as likely as the most likely one when sampling."""
     stop_token_ids: list[int] | None = None
-    """Tokens that end the answer as end-of-sequence does (counted in the output, not in its text when special)."""
+    """Tokens that end the answer as end-of-sequence does (counted in the usage; their text is not shown)."""
     min_tokens: int = 0
-    """Output tokens before end-of-sequence or stop_token_ids may come (stop strings still apply)."""
+    """Output tokens before end-of-sequence or stop_token_ids may come, and stop strings are looked for."""
     logit_bias: dict[str, float] | None = None
     """OpenAI's: {token id as a string: bias in [-100, 100]} added to the logits."""
 
@@ -270,20 +270,19 @@ def stop_strings(request: GenerationRequest) -> list[str]:
 def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
     """A completion request's prompts: a string, a list of token ids, or a batch of either (answered as one
     request per prompt, their choices in order)."""
-    prompt = request.prompt
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
+    def is_one(prompt: Any) -> bool:  # a non-empty string, or a non-empty list of token ids
+        return (isinstance(prompt, str) or isinstance(prompt, list) and all(type(t) is int for t in prompt)) \
+            and len(prompt) > 0
+
+    prompts = [request.prompt] if is_one(request.prompt) else request.prompt
+    if not isinstance(prompts, list) or not prompts:
         raise bad_request("prompt must be a non-empty string or a non-empty list of token ids, or a list of them",
                           "prompt")
-    for i, one in enumerate(prompt):
-        if isinstance(one, str) and one:
-            continue
-        if isinstance(one, list) and one and all(type(t) is int for t in one):
-            continue
-        where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
-        raise bad_request(f"{where} must be a non-empty string or a non-empty list of token ids", "prompt")
-    return prompt
+    for i, prompt in enumerate(prompts):
+        if not is_one(prompt):
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            raise bad_request(f"{where} must be a non-empty string or a non-empty list of token ids", "prompt")
+    return prompts
 
 
 def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
@@ -378,25 +377,24 @@ def chat_delta(index: int, *, delta: dict, finish_reason: str | None = None, log
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion_body(head: Head, *, choices: list[dict], usage_: dict | None) -> dict:
-    """A whole /v1/completions response."""
-    return {**head.fields("text_completion"), "choices": choices, "usage": usage_}
+def response_body(head: Head, *, chat: bool, choices: list[dict], usage_: dict | None) -> dict:
+    """A whole /v1/chat/completions or /v1/completions response."""
+    return {**head.fields("chat.completion" if chat else "text_completion"), "choices": choices, "usage": usage_}
 
 
-def chat_body(head: Head, *, choices: list[dict], usage_: dict | None) -> dict:
-    """A whole /v1/chat/completions response."""
-    return {**head.fields("chat.completion"), "choices": choices, "usage": usage_}
+def _chunk_kind(chat: bool) -> str:
+    return "chat.completion.chunk" if chat else "text_completion"  # completions stream the response's own shape
 
 
 def stream_chunk(head: Head, *, chat: bool, choice: dict) -> dict:
     """One stream chunk carrying one choice's piece."""
-    return {**head.fields("chat.completion.chunk" if chat else "text_completion"), "choices": [choice]}
+    return {**head.fields(_chunk_kind(chat)), "choices": [choice]}
 
 
 def usage_chunk(head: Head, *, chat: bool, usage_: dict) -> dict:
     """The extra last chunk of ``stream_options.include_usage``: no choices, only usage (the chunks before it
     carry ``"usage": null``)."""
-    return {**head.fields("chat.completion.chunk" if chat else "text_completion"), "choices": [], "usage": usage_}
+    return {**head.fields(_chunk_kind(chat)), "choices": [], "usage": usage_}
 
 
 def models_body(model: str, created: int) -> dict:
