@@ -63,6 +63,8 @@ class LoadConfig:
     """The KV budget of every server (tokens)."""
     max_num_seqs: int = 32
     """Most sequences a server runs at once."""
+    prefix_caching: bool = False
+    """Serve with prefix caching (`s3 serve`'s default); off, as every run in docs/scheduling.md was measured."""
     policies: tuple[str, ...] = ("max", "paged", "s3")
     quantile: float = PolicyConfig.quantile
     """s3's q (the policy knobs: PolicyConfig's fields of the same names, set on every server)."""
@@ -129,7 +131,8 @@ def load_prompts(n: int, seed: int, sources: tuple[str, ...] = (), exclude_label
 
 def serve_config(cfg: LoadConfig, policy: str, port: int, *, oracle_lengths: str | None, feedback_dir: str):
     engine = EngineConfig(model=cfg.model, kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs,
-                          policy=PolicyConfig(policy=policy, **{k: getattr(cfg, k) for k in KNOBS}))
+                          policy=PolicyConfig(policy=policy, **{k: getattr(cfg, k) for k in KNOBS}),
+                          enable_prefix_caching=cfg.prefix_caching)
     needs = policy_needs(policy)
     predictor = cfg.predictor if needs == "buckets" else None
     exact = needs == "exact" or (needs == "buckets" and not predictor)
@@ -486,6 +489,8 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
 @click.option("--kv-cache-tokens", type=int, default=LoadConfig.kv_cache_tokens, show_default=True)
 @click.option("--max-num-seqs", type=int, default=LoadConfig.max_num_seqs, show_default=True)
 @click.option("--policies", default=",".join(LoadConfig.policies), show_default=True)
+@click.option("--prefix-caching/--no-prefix-caching", default=LoadConfig.prefix_caching, show_default=True,
+              help="Serve with prefix caching (s3 serve's default; the documented runs were without).")
 @policy_options()
 @click.option("--predictor", default=None, help="Checkpoint for s3 (default: oracle-ish lengths from the max run).")
 @click.option("--frequency-penalty", type=float, default=None,

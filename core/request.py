@@ -113,6 +113,8 @@ class Request:
     """Bucket the current reservation came from (`s3`), grown on each misprediction."""
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache at its first admission (their KV entries were not computed)."""
     num_waited_steps: int = 0
     """Steps in a row this running sequence has sat out waiting for a KV block (`PolicyConfig.wait_steps`)."""
     first_scheduled_time: float | None = None

@@ -108,6 +108,12 @@ class BenchResult:
     num_preemptions: int = 0
     num_mispredictions: int = 0
     num_recomputed_tokens: int = 0
+    num_computed_tokens: int = 0
+    """Tokens run through the model (prompts, recomputes and outputs)."""
+    num_prefix_query_tokens: int = 0
+    """Prompt tokens looked up in the prefix cache (with `EngineConfig.enable_prefix_caching`)."""
+    num_prefix_hit_tokens: int = 0
+    """Of those, found cached (not computed)."""
     answers_differing: int = 0
     """Requests whose generated tokens differ from `max`'s (decoding is deterministic, so 0 is expected)."""
     steps: list[tuple[int, int, float]] = dataclasses.field(default_factory=list, repr=False)
@@ -233,6 +239,8 @@ def run_policy(
         mean_running_batch=stats.mean_running_batch, kv_utilization=live_sum / wall,
         kv_reserved=held_sum / wall, num_preemptions=stats.num_preemptions,
         num_mispredictions=stats.num_mispredictions, num_recomputed_tokens=stats.num_recomputed_tokens, steps=steps,
+        num_computed_tokens=stats.num_batched_tokens, num_prefix_query_tokens=stats.num_prefix_query_tokens,
+        num_prefix_hit_tokens=stats.num_prefix_hit_tokens,
     )  # fmt: skip
     return result, answers
 

@@ -278,9 +278,9 @@ class Projection:
     most ``tokens + min(s - 1, growth)`` tokens, until step ``steps`` (its last), counted with ``weight`` (the
     slice's probability; 1 for an exact length)."""
 
-    tokens: int
+    tokens: float
     """Tokens it holds once its pending prefill is done, plus its last block's unused room (see PeakGate's
-    ``block_room``)."""
+    ``block_room``), less its blocks shared with others beyond its share (prefix caching)."""
     growth: int
     """Tokens it grows by after that (its remaining output less the last token, which is never cached),
     less what its final block's rounding already covers; may be negative."""
@@ -310,7 +310,8 @@ class PeakGate:
     its final length rounded up to a block. So with exact lengths the peak never exceeds what reserving every
     exact length would hold, and it is never below what the pool will really hold. ``block_room=False`` leaves
     out the last block's room now (the final block is still charged whole): a lighter test, up to a block per
-    sequence below what the pool holds, without that guarantee.
+    sequence below what the pool holds, without that guarantee. ``shared_tokens(request)`` (prefix caching) is
+    taken off what a sequence holds: the blocks it shares are charged once over their holders.
     """
 
     def __init__(
@@ -323,8 +324,10 @@ class PeakGate:
         prefill_share: int,
         z: float = 0.0,
         block_room: bool = True,
+        shared_tokens: Callable[[Request], float] | None = None,
     ) -> None:
         self.estimate = estimate
+        self.shared_tokens = shared_tokens
         self.capacity_tokens = capacity_tokens
         self.block_size = block_size
         self.prefill_rate = max(1, prefill_rate)
@@ -347,12 +350,13 @@ class PeakGate:
         if pending > 1:  # decoding sequences grow one token per step from now
             prefill_steps = math.ceil(pending / self.prefill_rate)
             prefill_steps += math.ceil((self._pending_ahead + pending) / self.prefill_share)
+        shared = self.shared_tokens(request) if self.shared_tokens is not None else 0
         entries = []
         for left in slices:
             growth = left - 1
             final_rounded = -(-(request.num_tokens + growth) // self.block_size) * self.block_size
-            entries.append(Projection(tokens, min(growth, final_rounded - tokens), prefill_steps + growth + 1,
-                                      1.0 / len(slices)))  # fmt: skip
+            entries.append(Projection(tokens - shared, min(growth, final_rounded - tokens),
+                                      prefill_steps + growth + 1, 1.0 / len(slices)))  # fmt: skip
         return entries, estimate.std_tokens**2
 
     def add(self, request: Request) -> None:

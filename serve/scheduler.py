@@ -41,6 +41,10 @@ class SchedulerConfig:
     for it (vLLM's option of the same name)."""
     policy: PolicyConfig = PolicyConfig()
     """The admission policy and its knobs."""
+    enable_prefix_caching: bool = False
+    """Keep full KV blocks filed under their content and start a request on the cached blocks its tokens begin
+    with, computing only the rest (vLLM's automatic prefix caching). Requests must carry their real token ids
+    (the simulator's do not) and one pool must serve one model."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -86,7 +90,8 @@ class SchedulerOutput:
     """What to compute: running sequences first (decoding ones, then those still prefilling, each in
     admission order), then newly admitted ones."""
     new_requests: list[NewRequestData] = dataclasses.field(default_factory=list)
-    """Admitted this step, for the first time or again after a preemption (their cache starts empty)."""
+    """Admitted this step, for the first time or again after a preemption. Their cache starts empty, or on the
+    cached blocks of a shared prefix (prefix caching): their ScheduledSeq's ``start`` says where."""
     preempted_request_ids: list[str] = dataclasses.field(default_factory=list)
     """Preempted this step: their blocks are freed and they wait to be recomputed."""
     waited_request_ids: list[str] = dataclasses.field(default_factory=list)
@@ -131,6 +136,10 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_mispredictions: int = 0
     num_recomputed_tokens: int = 0
+    num_prefix_query_tokens: int = 0
+    """Tokens looked up in the prefix cache at admission (with prefix caching)."""
+    num_prefix_hit_tokens: int = 0
+    """Of those, tokens found there: their KV entries were not computed again."""
     num_batched_seqs: int = 0
     """Sequences stepped, summed over steps (see `mean_running_batch`)."""
     num_batched_tokens: int = 0
@@ -173,7 +182,7 @@ class Scheduler:
         self.config = config
         self.policy = make_policy(config.policy, buckets, prefill_rate=self._prefill_rate(config))
         self.choose_victim: VictimFn = victim_fn or self.policy.choose_victim
-        self.pool = BlockPool(config.num_blocks, config.block_size)
+        self.pool = BlockPool(config.num_blocks, config.block_size, prefix_caching=config.enable_prefix_caching)
         self.clock = clock
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # in arrival order (preempted requests go back to their place)
@@ -186,6 +195,7 @@ class Scheduler:
             prefill_rate=self._prefill_rate(config),
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
+            shared_tokens=self._shared_tokens if config.enable_prefix_caching else None,
         )
         self._order: dict[str, tuple[float, int]] = {}
         self._finished_ids: list[str] = []
@@ -259,7 +269,8 @@ class Scheduler:
             num_running=len(self.running),
             num_kv_blocks=self.pool.num_blocks,
             num_kv_blocks_held=self.pool.num_used_blocks,
-            num_kv_blocks_used=sum(blocks_for(r.num_computed_tokens, block_size) for r in self.running),
+            num_kv_blocks_used=min(self.pool.num_used_blocks,  # shared prefix blocks are counted once held
+                                   sum(blocks_for(r.num_computed_tokens, block_size) for r in self.running)),
             stats=dataclasses.replace(self.stats),
         )
 
@@ -284,11 +295,14 @@ class Scheduler:
         self.stats.num_batched_tokens += out.num_batched_tokens
         self.stats.step_time_s += now - out.time
         finished = []
+        block_size = self.pool.block_size
         for seq in out.seqs:
             request = self.requests.get(seq.request_id)
             if request is None or request.is_finished:  # aborted (and maybe forgotten) while the step ran
                 continue
             request.num_computed_tokens += seq.num_new_tokens
+            if self.pool.prefix_caching and request.num_computed_tokens // block_size > seq.start // block_size:
+                self.pool.cache_full_blocks(request.request_id, request.all_token_ids(), request.num_computed_tokens)
             if seq.request_id in result.prompt_logprobs:
                 _keep_prompt_logprobs(request, *result.prompt_logprobs[seq.request_id])
             if not seq.samples:
@@ -421,19 +435,29 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
         """Admit waiting requests in the policy's order while memory, batch size and token budget allow."""
         admitted: list[int] = []
-        gate = None
+        gate = computing = None
         for index in self.policy.candidates(self.waiting, now):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[index]
+            cached = self._cached_prefix(request)
+            if cached is not None:
+                keys = self.pool.block_keys(request.request_id, request.all_token_ids()[:-1])
+                computing = self._computing() if computing is None else computing
+                if len(keys) > len(cached) and keys[len(cached)] in computing:
+                    continue  # a running sequence is computing its next block: wait, and find it cached
+            request.num_computed_tokens = len(cached or ()) * self.pool.block_size
             num_new = self._num_new_tokens(request, budget)
             if gate is None:  # built on first use: most steps of a busy server admit nobody
                 gate = self.policy.admission_gate(self.running, self._limits, len(self.waiting)) or _NO_GATE
-            if not self._admit(request, num_new, gate):
+            if not self._admit(request, num_new, gate, cached):
+                request.num_computed_tokens = 0
                 if self.policy.must_stop(request, now):
                     break
                 continue
             admitted.append(index)
+            if cached is not None:
+                computing.update(keys[len(cached):])
             out.seqs.append(self._scheduled(request, num_new))
             out.new_requests.append(NewRequestData(
                 request.request_id, request.prompt_token_ids, tuple(request.output_token_ids), request.sampling,
@@ -445,24 +469,59 @@ class Scheduler:
             taken, end = set(admitted), max(admitted) + 1
             self.waiting[:end] = [r for i, r in enumerate(self.waiting[:end]) if i not in taken]
 
-    def _admit(self, request: Request, num_new: int, gate: "PeakGate | _NoGate") -> bool:
-        """Take the request's blocks (its whole reservation, or its first chunk when paged); False if short or
-        when the policy's projected peak would not fit."""
+    def _computing(self) -> set[bytes]:
+        """The content keys of the full blocks running sequences have yet to compute (prefix caching): a request
+        whose next uncached block is one of them waits for it rather than computing it a second time at once (as
+        SGLang's in-batch prefix check), so that a burst of requests over one system prompt computes it once."""
+        keys: set[bytes] = set()
+        for r in self.running:
+            if r.num_tokens - r.num_computed_tokens > 1:  # still prefilling (decodes file each block as it fills)
+                keys.update(self.pool.block_keys(r.request_id, r.all_token_ids())[self.pool.num_filed(r.request_id):])
+        return keys
+
+    def _cached_prefix(self, request: Request) -> list[int] | None:
+        """The cached blocks ``request`` may start on; None when it may not look (no prefix caching, or a request
+        that asks for its prompt's log-probabilities, which come from computing the prompt). Its last token is
+        always computed: its logits pick the next one."""
+        if not self.pool.prefix_caching or getattr(request.sampling, "prompt_logprobs", None) is not None:
+            return None
+        return self.pool.cached_prefix(request.request_id, request.all_token_ids()[:-1])
+
+    def _shared_tokens(self, request: Request) -> float:
+        """Of the tokens ``request`` holds (running) or would start on (its cached prefix, about to be admitted),
+        those other running sequences hold too, less its share: a block held by h sequences counts 1/h for each
+        holder, and a waiting request's cached blocks that a running one holds cost it nothing."""
+        pool, size = self.pool, self.pool.block_size
+        if request.status == RequestStatus.RUNNING:
+            holders = (pool.num_holders(b) for b in pool.block_table(request.request_id))
+            return size * sum(1 - 1 / h for h in holders if h > 1)
+        cached = pool.cached_prefix(request.request_id, request.all_token_ids()[:-1])
+        return size * sum(1 for b in cached[: request.num_computed_tokens // size] if pool.num_holders(b) > 0)
+
+    def _admit(self, request: Request, num_new: int, gate: "PeakGate | _NoGate", cached: list[int] | None) -> bool:
+        """Take the request's blocks (its whole reservation, or its first chunk when paged) after the ``cached``
+        ones it starts on; False if short or when the policy's projected peak would not fit."""
+        shared = cached or []
+        end = request.num_computed_tokens + num_new
         if self.policy.reserves:
-            num_tokens = request.num_prompt_tokens + request.reserved_output_tokens
-            assert num_tokens >= request.num_tokens
-            if self.pool.allocate(request.request_id, num_tokens) is None:
-                return False
-        else:
-            needed = self.pool.num_new_blocks(request.request_id, num_new)
-            # The watermark keeps room for running sequences to grow; with none running it would only starve a
-            # request that fits the pool but not the pool less the watermark.
-            watermark = self._watermark_blocks if self.running else 0
-            if needed + watermark > self.pool.num_free_blocks or not gate.fits(request):
-                return False
-            self.pool.allocate(request.request_id, num_new)
-            gate.add(request)
-        request.status = RequestStatus.RUNNING
+            end = request.num_prompt_tokens + request.reserved_output_tokens
+            assert end >= request.num_tokens
+        needed = blocks_for(end, self.pool.block_size) - len(shared) + self.pool.num_reclaimed(shared)
+        # The watermark keeps room for running sequences to grow; with none running it would only starve a
+        # request that fits the pool but not the pool less the watermark.
+        watermark = self._watermark_blocks if self.running and not self.policy.reserves else 0
+        if needed + watermark > self.pool.num_free_blocks or not gate.fits(request):
+            return False
+        if cached is not None:  # counted as vLLM counts: the tokens each admission looked up, and found
+            self.stats.num_prefix_query_tokens += request.num_tokens - 1
+            self.stats.num_prefix_hit_tokens += request.num_computed_tokens
+        if shared:
+            self.pool.share(request.request_id, shared)
+            if request.num_output_tokens == 0 and request.num_preemptions == 0:
+                request.num_cached_tokens = request.num_computed_tokens
+        self.pool.allocate(request.request_id, end)
+        request.status = RequestStatus.RUNNING  # before the gate counts it: it holds its share of its blocks
+        gate.add(request)
         self.running.append(request)
         return True
 
@@ -487,6 +546,7 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.pool.free(request.request_id)
+        self.pool.forget(request.request_id)
         request.status = status
         request.finish_time = self.clock()
         final = request.num_output_tokens if status != RequestStatus.ABORTED else None

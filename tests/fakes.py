@@ -28,6 +28,7 @@ def make_scheduler(policy: str = "s3", *, num_blocks: int = 16, block_size: int 
         max_num_batched_tokens=kwargs.pop("max_num_batched_tokens", 64),
         long_prefill_token_threshold=kwargs.pop("long_prefill_token_threshold", 0),
         policy=PolicyConfig(policy=policy, **policy_kwargs),
+        enable_prefix_caching=kwargs.pop("enable_prefix_caching", False),
     )
     return Scheduler(config, buckets=kwargs.pop("buckets", BUCKETS), clock=kwargs.pop("clock", FakeClock()), **kwargs)
 
@@ -66,6 +67,12 @@ class ScriptedExecutor:
         for rid in out.preempted_request_ids + out.finished_request_ids:
             self.computed.pop(rid, None)
         result = StepResult()
+        starts = {seq.request_id: seq.start for seq in out.seqs}
+        for new in out.new_requests:
+            # A (re)admitted request starts on an empty cache, or on cached prefix blocks with prefix caching.
+            start = starts[new.request_id]
+            assert start == 0 or (scheduler.pool.prefix_caching and start % scheduler.pool.block_size == 0), start
+            self.computed[new.request_id] = start
         for seq in out.seqs:
             # The plan must continue exactly where the cache ends (recompute starts from 0).
             assert seq.start == self.computed.get(seq.request_id, 0), (seq, self.computed.get(seq.request_id))

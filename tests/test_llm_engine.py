@@ -131,3 +131,35 @@ def test_logprobs_are_the_models_and_survive_preemption(prompts):
         assert torch.allclose(got, expected.gather(-1, torch.tensor(out)[:, None]).squeeze(-1), atol=1e-4)
         for lp, row in zip(request.output_logprobs, expected):
             assert [t for t, _ in lp.top] == row.topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("policy", ["paged", "s3"])
+def test_prefix_caching_changes_no_token_and_computes_less(model, policy):
+    """Prompts over a shared 21-token "system prompt" (some repeated whole), in a pool small enough to preempt:
+    with prefix caching the greedy tokens are generate()'s, the cached blocks are read instead of computed, and the
+    prompt logprobs a request asks for still come from computing its prompt."""
+    rng = random.Random(1)
+    system = [rng.randrange(1, 128) for _ in range(21)]
+    prompts = [system + [rng.randrange(1, 128) for _ in range(rng.randint(1, 9))] for _ in range(5)]
+    prompts += [prompts[0], prompts[2]]
+    expected = reference_greedy(tiny_llama(), prompts, NUM_NEW)  # `model` may already run paged attention
+    computed = {}
+    for caching in (False, True):
+        config = EngineConfig(kv_cache_tokens=112, block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
+                              policy=PolicyConfig(policy=policy, watermark=0.0), enable_prefix_caching=caching)
+        engine = LLMEngine(config, model=model, tokenizer=None, buckets=BucketSpec.uniform(NUM_NEW, 4))
+        done = {}
+        for i, ids in enumerate(prompts):
+            engine.add_request(str(i), ids, max_new_tokens=NUM_NEW,
+                               prediction=LengthPrediction(bucket=0, num_tokens=NUM_NEW))
+            if i == 0:  # the first one alone, so the others find its blocks
+                while engine.has_unfinished():
+                    done |= {c.request_id: c.output_token_ids for c in engine.step()}
+        while engine.has_unfinished():
+            done |= {c.request_id: c.output_token_ids for c in engine.step()}
+        assert [done[str(i)] for i in range(len(prompts))] == expected
+        stats = engine.scheduler.stats
+        computed[caching] = stats.num_batched_tokens
+        assert stats.num_preemptions > 0 and engine.scheduler.pool.num_free_blocks == engine.scheduler.pool.num_blocks
+        assert (stats.num_prefix_hit_tokens > 5 * 20) == caching
+    assert computed[True] < computed[False] - 100

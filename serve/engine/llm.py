@@ -45,6 +45,9 @@ class EngineConfig:
     kernel_inject: bool = False
     """DeepSpeed's fused kernels (CUDA and a supported model family only)."""
     policy: PolicyConfig = PolicyConfig(policy="max")
+    enable_prefix_caching: bool = False
+    """Share the KV blocks of prompts that begin alike (a system prompt, a conversation's earlier turns, the
+    ``n`` choices of one prompt): computed once, kept while memory allows; see SchedulerConfig."""
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(
@@ -54,6 +57,7 @@ class EngineConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             long_prefill_token_threshold=self.long_prefill_token_threshold,
             policy=self.policy,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
 
 

@@ -27,22 +27,28 @@ class Format:
     head: p.Head
     chat: bool
     num_prompt_tokens: int
+    n: int = 1
+    """Choices per prompt: streams ``0, n, 2n, ...`` are each prompt's first."""
     usage_in_chunks: bool = False
     """stream_options.include_usage: every chunk carries "usage" (null until the last, usage-only chunk)."""
+    cached_tokens: bool = False
+    """Report the prompt tokens found in the prefix cache (``usage.prompt_tokens_details.cached_tokens``)."""
 
-    def usage(self, num_output_tokens: int) -> dict:
-        """The prompt counted once, the completion tokens of every choice (as OpenAI counts ``n``)."""
-        return p.usage(self.num_prompt_tokens, num_output_tokens)
+    def usage(self, streams: list[RequestStream]) -> dict:
+        """Each prompt counted once (with what its first choice found cached), the completion tokens of every
+        choice (as OpenAI counts ``n``)."""
+        cached = sum(s.num_cached_tokens for s in streams[:: self.n]) if self.cached_tokens else None
+        return p.usage(self.num_prompt_tokens, sum(s.num_output_tokens for s in streams), cached)
 
-    def response(self, choices: list[dict], num_output_tokens: int) -> dict:
-        return p.response_body(self.head, chat=self.chat, choices=choices, usage_=self.usage(num_output_tokens))
+    def response(self, choices: list[dict], streams: list[RequestStream]) -> dict:
+        return p.response_body(self.head, chat=self.chat, choices=choices, usage_=self.usage(streams))
 
     def chunk(self, choice: dict) -> dict:
         body = p.stream_chunk(self.head, chat=self.chat, choice=choice)
         return {**body, "usage": None} if self.usage_in_chunks else body
 
-    def usage_chunk(self, num_output_tokens: int) -> dict:
-        return p.usage_chunk(self.head, chat=self.chat, usage_=self.usage(num_output_tokens))
+    def usage_chunk(self, streams: list[RequestStream]) -> dict:
+        return p.usage_chunk(self.head, chat=self.chat, usage_=self.usage(streams))
 
 
 @dataclasses.dataclass
@@ -122,7 +128,7 @@ async def sse_events(streams: list[RequestStream], fmt: Format, choices: list[Ch
             for piece in choices[i].pieces(output):
                 yield _sse_data(fmt.chunk(piece))
         if fmt.usage_in_chunks:
-            yield _sse_data(fmt.usage_chunk(sum(stream.num_output_tokens for stream in streams)))
+            yield _sse_data(fmt.usage_chunk(streams))
         yield "data: [DONE]\n\n"
     except EngineError as exc:
         yield _sse_data(p.APIError(503, f"the engine could not finish the request: {exc}").body())

@@ -49,6 +49,8 @@ class ServerState:
     """A request body that has not fully arrived by then gets 408 (ServeConfig.body_timeout_s)."""
     system_fingerprint: str = "fp_s3"
     """OpenAI's system_fingerprint of every answer: names the model, policy and predictor."""
+    prefix_caching: bool = False
+    """The engine caches prompt prefixes: usage reports the cached prompt tokens."""
     created: int = dataclasses.field(default_factory=p.now)
 
     def __post_init__(self) -> None:
@@ -237,7 +239,8 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     if req.min_tokens > min(budgets):
         raise p.bad_request(f"min_tokens ({req.min_tokens}) exceeds the answer's {min(budgets)} tokens", "min_tokens")
     head = p.Head(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, state.system_fingerprint)
-    fmt = Format(head, chat, sum(len(ids) for ids, _ in prompts), usage_in_chunks=req.stream and p.include_usage(req))
+    fmt = Format(head, chat, sum(len(ids) for ids, _ in prompts), req.n,
+                 usage_in_chunks=req.stream and p.include_usage(req), cached_tokens=state.prefix_caching)
     sampling = _sampling(state, req)
     token_text = state.token_text if sampling.logprobs is not None else None
     echo = getattr(req, "echo", False)
@@ -259,7 +262,7 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     finally:
         close_all(streams)
     whole = [choice.whole(text, reason, outputs) for choice, (text, reason, outputs) in zip(choices, answers)]
-    return JSONResponse(fmt.response(whole, sum(stream.num_output_tokens for stream in streams)))
+    return JSONResponse(fmt.response(whole, streams))
 
 
 def _sampling(state: ServerState, req: p.GenerationRequest) -> SamplingParams:

@@ -122,6 +122,8 @@ class RequestStream:
         self._min_tokens = min_tokens
         """Stop strings count only once the answer has more tokens than this (as vLLM)."""
         self.num_output_tokens = 0
+        self.num_cached_tokens = 0
+        """Prompt tokens the engine found in its prefix cache (known once the first token arrives)."""
         self.finish_reason: str | None = None
         self._arrival = time.perf_counter()
         self._first_token_at: float | None = None
@@ -142,6 +144,7 @@ class RequestStream:
             self._first_token_at = time.perf_counter()
             self.engine.metrics.ttft.observe(self._first_token_at - self._arrival)
         self.num_output_tokens += len(event.token_ids)
+        self.num_cached_tokens += event.num_cached_tokens
         shown = event.token_ids
         if event.finish_reason == "stop" and shown and shown[-1] in self._stop_token_ids:
             shown = shown[:-1]

@@ -15,7 +15,7 @@ from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs
 class ServeConfig:
     """The server: engine, admission policy and predictor, HTTP limits, feedback."""
 
-    engine: EngineConfig = EngineConfig(policy=PolicyConfig(policy="s3"))
+    engine: EngineConfig = EngineConfig(policy=PolicyConfig(policy="s3"), enable_prefix_caching=True)
     """Model, KV pool, batch limits, tensor-parallel degree; ``engine.policy.policy`` is the admission policy
     (s3, max, paged; oracle needs ``oracle_lengths``). ``engine.max_num_batched_tokens`` (tokens per step) and
     ``engine.long_prefill_token_threshold`` (prompt tokens per request per step) bound how long one step takes,

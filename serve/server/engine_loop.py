@@ -49,6 +49,8 @@ class TokenEvent:
     """One per token when the request asked for log-probabilities (SamplingParams.logprobs)."""
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()
     """On a request's first event with tokens, when it asked for them: one per prompt token after the first."""
+    num_cached_tokens: int = 0
+    """On a request's first event with tokens: its prompt tokens found in the prefix cache."""
 
     @property
     def is_last(self) -> bool:
@@ -275,9 +277,11 @@ class EngineLoop:
         if new or finish_reason is not None:
             self._num_sent[request.request_id] = sent + len(new)
             logprobs = tuple(request.output_logprobs[sent:])
-            prompt = tuple(request.prompt_logprobs) if sent == 0 and new else ()
-            events[sink.loop].append((sink.queue, TokenEvent(new, finish_reason, logprobs=logprobs,
-                                                             prompt_logprobs=prompt)))
+            first = sent == 0 and bool(new)
+            prompt = tuple(request.prompt_logprobs) if first else ()
+            events[sink.loop].append((sink.queue, TokenEvent(
+                new, finish_reason, logprobs=logprobs, prompt_logprobs=prompt,
+                num_cached_tokens=request.num_cached_tokens if first else 0)))
 
     def _record(self, request: Request, **fields) -> None:
         if self.feedback is not None and request.request_id not in self._unrecorded:

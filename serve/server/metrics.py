@@ -51,6 +51,10 @@ class _EngineCollector:
                                      stats.num_batched_seqs),
             "s3_batched_tokens": ("Tokens computed (prompt and output), summed over steps.", stats.num_batched_tokens),
             "s3_requests_aborted": ("Requests aborted in the engine (client gone, shutdown).", stats.num_aborted),
+            "s3_prefix_cache_queries": ("Tokens looked up in the prefix cache at admission (prefix caching).",
+                                        stats.num_prefix_query_tokens),
+            "s3_prefix_cache_hits": ("Of s3_prefix_cache_queries, tokens found cached (not computed again).",
+                                     stats.num_prefix_hit_tokens),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -355,9 +355,13 @@ class Head:
                 "system_fingerprint": self.system_fingerprint}
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int | None = None) -> dict:
+    """OpenAI's ``usage``; ``prompt_tokens_details.cached_tokens`` when the server caches prefixes."""
+    body = {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
             "total_tokens": num_prompt_tokens + num_completion_tokens}
+    if num_cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": num_cached_tokens}
+    return body
 
 
 def completion_choice(index: int, *, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
