@@ -227,7 +227,9 @@ def run_policy(
         out, snap = step.output, engine.snapshot()
         live_tokens = sum(s.start + s.num_new_tokens for s in out.seqs)
         steps.append((out.num_batched_tokens, live_tokens, dt))
-        live_sum += live_tokens / (snap.num_kv_blocks * engine.config.block_size) * dt
+        # A prefix several sequences share (prefix caching) is in each one's tokens: capped at what is held.
+        live_sum += min(live_tokens / (snap.num_kv_blocks * engine.config.block_size),
+                        snap.num_kv_blocks_held / snap.num_kv_blocks) * dt
         held_sum += snap.num_kv_blocks_held / snap.num_kv_blocks * dt
     wall = time.perf_counter() - start
     stats = engine.snapshot().stats

@@ -116,8 +116,9 @@ class _Accumulator:
     points: list = dataclasses.field(default_factory=list)
 
     def add(self, out: SchedulerOutput, dt: float, now: float, used_blocks: int) -> None:
-        live = sum(s.start + s.num_new_tokens for s in out.seqs) / self.capacity_tokens
         reserved = used_blocks / self.num_blocks
+        # Each sequence's tokens: a prefix several share (prefix caching) is counted once per holder, so capped.
+        live = min(reserved, sum(s.start + s.num_new_tokens for s in out.seqs) / self.capacity_tokens)
         self.kv_used_time += live * dt
         self.kv_reserved_time += reserved * dt
         self.busy_time += dt
@@ -131,11 +132,13 @@ def max_new_tokens_of(num_prompt_tokens: int, max_seq_len: int, max_new_tokens: 
 
 
 def requests_of(items: Sequence[SimRequest], max_seq_len: int, max_new_tokens: int | None) -> list[Request]:
-    """One scheduler `Request` per workload item, named by its index, its prompt as that many placeholder tokens."""
+    """One scheduler `Request` per workload item, named by its index, its prompt as that many placeholder tokens:
+    its shared prefix 0s, the rest its index + 1 (so that prefix caching shares only the shared prefix)."""
     return [
         Request(
             request_id=str(i),
-            prompt_token_ids=(0,) * item.num_prompt_tokens,
+            prompt_token_ids=(0,) * item.num_shared_prefix_tokens + (i + 1,) * (item.num_prompt_tokens
+                                                                                 - item.num_shared_prefix_tokens),
             max_new_tokens=max_new_tokens_of(item.num_prompt_tokens, max_seq_len, max_new_tokens),
             arrival_time=item.arrival_time,
             prompt=item.prompt,

@@ -36,6 +36,8 @@ class SimulateConfig:
     """Most sequences running at once."""
     max_num_batched_tokens: int = 4096
     """Token budget of one step (prefill is chunked to fit)."""
+    enable_prefix_caching: bool = False
+    """Share the KV blocks of the prompts' common prefix (`workload.shared_prefix_tokens`), as `s3 serve` does."""
     find_max_rate: bool = False
     """Also search, per policy, the largest Poisson arrival rate that meets the SLO."""
     slo_token_latency_s: float = 0.2
@@ -98,6 +100,7 @@ def setup(config: SimulateConfig) -> tuple[CostModel, BucketSpec, SchedulerConfi
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         policy=config.policy,
+        enable_prefix_caching=config.enable_prefix_caching,
     )
     if config.predictor.learned_profile:
         sample = config.workload if config.workload.trace else dataclasses.replace(

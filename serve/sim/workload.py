@@ -59,11 +59,16 @@ class WorkloadConfig:
     """offline: all requests arrive at t=0; online: Poisson arrivals at `rate`."""
     rate: float = 10.0
     """Online arrival rate, requests/s."""
+    shared_prefix_tokens: int = 0
+    """Tokens every prompt begins with (one system prompt), within its `num_prompt_tokens`: what prefix caching
+    (`SimulateConfig.enable_prefix_caching`) can share. The rest of each prompt is its own."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.trace_order not in ("shuffle", "file"):
             raise ValueError(f"trace_order must be 'shuffle' or 'file', got {self.trace_order!r}")
+        if self.shared_prefix_tokens < 0:
+            raise ValueError(f"shared_prefix_tokens must be >= 0, got {self.shared_prefix_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +103,8 @@ class SimRequest:
     predicted_bucket: int | None = None
     probs: tuple[float, ...] | None = None
     prompt: str | None = None
+    num_shared_prefix_tokens: int = 0
+    """Of its prompt, the tokens every request begins with (`WorkloadConfig.shared_prefix_tokens`)."""
 
 
 def load_trace(path: str | pathlib.Path) -> list[SimRequest]:
@@ -154,6 +161,7 @@ def make_workload(config: WorkloadConfig, max_seq_len: int, max_new_tokens: int 
     t = 0.0
     for item in items:
         item.num_prompt_tokens = min(item.num_prompt_tokens, max_seq_len - 1)
+        item.num_shared_prefix_tokens = min(config.shared_prefix_tokens, item.num_prompt_tokens)
         cap = max_seq_len - item.num_prompt_tokens
         item.num_output_tokens = min(item.num_output_tokens, cap if max_new_tokens is None else min(cap, max_new_tokens))
         if config.mode == "online":

@@ -158,3 +158,18 @@ def test_simulating_10k_requests_takes_seconds():
     # 70-95 s on this 2-core machine: s3 tests four slices per running sequence, and after a failed test it
     # tries the next candidates of its look-ahead window; generous for a loaded CI machine
     assert time.perf_counter() - start < 300
+
+
+def test_a_shared_system_prompt_is_computed_once_with_prefix_caching():
+    workload = WorkloadConfig(num_requests=200, shared_prefix_tokens=300, prompt_tokens=LengthDist(median=340, max=600))
+    items = make_workload(workload, max_seq_len=2048)
+    assert all(i.num_shared_prefix_tokens == min(300, i.num_prompt_tokens) for i in items)
+    results = {}
+    for caching in (False, True):
+        config = SimulateConfig(policies=("paged", "s3", "s3-oracle"), workload=workload,
+                                enable_prefix_caching=caching, kv_cache_tokens=40_000)
+        results[caching] = {r.policy: r for r in run_simulation(config).results}
+    for policy in ("paged", "s3", "s3-oracle"):
+        assert results[True][policy].generated_tokens_per_s > 1.2 * results[False][policy].generated_tokens_per_s
+        assert results[True][policy].kv_utilization <= results[True][policy].kv_reserved + 1e-9
+    assert results[True]["s3-oracle"].num_preemptions == 0
