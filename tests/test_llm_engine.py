@@ -2,6 +2,7 @@
 penalised greedy tokens equal a hand-written loop's."""
 
 import random
+import re
 
 import pytest
 import torch
@@ -163,3 +164,27 @@ def test_prefix_caching_changes_no_token_and_computes_less(model, policy):
         assert stats.num_preemptions > 0 and engine.scheduler.pool.num_free_blocks == engine.scheduler.pool.num_blocks
         assert (stats.num_prefix_hit_tokens > 5 * 20) == caching
     assert computed[True] < computed[False] - 100
+
+
+def test_structured_outputs_hold_through_preemption():
+    """Answers held to a regex (22 characters, then the end) are the same with a pool that preempts and recomputes
+    them as with one that never does: the format's state is rebuilt from the answer so far."""
+    from serve.engine.plan import StructuredOutput
+    from tests.server.fakes import CharTokenizer
+
+    fmt = StructuredOutput("regex", "([0-9][a-z]){11}")
+    answers = {}
+    for kv_tokens in (4096, 96):
+        config = EngineConfig(kv_cache_tokens=kv_tokens, block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
+                              policy=PolicyConfig(policy="paged", watermark=0.0))
+        engine = LLMEngine(config, model=tiny_llama(), tokenizer=CharTokenizer())
+        for i in range(5):
+            engine.add_request(str(i), [40 + i] * 9, max_new_tokens=NUM_NEW,
+                               sampling=SamplingParams(structured=fmt, temperature=0.8, seed=i))
+        done = {}
+        while engine.has_unfinished():
+            done |= {c.request_id: c.output_token_ids for c in engine.step()}
+        answers[kv_tokens] = [CharTokenizer().decode(done[str(i)]) for i in range(5)]
+        assert (engine.scheduler.stats.num_preemptions > 0) == (kv_tokens == 96)
+    assert answers[96] == answers[4096]
+    assert all(re.fullmatch("([0-9][a-z]){11}\u0101", a) for a in answers[96]), answers[96]  # EOS (id 1) last

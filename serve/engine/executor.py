@@ -13,6 +13,7 @@ import torch
 
 from serve.engine.plan import GREEDY, SamplingParams, SequenceStep
 from serve.engine.runner import ModelRunner
+from serve.engine.structured import Follower, GrammarCache
 from serve.scheduler import SchedulerOutput, StepResult
 
 
@@ -22,6 +23,8 @@ class _Sequence:
     """Prompt, then every generated token."""
     num_prompt_tokens: int
     sampling: SamplingParams
+    grammar: Follower | None = None
+    """The answer's format, when its sampling asks for one."""
 
     @property
     def output_token_ids(self) -> tuple[int, ...]:
@@ -31,18 +34,27 @@ class _Sequence:
 class ModelExecutor:
     """Runs plans on a ModelRunner; ends a sequence at an EOS token unless its sampling says `ignore_eos`."""
 
-    def __init__(self, runner: ModelRunner, *, eos_token_ids: set[int], tensor_parallel: int = 1) -> None:
+    def __init__(self, runner: ModelRunner, *, eos_token_ids: set[int], tensor_parallel: int = 1,
+                 grammars: GrammarCache | None = None) -> None:
         self.runner = runner
         self.eos_token_ids = eos_token_ids
         self.tensor_parallel = tensor_parallel
+        self.grammars = grammars
+        """Compiled formats, for requests whose sampling asks for structured output (None: none may)."""
         self._seqs: dict[str, _Sequence] = {}
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         for request_id in out.finished_request_ids:
             self._seqs.pop(request_id, None)
         for new in out.new_requests:
+            sampling = new.sampling or GREEDY
+            grammar = None
+            if sampling.structured is not None:
+                if self.grammars is None:
+                    raise ValueError(f"{new.request_id} asks for structured output, and this engine has no tokenizer")
+                grammar = Follower(self.grammars, sampling.structured, new.output_token_ids)
             self._seqs[new.request_id] = _Sequence(
-                [*new.prompt_token_ids, *new.output_token_ids], len(new.prompt_token_ids), new.sampling or GREEDY
+                [*new.prompt_token_ids, *new.output_token_ids], len(new.prompt_token_ids), sampling, grammar
             )
         plan = [self._step_of(seq) for seq in out.seqs]
         self._broadcast(plan)
@@ -54,6 +66,10 @@ class ModelExecutor:
             seq.token_ids.append(token)
             if (token in self.eos_token_ids and not seq.sampling.ignore_eos) or token in seq.sampling.stop_token_ids:
                 stopped.add(request_id)
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
+                if seq.grammar.finished:  # the format's end taken (with ignore_eos, nothing else may follow)
+                    stopped.add(request_id)
         return StepResult(dict(sampled), stopped, output.logprobs, output.prompt_logprobs)
 
     def _step_of(self, scheduled) -> SequenceStep:
@@ -73,6 +89,7 @@ class ModelExecutor:
             output_token_ids=seq.output_token_ids if penalised else (),
             prompt_targets=targets,
             banned_token_ids=self._banned(seq) if scheduled.samples else (),
+            allowed_tokens=seq.grammar.allowed() if scheduled.samples and seq.grammar is not None else None,
         )
 
     def _banned(self, seq: _Sequence) -> tuple[int, ...]:

@@ -107,8 +107,15 @@ class LLMEngine:
             model = wrap_tensor_parallel(model, tp_size=config.tensor_parallel, kernel_inject=config.kernel_inject)
         sched_config = config.scheduler_config()
         self.runner = ModelRunner(model, num_blocks=sched_config.num_blocks, block_size=config.block_size)
+        self.grammars = None
+        """Structured outputs' compiled formats (None without a tokenizer: no request may ask for one)."""
+        if tokenizer is not None:
+            from serve.engine.structured import GrammarCache
+
+            self.grammars = GrammarCache(tokenizer, vocab_size=int(self.runner.hf_model.config.vocab_size),
+                                         stop_token_ids=self.eos_token_ids)
         self.executor = ModelExecutor(self.runner, eos_token_ids=self.eos_token_ids,
-                                      tensor_parallel=config.tensor_parallel)
+                                      tensor_parallel=config.tensor_parallel, grammars=self.grammars)
         self.scheduler = Scheduler(sched_config, buckets=buckets, clock=clock)
         self.core = EngineCore(self.scheduler, self.executor)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -14,6 +14,23 @@ from core.request import TokenLogprobs
 
 
 @dataclasses.dataclass(frozen=True)
+class StructuredOutput:
+    """A format the answer must follow (serve/engine/structured.py)."""
+
+    kind: str
+    """json (a JSON schema), json_object (any JSON object), regex, choice (one of a list of strings) or grammar
+    (EBNF, xgrammar's dialect)."""
+    spec: str = ""
+    """The schema as JSON text, the regex, the choices as a JSON list, or the grammar; '' for json_object."""
+
+    KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(self.KINDS)}, got {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to pick a request's next token. The defaults are greedy decoding."""
 
@@ -48,6 +65,8 @@ class SamplingParams:
     """Tokens that end the request as end-of-sequence does (kept in the output; `ignore_eos` does not apply)."""
     min_tokens: int = 0
     """Output tokens before end-of-sequence or `stop_token_ids` may be drawn (they are masked until then)."""
+    structured: StructuredOutput | None = None
+    """A format the answer must follow (a JSON schema, a regex, ...); None for free text."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -108,6 +127,9 @@ class SequenceStep:
     """The tokens generated so far, for the penalties; filled only when `sample` and `sampling.has_penalties`."""
     banned_token_ids: tuple[int, ...] = ()
     """Tokens the sample may not be (end-of-sequence and stop tokens before `sampling.min_tokens`)."""
+    allowed_tokens: Any = None
+    """Structured outputs: the tokens the sample may be, as a bitmask ((1, ceil(V / 32)) int32 words: token t is
+    bit t % 32 of word t // 32); None for any."""
     prompt_targets: tuple[int, ...] = ()
     """Prompt tokens to score (`sampling.prompt_logprobs`): the logits of this step's i-th token give the
     log-probability of ``prompt_targets[i]``, the prompt token after it (at most one per token of the step, none

@@ -25,13 +25,20 @@ def sample(
     positions: list[int],
     output_token_ids: list[Sequence[int]] | None = None,
     banned_token_ids: list[Sequence[int]] | None = None,
+    allowed_tokens: list[torch.Tensor | None] | None = None,
 ) -> list[int]:
     """logits (S, V), one SamplingParams, one position (index of the token to draw) and, for the penalties, the
-    tokens generated so far per row, and the tokens a row may not draw -> S token ids."""
+    tokens generated so far per row, the tokens a row may not draw, and the only tokens it may draw (a bitmask, for
+    structured outputs; None for any) -> S token ids."""
     assert logits.shape[0] == len(params) == len(positions), (logits.shape, len(params), len(positions))
     if output_token_ids is not None:
         logits = apply_penalties(logits, params, output_token_ids)
     logits = _bias_and_ban(logits, params, banned_token_ids or [()] * len(params))
+    if allowed_tokens is not None and any(mask is not None for mask in allowed_tokens):
+        logits = logits.clone()
+        for i, mask in enumerate(allowed_tokens):
+            if mask is not None:
+                logits[i].masked_fill_(~unpack_bitmask(mask, logits.shape[-1]).to(logits.device), float("-inf"))
     tokens = logits.argmax(dim=-1)  # (S,)
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if rows:
@@ -57,6 +64,13 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], num_top: Sequenc
         k = num_top[i]
         out.append(TokenLogprobs(lp, tuple(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())) if k else ()))
     return out
+
+
+def unpack_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A (1, W) or (W,) int32 bitmask (bit t % 32 of word t // 32 is token t) -> (vocab_size,) bool."""
+    words = mask.reshape(-1).to(torch.int64) & 0xFFFFFFFF
+    bits = (words[:, None] >> torch.arange(32, dtype=torch.int64)) & 1
+    return bits.reshape(-1)[:vocab_size].bool()
 
 
 def _bias_and_ban(logits: torch.Tensor, params: list[SamplingParams], banned: list[Sequence[int]]) -> torch.Tensor:

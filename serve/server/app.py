@@ -18,7 +18,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from serve.engine.plan import SamplingParams
+from serve.engine.plan import SamplingParams, StructuredOutput
+from serve.engine.structured import StructuredOutputError
 from serve.server import protocol as p
 from serve.server.answers import Choice, Format, close_all, sse_events
 from serve.server.async_engine import AsyncEngine, EngineError, RequestStream
@@ -51,6 +52,8 @@ class ServerState:
     """OpenAI's system_fingerprint of every answer: names the model, policy and predictor."""
     prefix_caching: bool = False
     """The engine caches prompt prefixes: usage reports the cached prompt tokens."""
+    grammars: Any = None
+    """The engine's compiled output formats (serve.engine.structured.GrammarCache); None: no structured outputs."""
     created: int = dataclasses.field(default_factory=p.now)
 
     def __post_init__(self) -> None:
@@ -82,6 +85,21 @@ class ServerState:
         if not all(0 <= t < self.vocab_size for t in ids):
             raise p.bad_request(f"{what} must be in [0, {self.vocab_size})", param)
         return ids
+
+    def structured(self, request: p.GenerationRequest) -> StructuredOutput | None:
+        """The answer's format, compiled here (once per distinct format) so that one that does not compile is a 400
+        naming its field before the request is queued."""
+        found = p.structured_output(request)
+        if found is None:
+            return None
+        param, fmt = found
+        if self.grammars is None:
+            raise p.bad_request("this server has no tokenizer to hold answers to a format", param)
+        try:
+            self.grammars.compile(fmt)
+        except StructuredOutputError as exc:
+            raise p.bad_request(str(exc), param) from None
+        return fmt
 
     def stop_token_ids(self, request: p.GenerationRequest) -> tuple[int, ...]:
         return tuple(self.check_token_ids(request.stop_token_ids or [], "stop_token_ids", "the stop_token_ids"))
@@ -275,15 +293,16 @@ def _sampling(state: ServerState, req: p.GenerationRequest) -> SamplingParams:
                           frequency_penalty=frequency_penalty, ignore_eos=req.ignore_eos,
                           logprobs=p.requested_logprobs(req), prompt_logprobs=p.requested_prompt_logprobs(req),
                           stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens,
-                          logit_bias=state.logit_bias(req))
+                          logit_bias=state.logit_bias(req), structured=state.structured(req))
 
 
 def _length_is_natural(req: p.GenerationRequest) -> bool:
     """Whether the answers end where the model ends them, so that the feedback store may take their lengths for
     labels: not when the client forces a length (``ignore_eos``, ``min_tokens``) or changes what ends it
-    (``stop_token_ids``, a ``logit_bias``, which may touch end-of-sequence). Stop strings are the store's own
-    case (it keeps what happened before the cut)."""
-    return not (req.ignore_eos or req.min_tokens or req.stop_token_ids or req.logit_bias)
+    (``stop_token_ids``, a ``logit_bias``, which may touch end-of-sequence, an output format). Stop strings are the
+    store's own case (it keeps what happened before the cut)."""
+    return not (req.ignore_eos or req.min_tokens or req.stop_token_ids or req.logit_bias
+                or p.structured_output(req) is not None)
 
 
 def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], budgets: list[int], n: int, *,

@@ -100,7 +100,7 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
         api_key=config.resolved_api_key(), max_body_bytes=config.max_body_bytes,
         body_timeout_s=config.body_timeout_s, default_frequency_penalty=default_frequency_penalty(config, predictor),
         system_fingerprint=fingerprint(engine.model_id, admission.policy.policy, checkpoint_id),
-        prefix_caching=engine.config.enable_prefix_caching,
+        prefix_caching=engine.config.enable_prefix_caching, grammars=engine.grammars,
     )  # fmt: skip
     return ServingStack(engine, engine_loop, controller, admission, state, create_app(state))
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 import uuid
 from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from serve.engine.plan import StructuredOutput
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_CHOICES = 128  # n, as OpenAI
@@ -90,6 +93,16 @@ class GenerationRequest(BaseModel):
     """Output tokens before end-of-sequence or stop_token_ids may come, and stop strings are looked for."""
     logit_bias: dict[str, float] | None = None
     """OpenAI's: {token id as a string: bias in [-100, 100]} added to the logits."""
+    response_format: Any = None
+    """OpenAI's: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}}
+    (vLLM takes it on completions too)."""
+    # vLLM's structured outputs (one at most, and not with a JSON response_format).
+    guided_json: Any = None
+    """A JSON schema (an object, or its JSON text) the answer follows."""
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    """An EBNF grammar (xgrammar's dialect of GBNF)."""
 
 
 class CompletionRequest(GenerationRequest):
@@ -108,7 +121,6 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool = False
     """Return each token's log-probability (and, with ``top_logprobs``, the most likely tokens')."""
     top_logprobs: int | None = None
-    response_format: Any = None
     # Tool and function calling: refused whatever their value (see TOOL_FIELDS).
     tools: Any = None
     tool_choice: Any = None
@@ -162,21 +174,53 @@ def parse_request(model_cls: type[GenerationRequest], body: bytes) -> Generation
         if getattr(request, name, None) is not None:
             raise bad_request(f"{name}: tool and function calling is not supported by this server; leave it out",
                               name)
-    _check_response_format(getattr(request, "response_format", None))
+    structured_output(request)
     _check_stream_options(request)
     _check_ranges(request)
     return request
 
 
-def _check_response_format(response_format: Any) -> None:
-    """Only plain text (OpenAI's default) is produced: ``{"type": "text"}`` is accepted, JSON modes are not."""
-    if response_format is None or response_format == {"type": "text"}:
-        return
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind in ("json_object", "json_schema"):
-        raise bad_request(f"response_format type {kind!r} is not supported by this server; only 'text'",
-                          "response_format")
-    raise bad_request("response_format must be an object like {\"type\": \"text\"}", "response_format")
+def structured_output(request: GenerationRequest) -> tuple[str, StructuredOutput] | None:
+    """(the field, the format) the request asks its answer to follow (None: free text), from OpenAI's
+    ``response_format`` or one of vLLM's ``guided_*`` fields; a 400 naming the field when it is malformed or more
+    than one is given. Whether the format compiles is checked against the tokenizer later
+    (`ServerState.structured`)."""
+    found = []
+    response_format = request.response_format
+    if response_format is not None and response_format != {"type": "text"}:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_object":
+            found.append(("response_format", StructuredOutput("json_object")))
+        elif kind == "json_schema":
+            schema = (response_format.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise bad_request("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": "
+                                  "{...}}}", "response_format.json_schema.schema")
+            found.append(("response_format", StructuredOutput("json", json.dumps(schema, sort_keys=True))))
+        else:
+            raise bad_request("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                              "{\"type\": \"json_schema\", \"json_schema\": {...}}", "response_format")
+    if request.guided_json is not None:
+        schema = request.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise bad_request(f"guided_json is not valid JSON: {exc}", "guided_json") from None
+        if not isinstance(schema, dict):
+            raise bad_request("guided_json must be a JSON schema (an object)", "guided_json")
+        found.append(("guided_json", StructuredOutput("json", json.dumps(schema, sort_keys=True))))
+    if request.guided_regex is not None:
+        found.append(("guided_regex", StructuredOutput("regex", request.guided_regex)))
+    if request.guided_choice is not None:
+        if not request.guided_choice or not all(request.guided_choice):
+            raise bad_request("guided_choice must be a list of non-empty strings", "guided_choice")
+        found.append(("guided_choice", StructuredOutput("choice", json.dumps(request.guided_choice))))
+    if request.guided_grammar is not None:
+        found.append(("guided_grammar", StructuredOutput("grammar", request.guided_grammar)))
+    if len(found) > 1:
+        raise bad_request(f"give one output format, not {' and '.join(name for name, _ in found)}", found[1][0])
+    return found[0] if found else None
 
 
 def _check_stream_options(request: GenerationRequest) -> None:

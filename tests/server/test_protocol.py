@@ -7,6 +7,7 @@ import json
 import pytest
 
 from core.request import TokenLogprobs
+from serve.engine.plan import StructuredOutput
 from serve.server import protocol as p
 from serve.server.answers import LOWEST_LOGPROB, chat_logprobs, completion_logprobs
 
@@ -171,8 +172,17 @@ def test_openai_defaults_and_extensions_are_accepted():
     assert chat.seed == -(2**63) and chat.ignore_eos
     assert _parse(p.CompletionRequest, {"model": "m", "prompt": "hi", "seed": -1}).seed == -1
     assert _error(p.CompletionRequest, {"model": "m", "prompt": "hi", "seed": 2**63}).param == "seed"
-    error = _error(p.ChatCompletionRequest, CHAT | {"response_format": {"type": "json_object"}})
-    assert error.param == "response_format" and "'json_object' is not supported" in error.message
+    error = _error(p.ChatCompletionRequest, CHAT | {"response_format": {"type": "xml"}})
+    assert error.param == "response_format" and "json_schema" in error.message
+    json_mode = _parse(p.ChatCompletionRequest, CHAT | {"response_format": {"type": "json_object"}})
+    assert p.structured_output(json_mode) == ("response_format", StructuredOutput("json_object"))
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    fields = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    found = p.structured_output(_parse(p.CompletionRequest, {"model": "m", "prompt": "hi"} | fields))
+    assert found == ("response_format", StructuredOutput("json", json.dumps(schema, sort_keys=True)))
+    # One format, however it is written, is one compiled grammar: vLLM's guided_json as text or as an object.
+    as_text = _parse(p.ChatCompletionRequest, CHAT | {"guided_json": json.dumps(schema)})
+    assert p.structured_output(as_text) == ("guided_json", found[1])
     assert _error(p.ChatCompletionRequest, CHAT | {"response_format": "text"}).param == "response_format"
     assert _error(p.CompletionRequest, {"model": "m", "prompt": "hi", "ignore_eos": 1}).param == "ignore_eos"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -49,6 +50,17 @@ def test_smollm2_chat_and_streaming_completion(tmp_path):
         num_prompt = len(echoed.logprobs.tokens) - 1
         assert "".join(echoed.logprobs.tokens[:num_prompt]) == prompt and echoed.text.startswith(prompt)
         assert echoed.logprobs.token_logprobs[0] is None and all(v < 0 for v in echoed.logprobs.token_logprobs[1:])
+
+        # Structured output through SmolLM2's byte-level tokenizer: an answer that is the schema's JSON.
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                   "country": {"enum": ["France", "Italy", "Spain"]}},
+                  "required": ["city", "country"], "additionalProperties": False}
+        held = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content":
+                                         "Which city is the capital of France? Answer in JSON."}], max_tokens=40,
+                                         temperature=0, response_format={"type": "json_schema", "json_schema":
+                                                                         {"name": "capital", "schema": schema}})
+        value = json.loads(held.choices[0].message.content)
+        assert set(value) == {"city", "country"} and value["country"] in ("France", "Italy", "Spain"), value
         wait_idle(srv)
     finally:
         srv.stop()
