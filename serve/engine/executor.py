@@ -49,9 +49,7 @@ class ModelExecutor:
         for new in out.new_requests:
             sampling = new.sampling or GREEDY
             grammar = None
-            if sampling.structured is not None:
-                if self.grammars is None:
-                    raise ValueError(f"{new.request_id} asks for structured output, and this engine has no tokenizer")
+            if sampling.structured is not None:  # LLMEngine.add_request made sure it compiles
                 grammar = Follower(self.grammars, sampling.structured, new.output_token_ids)
             self._seqs[new.request_id] = _Sequence(
                 [*new.prompt_token_ids, *new.output_token_ids], len(new.prompt_token_ids), sampling, grammar
@@ -66,10 +64,8 @@ class ModelExecutor:
             seq.token_ids.append(token)
             if (token in self.eos_token_ids and not seq.sampling.ignore_eos) or token in seq.sampling.stop_token_ids:
                 stopped.add(request_id)
-            if seq.grammar is not None:
-                seq.grammar.accept(token)
-                if seq.grammar.finished:  # the format's end taken (with ignore_eos, nothing else may follow)
-                    stopped.add(request_id)
+            if seq.grammar is not None and (not seq.grammar.accept(token) or seq.grammar.finished):
+                stopped.add(request_id)  # the format's end taken (with ignore_eos, nothing else may follow)
         return StepResult(dict(sampled), stopped, output.logprobs, output.prompt_logprobs)
 
     def _step_of(self, scheduled) -> SequenceStep:

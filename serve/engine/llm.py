@@ -137,6 +137,10 @@ class LLMEngine:
                 f"request {request_id!r}: {len(prompt_token_ids)} prompt tokens + max_new_tokens {max_new_tokens} "
                 f"exceed the model's {self.max_model_len}-token context"
             )
+        if sampling.structured is not None:  # refused here, not in the engine's step
+            if self.grammars is None:
+                raise ValueError(f"request {request_id!r} asks for an output format; this engine has no tokenizer")
+            self.grammars.compile(sampling.structured)  # StructuredOutputError (a ValueError) if it does not compile
         request = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),

@@ -108,9 +108,10 @@ class Follower:
         self.matcher.fill_next_token_bitmask(self._bitmask)
         return self._bitmask.clone()
 
-    def accept(self, token: int) -> None:
-        if not self.matcher.accept_token(token):
-            raise RuntimeError(f"token {token} breaks the answer's format (the mask allowed it)")
+    def accept(self, token: int) -> bool:
+        """Take the next token; False when the format does not allow it (the sampler had no allowed token left to
+        draw: nothing should bring that about, and the executor then ends the answer rather than the engine)."""
+        return self.matcher.accept_token(token)
 
     @property
     def finished(self) -> bool:

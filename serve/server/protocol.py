@@ -220,6 +220,8 @@ def structured_output(request: GenerationRequest) -> tuple[str, StructuredOutput
         found.append(("guided_grammar", StructuredOutput("grammar", request.guided_grammar)))
     if len(found) > 1:
         raise bad_request(f"give one output format, not {' and '.join(name for name, _ in found)}", found[1][0])
+    if found and request.min_tokens:  # the format may allow nothing but its end before min_tokens
+        raise bad_request(f"min_tokens cannot be combined with an output format ({found[0][0]})", "min_tokens")
     return found[0] if found else None
 
 

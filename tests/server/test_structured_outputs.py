@@ -73,3 +73,11 @@ def test_bad_formats_are_400s_naming_their_field(server, fields, param):
     with pytest.raises(openai.BadRequestError) as info:
         client(server).chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, extra_body=fields)
     assert info.value.body["param"] == param, info.value.body
+
+
+def test_min_tokens_with_a_format_is_refused(server):
+    """A format may allow nothing but its end before min_tokens: refused, so no step is left without a token."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client(server).chat.completions.create(model="tiny", messages=CHAT, max_tokens=8,
+                                               extra_body={"guided_choice": ["a"], "min_tokens": 4})
+    assert info.value.body["param"] == "min_tokens"
