@@ -64,17 +64,27 @@ class Choice:
     echo_ids: Sequence[int] = ()
     text_offset: int = 0
     """Characters of token text already streamed (completions' ``text_offset`` goes on from there)."""
+    tools: p.ToolCalls | None = None
+    """A chat answer that calls tools: its text is their arguments, sent as ``tool_calls`` once complete."""
+    held: list[Output] = dataclasses.field(default_factory=list)
+    """A tool-calling answer's Outputs, held back until it ends (its calls go out in one piece)."""
 
     def whole(self, text: str, finish_reason: str, outputs: list[Output]) -> dict:
         """The choice of a whole response."""
         echoed, logprobs = self._take(outputs, scored=True)
         text = echoed + text
         if self.chat:
-            return p.chat_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
+            calls = self.tools.calls(text) if self.tools is not None and finish_reason == "stop" else None
+            if calls:
+                finish_reason = self.tools.finish_reason
+            return p.chat_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs,
+                                 tool_calls=calls)
         return p.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
 
     def pieces(self, output: Output) -> list[dict]:
         """The stream-chunk choices of one Output."""
+        if self.tools is not None:
+            return self._tool_pieces(output)
         echoed, logprobs = self._take([output], scored=bool(output.token_ids))
         text, finish_reason = echoed + output.text, output.finish_reason
         if not self.chat:
@@ -83,6 +93,19 @@ class Choice:
         if finish_reason is not None:
             out.append(p.chat_delta(self.index, delta={}, finish_reason=finish_reason))
         return out
+
+    def _tool_pieces(self, output: Output) -> list[dict]:
+        """A tool-calling answer's stream: nothing until it ends, then its calls in one delta (each with its
+        index, id, name and whole arguments: what clients accumulate), or its text when it ended short of them."""
+        self.held.append(output)
+        if output.finish_reason is None:
+            return []
+        choice = self.whole("".join(o.text for o in self.held), output.finish_reason, self.held)
+        message, reason = choice["message"], choice["finish_reason"]
+        delta = ({"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
+                 if message.get("tool_calls") else {"content": message["content"]})
+        return [p.chat_delta(self.index, delta=delta, logprobs=choice["logprobs"]),
+                p.chat_delta(self.index, delta={}, finish_reason=reason)]
 
     def role(self) -> dict:
         """A chat stream's first piece of this choice."""

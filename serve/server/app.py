@@ -205,7 +205,7 @@ def create_app(state: ServerState) -> FastAPI:
         req = p.parse_request(p.ChatCompletionRequest, await _body(request, state))
         state.check_model(req.model)
         messages = p.chat_messages(req)
-        ids = _chat_prompt_ids(state.tokenizer, messages)
+        ids = _chat_prompt_ids(state.tokenizer, messages, tools=req.tools if req.tool_choice != "none" else None)
         return await _generate(request, state, req, [(ids, p.predictor_text(messages))], chat=True)
 
     @app.post("/tokenize", dependencies=auth)
@@ -234,10 +234,14 @@ async def _body(request: Request, state: ServerState) -> bytes:
     return await read_body(request, state.max_body_bytes, state.body_timeout_s)
 
 
-def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-    """The tokenizer's chat template with the generation prompt, as the labelled data was made."""
+def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                     tools: list | None = None) -> list[int]:
+    """The tokenizer's chat template with the generation prompt, as the labelled data was made; ``tools`` go to
+    the template too (as vLLM hands them over; a template without tool support leaves them out)."""
+    extra = {"tools": tools} if tools else {}
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                            **extra)
     except Exception as exc:  # a template may refuse some conversations (e.g. no system role)
         raise p.bad_request(f"the model's chat template refused these messages: {exc}", "messages") from None
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -262,8 +266,9 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     sampling = _sampling(state, req)
     token_text = state.token_text if sampling.logprobs is not None else None
     echo = getattr(req, "echo", False)
-    choices = [Choice(k * req.n + i, chat, token_text=token_text, echo_text=text if echo else None, echo_ids=ids)
-               for k, (ids, text) in enumerate(prompts) for i in range(req.n)]
+    tools = p.tool_calls(req) if chat else None
+    choices = [Choice(k * req.n + i, chat, token_text=token_text, echo_text=text if echo else None, echo_ids=ids,
+                      tools=tools) for k, (ids, text) in enumerate(prompts) for i in range(req.n)]
     streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req),
                       feedback=_length_is_natural(req))
     if req.stream:

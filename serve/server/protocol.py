@@ -121,12 +121,16 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool = False
     """Return each token's log-probability (and, with ``top_logprobs``, the most likely tokens')."""
     top_logprobs: int | None = None
-    # Tool and function calling: refused whatever their value (see TOOL_FIELDS).
     tools: Any = None
+    """OpenAI's function tools: [{"type": "function", "function": {"name", "description", "parameters"}}]."""
     tool_choice: Any = None
+    """A named function ({"type": "function", "function": {"name"}}), "required" or "none"; "auto" (the default with
+    tools) needs a model-specific parser of free-text calls, which SmolLM2 has no format for (see `tool_calls`)."""
+    parallel_tool_calls: bool = True
+    """With tool_choice "required": whether the answer may call several tools."""
+    # The deprecated function calling: refused whatever its value (see TOOL_FIELDS).
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
 
 
 class TokenizeRequest(BaseModel):
@@ -152,7 +156,7 @@ class DetokenizeRequest(BaseModel):
 
 # Not implemented; accepted only when unset, zero, false or empty (best_of also at 1).
 UNSUPPORTED = ("best_of", "suffix")
-TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
+TOOL_FIELDS = ("functions", "function_call")
 
 
 def parse_body(model_cls: type[BaseModel], body: bytes) -> Any:
@@ -172,12 +176,83 @@ def parse_request(model_cls: type[GenerationRequest], body: bytes) -> Generation
             raise bad_request(f"{name} is not supported by this server; leave it out", name)
     for name in TOOL_FIELDS:
         if getattr(request, name, None) is not None:
-            raise bad_request(f"{name}: tool and function calling is not supported by this server; leave it out",
+            raise bad_request(f"{name}: the deprecated function calling is not supported; use tools and tool_choice",
                               name)
     structured_output(request)
     _check_stream_options(request)
     _check_ranges(request)
     return request
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCalls:
+    """How a chat answer calls tools: the one named function (its arguments are the answer), or one or more of
+    the tools ("required": the answer is a JSON list of {"name", "parameters"})."""
+
+    names: tuple[str, ...]
+    named: bool
+    """tool_choice named one function; else "required"."""
+    schema: dict
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's: "stop" when the request named the function, "tool_calls" when the model chose."""
+        return "stop" if self.named else "tool_calls"
+
+    def calls(self, text: str) -> list[dict] | None:
+        """The answer as OpenAI's ``tool_calls`` (fresh ids); None when it is no complete call (cut short)."""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if self.named:
+            pairs = [(self.names[0], text)]
+        else:
+            pairs = [(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in value]
+        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": name, "arguments": arguments}} for name, arguments in pairs]
+
+
+def tool_calls(request: GenerationRequest) -> ToolCalls | None:
+    """The request's tool calling (None: an ordinary answer, also for tool_choice "none"); a 400 naming the field
+    for malformed tools, an unknown named function, or "auto"."""
+    tools, choice = getattr(request, "tools", None), getattr(request, "tool_choice", None)
+    if tools is None:
+        if choice not in (None, "none"):
+            raise bad_request("tool_choice needs tools", "tool_choice")
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise bad_request("tools must be a non-empty list of {\"type\": \"function\", \"function\": {...}}", "tools")
+    schemas: dict[str, dict] = {}
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise bad_request(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                              f"tools.{i}")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema", f"tools.{i}.function.parameters")
+        schemas[name] = parameters
+    if choice == "none":
+        return None
+    if choice in (None, "auto"):
+        raise bad_request('tool_choice "auto" (the default with tools) needs a parser of the model\'s own tool-call '
+                          'format, which this server has none of; send tool_choice "required" or {"type": "function", '
+                          '"function": {"name": ...}}, or "none"', "tool_choice")
+    if choice == "required":
+        calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+                  "required": ["name", "parameters"], "additionalProperties": False}
+                 for name, schema in schemas.items()]
+        array = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+        if not request.parallel_tool_calls:
+            array["maxItems"] = 1
+        return ToolCalls(tuple(schemas), named=False, schema=array)
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    if name not in schemas:
+        raise bad_request(f"tool_choice must be \"none\", \"required\" or a function of tools by name, got {choice!r}",
+                          "tool_choice")
+    return ToolCalls((name,), named=True, schema=schemas[name])
 
 
 def structured_output(request: GenerationRequest) -> tuple[str, StructuredOutput] | None:
@@ -218,6 +293,9 @@ def structured_output(request: GenerationRequest) -> tuple[str, StructuredOutput
         found.append(("guided_choice", StructuredOutput("choice", json.dumps(request.guided_choice))))
     if request.guided_grammar is not None:
         found.append(("guided_grammar", StructuredOutput("grammar", request.guided_grammar)))
+    tools = tool_calls(request)
+    if tools is not None:
+        found.append(("tool_choice", StructuredOutput("json", json.dumps(tools.schema, sort_keys=True))))
     if len(found) > 1:
         raise bad_request(f"give one output format, not {' and '.join(name for name, _ in found)}", found[1][0])
     if found and request.min_tokens:  # the format may allow nothing but its end before min_tokens
@@ -332,18 +410,33 @@ def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
 
 
 def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Messages as {role, content} with string content (text parts are joined); checks roles and types."""
+    """Messages as {role, content} with string content (text parts are joined); checks roles and types. An
+    assistant turn that called tools reads as its calls in JSON ({"name", "arguments"} each), after its text if
+    any, and a tool's result as a turn of role "tool": chat templates without tool support still show both."""
     if not request.messages:
         raise bad_request("messages must hold at least one message", "messages")
     out = []
     for i, message in enumerate(request.messages):
         role = message.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise bad_request(f"messages[{i}].role must be system, user or assistant, got {role!r}",
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise bad_request(f"messages[{i}].role must be system, user, assistant or tool, got {role!r}",
                               f"messages.{i}.role")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _message_text(message.get("content"), i)})
+        calls = message.get("tool_calls") if role == "assistant" else None
+        content = message.get("content")
+        text = "" if content is None and calls else _message_text(content, i)
+        if calls:
+            text = "\n".join(t for t in (text, _calls_text(calls, i)) if t)
+        out.append({"role": "system" if role == "developer" else role, "content": text})
     return out
+
+
+def _calls_text(calls: Any, index: int) -> str:
+    try:
+        return json.dumps([{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+                           for c in calls], ensure_ascii=False)
+    except (TypeError, KeyError, ValueError):
+        raise bad_request(f"messages[{index}].tool_calls must be OpenAI tool calls (function name and JSON "
+                          "arguments)", f"messages.{index}.tool_calls") from None
 
 
 def _message_text(content: Any, index: int) -> str:
@@ -415,9 +508,12 @@ def completion_choice(index: int, *, text: str, finish_reason: str | None, logpr
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, *, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    """One choice of a whole /v1/chat/completions response."""
+def chat_choice(index: int, *, text: str, finish_reason: str | None, logprobs: dict | None = None,
+                tool_calls: list[dict] | None = None) -> dict:
+    """One choice of a whole /v1/chat/completions response: text, or tool calls (and no content)."""
     message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 

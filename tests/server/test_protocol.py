@@ -144,15 +144,40 @@ def test_explicit_null_means_the_default_for_every_nullable_field():
     assert _error(p.ChatCompletionRequest, {"model": "m", "messages": None}).param == "messages"
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tools", []), ("tool_choice", "required"),
-    ("tool_choice", "none"), ("functions", [{"name": "f"}]), ("function_call", "auto"),
-    ("parallel_tool_calls", False),
+@pytest.mark.parametrize(("fields", "param", "says"), [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", '"auto"'),
+    ({"tools": [], "tool_choice": "required"}, "tools", "non-empty"),
+    ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools.0", "function"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}], "tool_choice": "required"},
+     "tools.0.function.parameters", "JSON schema"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"functions": [{"name": "f"}]}, "functions", "deprecated"), ({"function_call": "auto"}, "function_call", "deprecated"),
 ])  # fmt: skip
-def test_tool_and_function_calling_fields_are_refused_by_name(field, value):
-    error = _error(p.ChatCompletionRequest, CHAT | {field: value})
-    assert error.status == 400 and error.param == field and "tool and function calling" in error.message
-    assert error.message.startswith(field)
+def test_tool_requests_the_server_cannot_answer_are_refused_by_name(fields, param, says):
+    error = _error(p.ChatCompletionRequest, CHAT | fields)
+    assert error.status == 400 and error.param == param and says in error.message
+
+
+def test_tool_calls_become_a_json_schema_and_answers_become_calls():
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "integer"}}}}}
+    named = p.tool_calls(_parse(p.ChatCompletionRequest, CHAT | {"tools": [tool], "tool_choice": {
+        "type": "function", "function": {"name": "f"}}}))
+    assert named.schema == tool["function"]["parameters"] and named.finish_reason == "stop"
+    assert [c["function"] for c in named.calls('{"x": 1}')] == [{"name": "f", "arguments": '{"x": 1}'}]
+    assert named.calls('{"x": ') is None  # cut short: no call
+    required = p.tool_calls(_parse(p.ChatCompletionRequest, CHAT | {"tools": [tool], "tool_choice": "required",
+                                                                      "parallel_tool_calls": False}))
+    assert required.schema["maxItems"] == 1 and required.finish_reason == "tool_calls"
+    calls = required.calls('[{"name": "f", "parameters": {"x": 2}}]')
+    assert [c["function"] for c in calls] == [{"name": "f", "arguments": '{"x": 2}'}]
+    assert p.tool_calls(_parse(p.ChatCompletionRequest, CHAT | {"tools": [tool], "tool_choice": "none"})) is None
+    # A conversation's calls and results reach the template as text.
+    history = CHAT | {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "3"}]}
+    assert p.chat_messages(_parse(p.ChatCompletionRequest, history)) == [
+        {"role": "assistant", "content": '[{"name": "f", "arguments": {"x": 1}}]'}, {"role": "tool", "content": "3"}]
 
 
 def test_stream_options_need_stream_as_in_openai():

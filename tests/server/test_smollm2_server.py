@@ -61,6 +61,20 @@ def test_smollm2_chat_and_streaming_completion(tmp_path):
                                                                          {"name": "capital", "schema": schema}})
         value = json.loads(held.choices[0].message.content)
         assert set(value) == {"city", "country"} and value["country"] in ("France", "Italy", "Spain"), value
+
+        # A tool call, then its result in the conversation.
+        weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}}}
+        messages = [{"role": "user", "content": "What's the weather like in Paris today?"}]
+        called = c.chat.completions.create(model="smollm2", messages=messages, tools=[weather], tool_choice="required",
+                                           max_tokens=40, temperature=0).choices[0]
+        (call,) = called.message.tool_calls
+        assert called.finish_reason == "tool_calls" and call.function.name == "get_weather"
+        assert "Paris" in json.loads(call.function.arguments)["city"]
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees celsius."}]
+        answer = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
+        assert answer.choices[0].message.content
         wait_idle(srv)
     finally:
         srv.stop()
