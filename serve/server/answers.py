@@ -9,6 +9,7 @@ import json
 from typing import AsyncIterator, Callable, Sequence
 
 from core.request import TokenLogprobs
+from serve.server import formats
 from serve.server import protocol as p
 from serve.server.async_engine import EngineError, Output, RequestStream
 
@@ -64,7 +65,7 @@ class Choice:
     echo_ids: Sequence[int] = ()
     text_offset: int = 0
     """Characters of token text already streamed (completions' ``text_offset`` goes on from there)."""
-    tools: p.ToolCalls | None = None
+    tools: formats.ToolCalls | None = None
     """A chat answer that calls tools: its text is their arguments, sent as ``tool_calls`` once complete."""
     held: list[Output] = dataclasses.field(default_factory=list)
     """A tool-calling answer's Outputs, held back until it ends (its calls go out in one piece)."""

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from serve.engine.plan import SamplingParams, StructuredOutput
 from serve.engine.structured import StructuredOutputError
+from serve.server import formats
 from serve.server import protocol as p
 from serve.server.answers import Choice, Format, close_all, sse_events
 from serve.server.async_engine import AsyncEngine, EngineError, RequestStream
@@ -89,7 +90,7 @@ class ServerState:
     def structured(self, request: p.GenerationRequest) -> StructuredOutput | None:
         """The answer's format, compiled here (once per distinct format) so that one that does not compile is a 400
         naming its field before the request is queued."""
-        found = p.structured_output(request)
+        found = formats.structured_output(request)
         if found is None:
             return None
         param, fmt = found
@@ -191,6 +192,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = p.parse_request(p.CompletionRequest, await _body(request, state))
         state.check_model(req.model)
+        output_format = state.structured(req)
         prompts = []
         for prompt in p.completion_prompts(req):
             if isinstance(prompt, str):
@@ -198,15 +200,16 @@ def create_app(state: ServerState) -> FastAPI:
                 continue
             state.check_token_ids(prompt, "prompt", "prompt token ids")
             prompts.append((prompt, state.tokenizer.decode(prompt)))
-        return await _generate(request, state, req, prompts, chat=False)
+        return await _generate(request, state, req, prompts, output_format, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
         req = p.parse_request(p.ChatCompletionRequest, await _body(request, state))
         state.check_model(req.model)
+        output_format = state.structured(req)  # tools too: checked before the template sees them
         messages = p.chat_messages(req)
         ids = _chat_prompt_ids(state.tokenizer, messages, tools=req.tools if req.tool_choice != "none" else None)
-        return await _generate(request, state, req, [(ids, p.predictor_text(messages))], chat=True)
+        return await _generate(request, state, req, [(ids, p.predictor_text(messages))], output_format, chat=True)
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request) -> Response:
@@ -248,7 +251,8 @@ def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_p
 
 
 async def _generate(request: Request, state: ServerState, req: p.GenerationRequest,
-                    prompts: list[tuple[list[int], str]], *, chat: bool) -> Response:
+                    prompts: list[tuple[list[int], str]], output_format: StructuredOutput | None, *,
+                    chat: bool) -> Response:
     """Check the output budgets, submit one engine request per choice (``n`` per prompt; a completion may batch
     several prompts, each given as (token ids, text the predictor reads)), and answer as a stream of events or as
     one JSON body."""
@@ -263,10 +267,10 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     head = p.Head(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, state.system_fingerprint)
     fmt = Format(head, chat, sum(len(ids) for ids, _ in prompts), req.n,
                  usage_in_chunks=req.stream and p.include_usage(req), cached_tokens=state.prefix_caching)
-    sampling = _sampling(state, req)
+    sampling = _sampling(state, req, output_format)
     token_text = state.token_text if sampling.logprobs is not None else None
     echo = getattr(req, "echo", False)
-    tools = p.tool_calls(req) if chat else None
+    tools = formats.tool_calls(req) if chat else None
     choices = [Choice(k * req.n + i, chat, token_text=token_text, echo_text=text if echo else None, echo_ids=ids,
                       tools=tools) for k, (ids, text) in enumerate(prompts) for i in range(req.n)]
     streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req),
@@ -288,8 +292,9 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     return JSONResponse(fmt.response(whole, streams))
 
 
-def _sampling(state: ServerState, req: p.GenerationRequest) -> SamplingParams:
-    """The request's sampling parameters, each checked (token ids against the vocabulary)."""
+def _sampling(state: ServerState, req: p.GenerationRequest, output_format: StructuredOutput | None) -> SamplingParams:
+    """The request's sampling parameters, each checked (token ids against the vocabulary), with its output format
+    (`ServerState.structured`)."""
     # An explicit null means "the default", as leaving it out does (protocol drops nulls before parsing).
     frequency_penalty = (req.frequency_penalty if "frequency_penalty" in req.model_fields_set
                          else state.default_frequency_penalty)
@@ -298,7 +303,7 @@ def _sampling(state: ServerState, req: p.GenerationRequest) -> SamplingParams:
                           frequency_penalty=frequency_penalty, ignore_eos=req.ignore_eos,
                           logprobs=p.requested_logprobs(req), prompt_logprobs=p.requested_prompt_logprobs(req),
                           stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens,
-                          logit_bias=state.logit_bias(req), structured=state.structured(req))
+                          logit_bias=state.logit_bias(req), structured=output_format)
 
 
 def _length_is_natural(req: p.GenerationRequest) -> bool:
@@ -307,7 +312,7 @@ def _length_is_natural(req: p.GenerationRequest) -> bool:
     (``stop_token_ids``, a ``logit_bias``, which may touch end-of-sequence, an output format). Stop strings are the
     store's own case (it keeps what happened before the cut)."""
     return not (req.ignore_eos or req.min_tokens or req.stop_token_ids or req.logit_bias
-                or p.structured_output(req) is not None)
+                or formats.structured_output(req) is not None)  # checked already: no error here
 
 
 def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], budgets: list[int], n: int, *,

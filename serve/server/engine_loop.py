@@ -245,6 +245,10 @@ class EngineLoop:
         except ValueError as exc:  # the HTTP side checks limits first; this is the last line of defence
             send_error(cmd.sink, str(exc))
             return
+        except Exception as exc:  # a bug in taking one request fails that request, not the engine and all others
+            log.exception("could not add request %s", cmd.request_id)
+            send_error(cmd.sink, f"the engine could not take the request: {exc!r}")
+            return
         self._sinks[cmd.request_id] = cmd.sink
         self._num_sent[cmd.request_id] = 0
         if not cmd.feedback:

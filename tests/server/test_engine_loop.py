@@ -123,6 +123,26 @@ def test_a_request_that_cannot_fit_gets_an_error_event(model):
     loop.stop()
 
 
+def test_a_request_the_engine_fails_to_take_fails_alone(model, monkeypatch):
+    """A bug in taking one request (not a refusal: any exception) answers that request with an error; the engine
+    goes on serving the others."""
+    loop = make_loop(model, policy="max")
+    add = loop.engine.add_request
+    monkeypatch.setattr(loop.engine, "add_request",
+                        lambda request_id, *args, **kwargs: 1 / 0 if request_id == "bad" else add(request_id, *args,
+                                                                                                   **kwargs))
+
+    async def main():
+        bad = await _collect(await _add(loop, "bad", PROMPTS[0], bucket=None))
+        good = await _collect(await _add(loop, "good", PROMPTS[1], bucket=None))
+        return bad, good
+
+    (_, bad), (tokens, good) = asyncio.run(main())
+    assert "ZeroDivisionError" in bad.error and bad.finish_reason == "abort"
+    assert tokens and good.error is None and loop.snapshot.alive
+    loop.stop()
+
+
 def test_a_crashed_step_fails_every_request_and_refuses_new_ones(model, monkeypatch):
     loop = make_loop(model, policy="max")
     monkeypatch.setattr(loop.engine, "step", lambda: 1 / 0)

@@ -8,6 +8,7 @@ import pytest
 
 from core.request import TokenLogprobs
 from serve.engine.plan import StructuredOutput
+from serve.server import formats
 from serve.server import protocol as p
 from serve.server.answers import LOWEST_LOGPROB, chat_logprobs, completion_logprobs
 
@@ -19,6 +20,7 @@ def _parse(cls, body: dict | str):
 def _error(cls, body) -> p.APIError:
     with pytest.raises(p.APIError) as info:
         request = _parse(cls, body)
+        formats.structured_output(request)  # the server checks the output format (and tools) next
         if cls is p.CompletionRequest:
             p.completion_prompts(request)
         else:
@@ -161,17 +163,17 @@ def test_tool_requests_the_server_cannot_answer_are_refused_by_name(fields, para
 def test_tool_calls_become_a_json_schema_and_answers_become_calls():
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
         "x": {"type": "integer"}}}}}
-    named = p.tool_calls(_parse(p.ChatCompletionRequest, CHAT | {"tools": [tool], "tool_choice": {
+    named = formats.tool_calls(_parse(p.ChatCompletionRequest, CHAT | {"tools": [tool], "tool_choice": {
         "type": "function", "function": {"name": "f"}}}))
     assert named.schema == tool["function"]["parameters"] and named.finish_reason == "stop"
     assert [c["function"] for c in named.calls('{"x": 1}')] == [{"name": "f", "arguments": '{"x": 1}'}]
     assert named.calls('{"x": ') is None  # cut short: no call
-    required = p.tool_calls(_parse(p.ChatCompletionRequest, CHAT | {"tools": [tool], "tool_choice": "required",
+    required = formats.tool_calls(_parse(p.ChatCompletionRequest, CHAT | {"tools": [tool], "tool_choice": "required",
                                                                       "parallel_tool_calls": False}))
     assert required.schema["maxItems"] == 1 and required.finish_reason == "tool_calls"
     calls = required.calls('[{"name": "f", "parameters": {"x": 2}}]')
     assert [c["function"] for c in calls] == [{"name": "f", "arguments": '{"x": 2}'}]
-    assert p.tool_calls(_parse(p.ChatCompletionRequest, CHAT | {"tools": [tool], "tool_choice": "none"})) is None
+    assert formats.tool_calls(_parse(p.ChatCompletionRequest, CHAT | {"tools": [tool], "tool_choice": "none"})) is None
     # A conversation's calls and results reach the template as text.
     history = CHAT | {"messages": [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
@@ -200,14 +202,14 @@ def test_openai_defaults_and_extensions_are_accepted():
     error = _error(p.ChatCompletionRequest, CHAT | {"response_format": {"type": "xml"}})
     assert error.param == "response_format" and "json_schema" in error.message
     json_mode = _parse(p.ChatCompletionRequest, CHAT | {"response_format": {"type": "json_object"}})
-    assert p.structured_output(json_mode) == ("response_format", StructuredOutput("json_object"))
+    assert formats.structured_output(json_mode) == ("response_format", StructuredOutput("json_object"))
     schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
     fields = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
-    found = p.structured_output(_parse(p.CompletionRequest, {"model": "m", "prompt": "hi"} | fields))
+    found = formats.structured_output(_parse(p.CompletionRequest, {"model": "m", "prompt": "hi"} | fields))
     assert found == ("response_format", StructuredOutput("json", json.dumps(schema, sort_keys=True)))
     # One format, however it is written, is one compiled grammar: vLLM's guided_json as text or as an object.
     as_text = _parse(p.ChatCompletionRequest, CHAT | {"guided_json": json.dumps(schema)})
-    assert p.structured_output(as_text) == ("guided_json", found[1])
+    assert formats.structured_output(as_text) == ("guided_json", found[1])
     assert _error(p.ChatCompletionRequest, CHAT | {"response_format": "text"}).param == "response_format"
     assert _error(p.CompletionRequest, {"model": "m", "prompt": "hi", "ignore_eos": 1}).param == "ignore_eos"
 
