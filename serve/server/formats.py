@@ -99,7 +99,7 @@ def structured_output(request: GenerationRequest) -> tuple[str, StructuredOutput
             if not isinstance(schema, dict):
                 raise bad_request("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": "
                                   "{...}}}", "response_format.json_schema.schema")
-            found.append(("response_format", StructuredOutput("json", json.dumps(schema, sort_keys=True))))
+            found.append(("response_format", StructuredOutput("json", json.dumps(schema))))
         else:
             raise bad_request("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
                               "{\"type\": \"json_schema\", \"json_schema\": {...}}", "response_format")
@@ -112,7 +112,7 @@ def structured_output(request: GenerationRequest) -> tuple[str, StructuredOutput
                 raise bad_request(f"guided_json is not valid JSON: {exc}", "guided_json") from None
         if not isinstance(schema, dict):
             raise bad_request("guided_json must be a JSON schema (an object)", "guided_json")
-        found.append(("guided_json", StructuredOutput("json", json.dumps(schema, sort_keys=True))))
+        found.append(("guided_json", StructuredOutput("json", json.dumps(schema))))
     if request.guided_regex is not None:
         found.append(("guided_regex", StructuredOutput("regex", request.guided_regex)))
     if request.guided_choice is not None:
@@ -123,7 +123,7 @@ def structured_output(request: GenerationRequest) -> tuple[str, StructuredOutput
         found.append(("guided_grammar", StructuredOutput("grammar", request.guided_grammar)))
     tools = tool_calls(request)
     if tools is not None:
-        found.append(("tool_choice", StructuredOutput("json", json.dumps(tools.schema, sort_keys=True))))
+        found.append(("tool_choice", StructuredOutput("json", json.dumps(tools.schema))))
     if len(found) > 1:
         raise bad_request(f"give one output format, not {' and '.join(name for name, _ in found)}", found[1][0])
     if found and request.min_tokens:  # the format may allow nothing but its end before min_tokens
