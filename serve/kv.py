@@ -147,13 +147,16 @@ class BlockPool:
     def cached_prefix(self, request_id: str, token_ids: Sequence[int]) -> list[int]:
         """The cached blocks that hold the longest run of full blocks ``token_ids`` (the request's tokens, or the
         first of them) starts with; empty without prefix caching."""
+        return self.cached_blocks(self.block_keys(request_id, token_ids)) if self.prefix_caching else []
+
+    def cached_blocks(self, keys: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest run of ``keys`` (`block_keys`) from the first that are all cached."""
         found: list[int] = []
-        if self.prefix_caching:
-            for key in self._chain(request_id, token_ids, len(token_ids) // self.block_size):
-                block = self._cached.get(key)
-                if block is None:
-                    break
-                found.append(block)
+        for key in keys:
+            block = self._cached.get(key)
+            if block is None:
+                break
+            found.append(block)
         return found
 
     def num_reclaimed(self, blocks: Sequence[int]) -> int:

@@ -440,9 +440,9 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[index]
-            cached = self._cached_prefix(request)
-            if cached is not None:
-                keys = self.pool.block_keys(request.request_id, request.all_token_ids()[:-1])
+            keys = self._prefix_keys(request)
+            cached = None if keys is None else self.pool.cached_blocks(keys)
+            if keys is not None:
                 computing = self._computing() if computing is None else computing
                 if len(keys) > len(cached) and keys[len(cached)] in computing:
                     continue  # a running sequence is computing its next block: wait, and find it cached
@@ -456,7 +456,7 @@ class Scheduler:
                     break
                 continue
             admitted.append(index)
-            if cached is not None:
+            if keys is not None:
                 computing.update(keys[len(cached):])
             out.seqs.append(self._scheduled(request, num_new))
             out.new_requests.append(NewRequestData(
@@ -479,13 +479,13 @@ class Scheduler:
                 keys.update(self.pool.block_keys(r.request_id, r.all_token_ids())[self.pool.num_filed(r.request_id):])
         return keys
 
-    def _cached_prefix(self, request: Request) -> list[int] | None:
-        """The cached blocks ``request`` may start on; None when it may not look (no prefix caching, or a request
-        that asks for its prompt's log-probabilities, which come from computing the prompt). Its last token is
-        always computed: its logits pick the next one."""
+    def _prefix_keys(self, request: Request) -> list[bytes] | None:
+        """The content keys of the full blocks ``request`` may find cached; None when it may not look (no prefix
+        caching, or a request that asks for its prompt's log-probabilities, which come from computing the prompt).
+        Its last token is always computed: its logits pick the next one."""
         if not self.pool.prefix_caching or getattr(request.sampling, "prompt_logprobs", None) is not None:
             return None
-        return self.pool.cached_prefix(request.request_id, request.all_token_ids()[:-1])
+        return self.pool.block_keys(request.request_id, request.all_token_ids()[:-1])
 
     def _shared_tokens(self, request: Request) -> float:
         """Of the tokens ``request`` holds (running) or would start on (its cached prefix, about to be admitted),
@@ -495,8 +495,8 @@ class Scheduler:
         if request.status == RequestStatus.RUNNING:
             holders = (pool.num_holders(b) for b in pool.block_table(request.request_id))
             return size * sum(1 - 1 / h for h in holders if h > 1)
-        cached = pool.cached_prefix(request.request_id, request.all_token_ids()[:-1])
-        return size * sum(1 for b in cached[: request.num_computed_tokens // size] if pool.num_holders(b) > 0)
+        cached = pool.cached_prefix(request.request_id, request.all_token_ids()[: request.num_computed_tokens])
+        return size * sum(1 for b in cached if pool.num_holders(b) > 0)
 
     def _admit(self, request: Request, num_new: int, gate: "PeakGate | _NoGate", cached: list[int] | None) -> bool:
         """Take the request's blocks (its whole reservation, or its first chunk when paged) after the ``cached``

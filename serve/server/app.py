@@ -274,7 +274,7 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     choices = [Choice(k * req.n + i, chat, token_text=token_text, echo_text=text if echo else None, echo_ids=ids,
                       tools=tools) for k, (ids, text) in enumerate(prompts) for i in range(req.n)]
     streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req),
-                      feedback=_length_is_natural(req))
+                      feedback=_length_is_natural(req) and output_format is None)
     if req.stream:
         # close() also runs as a background task: it frees the requests even if the stream never started.
         return StreamingResponse(sse_events(streams, fmt, choices), media_type="text/event-stream",
@@ -309,10 +309,9 @@ def _sampling(state: ServerState, req: p.GenerationRequest, output_format: Struc
 def _length_is_natural(req: p.GenerationRequest) -> bool:
     """Whether the answers end where the model ends them, so that the feedback store may take their lengths for
     labels: not when the client forces a length (``ignore_eos``, ``min_tokens``) or changes what ends it
-    (``stop_token_ids``, a ``logit_bias``, which may touch end-of-sequence, an output format). Stop strings are the
-    store's own case (it keeps what happened before the cut)."""
-    return not (req.ignore_eos or req.min_tokens or req.stop_token_ids or req.logit_bias
-                or formats.structured_output(req) is not None)  # checked already: no error here
+    (``stop_token_ids``, a ``logit_bias``, which may touch end-of-sequence; an output format, which the caller
+    checks). Stop strings are the store's own case (it keeps what happened before the cut)."""
+    return not (req.ignore_eos or req.min_tokens or req.stop_token_ids or req.logit_bias)
 
 
 def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], budgets: list[int], n: int, *,
