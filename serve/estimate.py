@@ -280,7 +280,8 @@ class Projection:
 
     tokens: float
     """Tokens it holds once its pending prefill is done, plus its last block's unused room (see PeakGate's
-    ``block_room``), less its blocks shared with others beyond its share (prefix caching)."""
+    ``block_room``), less the shared blocks charged to another holder (prefix caching); negative for an entry
+    that cancels a shared block's charge to a holder that another outlives."""
     growth: int
     """Tokens it grows by after that (its remaining output less the last token, which is never cached),
     less what its final block's rounding already covers; may be negative."""
@@ -310,8 +311,13 @@ class PeakGate:
     its final length rounded up to a block. So with exact lengths the peak never exceeds what reserving every
     exact length would hold, and it is never below what the pool will really hold. ``block_room=False`` leaves
     out the last block's room now (the final block is still charged whole): a lighter test, up to a block per
-    sequence below what the pool holds, without that guarantee. ``shared_tokens(request)`` (prefix caching) is
-    taken off what a sequence holds: the blocks it shares are charged once over their holders.
+    sequence below what the pool holds, without that guarantee.
+
+    With prefix caching, ``shared_blocks(request)`` names the cached blocks a sequence holds (running) or would
+    start on (a candidate). A block several sequences hold stays in the pool until the last of them ends, so it
+    is charged whole to the holder expected to end last and taken off the others: a sequence that outlives the
+    block's holder so far takes it over, the earlier holder's charge cancelled by an entry of minus a block
+    that ends with it. With exact lengths the test stays exact.
     """
 
     def __init__(
@@ -324,10 +330,10 @@ class PeakGate:
         prefill_share: int,
         z: float = 0.0,
         block_room: bool = True,
-        shared_tokens: Callable[[Request], float] | None = None,
+        shared_blocks: Callable[[Request], Sequence[int]] | None = None,
     ) -> None:
         self.estimate = estimate
-        self.shared_tokens = shared_tokens
+        self.shared_blocks = shared_blocks
         self.capacity_tokens = capacity_tokens
         self.block_size = block_size
         self.prefill_rate = max(1, prefill_rate)
@@ -338,6 +344,7 @@ class PeakGate:
         self._sorted = True
         self._pending_ahead = 0  # prompt tokens still to prefill, over the sequences already in
         self._variance = 0.0  # of the running set's total remaining tokens
+        self._owners: dict[int, tuple[float, list[Projection]]] = {}  # block -> its last holder's end and slices
 
     def projection(self, request: Request) -> tuple[list[Projection], float]:
         """Where ``request`` (running, or about to be admitted after everyone in) is headed: its slices, and
@@ -350,18 +357,43 @@ class PeakGate:
         if pending > 1:  # decoding sequences grow one token per step from now
             prefill_steps = math.ceil(pending / self.prefill_rate)
             prefill_steps += math.ceil((self._pending_ahead + pending) / self.prefill_share)
-        shared = self.shared_tokens(request) if self.shared_tokens is not None else 0
         entries = []
         for left in slices:
             growth = left - 1
             final_rounded = -(-(request.num_tokens + growth) // self.block_size) * self.block_size
-            entries.append(Projection(tokens - shared, min(growth, final_rounded - tokens),
+            entries.append(Projection(tokens, min(growth, final_rounded - tokens),
                                       prefill_steps + growth + 1, 1.0 / len(slices)))  # fmt: skip
         return entries, estimate.std_tokens**2
 
+    def _share(
+        self, request: Request, entries: list[Projection]
+    ) -> tuple[list[Projection], list[Projection], list[int], float]:
+        """``entries`` less the shared blocks another holder outlives; the entries cancelling the charge of those
+        this request takes over from a holder ending sooner; the blocks it is charged for; its expected end."""
+        end = sum(e.weight * e.steps for e in entries)
+        if self.shared_blocks is None:
+            return entries, [], [], end
+        owned: list[int] = []
+        corrections: list[Projection] = []
+        carried = 0
+        for block in self.shared_blocks(request):
+            owner = self._owners.get(block)
+            if owner is not None and owner[0] >= end:
+                carried += 1  # held until a holder ending later lets go: charged to it
+                continue
+            owned.append(block)
+            if owner is not None:
+                corrections += [Projection(-self.block_size, 0, e.steps, e.weight) for e in owner[1]]
+        if carried:
+            entries = [dataclasses.replace(e, tokens=e.tokens - carried * self.block_size) for e in entries]
+        return entries, corrections, owned, end
+
     def add(self, request: Request) -> None:
         entries, variance = self.projection(request)
-        self.entries += entries
+        entries, corrections, owned, end = self._share(request, entries)
+        for block in owned:
+            self._owners[block] = (end, entries)
+        self.entries += entries + corrections
         self._sorted = False
         self._variance += variance
         pending = request.num_tokens - request.num_computed_tokens
@@ -374,6 +406,8 @@ class PeakGate:
         if not self.entries:
             return True
         mine, variance = self.projection(request)
+        mine, corrections, _, _ = self._share(request, mine)
+        mine += corrections
         if not self._sorted:
             self.entries.sort(key=_latest_first)
             self._sorted = True

@@ -152,9 +152,9 @@ class StepLimits:
     """Most prompt tokens one sequence computes in a step."""
     max_num_batched_tokens: int
     max_num_seqs: int
-    shared_tokens: Callable[[Request], float] | None = None
-    """With prefix caching: the tokens of a sequence's cache that others hold too, less its share of them (a
-    block held by h sequences counts 1/h for each), so that the peak test charges shared blocks once."""
+    shared_blocks: Callable[[Request], Sequence[int]] | None = None
+    """With prefix caching: the cached blocks a sequence holds, or a candidate would start on, so that the peak
+    test charges each shared block once, to the holder that ends last (`PeakGate`)."""
 
 
 class AdmissionPolicy:
@@ -355,7 +355,7 @@ class _PeakAdmission(PagedPolicy):
             prefill_share=limits.max_num_batched_tokens - limits.max_num_seqs + 1,
             z=statistics.NormalDist().inv_cdf(min(self.config.quantile, 1 - 1e-4)),
             block_room=num_waiting >= self.short_queue,
-            shared_tokens=limits.shared_tokens,
+            shared_blocks=limits.shared_blocks,
         )
         for request in running:
             gate.add(request)

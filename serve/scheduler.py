@@ -195,7 +195,7 @@ class Scheduler:
             prefill_rate=self._prefill_rate(config),
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
-            shared_tokens=self._shared_tokens if config.enable_prefix_caching else None,
+            shared_blocks=self._shared_blocks if config.enable_prefix_caching else None,
         )
         self._order: dict[str, tuple[float, int]] = {}
         self._finished_ids: list[str] = []
@@ -487,16 +487,13 @@ class Scheduler:
             return None
         return self.pool.block_keys(request.request_id, request.all_token_ids()[:-1])
 
-    def _shared_tokens(self, request: Request) -> float:
-        """Of the tokens ``request`` holds (running) or would start on (its cached prefix, about to be admitted),
-        those other running sequences hold too, less its share: a block held by h sequences counts 1/h for each
-        holder, and a waiting request's cached blocks that a running one holds cost it nothing."""
-        pool, size = self.pool, self.pool.block_size
+    def _shared_blocks(self, request: Request) -> Sequence[int]:
+        """The blocks ``request`` holds that others may share (running: those computed and filed), or the cached
+        prefix it would start on (about to be admitted), for the peak test to charge each block once."""
+        pool = self.pool
         if request.status == RequestStatus.RUNNING:
-            holders = (pool.num_holders(b) for b in pool.block_table(request.request_id))
-            return size * sum(1 - 1 / h for h in holders if h > 1)
-        cached = pool.cached_prefix(request.request_id, request.all_token_ids()[: request.num_computed_tokens])
-        return size * sum(1 for b in cached if pool.num_holders(b) > 0)
+            return pool.block_table(request.request_id)[: pool.num_filed(request.request_id)]
+        return pool.cached_prefix(request.request_id, request.all_token_ids()[: request.num_computed_tokens])
 
     def _admit(self, request: Request, num_new: int, gate: "PeakGate | _NoGate", cached: list[int] | None) -> bool:
         """Take the request's blocks (its whole reservation, or its first chunk when paged) after the ``cached``

@@ -224,14 +224,17 @@ workload_st = st.fixed_dictionaries({
     "max_num_seqs": st.integers(1, 8),
     "extra_budget": st.integers(0, 30),
     "prefill_cap": st.integers(0, 12),
+    "prefix_caching": st.booleans(),
+    "prefix_kinds": st.integers(1, 3),
 })
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workload_st)
 def test_s3_oracle_never_preempts(w):
     """With exact lengths the projected peak is an upper bound of what the pool will hold: no preemption, under
-    chunked prefill, per-request prefill caps, tight budgets and staggered arrivals."""
+    chunked prefill, per-request prefill caps, tight budgets and staggered arrivals; with prefix caching too,
+    over prompts that share prefixes (a shared block is charged to the holder that ends last)."""
     largest = max(blocks_for(r["prompt"] + r["max_new"], w["block_size"]) for r in w["requests"])
     clock = FakeClock()
     from serve.scheduler import Scheduler, SchedulerConfig
@@ -241,6 +244,7 @@ def test_s3_oracle_never_preempts(w):
         num_blocks=largest + w["extra_blocks"], block_size=w["block_size"], max_num_seqs=w["max_num_seqs"],
         max_num_batched_tokens=w["max_num_seqs"] + w["extra_budget"],
         long_prefill_token_threshold=w["prefill_cap"], policy=PolicyConfig(policy="s3-oracle"),
+        enable_prefix_caching=w["prefix_caching"],
     )
     sched = Scheduler(config, buckets=BUCKETS, clock=clock)
     lengths = {}
@@ -248,7 +252,8 @@ def test_s3_oracle_never_preempts(w):
     for i, r in enumerate(w["requests"]):
         true = min(r["true"], r["max_new"])
         lengths[f"r{i}"] = true
-        pending.append(Request(f"r{i}", [7] * r["prompt"], max_new_tokens=r["max_new"], arrival_time=r["arrival"],
+        prompt = [1 + i % w["prefix_kinds"]] * r["prompt"]  # prompts of one kind share their prefixes
+        pending.append(Request(f"r{i}", prompt, max_new_tokens=r["max_new"], arrival_time=r["arrival"],
                                prediction=LengthPrediction(bucket=0, num_tokens=true)))
     pending.sort(key=lambda r: r.arrival_time)
     from tests.fakes import ScriptedExecutor
