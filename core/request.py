@@ -97,6 +97,9 @@ class Request:
     sampling: Any = None
     """How the executor picks tokens (serve.engine.plan.SamplingParams for the model); opaque to the scheduler,
     which hands it to the executor when the request is (re)admitted."""
+    priority: int = 0
+    """Lower goes first (vLLM's convention): the scheduler tries waiting requests by priority, then in its policy's
+    order, and takes victims from the least urgent running ones. All 0: the policy's order alone."""
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = dataclasses.field(default_factory=list)

@@ -217,9 +217,11 @@ def evaluate(checkpoint, data, split, quantile, output_dir, batch_size, exclude_
 @click.option("--tensor-parallel", type=int, default=None, help="Ranks (launch that many with the deepspeed launcher).")
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None,
               help="Share the KV cache of prompts that begin alike (default: the config's engine.enable_prefix_caching).")
+@click.option("--priority-scheduling/--no-priority-scheduling", default=None,
+              help="Let requests carry a priority (lower first; default: the config's priority_scheduling, off).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
 def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, allow_insecure_no_auth,
-          tensor_parallel, enable_prefix_caching, overrides):
+          tensor_parallel, enable_prefix_caching, priority_scheduling, overrides):
     """OpenAI-compatible server with the predictive admission controller and the feedback stream."""
     from serve.server.config import ServeConfig
     from serve.server.launch import serve_main
@@ -228,6 +230,7 @@ def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, 
         "engine.policy.policy": policy, "predictor": predictor, "fallback_policy": fallback_policy, "host": host,
         "port": port, "api_key": api_key, "allow_insecure_no_auth": allow_insecure_no_auth,
         "engine.tensor_parallel": tensor_parallel, "engine.enable_prefix_caching": enable_prefix_caching,
+        "priority_scheduling": priority_scheduling,
     }  # fmt: skip
     try:
         config = load_config(ServeConfig, config_path, overrides, values=flags)
@@ -248,16 +251,18 @@ def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, 
               default=None, help="With s3 and no usable predictor, use this policy instead of refusing to start.")
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None,
               help="Share the KV cache of prompts that begin alike (default: the config's engine.enable_prefix_caching).")
+@click.option("--priority-scheduling/--no-priority-scheduling", default=True, show_default=True,
+              help="Let requests carry a priority (lower first): on by default, the file being the operator's own.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
 def batch(input_path, output_path, config_path, policy, predictor, fallback_policy, enable_prefix_caching,
-          overrides):
+          priority_scheduling, overrides):
     """Answer a file of OpenAI Batch API requests offline (as `vllm run-batch`), scheduled as `s3 serve` would."""
     from serve.server.batch import read_batch, run_batch
     from serve.server.config import ServeConfig
     from serve.server.launch import build_stack, configure_process
 
     flags = {"engine.policy.policy": policy, "predictor": predictor, "fallback_policy": fallback_policy,
-             "engine.enable_prefix_caching": enable_prefix_caching}
+             "engine.enable_prefix_caching": enable_prefix_caching, "priority_scheduling": priority_scheduling}
     try:
         config = load_config(ServeConfig, config_path, overrides, values=flags)
         read_batch(input_path)  # a bad file fails before the model loads

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from core.buckets import BucketSpec
 from serve.kv import BlockPool, blocks_for
@@ -335,7 +335,8 @@ class Scheduler:
         reserves, tracks_buckets = self.policy.reserves, self.policy.tracks_buckets
         # Decodes first (stable): a sequence still prefilling never costs a decoding one its token this step,
         # so a long prompt cannot stall running streams, and the peak test's finish times hold.
-        self.running.sort(key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        # With priorities, the least urgent come last within each kind: the victims are taken from there.
+        self.running.sort(key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.priority))
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -413,7 +414,7 @@ class Scheduler:
         """Make ``request``'s table cover ``num_tokens``, preempting victims among the sequences not yet
         scheduled this step (running[index:]); False when ``request`` itself was preempted."""
         while self.pool.allocate(request.request_id, num_tokens) is None:
-            victim = self.choose_victim(self.running[index:], request)
+            victim = self._victim(self.running[index:], request)
             self._preempt(victim, out)
             if victim is request:
                 return False
@@ -436,7 +437,7 @@ class Scheduler:
         """Admit waiting requests in the policy's order while memory, batch size and token budget allow."""
         admitted: list[int] = []
         gate = computing = None
-        for index in self.policy.candidates(self.waiting, now):
+        for index in self._candidates(now):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[index]
@@ -468,6 +469,26 @@ class Scheduler:
         if admitted:
             taken, end = set(admitted), max(admitted) + 1
             self.waiting[:end] = [r for i, r in enumerate(self.waiting[:end]) if i not in taken]
+
+    def _candidates(self, now: float) -> Iterable[int]:
+        """Indices of waiting requests to try, in the policy's order; with priorities, the most urgent class first,
+        each class in the policy's order (its aging and look-ahead apply within the class)."""
+        if not any(r.priority for r in self.waiting):
+            return self.policy.candidates(self.waiting, now)
+        classes: dict[int, list[int]] = {}
+        for i, request in enumerate(self.waiting):  # each class keeps arrival order
+            classes.setdefault(request.priority, []).append(i)
+        return (indices[j] for _, indices in sorted(classes.items())
+                for j in self.policy.candidates([self.waiting[i] for i in indices], now))
+
+    def _victim(self, candidates: Sequence[Request], needy: Request) -> Request:
+        """The policy's victim among the least urgent of ``candidates`` (``needy`` among them): a sequence yields
+        only to one at least as urgent."""
+        worst = max(r.priority for r in candidates)
+        if worst == needy.priority == min(r.priority for r in candidates):
+            return self.choose_victim(candidates, needy)
+        least = [r for r in candidates if r.priority == worst]
+        return self.choose_victim(least, needy if needy.priority == worst else least[-1])
 
     def _computing(self) -> set[bytes]:
         """The content keys of the full blocks running sequences have yet to compute (prefix caching): a request

@@ -66,6 +66,17 @@ def test_context_overflow_is_refused(model):
         engine.add_request("a", [1] * 500, max_new_tokens=20)
 
 
+def test_a_more_urgent_request_runs_first(model):
+    engine = LLMEngine(EngineConfig(kv_cache_tokens=256, block_size=4, max_num_seqs=1,
+                                    policy=PolicyConfig(policy="paged")), model=model, tokenizer=None)
+    engine.add_request("first", [5, 6, 7], max_new_tokens=3)
+    engine.add_request("urgent", [8, 9], max_new_tokens=3, priority=-1)
+    order = []
+    while engine.has_unfinished():
+        order += [c.request_id for c in engine.step()]
+    assert order == ["urgent", "first"]
+
+
 @torch.inference_mode()
 def _penalised_greedy(model, prompt: list[int], num_new: int, sampling: SamplingParams) -> list[int]:
     """A plain forward loop applying OpenAI's penalty definition by hand."""

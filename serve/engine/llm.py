@@ -131,6 +131,7 @@ class LLMEngine:
         sampling: SamplingParams = SamplingParams(),
         prediction: LengthPrediction | None = None,
         prompt: str | None = None,
+        priority: int = 0,
     ) -> Request:
         if len(prompt_token_ids) + max_new_tokens > self.max_model_len:
             raise ValueError(
@@ -149,6 +150,7 @@ class LLMEngine:
             prompt=prompt,
             prediction=prediction,
             sampling=sampling,
+            priority=priority,
         )
         self.scheduler.add_request(request)
         return request

@@ -55,6 +55,8 @@ class ServerState:
     """The engine caches prompt prefixes: usage reports the cached prompt tokens."""
     grammars: Any = None
     """The engine's compiled output formats (serve.engine.structured.GrammarCache); None: no structured outputs."""
+    priority_scheduling: bool = False
+    """Requests may carry a ``priority`` (ServeConfig.priority_scheduling)."""
     created: int = dataclasses.field(default_factory=p.now)
 
     def __post_init__(self) -> None:
@@ -262,6 +264,11 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
         if not ids:
             raise p.bad_request("the prompt is empty after tokenization", param)
         budgets.append(state.max_new_tokens_for(req, len(ids), param))
+    if req.priority and not state.priority_scheduling:
+        raise p.bad_request("priority must be 0: this server schedules without priorities (start it with "
+                            "--priority-scheduling to let requests carry one)", "priority")
+    if not -(2**63) <= req.priority < 2**63:
+        raise p.bad_request(f"priority must be a 64-bit integer, got {req.priority}", "priority")
     if req.min_tokens > min(budgets):
         raise p.bad_request(f"min_tokens ({req.min_tokens}) exceeds the answer's {min(budgets)} tokens", "min_tokens")
     head = p.Head(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, state.system_fingerprint)
@@ -274,7 +281,7 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     choices = [Choice(k * req.n + i, chat, token_text=token_text, echo_text=text if echo else None, echo_ids=ids,
                       tools=tools) for k, (ids, text) in enumerate(prompts) for i in range(req.n)]
     streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req),
-                      feedback=_length_is_natural(req) and output_format is None)
+                      feedback=_length_is_natural(req) and output_format is None, priority=req.priority)
     if req.stream:
         # close() also runs as a background task: it frees the requests even if the stream never started.
         return StreamingResponse(sse_events(streams, fmt, choices), media_type="text/event-stream",
@@ -315,7 +322,7 @@ def _length_is_natural(req: p.GenerationRequest) -> bool:
 
 
 def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], budgets: list[int], n: int, *,
-            sampling: SamplingParams, stop: list[str], feedback: bool) -> list[RequestStream]:
+            sampling: SamplingParams, stop: list[str], feedback: bool, priority: int = 0) -> list[RequestStream]:
     """One engine request per choice, ``n`` per prompt in order, all or none (a 429 when the queue cannot take
     them all). Choice i of every prompt has the request's seed for i = 0 and one derived from it for the others, so
     a batch answers as its prompts one by one and ``n=1`` as choice 0 of any ``n``; the first choice is the
@@ -335,7 +342,8 @@ def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], 
                 # A greedy request's choices are one answer n times: the feedback store records it once.
                 streams.append(engine.submit(rid if index == 0 else f"{rid}-{index}", ids, max_new_tokens=budget,
                                              sampling=dataclasses.replace(sampling, seed=seed), prompt=text,
-                                             stop=stop, feedback=feedback and (i == 0 or not sampling.is_greedy)))
+                                             stop=stop, feedback=feedback and (i == 0 or not sampling.is_greedy),
+                                             priority=priority))
     except BaseException:
         close_all(streams)
         raise

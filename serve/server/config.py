@@ -36,6 +36,10 @@ class ServeConfig:
     """Frequency penalty of requests that leave it out; default: the one the predictor's labels were generated
     with (0.5 for data/labelled: served without it, SmolLM2 loops to the cap far more often than predicted),
     0 (OpenAI's default) without a predictor."""
+    priority_scheduling: bool = False
+    """Let requests carry vLLM's ``priority`` (an integer, lower first; default 0): the scheduler tries waiting
+    requests by priority, then in its policy's order, and takes victims from the least urgent running sequences.
+    Off, any priority but 0 is a 400: a client that may send one can put itself ahead of everyone else."""
     predictor_batch_size: int = 32
     """Most prompts the length predictor classifies in one batch."""
     host: str = "127.0.0.1"

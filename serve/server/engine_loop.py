@@ -73,6 +73,8 @@ class Add:
     feedback: bool = True
     """Whether the feedback store may record the request: False when its client decided where it ends (its length
     is no label), and for a greedy request's choices after the first (the same answer, one record ``n`` times)."""
+    priority: int = 0
+    """Lower goes first (`core.request.Request.priority`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +243,8 @@ class EngineLoop:
     def _add(self, cmd: Add) -> None:
         try:
             self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, max_new_tokens=cmd.max_new_tokens,
-                                    sampling=cmd.sampling, prediction=cmd.prediction, prompt=cmd.prompt)
+                                    sampling=cmd.sampling, prediction=cmd.prediction, prompt=cmd.prompt,
+                                    priority=cmd.priority)
         except ValueError as exc:  # the HTTP side checks limits first; this is the last line of defence
             send_error(cmd.sink, str(exc))
             return

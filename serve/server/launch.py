@@ -101,6 +101,7 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
         body_timeout_s=config.body_timeout_s, default_frequency_penalty=default_frequency_penalty(config, predictor),
         system_fingerprint=fingerprint(engine.model_id, admission.policy.policy, checkpoint_id),
         prefix_caching=engine.config.enable_prefix_caching, grammars=engine.grammars,
+        priority_scheduling=config.priority_scheduling,
     )  # fmt: skip
     return ServingStack(engine, engine_loop, controller, admission, state, create_app(state))
 

@@ -102,6 +102,8 @@ class GenerationRequest(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     """An EBNF grammar (xgrammar's dialect of GBNF)."""
+    priority: int = 0
+    """vLLM's extension: lower goes first (a server started with priority scheduling; else only 0)."""
 
 
 class CompletionRequest(GenerationRequest):
