@@ -106,6 +106,34 @@ def test_penalties_use_the_generated_tokens_across_preemption(prompts, reference
     assert [done[str(i)] for i in range(len(prompts))] == expected
 
 
+@torch.inference_mode()
+def test_repetition_penalty_is_hugging_faces_and_allowed_tokens_hold(prompts, reference):
+    """Greedy with vLLM's repetition_penalty gives generate(repetition_penalty=...)'s tokens (over the prompt and the
+    answer so far), through preemptions; allowed_token_ids keeps every answer to its tokens."""
+    model = tiny_llama()
+    expected = []
+    for ids in prompts:
+        gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=NUM_NEW, do_sample=False, repetition_penalty=1.8,
+                             pad_token_id=model.generation_config.pad_token_id or 0)
+        expected.append(gen[0, len(ids):].tolist())
+    assert expected != reference  # the penalty changes the answers of this model
+    allowed = (3, 7, 11)
+    config = EngineConfig(kv_cache_tokens=96, block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
+                          policy=PolicyConfig(policy="paged", watermark=0.0))  # fmt: skip
+    engine = LLMEngine(config, model=model, tokenizer=None)
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, max_new_tokens=NUM_NEW, sampling=SamplingParams(repetition_penalty=1.8))
+        engine.add_request(f"allowed{i}", ids, max_new_tokens=NUM_NEW,
+                           sampling=SamplingParams(temperature=1.0, seed=i, allowed_token_ids=allowed))
+    done = {}
+    while engine.has_unfinished():
+        done |= {c.request_id: c.output_token_ids for c in engine.step()}
+    assert engine.scheduler.stats.num_preemptions > 0
+    assert [done[str(i)] for i in range(len(prompts))] == expected
+    assert all(set(done[f"allowed{i}"]) <= set(allowed) for i in range(len(prompts)))
+
+
 def test_logprobs_are_the_models_and_survive_preemption(prompts):
     """Every output token's log-probability, and every prompt token's after the first, equals a plain forward pass
     over prompt + answer (penalties change the tokens picked, not the distribution reported), through chunked

@@ -25,6 +25,14 @@ class _Sequence:
     sampling: SamplingParams
     grammar: Follower | None = None
     """The answer's format, when its sampling asks for one."""
+    _prompt_set: tuple[int, ...] | None = None
+
+    @property
+    def prompt_set(self) -> tuple[int, ...]:
+        """The prompt's distinct tokens (the repetition penalty's), found once."""
+        if self._prompt_set is None:
+            self._prompt_set = tuple(sorted(set(self.token_ids[: self.num_prompt_tokens])))
+        return self._prompt_set
 
     @property
     def output_token_ids(self) -> tuple[int, ...]:
@@ -83,6 +91,7 @@ class ModelExecutor:
             sample=scheduled.samples,
             sampling=seq.sampling,
             output_token_ids=seq.output_token_ids if penalised else (),
+            prompt_token_ids=seq.prompt_set if penalised and seq.sampling.repetition_penalty != 1.0 else (),
             prompt_targets=targets,
             banned_token_ids=self._banned(seq) if scheduled.samples else (),
             allowed_tokens=seq.grammar.allowed() if scheduled.samples and seq.grammar is not None else None,

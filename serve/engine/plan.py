@@ -49,6 +49,11 @@ class SamplingParams:
     """OpenAI's: subtracted once from the logit of every token already generated (in [-2, 2])."""
     frequency_penalty: float = 0.0
     """OpenAI's: subtracted from a token's logit once per time it was already generated (in [-2, 2])."""
+    repetition_penalty: float = 1.0
+    """vLLM's and Hugging Face's: the logit of every token of the prompt or the answer so far is divided by it
+    when positive and multiplied by it when negative (1: none), before the two penalties above."""
+    allowed_token_ids: tuple[int, ...] = ()
+    """vLLM's: the only tokens the answer may be made of (empty: any)."""
     ignore_eos: bool = False
     """vLLM's extension: an end-of-sequence token does not end the request, so it runs to max_new_tokens
     (load generators send it so that every request produces exactly its token budget)."""
@@ -82,6 +87,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (None for none), got {getattr(self, name)}")
@@ -100,7 +107,7 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         """Whether the next token depends on the tokens generated so far (SequenceStep.output_token_ids)."""
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 GREEDY = SamplingParams()
@@ -125,6 +132,9 @@ class SequenceStep:
     sampling: SamplingParams = GREEDY
     output_token_ids: tuple[int, ...] = ()
     """The tokens generated so far, for the penalties; filled only when `sample` and `sampling.has_penalties`."""
+    prompt_token_ids: tuple[int, ...] = ()
+    """The prompt's distinct tokens, for the repetition penalty; filled only when `sample` and
+    `sampling.repetition_penalty` is not 1."""
     banned_token_ids: tuple[int, ...] = ()
     """Tokens the sample may not be (end-of-sequence and stop tokens before `sampling.min_tokens`)."""
     allowed_tokens: Any = None

@@ -73,7 +73,7 @@ class ModelRunner:
         tokens = sample(
             logits, [s.sampling for s in sampled], [s.num_tokens_after for s in sampled],
             [s.output_token_ids for s in sampled], [s.banned_token_ids for s in sampled],
-            [s.allowed_tokens for s in sampled],
+            [s.allowed_tokens for s in sampled], [s.prompt_token_ids for s in sampled],
         )
         by_id = {s.request_id: t for s, t in zip(sampled, tokens)}
         asking = [i for i, s in enumerate(sampled) if s.sampling.logprobs is not None]

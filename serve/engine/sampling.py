@@ -1,7 +1,9 @@
 """Next-token sampling for a batch of sequences, each with its own SamplingParams.
 
-Rows with a presence or frequency penalty first have their logits lowered for the tokens they already generated
-(OpenAI's definition: logit -= frequency_penalty * count + presence_penalty * (count > 0)). Greedy rows then take
+Rows with a repetition penalty first have the logits of the tokens in their prompt or answer divided by it (or
+multiplied, where negative: vLLM's and Hugging Face's definition); rows with a presence or frequency penalty then
+have their logits lowered for the tokens they already generated (OpenAI's definition: logit -= frequency_penalty *
+count + presence_penalty * (count > 0)). Greedy rows then take
 the argmax. Sampled rows go through temperature, top-k and top-p (vectorised over the rows),
 then inverse-CDF sampling with one uniform draw per row. A seeded row draws its uniform from a generator seeded
 by (seed, position), so its tokens do not depend on batch composition, step order or preemption.
@@ -26,13 +28,14 @@ def sample(
     output_token_ids: list[Sequence[int]] | None = None,
     banned_token_ids: list[Sequence[int]] | None = None,
     allowed_tokens: list[torch.Tensor | None] | None = None,
+    prompt_token_ids: list[Sequence[int]] | None = None,
 ) -> list[int]:
     """logits (S, V), one SamplingParams, one position (index of the token to draw) and, for the penalties, the
-    tokens generated so far per row, the tokens a row may not draw, and the only tokens it may draw (a bitmask, for
-    structured outputs; None for any) -> S token ids."""
+    tokens generated so far per row, the tokens a row may not draw, the only tokens it may draw (a bitmask, for
+    structured outputs; None for any) and, for the repetition penalty, the prompt's tokens per row -> S token ids."""
     assert logits.shape[0] == len(params) == len(positions), (logits.shape, len(params), len(positions))
     if output_token_ids is not None:
-        logits = apply_penalties(logits, params, output_token_ids)
+        logits = apply_penalties(logits, params, output_token_ids, prompt_token_ids)
     logits = _bias_and_ban(logits, params, banned_token_ids or [()] * len(params))
     if allowed_tokens is not None and any(mask is not None for mask in allowed_tokens):
         logits = logits.clone()
@@ -74,12 +77,17 @@ def unpack_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def _bias_and_ban(logits: torch.Tensor, params: list[SamplingParams], banned: list[Sequence[int]]) -> torch.Tensor:
-    """Each row's logit_bias added and its banned tokens set to -inf (a copy, when any row has either)."""
-    rows = [i for i, p in enumerate(params) if p.logit_bias or banned[i]]
+    """Each row's logit_bias added, its banned tokens and the tokens outside its `allowed_token_ids` set to -inf (a
+    copy, when any row has any)."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias or banned[i] or p.allowed_token_ids]
     if not rows:
         return logits
     logits, vocab = logits.clone(), logits.shape[-1]
     for i in rows:
+        if params[i].allowed_token_ids:
+            keep = torch.full((vocab,), float("-inf"), dtype=logits.dtype, device=logits.device)
+            keep[[t for t in params[i].allowed_token_ids if t < vocab]] = 0.0
+            logits[i] += keep
         bias = [(t, b) for t, b in params[i].logit_bias if t < vocab]
         if bias:
             ids, values = zip(*bias)
@@ -90,10 +98,13 @@ def _bias_and_ban(logits: torch.Tensor, params: list[SamplingParams], banned: li
 
 
 def apply_penalties(
-    logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[Sequence[int]]
+    logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[Sequence[int]],
+    prompt_token_ids: list[Sequence[int]] | None = None,
 ) -> torch.Tensor:
-    """Presence and frequency penalties on the rows that have them; logits (S, V) -> a penalised copy."""
-    rows = [i for i, p in enumerate(params) if p.has_penalties and output_token_ids[i]]
+    """Repetition, presence and frequency penalties on the rows that have them; logits (S, V) -> a penalised copy."""
+    logits = _repetition(logits, params, output_token_ids, prompt_token_ids)
+    rows = [i for i, p in enumerate(params)
+            if (p.presence_penalty or p.frequency_penalty) and output_token_ids[i]]  # fmt: skip
     if not rows:
         return logits
     logits = logits.clone()
@@ -113,6 +124,22 @@ def apply_penalties(
     batch_rows = torch.tensor(rows)[row].to(logits.device)
     penalty = frequency * counts + presence  # as OpenAI defines them, per occurring token
     logits[batch_rows, token.to(logits.device)] -= penalty.to(logits.device)
+    return logits
+
+
+def _repetition(logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[Sequence[int]],
+                prompt_token_ids: list[Sequence[int]] | None) -> torch.Tensor:
+    """The repetition penalty on the rows that have one: every token of the prompt or the answer so far has its
+    logit divided by the penalty where positive and multiplied where negative (a copy, when any row has one)."""
+    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if not rows:
+        return logits
+    logits, vocab = logits.clone(), logits.shape[-1]
+    for i in rows:
+        seen = set(output_token_ids[i]).union(prompt_token_ids[i] if prompt_token_ids is not None else ())
+        ids = torch.tensor(sorted(t for t in seen if t < vocab), dtype=torch.long, device=logits.device)
+        values, penalty = logits[i, ids], params[i].repetition_penalty
+        logits[i, ids] = torch.where(values > 0, values / penalty, values * penalty)
     return logits
 
 

@@ -23,7 +23,7 @@ from serve.engine.structured import StructuredOutputError
 from serve.server import formats
 from serve.server import protocol as p
 from serve.server.answers import Choice, Format, close_all, sse_events
-from serve.server.async_engine import AsyncEngine, EngineError, RequestStream
+from serve.server.async_engine import AsyncEngine, EngineError, RequestStream, TextOptions
 from serve.server.metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,9 @@ def create_app(state: ServerState) -> FastAPI:
         state.check_model(req.model)
         output_format = state.structured(req)  # tools too: checked before the template sees them
         messages = p.chat_messages(req)
-        ids = _chat_prompt_ids(state.tokenizer, messages, tools=req.tools if req.tool_choice != "none" else None)
+        ids = _chat_prompt_ids(state.tokenizer, messages, req.add_generation_prompt,
+                               tools=req.tools if req.tool_choice != "none" else None,
+                               continue_final_message=req.continue_final_message)
         return await _generate(request, state, req, [(ids, p.predictor_text(messages))], output_format, chat=True)
 
     @app.post("/tokenize", dependencies=auth)
@@ -240,10 +242,13 @@ async def _body(request: Request, state: ServerState) -> bytes:
 
 
 def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                     tools: list | None = None) -> list[int]:
+                     tools: list | None = None, continue_final_message: bool = False) -> list[int]:
     """The tokenizer's chat template with the generation prompt, as the labelled data was made; ``tools`` go to
-    the template too (as vLLM hands them over; a template without tool support leaves them out)."""
+    the template too (as vLLM hands them over; a template without tool support leaves them out);
+    ``continue_final_message``: the last (assistant) message left open for the answer to continue."""
     extra = {"tools": tools} if tools else {}
+    if continue_final_message:
+        extra["continue_final_message"] = True
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
                                             **extra)
@@ -259,6 +264,8 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     several prompts, each given as (token ids, text the predictor reads)), and answer as a stream of events or as
     one JSON body."""
     param = "messages" if chat else "prompt"
+    if req.truncate_prompt_tokens is not None:
+        prompts = [_truncated(state, ids, text, req.truncate_prompt_tokens, chat) for ids, text in prompts]
     budgets = []
     for ids, _ in prompts:
         if not ids:
@@ -280,8 +287,11 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     tools = formats.tool_calls(req) if chat else None
     choices = [Choice(k * req.n + i, chat, token_text=token_text, echo_text=text if echo else None, echo_ids=ids,
                       tools=tools) for k, (ids, text) in enumerate(prompts) for i in range(req.n)]
+    if req.allowed_token_ids and output_format is not None:
+        raise p.bad_request("allowed_token_ids cannot be combined with an output format", "allowed_token_ids")
     streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req),
-                      feedback=_length_is_natural(req) and output_format is None, priority=req.priority)
+                      feedback=_length_is_natural(req) and output_format is None, priority=req.priority,
+                      text_options=TextOptions(req.include_stop_str_in_output, req.skip_special_tokens))
     if req.stream:
         # close() also runs as a background task: it frees the requests even if the stream never started.
         return StreamingResponse(sse_events(streams, fmt, choices), media_type="text/event-stream",
@@ -307,7 +317,10 @@ def _sampling(state: ServerState, req: p.GenerationRequest, output_format: Struc
                          else state.default_frequency_penalty)
     return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k or 0),
                           min_p=req.min_p, seed=req.seed, presence_penalty=req.presence_penalty,
-                          frequency_penalty=frequency_penalty, ignore_eos=req.ignore_eos,
+                          frequency_penalty=frequency_penalty, repetition_penalty=req.repetition_penalty,
+                          ignore_eos=req.ignore_eos,
+                          allowed_token_ids=tuple(state.check_token_ids(
+                              req.allowed_token_ids or [], "allowed_token_ids", "the allowed_token_ids")),
                           logprobs=p.requested_logprobs(req), prompt_logprobs=p.requested_prompt_logprobs(req),
                           stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens,
                           logit_bias=state.logit_bias(req), structured=output_format)
@@ -316,13 +329,26 @@ def _sampling(state: ServerState, req: p.GenerationRequest, output_format: Struc
 def _length_is_natural(req: p.GenerationRequest) -> bool:
     """Whether the answers end where the model ends them, so that the feedback store may take their lengths for
     labels: not when the client forces a length (``ignore_eos``, ``min_tokens``) or changes what ends it
-    (``stop_token_ids``, a ``logit_bias``, which may touch end-of-sequence; an output format, which the caller
-    checks). Stop strings are the store's own case (it keeps what happened before the cut)."""
-    return not (req.ignore_eos or req.min_tokens or req.stop_token_ids or req.logit_bias)
+    (``stop_token_ids``, a ``logit_bias`` or ``allowed_token_ids``, which may touch end-of-sequence; an output
+    format, which the caller checks). Stop strings are the store's own case (it keeps what happened before the
+    cut)."""
+    return not (req.ignore_eos or req.min_tokens or req.stop_token_ids or req.logit_bias or req.allowed_token_ids)
+
+
+def _truncated(state: ServerState, ids: list[int], text: str, keep: int, chat: bool) -> tuple[list[int], str]:
+    """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: as many as the context takes with
+    one answer token). A completion's predictor reads the text kept; a chat's, its last user message as ever."""
+    if keep == -1:
+        keep = min(state.max_model_len, state.kv_capacity_tokens) - 1
+    if len(ids) <= keep:
+        return ids, text
+    ids = ids[-keep:]
+    return ids, text if chat else state.tokenizer.decode(ids)
 
 
 def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], budgets: list[int], n: int, *,
-            sampling: SamplingParams, stop: list[str], feedback: bool, priority: int = 0) -> list[RequestStream]:
+            sampling: SamplingParams, stop: list[str], feedback: bool, priority: int = 0,
+            text_options: TextOptions = TextOptions()) -> list[RequestStream]:
     """One engine request per choice, ``n`` per prompt in order, all or none (a 429 when the queue cannot take
     them all). Choice i of every prompt has the request's seed for i = 0 and one derived from it for the others, so
     a batch answers as its prompts one by one and ``n=1`` as choice 0 of any ``n``; the first choice is the
@@ -343,7 +369,7 @@ def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], 
                 streams.append(engine.submit(rid if index == 0 else f"{rid}-{index}", ids, max_new_tokens=budget,
                                              sampling=dataclasses.replace(sampling, seed=seed), prompt=text,
                                              stop=stop, feedback=feedback and (i == 0 or not sampling.is_greedy),
-                                             priority=priority))
+                                             priority=priority, text=text_options))
     except BaseException:
         close_all(streams)
         raise

@@ -44,15 +44,28 @@ class EngineError(RuntimeError):
     """The engine ended a request with an error (it could not take it, shut down, or crashed)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class TextOptions:
+    """How an answer's tokens become its text (vLLM's request fields)."""
+
+    include_stop_str_in_output: bool = False
+    """Keep the stop string (or stop token) that ended the answer in its text."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the text."""
+
+
 class AsyncEngine:
     """Submits requests to the engine thread and admits them only while the waiting queue, counting the free
     running slots as room too, has space."""
 
     def __init__(self, engine_loop: EngineLoop, *, ingress, tokenizer, metrics: ServerMetrics,
-                 max_waiting_requests: int, max_num_seqs: int, retry_after_s: int = 1) -> None:
+                 max_waiting_requests: int, max_num_seqs: int, retry_after_s: int = 1,
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.engine_loop = engine_loop
         self.ingress = ingress  # the AdmissionController, or the EngineLoop itself
         self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        """The model's end-of-sequence tokens: an answer they end does not show them (unless asked to)."""
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
         self.max_num_seqs = max_num_seqs
@@ -86,12 +99,12 @@ class AsyncEngine:
 
     def submit(self, request_id: str, prompt_token_ids: list[int], *, max_new_tokens: int,
                sampling: SamplingParams, prompt: str, stop: list[str], feedback: bool = True,
-               priority: int = 0) -> "RequestStream":
+               priority: int = 0, text: TextOptions = TextOptions()) -> "RequestStream":
         """Queue a request (429 when the queue is full, 503 when the engine is gone); read it with
         `RequestStream.outputs()` and always `close()` it."""
         self.check_capacity()
         stream = RequestStream(self, request_id, stop=stop, stop_token_ids=sampling.stop_token_ids,
-                               min_tokens=sampling.min_tokens)
+                               min_tokens=sampling.min_tokens, text=text)
         command = Add(request_id, list(prompt_token_ids), max_new_tokens, sampling, prompt,
                       Sink(asyncio.get_running_loop(), stream.queue), feedback=feedback, priority=priority)
         try:
@@ -112,14 +125,17 @@ class RequestStream:
     """One request's answer as it is generated."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, *, stop: list[str],
-                 stop_token_ids: tuple[int, ...] = (), min_tokens: int = 0) -> None:
+                 stop_token_ids: tuple[int, ...] = (), min_tokens: int = 0, text: TextOptions = TextOptions()) -> None:
         self.engine = engine
         self.request_id = request_id
         self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._detokenizer = IncrementalDetokenizer(engine.tokenizer)
-        self._stops = StopStrings(stop)
-        self._stop_token_ids = frozenset(stop_token_ids)
-        """A stop token ends the answer without its text (as vLLM), though it counts as an output token."""
+        self._detokenizer = IncrementalDetokenizer(engine.tokenizer, skip_special_tokens=text.skip_special_tokens)
+        self._stops = StopStrings(stop, include=text.include_stop_str_in_output)
+        self._stop_token_ids = (frozenset() if text.include_stop_str_in_output
+                                else frozenset(stop_token_ids) | engine.eos_token_ids)
+        """A stop or end-of-sequence token ends the answer without its text (as vLLM, unless the stop is to be
+        included; the text of end-of-sequence is a special token's, shown only with skip_special_tokens false),
+        though it counts as an output token."""
         self._min_tokens = min_tokens
         """Stop strings count only once the answer has more tokens than this (as vLLM)."""
         self.num_output_tokens = 0

@@ -17,14 +17,15 @@ class IncrementalDetokenizer:
     character, nothing is emitted: the next token completes it.
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, *, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         self._prefix_offset = 0  # window start: context for the tokens after read_offset
         self._read_offset = 0  # tokens before this are emitted
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_ids) -> str:
         """Append tokens; return the new text they complete (possibly empty)."""
@@ -49,10 +50,12 @@ class StopStrings:
 
     Text that might be the start of a stop string is held back (up to the longest stop string less one
     character) until the next delta shows whether it is, so a stream never emits part of a stop string.
+    ``include``: the output ends just after the stop string instead (vLLM's ``include_stop_str_in_output``).
     """
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: list[str], *, include: bool = False) -> None:
         self.stops = list(stops)
+        self.include = include
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""
         self._num_sent = 0
@@ -70,7 +73,8 @@ class StopStrings:
         hits = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self._num_sent)) >= 0]
         if hits:
             self.stopped = True
-            self.text = self.text[: min(hits)[1]]
+            end, start = min(hits)
+            self.text = self.text[: end if self.include else start]
             return self._take(len(self.text))
         return self._take(max(self._num_sent, len(self.text) - self._hold))
 

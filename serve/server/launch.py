@@ -92,7 +92,8 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
                                          metrics=metrics)
     async_engine = AsyncEngine(engine_loop, ingress=controller or engine_loop, tokenizer=engine.tokenizer,
                                metrics=metrics, max_waiting_requests=config.max_waiting_requests,
-                               max_num_seqs=engine.config.max_num_seqs, retry_after_s=config.retry_after_s)
+                               max_num_seqs=engine.config.max_num_seqs, retry_after_s=config.retry_after_s,
+                               eos_token_ids=frozenset(engine.eos_token_ids))
     state = ServerState(
         engine=async_engine, metrics=metrics, tokenizer=engine.tokenizer, model_name=served_model_name(config),
         max_model_len=engine.max_model_len, kv_capacity_tokens=engine.scheduler.pool.capacity_tokens,

@@ -17,8 +17,12 @@ import time
 import uuid
 from typing import Any
 
+import logging
+
 import pydantic
 from pydantic import BaseModel, ConfigDict, model_validator
+
+log = logging.getLogger(__name__)
 
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -56,9 +60,11 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 
 
 class GenerationRequest(BaseModel):
-    """Fields shared by completion and chat requests."""
+    """Fields shared by completion and chat requests. Fields it does not name are kept aside (``model_extra``):
+    vLLM's that this server does not implement are refused unless at their default (`VLLM_UNSUPPORTED`), any
+    other is logged as ignored (as vLLM does)."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")
 
     @model_validator(mode="before")
     @classmethod
@@ -104,6 +110,17 @@ class GenerationRequest(BaseModel):
     """An EBNF grammar (xgrammar's dialect of GBNF)."""
     priority: int = 0
     """vLLM's extension: lower goes first (a server started with priority scheduling; else only 0)."""
+    repetition_penalty: float = 1.0
+    """vLLM's (and Hugging Face's): the logit of every token in the prompt or the answer so far is divided by it
+    when positive, multiplied when negative (1: none; above 1 discourages repeating)."""
+    include_stop_str_in_output: bool = False
+    """vLLM's: keep the stop string that ended the answer in its text."""
+    skip_special_tokens: bool = True
+    """vLLM's: leave special tokens out of the answer's text."""
+    truncate_prompt_tokens: int | None = None
+    """vLLM's: keep only the prompt's last k tokens (-1: as many as the context takes with one answer token)."""
+    allowed_token_ids: list[int] | None = None
+    """vLLM's: the only tokens the answer may be made of."""
 
 
 class CompletionRequest(GenerationRequest):
@@ -118,6 +135,10 @@ class CompletionRequest(GenerationRequest):
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[dict[str, Any]]
+    add_generation_prompt: bool = True
+    """vLLM's: end the templated prompt with the assistant's turn opening (false: the template's text as is)."""
+    continue_final_message: bool = False
+    """vLLM's: the last message is the assistant's, and the answer continues it (not with add_generation_prompt)."""
     max_completion_tokens: int | None = None
     logprobs: bool = False
     """Return each token's log-probability (and, with ``top_logprobs``, the most likely tokens')."""
@@ -158,6 +179,16 @@ class DetokenizeRequest(BaseModel):
 # Not implemented; accepted only when unset, zero, false or empty (best_of also at 1).
 UNSUPPORTED = ("best_of", "suffix")
 TOOL_FIELDS = ("functions", "function_call")
+# vLLM's request extensions this server does not implement, with the values that change nothing: any other value
+# is a 400 naming the field rather than an answer that silently ignored it.
+VLLM_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,), "length_penalty": (1, 1.0), "prompt_logprobs": (), "bad_words": ([],),
+    "logits_processors": ([],), "return_tokens_as_token_ids": (False,), "spaces_between_special_tokens": (True,),
+    "guided_whitespace_pattern": (), "guided_decoding_backend": ("auto", "xgrammar"), "structural_tag": (),
+    "chat_template": (), "chat_template_kwargs": ({},), "documents": ([],), "mm_processor_kwargs": ({},),
+    "add_special_tokens": (), "echo_messages": (), "kv_transfer_params": (), "vllm_xargs": ({},),
+    "cache_salt": (), "logits_processor_pattern": (),
+}  # fmt: skip
 
 
 def parse_body(model_cls: type[BaseModel], body: bytes) -> Any:
@@ -171,6 +202,7 @@ def parse_body(model_cls: type[BaseModel], body: bytes) -> Any:
 def parse_request(model_cls: type[GenerationRequest], body: bytes) -> GenerationRequest:
     """Validate a generation request's JSON body; raise a 400 APIError naming the first bad field."""
     request = parse_body(model_cls, body)
+    _check_extra_fields(request)
     for name in UNSUPPORTED:
         value = getattr(request, name, None)
         if value and not (name == "best_of" and value == 1):
@@ -182,6 +214,20 @@ def parse_request(model_cls: type[GenerationRequest], body: bytes) -> Generation
     _check_stream_options(request)
     _check_ranges(request)
     return request
+
+
+def _check_extra_fields(request: GenerationRequest) -> None:
+    """A 400 for a vLLM extension this server does not implement, set to anything but its default; a warning
+    naming the other fields it does not know (as vLLM logs them), which it ignores."""
+    extra = request.model_extra or {}
+    for name, value in extra.items():
+        if name in VLLM_UNSUPPORTED and value not in VLLM_UNSUPPORTED[name]:
+            raise bad_request(f"{name} is not supported by this server; leave it out", name)
+    if isinstance(request, ChatCompletionRequest) and extra.get("echo") not in (None, False):
+        raise bad_request("echo is not supported on chat completions by this server; leave it out", "echo")
+    ignored = sorted(set(extra) - set(VLLM_UNSUPPORTED) - {"echo"})
+    if ignored:
+        log.warning("ignoring request fields this server does not know: %s", ", ".join(ignored))
 
 
 def _check_stream_options(request: GenerationRequest) -> None:
@@ -225,6 +271,20 @@ def _check_ranges(request: GenerationRequest) -> None:
         raise bad_request(f"min_p must be in [0, 1], got {request.min_p}", "min_p")
     if request.min_tokens < 0:
         raise bad_request(f"min_tokens must be >= 0, got {request.min_tokens}", "min_tokens")
+    if not 0.0 < request.repetition_penalty < float("inf"):
+        raise bad_request(f"repetition_penalty must be > 0, got {request.repetition_penalty}", "repetition_penalty")
+    truncate = request.truncate_prompt_tokens
+    if truncate is not None and truncate < 1 and truncate != -1:
+        raise bad_request(f"truncate_prompt_tokens must be >= 1, or -1 for the model's context, got {truncate}",
+                          "truncate_prompt_tokens")
+    if request.allowed_token_ids is not None and not request.allowed_token_ids:
+        raise bad_request("allowed_token_ids must name at least one token", "allowed_token_ids")
+    if isinstance(request, ChatCompletionRequest) and request.continue_final_message:
+        if request.add_generation_prompt:
+            raise bad_request("continue_final_message needs add_generation_prompt: false", "continue_final_message")
+        if not request.messages or request.messages[-1].get("role") != "assistant":
+            raise bad_request("continue_final_message needs the last message to be the assistant's",
+                              "continue_final_message")
     requested_logprobs(request)
 
 

@@ -1,0 +1,120 @@
+"""vLLM's request extensions (the OpenAI SDK's ``extra_body``): the ones the server implements change the answer as
+vLLM's do; the ones it does not are a 400 naming the field unless left at their default; unknown fields are logged."""
+
+from __future__ import annotations
+
+import logging
+
+import openai
+import pytest
+
+from tests.server.conftest import client
+from tests.server.fakes import EOS_ID, CharTokenizer
+
+PROMPT = "Once upon a time"
+
+
+def _complete(server, **kwargs):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0} | kwargs
+    return client(server).completions.create(**body)
+
+
+def _stream_text(server, **extra) -> str:
+    chunks = client(server).completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0,
+                                               stream=True, **extra)
+    return "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(server):
+    answer = _complete(server, extra_body={"ignore_eos": True}).choices[0].text
+    stop = answer[4:6]
+    cut = answer.find(stop)
+    kept = _complete(server, stop=[stop], extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    assert kept.choices[0].text == answer[: cut + len(stop)] and kept.choices[0].finish_reason == "stop"
+    assert _complete(server, stop=[stop], extra_body={"ignore_eos": True}).choices[0].text == answer[:cut]
+    streamed = _stream_text(server, stop=[stop], extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    assert streamed == answer[: cut + len(stop)]
+
+
+def test_skip_special_tokens_false_shows_special_tokens_but_not_the_ending_one(server):
+    eos = CharTokenizer().decode([EOS_ID])
+    args = {"ignore_eos": True, "allowed_token_ids": [EOS_ID, 66]}
+    shown = _complete(server, max_tokens=24, extra_body=args | {"skip_special_tokens": False}).choices[0].text
+    hidden = _complete(server, max_tokens=24, extra_body=args).choices[0].text
+    assert set(hidden) <= {"B"} and eos in shown and shown.replace(eos, "") == hidden
+    # An answer that end-of-sequence ends does not show it, unless the stop is to be included (as vLLM).
+    ended = _complete(server, extra_body={"allowed_token_ids": [EOS_ID], "skip_special_tokens": False})
+    assert ended.choices[0].text == "" and ended.choices[0].finish_reason == "stop"
+    included = _complete(server, extra_body={"allowed_token_ids": [EOS_ID], "skip_special_tokens": False,
+                                             "include_stop_str_in_output": True})
+    assert included.choices[0].text == eos
+
+
+def test_allowed_token_ids_hold_the_answer_to_them(server):
+    answer = _complete(server, temperature=1.0, seed=3, extra_body={"allowed_token_ids": [66, 67], "ignore_eos": True})
+    assert set(answer.choices[0].text) <= {"B", "C"} and answer.usage.completion_tokens == 16
+    with pytest.raises(openai.BadRequestError) as info:
+        _complete(server, extra_body={"allowed_token_ids": [10**6]})
+    assert info.value.body["param"] == "allowed_token_ids"
+    with pytest.raises(openai.BadRequestError) as info:
+        _complete(server, extra_body={"allowed_token_ids": [66], "guided_choice": ["B"]})
+    assert info.value.body["param"] == "allowed_token_ids"
+
+
+def test_repetition_penalty_changes_a_repetitive_answer(server):
+    plain = _complete(server, extra_body={"ignore_eos": True}).choices[0].text
+    penalised = _complete(server, extra_body={"ignore_eos": True, "repetition_penalty": 2.0}).choices[0].text
+    assert len(set(penalised)) >= len(set(plain)) and penalised != plain
+    for bad in (0, -1.0):
+        with pytest.raises(openai.BadRequestError) as info:
+            _complete(server, extra_body={"repetition_penalty": bad})
+        assert info.value.body["param"] == "repetition_penalty"
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(server):
+    kept = _complete(server, max_tokens=4, extra_body={"truncate_prompt_tokens": 4})
+    assert kept.usage.prompt_tokens == 4
+    assert kept.choices[0].text == _complete(server, prompt=PROMPT[-4:], max_tokens=4).choices[0].text
+    whole = _complete(server, max_tokens=4, extra_body={"truncate_prompt_tokens": -1})
+    assert whole.usage.prompt_tokens == len(PROMPT)
+    with pytest.raises(openai.BadRequestError) as info:
+        _complete(server, extra_body={"truncate_prompt_tokens": 0})
+    assert info.value.body["param"] == "truncate_prompt_tokens"
+
+
+def test_chat_template_options(server):
+    api = client(server)
+    messages = [{"role": "user", "content": "Hi"}]
+    with_prompt = api.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    without = api.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                          extra_body={"add_generation_prompt": False})
+    assert with_prompt.usage.prompt_tokens == without.usage.prompt_tokens + len("<assistant>")
+    started = messages + [{"role": "assistant", "content": "Hello"}]
+    answer = api.chat.completions.create(model="tiny", messages=started, max_tokens=2, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True})
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    for extra, param in (({"continue_final_message": True}, "continue_final_message"),
+                         ({"continue_final_message": True, "add_generation_prompt": False}, "continue_final_message"),
+                         ({"echo": True}, "echo")):
+        with pytest.raises(openai.BadRequestError) as info:
+            api.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body=extra)
+        assert info.value.body["param"] == param
+
+
+@pytest.mark.parametrize("field, value", [("use_beam_search", True), ("length_penalty", 0.5), ("prompt_logprobs", 1),
+                                          ("bad_words", ["x"]), ("chat_template", "{{ x }}"),
+                                          ("guided_decoding_backend", "outlines"), ("cache_salt", "tenant")])
+def test_vllm_fields_it_does_not_implement_are_refused_unless_at_their_default(server, field, value):
+    with pytest.raises(openai.BadRequestError) as info:
+        _complete(server, max_tokens=2, extra_body={field: value})
+    assert info.value.body["param"] == field and "not supported" in info.value.body["message"]
+    defaults = {"use_beam_search": False, "length_penalty": 1.0, "bad_words": [], "guided_decoding_backend": "auto"}
+    if field in defaults:
+        _complete(server, max_tokens=2, extra_body={field: defaults[field]})
+
+
+def test_unknown_fields_are_ignored_and_logged(server, caplog):
+    with caplog.at_level(logging.WARNING, logger="serve.server.protocol"):
+        answer = _complete(server, max_tokens=2, extra_body={"store": True, "no_such_option": 1})
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert "no_such_option, store" in caplog.text
