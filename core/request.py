@@ -97,6 +97,8 @@ class Request:
     sampling: Any = None
     """How the executor picks tokens (serve.engine.plan.SamplingParams for the model); opaque to the scheduler,
     which hands it to the executor when the request is (re)admitted."""
+    cache_salt: str | None = None
+    """With prefix caching: only requests with the same salt share cached blocks (vLLM's ``cache_salt``)."""
     priority: int = 0
     """Lower goes first (vLLM's convention): the scheduler tries waiting requests by priority, then in its policy's
     order, and takes victims from the least urgent running ones. All 0: the policy's order alone."""

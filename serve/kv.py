@@ -69,6 +69,7 @@ class BlockPool:
         self._key_of: dict[int, bytes] = {}
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._chains: dict[str, list[bytes]] = {}  # request -> the content keys of its full blocks (see _chain)
+        self._salts: dict[str, bytes] = {}  # request -> what its first key starts from (see `salt`)
         self._num_filed: dict[str, int] = {}  # request -> how many of its table's first blocks were filed
 
     @property
@@ -196,9 +197,16 @@ class BlockPool:
         """How many of the request's first blocks are computed and filed (or found already filed)."""
         return self._num_filed.get(request_id, 0)
 
+    def salt(self, request_id: str, salt: str) -> None:
+        """Key the request's blocks under ``salt`` too (vLLM's ``cache_salt``): only requests with the same salt
+        find each other's blocks, so a tenant cannot tell from its time to first token what another one sent."""
+        assert request_id not in self._chains, f"{request_id} already has keys"
+        self._salts[request_id] = hashlib.sha256(b"salt:" + salt.encode()).digest()
+
     def forget(self, request_id: str) -> None:
         """Drop what the pool remembers of an ended request (the content hashes of its blocks)."""
         self._chains.pop(request_id, None)
+        self._salts.pop(request_id, None)
 
     def _chain(self, request_id: str, token_ids: Sequence[int], num_blocks: int) -> list[bytes]:
         """The content keys of the request's first ``num_blocks`` blocks: each a SHA-256 of the block's tokens and
@@ -207,7 +215,7 @@ class BlockPool:
         chain = self._chains.setdefault(request_id, [])
         size = self.block_size
         for i in range(len(chain), num_blocks):
-            digest = hashlib.sha256(chain[-1] if chain else b"")
+            digest = hashlib.sha256(chain[-1] if chain else self._salts.get(request_id, b""))
             digest.update(array.array("q", token_ids[i * size : (i + 1) * size]).tobytes())
             chain.append(digest.digest())
         return chain

@@ -218,6 +218,8 @@ class Scheduler:
                 f"{self.pool.capacity_tokens}; lower max_new_tokens or give the KV cache more memory"
             )
         request.status = RequestStatus.WAITING
+        if request.cache_salt and self.pool.prefix_caching:
+            self.pool.salt(request.request_id, request.cache_salt)
         request.reserved_output_tokens, request.reserved_bucket = self.policy.initial_reservation(request)
         self.requests[request.request_id] = request
         self._order[request.request_id] = (request.arrival_time, len(self._order))

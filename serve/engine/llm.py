@@ -132,6 +132,7 @@ class LLMEngine:
         prediction: LengthPrediction | None = None,
         prompt: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> Request:
         if len(prompt_token_ids) + max_new_tokens > self.max_model_len:
             raise ValueError(
@@ -151,6 +152,7 @@ class LLMEngine:
             prediction=prediction,
             sampling=sampling,
             priority=priority,
+            cache_salt=cache_salt,
         )
         self.scheduler.add_request(request)
         return request

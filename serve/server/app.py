@@ -291,7 +291,8 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
         raise p.bad_request("allowed_token_ids cannot be combined with an output format", "allowed_token_ids")
     streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req),
                       feedback=_length_is_natural(req) and output_format is None, priority=req.priority,
-                      text_options=TextOptions(req.include_stop_str_in_output, req.skip_special_tokens))
+                      text_options=TextOptions(req.include_stop_str_in_output, req.skip_special_tokens),
+                      cache_salt=req.cache_salt)
     if req.stream:
         # close() also runs as a background task: it frees the requests even if the stream never started.
         return StreamingResponse(sse_events(streams, fmt, choices), media_type="text/event-stream",
@@ -348,7 +349,7 @@ def _truncated(state: ServerState, ids: list[int], text: str, keep: int, chat: b
 
 def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], budgets: list[int], n: int, *,
             sampling: SamplingParams, stop: list[str], feedback: bool, priority: int = 0,
-            text_options: TextOptions = TextOptions()) -> list[RequestStream]:
+            text_options: TextOptions = TextOptions(), cache_salt: str | None = None) -> list[RequestStream]:
     """One engine request per choice, ``n`` per prompt in order, all or none (a 429 when the queue cannot take
     them all). Choice i of every prompt has the request's seed for i = 0 and one derived from it for the others, so
     a batch answers as its prompts one by one and ``n=1`` as choice 0 of any ``n``; the first choice is the
@@ -369,7 +370,7 @@ def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], 
                 streams.append(engine.submit(rid if index == 0 else f"{rid}-{index}", ids, max_new_tokens=budget,
                                              sampling=dataclasses.replace(sampling, seed=seed), prompt=text,
                                              stop=stop, feedback=feedback and (i == 0 or not sampling.is_greedy),
-                                             priority=priority, text=text_options))
+                                             priority=priority, text=text_options, cache_salt=cache_salt))
     except BaseException:
         close_all(streams)
         raise

@@ -99,14 +99,16 @@ class AsyncEngine:
 
     def submit(self, request_id: str, prompt_token_ids: list[int], *, max_new_tokens: int,
                sampling: SamplingParams, prompt: str, stop: list[str], feedback: bool = True,
-               priority: int = 0, text: TextOptions = TextOptions()) -> "RequestStream":
+               priority: int = 0, text: TextOptions = TextOptions(),
+               cache_salt: str | None = None) -> "RequestStream":
         """Queue a request (429 when the queue is full, 503 when the engine is gone); read it with
         `RequestStream.outputs()` and always `close()` it."""
         self.check_capacity()
         stream = RequestStream(self, request_id, stop=stop, stop_token_ids=sampling.stop_token_ids,
                                min_tokens=sampling.min_tokens, text=text)
         command = Add(request_id, list(prompt_token_ids), max_new_tokens, sampling, prompt,
-                      Sink(asyncio.get_running_loop(), stream.queue), feedback=feedback, priority=priority)
+                      Sink(asyncio.get_running_loop(), stream.queue), feedback=feedback, priority=priority,
+                      cache_salt=cache_salt)
         try:
             self.ingress.submit(command)
         except EngineDead as exc:

@@ -75,6 +75,8 @@ class Add:
     is no label), and for a greedy request's choices after the first (the same answer, one record ``n`` times)."""
     priority: int = 0
     """Lower goes first (`core.request.Request.priority`)."""
+    cache_salt: str | None = None
+    """Only requests with the same salt share cached prompt blocks (`core.request.Request.cache_salt`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +246,7 @@ class EngineLoop:
         try:
             self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, max_new_tokens=cmd.max_new_tokens,
                                     sampling=cmd.sampling, prediction=cmd.prediction, prompt=cmd.prompt,
-                                    priority=cmd.priority)
+                                    priority=cmd.priority, cache_salt=cmd.cache_salt)
         except ValueError as exc:  # the HTTP side checks limits first; this is the last line of defence
             send_error(cmd.sink, str(exc))
             return

@@ -121,6 +121,8 @@ class GenerationRequest(BaseModel):
     """vLLM's: keep only the prompt's last k tokens (-1: as many as the context takes with one answer token)."""
     allowed_token_ids: list[int] | None = None
     """vLLM's: the only tokens the answer may be made of."""
+    cache_salt: str | None = None
+    """vLLM's: with prefix caching, only requests with the same salt share cached prompt blocks (one per tenant)."""
 
 
 class CompletionRequest(GenerationRequest):
@@ -187,7 +189,7 @@ VLLM_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "guided_whitespace_pattern": (), "guided_decoding_backend": ("auto", "xgrammar"), "structural_tag": (),
     "chat_template": (), "chat_template_kwargs": ({},), "documents": ([],), "mm_processor_kwargs": ({},),
     "add_special_tokens": (), "echo_messages": (), "kv_transfer_params": (), "vllm_xargs": ({},),
-    "cache_salt": (), "logits_processor_pattern": (),
+    "logits_processor_pattern": (),
 }  # fmt: skip
 
 
@@ -277,6 +279,8 @@ def _check_ranges(request: GenerationRequest) -> None:
     if truncate is not None and truncate < 1 and truncate != -1:
         raise bad_request(f"truncate_prompt_tokens must be >= 1, or -1 for the model's context, got {truncate}",
                           "truncate_prompt_tokens")
+    if request.cache_salt is not None and not request.cache_salt:
+        raise bad_request("cache_salt must not be empty", "cache_salt")
     if request.allowed_token_ids is not None and not request.allowed_token_ids:
         raise bad_request("allowed_token_ids must name at least one token", "allowed_token_ids")
     if isinstance(request, ChatCompletionRequest) and request.continue_final_message:

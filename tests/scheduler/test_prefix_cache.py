@@ -33,6 +33,21 @@ def test_full_blocks_are_found_by_the_prefix_they_hold():
     pool.check()
 
 
+def test_a_salt_keys_blocks_apart():
+    pool = BlockPool(num_blocks=8, block_size=4, prefix_caching=True)
+    tokens = list(range(8))
+    table = _filled(pool, "plain", tokens)
+    pool.salt("a1", "tenant-a")
+    assert pool.cached_prefix("a1", tokens) == []  # salted: the unsalted blocks are not found
+    pool.salt("a2", "tenant-a")
+    salted = _filled(pool, "a2", tokens)
+    pool.salt("a3", "tenant-a")
+    pool.salt("b", "tenant-b")
+    assert pool.cached_prefix("a3", tokens) == salted[:2] and pool.cached_prefix("b", tokens) == []
+    assert pool.cached_prefix("again", tokens) == table[:2]
+    pool.check()
+
+
 def test_shared_blocks_are_counted_once_and_outlive_their_holders_until_needed():
     pool = BlockPool(num_blocks=6, block_size=4, prefix_caching=True)
     tokens = list(range(9))

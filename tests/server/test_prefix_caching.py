@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import httpx
+import openai
 import pytest
 
 from tests.server.conftest import API_KEY, client, wait_idle
@@ -40,6 +41,21 @@ def test_cached_prompt_tokens_are_reported_and_the_answer_is_unchanged(caching_s
     assert again.choices[0].text == first.choices[0].text == _ask(server, PROMPT + "why?").choices[0].text
     assert _ask(server, PROMPT + "why?").usage.prompt_tokens_details is None  # a server without the cache
     wait_idle(caching_server)
+
+
+def test_a_cache_salt_shares_blocks_only_with_the_same_salt(caching_server):
+    prompt = PROMPT + "salted?"
+    _ask(caching_server, prompt)
+    wait_idle(caching_server)
+    cached = lambda **extra: _ask(caching_server, prompt, extra_body=extra).usage.prompt_tokens_details.cached_tokens
+    assert cached(cache_salt="tenant-a") == 0  # another tenant's blocks are not found
+    wait_idle(caching_server)
+    assert cached(cache_salt="tenant-a") > 0 and cached(cache_salt="tenant-b") == 0
+    wait_idle(caching_server)
+    assert cached() > 0  # unsalted requests still share among themselves
+    with pytest.raises(openai.BadRequestError) as info:
+        _ask(caching_server, prompt, extra_body={"cache_salt": ""})
+    assert info.value.body["param"] == "cache_salt"
 
 
 def test_choices_count_their_prompt_once(caching_server):

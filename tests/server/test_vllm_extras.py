@@ -103,7 +103,7 @@ def test_chat_template_options(server):
 
 @pytest.mark.parametrize("field, value", [("use_beam_search", True), ("length_penalty", 0.5), ("prompt_logprobs", 1),
                                           ("bad_words", ["x"]), ("chat_template", "{{ x }}"),
-                                          ("guided_decoding_backend", "outlines"), ("cache_salt", "tenant")])
+                                          ("guided_decoding_backend", "outlines"), ("documents", [{"x": 1}])])
 def test_vllm_fields_it_does_not_implement_are_refused_unless_at_their_default(server, field, value):
     with pytest.raises(openai.BadRequestError) as info:
         _complete(server, max_tokens=2, extra_body={field: value})
