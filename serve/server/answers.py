@@ -9,7 +9,7 @@ import json
 from typing import AsyncIterator, Callable, Sequence
 
 from core.request import TokenLogprobs
-from serve.server import formats
+from serve.server import bodies, formats
 from serve.server import protocol as p
 from serve.server.async_engine import EngineError, Output, RequestStream
 
@@ -25,7 +25,7 @@ def close_all(streams: list[RequestStream]) -> None:
 class Format:
     """Builds one request's response or stream chunks, completion or chat."""
 
-    head: p.Head
+    head: bodies.Head
     chat: bool
     num_prompt_tokens: int
     n: int = 1
@@ -39,17 +39,17 @@ class Format:
         """Each prompt counted once (with what its first choice found cached), the completion tokens of every
         choice (as OpenAI counts ``n``)."""
         cached = sum(s.num_cached_tokens for s in streams[:: self.n]) if self.cached_tokens else None
-        return p.usage(self.num_prompt_tokens, sum(s.num_output_tokens for s in streams), cached)
+        return bodies.usage(self.num_prompt_tokens, sum(s.num_output_tokens for s in streams), cached)
 
     def response(self, choices: list[dict], streams: list[RequestStream]) -> dict:
-        return p.response_body(self.head, chat=self.chat, choices=choices, usage_=self.usage(streams))
+        return bodies.response_body(self.head, chat=self.chat, choices=choices, usage_=self.usage(streams))
 
     def chunk(self, choice: dict) -> dict:
-        body = p.stream_chunk(self.head, chat=self.chat, choice=choice)
+        body = bodies.stream_chunk(self.head, chat=self.chat, choice=choice)
         return {**body, "usage": None} if self.usage_in_chunks else body
 
     def usage_chunk(self, streams: list[RequestStream]) -> dict:
-        return p.usage_chunk(self.head, chat=self.chat, usage_=self.usage(streams))
+        return bodies.usage_chunk(self.head, chat=self.chat, usage_=self.usage(streams))
 
 
 @dataclasses.dataclass
@@ -78,9 +78,9 @@ class Choice:
             calls = self.tools.calls(text) if self.tools is not None and finish_reason == "stop" else None
             if calls:
                 finish_reason = self.tools.finish_reason
-            return p.chat_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs,
+            return bodies.chat_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs,
                                  tool_calls=calls)
-        return p.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
+        return bodies.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
 
     def pieces(self, output: Output) -> list[dict]:
         """The stream-chunk choices of one Output."""
@@ -89,10 +89,10 @@ class Choice:
         echoed, logprobs = self._take([output], scored=bool(output.token_ids))
         text, finish_reason = echoed + output.text, output.finish_reason
         if not self.chat:
-            return [p.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)]
-        out = [p.chat_delta(self.index, delta={"content": text}, logprobs=logprobs)] if text or logprobs else []
+            return [bodies.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)]
+        out = [bodies.chat_delta(self.index, delta={"content": text}, logprobs=logprobs)] if text or logprobs else []
         if finish_reason is not None:
-            out.append(p.chat_delta(self.index, delta={}, finish_reason=finish_reason))
+            out.append(bodies.chat_delta(self.index, delta={}, finish_reason=finish_reason))
         return out
 
     def _tool_pieces(self, output: Output) -> list[dict]:
@@ -105,12 +105,12 @@ class Choice:
         message, reason = choice["message"], choice["finish_reason"]
         delta = ({"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
                  if message.get("tool_calls") else {"content": message["content"]})
-        return [p.chat_delta(self.index, delta=delta, logprobs=choice["logprobs"]),
-                p.chat_delta(self.index, delta={}, finish_reason=reason)]
+        return [bodies.chat_delta(self.index, delta=delta, logprobs=choice["logprobs"]),
+                bodies.chat_delta(self.index, delta={}, finish_reason=reason)]
 
     def role(self) -> dict:
         """A chat stream's first piece of this choice."""
-        return p.chat_delta(self.index, delta={"role": "assistant", "content": ""})
+        return bodies.chat_delta(self.index, delta={"role": "assistant", "content": ""})
 
     def _take(self, outputs: list[Output], *, scored: bool) -> tuple[str, dict | None]:
         """What goes out with ``outputs``: the prompt's text, once (the whole response, or the first piece), for

@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from serve.engine.plan import SamplingParams, StructuredOutput
 from serve.engine.structured import StructuredOutputError
-from serve.server import formats
+from serve.server import bodies, formats
 from serve.server import protocol as p
 from serve.server.answers import Choice, Format, close_all, sse_events
 from serve.server.async_engine import AsyncEngine, EngineError, RequestStream, TextOptions
@@ -57,7 +57,7 @@ class ServerState:
     """The engine's compiled output formats (serve.engine.structured.GrammarCache); None: no structured outputs."""
     priority_scheduling: bool = False
     """Requests may carry a ``priority`` (ServeConfig.priority_scheduling)."""
-    created: int = dataclasses.field(default_factory=p.now)
+    created: int = dataclasses.field(default_factory=bodies.now)
 
     def __post_init__(self) -> None:
         # A token's text in log-probabilities (special tokens named, as they are scored); cached, since the
@@ -184,7 +184,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> Response:
-        return JSONResponse(p.models_body(state.model_name, state.created))
+        return JSONResponse(bodies.models_body(state.model_name, state.created))
 
     @app.get("/metrics", dependencies=auth)
     async def metrics() -> Response:
@@ -278,7 +278,7 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
         raise p.bad_request(f"priority must be a 64-bit integer, got {req.priority}", "priority")
     if req.min_tokens > min(budgets):
         raise p.bad_request(f"min_tokens ({req.min_tokens}) exceeds the answer's {min(budgets)} tokens", "min_tokens")
-    head = p.Head(p.new_id("chatcmpl" if chat else "cmpl"), p.now(), state.model_name, state.system_fingerprint)
+    head = bodies.Head(bodies.new_id("chatcmpl" if chat else "cmpl"), bodies.now(), state.model_name, state.system_fingerprint)
     fmt = Format(head, chat, sum(len(ids) for ids, _ in prompts), req.n,
                  usage_in_chunks=req.stream and p.include_usage(req), cached_tokens=state.prefix_caching)
     sampling = _sampling(state, req, output_format)

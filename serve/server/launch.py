@@ -32,7 +32,7 @@ from serve.server.async_engine import AsyncEngine
 from serve.server.config import ServeConfig, is_loopback
 from serve.server.engine_loop import EngineLoop
 from serve.server.metrics import ServerMetrics
-from serve.server.protocol import fingerprint
+from serve.server.bodies import fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -1,23 +1,19 @@
-"""The OpenAI wire format: request validation, response and stream-chunk bodies, and error bodies.
+"""The OpenAI wire format: request validation and error bodies (the responses' are `serve.server.bodies`).
 
 Requests are parsed with pydantic in strict mode (``"10"`` is not an int), and every failure becomes an
 `APIError` whose message and ``param`` name the offending field, in OpenAI's error format. Fields with
 several accepted shapes (``prompt``, ``stop``, message ``content``) are checked by hand for clearer messages.
-Parameters this server does not implement are refused rather than silently ignored. An explicit ``null`` means
+Parameters this server does not implement are refused rather than silently ignored (vLLM's, unless at their
+default); fields nobody defined are logged as ignored, as vLLM does. An explicit ``null`` means
 "the default" for every optional field, as in OpenAI's API (its SDK sends ``"temperature": null`` for
 ``temperature=None``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import time
-import uuid
-from typing import Any
-
 import logging
+from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -406,87 +402,3 @@ def predictor_text(messages: list[dict[str, str]]) -> str:
 
 def include_usage(request: GenerationRequest) -> bool:
     return bool(request.stream_options and request.stream_options.get("include_usage"))
-
-
-# -- responses -------------------------------------------------------------------------------------------
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def fingerprint(*parts: object) -> str:
-    """OpenAI's ``system_fingerprint``: names the serving configuration (model, policy, predictor) that
-    produced an answer; it changes when one of them does."""
-    return "fp_" + hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
-
-
-@dataclasses.dataclass(frozen=True)
-class Head:
-    """What every response and chunk of one request repeats."""
-
-    rid: str
-    created: int
-    model: str
-    system_fingerprint: str
-
-    def fields(self, kind: str) -> dict:
-        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model,
-                "system_fingerprint": self.system_fingerprint}
-
-
-def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int | None = None) -> dict:
-    """OpenAI's ``usage``; ``prompt_tokens_details.cached_tokens`` when the server caches prefixes."""
-    body = {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
-    if num_cached_tokens is not None:
-        body["prompt_tokens_details"] = {"cached_tokens": num_cached_tokens}
-    return body
-
-
-def completion_choice(index: int, *, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    """One choice of a /v1/completions response or stream chunk (OpenAI streams the same shape)."""
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def chat_choice(index: int, *, text: str, finish_reason: str | None, logprobs: dict | None = None,
-                tool_calls: list[dict] | None = None) -> dict:
-    """One choice of a whole /v1/chat/completions response: text, or tool calls (and no content)."""
-    message = {"role": "assistant", "content": text}
-    if tool_calls:
-        message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
-    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def chat_delta(index: int, *, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-    """One choice of a chat stream chunk; each choice's first carries the role, its last an empty delta and the
-    finish reason."""
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def response_body(head: Head, *, chat: bool, choices: list[dict], usage_: dict | None) -> dict:
-    """A whole /v1/chat/completions or /v1/completions response."""
-    return {**head.fields("chat.completion" if chat else "text_completion"), "choices": choices, "usage": usage_}
-
-
-def _chunk_kind(chat: bool) -> str:
-    return "chat.completion.chunk" if chat else "text_completion"  # completions stream the response's own shape
-
-
-def stream_chunk(head: Head, *, chat: bool, choice: dict) -> dict:
-    """One stream chunk carrying one choice's piece."""
-    return {**head.fields(_chunk_kind(chat)), "choices": [choice]}
-
-
-def usage_chunk(head: Head, *, chat: bool, usage_: dict) -> dict:
-    """The extra last chunk of ``stream_options.include_usage``: no choices, only usage (the chunks before it
-    carry ``"usage": null``)."""
-    return {**head.fields(_chunk_kind(chat)), "choices": [], "usage": usage_}
-
-
-def models_body(model: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "s3"}]}

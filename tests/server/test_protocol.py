@@ -8,7 +8,7 @@ import pytest
 
 from core.request import TokenLogprobs
 from serve.engine.plan import StructuredOutput
-from serve.server import formats
+from serve.server import bodies, formats
 from serve.server import protocol as p
 from serve.server.answers import LOWEST_LOGPROB, chat_logprobs, completion_logprobs
 
@@ -216,6 +216,6 @@ def test_openai_defaults_and_extensions_are_accepted():
 
 
 def test_fingerprint_names_the_configuration():
-    assert p.fingerprint("m", "s3", "ckpt") == p.fingerprint("m", "s3", "ckpt")
-    assert p.fingerprint("m", "s3", "ckpt") != p.fingerprint("m", "s3", "other")
-    assert p.fingerprint("m").startswith("fp_")
+    assert bodies.fingerprint("m", "s3", "ckpt") == bodies.fingerprint("m", "s3", "ckpt")
+    assert bodies.fingerprint("m", "s3", "ckpt") != bodies.fingerprint("m", "s3", "other")
+    assert bodies.fingerprint("m").startswith("fp_")
