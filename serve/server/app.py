@@ -89,9 +89,10 @@ class ServerState:
             raise p.bad_request(f"{what} must be in [0, {self.vocab_size})", param)
         return ids
 
-    def structured(self, request: p.GenerationRequest) -> StructuredOutput | None:
+    async def structured(self, request: p.GenerationRequest) -> StructuredOutput | None:
         """The answer's format, compiled here (once per distinct format) so that one that does not compile is a 400
-        naming its field before the request is queued."""
+        naming its field before the request is queued; in a worker thread, so that a large schema's compilation
+        does not hold the other requests' I/O."""
         found = formats.structured_output(request)
         if found is None:
             return None
@@ -99,7 +100,7 @@ class ServerState:
         if self.grammars is None:
             raise p.bad_request("this server has no tokenizer to hold answers to a format", param)
         try:
-            self.grammars.compile(fmt)
+            await asyncio.to_thread(self.grammars.compile, fmt)
         except StructuredOutputError as exc:
             raise p.bad_request(str(exc), param) from None
         return fmt
@@ -194,7 +195,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = p.parse_request(p.CompletionRequest, await _body(request, state))
         state.check_model(req.model)
-        output_format = state.structured(req)
+        output_format = await state.structured(req)
         prompts = []
         for prompt in p.completion_prompts(req):
             if isinstance(prompt, str):
@@ -208,7 +209,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         req = p.parse_request(p.ChatCompletionRequest, await _body(request, state))
         state.check_model(req.model)
-        output_format = state.structured(req)  # tools too: checked before the template sees them
+        output_format = await state.structured(req)  # tools too: checked before the template sees them
         messages = p.chat_messages(req)
         ids = _chat_prompt_ids(state.tokenizer, messages, req.add_generation_prompt,
                                tools=req.tools if req.tool_choice != "none" else None,
