@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.records import result_record  # noqa: E402
 from serve.policies import PolicyConfig  # noqa: E402
 from serve.policy_options import policy_options  # noqa: E402
-from serve.scheduler import Scheduler, SchedulerOutput, StepResult  # noqa: E402
+from serve.sched_output import SchedulerOutput, StepResult  # noqa: E402
+from serve.scheduler import Scheduler  # noqa: E402
 from serve.sim.runner import TrueLengths, replay, requests_of  # noqa: E402
 from serve.sim.simulate import SimulateConfig, setup, workload_items  # noqa: E402
 from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402

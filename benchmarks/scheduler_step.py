@@ -11,7 +11,8 @@ import time
 from core.buckets import BucketSpec
 from serve.policies import POLICY_NAMES, PolicyConfig
 from core.request import LengthPrediction, Request
-from serve.scheduler import Scheduler, SchedulerConfig, StepResult
+from serve.sched_output import StepResult
+from serve.scheduler import Scheduler, SchedulerConfig
 
 
 def measure(policy: str, batch: int, steps: int = 300) -> float:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from core.buckets import BucketSpec
-from serve.kv import BlockPool, blocks_for
-from serve.policies import PolicyConfig, StepLimits, VictimFn, make_policy
 from core.request import MispredictionEvent, Request, RequestStatus, TokenLogprobs
 from serve.estimate import PeakGate
+from serve.kv import BlockPool, blocks_for
+from serve.policies import PolicyConfig, StepLimits, VictimFn, make_policy
+from serve.sched_output import NewRequestData, ScheduledSeq, SchedulerOutput, StepResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,75 +55,6 @@ class SchedulerConfig:
             )
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
-
-
-@dataclasses.dataclass
-class ScheduledSeq:
-    """One sequence's share of a step: compute tokens [start, start + num_new_tokens)."""
-
-    request_id: str
-    start: int
-    """Tokens already in the cache (the position of the first token computed now)."""
-    num_new_tokens: int
-    block_ids: list[int]
-    """The request's block table; a live view, valid until the next schedule()."""
-    samples: bool
-    """True when this step reaches the last known token, so the executor samples the next one."""
-
-
-@dataclasses.dataclass(frozen=True)
-class NewRequestData:
-    """What an executor needs to (re)start a request: admitted for the first time, or again after a preemption."""
-
-    request_id: str
-    prompt_token_ids: Sequence[int]
-    output_token_ids: tuple[int, ...]
-    """Tokens generated before a preemption (recomputed with the prompt); empty at first admission."""
-    sampling: Any
-    """The request's sampling parameters (Request.sampling)."""
-
-
-@dataclasses.dataclass
-class SchedulerOutput:
-    """The plan of one step, handed to the executor."""
-
-    seqs: list[ScheduledSeq] = dataclasses.field(default_factory=list)
-    """What to compute: running sequences first (decoding ones, then those still prefilling, each in
-    admission order), then newly admitted ones."""
-    new_requests: list[NewRequestData] = dataclasses.field(default_factory=list)
-    """Admitted this step, for the first time or again after a preemption. Their cache starts empty, or on the
-    cached blocks of a shared prefix (prefix caching): their ScheduledSeq's ``start`` says where."""
-    preempted_request_ids: list[str] = dataclasses.field(default_factory=list)
-    """Preempted this step: their blocks are freed and they wait to be recomputed."""
-    waited_request_ids: list[str] = dataclasses.field(default_factory=list)
-    """Running sequences that sat this step out, waiting for a block rather than preempting another."""
-    finished_request_ids: list[str] = dataclasses.field(default_factory=list)
-    """Finished or aborted since the previous step: the executor drops their state."""
-    time: float = 0.0
-    """Clock reading when the plan was made."""
-
-    @property
-    def new_request_ids(self) -> list[str]:
-        return [r.request_id for r in self.new_requests]
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs)
-
-
-@dataclasses.dataclass
-class StepResult:
-    """What the executor reports back for one step."""
-
-    sampled_token_ids: dict[str, int] = dataclasses.field(default_factory=dict)
-    """One new token per sequence whose ScheduledSeq.samples was True."""
-    stopped_request_ids: set[str] = dataclasses.field(default_factory=set)
-    """Sequences the executor ended (EOS, stop string, a scripted length); the token above counts."""
-    logprobs: dict[str, TokenLogprobs] = dataclasses.field(default_factory=dict)
-    """The new token's log-probabilities, for the sequences whose sampling asks for them."""
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = dataclasses.field(default_factory=dict)
-    """(the position of the first prompt token scored, their log-probabilities), for the sequences whose sampling
-    asks for prompt log-probabilities and whose step computed prompt positions (again, after a preemption)."""
 
 
 @dataclasses.dataclass

@@ -15,7 +15,8 @@ import dataclasses
 from typing import Protocol
 
 from core.request import Request
-from serve.scheduler import Scheduler, SchedulerOutput, StepResult
+from serve.sched_output import SchedulerOutput, StepResult
+from serve.scheduler import Scheduler
 
 
 class Executor(Protocol):

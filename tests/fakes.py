@@ -5,7 +5,8 @@ from __future__ import annotations
 from core.buckets import BucketSpec
 from serve.policies import PolicyConfig
 from core.request import LengthPrediction, Request
-from serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
+from serve.sched_output import SchedulerOutput, StepResult
+from serve.scheduler import Scheduler, SchedulerConfig
 
 BUCKETS = BucketSpec.uniform(64, 4)  # buckets of 16 tokens: (0,16], (16,32], (32,48], (48,64]
 

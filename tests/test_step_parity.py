@@ -8,7 +8,8 @@ import pytest
 from core.request import Request
 from serve.engine.llm import EngineConfig, LLMEngine
 from serve.policies import PolicyConfig
-from serve.scheduler import Scheduler, SchedulerOutput
+from serve.sched_output import SchedulerOutput
+from serve.scheduler import Scheduler
 from serve.sim.costmodel import get_preset
 from serve.sim.runner import CostModelExecutor, SimClock
 from serve.step import EngineCore

@@ -14,7 +14,7 @@ import torch
 from serve.engine.plan import GREEDY, SamplingParams, SequenceStep
 from serve.engine.runner import ModelRunner
 from serve.engine.structured import Follower, GrammarCache
-from serve.scheduler import SchedulerOutput, StepResult
+from serve.sched_output import SchedulerOutput, StepResult
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ import json
 import pathlib
 
 from serve.kv import KVSpec
-from serve.scheduler import SchedulerOutput
+from serve.sched_output import SchedulerOutput
 
 GB = 1e9
 

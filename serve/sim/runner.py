@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 from core.buckets import BucketSpec
 from serve.policies import PolicyName
 from core.request import Request
-from serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
+from serve.sched_output import SchedulerOutput, StepResult
+from serve.scheduler import Scheduler, SchedulerConfig
 from serve.sim.costmodel import CostModel
 from serve.sim.workload import SimRequest
 from serve.step import EngineCore, Executor

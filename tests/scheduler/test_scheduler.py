@@ -102,14 +102,14 @@ def test_abort_mid_step_drops_the_result():
     sched.add_request(make_request("a", true_tokens=10))
     out = sched.schedule()
     sched.abort("a")
-    from serve.scheduler import StepResult
+    from serve.sched_output import StepResult
 
     assert sched.update_from_output(out, StepResult({"a": 1})) == []
     assert sched.requests["a"].num_output_tokens == 0
 
 
 def test_forget_drops_only_ended_requests():
-    from serve.scheduler import StepResult
+    from serve.sched_output import StepResult
 
     sched = make_scheduler("s3")
     sched.add_request(make_request("a", true_tokens=10))

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from core.buckets import BucketSpec
-from serve.scheduler import ScheduledSeq, SchedulerOutput
+from serve.sched_output import ScheduledSeq, SchedulerOutput
 from serve.sim.costmodel import PRESETS, get_preset
 from serve.sim.simulate import SimulateConfig, run_simulation
 from serve.sim.workload import LengthDist, PredictorConfig, WorkloadConfig, load_trace, make_workload, predict
