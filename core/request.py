@@ -56,6 +56,8 @@ class TokenLogprobs:
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
     """(token id, log-probability) of the most likely tokens, most likely first (as many as asked)."""
+    rank: int = 0
+    """The token's rank in the distribution (1: the most likely); 0 where not computed."""
 
 
 @dataclasses.dataclass

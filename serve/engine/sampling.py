@@ -59,13 +59,15 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], num_top: Sequenc
     """logits (R, V) as the model gave them, the token drawn in each row and how many of the most likely tokens
     to report per row -> each drawn token's log-probability with the top ``num_top[i]`` (id, log-probability)."""
     logprobs = logits.float().log_softmax(dim=-1)
-    chosen = logprobs.gather(-1, torch.as_tensor(tokens, device=logits.device)[:, None]).squeeze(-1).tolist()
+    chosen = logprobs.gather(-1, torch.as_tensor(tokens, device=logits.device)[:, None])  # (R, 1)
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()  # 1 + the tokens more likely than it
     k = max(num_top, default=0)
     top_lp, top_ids = logprobs.topk(min(k, logits.shape[-1]), dim=-1) if k else (None, None)
     out = []
-    for i, lp in enumerate(chosen):
+    for i, lp in enumerate(chosen.squeeze(-1).tolist()):
         k = num_top[i]
-        out.append(TokenLogprobs(lp, tuple(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())) if k else ()))
+        out.append(TokenLogprobs(lp, tuple(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())) if k else (),
+                                 rank=ranks[i]))
     return out
 
 

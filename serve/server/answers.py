@@ -42,7 +42,12 @@ class Format:
         return bodies.usage(self.num_prompt_tokens, sum(s.num_output_tokens for s in streams), cached)
 
     def response(self, choices: list[dict], streams: list[RequestStream]) -> dict:
-        return bodies.response_body(self.head, chat=self.chat, choices=choices, usage_=self.usage(streams))
+        body = bodies.response_body(self.head, chat=self.chat, choices=choices, usage_=self.usage(streams))
+        if self.chat and choices and "prompt_logprobs" in choices[0]:  # vLLM's: once, beside the choices
+            body["prompt_logprobs"] = choices[0]["prompt_logprobs"]
+            for choice in choices:
+                del choice["prompt_logprobs"]
+        return body
 
     def chunk(self, choice: dict) -> dict:
         body = bodies.stream_chunk(self.head, chat=self.chat, choice=choice)
@@ -69,6 +74,10 @@ class Choice:
     """A chat answer that calls tools: its text is their arguments, sent as ``tool_calls`` once complete."""
     held: list[Output] = dataclasses.field(default_factory=list)
     """A tool-calling answer's Outputs, held back until it ends (its calls go out in one piece)."""
+    scored_prompt: Sequence[int] | None = None
+    """The prompt, when the request asks for vLLM's ``prompt_logprobs`` (answered whole only)."""
+    decode: Callable[[int], str] | None = None
+    """A token's text, for ``prompt_logprobs``."""
 
     def whole(self, text: str, finish_reason: str, outputs: list[Output]) -> dict:
         """The choice of a whole response."""
@@ -78,9 +87,14 @@ class Choice:
             calls = self.tools.calls(text) if self.tools is not None and finish_reason == "stop" else None
             if calls:
                 finish_reason = self.tools.finish_reason
-            return bodies.chat_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs,
-                                 tool_calls=calls)
-        return bodies.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
+            choice = bodies.chat_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs,
+                                        tool_calls=calls)
+        else:
+            choice = bodies.completion_choice(self.index, text=text, finish_reason=finish_reason, logprobs=logprobs)
+        if self.scored_prompt is not None:
+            scores = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs), ())
+            choice["prompt_logprobs"] = prompt_logprobs(self.scored_prompt, scores, self.decode)
+        return choice
 
     def pieces(self, output: Output) -> list[dict]:
         """The stream-chunk choices of one Output."""
@@ -209,6 +223,19 @@ def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogpro
             for text, lp in zip(texts, logprobs)]
     return {"tokens": texts, "token_logprobs": [None if lp is None else _logprob(lp.logprob) for lp in logprobs],
             "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs(prompt_ids: Sequence[int], logprobs: Sequence[TokenLogprobs],
+                    token_text: Callable[[int], str]) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token (the first has none: ``None``), {token id: {"logprob", "rank",
+    "decoded_token"}} for the token itself, then the most likely tokens at its place."""
+    out: list[dict | None] = [None]
+    for token, lp in zip(prompt_ids[1:], logprobs):
+        entry = {str(token): {"logprob": _logprob(lp.logprob), "rank": lp.rank, "decoded_token": token_text(token)}}
+        for rank, (other, value) in enumerate(lp.top, start=1):
+            entry.setdefault(str(other), {"logprob": _logprob(value), "rank": rank, "decoded_token": token_text(other)})
+        out.append(entry)
+    return out
 
 
 def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs],

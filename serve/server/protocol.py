@@ -117,6 +117,8 @@ class GenerationRequest(BaseModel):
     """vLLM's: keep only the prompt's last k tokens (-1: as many as the context takes with one answer token)."""
     allowed_token_ids: list[int] | None = None
     """vLLM's: the only tokens the answer may be made of."""
+    prompt_logprobs: int | None = None
+    """vLLM's: each prompt token's log-probability (after the first) with the k most likely tokens' at its place."""
     cache_salt: str | None = None
     """vLLM's: with prefix caching, only requests with the same salt share cached prompt blocks (one per tenant)."""
 
@@ -180,7 +182,7 @@ TOOL_FIELDS = ("functions", "function_call")
 # vLLM's request extensions this server does not implement, with the values that change nothing: any other value
 # is a 400 naming the field rather than an answer that silently ignored it.
 VLLM_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "use_beam_search": (False,), "length_penalty": (1, 1.0), "prompt_logprobs": (), "bad_words": ([],),
+    "use_beam_search": (False,), "length_penalty": (1, 1.0), "bad_words": ([],),
     "logits_processors": ([],), "return_tokens_as_token_ids": (False,), "spaces_between_special_tokens": (True,),
     "guided_whitespace_pattern": (), "guided_decoding_backend": ("auto", "xgrammar"), "structural_tag": (),
     "chat_template": (), "chat_template_kwargs": ({},), "documents": ([],), "mm_processor_kwargs": ({},),
@@ -223,9 +225,14 @@ def _check_extra_fields(request: GenerationRequest) -> None:
             raise bad_request(f"{name} is not supported by this server; leave it out", name)
     if isinstance(request, ChatCompletionRequest) and extra.get("echo") not in (None, False):
         raise bad_request("echo is not supported on chat completions by this server; leave it out", "echo")
-    ignored = sorted(set(extra) - set(VLLM_UNSUPPORTED) - {"echo"})
-    if ignored:
-        log.warning("ignoring request fields this server does not know: %s", ", ".join(ignored))
+    ignored = tuple(sorted(set(extra) - set(VLLM_UNSUPPORTED) - {"echo"}))
+    if ignored:  # a warning the first time, so that a client sending them with every request does not flood the log
+        level = logging.DEBUG if ignored in _IGNORED_SEEN else logging.WARNING
+        _IGNORED_SEEN.add(ignored)
+        log.log(level, "ignoring request fields this server does not know: %s", ", ".join(ignored))
+
+
+_IGNORED_SEEN: set[tuple[str, ...]] = set()
 
 
 def _check_stream_options(request: GenerationRequest) -> None:
@@ -275,6 +282,12 @@ def _check_ranges(request: GenerationRequest) -> None:
     if truncate is not None and truncate < 1 and truncate != -1:
         raise bad_request(f"truncate_prompt_tokens must be >= 1, or -1 for the model's context, got {truncate}",
                           "truncate_prompt_tokens")
+    if request.prompt_logprobs is not None:
+        if not 0 <= request.prompt_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {request.prompt_logprobs}",
+                              "prompt_logprobs")
+        if request.stream:
+            raise bad_request("prompt_logprobs is not supported with stream: true", "prompt_logprobs")
     if request.cache_salt is not None and not request.cache_salt:
         raise bad_request("cache_salt must not be empty", "cache_salt")
     if request.allowed_token_ids is not None and not request.allowed_token_ids:
@@ -289,8 +302,11 @@ def _check_ranges(request: GenerationRequest) -> None:
 
 
 def requested_prompt_logprobs(request: GenerationRequest) -> int | None:
-    """The prompt tokens' log-probabilities a request asks for: an echoed completion with ``logprobs``."""
-    return requested_logprobs(request) if getattr(request, "echo", False) else None
+    """The prompt tokens' log-probabilities a request asks for: vLLM's ``prompt_logprobs``, an echoed completion
+    with ``logprobs``, or both (the larger count)."""
+    echoed = requested_logprobs(request) if getattr(request, "echo", False) else None
+    counts = [c for c in (echoed, request.prompt_logprobs) if c is not None]
+    return max(counts) if counts else None
 
 
 def requested_logprobs(request: GenerationRequest) -> int | None:

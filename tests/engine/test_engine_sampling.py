@@ -152,3 +152,12 @@ def test_logit_bias_is_added_before_sampling():
     assert sample(LOGITS, [SamplingParams(logit_bias=((3, 2.0),))], [0]) == [3]  # 0.2 -> e^2 x: the most likely
     assert sample(LOGITS, [SamplingParams(logit_bias=((1, -100.0),))], [0]) == [2]
     assert sample(LOGITS, [SamplingParams(logit_bias=((1, 0.0),))], [0]) == [1]
+
+
+def test_token_logprobs_rank_each_token_among_all():
+    logits = torch.randn(4, 30)
+    tokens = [3, 7, 11, 29]
+    found = token_logprobs(logits, tokens, [0, 2, 0, 1])
+    order = logits.argsort(dim=-1, descending=True)
+    assert [lp.rank for lp in found] == [int((order[i] == t).nonzero()) + 1 for i, t in enumerate(tokens)]
+    assert [len(lp.top) for lp in found] == [0, 2, 0, 1]

@@ -101,7 +101,7 @@ def test_chat_template_options(server):
         assert info.value.body["param"] == param
 
 
-@pytest.mark.parametrize("field, value", [("use_beam_search", True), ("length_penalty", 0.5), ("prompt_logprobs", 1),
+@pytest.mark.parametrize("field, value", [("use_beam_search", True), ("length_penalty", 0.5),
                                           ("bad_words", ["x"]), ("chat_template", "{{ x }}"),
                                           ("guided_decoding_backend", "outlines"), ("documents", [{"x": 1}])])
 def test_vllm_fields_it_does_not_implement_are_refused_unless_at_their_default(server, field, value):
@@ -118,3 +118,34 @@ def test_unknown_fields_are_ignored_and_logged(server, caplog):
         answer = _complete(server, max_tokens=2, extra_body={"store": True, "no_such_option": 1})
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert "no_such_option, store" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="serve.server.protocol"):
+        _complete(server, max_tokens=2, extra_body={"store": True, "no_such_option": 2})
+    assert "no_such_option" not in caplog.text  # warned once per set of fields
+
+
+def test_prompt_logprobs_are_the_echoed_prompts(server):
+    prompt = "abcab"
+    answer = _complete(server, prompt=prompt, max_tokens=2, extra_body={"prompt_logprobs": 2})
+    echoed = _complete(server, prompt=prompt, max_tokens=2, echo=True, logprobs=2)
+    scores = answer.choices[0].model_extra["prompt_logprobs"]
+    ids = CharTokenizer().encode(prompt)
+    assert len(scores) == len(prompt) and scores[0] is None
+    for token, entry, expected in zip(ids[1:], scores[1:], echoed.choices[0].logprobs.token_logprobs[1:len(prompt)]):
+        mine = entry[str(token)]
+        assert mine["logprob"] == pytest.approx(expected) and mine["decoded_token"] == CharTokenizer().decode([token])
+        assert 1 <= mine["rank"] and len(entry) <= 3
+        ranked = sorted(entry.values(), key=lambda e: -e["logprob"])
+        assert ranked[0]["rank"] == 1 and (mine["rank"] <= 2) == (mine in ranked[:2])
+    chat = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=2, n=2, extra_body={"prompt_logprobs": 0})
+    assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) == \
+        chat.usage.prompt_tokens
+    assert all("prompt_logprobs" not in (choice.model_extra or {}) for choice in chat.choices)
+    for extra in ({"prompt_logprobs": 21}, {"prompt_logprobs": -1}):
+        with pytest.raises(openai.BadRequestError) as info:
+            _complete(server, extra_body=extra)
+        assert info.value.body["param"] == "prompt_logprobs"
+    with pytest.raises(openai.BadRequestError) as info:
+        _stream_text(server, extra_body={"prompt_logprobs": 1})
+    assert info.value.body["param"] == "prompt_logprobs"
