@@ -200,10 +200,11 @@ def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
         log.warning(admission.note)
     predictor = admission.predictor
     log.info("model %s (served as %r), policy %s, predictor %s, KV pool %d blocks x %d tokens (prefix caching %s), "
-             "tensor parallel %d, default frequency penalty %g", stack.engine.model_id, stack.state.model_name,
-             admission.policy.policy, getattr(predictor, "checkpoint_id", None) if predictor else "none",
-             pool.num_blocks, pool.block_size, "on" if pool.prefix_caching else "off", config.engine.tensor_parallel,
-             stack.state.default_frequency_penalty)
+             "tensor parallel %d, default frequency penalty %g, priorities %s", stack.engine.model_id,
+             stack.state.model_name, admission.policy.policy,
+             getattr(predictor, "checkpoint_id", None) if predictor else "none", pool.num_blocks, pool.block_size,
+             "on" if pool.prefix_caching else "off", config.engine.tensor_parallel,
+             stack.state.default_frequency_penalty, "honoured" if config.priority_scheduling else "refused")
     familiarity = getattr(predictor, "familiarity", None)
     if familiarity is not None:
         log.info("familiarity: prompts scoring under %.3f against the predictor's %d kept training prompts count as "
