@@ -87,6 +87,11 @@ class LoadConfig:
     `s3 generate`'s default."""
     exclude_labelled: str | None = "data/labelled"
     """Leave out the prompts of this `s3 generate` folder (the predictor trained on them); None keeps all."""
+    urgent_share: float = 0.0
+    """Share of the requests marked urgent (drawn with the seed), whose times are also reported on their own."""
+    honour_priorities: bool = True
+    """With urgent requests: send them with priority -1 to servers started with priority scheduling; False sends
+    every request at priority 0 (the baseline of the same run, the same requests marked)."""
     model: str = "smollm2"
     num_buckets: int = 10
     seed: int = 0
@@ -107,6 +112,7 @@ class Result:
     """Longest wait between two content chunks of this request (a stall)."""
     end: float = 0.0
     error: str | None = None
+    urgent: bool = False
 
     @property
     def ttft(self) -> float:
@@ -140,7 +146,8 @@ def serve_config(cfg: LoadConfig, policy: str, port: int, *, oracle_lengths: str
                        num_buckets=cfg.num_buckets, port=port, api_key=None,
                        served_model_name="bench",
                        max_new_tokens=cfg.max_tokens, max_waiting_requests=cfg.num_requests + 1,
-                       feedback_dir=feedback_dir, log_level="warning", torch_threads=cfg.torch_threads)
+                       feedback_dir=feedback_dir, log_level="warning", torch_threads=cfg.torch_threads,
+                       priority_scheduling=cfg.urgent_share > 0 and cfg.honour_priorities)
 
 
 def _serve(config: ServeConfig) -> None:
@@ -186,12 +193,13 @@ def scrape(url: str) -> dict[str, float]:
 # -- the load ---------------------------------------------------------------------------------------------
 
 
-async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, frequency_penalty: float = 0.0) -> Result:
+async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, frequency_penalty: float = 0.0, *,
+                      urgent: bool = False, priority: int = 0) -> Result:
     """A streamed greedy chat request; the time to first token is to the first chunk with content."""
-    result = Result(prompt, start=time.perf_counter())
+    result = Result(prompt, start=time.perf_counter(), urgent=urgent)
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "frequency_penalty": frequency_penalty, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **({"priority": priority} if priority else {})}
     pieces = []
     try:
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -226,22 +234,34 @@ async def run_load(url: str, prompts: list[str], cfg: LoadConfig) -> list[Result
             return await _poisson(http, prompts, cfg)
         queue = list(enumerate(prompts))
         results: list[Result | None] = [None] * len(prompts)
+        urgent = urgent_requests(cfg)
 
         async def client():
             while queue:
                 i, prompt = queue.pop(0)
-                results[i] = await one_request(http, prompt, cfg.max_tokens, cfg.frequency_penalty)
+                results[i] = await one_request(http, prompt, cfg.max_tokens, cfg.frequency_penalty,
+                                               **_priority(cfg, i in urgent))
 
         await asyncio.gather(*[client() for _ in range(cfg.concurrency)])
         return results
 
 
 async def _poisson(http: httpx.AsyncClient, prompts: list[str], cfg: LoadConfig) -> list[Result]:
-    rng, tasks = random.Random(cfg.seed), []
-    for prompt in prompts:
-        tasks.append(asyncio.ensure_future(one_request(http, prompt, cfg.max_tokens, cfg.frequency_penalty)))
+    rng, tasks, urgent = random.Random(cfg.seed), [], urgent_requests(cfg)
+    for i, prompt in enumerate(prompts):
+        tasks.append(asyncio.ensure_future(one_request(http, prompt, cfg.max_tokens, cfg.frequency_penalty,
+                                                       **_priority(cfg, i in urgent))))
         await asyncio.sleep(rng.expovariate(cfg.rate))
     return list(await asyncio.gather(*tasks))
+
+
+def urgent_requests(cfg: LoadConfig) -> set[int]:
+    """The indices of the requests marked urgent: ``urgent_share`` of them, drawn with the seed."""
+    return set(random.Random(cfg.seed + 7).sample(range(cfg.num_requests), round(cfg.urgent_share * cfg.num_requests)))
+
+
+def _priority(cfg: LoadConfig, urgent: bool) -> dict:
+    return {"urgent": urgent, "priority": -1 if urgent and cfg.honour_priorities else 0}
 
 
 def run_policy(cfg: LoadConfig, policy: str, prompts: list[str], *, oracle_lengths: str | None, workdir: str) -> dict:
@@ -323,7 +343,20 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "mispredictions": metrics.get("s3_mispredictions_total", 0),
         "answers": {r.prompt: (r.text, r.num_tokens) for r in ok},
         "per_request": requests,
+        **({"classes": {"urgent": class_figures([r for r in ok if r.urgent]),
+                        "normal": class_figures([r for r in ok if not r.urgent])}}
+           if any(r.urgent for r in results) else {}),
     }  # fmt: skip
+
+
+def class_figures(results: list[Result]) -> dict:
+    """Time to first token and latency of one class of requests (urgent, or the others)."""
+    ttfts, latencies = sorted(r.ttft for r in results), sorted(r.end - r.start for r in results)
+    return {"num_requests": len(results),
+            "mean_ttft_s": statistics.fmean(ttfts) if ttfts else float("nan"),
+            "p50_ttft_s": _quantile(ttfts, 0.5), "p99_ttft_s": _quantile(ttfts, 0.99),
+            "mean_latency_s": statistics.fmean(latencies) if latencies else float("nan"),
+            "p50_latency_s": _quantile(latencies, 0.5), "p99_latency_s": _quantile(latencies, 0.99)}
 
 
 def per_request(results: list[Result]) -> list[dict]:
@@ -333,7 +366,7 @@ def per_request(results: list[Result]) -> list[dict]:
     t0 = min((r.start for r in results), default=0.0)
     return [{"sent_s": r.start - t0, "ttft_s": None if r.error else r.ttft,
              "latency_s": None if r.error else r.end - r.start, "output_tokens": r.num_tokens,
-             "longest_stall_s": r.longest_gap, "error": r.error,
+             "longest_stall_s": r.longest_gap, "error": r.error, "urgent": r.urgent,
              "answer_sha1": None if r.error else answer_fingerprint(r.text)} for r in results]
 
 
@@ -437,6 +470,10 @@ def format_table(rows: list[dict]) -> str:
             f"{r['preemptions']:>9.0f}{r['mispredictions']:>9.0f}{r['errors']:>8}"
             f"{r['mean_output_tokens']:>10.0f}{r['share_at_cap']:>8.0%}"
         )
+    for r in rows:
+        for name, c in r.get("classes", {}).items():
+            lines.append(f"  {r['policy']} {name} ({c['num_requests']}): TTFT mean {c['mean_ttft_s']:.2f}s p99 "
+                         f"{c['p99_ttft_s']:.2f}s, latency mean {c['mean_latency_s']:.2f}s p99 {c['p99_latency_s']:.2f}s")
     return "\n".join(lines)
 
 
@@ -498,6 +535,11 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
 @click.option("--sources", default="", help="Comma-separated prompt files (default: the seven in data/prompts).")
 @click.option("--exclude-labelled", default=LoadConfig.exclude_labelled, show_default=True,
               help="Leave out the prompts labelled in this `s3 generate` folder ('' keeps them).")
+@click.option("--urgent-share", type=float, default=LoadConfig.urgent_share, show_default=True,
+              help="Share of requests marked urgent (priority -1, servers started with --priority-scheduling); "
+                   "each class's times are reported too.")
+@click.option("--honour-priorities/--ignore-priorities", default=LoadConfig.honour_priorities, show_default=True,
+              help="Send the urgent requests' priority, or mark them only (the baseline).")
 @click.option("--model", default=LoadConfig.model, show_default=True)
 @click.option("--torch-threads", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -150,3 +150,20 @@ def test_each_record_counts_its_answers_unlike_the_first_policys(monkeypatch):
                                           num_requests=2), echo=said.append)
     assert [(r["policy"], r["answers_differing"]) for r in rows] == [("paged", 0), ("s3", 1)]
     assert "answers unlike paged's: paged 0, s3 1" in said[-1]
+
+
+def test_urgent_requests_are_marked_sent_with_their_priority_and_reported_apart(monkeypatch):
+    load = _load_module(monkeypatch)
+    cfg = load.LoadConfig(num_requests=10, urgent_share=0.3, seed=1)
+    urgent = load.urgent_requests(cfg)
+    assert len(urgent) == 3 and urgent == load.urgent_requests(cfg)  # drawn with the seed: every policy alike
+    assert load._priority(cfg, True) == {"urgent": True, "priority": -1}
+    ignoring = load.LoadConfig(num_requests=10, urgent_share=0.3, seed=1, honour_priorities=False)
+    assert load._priority(ignoring, True) == {"urgent": True, "priority": 0}
+    assert load.serve_config(cfg, "paged", 8000, oracle_lengths=None, feedback_dir="x").priority_scheduling
+    assert not load.serve_config(ignoring, "paged", 8000, oracle_lengths=None, feedback_dir="x").priority_scheduling
+    results = [load.Result("a", num_tokens=5, start=0.0, first_token=0.5, end=2.0, urgent=True),
+               load.Result("b", num_tokens=5, start=1.0, first_token=4.0, end=6.0)]
+    row = load.summarise("paged", results, wall=6.0, metrics={}, max_tokens=8)
+    assert row["classes"]["urgent"]["mean_ttft_s"] == 0.5 and row["classes"]["normal"]["mean_latency_s"] == 5.0
+    assert [r["urgent"] for r in row["per_request"]] == [True, False] and "urgent (1)" in load.format_table([row])
