@@ -65,6 +65,9 @@ class Choice:
     chat: bool
     token_text: Callable[[int], str] | None = None
     """A token's text, when the request asked for log-probabilities (None: it did not)."""
+    num_top: int = 0
+    """Most likely tokens to report per position (``logprobs`` / ``top_logprobs``): an echoed prompt's are cut to
+    it, when ``prompt_logprobs`` asked the engine for more."""
     echo_text: str | None = None
     """A completion's prompt, to answer in front of the completion (``echo``); None once sent, or without echo."""
     echo_ids: Sequence[int] = ()
@@ -142,6 +145,7 @@ class Choice:
         logprobs: list[TokenLogprobs | None] = [lp for output in outputs for lp in output.logprobs]
         if self.echo_text is not None:
             prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs), ())
+            prompt = [dataclasses.replace(lp, top=lp.top[: self.num_top]) for lp in prompt]
             token_ids, logprobs = [*self.echo_ids, *token_ids], [None, *prompt, *logprobs]
         if self.chat:
             return chat_logprobs(token_ids, logprobs, self.token_text)

@@ -287,8 +287,9 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     echo = getattr(req, "echo", False)
     tools = formats.tool_calls(req) if chat else None
     scored = req.prompt_logprobs is not None
-    choices = [Choice(k * req.n + i, chat, token_text=token_text, echo_text=text if echo else None, echo_ids=ids,
-                      tools=tools, scored_prompt=ids if scored else None, decode=state.token_text)
+    choices = [Choice(k * req.n + i, chat, token_text=token_text, num_top=sampling.logprobs or 0,
+                      echo_text=text if echo else None, echo_ids=ids, tools=tools,
+                      scored_prompt=ids if scored else None, decode=state.token_text)
                for k, (ids, text) in enumerate(prompts) for i in range(req.n)]
     if req.allowed_token_ids and output_format is not None:
         raise p.bad_request("allowed_token_ids cannot be combined with an output format", "allowed_token_ids")

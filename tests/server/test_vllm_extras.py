@@ -149,3 +149,10 @@ def test_prompt_logprobs_are_the_echoed_prompts(server):
     with pytest.raises(openai.BadRequestError) as info:
         _stream_text(server, extra_body={"prompt_logprobs": 1})
     assert info.value.body["param"] == "prompt_logprobs"
+
+
+def test_an_echoed_prompt_keeps_its_own_count_of_top_tokens_beside_prompt_logprobs(server):
+    answer = _complete(server, prompt="abcab", max_tokens=2, echo=True, logprobs=1, extra_body={"prompt_logprobs": 4})
+    tops = answer.choices[0].logprobs.top_logprobs
+    assert tops[0] is None and all(len(top) <= 2 for top in tops[1:])  # the token itself and one more at most
+    assert max(len(entry) for entry in answer.choices[0].model_extra["prompt_logprobs"][1:]) >= 4
