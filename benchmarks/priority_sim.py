@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from core.request import Request  # noqa: E402
-from serve.scheduler import Scheduler  # noqa: E402
-from serve.sim.runner import CostModelExecutor, SimClock, replay, requests_of, simulate_policy  # noqa: E402
+from serve.sim.runner import requests_of, simulate_policy  # noqa: E402
 from serve.sim.simulate import SimulateConfig, setup, workload_items  # noqa: E402
 from serve.sim.workload import WorkloadConfig  # noqa: E402
 
@@ -51,19 +50,11 @@ def latencies(requests: list[Request]) -> dict[str, float]:
 def run(config: SimulateConfig, policy: str, items, urgent: set[int], honour: bool) -> dict:
     """One policy over ``items`` (online), the ``urgent`` indices at priority -1 when ``honour``."""
     cost, buckets, sched = setup(config)
-    clock = SimClock()
-    sched = dataclasses.replace(sched, policy=dataclasses.replace(sched.policy, policy=policy))
-    scheduler = Scheduler(sched, buckets=buckets, clock=clock)
     requests = requests_of(items, cost.model.max_seq_len, config.max_new_tokens)
     for i, request in enumerate(requests):
         request.priority = -1 if honour and i in urgent else 0
-    executor = CostModelExecutor(cost, {r.request_id: item.num_output_tokens for r, item in zip(requests, items)},
-                                 clock)
-
-    def idle_until(t: float) -> None:
-        clock.now = t
-
-    result = replay(policy, scheduler, executor, requests, clock=clock, wait_until=idle_until)
+    result = simulate_policy(policy, items, cost=cost, buckets=buckets, sched=sched,
+                             max_new_tokens=config.max_new_tokens, requests=requests)
     record = {key: getattr(result, key) for key in ("policy", "generated_tokens_per_s", *LATENCY_KEYS,
                                                     "num_preemptions", "num_recomputed_tokens")}
     record["priorities"] = honour

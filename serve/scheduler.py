@@ -419,8 +419,6 @@ class Scheduler:
         """The policy's victim among the least urgent of ``candidates`` (``needy`` among them): a sequence yields
         only to one at least as urgent."""
         worst = max(r.priority for r in candidates)
-        if worst == needy.priority == min(r.priority for r in candidates):
-            return self.choose_victim(candidates, needy)
         least = [r for r in candidates if r.priority == worst]
         return self.choose_victim(least, needy if needy.priority == worst else least[-1])
 

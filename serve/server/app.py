@@ -275,8 +275,6 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     if req.priority and not state.priority_scheduling:
         raise p.bad_request("priority must be 0: this server schedules without priorities (start it with "
                             "--priority-scheduling to let requests carry one)", "priority")
-    if not -(2**63) <= req.priority < 2**63:
-        raise p.bad_request(f"priority must be a 64-bit integer, got {req.priority}", "priority")
     if req.min_tokens > min(budgets):
         raise p.bad_request(f"min_tokens ({req.min_tokens}) exceeds the answer's {min(budgets)} tokens", "min_tokens")
     head = bodies.Head(bodies.new_id("chatcmpl" if chat else "cmpl"), bodies.now(), state.model_name, state.system_fingerprint)

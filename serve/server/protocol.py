@@ -270,6 +270,8 @@ def _check_ranges(request: GenerationRequest) -> None:
             raise bad_request(f"{name} must be in [-2, 2], got {getattr(request, name)}", name)
     if request.seed is not None and not -(2**63) <= request.seed < 2**63:
         raise bad_request(f"seed must be a 64-bit integer, in [-2**63, 2**63), got {request.seed}", "seed")
+    if not -(2**63) <= request.priority < 2**63:
+        raise bad_request(f"priority must be a 64-bit integer, got {request.priority}", "priority")
     if request.top_k is not None and request.top_k < -1:
         raise bad_request(f"top_k must be -1 or 0 (all tokens) or positive, got {request.top_k}", "top_k")
     if not 0.0 <= request.min_p <= 1.0:

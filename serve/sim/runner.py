@@ -182,12 +182,15 @@ def simulate_policy(
     buckets: BucketSpec,
     sched: SchedulerConfig,
     max_new_tokens: int | None = None,
+    requests: list[Request] | None = None,
 ) -> PolicyResult:
-    """Run ``items`` through a scheduler with ``policy`` in simulated time and return its metrics."""
+    """Run ``items`` through a scheduler with ``policy`` in simulated time and return its metrics. ``requests``:
+    the items' scheduler requests (`requests_of`) as the caller set them up (priorities, say), read back after."""
     clock = SimClock()
     config = dataclasses.replace(sched, policy=dataclasses.replace(sched.policy, policy=policy))
     scheduler = Scheduler(config, buckets=buckets, clock=clock)
-    requests = requests_of(items, cost.model.max_seq_len, max_new_tokens)
+    if requests is None:
+        requests = requests_of(items, cost.model.max_seq_len, max_new_tokens)
     true_len = {r.request_id: item.num_output_tokens for r, item in zip(requests, items)}
     executor = CostModelExecutor(cost, true_len, clock)
 
