@@ -274,6 +274,8 @@ def batch(input_path, output_path, config_path, policy, predictor, fallback_poli
     click.echo(f"{summary.num_ok} answered, {summary.num_failed} failed, {summary.num_skipped} already in "
                f"{output_path}; {summary.num_completion_tokens} tokens in {summary.elapsed_s:.1f} s ({rate:.1f} "
                f"tokens/s)")
+    if summary.predictions:
+        click.echo(f"length predictor: {summary.predictions}")
 
 
 def load_predictor_checkpoint(path: str):

@@ -106,6 +106,52 @@ def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str
     }
 
 
+OUTCOMES = ("exact", "one_under", "one_over", "under", "over")
+"""How a prediction turned out: the true bucket equal to the predicted one, one above it (under-predicted by one
+bucket), one below, more than one above, more than one below."""
+
+
+class PredictionOutcomes:
+    """The predictor's accuracy on served traffic, live: the outcome of each request that ended at a label length
+    (`length_is_label`; one cut by its own ``max_tokens`` or a stop string says too little), and the error of the
+    predicted bucket's midpoint in tokens. Written by the engine thread, read by `/metrics` and the shutdown log."""
+
+    def __init__(self, buckets: BucketSpec) -> None:
+        self.buckets = buckets
+        self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.abs_error_tokens = 0.0
+
+    def observe(self, request: Request) -> None:
+        prediction = request.prediction
+        if prediction is None or not length_is_label(request, self.buckets):
+            return
+        length = self.buckets.clip(request.num_output_tokens)
+        diff = self.buckets.bucket_of(length) - prediction.bucket
+        if diff == 0:
+            outcome = "exact"
+        elif abs(diff) == 1:
+            outcome = "one_under" if diff > 0 else "one_over"
+        else:
+            outcome = "under" if diff > 0 else "over"
+        self.counts[outcome] += 1
+        self.abs_error_tokens += abs(length - self.buckets.midpoint(prediction.bucket))
+
+    @property
+    def num_observed(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """One line: how many, exact, within one bucket, under-predicted, MAE (the figures `s3 evaluate` gives)."""
+        n = self.num_observed
+        if n == 0:
+            return "no request has ended at a label length yet"
+        c = self.counts
+        within = c["exact"] + c["one_under"] + c["one_over"]
+        return (f"{n:,} requests ended at a label length: {c['exact'] / n:.1%} in the predicted bucket, "
+                f"{within / n:.1%} within one, {(c['one_under'] + c['under']) / n:.1%} under-predicted, "
+                f"MAE {self.abs_error_tokens / n:.1f} tokens")
+
+
 class FeedbackWriter:
     """Appends records to rotating segments under ``directory``."""
 

@@ -200,3 +200,28 @@ def test_s3_feedback_prints_no_skipped_line_for_a_clean_store(tmp_path):
     result = CliRunner().invoke(main, ["feedback", str(tmp_path)])
     assert result.exit_code == 0 and "1 feedback records" in result.output and "skipped" not in result.output
     assert json.loads(CliRunner().invoke(main, ["feedback", str(tmp_path), "--json"]).output)["num_skipped"] == 0
+
+
+def test_prediction_outcomes_score_the_requests_whose_length_is_a_label():
+    """The server's live view of its predictor: each request that ended of itself (or at the predictor's largest
+    length) against its predicted bucket; one its own max_tokens cut, or without a prediction, is not scored."""
+    from serve.feedback import PredictionOutcomes
+
+    sched = make_scheduler("s3", num_blocks=64)  # buckets of 16 tokens up to 64
+    lengths = {"exact": 5, "one_under": 20, "under": 40, "one_over": 5, "over": 5, "cut": 30, "unpredicted": 3,
+               "at_cap": 64}
+    predicted = {"exact": 0, "one_under": 0, "under": 0, "one_over": 1, "over": 2, "cut": 0, "at_cap": 1}
+    for request_id, length in lengths.items():
+        budget = 8 if request_id == "cut" else 64
+        sched.add_request(make_request(request_id, bucket=predicted.get(request_id), max_new_tokens=budget))
+    finished = {r.request_id: r for r in run_until_done(sched, lengths)}
+    assert finished["unpredicted"].prediction is None and finished["cut"].finish_reason == "length"
+    outcomes = PredictionOutcomes(sched.policy.buckets)
+    for request in finished.values():
+        outcomes.observe(request)
+    assert outcomes.counts == {"exact": 1, "one_under": 1, "one_over": 1, "under": 2, "over": 1}  # at_cap: under
+    midpoints = {0: 8, 1: 24, 2: 40}
+    assert outcomes.abs_error_tokens == sum(abs(lengths[r] - midpoints[b]) for r, b in predicted.items() if r != "cut")
+    assert outcomes.summary() == ("6 requests ended at a label length: 16.7% in the predicted bucket, 50.0% within "
+                                  "one, 50.0% under-predicted, MAE 23.5 tokens")
+    assert PredictionOutcomes(sched.policy.buckets).summary() == "no request has ended at a label length yet"

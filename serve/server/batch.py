@@ -50,6 +50,8 @@ class BatchSummary:
     num_failed: int = 0
     num_completion_tokens: int = 0
     elapsed_s: float = 0.0
+    predictions: str | None = None
+    """How the length predictor did on these requests (`PredictionOutcomes.summary`); None without one."""
 
 
 def read_batch(path: str | Path) -> list[BatchRequest]:
@@ -133,6 +135,8 @@ def run_batch(stack: ServingStack, input_path: str | Path, output_path: str | Pa
     finally:
         stack.stop()
     summary.elapsed_s = time.perf_counter() - start
+    if stack.engine_loop.outcomes is not None:
+        summary.predictions = stack.engine_loop.outcomes.summary()
     return summary
 
 

@@ -133,10 +133,11 @@ def classified(commands: list, classify: Callable[[list[str]], Sequence[LengthPr
 class EngineLoop:
     """Owns an LLMEngine in a thread; other threads send it commands through `submit`."""
 
-    def __init__(self, engine: LLMEngine, *, feedback=None, keepalive_s: float = 60.0,
+    def __init__(self, engine: LLMEngine, *, feedback=None, outcomes=None, keepalive_s: float = 60.0,
                  classify: Callable[[list[str]], Sequence[LengthPrediction | None]] | None = None) -> None:
         self.engine = engine
         self.feedback = feedback  # serve.feedback.FeedbackLog or None
+        self.outcomes = outcomes  # serve.feedback.PredictionOutcomes or None: the predictor's live accuracy
         self.keepalive_s = keepalive_s
         self.classify = classify
         """Predicts the length of the requests added without a prediction, between steps (a CPU server's
@@ -292,9 +293,13 @@ class EngineLoop:
                 new, finish_reason, logprobs=logprobs, prompt_logprobs=prompt,
                 num_cached_tokens=request.num_cached_tokens if first else 0)))
 
-    def _record(self, request: Request, **fields) -> None:
-        if self.feedback is not None and request.request_id not in self._unrecorded:
-            self.feedback.record(request, **fields)
+    def _record(self, request: Request, *, stopped_at: int | None = None) -> None:
+        if request.request_id in self._unrecorded:
+            return
+        if self.feedback is not None:
+            self.feedback.record(request, stopped_at=stopped_at)
+        if self.outcomes is not None and stopped_at is None:  # cut by a client's stop string: its length is no label
+            self.outcomes.observe(request)
 
     def _forget(self, request_id: str) -> None:
         self._unrecorded.discard(request_id)

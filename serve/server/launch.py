@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from serve.engine.llm import LLMEngine
-from serve.feedback import FeedbackLog, FeedbackWriter
+from serve.feedback import FeedbackLog, FeedbackWriter, PredictionOutcomes
 from serve.policies import PolicyConfig
 from serve.server.admission import (
     Admission, AdmissionController, CheckpointLoader, Classifier, Predictor, check_target_model,
@@ -78,14 +78,16 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
     if config.feedback_dir and predictor is not None:
         writer = FeedbackWriter(config.feedback_dir, sync_every=config.feedback_sync_every)
         feedback = FeedbackLog(writer, predictor.buckets, checkpoint_id, sample_rate=config.feedback_sample_rate)
-    metrics = ServerMetrics(lambda: engine_loop.snapshot, policy=admission.policy.policy, checkpoint_id=checkpoint_id)
+    outcomes = PredictionOutcomes(predictor.buckets) if predictor is not None else None
+    metrics = ServerMetrics(lambda: engine_loop.snapshot, policy=admission.policy.policy, checkpoint_id=checkpoint_id,
+                            outcomes=outcomes)
     threaded = config.predictor_thread
     if threaded is None:
         threaded = torch.device(engine.config.device).type != "cpu"
     classify = None
     if predictor is not None and not threaded:
         classify = Classifier(predictor, metrics, max_batch_size=config.predictor_batch_size)
-    engine_loop = EngineLoop(engine, feedback=feedback, classify=classify)
+    engine_loop = EngineLoop(engine, feedback=feedback, outcomes=outcomes, classify=classify)
     controller = None
     if predictor is not None and threaded:
         controller = AdmissionController(predictor, engine_loop, max_batch_size=config.predictor_batch_size,
@@ -142,6 +144,8 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
         pass
     finally:
         stack.stop()
+    if stack.engine_loop.outcomes is not None:
+        log.info("the predictor on this run's traffic: %s", stack.engine_loop.outcomes.summary())
     log.info("stopped")
 
 

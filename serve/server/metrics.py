@@ -60,14 +60,37 @@ class _EngineCollector:
             yield CounterMetricFamily(name, doc, value=value)
 
 
+class _OutcomeCollector:
+    """The predictor's live accuracy (`serve.feedback.PredictionOutcomes`) as counters."""
+
+    def __init__(self, outcomes) -> None:
+        self.outcomes = outcomes
+
+    def collect(self):
+        counts = self.outcomes.counts
+        family = CounterMetricFamily(
+            "s3_prediction_outcomes", "Requests ended at a label length (of themselves, or at the predictor's "
+            "largest length), by how the predicted bucket compared with the true one: exact, one_under / one_over "
+            "(the true bucket one above / below the prediction), under / over (further).", labels=["outcome"])
+        for outcome, count in counts.items():
+            family.add_metric([outcome], count)
+        yield family
+        yield CounterMetricFamily(
+            "s3_prediction_abs_error_tokens", "Absolute error of the predicted bucket's midpoint in tokens, summed "
+            "over s3_prediction_outcomes (over their sum: the mean absolute error).",
+            value=self.outcomes.abs_error_tokens)
+
+
 class ServerMetrics:
     """Every metric of one server, in its own registry."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot], *, policy: str,
-                 checkpoint_id: str | None = None) -> None:
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], *, policy: str, checkpoint_id: str | None = None,
+                 outcomes=None) -> None:
         self.registry = CollectorRegistry()
         self._in_flight: Callable[[], int] = lambda: 0
         self.registry.register(_EngineCollector(snapshot, lambda: self._in_flight()))
+        if outcomes is not None:  # serve.feedback.PredictionOutcomes, with a length predictor
+            self.registry.register(_OutcomeCollector(outcomes))
         r = self.registry
         self.ttft = Histogram("s3_time_to_first_token_seconds", "From the request's arrival to its first token.",
                               buckets=_LATENCY_BUCKETS, registry=r)

@@ -40,7 +40,8 @@ def write_lines(path, rows) -> None:
 def test_a_batch_is_answered_line_by_line_and_resumed(tmp_path):
     source, answers = tmp_path / "in.jsonl", tmp_path / "out" / "answers.jsonl"
     write_lines(source, LINES[:5])
-    summary = run_batch(stack(tmp_path), source, answers, progress=False)
+    served = stack(tmp_path)
+    summary = run_batch(served, source, answers, progress=False)
     assert (summary.num_ok, summary.num_failed, summary.num_skipped) == (3, 2, 0)
     records = {r["custom_id"]: r for r in map(json.loads, answers.read_text().splitlines())}
     assert set(records) == {"a", "b", "c", "too hot", "nowhere"}
@@ -54,6 +55,7 @@ def test_a_batch_is_answered_line_by_line_and_resumed(tmp_path):
     assert records["nowhere"]["response"] is None and "url must be one of" in records["nowhere"]["error"]["message"]
     assert summary.num_completion_tokens == sum(records[k]["response"]["body"]["usage"]["completion_tokens"]
                                                 for k in "abc")
+    assert summary.predictions == served.engine_loop.outcomes.summary()  # how the length predictor did
 
     write_lines(source, LINES)  # one more line: only it is answered
     again = run_batch(stack(tmp_path), source, answers, progress=False)

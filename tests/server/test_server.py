@@ -9,7 +9,7 @@ import pytest
 from serve.feedback import read_feedback
 from tests.server.conftest import API_KEY, client, wait_idle
 from serve.server.launch import default_frequency_penalty
-from tests.server.fakes import MAX_NEW_TOKENS, CharTokenizer, FakePredictor, serve_config
+from tests.server.fakes import BUCKETS, MAX_NEW_TOKENS, CharTokenizer, FakePredictor, serve_config
 
 GREEDY = {"model": "tiny", "temperature": 0}  # the OpenAI default temperature is 1
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Name three colours."}]
@@ -134,6 +134,28 @@ def test_metrics_show_engine_state_and_latencies(server):
     assert values["s3_batched_sequences_total"] >= 12 and values["s3_engine_steps_total"] >= 12
     assert values["s3_batched_tokens_total"] >= 12 and values["s3_engine_step_seconds_total"] > 0
     assert values["s3_kv_blocks_total"] == 128
+
+
+def test_metrics_score_the_predictor_on_the_requests_whose_length_is_a_label(server):
+    """`/metrics` counts how each prediction turned out once its request ends of itself or at the predictor's
+    largest length; a request its own max_tokens cut says nothing and is not counted."""
+    def scored() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+        rows = [line.split() for line in text.splitlines() if line.startswith("s3_prediction_")]
+        return {name: float(value) for name, value in rows}
+
+    before = scored()
+    c = client(server)
+    whole = c.completions.create(**GREEDY, prompt="score me", max_tokens=MAX_NEW_TOKENS)
+    cut = c.completions.create(**GREEDY, prompt="score me too", max_tokens=3)
+    after = scored()
+    counted = {name: after[name] - before.get(name, 0.0) for name in after}
+    n = whole.usage.completion_tokens
+    outcome = {0: "exact", 1: "one_under"}.get(BUCKETS.bucket_of(n), "under")  # the fake predicts bucket 0
+    expected = 1 + (cut.choices[0].finish_reason == "stop")
+    assert sum(v for name, v in counted.items() if name.startswith("s3_prediction_outcomes_total")) == expected
+    assert counted[f's3_prediction_outcomes_total{{outcome="{outcome}"}}'] >= 1
+    assert counted["s3_prediction_abs_error_tokens_total"] >= abs(n - BUCKETS.midpoint(0))
 
 
 def test_mispredicted_requests_are_written_as_feedback(server):
