@@ -1,5 +1,6 @@
 """The facts of one step passed between the scheduler and its executor: the plan (`SchedulerOutput`) one way and
-what was computed (`StepResult`) the other (as vLLM v1's ``sched/output.py``). Torch-free."""
+what was computed (`StepResult`) the other (as vLLM v1's ``sched/output.py``); and what the scheduler reports to
+metrics and benchmarks (`SchedulerStats`, `SchedulerSnapshot`). Torch-free."""
 
 from __future__ import annotations
 
@@ -76,3 +77,46 @@ class StepResult:
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = dataclasses.field(default_factory=dict)
     """(the position of the first prompt token scored, their log-probabilities), for the sequences whose sampling
     asks for prompt log-probabilities and whose step computed prompt positions (again, after a preemption)."""
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    """Running counters, for metrics and benchmarks."""
+
+    num_steps: int = 0
+    num_generated_tokens: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    num_preemptions: int = 0
+    num_mispredictions: int = 0
+    num_recomputed_tokens: int = 0
+    num_prefix_query_tokens: int = 0
+    """Tokens looked up in the prefix cache at admission (with prefix caching)."""
+    num_prefix_hit_tokens: int = 0
+    """Of those, tokens found there: their KV entries were not computed again."""
+    num_batched_seqs: int = 0
+    """Sequences stepped, summed over steps (see `mean_running_batch`)."""
+    num_batched_tokens: int = 0
+    """Tokens computed (prompt and output), summed over steps."""
+    step_time_s: float = 0.0
+    """The clock's time from each step's plan to its update, summed: the engine's time in steps, the
+    simulator's modelled one."""
+
+    @property
+    def mean_running_batch(self) -> float:
+        """Sequences stepped per step, on average (0 before the first step)."""
+        return self.num_batched_seqs / max(1, self.num_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSnapshot:
+    """The scheduler's state at one moment, for metrics, benchmarks and the server (read, never written)."""
+
+    num_waiting: int
+    num_running: int
+    num_kv_blocks: int
+    num_kv_blocks_held: int
+    """Blocks held by sequences: written, or reserved for output still to come."""
+    num_kv_blocks_used: int
+    """Blocks that hold computed tokens; held - used is memory set aside for tokens not yet written."""
+    stats: SchedulerStats

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import time
 from typing import Callable, Iterable, Sequence
 
 from core.buckets import BucketSpec
 from core.request import MispredictionEvent, Request, RequestStatus, TokenLogprobs
+from serve import prefix
 from serve.estimate import PeakGate
 from serve.kv import BlockPool, blocks_for
 from serve.policies import PolicyConfig, StepLimits, VictimFn, make_policy
-from serve.sched_output import NewRequestData, ScheduledSeq, SchedulerOutput, StepResult
+from serve.sched_output import (
+    NewRequestData, ScheduledSeq, SchedulerOutput, SchedulerSnapshot, SchedulerStats, StepResult,
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,49 +61,6 @@ class SchedulerConfig:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
 
 
-@dataclasses.dataclass
-class SchedulerStats:
-    """Running counters, for metrics and benchmarks."""
-
-    num_steps: int = 0
-    num_generated_tokens: int = 0
-    num_finished: int = 0
-    num_aborted: int = 0
-    num_preemptions: int = 0
-    num_mispredictions: int = 0
-    num_recomputed_tokens: int = 0
-    num_prefix_query_tokens: int = 0
-    """Tokens looked up in the prefix cache at admission (with prefix caching)."""
-    num_prefix_hit_tokens: int = 0
-    """Of those, tokens found there: their KV entries were not computed again."""
-    num_batched_seqs: int = 0
-    """Sequences stepped, summed over steps (see `mean_running_batch`)."""
-    num_batched_tokens: int = 0
-    """Tokens computed (prompt and output), summed over steps."""
-    step_time_s: float = 0.0
-    """The clock's time from each step's plan to its update, summed: the engine's time in steps, the
-    simulator's modelled one."""
-
-    @property
-    def mean_running_batch(self) -> float:
-        """Sequences stepped per step, on average (0 before the first step)."""
-        return self.num_batched_seqs / max(1, self.num_steps)
-
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerSnapshot:
-    """The scheduler's state at one moment, for metrics, benchmarks and the server (read, never written)."""
-
-    num_waiting: int
-    num_running: int
-    num_kv_blocks: int
-    num_kv_blocks_held: int
-    """Blocks held by sequences: written, or reserved for output still to come."""
-    num_kv_blocks_used: int
-    """Blocks that hold computed tokens; held - used is memory set aside for tokens not yet written."""
-    stats: SchedulerStats
-
-
 class Scheduler:
     """Decides, every step, which requests run and how many KV blocks each one holds."""
 
@@ -127,7 +88,7 @@ class Scheduler:
             prefill_rate=self._prefill_rate(config),
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
-            shared_blocks=self._shared_blocks if config.enable_prefix_caching else None,
+            shared_blocks=functools.partial(prefix.shared_blocks, self.pool) if self.pool.prefix_caching else None,
         )
         self._order: dict[str, tuple[float, int]] = {}
         self._finished_ids: list[str] = []
@@ -375,10 +336,10 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[index]
-            keys = self._prefix_keys(request)
+            keys = prefix.lookup_keys(self.pool, request)
             cached = None if keys is None else self.pool.cached_blocks(keys)
             if keys is not None:
-                computing = self._computing() if computing is None else computing
+                computing = prefix.keys_in_progress(self.pool, self.running) if computing is None else computing
                 if len(keys) > len(cached) and keys[len(cached)] in computing:
                     continue  # a running sequence is computing its next block: wait, and find it cached
             request.num_computed_tokens = len(cached or ()) * self.pool.block_size
@@ -421,32 +382,6 @@ class Scheduler:
         worst = max(r.priority for r in candidates)
         least = [r for r in candidates if r.priority == worst]
         return self.choose_victim(least, needy if needy.priority == worst else least[-1])
-
-    def _computing(self) -> set[bytes]:
-        """The content keys of the full blocks running sequences have yet to compute (prefix caching): a request
-        whose next uncached block is one of them waits for it rather than computing it a second time at once (as
-        SGLang's in-batch prefix check), so that a burst of requests over one system prompt computes it once."""
-        keys: set[bytes] = set()
-        for r in self.running:
-            if r.num_tokens - r.num_computed_tokens > 1:  # still prefilling (decodes file each block as it fills)
-                keys.update(self.pool.block_keys(r.request_id, r.all_token_ids())[self.pool.num_filed(r.request_id):])
-        return keys
-
-    def _prefix_keys(self, request: Request) -> list[bytes] | None:
-        """The content keys of the full blocks ``request`` may find cached; None when it may not look (no prefix
-        caching, or a request that asks for its prompt's log-probabilities, which come from computing the prompt).
-        Its last token is always computed: its logits pick the next one."""
-        if not self.pool.prefix_caching or getattr(request.sampling, "prompt_logprobs", None) is not None:
-            return None
-        return self.pool.block_keys(request.request_id, request.all_token_ids()[:-1])
-
-    def _shared_blocks(self, request: Request) -> Sequence[int]:
-        """The blocks ``request`` holds that others may share (running: those computed and filed), or the cached
-        prefix it would start on (about to be admitted), for the peak test to charge each block once."""
-        pool = self.pool
-        if request.status == RequestStatus.RUNNING:
-            return pool.block_table(request.request_id)[: pool.num_filed(request.request_id)]
-        return pool.cached_prefix(request.request_id, request.all_token_ids()[: request.num_computed_tokens])
 
     def _admit(self, request: Request, num_new: int, gate: "PeakGate | _NoGate", cached: list[int] | None) -> bool:
         """Take the request's blocks (its whole reservation, or its first chunk when paged) after the ``cached``

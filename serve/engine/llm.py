@@ -17,7 +17,8 @@ from core.buckets import BucketSpec
 from serve.engine.plan import SamplingParams
 from serve.policies import PolicyConfig
 from core.request import LengthPrediction, Request
-from serve.scheduler import Scheduler, SchedulerConfig, SchedulerSnapshot
+from serve.sched_output import SchedulerSnapshot
+from serve.scheduler import Scheduler, SchedulerConfig
 from serve.step import EngineCore
 
 

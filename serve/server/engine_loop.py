@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 from serve.engine.llm import LLMEngine
 from serve.engine.plan import SamplingParams
 from core.request import LengthPrediction, Request, TokenLogprobs
-from serve.scheduler import SchedulerStats
+from serve.sched_output import SchedulerStats
 
 log = logging.getLogger(__name__)
 
