@@ -134,6 +134,30 @@ def test_repetition_penalty_is_hugging_faces_and_allowed_tokens_hold(prompts, re
     assert all(set(done[f"allowed{i}"]) <= set(allowed) for i in range(len(prompts)))
 
 
+@torch.inference_mode()
+def test_bad_words_never_appear_and_change_nothing_before_them(prompts, reference):
+    """vLLM's bad_words: a greedy answer keeps its tokens up to where a bad word would end, and no answer holds a
+    bad word anywhere (a two-token word banned only after its first token, a one-token word everywhere)."""
+    pair, single = tuple(reference[0][2:4]), (reference[1][5],)
+    config = EngineConfig(kv_cache_tokens=4096, block_size=4, max_num_seqs=8, max_num_batched_tokens=512,
+                          policy=PolicyConfig(policy="paged", watermark=0.0))  # fmt: skip
+    engine = LLMEngine(config, model=tiny_llama(), tokenizer=None)
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, max_new_tokens=NUM_NEW, sampling=SamplingParams(bad_words=(pair, single)))
+    done = {}
+    while engine.has_unfinished():
+        done |= {c.request_id: c.output_token_ids for c in engine.step()}
+    for i, answer in enumerate(done[str(i)] for i in range(len(prompts))):
+        assert single[0] not in answer
+        assert all(tuple(answer[j : j + 2]) != pair for j in range(len(answer) - 1))
+        ref = reference[i]
+        first_ban = next((j for j, t in enumerate(ref) if t == single[0] or (j and (ref[j - 1], t) == pair)), None)
+        if first_ban is None:
+            assert answer == ref
+        else:
+            assert answer[:first_ban] == ref[:first_ban] and answer[first_ban] != ref[first_ban]
+
+
 def test_logprobs_are_the_models_and_survive_preemption(prompts):
     """Every output token's log-probability, and every prompt token's after the first, equals a plain forward pass
     over prompt + answer (penalties change the tokens picked, not the distribution reported), through chunked

@@ -98,11 +98,16 @@ class ModelExecutor:
         )
 
     def _banned(self, seq: _Sequence) -> tuple[int, ...]:
-        """What ends the sequence, while it is short of its `min_tokens`."""
-        if len(seq.token_ids) - seq.num_prompt_tokens >= seq.sampling.min_tokens:
-            return ()
-        eos = () if seq.sampling.ignore_eos else tuple(sorted(self.eos_token_ids))
-        return eos + seq.sampling.stop_token_ids
+        """What ends the sequence, while it is short of its `min_tokens`; and the last token of each bad word whose
+        other tokens the answer ends with."""
+        sampling, num_output = seq.sampling, len(seq.token_ids) - seq.num_prompt_tokens
+        banned: tuple[int, ...] = ()
+        if num_output < sampling.min_tokens:
+            banned = (() if sampling.ignore_eos else tuple(sorted(self.eos_token_ids))) + sampling.stop_token_ids
+        for word in sampling.bad_words:
+            if len(word) - 1 <= num_output and tuple(seq.token_ids[len(seq.token_ids) - len(word) + 1:]) == word[:-1]:
+                banned += word[-1:]
+        return banned
 
     # -- tensor parallel --------------------------------------------------------------------------------------
 

@@ -54,6 +54,9 @@ class SamplingParams:
     when positive and multiplied by it when negative (1: none), before the two penalties above."""
     allowed_token_ids: tuple[int, ...] = ()
     """vLLM's: the only tokens the answer may be made of (empty: any)."""
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    """vLLM's ``bad_words`` as token sequences: each one's last token is banned wherever the answer so far ends with
+    the others (a one-token word everywhere)."""
     ignore_eos: bool = False
     """vLLM's extension: an end-of-sequence token does not end the request, so it runs to max_new_tokens
     (load generators send it so that every request produces exactly its token budget)."""

@@ -105,6 +105,19 @@ class ServerState:
             raise p.bad_request(str(exc), param) from None
         return fmt
 
+    def bad_words(self, request: p.GenerationRequest) -> tuple[tuple[int, ...], ...]:
+        """vLLM's ``bad_words`` as token sequences: each word as the tokenizer splits it alone and after a space
+        (where the model would write it after another word), without special tokens."""
+        sequences: dict[tuple[int, ...], None] = {}
+        for word in request.bad_words or []:
+            if not word.strip():
+                raise p.bad_request("bad_words may not hold an empty or blank word", "bad_words")
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    sequences[ids] = None
+        return tuple(sequences)
+
     def stop_token_ids(self, request: p.GenerationRequest) -> tuple[int, ...]:
         return tuple(self.check_token_ids(request.stop_token_ids or [], "stop_token_ids", "the stop_token_ids"))
 
@@ -213,7 +226,8 @@ def create_app(state: ServerState) -> FastAPI:
         messages = p.chat_messages(req)
         ids = _chat_prompt_ids(state.tokenizer, messages, req.add_generation_prompt,
                                tools=req.tools if req.tool_choice != "none" else None,
-                               continue_final_message=req.continue_final_message)
+                               continue_final_message=req.continue_final_message,
+                               template_kwargs=p.template_kwargs(req))
         return await _generate(request, state, req, [(ids, p.predictor_text(messages))], output_format, chat=True)
 
     @app.post("/tokenize", dependencies=auth)
@@ -225,7 +239,8 @@ def create_app(state: ServerState) -> FastAPI:
         if req.prompt is not None:
             ids = list(state.tokenizer.encode(req.prompt))
         else:
-            ids = _chat_prompt_ids(state.tokenizer, p.chat_messages(req), req.add_generation_prompt)
+            ids = _chat_prompt_ids(state.tokenizer, p.chat_messages(req), req.add_generation_prompt,
+                                   template_kwargs=p.template_kwargs(req))
         return JSONResponse({"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids})
 
     @app.post("/detokenize", dependencies=auth)
@@ -243,11 +258,15 @@ async def _body(request: Request, state: ServerState) -> bytes:
 
 
 def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                     tools: list | None = None, continue_final_message: bool = False) -> list[int]:
+                     tools: list | None = None, continue_final_message: bool = False,
+                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """The tokenizer's chat template with the generation prompt, as the labelled data was made; ``tools`` go to
     the template too (as vLLM hands them over; a template without tool support leaves them out);
-    ``continue_final_message``: the last (assistant) message left open for the answer to continue."""
-    extra = {"tools": tools} if tools else {}
+    ``continue_final_message``: the last (assistant) message left open for the answer to continue;
+    ``template_kwargs``: the client's own template variables (checked: `protocol.template_kwargs`)."""
+    extra = dict(template_kwargs or {})
+    if tools:
+        extra["tools"] = tools
     if continue_final_message:
         extra["continue_final_message"] = True
     try:
@@ -281,7 +300,9 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     fmt = Format(head, chat, sum(len(ids) for ids, _ in prompts), req.n,
                  usage_in_chunks=req.stream and p.include_usage(req), cached_tokens=state.prefix_caching)
     sampling = _sampling(state, req, output_format)
-    token_text = state.token_text if sampling.logprobs is not None else None
+    token_text = None
+    if sampling.logprobs is not None:
+        token_text = _token_id_text if req.return_tokens_as_token_ids else state.token_text
     echo = getattr(req, "echo", False)
     tools = formats.tool_calls(req) if chat else None
     scored = req.prompt_logprobs is not None
@@ -326,16 +347,22 @@ def _sampling(state: ServerState, req: p.GenerationRequest, output_format: Struc
                               req.allowed_token_ids or [], "allowed_token_ids", "the allowed_token_ids")),
                           logprobs=p.requested_logprobs(req), prompt_logprobs=p.requested_prompt_logprobs(req),
                           stop_token_ids=state.stop_token_ids(req), min_tokens=req.min_tokens,
-                          logit_bias=state.logit_bias(req), structured=output_format)
+                          logit_bias=state.logit_bias(req), bad_words=state.bad_words(req), structured=output_format)
+
+
+def _token_id_text(token_id: int) -> str:
+    """vLLM's ``return_tokens_as_token_ids``: a token named by its id in log-probabilities."""
+    return f"token_id:{token_id}"
 
 
 def _length_is_natural(req: p.GenerationRequest) -> bool:
     """Whether the answers end where the model ends them, so that the feedback store may take their lengths for
     labels: not when the client forces a length (``ignore_eos``, ``min_tokens``) or changes what ends it
-    (``stop_token_ids``, a ``logit_bias`` or ``allowed_token_ids``, which may touch end-of-sequence; an output
-    format, which the caller checks). Stop strings are the store's own case (it keeps what happened before the
-    cut)."""
-    return not (req.ignore_eos or req.min_tokens or req.stop_token_ids or req.logit_bias or req.allowed_token_ids)
+    (``stop_token_ids``, a ``logit_bias``, ``allowed_token_ids`` or ``bad_words``, which may touch end-of-sequence;
+    an output format, which the caller checks). Stop strings are the store's own case (it keeps what happened before
+    the cut)."""
+    return not (req.ignore_eos or req.min_tokens or req.stop_token_ids or req.logit_bias or req.allowed_token_ids
+                or req.bad_words)
 
 
 def _truncated(state: ServerState, ids: list[int], text: str, keep: int, chat: bool) -> tuple[list[int], str]:

@@ -121,6 +121,12 @@ class GenerationRequest(BaseModel):
     """vLLM's: each prompt token's log-probability (after the first) with the k most likely tokens' at its place."""
     cache_salt: str | None = None
     """vLLM's: with prefix caching, only requests with the same salt share cached prompt blocks (one per tenant)."""
+    bad_words: list[str] | None = None
+    """vLLM's: words the answer may not contain (each as the tokenizer splits it, with and without a leading space:
+    its last token is banned wherever the answer so far ends with the ones before)."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's: log-probabilities name each token as ``token_id:<id>`` instead of its text (for clients that must
+    map them back to ids, where a token's text is not unique or not valid UTF-8 on its own)."""
 
 
 class CompletionRequest(GenerationRequest):
@@ -139,6 +145,9 @@ class ChatCompletionRequest(GenerationRequest):
     """vLLM's: end the templated prompt with the assistant's turn opening (false: the template's text as is)."""
     continue_final_message: bool = False
     """vLLM's: the last message is the assistant's, and the answer continues it (not with add_generation_prompt)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM's: more variables for the chat template (e.g. a model's ``enable_thinking``); a template ignores the
+    ones it does not use. Names the server sets itself (`RESERVED_TEMPLATE_KWARGS`) are refused."""
     max_completion_tokens: int | None = None
     logprobs: bool = False
     """Return each token's log-probability (and, with ``top_logprobs``, the most likely tokens')."""
@@ -165,6 +174,8 @@ class TokenizeRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
     """Messages only: end where the assistant's answer starts, as a chat request's prompt does."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Messages only: more variables for the chat template, as a chat request's."""
 
 
 class DetokenizeRequest(BaseModel):
@@ -182,10 +193,10 @@ TOOL_FIELDS = ("functions", "function_call")
 # vLLM's request extensions this server does not implement, with the values that change nothing: any other value
 # is a 400 naming the field rather than an answer that silently ignored it.
 VLLM_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "use_beam_search": (False,), "length_penalty": (1, 1.0), "bad_words": ([],),
-    "logits_processors": ([],), "return_tokens_as_token_ids": (False,), "spaces_between_special_tokens": (True,),
+    "use_beam_search": (False,), "length_penalty": (1, 1.0),
+    "logits_processors": ([],), "spaces_between_special_tokens": (True,),
     "guided_whitespace_pattern": (), "guided_decoding_backend": ("auto", "xgrammar"), "structural_tag": (),
-    "chat_template": (), "chat_template_kwargs": ({},), "documents": ([],), "mm_processor_kwargs": ({},),
+    "chat_template": (), "documents": ([],), "mm_processor_kwargs": ({},),
     "add_special_tokens": (), "echo_messages": (), "kv_transfer_params": (), "vllm_xargs": ({},),
     "logits_processor_pattern": (),
 }  # fmt: skip
@@ -366,6 +377,25 @@ def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
             where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             raise bad_request(f"{where} must be a non-empty string or a non-empty list of token ids", "prompt")
     return prompts
+
+
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+    "return_dict", "return_tensors", "padding", "truncation", "max_length", "chat_template", "tokenizer_kwargs",
+    "return_assistant_tokens_mask",
+})  # fmt: skip
+"""Arguments of the tokenizer's ``apply_chat_template`` that the server sets: not template variables a client may
+pass in ``chat_template_kwargs``."""
+
+
+def template_kwargs(request: BaseModel) -> dict[str, Any]:
+    """The request's ``chat_template_kwargs``; a 400 for a name the server sets itself (`RESERVED_TEMPLATE_KWARGS`)."""
+    kwargs = getattr(request, "chat_template_kwargs", None) or {}
+    reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets it (through the "
+                          "request's own field where there is one)", "chat_template_kwargs")
+    return kwargs
 
 
 def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:

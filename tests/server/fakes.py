@@ -40,10 +40,12 @@ class CharTokenizer:
         special = {EOS_ID}
         return "".join("" if (i in special and skip_special_tokens) else _char(i) for i in ids)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True, **_):
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True,
+                            preamble: str = "", **_):
+        """``preamble``: a template variable of this template's own (as a model's ``enable_thinking``)."""
         if any(m["role"] == "system" and "refuse" in m["content"] for m in messages):
             raise ValueError("this template takes no system message asking to refuse")  # a template error
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        text = preamble + "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         text += "<assistant>" if add_generation_prompt else ""
         return {"input_ids": self.encode(text)} if tokenize else text
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 
+import httpx
 import openai
 import pytest
 
-from tests.server.conftest import client
+from tests.server.conftest import API_KEY, client
 from tests.server.fakes import EOS_ID, CharTokenizer
 
 PROMPT = "Once upon a time"
@@ -71,6 +72,48 @@ def test_repetition_penalty_changes_a_repetitive_answer(server):
         assert info.value.body["param"] == "repetition_penalty"
 
 
+def test_bad_words_never_appear_and_the_answer_is_the_same_before_them(server):
+    plain = _complete(server, extra_body={"ignore_eos": True}).choices[0].text
+    word = plain[3:5]
+    banned = _complete(server, extra_body={"ignore_eos": True, "bad_words": [word]}).choices[0].text
+    assert word not in banned
+    end = plain.find(word) + len(word) - 1  # where the word would be completed
+    assert banned[:end] == plain[:end] and banned[end] != plain[end]
+    with pytest.raises(openai.BadRequestError) as info:
+        _complete(server, extra_body={"bad_words": ["ok", " "]})
+    assert info.value.body["param"] == "bad_words"
+
+
+def test_return_tokens_as_token_ids_names_each_token_by_its_id(server):
+    answer = _complete(server, logprobs=2, extra_body={"return_tokens_as_token_ids": True})
+    logprobs = answer.choices[0].logprobs
+    ids = [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
+    assert CharTokenizer().decode(ids, skip_special_tokens=True) == answer.choices[0].text
+    assert all(key.startswith("token_id:") for top in logprobs.top_logprobs for key in top)
+    chat = client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, logprobs=True,
+        top_logprobs=2, extra_body={"return_tokens_as_token_ids": True})
+    content = chat.choices[0].logprobs.content
+    assert content and all(e.token.startswith("token_id:") for e in content)
+    assert all(t.token.startswith("token_id:") for e in content for t in e.top_logprobs)
+
+
+def test_chat_template_kwargs_reach_the_template_and_the_servers_own_are_refused(server):
+    api = client(server)
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = api.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    more = api.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                       extra_body={"chat_template_kwargs": {"preamble": "ABC"}})
+    assert more.usage.prompt_tokens == plain.usage.prompt_tokens + 3
+    counted = httpx.post(f"{server.url}/tokenize", headers={"Authorization": f"Bearer {API_KEY}"},
+                         json={"model": "tiny", "messages": messages, "chat_template_kwargs": {"preamble": "ABC"}})
+    assert counted.json()["count"] == more.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                    extra_body={"chat_template_kwargs": {"tokenize": False}})
+    assert info.value.body["param"] == "chat_template_kwargs" and "tokenize" in info.value.body["message"]
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_end(server):
     kept = _complete(server, max_tokens=4, extra_body={"truncate_prompt_tokens": 4})
     assert kept.usage.prompt_tokens == 4
@@ -102,13 +145,14 @@ def test_chat_template_options(server):
 
 
 @pytest.mark.parametrize("field, value", [("use_beam_search", True), ("length_penalty", 0.5),
-                                          ("bad_words", ["x"]), ("chat_template", "{{ x }}"),
+                                          ("logits_processors", ["a.b"]), ("chat_template", "{{ x }}"),
                                           ("guided_decoding_backend", "outlines"), ("documents", [{"x": 1}])])
 def test_vllm_fields_it_does_not_implement_are_refused_unless_at_their_default(server, field, value):
     with pytest.raises(openai.BadRequestError) as info:
         _complete(server, max_tokens=2, extra_body={field: value})
     assert info.value.body["param"] == field and "not supported" in info.value.body["message"]
-    defaults = {"use_beam_search": False, "length_penalty": 1.0, "bad_words": [], "guided_decoding_backend": "auto"}
+    defaults = {"use_beam_search": False, "length_penalty": 1.0, "logits_processors": [],
+                "guided_decoding_backend": "auto"}
     if field in defaults:
         _complete(server, max_tokens=2, extra_body={field: defaults[field]})
 
