@@ -219,9 +219,14 @@ def evaluate(checkpoint, data, split, quantile, output_dir, batch_size, exclude_
               help="Share the KV cache of prompts that begin alike (default: the config's engine.enable_prefix_caching).")
 @click.option("--priority-scheduling/--no-priority-scheduling", default=None,
               help="Let requests carry a priority (lower first; default: the config's priority_scheduling, off).")
+@click.option("--ssl-certfile", default=None, help="Serve HTTPS with this certificate (PEM; with --ssl-keyfile).")
+@click.option("--ssl-keyfile", default=None, help="The certificate's private key (PEM).")
+@click.option("--allowed-origins", multiple=True, metavar="ORIGIN",
+              help="A web origin whose pages may call the API from a browser (CORS; repeatable; * for any).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
 def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, allow_insecure_no_auth,
-          tensor_parallel, enable_prefix_caching, priority_scheduling, overrides):
+          tensor_parallel, enable_prefix_caching, priority_scheduling, ssl_certfile, ssl_keyfile, allowed_origins,
+          overrides):
     """OpenAI-compatible server with the predictive admission controller and the feedback stream."""
     from serve.server.config import ServeConfig
     from serve.server.launch import serve_main
@@ -230,7 +235,8 @@ def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, 
         "engine.policy.policy": policy, "predictor": predictor, "fallback_policy": fallback_policy, "host": host,
         "port": port, "api_key": api_key, "allow_insecure_no_auth": allow_insecure_no_auth,
         "engine.tensor_parallel": tensor_parallel, "engine.enable_prefix_caching": enable_prefix_caching,
-        "priority_scheduling": priority_scheduling,
+        "priority_scheduling": priority_scheduling, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
+        "allowed_origins": allowed_origins or None,
     }  # fmt: skip
     try:
         config = load_config(ServeConfig, config_path, overrides, values=flags)

@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from serve.engine.plan import SamplingParams, StructuredOutput
@@ -57,6 +58,8 @@ class ServerState:
     """The engine's compiled output formats (serve.engine.structured.GrammarCache); None: no structured outputs."""
     priority_scheduling: bool = False
     """Requests may carry a ``priority`` (ServeConfig.priority_scheduling)."""
+    allowed_origins: tuple[str, ...] = ()
+    """Web origins allowed to call the API from a browser (ServeConfig.allowed_origins); empty: no CORS."""
     created: int = dataclasses.field(default_factory=bodies.now)
 
     def __post_init__(self) -> None:
@@ -188,6 +191,9 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
+    if state.allowed_origins:  # answers a browser's preflight before the routes (and their key check) see it
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Retry-After"])
     auth = [Depends(require_api_key)]
 
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -298,7 +304,8 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
         raise p.bad_request(f"min_tokens ({req.min_tokens}) exceeds the answer's {min(budgets)} tokens", "min_tokens")
     head = bodies.Head(bodies.new_id("chatcmpl" if chat else "cmpl"), bodies.now(), state.model_name, state.system_fingerprint)
     fmt = Format(head, chat, sum(len(ids) for ids, _ in prompts), req.n,
-                 usage_in_chunks=req.stream and p.include_usage(req), cached_tokens=state.prefix_caching)
+                 usage_in_chunks=req.stream and p.include_usage(req), continuous_usage=p.continuous_usage(req),
+                 cached_tokens=state.prefix_caching)
     sampling = _sampling(state, req, output_format)
     token_text = None
     if sampling.logprobs is not None:

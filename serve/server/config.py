@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+from pathlib import Path
 from typing import Literal
 
 from serve.engine.llm import EngineConfig
@@ -52,6 +53,14 @@ class ServeConfig:
     allow_insecure_no_auth: bool = False
     """Serve a non-loopback ``host`` without an API key: anyone who can reach the port can generate, read
     /metrics and write to the feedback store. Without it, such a server refuses to start."""
+    ssl_certfile: str | None = None
+    """Serve HTTPS with this certificate (chain) in PEM, and ``ssl_keyfile`` its private key; both or neither.
+    Without them the server speaks plain HTTP (behind a TLS-terminating proxy, or on loopback)."""
+    ssl_keyfile: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    """Web origins whose pages may call the API from a browser (CORS), e.g. ``https://chat.example.com``; ``*``
+    any. Empty (the default): no CORS headers, so browsers refuse cross-origin calls. Answers carry no
+    credentials cookies; the API key still goes in the Authorization header."""
     served_model_name: str | None = None
     """The model name clients ask for; default: the engine's model (``smollm2`` or the folder's name)."""
     max_new_tokens: int = 512
@@ -99,6 +108,11 @@ class ServeConfig:
                      "feedback_sync_every", "num_buckets", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("give both ssl_certfile and ssl_keyfile (a certificate and its private key), or neither")
+        if not all(isinstance(o, str) and o.strip() for o in self.allowed_origins):
+            raise ValueError(f"allowed_origins must be origins such as https://chat.example.com or *, got "
+                             f"{list(self.allowed_origins)}")
         if not 0 <= self.feedback_sample_rate <= 1:
             raise ValueError(f"feedback_sample_rate must be in [0, 1], got {self.feedback_sample_rate}")
         for name in ("body_timeout_s", "keep_alive_s"):
@@ -119,6 +133,17 @@ class ServeConfig:
     def resolved_api_key(self) -> str | None:
         """The key clients must send: ``api_key``, else env S3_API_KEY; None (no key) when both are empty."""
         return self.api_key or os.environ.get("S3_API_KEY") or None
+
+    @property
+    def tls(self) -> tuple[str, str] | None:
+        """(certificate file, key file) when the server speaks HTTPS."""
+        return (self.ssl_certfile, self.ssl_keyfile) if self.ssl_certfile and self.ssl_keyfile else None
+
+    def check_tls(self) -> None:
+        """The certificate and key files exist (checked before minutes of loading a model)."""
+        for name, path in (("ssl_certfile", self.ssl_certfile), ("ssl_keyfile", self.ssl_keyfile)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{name} {path} does not exist")
 
     def check_exposure(self) -> None:
         """Refuse to serve other machines with no key unless the user said so (``allow_insecure_no_auth``)."""

@@ -104,7 +104,7 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
         body_timeout_s=config.body_timeout_s, default_frequency_penalty=default_frequency_penalty(config, predictor),
         system_fingerprint=fingerprint(engine.model_id, admission.policy.policy, checkpoint_id),
         prefix_caching=engine.config.enable_prefix_caching, grammars=engine.grammars,
-        priority_scheduling=config.priority_scheduling,
+        priority_scheduling=config.priority_scheduling, allowed_origins=config.allowed_origins,
     )  # fmt: skip
     return ServingStack(engine, engine_loop, controller, admission, state, create_app(state))
 
@@ -133,9 +133,11 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
         _follow(config)  # binds nothing; rank 0's refusal below ends the launch (the launcher stops every rank)
         return
     config.check_exposure()  # before minutes of loading a model
+    config.check_tls()
     stack = build_stack(config, load_checkpoint=load_checkpoint)
     _log_startup(config, stack)
-    server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level, config.keep_alive_s))
+    server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level, config.keep_alive_s,
+                                            tls=config.tls))
     stack.start()
     try:
         with _signals_end_the_run():
@@ -192,10 +194,14 @@ def _follow(config: ServeConfig) -> None:
     engine.follow()
 
 
-def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str, keep_alive_s: float) -> uvicorn.Config:
+def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str, keep_alive_s: float, *,
+                    tls: tuple[str, str] | None = None) -> uvicorn.Config:
+    """``tls``: (certificate file, key file) to speak HTTPS."""
+    certfile, keyfile = tls or (None, None)
     # Graceful shutdown lets running requests finish for a while; then they are cut off and aborted.
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
-                          timeout_keep_alive=keep_alive_s, access_log=log_level == "debug")
+                          timeout_keep_alive=keep_alive_s, access_log=log_level == "debug", ssl_certfile=certfile,
+                          ssl_keyfile=keyfile)
 
 
 def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
@@ -217,8 +223,10 @@ def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
     elif hasattr(predictor, "familiarity"):  # a trained checkpoint without a bank
         log.info("familiarity: the predictor keeps no training-prompt embeddings (trained before 2026-12-06 or with "
                  "familiarity_bank_size 0): no unfamiliar-prompt counts")
-    log.info("listening on http://%s:%d (API key %s)", config.host, config.port,
+    log.info("listening on %s://%s:%d (API key %s)", "https" if config.tls else "http", config.host, config.port,
              "required" if stack.state.api_key else "not required")
+    if config.allowed_origins:
+        log.info("browsers may call the API from %s (CORS)", ", ".join(config.allowed_origins))
     if not stack.state.api_key and not is_loopback(config.host):
         log.warning("serving %s without an API key (allow_insecure_no_auth): anyone who can reach the port can "
                     "use this server and write to its feedback store", config.host)
@@ -228,16 +236,17 @@ class BackgroundServer:
     """A server in a background thread on a free loopback port (tests, benchmarks)."""
 
     def __init__(self, stack: ServingStack, *, host: str = "127.0.0.1", log_level: str = "warning",
-                 keep_alive_s: float = ServeConfig.keep_alive_s) -> None:
+                 keep_alive_s: float = ServeConfig.keep_alive_s, tls: tuple[str, str] | None = None) -> None:
         self.stack = stack
-        self.server = uvicorn.Server(_uvicorn_config(stack.app, host, 0, log_level, keep_alive_s))
+        self.server = uvicorn.Server(_uvicorn_config(stack.app, host, 0, log_level, keep_alive_s, tls=tls))
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.host = host
         self.port: int | None = None
+        self.scheme = "https" if tls else "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "BackgroundServer":
         self.stack.start()

@@ -77,7 +77,8 @@ def serve_config(tmp_path, *, policy: str = "s3", kv_cache_tokens: int = 1024, m
 
 
 def start_server(config: ServeConfig, *, predictor=None, eos: bool = True) -> BackgroundServer:
-    """A live server on tiny_llama (EOS = token 1 when ``eos``, so some answers stop early)."""
+    """A live server on tiny_llama (EOS = token 1 when ``eos``, so some answers stop early); HTTPS when ``config``
+    names a certificate."""
     model = tiny_llama()
     if eos:
         model.generation_config.eos_token_id = EOS_ID
@@ -88,4 +89,4 @@ def start_server(config: ServeConfig, *, predictor=None, eos: bool = True) -> Ba
 
     stack = build_stack(config, model=model, tokenizer=tokenizer, predictor=predictor,
                         load_checkpoint=load_predictor_checkpoint)
-    return BackgroundServer(stack).start()
+    return BackgroundServer(stack, tls=config.tls).start()
