@@ -32,6 +32,8 @@ class Format:
     """Choices per prompt: streams ``0, n, 2n, ...`` are each prompt's first."""
     usage_in_chunks: bool = False
     """stream_options.include_usage: every chunk carries "usage" (null until the last, usage-only chunk)."""
+    continuous_usage: bool = False
+    """stream_options.continuous_usage_stats too: each chunk's "usage" is the usage so far, not null (vLLM's)."""
     cached_tokens: bool = False
     """Report the prompt tokens found in the prefix cache (``usage.prompt_tokens_details.cached_tokens``)."""
 
@@ -49,9 +51,11 @@ class Format:
                 del choice["prompt_logprobs"]
         return body
 
-    def chunk(self, choice: dict) -> dict:
+    def chunk(self, choice: dict, streams: list[RequestStream]) -> dict:
         body = bodies.stream_chunk(self.head, chat=self.chat, choice=choice)
-        return {**body, "usage": None} if self.usage_in_chunks else body
+        if not self.usage_in_chunks:
+            return body
+        return {**body, "usage": self.usage(streams) if self.continuous_usage else None}
 
     def usage_chunk(self, streams: list[RequestStream]) -> dict:
         return bodies.usage_chunk(self.head, chat=self.chat, usage_=self.usage(streams))
@@ -165,10 +169,10 @@ async def sse_events(streams: list[RequestStream], fmt: Format, choices: list[Ch
     try:
         if fmt.chat:
             for choice in choices:
-                yield _sse_data(fmt.chunk(choice.role()))
+                yield _sse_data(fmt.chunk(choice.role(), streams))
         async for i, output in merged(streams):
             for piece in choices[i].pieces(output):
-                yield _sse_data(fmt.chunk(piece))
+                yield _sse_data(fmt.chunk(piece, streams))
         if fmt.usage_in_chunks:
             yield _sse_data(fmt.usage_chunk(streams))
         yield "data: [DONE]\n\n"

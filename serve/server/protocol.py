@@ -253,8 +253,9 @@ def _check_stream_options(request: GenerationRequest) -> None:
     if not request.stream:  # OpenAI's rule and message
         raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                           "stream_options")
-    if options.get("include_usage") not in (None, True, False):
-        raise bad_request("stream_options.include_usage must be true or false", "stream_options.include_usage")
+    for name in ("include_usage", "continuous_usage_stats"):
+        if options.get(name) not in (None, True, False):
+            raise bad_request(f"stream_options.{name} must be true or false", f"stream_options.{name}")
 
 
 def _validation_error(exc: pydantic.ValidationError) -> APIError:
@@ -450,3 +451,9 @@ def predictor_text(messages: list[dict[str, str]]) -> str:
 
 def include_usage(request: GenerationRequest) -> bool:
     return bool(request.stream_options and request.stream_options.get("include_usage"))
+
+
+def continuous_usage(request: GenerationRequest) -> bool:
+    """vLLM's ``stream_options.continuous_usage_stats`` (with ``include_usage``): every chunk carries the usage so
+    far, not null."""
+    return include_usage(request) and bool(request.stream_options.get("continuous_usage_stats"))

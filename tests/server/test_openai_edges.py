@@ -80,6 +80,26 @@ def test_system_fingerprint_and_usage_null_in_chunks(server):
     wait_idle(server)
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(server):
+    """vLLM's stream_options.continuous_usage_stats: with include_usage, each chunk's usage counts the tokens sent
+    so far (a client can meter a stream it cuts short); the last, usage-only chunk stays the total."""
+    c = client(server)
+    for chat in (True, False):
+        create = c.chat.completions.create if chat else c.completions.create
+        kwargs = {"messages": CHAT} if chat else {"prompt": "hi"}
+        *body, last = create(model="tiny", max_tokens=6, temperature=0, stream=True, **kwargs,
+                             stream_options={"include_usage": True, "continuous_usage_stats": True})
+        assert last.choices == [] and body
+        counts = [chunk.usage.completion_tokens for chunk in body]
+        assert counts == sorted(counts) and counts[-1] == last.usage.completion_tokens
+        assert all(chunk.usage.prompt_tokens == last.usage.prompt_tokens for chunk in body)
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model="tiny", prompt="hi", stream=True,
+                             stream_options={"include_usage": True, "continuous_usage_stats": "yes"})
+    assert info.value.body["param"] == "stream_options.continuous_usage_stats"
+    wait_idle(server)
+
+
 def test_negative_seed_and_text_response_format(server):
     c = client(server)
     ask = lambda seed: c.chat.completions.create(  # noqa: E731
