@@ -140,15 +140,18 @@ class PredictionOutcomes:
     def num_observed(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def num_within_one(self) -> int:
+        return self.counts["exact"] + self.counts["one_under"] + self.counts["one_over"]
+
     def summary(self) -> str:
         """One line: how many, exact, within one bucket, under-predicted, MAE (the figures `s3 evaluate` gives)."""
         n = self.num_observed
         if n == 0:
             return "no request has ended at a label length yet"
         c = self.counts
-        within = c["exact"] + c["one_under"] + c["one_over"]
         return (f"{n:,} requests ended at a label length: {c['exact'] / n:.1%} in the predicted bucket, "
-                f"{within / n:.1%} within one, {(c['one_under'] + c['under']) / n:.1%} under-predicted, "
+                f"{self.num_within_one / n:.1%} within one, {(c['one_under'] + c['under']) / n:.1%} under-predicted, "
                 f"MAE {self.abs_error_tokens / n:.1f} tokens")
 
 

@@ -96,6 +96,9 @@ class ServeConfig:
     thread between two steps. Default: only when the engine runs on a GPU; on a CPU, torch computations issued
     from two threads slow each other (see `serve.server.admission`)."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_stats_interval_s: float = 10.0
+    """`s3 serve` logs a line of engine statistics this often while it has work (tokens/s, queue, KV memory,
+    preemptions, prefix cache, the predictor's live accuracy; as vLLM's); 0: never."""
 
     def __post_init__(self) -> None:
         if self.predictor and self.oracle_lengths:
@@ -115,6 +118,9 @@ class ServeConfig:
                              f"{list(self.allowed_origins)}")
         if not 0 <= self.feedback_sample_rate <= 1:
             raise ValueError(f"feedback_sample_rate must be in [0, 1], got {self.feedback_sample_rate}")
+        if self.log_stats_interval_s < 0:
+            raise ValueError(f"log_stats_interval_s must be >= 0 (0: no statistics lines), got "
+                             f"{self.log_stats_interval_s}")
         for name in ("body_timeout_s", "keep_alive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -32,6 +32,7 @@ from serve.server.async_engine import AsyncEngine
 from serve.server.config import ServeConfig, is_loopback
 from serve.server.engine_loop import EngineLoop
 from serve.server.metrics import ServerMetrics
+from serve.server.stats_log import StatsLogger
 from serve.server.bodies import fingerprint
 
 log = logging.getLogger(__name__)
@@ -139,12 +140,18 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
     server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level, config.keep_alive_s,
                                             tls=config.tls))
     stack.start()
+    stats = None
+    if config.log_stats_interval_s > 0:
+        stats = StatsLogger(lambda: stack.engine_loop.snapshot, interval_s=config.log_stats_interval_s,
+                            outcomes=stack.engine_loop.outcomes).start()
     try:
         with _signals_end_the_run():
             server.run()
     except _Stopped:
         pass
     finally:
+        if stats is not None:
+            stats.stop()
         stack.stop()
     if stack.engine_loop.outcomes is not None:
         log.info("the predictor on this run's traffic: %s", stack.engine_loop.outcomes.summary())

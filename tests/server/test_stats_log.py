@@ -1,0 +1,48 @@
+"""`s3 serve`'s periodic statistics line (serve/server/stats_log.py): rates over the interval, the queue, KV memory,
+the prefix cache and the predictor's live accuracy; nothing while the server idles."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.feedback import PredictionOutcomes
+from serve.sched_output import SchedulerStats
+from serve.server.config import ServeConfig
+from serve.server.engine_loop import EngineSnapshot
+from serve.server.stats_log import StatsLogger
+from tests.server.fakes import BUCKETS
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_line_says_what_the_engine_did_since_the_last_and_nothing_while_idle():
+    clock, outcomes = Clock(), PredictionOutcomes(BUCKETS)
+    snap = EngineSnapshot(num_kv_blocks=100)
+    logger = StatsLogger(lambda: snap, interval_s=10, outcomes=outcomes, clock=clock)
+    clock.now += 10
+    assert logger.line() is None  # idle
+    snap = EngineSnapshot(num_waiting=3, num_running=5, num_kv_blocks=100, num_kv_blocks_reserved=40,
+                          num_kv_blocks_used=25, stats=SchedulerStats(
+                              num_generated_tokens=200, num_batched_tokens=700, num_preemptions=2,
+                              num_prefix_query_tokens=400, num_prefix_hit_tokens=100))
+    outcomes.counts.update(exact=2, one_under=1, under=1)
+    clock.now += 10
+    assert logger.line() == ("prompt 50.0 tokens/s, generation 20.0 tokens/s, running 5, waiting 3, KV cache 25.0% "
+                             "used (40.0% held), preemptions 2, prefix cache hit rate 25.0%, predictor 75% within "
+                             "one bucket over 4 requests")
+    clock.now += 10
+    assert logger.line().startswith("prompt 0.0 tokens/s, generation 0.0 tokens/s, running 5")  # still busy
+    snap = EngineSnapshot(num_kv_blocks=100, stats=snap.stats)
+    clock.now += 10
+    assert logger.line() is None
+
+
+def test_the_interval_is_checked():
+    assert ServeConfig(log_stats_interval_s=0).log_stats_interval_s == 0  # no lines
+    with pytest.raises(ValueError, match="log_stats_interval_s"):
+        ServeConfig(log_stats_interval_s=-1)
