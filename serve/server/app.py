@@ -1,6 +1,6 @@
 """The HTTP routes: OpenAI's /v1/completions and /v1/chat/completions (streamed or not), /v1/models, vLLM's
-/tokenize and /detokenize, /health and /metrics. Handlers validate, tokenize and submit; the engine thread does the
-rest (see async_engine.py).
+/tokenize, /detokenize and /version, /health and /metrics. Handlers validate, tokenize and submit; the engine
+thread does the rest (see async_engine.py).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import functools
 import hmac
+import importlib.metadata
 import logging
 from typing import Any
 
@@ -28,6 +29,11 @@ from serve.server.async_engine import AsyncEngine, EngineError, RequestStream, T
 from serve.server.metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger(__name__)
+
+try:
+    VERSION = importlib.metadata.version("s3-serve")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    VERSION = "unknown"
 
 
 @dataclasses.dataclass
@@ -204,7 +210,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> Response:
-        return JSONResponse(bodies.models_body(state.model_name, state.created))
+        return JSONResponse(bodies.models_body(state.model_name, state.created, state.max_model_len))
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": VERSION})
 
     @app.get("/metrics", dependencies=auth)
     async def metrics() -> Response:
@@ -326,7 +336,7 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     if req.stream:
         # close() also runs as a background task: it frees the requests even if the stream never started.
         return StreamingResponse(sse_events(streams, fmt, choices), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"},
+                                 headers={"Cache-Control": "no-cache"} | _request_id(request, head.rid),
                                  background=BackgroundTask(close_all, streams))
     try:
         answers = await _unless_disconnected(request, asyncio.gather(*(stream.collect() for stream in streams)))
@@ -337,7 +347,7 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     finally:
         close_all(streams)
     whole = [choice.whole(text, reason, outputs) for choice, (text, reason, outputs) in zip(choices, answers)]
-    return JSONResponse(fmt.response(whole, streams))
+    return JSONResponse(fmt.response(whole, streams), headers=_request_id(request, head.rid))
 
 
 def _sampling(state: ServerState, req: p.GenerationRequest, output_format: StructuredOutput | None) -> SamplingParams:
@@ -441,7 +451,14 @@ async def _wait_disconnect(request: Request) -> None:
 
 def _error_response(request: Request, error: p.APIError) -> JSONResponse:
     _state(request).metrics.errors.labels(status=str(error.status)).inc()
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    return JSONResponse(error.body(), status_code=error.status, headers=_request_id(request) | (error.headers or {}))
+
+
+def _request_id(request: Request, default: str | None = None) -> dict[str, str]:
+    """The ``X-Request-Id`` header of the answer: the client's own (a proxy's trace id), else ``default`` (the
+    answer's id), so a log line on either side can be matched with the other."""
+    value = request.headers.get("x-request-id") or default
+    return {"X-Request-Id": value} if value else {}
 
 
 async def _api_error(request: Request, exc: p.APIError) -> JSONResponse:
@@ -452,7 +469,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     message = f"{request.method} {request.url.path}: {exc.detail}"
     if exc.status_code == 404:
         message += ("; routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, "
-                    "/metrics")
+                    "/metrics, /version")
     return _error_response(request, p.APIError(exc.status_code, message))
 
 

@@ -85,5 +85,7 @@ def usage_chunk(head: Head, *, chat: bool, usage_: dict) -> dict:
     return {**head.fields(_chunk_kind(chat)), "choices": [], "usage": usage_}
 
 
-def models_body(model: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "s3"}]}
+def models_body(model: str, created: int, max_model_len: int) -> dict:
+    """OpenAI's model list, with vLLM's ``max_model_len`` (clients size their prompts by it)."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "s3",
+                                        "root": model, "parent": None, "max_model_len": max_model_len}]}

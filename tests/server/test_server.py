@@ -26,9 +26,26 @@ def _stream_text(chunks, *, chat: bool) -> tuple[str, str | None, list]:
     return "".join(pieces), with_choices[-1].choices[0].finish_reason, chunks
 
 
-def test_models_and_health(server):
-    assert [m.id for m in client(server).models.list()] == ["tiny"]
+def test_models_health_and_version(server):
+    (model,) = client(server).models.list()
+    assert model.id == "tiny" and model.max_model_len == server.stack.state.max_model_len  # vLLM's field
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # no key needed
+    assert httpx.get(f"{server.url}/version").json()["version"]  # no key needed, as vLLM's
+
+
+def test_answers_carry_a_request_id_header(server):
+    """X-Request-Id: the client's own when it sent one (a proxy's trace id), else the answer's id; errors too."""
+    c = client(server)
+    raw = c.completions.with_raw_response.create(model="tiny", prompt="a", max_tokens=2)
+    assert raw.headers["x-request-id"] == raw.parse().id
+    traced = c.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=2, stream=True,
+        extra_headers={"X-Request-Id": "trace-42"})
+    assert traced.headers["x-request-id"] == "trace-42"
+    list(traced.parse())
+    refused = httpx.post(f"{server.url}/v1/completions", json={"model": "nope", "prompt": "a"},
+                         headers={"Authorization": f"Bearer {API_KEY}", "X-Request-Id": "trace-43"})
+    assert refused.status_code == 404 and refused.headers["x-request-id"] == "trace-43"
 
 
 def test_chat_streamed_and_not_give_the_same_answer(server):
