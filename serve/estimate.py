@@ -163,17 +163,22 @@ class BucketEstimator:
 
     def __init__(self, buckets: BucketSpec, *, quantile: float, prior_weight: float, shape: Shape | None = None,
                  prior: Sequence[float] | None = None) -> None:
-        n = buckets.num_buckets
+        self.buckets = buckets
+        self.quantile = quantile
+        self.prior_weight = prior_weight
+        self.set_profile(prior, shape)
+        self._dists: dict[str, LengthDistribution] = {}  # per live request
+
+    def set_profile(self, prior: Sequence[float] | None, shape: Shape | None) -> None:
+        """The training labels' bucket frequencies and within-bucket shape; requests already estimated keep the
+        distribution they were given."""
+        n = self.buckets.num_buckets
         if shape is not None and len(shape) != n:
             raise ValueError(f"bucket_shape has {len(shape)} rows for {n} buckets")
         if prior is not None and (len(prior) != n or sum(prior) <= 0):
             raise ValueError(f"bucket_prior needs {n} non-negative weights that are not all 0, got {prior}")
-        self.buckets = buckets
-        self.quantile = quantile
-        self.prior_weight = prior_weight
         self.shape = shape
         self._prior = (1.0 / n,) * n if prior is None else tuple(p / sum(prior) for p in prior)
-        self._dists: dict[str, LengthDistribution] = {}  # per live request
 
     def probs(self, request: Request) -> tuple[float, ...]:
         prediction, n = request.prediction, self.buckets.num_buckets

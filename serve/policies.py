@@ -212,6 +212,13 @@ class AdmissionPolicy:
     def observe_finished(self, request: Request) -> None:
         """A request ended (finished or aborted)."""
 
+    def use_length_profile(self, prior: Sequence[float] | None, shape: Shape | None) -> None:
+        """A new predictor's label profile (`with_length_profile`; its checkpoint swapped while serving) for the
+        requests estimated from now on; nothing to change in a policy without a bucket estimator."""
+        estimator = getattr(self, "estimator", None)
+        if isinstance(estimator, BucketEstimator):
+            estimator.set_profile(prior, shape)
+
 
 @register
 class MaxPolicy(AdmissionPolicy):

@@ -116,6 +116,14 @@ def check_target_model(predictor: Predictor, model_id: str) -> None:
         )
 
 
+def default_frequency_penalty(config: ServeConfig, predictor: Predictor | None) -> float:
+    """As configured, else as the predictor's labels were generated (its checkpoint's decoding), else 0."""
+    if config.default_frequency_penalty is not None:
+        return config.default_frequency_penalty
+    decoding = getattr(predictor, "decoding", None) or {}
+    return float(decoding.get("frequency_penalty", 0.0))
+
+
 _STOP = object()
 
 

@@ -25,13 +25,14 @@ from serve.feedback import FeedbackLog, FeedbackWriter, PredictionOutcomes
 from serve.policies import PolicyConfig
 from serve.server.admission import (
     Admission, AdmissionController, CheckpointLoader, Classifier, Predictor, check_target_model,
-    resolve_admission,
+    default_frequency_penalty, resolve_admission,
 )  # fmt: skip
 from serve.server.app import ServerState, create_app
 from serve.server.async_engine import AsyncEngine
 from serve.server.config import ServeConfig, is_loopback
 from serve.server.engine_loop import EngineLoop
 from serve.server.metrics import ServerMetrics
+from serve.server.reload import ReloadError, reload_predictor
 from serve.server.stats_log import StatsLogger
 from serve.server.bodies import fingerprint
 
@@ -48,6 +49,11 @@ class ServingStack:
     admission: Admission
     state: ServerState
     app: FastAPI
+    config: ServeConfig
+    load_checkpoint: CheckpointLoader | None = None
+    """What loaded the predictor, to load it again (`serve.server.reload`)."""
+    classifier: Classifier | None = None
+    """The predictor over prompts (in the engine thread or the controller's), whose predictor a reload swaps."""
 
     def start(self) -> None:
         self.engine_loop.start()
@@ -69,7 +75,9 @@ def build_stack(config: ServeConfig, *, model=None, tokenizer=None, predictor: P
     engine = LLMEngine(engine_config, model=model, tokenizer=tokenizer, buckets=admission.buckets)
     if admission.predictor is not None and config.check_target_model:
         check_target_model(admission.predictor, engine.model_id)
-    return assemble(config, engine, admission)
+    stack = assemble(config, engine, admission)
+    stack.load_checkpoint = load_checkpoint
+    return stack
 
 
 def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> ServingStack:
@@ -107,15 +115,8 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
         prefix_caching=engine.config.enable_prefix_caching, grammars=engine.grammars,
         priority_scheduling=config.priority_scheduling, allowed_origins=config.allowed_origins,
     )  # fmt: skip
-    return ServingStack(engine, engine_loop, controller, admission, state, create_app(state))
-
-
-def default_frequency_penalty(config: ServeConfig, predictor: Predictor | None) -> float:
-    """As configured, else as the predictor's labels were generated (its checkpoint's decoding), else 0."""
-    if config.default_frequency_penalty is not None:
-        return config.default_frequency_penalty
-    decoding = getattr(predictor, "decoding", None) or {}
-    return float(decoding.get("frequency_penalty", 0.0))
+    return ServingStack(engine, engine_loop, controller, admission, state, create_app(state), config,
+                        classifier=controller.classify if controller is not None else classify)
 
 
 def served_model_name(config: ServeConfig) -> str:
@@ -145,7 +146,7 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
         stats = StatsLogger(lambda: stack.engine_loop.snapshot, interval_s=config.log_stats_interval_s,
                             outcomes=stack.engine_loop.outcomes).start()
     try:
-        with _signals_end_the_run():
+        with _signals_end_the_run(), _sighup_reloads(stack):
             server.run()
     except _Stopped:
         pass
@@ -182,6 +183,39 @@ def _signals_end_the_run():
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _sighup_reloads(stack: ServingStack):
+    """SIGHUP loads the predictor checkpoint again and serves with it (`serve.server.reload`), in a thread of its
+    own: loading takes seconds, and a signal handler must return at once."""
+    busy = threading.Lock()
+
+    def reload() -> None:
+        try:
+            reload_predictor(stack)
+        except ReloadError as exc:
+            log.error("predictor not reloaded: %s", exc)
+        except Exception:
+            log.exception("predictor not reloaded")
+        finally:
+            busy.release()
+
+    def on_sighup(signum, frame) -> None:
+        if not busy.acquire(blocking=False):
+            log.warning("SIGHUP: a predictor reload is already under way; this one is ignored")
+            return
+        log.info("SIGHUP: loading the predictor checkpoint again")
+        threading.Thread(target=reload, name="predictor-reload", daemon=True).start()
+
+    if not hasattr(signal, "SIGHUP"):  # Windows
+        yield
+        return
+    before = signal.signal(signal.SIGHUP, on_sighup)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def _num_cores() -> int:

@@ -114,9 +114,17 @@ class ServerMetrics:
             "s3_unfamiliar_prompts", "Prompts below the predictor's familiarity threshold, under which it put a "
             "share of its validation prompts (familiarity_quantile, 5% by default): a share of "
             "s3_prompt_familiarity_count well above that is traffic unlike what it was trained on.", registry=r)
-        info = Gauge("s3_admission_info", "The admission policy and predictor checkpoint in use.",
-                     ["policy", "checkpoint_id"], registry=r)
-        info.labels(policy=policy, checkpoint_id=checkpoint_id or "").set(1)
+        self.policy = policy
+        self.admission_info = Gauge("s3_admission_info", "The admission policy and predictor checkpoint in use (1; "
+                                    "0 for a checkpoint swapped out).", ["policy", "checkpoint_id"], registry=r)
+        self.checkpoint_id = checkpoint_id or ""
+        self.admission_info.labels(policy=policy, checkpoint_id=self.checkpoint_id).set(1)
+
+    def use_checkpoint(self, checkpoint_id: str | None) -> None:
+        """The predictor was swapped while serving (`serve.server.reload`)."""
+        self.admission_info.labels(policy=self.policy, checkpoint_id=self.checkpoint_id).set(0)
+        self.checkpoint_id = checkpoint_id or ""
+        self.admission_info.labels(policy=self.policy, checkpoint_id=self.checkpoint_id).set(1)
 
     def observe_predictions(self, predictions) -> None:
         """Familiarity of a classified batch (`core.request.LengthPrediction`s; None for a prompt not classified)."""

@@ -8,7 +8,7 @@ import pytest
 
 from serve.feedback import read_feedback
 from tests.server.conftest import API_KEY, client, wait_idle
-from serve.server.launch import default_frequency_penalty
+from serve.server.admission import default_frequency_penalty
 from tests.server.fakes import BUCKETS, MAX_NEW_TOKENS, CharTokenizer, FakePredictor, serve_config
 
 GREEDY = {"model": "tiny", "temperature": 0}  # the OpenAI default temperature is 1
