@@ -78,6 +78,13 @@ class LengthPredictor:
         """The decoding settings the training labels were generated with (serve with the same)."""
         return self.info.decoding
 
+    @property
+    def expected_within_one(self) -> float | None:
+        """Within-one-bucket accuracy on the validation split (the checkpoint's metrics): what a server should see
+        on traffic like the training data's."""
+        value = self.info.metrics.get("within_one_accuracy")
+        return None if value is None else float(value)
+
     @classmethod
     def load(cls, checkpoint_dir: str | Path, expected_target_model: str | None = None,
              expected_buckets: BucketSpec | None = None, *, device: str | torch.device = "cpu") -> "LengthPredictor":

@@ -25,6 +25,7 @@ import collections
 import functools
 import hashlib
 import json
+import math
 import os
 import pathlib
 import time
@@ -106,6 +107,11 @@ def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str
     }
 
 
+STALE_MIN_REQUESTS = 200
+STALE_MIN_GAP = 0.05
+"""`PredictionOutcomes.stale`: requests scored before judging, and the smallest fall in within-one accuracy worth a
+retraining round."""
+
 OUTCOMES = ("exact", "one_under", "one_over", "under", "over")
 """How a prediction turned out: the true bucket equal to the predicted one, one above it (under-predicted by one
 bucket), one below, more than one above, more than one below."""
@@ -114,12 +120,18 @@ bucket), one below, more than one above, more than one below."""
 class PredictionOutcomes:
     """The predictor's accuracy on served traffic, live: the outcome of each request that ended at a label length
     (`length_is_label`; one cut by its own ``max_tokens`` or a stop string says too little), and the error of the
-    predicted bucket's midpoint in tokens. Written by the engine thread, read by `/metrics` and the shutdown log."""
+    predicted bucket's midpoint in tokens. Written by the engine thread, read by `/metrics` and the logs.
+    ``expected_within_one``: the predictor's within-one accuracy on its validation split, if known (`stale`)."""
 
-    def __init__(self, buckets: BucketSpec) -> None:
+    def __init__(self, buckets: BucketSpec, expected_within_one: float | None = None) -> None:
         self.buckets = buckets
+        self.reset(expected_within_one)
+
+    def reset(self, expected_within_one: float | None) -> None:
+        """Count again from nothing (a new predictor, whose validation accuracy is ``expected_within_one``)."""
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.abs_error_tokens = 0.0
+        self.expected_within_one = expected_within_one
 
     def observe(self, request: Request) -> None:
         prediction = request.prediction
@@ -143,6 +155,20 @@ class PredictionOutcomes:
     @property
     def num_within_one(self) -> int:
         return self.counts["exact"] + self.counts["one_under"] + self.counts["one_over"]
+
+    def stale(self, *, min_requests: int = STALE_MIN_REQUESTS, min_gap: float = STALE_MIN_GAP) -> str | None:
+        """Why a retraining round is due, or None: over at least ``min_requests`` requests, the live within-one
+        accuracy is below the validation split's by more than ``min_gap`` and by more than sampling explains (a
+        one-sided test at the 1% level): the traffic is unlike what the predictor learned."""
+        n, expected = self.num_observed, self.expected_within_one
+        if expected is None or n < min_requests:
+            return None
+        live = self.num_within_one / n
+        if expected - live <= max(min_gap, 2.33 * math.sqrt(expected * (1 - expected) / n)):
+            return None
+        return (f"the length predictor is within one bucket for {live:.1%} of the {n:,} requests scored since it was "
+                f"loaded, against {expected:.1%} on its validation split: this traffic is unlike what it learned; "
+                "a retraining round on the feedback store is due (`s3 train --feedback`, then SIGHUP to serve it)")
 
     def summary(self) -> str:
         """One line: how many, exact, within one bucket, under-predicted, MAE (the figures `s3 evaluate` gives)."""

@@ -87,7 +87,9 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
     if config.feedback_dir and predictor is not None:
         writer = FeedbackWriter(config.feedback_dir, sync_every=config.feedback_sync_every)
         feedback = FeedbackLog(writer, predictor.buckets, checkpoint_id, sample_rate=config.feedback_sample_rate)
-    outcomes = PredictionOutcomes(predictor.buckets) if predictor is not None else None
+    outcomes = None
+    if predictor is not None:
+        outcomes = PredictionOutcomes(predictor.buckets, getattr(predictor, "expected_within_one", None))
     metrics = ServerMetrics(lambda: engine_loop.snapshot, policy=admission.policy.policy, checkpoint_id=checkpoint_id,
                             outcomes=outcomes)
     threaded = config.predictor_thread

@@ -79,6 +79,11 @@ class _OutcomeCollector:
             "s3_prediction_abs_error_tokens", "Absolute error of the predicted bucket's midpoint in tokens, summed "
             "over s3_prediction_outcomes (over their sum: the mean absolute error).",
             value=self.outcomes.abs_error_tokens)
+        if self.outcomes.expected_within_one is not None:
+            yield GaugeMetricFamily(
+                "s3_prediction_expected_within_one", "The predictor's within-one-bucket accuracy on its validation "
+                "split: s3_prediction_outcomes' share of exact, one_under and one_over well below it means traffic "
+                "unlike its training data (a retraining round is due).", value=self.outcomes.expected_within_one)
 
 
 class ServerMetrics:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from serve.feedback import OUTCOMES
 from serve.policies import with_length_profile
 from serve.server.admission import check_target_model, default_frequency_penalty
 from serve.server.bodies import fingerprint
@@ -63,8 +62,7 @@ def reload_predictor(stack, *, timeout_s: float = 60.0) -> str:
         if loop.outcomes is None:
             return None
         summary = loop.outcomes.summary()
-        loop.outcomes.counts = dict.fromkeys(OUTCOMES, 0)
-        loop.outcomes.abs_error_tokens = 0.0
+        loop.outcomes.reset(getattr(new, "expected_within_one", None))
         return summary
 
     before = stack.engine_loop.call(swap).result(timeout_s)

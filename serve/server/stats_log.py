@@ -36,6 +36,7 @@ class StatsLogger:
         self.outcomes = outcomes
         self.clock = clock
         self._last = self._mark(snapshot())
+        self._stale_said_at = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stats-log", daemon=True)
 
@@ -53,6 +54,24 @@ class StatsLogger:
             text = self.line()
             if text is not None:
                 log.info(text)
+            stale = self.stale()
+            if stale is not None:
+                log.warning(stale)
+
+    def stale(self) -> str | None:
+        """`PredictionOutcomes.stale`'s warning, said once and again only after twice as many requests scored
+        (or after a reload starts the count again), so that a stale predictor does not flood the log."""
+        outcomes = self.outcomes
+        if outcomes is None:
+            return None
+        n = outcomes.num_observed
+        if n < self._stale_said_at:  # counted again from a reload
+            self._stale_said_at = 0
+        reason = outcomes.stale()
+        if reason is None or (self._stale_said_at and n < 2 * self._stale_said_at):
+            return None
+        self._stale_said_at = n
+        return reason
 
     def _mark(self, snap: EngineSnapshot) -> _Mark:
         stats = snap.stats

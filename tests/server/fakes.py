@@ -57,6 +57,8 @@ class FakePredictor:
     bucket: int = 0
     buckets: BucketSpec = BUCKETS
     checkpoint_id: str = "fake-checkpoint"
+    expected_within_one: float | None = None
+    """Within-one accuracy on its validation split, as a trained checkpoint states it."""
     calls: list[list[str]] = dataclasses.field(default_factory=list)
 
     def predict(self, prompts: list[str]) -> list[LengthPrediction]:

@@ -41,9 +41,11 @@ def _metrics(srv) -> str:
 
 
 def test_a_reloaded_predictor_classifies_the_next_requests_and_names_them(tmp_path):
-    first, second = FakePredictor(bucket=0, checkpoint_id="first"), FakePredictor(bucket=2, checkpoint_id="second")
+    first = FakePredictor(bucket=0, checkpoint_id="first")
+    second = FakePredictor(bucket=2, checkpoint_id="second", expected_within_one=0.6)
     srv = _serve(tmp_path, [first, second])
     try:
+        assert "s3_prediction_expected_within_one" not in _metrics(srv)  # the first states none
         api = client(srv)
         before = api.completions.create(model="tiny", prompt="before", max_tokens=32, temperature=0)
         assert ["before"] in first.calls
@@ -54,6 +56,7 @@ def test_a_reloaded_predictor_classifies_the_next_requests_and_names_them(tmp_pa
         text = _metrics(srv)
         assert 's3_admission_info{checkpoint_id="first",policy="s3"} 0.0' in text
         assert 's3_admission_info{checkpoint_id="second",policy="s3"} 1.0' in text
+        assert "s3_prediction_expected_within_one 0.6" in text
         outcomes = srv.stack.engine_loop.outcomes
         assert outcomes.num_observed <= 1  # counted again from the swap: at most "after"
         assert srv.stack.engine_loop.feedback.checkpoint_id == "second"

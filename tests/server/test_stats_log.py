@@ -46,3 +46,29 @@ def test_the_interval_is_checked():
     assert ServeConfig(log_stats_interval_s=0).log_stats_interval_s == 0  # no lines
     with pytest.raises(ValueError, match="log_stats_interval_s"):
         ServeConfig(log_stats_interval_s=-1)
+
+
+def _scored(outcomes: PredictionOutcomes, n: int, within: int) -> None:
+    outcomes.reset(outcomes.expected_within_one)
+    outcomes.counts.update(exact=within, under=n - within)
+
+
+def test_a_predictor_well_below_its_validation_accuracy_is_called_stale():
+    outcomes = PredictionOutcomes(BUCKETS, expected_within_one=0.65)
+    _scored(outcomes, 199, 50)
+    assert outcomes.stale() is None  # too few requests to judge
+    _scored(outcomes, 300, 186)  # 62%: within the 5-point band
+    assert outcomes.stale() is None
+    _scored(outcomes, 300, 174)  # 58%: 7 points under, more than sampling explains at n = 300 (6.4)
+    assert "58.0% of the 300 requests" in outcomes.stale() and "65.0% on its validation split" in outcomes.stale()
+    assert PredictionOutcomes(BUCKETS).stale() is None  # a predictor with no validation figure
+
+
+def test_the_stale_warning_is_said_again_only_after_twice_as_many_requests():
+    outcomes = PredictionOutcomes(BUCKETS, expected_within_one=0.65)
+    logger = StatsLogger(lambda: EngineSnapshot(), interval_s=10, outcomes=outcomes)
+    said = []
+    for n in (300, 400, 599, 600, 700, 250):  # 250: counted again after a reload
+        _scored(outcomes, n, n // 3)
+        said.append(logger.stale() is not None)
+    assert said == [True, False, False, True, False, True]
