@@ -108,7 +108,7 @@ def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str
 
 
 STALE_MIN_REQUESTS = 200
-STALE_MIN_GAP = 0.05
+STALE_MIN_GAP = 0.10
 """`PredictionOutcomes.stale`: requests scored before judging, and the smallest fall in within-one accuracy worth a
 retraining round."""
 
@@ -134,11 +134,14 @@ class PredictionOutcomes:
         self.expected_within_one = expected_within_one
 
     def observe(self, request: Request) -> None:
-        prediction = request.prediction
-        if prediction is None or not length_is_label(request, self.buckets):
-            return
-        length = self.buckets.clip(request.num_output_tokens)
-        diff = self.buckets.bucket_of(length) - prediction.bucket
+        """Score a finished request, if its length is a label and it was predicted."""
+        if request.prediction is not None and length_is_label(request, self.buckets):
+            self.add(request.num_output_tokens, request.prediction.bucket)
+
+    def add(self, num_output_tokens: int, predicted_bucket: int) -> None:
+        """Score one answer's length against its predicted bucket."""
+        length = self.buckets.clip(num_output_tokens)
+        diff = self.buckets.bucket_of(length) - predicted_bucket
         if diff == 0:
             outcome = "exact"
         elif abs(diff) == 1:
@@ -146,7 +149,7 @@ class PredictionOutcomes:
         else:
             outcome = "under" if diff > 0 else "over"
         self.counts[outcome] += 1
-        self.abs_error_tokens += abs(length - self.buckets.midpoint(prediction.bucket))
+        self.abs_error_tokens += abs(length - self.buckets.midpoint(predicted_bucket))
 
     @property
     def num_observed(self) -> int:
