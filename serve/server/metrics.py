@@ -84,6 +84,10 @@ class _OutcomeCollector:
                 "s3_prediction_expected_within_one", "The predictor's within-one-bucket accuracy on its validation "
                 "split: s3_prediction_outcomes' share of exact, one_under and one_over well below it means traffic "
                 "unlike its training data (a retraining round is due).", value=self.outcomes.expected_within_one)
+            yield GaugeMetricFamily(
+                "s3_predictor_stale", "1 while the live within-one accuracy is far enough under the validation "
+                "figure to call a retraining round due (serve.feedback.PredictionOutcomes.stale; logged too), else 0.",
+                value=float(self.outcomes.stale() is not None))
 
 
 class ServerMetrics:

@@ -56,7 +56,7 @@ def test_a_reloaded_predictor_classifies_the_next_requests_and_names_them(tmp_pa
         text = _metrics(srv)
         assert 's3_admission_info{checkpoint_id="first",policy="s3"} 0.0' in text
         assert 's3_admission_info{checkpoint_id="second",policy="s3"} 1.0' in text
-        assert "s3_prediction_expected_within_one 0.6" in text
+        assert "s3_prediction_expected_within_one 0.6" in text and "s3_predictor_stale 0.0" in text
         outcomes = srv.stack.engine_loop.outcomes
         assert outcomes.num_observed <= 1  # counted again from the swap: at most "after"
         assert srv.stack.engine_loop.feedback.checkpoint_id == "second"

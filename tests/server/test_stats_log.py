@@ -76,3 +76,13 @@ def test_the_stale_warning_is_said_again_only_after_twice_as_many_requests():
         _scored(outcomes, n, n // 3)
         said.append(logger.stale() is not None)
     assert said == [True, False, False, True, False, True]
+
+
+def test_metrics_flag_a_stale_predictor_for_alerts():
+    from serve.server.metrics import ServerMetrics
+
+    outcomes = PredictionOutcomes(BUCKETS, expected_within_one=0.65)
+    metrics = ServerMetrics(lambda: EngineSnapshot(), policy="s3", outcomes=outcomes)
+    assert b"s3_predictor_stale 0.0" in metrics.render()
+    _scored(outcomes, 300, 100)
+    assert b"s3_predictor_stale 1.0" in metrics.render()
