@@ -25,26 +25,11 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from core.request import Request  # noqa: E402
-from serve.sim.runner import requests_of, simulate_policy  # noqa: E402
+from serve.sim.runner import latency_summary, requests_of, simulate_policy  # noqa: E402
 from serve.sim.simulate import SimulateConfig, setup, workload_items  # noqa: E402
 from serve.sim.workload import WorkloadConfig  # noqa: E402
 
 LATENCY_KEYS = ("mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "mean_latency_s", "p50_latency_s", "p99_latency_s")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def latencies(requests: list[Request]) -> dict[str, float]:
-    ttft = [r.first_token_time - r.arrival_time for r in requests]
-    total = [r.finish_time - r.arrival_time for r in requests]
-    return {"num_requests": len(requests),
-            "mean_ttft_s": sum(ttft) / len(ttft), "p50_ttft_s": percentile(ttft, 0.5), "p99_ttft_s": percentile(ttft, 0.99),
-            "mean_latency_s": sum(total) / len(total), "p50_latency_s": percentile(total, 0.5),
-            "p99_latency_s": percentile(total, 0.99)}  # fmt: skip
 
 
 def run(config: SimulateConfig, policy: str, items, urgent: set[int], honour: bool) -> dict:
@@ -59,8 +44,8 @@ def run(config: SimulateConfig, policy: str, items, urgent: set[int], honour: bo
                                                     "num_preemptions", "num_recomputed_tokens")}
     record["priorities"] = honour
     record["classes"] = {
-        "urgent": latencies([r for i, r in enumerate(requests) if i in urgent]),
-        "normal": latencies([r for i, r in enumerate(requests) if i not in urgent]),
+        "urgent": latency_summary([r for i, r in enumerate(requests) if i in urgent]),
+        "normal": latency_summary([r for i, r in enumerate(requests) if i not in urgent]),
     }
     return record
 

@@ -63,6 +63,12 @@ def format_report(report: SimulationReport) -> str:
         "",
         _table([c[0] for c in COLUMNS], [[f.format(getattr(r, a)) for _, a, f in COLUMNS] for r in report.results]),
     ]
+    if any(r.classes for r in report.results):
+        lines += ["", f"by priority ({config.workload.urgent_share:.0%} of the requests urgent):", _table(
+            ["policy", "class", "requests", "mean TTFT s", "p99 TTFT s", "mean latency s", "p99 latency s"],
+            [[r.policy, name, str(c["num_requests"]), f"{c['mean_ttft_s']:.2f}", f"{c['p99_ttft_s']:.2f}",
+              f"{c['mean_latency_s']:.2f}", f"{c['p99_latency_s']:.2f}"]
+             for r in report.results for name, c in r.classes.items()])]
     ratios = report.ratios("s3")
     if ratios:
         lines += ["", "s3 throughput ratio (same run): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items() if k != "s3")]

@@ -105,6 +105,9 @@ class PolicyResult:
     """The longest wait of any request between two of its tokens (preempted requests waiting to resume)."""
     timeline: list[tuple[float, int, float, float]] = dataclasses.field(default_factory=list, repr=False)
     """Sampled (time, running batch, kv utilization, kv reserved) points, for plots."""
+    classes: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    """With urgent requests (`WorkloadConfig.urgent_share`): `latency_summary` of the ``urgent`` and the
+    ``normal`` ones."""
 
 
 @dataclasses.dataclass
@@ -144,6 +147,7 @@ def requests_of(items: Sequence[SimRequest], max_seq_len: int, max_new_tokens: i
             arrival_time=item.arrival_time,
             prompt=item.prompt,
             prediction=item.prediction,
+            priority=item.priority,
         )
         for i, item in enumerate(items)
     ]
@@ -205,26 +209,34 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
+def latency_summary(requests: Sequence[Request]) -> dict[str, float]:
+    """``num_requests`` and time to first token and end-to-end latency, mean / p50 / p99, of ended ``requests``
+    (the issue's key names)."""
+    ttfts = [r.first_token_time - r.arrival_time for r in requests]
+    latencies = [r.finish_time - r.arrival_time for r in requests]
+    return {"num_requests": len(requests),
+            "mean_ttft_s": sum(ttfts) / max(1, len(ttfts)), "p50_ttft_s": _percentile(ttfts, 0.5),
+            "p99_ttft_s": _percentile(ttfts, 0.99), "mean_latency_s": sum(latencies) / max(1, len(latencies)),
+            "p50_latency_s": _percentile(latencies, 0.5), "p99_latency_s": _percentile(latencies, 0.99)}  # fmt: skip
+
+
 def _summarise(policy: str, requests: list[Request], scheduler: Scheduler, acc: _Accumulator, wall: float):
     start = min(r.arrival_time for r in requests)
     makespan = max(r.finish_time for r in requests) - start
     latencies = [r.finish_time - r.arrival_time for r in requests]
-    ttfts = [r.first_token_time - r.arrival_time for r in requests]
     stats = scheduler.stats
     step = max(1, len(acc.points) // TIMELINE_POINTS)
+    classes = {}
+    if any(r.priority for r in requests):
+        classes = {"urgent": latency_summary([r for r in requests if r.priority < 0]),
+                   "normal": latency_summary([r for r in requests if r.priority >= 0])}
     return PolicyResult(
         policy=policy,
-        num_requests=len(requests),
         makespan_s=makespan,
         generated_tokens_per_s=sum(r.num_output_tokens for r in requests) / makespan,
         requests_per_s=len(requests) / makespan,
-        mean_latency_s=sum(latencies) / len(latencies),
-        p50_latency_s=_percentile(latencies, 0.5),
-        p99_latency_s=_percentile(latencies, 0.99),
         mean_token_latency_s=sum(lat / r.num_output_tokens for lat, r in zip(latencies, requests)) / len(requests),
-        mean_ttft_s=sum(ttfts) / len(ttfts),
-        p50_ttft_s=_percentile(ttfts, 0.5),
-        p99_ttft_s=_percentile(ttfts, 0.99),
+        **latency_summary(requests),
         mean_running_batch=stats.mean_running_batch,
         kv_utilization=acc.kv_used_time / max(acc.busy_time, 1e-12),
         kv_reserved=acc.kv_reserved_time / max(acc.busy_time, 1e-12),
@@ -235,4 +247,5 @@ def _summarise(policy: str, requests: list[Request], scheduler: Scheduler, acc: 
         wall_s=wall,
         longest_stall_s=max(r.longest_stall_s for r in requests),
         timeline=acc.points[::step],
+        classes=classes,
     )

@@ -62,6 +62,10 @@ class WorkloadConfig:
     shared_prefix_tokens: int = 0
     """Tokens every prompt begins with (one system prompt), within its `num_prompt_tokens`: what prefix caching
     (`SimulateConfig.enable_prefix_caching`) can share. The rest of each prompt is its own."""
+    urgent_share: float = 0.0
+    """A share of the requests, drawn at random (seeded apart from the lengths and arrivals, which stay as without
+    it), sent with priority -1 (vLLM's ``priority``: tried first, and never a victim of a less urgent request); the
+    report then gives each class's latencies (`PolicyResult.classes`)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,6 +73,8 @@ class WorkloadConfig:
             raise ValueError(f"trace_order must be 'shuffle' or 'file', got {self.trace_order!r}")
         if self.shared_prefix_tokens < 0:
             raise ValueError(f"shared_prefix_tokens must be >= 0, got {self.shared_prefix_tokens}")
+        if not 0 <= self.urgent_share <= 1:
+            raise ValueError(f"urgent_share must be in [0, 1], got {self.urgent_share}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +111,8 @@ class SimRequest:
     prompt: str | None = None
     num_shared_prefix_tokens: int = 0
     """Of its prompt, the tokens every request begins with (`WorkloadConfig.shared_prefix_tokens`)."""
+    priority: int = 0
+    """Lower goes first (`WorkloadConfig.urgent_share`)."""
 
 
 def load_trace(path: str | pathlib.Path) -> list[SimRequest]:
@@ -167,6 +175,8 @@ def make_workload(config: WorkloadConfig, max_seq_len: int, max_new_tokens: int 
         if config.mode == "online":
             t += rng.expovariate(config.rate)
             item.arrival_time = t
+    for i in random.Random(config.seed + 7).sample(range(len(items)), round(config.urgent_share * len(items))):
+        items[i].priority = -1
     return items
 
 

@@ -6,6 +6,7 @@ import pytest
 from core.buckets import BucketSpec
 from serve.sched_output import ScheduledSeq, SchedulerOutput
 from serve.sim.costmodel import PRESETS, get_preset
+from serve.sim.report import format_report
 from serve.sim.simulate import SimulateConfig, run_simulation
 from serve.sim.workload import LengthDist, PredictorConfig, WorkloadConfig, load_trace, make_workload, predict
 
@@ -173,3 +174,24 @@ def test_a_shared_system_prompt_is_computed_once_with_prefix_caching():
         assert results[True][policy].generated_tokens_per_s > 1.2 * results[False][policy].generated_tokens_per_s
         assert results[True][policy].kv_utilization <= results[True][policy].kv_reserved + 1e-9
     assert results[True]["s3-oracle"].num_preemptions == 0
+
+
+def test_urgent_requests_go_first_and_the_report_gives_each_class():
+    """workload.urgent_share: a seeded share of the requests at priority -1, the lengths and arrivals as without it;
+    offline (all waiting at once) the urgent ones get their first token sooner, and the report splits the classes."""
+    plain = WorkloadConfig(num_requests=300)
+    urgent = dataclasses.replace(plain, urgent_share=0.2)
+    items, marked = make_workload(plain, max_seq_len=2048), make_workload(urgent, max_seq_len=2048)
+    assert [(i.num_prompt_tokens, i.num_output_tokens) for i in items] == [
+        (i.num_prompt_tokens, i.num_output_tokens) for i in marked]
+    assert sum(i.priority == -1 for i in marked) == 60 and not any(i.priority for i in items)
+    config = SimulateConfig(policies=("paged", "s3"), workload=urgent, kv_cache_tokens=20_000)
+    report = run_simulation(config)
+    for result in report.results:
+        classes = result.classes
+        assert classes["urgent"]["num_requests"] == 60 and classes["normal"]["num_requests"] == 240
+        assert classes["urgent"]["mean_ttft_s"] < classes["normal"]["mean_ttft_s"]
+    assert "by priority (20% of the requests urgent)" in format_report(report)
+    assert not run_simulation(dataclasses.replace(config, workload=plain)).results[0].classes
+    with pytest.raises(ValueError, match="urgent_share"):
+        WorkloadConfig(urgent_share=1.5)
