@@ -29,7 +29,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from core.buckets import BucketSpec
 from core.feedback import MIN_TRAFFIC_SAMPLE
@@ -127,15 +127,19 @@ class PredictionOutcomes:
         self.buckets = buckets
         self.reset(expected_within_one)
 
-    def reset(self, expected_within_one: float | None) -> None:
-        """Count again from nothing (a new predictor, whose validation accuracy is ``expected_within_one``)."""
+    def reset(self, expected_within_one: float | None, *, unscored: Iterable[str] = ()) -> None:
+        """Count again from nothing, for a new predictor whose validation accuracy is ``expected_within_one``; the
+        ``unscored`` requests (in flight, predicted by the one before) will not count."""
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.abs_error_tokens = 0.0
         self.expected_within_one = expected_within_one
+        self._unscored = set(unscored)
 
     def observe(self, request: Request) -> None:
-        """Score a finished request, if its length is a label and it was predicted."""
-        if request.prediction is not None and length_is_label(request, self.buckets):
+        """Score a finished request, if its length is a label and it was predicted (by this predictor)."""
+        if request.request_id in self._unscored:
+            self._unscored.discard(request.request_id)
+        elif request.prediction is not None and length_is_label(request, self.buckets):
             self.add(request.num_output_tokens, request.prediction.bucket)
 
     def add(self, num_output_tokens: int, predicted_bucket: int) -> None:
@@ -246,6 +250,13 @@ class FeedbackLog:
         self.checkpoint_id = checkpoint_id
         self.sample_rate = sample_rate
         self.num_sampled = 0
+        self._earlier: dict[str, str | None] = {}  # requests predicted by a checkpoint swapped out since
+
+    def use_checkpoint(self, checkpoint_id: str | None, in_flight: Iterable[str]) -> None:
+        """A new predictor from now on (`serve.server.reload`); the ``in_flight`` requests were predicted by the
+        one before, and their records name it."""
+        self._earlier.update(dict.fromkeys(in_flight, self.checkpoint_id))
+        self.checkpoint_id = checkpoint_id
 
     @property
     def num_written(self) -> int:
@@ -262,7 +273,8 @@ class FeedbackLog:
         string ended the request after that many output tokens (the engine saw it as an abort, possibly a token or
         two later); only the bucket overruns before that point count, and an answer cut by the client's stop
         string is never taken for an over-prediction nor sampled."""
-        write = functools.partial(feedback_record, request, self.buckets, checkpoint_id=self.checkpoint_id,
+        checkpoint_id = self._earlier.pop(request.request_id, self.checkpoint_id)
+        write = functools.partial(feedback_record, request, self.buckets, checkpoint_id=checkpoint_id,
                                   sample_rate=self.sample_rate)
         if stopped_at is None:
             if mispredicted(request, self.buckets):

@@ -225,3 +225,24 @@ def test_prediction_outcomes_score_the_requests_whose_length_is_a_label():
     assert outcomes.summary() == ("6 requests ended at a label length: 16.7% in the predicted bucket, 50.0% within "
                                   "one, 50.0% under-predicted, MAE 23.5 tokens")
     assert PredictionOutcomes(sched.policy.buckets).summary() == "no request has ended at a label length yet"
+
+
+def test_requests_in_flight_at_a_predictor_swap_keep_the_old_checkpoint(tmp_path):
+    """A predictor swapped while serving (serve/server/reload.py): the requests it did not predict are neither
+    named after it in the feedback store nor scored in its live accuracy."""
+    from serve.feedback import FeedbackLog, PredictionOutcomes
+
+    sched = make_scheduler("s3", num_blocks=64)
+    for request_id in ("old", "new"):
+        sched.add_request(make_request(request_id, bucket=0, max_new_tokens=64))
+    finished = {r.request_id: r for r in run_until_done(sched, {"old": 40, "new": 40})}  # both under-predicted
+    log = FeedbackLog(FeedbackWriter(tmp_path), sched.policy.buckets, "ckpt-1")
+    outcomes = PredictionOutcomes(sched.policy.buckets, 0.6)
+    log.use_checkpoint("ckpt-2", in_flight=["old"])
+    outcomes.reset(0.7, unscored=["old"])
+    for request in finished.values():
+        log.record(request)
+        outcomes.observe(request)
+    log.close()
+    assert {r["request_id"]: r["checkpoint_id"] for r in read_feedback(tmp_path)} == {"old": "ckpt-1", "new": "ckpt-2"}
+    assert outcomes.num_observed == 1 and outcomes.expected_within_one == 0.7

@@ -5,8 +5,9 @@ The checkpoint is loaded again from the folder the server was started with (`Ser
 train --feedback --output-dir` writes the next round), off the engine's thread. It must predict the same buckets
 (the scheduler's arithmetic is in them) and, unless told otherwise, have learned this server's model. Then, between
 two engine steps: requests classified from then on get the new predictions and the `s3` estimator the new
-checkpoint's label profile (requests already running keep theirs), the feedback store names the new checkpoint,
-and the live accuracy (`/metrics` ``s3_prediction_outcomes_total``) starts again for it, the old one's logged. The
+checkpoint's label profile (requests already running keep theirs), the feedback store names the new checkpoint
+(the records of requests in flight keep the old one's name), and the live accuracy (`/metrics`
+``s3_prediction_outcomes_total``) starts again for it (the requests in flight not counted), the old one's logged. The
 answers' ``system_fingerprint`` and ``s3_admission_info`` follow. A checkpoint that fails any check is refused
 and the server goes on with the predictor it had.
 """
@@ -56,13 +57,13 @@ def reload_predictor(stack, *, timeout_s: float = 60.0) -> str:
     def swap(engine) -> str | None:  # in the engine thread, between two steps
         engine.scheduler.policy.use_length_profile(profile.bucket_prior, profile.bucket_shape)
         stack.classifier.predictor = new
-        loop = stack.engine_loop
+        loop, in_flight = stack.engine_loop, list(engine.scheduler.requests)  # predicted by the old one
         if loop.feedback is not None:
-            loop.feedback.checkpoint_id = checkpoint_id
+            loop.feedback.use_checkpoint(checkpoint_id, in_flight)
         if loop.outcomes is None:
             return None
         summary = loop.outcomes.summary()
-        loop.outcomes.reset(getattr(new, "expected_within_one", None))
+        loop.outcomes.reset(getattr(new, "expected_within_one", None), unscored=in_flight)
         return summary
 
     before = stack.engine_loop.call(swap).result(timeout_s)
