@@ -27,12 +27,13 @@ from serve.server.admission import (
     Admission, AdmissionController, CheckpointLoader, Classifier, Predictor, check_target_model,
     default_frequency_penalty, resolve_admission,
 )  # fmt: skip
-from serve.server.app import ServerState, create_app
+from serve.server.app import create_app
 from serve.server.async_engine import AsyncEngine
 from serve.server.config import ServeConfig, is_loopback
 from serve.server.engine_loop import EngineLoop
 from serve.server.metrics import ServerMetrics
 from serve.server.reload import ReloadError, reload_predictor
+from serve.server.state import ServerState
 from serve.server.stats_log import StatsLogger
 from serve.server.bodies import fingerprint
 
