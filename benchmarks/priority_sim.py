@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -33,11 +32,13 @@ LATENCY_KEYS = ("mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "mean_latency_s", "p5
 
 
 def run(config: SimulateConfig, policy: str, items, urgent: set[int], honour: bool) -> dict:
-    """One policy over ``items`` (online), the ``urgent`` indices at priority -1 when ``honour``."""
+    """One policy over ``items`` (online; the ``urgent`` indices at priority -1), their priorities dropped unless
+    ``honour``."""
     cost, buckets, sched = setup(config)
     requests = requests_of(items, cost.model.max_seq_len, config.max_new_tokens)
-    for i, request in enumerate(requests):
-        request.priority = -1 if honour and i in urgent else 0
+    if not honour:
+        for request in requests:
+            request.priority = 0
     result = simulate_policy(policy, items, cost=cost, buckets=buckets, sched=sched,
                              max_new_tokens=config.max_new_tokens, requests=requests)
     record = {key: getattr(result, key) for key in ("policy", "generated_tokens_per_s", *LATENCY_KEYS,
@@ -66,9 +67,9 @@ def main(preset, policies, num_requests, load, urgent_share, max_new_tokens, see
     offline = simulate_policy("paged", workload_items(config, config.workload, cost, buckets), cost=cost,
                               buckets=buckets, sched=sched, max_new_tokens=max_new_tokens)
     rate = load * offline.requests_per_s
-    online = dataclasses.replace(config.workload, mode="online", rate=rate)
+    online = dataclasses.replace(config.workload, mode="online", rate=rate, urgent_share=urgent_share)
     items = workload_items(config, online, cost, buckets)
-    urgent = set(random.Random(seed + 7).sample(range(len(items)), round(urgent_share * len(items))))
+    urgent = {i for i, item in enumerate(items) if item.priority < 0}
     click.echo(f"{preset}: paged's offline capacity {offline.requests_per_s:.2f} requests/s; online at {rate:.2f} "
                f"({load}x), {len(items)} requests, {len(urgent)} urgent", err=True)
     results = [run(config, policy, items, urgent, honour)
