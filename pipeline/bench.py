@@ -314,6 +314,12 @@ def run_reference(model, tokenizer, prompts, *, batch_size: int, max_new_tokens:
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict:
     from serve.engine.loader import load_model
 
+    if config.predictor not in BASELINES:  # a bad checkpoint fails now, not after the model loads and `max` runs
+        from predictor_train.checkpoint import read_info
+        from predictor_train.inference import check_compatible
+
+        buckets = BucketSpec.uniform(config.max_new_tokens, config.num_buckets)
+        check_compatible(read_info(config.predictor), config.predictor, expected_buckets=buckets)
     model, tokenizer = load_model(None if config.model == "smollm2" else config.model)
     context = getattr(model.config, "max_position_embeddings", None)
     prompts, warmup = draw_prompts(config, tokenizer, context, progress)

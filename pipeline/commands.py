@@ -23,6 +23,9 @@ def label_and_save(
 
     ``write_only`` labels nothing: it writes the dataset from the rows labelled so far (a long run can be
     used before it ends, and resumed later)."""
+    missing = [path for path in config.inputs if not pathlib.Path(path).exists()]
+    if missing and not write_only:  # before the model loads
+        raise FileNotFoundError(f"no such prompt file or folder: {', '.join(missing)}")
     if engine is None:
         from serve.engine.llm import EngineConfig, LLMEngine
 

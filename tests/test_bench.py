@@ -113,3 +113,10 @@ def test_a_bench_replays_in_the_simulator_with_other_knobs(bench_run, tmp_path):
     assert all(set(RECORD_KEYS) <= set(r) and r["generated_tokens_per_s"] > 0 for r in records)
     with pytest.raises(click.BadParameter):
         replay.parse_vary(("no_such_knob=1",))
+
+
+def test_a_bad_predictor_is_refused_before_the_model_loads(tmp_path):
+    """The model folder does not exist either: the predictor is checked first, in a second, not after `max` ran."""
+    args = ["bench", "--model", str(tmp_path / "no-model"), "--predictor", str(tmp_path), "--output-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "is not a predictor checkpoint" in result.output

@@ -32,6 +32,10 @@ class LengthDist:
     min: int = 1
     max: int = 2048
 
+    def __post_init__(self) -> None:
+        if not (self.median > 0 and self.sigma >= 0 and 1 <= self.min <= self.max):
+            raise ValueError(f"a length distribution needs median > 0, sigma >= 0 and 1 <= min <= max, got {self}")
+
     def sample(self, rng: random.Random) -> int:
         value = rng.lognormvariate(math.log(self.median), self.sigma)
         return int(min(max(round(value), self.min), self.max))
@@ -69,6 +73,10 @@ class WorkloadConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+        if not self.rate > 0:
+            raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
         if self.trace_order not in ("shuffle", "file"):
             raise ValueError(f"trace_order must be 'shuffle' or 'file', got {self.trace_order!r}")
         if self.shared_prefix_tokens < 0:

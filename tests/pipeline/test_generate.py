@@ -49,7 +49,7 @@ def _write_inputs(tmp_path):
     )
     (tmp_path / "c.csv").write_text("instruction,input\nfrom csv,\n")
     (tmp_path / "nofield.jsonl").write_text('{"question": "q"}\n')
-    return [str(tmp_path / n) for n in ("a.json", "b.jsonl", "c.csv", "nofield.jsonl", "missing.json")]
+    return [str(tmp_path / n) for n in ("a.json", "b.jsonl", "c.csv", "nofield.jsonl")]
 
 
 def _config(tmp_path, **kw):
@@ -64,7 +64,7 @@ def test_labels_everything_and_lists_what_it_skipped(tmp_path):
     assert stats["by_source"] == {"a": 12, "b": 1, "c": 1}
     text = "\n".join(messages)
     for expected in ["b.jsonl, row 1: empty prompt", "b.jsonl, row 2: unreadable row", "b.jsonl, row 3: no field",
-                     "row 4: prompt of 302 tokens", "nofield.jsonl: no field 'instruction'", "missing.json: file does not exist"]:  # fmt: skip
+                     "row 4: prompt of 302 tokens", "nofield.jsonl: no field 'instruction'"]:  # fmt: skip
         assert expected in text
     out = tmp_path / "out"
     ds = datasets.load_from_disk(str(out / "dataset"))
@@ -75,7 +75,16 @@ def test_labels_everything_and_lists_what_it_skipped(tmp_path):
     card = (out / "README.md").read_text()
     assert "fake-model" in card and "max_new_tokens 10" in card and "length_histogram.png" in card
     assert (out / "length_histogram.png").stat().st_size > 5000
-    assert len((out / "skipped.jsonl").read_text().splitlines()) == 6
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_missing_input_is_an_error_before_anything_runs(tmp_path):
+    config = _config(tmp_path)
+    config = GenerateConfig(**{**config.__dict__, "inputs": (*config.inputs, str(tmp_path / "missing.json"))})
+    engine = FakeEngine()
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        label_and_save(config, engine=engine, echo=lambda m: None)
+    assert not engine.seen and not (tmp_path / "out").exists()
 
 
 def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):

@@ -195,3 +195,13 @@ def test_urgent_requests_go_first_and_the_report_gives_each_class():
     assert not run_simulation(dataclasses.replace(config, workload=plain)).results[0].classes
     with pytest.raises(ValueError, match="urgent_share"):
         WorkloadConfig(urgent_share=1.5)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(num_requests=0), "num_requests"), (dict(rate=0.0), "rate"),
+    (dict(output_tokens=dict(median=0)), "median > 0"), (dict(prompt_tokens=dict(median=5, min=10, max=5)), "min <= max"),
+])  # fmt: skip
+def test_bad_workloads_are_refused(fields, words):
+    """A length distribution is given as a dict of LengthDist's fields."""
+    with pytest.raises(ValueError, match=words):
+        WorkloadConfig(**{k: LengthDist(**v) if isinstance(v, dict) else v for k, v in fields.items()})
