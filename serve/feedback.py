@@ -385,6 +385,9 @@ def unfamiliar_share(records: list[dict]) -> float | None:
 
 
 def format_summary(summary: dict) -> str:
+    if not summary["num_records"]:
+        skipped = f" ({summary['num_skipped']} unusable lines)" if summary.get("num_skipped") else ""
+        return f"no feedback records{skipped}: `s3 serve` writes them to its feedback_dir as it serves"
     n = max(summary["num_with_prediction"], 1)
     buckets = sorted(set(summary["by_predicted_bucket"]) | set(summary["by_true_bucket"]))
     lines = [

@@ -52,6 +52,8 @@ class SchedulerConfig:
     (the simulator's do not) and one pool must serve one model."""
 
     def __post_init__(self) -> None:
+        if min(self.block_size, self.max_num_seqs) < 1:
+            raise ValueError(f"block_size and max_num_seqs must be >= 1, got {self.block_size}, {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "

@@ -194,6 +194,13 @@ def test_the_reader_skips_and_counts_lines_it_cannot_use(tmp_path):
     assert json.loads(result.output)["skipped"] == {"not_a_record": 9, "torn": 2}
 
 
+def test_s3_feedback_says_so_when_a_store_holds_no_record(tmp_path):
+    result = CliRunner().invoke(main, ["feedback", str(tmp_path)])
+    assert result.exit_code == 0 and result.output.startswith("no feedback records:"), result.output
+    (tmp_path / "segment-1.jsonl").write_text("{torn")
+    assert "no feedback records (1 unusable lines)" in CliRunner().invoke(main, ["feedback", str(tmp_path)]).output
+
+
 def test_s3_feedback_prints_no_skipped_line_for_a_clean_store(tmp_path):
     with FeedbackWriter(tmp_path) as writer:
         writer.write(_record("a"))

@@ -50,6 +50,14 @@ class EngineConfig:
     """Share the KV blocks of prompts that begin alike (a system prompt, a conversation's earlier turns, the
     ``n`` choices of one prompt): computed once, kept while memory allows; see SchedulerConfig."""
 
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens ({self.kv_cache_tokens}) must hold at least one block of block_size "
+                             f"({self.block_size}) tokens, and block_size be >= 1")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        self.scheduler_config()  # the batch limits, checked where the scheduler states them
+
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(
             num_blocks=self.kv_cache_tokens // self.block_size,

@@ -25,7 +25,7 @@ from serve.feedback import FeedbackLog, FeedbackWriter, PredictionOutcomes
 from serve.policies import PolicyConfig
 from serve.server.admission import (
     Admission, AdmissionController, CheckpointLoader, Classifier, Predictor, check_target_model,
-    default_frequency_penalty, resolve_admission,
+    ServeSetupError, default_frequency_penalty, resolve_admission,
 )  # fmt: skip
 from serve.server.app import create_app
 from serve.server.async_engine import AsyncEngine
@@ -86,7 +86,11 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
     checkpoint_id = getattr(predictor, "checkpoint_id", None)
     feedback = None
     if config.feedback_dir and predictor is not None:
-        writer = FeedbackWriter(config.feedback_dir, sync_every=config.feedback_sync_every)
+        try:
+            writer = FeedbackWriter(config.feedback_dir, sync_every=config.feedback_sync_every)
+        except OSError as exc:
+            raise ServeSetupError(f"cannot write feedback records to feedback_dir {config.feedback_dir} "
+                                  f"({exc.strerror}); set it to a writable folder, or to null to record none") from exc
         feedback = FeedbackLog(writer, predictor.buckets, checkpoint_id, sample_rate=config.feedback_sample_rate)
     outcomes = None
     if predictor is not None:

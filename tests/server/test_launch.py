@@ -111,6 +111,21 @@ def test_a_trained_checkpoint_serves_in_the_admission_path(tmp_path, checkpoint)
         srv.stop()
 
 
+def test_an_unwritable_feedback_dir_is_refused_saying_what_to_set(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ServeSetupError, match="feedback_dir .*file/feedback.*null to record none"):
+        start_server(serve_config(tmp_path, feedback_dir=str(tmp_path / "file" / "feedback")), predictor=FakePredictor())
+
+
+@pytest.mark.parametrize("engine, words", [
+    ({"block_size": 0}, "block_size"), ({"kv_cache_tokens": 8}, r"kv_cache_tokens \(8\)"),
+    ({"max_num_seqs": 0}, "max_num_seqs"), ({"tensor_parallel": 0}, "tensor_parallel"),
+])  # fmt: skip
+def test_engine_limits_that_cannot_serve_are_refused(engine, words):
+    with pytest.raises(ValueError, match=words):
+        load_config(ServeConfig, values={f"engine.{key}": value for key, value in engine.items()})
+
+
 def _save_tiny_model(folder: Path) -> None:
     from transformers import AutoTokenizer
 
