@@ -27,7 +27,7 @@ from core.buckets import BucketSpec  # noqa: E402
 from core.records import result_record  # noqa: E402
 from pipeline.bench import BenchConfig, bucket_predictor  # noqa: E402
 from pipeline.config import from_dict  # noqa: E402
-from serve.policies import PolicyConfig, with_length_profile  # noqa: E402
+from serve.policy_config import PolicyConfig, with_length_profile  # noqa: E402
 from serve.scheduler import SchedulerConfig  # noqa: E402
 from serve.sim.calibrate import fit_linear  # noqa: E402
 from serve.sim.costmodel import get_preset  # noqa: E402

@@ -29,7 +29,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.records import result_record  # noqa: E402
-from serve.policies import PolicyConfig  # noqa: E402
+from serve.policy_config import PolicyConfig  # noqa: E402
 from serve.policy_options import policy_options  # noqa: E402
 from serve.sched_output import SchedulerOutput, StepResult  # noqa: E402
 from serve.scheduler import Scheduler  # noqa: E402

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from serve.engine.llm import EngineConfig  # noqa: E402
 from core.distributed import free_port  # noqa: E402
-from serve.policies import PolicyConfig, policy_needs  # noqa: E402
+from serve.policies import policy_needs  # noqa: E402
+from serve.policy_config import PolicyConfig  # noqa: E402
 from serve.policy_options import KNOBS, policy_options  # noqa: E402
 from serve.server.config import ServeConfig  # noqa: E402
 

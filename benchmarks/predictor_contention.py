@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from predictor_train.inference import LengthPredictor  # noqa: E402
 from serve.engine.llm import EngineConfig, LLMEngine  # noqa: E402
-from serve.policies import PolicyConfig  # noqa: E402
+from serve.policy_config import PolicyConfig  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to cook, with a recipe in every chapter. " * 4
 QUESTION = "Explain how a language model decides how long its answer will be, with examples."

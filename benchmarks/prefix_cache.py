@@ -33,7 +33,7 @@ from pipeline.labelled import labelled_prompts  # noqa: E402
 from pipeline.prompts import read_prompts, sample_prompts  # noqa: E402
 from serve.engine.llm import EngineConfig  # noqa: E402
 from serve.engine.plan import SamplingParams  # noqa: E402
-from serve.policies import PolicyConfig, with_length_profile  # noqa: E402
+from serve.policy_config import PolicyConfig, with_length_profile  # noqa: E402
 
 
 def system_prompt(tokenizer, num_tokens: int) -> str:

@@ -20,7 +20,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.records import result_record  # noqa: E402
-from serve.policies import PolicyConfig  # noqa: E402
+from serve.policy_config import PolicyConfig  # noqa: E402
 from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
 from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
 

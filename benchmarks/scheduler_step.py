@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 from core.buckets import BucketSpec
-from serve.policies import POLICY_NAMES, PolicyConfig
 from core.request import LengthPrediction, Request
+from serve.policy_config import POLICY_NAMES, PolicyConfig
 from serve.sched_output import StepResult
 from serve.scheduler import Scheduler, SchedulerConfig
 

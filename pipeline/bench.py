@@ -30,7 +30,8 @@ from pipeline.prompts import PROMPT_SETS, format_prompt, sample_prompts
 from pipeline.summary import text_table
 from serve.engine.llm import EngineConfig, LLMEngine, eos_token_ids
 from serve.engine.plan import SamplingParams
-from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs, with_length_profile
+from serve.policies import policy_needs
+from serve.policy_config import POLICY_NAMES, PolicyConfig, with_length_profile
 
 WARMUP_NEW_TOKENS = 32
 

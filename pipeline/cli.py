@@ -7,7 +7,8 @@ import sys
 import click
 
 from pipeline.config import ConfigError, load_config
-from serve.policies import POLICY_NAMES, policy_needs
+from serve.policies import policy_needs
+from serve.policy_config import POLICY_NAMES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

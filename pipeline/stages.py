@@ -191,7 +191,7 @@ def serve_round(ctx: StageContext, checkpoint: str, *, feedback_dir: pathlib.Pat
     from serve.engine.loader import load_model
     from serve.engine.plan import SamplingParams
     from serve.feedback import FeedbackLog, FeedbackWriter
-    from serve.policies import PolicyConfig, with_length_profile
+    from serve.policy_config import PolicyConfig, with_length_profile
 
     config = ctx.config.serve
     texts = serving_prompts(config, exclude=labelled_prompts(ctx.upstream["generate"]["data"]))

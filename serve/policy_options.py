@@ -18,7 +18,7 @@ from typing import Callable
 
 import click
 
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 
 KNOBS = ("quantile", "aging_s", "aging_queue_factor", "resume_first", "short_queue", "wait_steps")
 """The knobs the benchmarks vary, in the order their options are listed."""

@@ -112,11 +112,11 @@ class SchedulerStats:
 class SchedulerSnapshot:
     """The scheduler's state at one moment, for metrics, benchmarks and the server (read, never written)."""
 
-    num_waiting: int
-    num_running: int
-    num_kv_blocks: int
-    num_kv_blocks_held: int
+    num_waiting: int = 0
+    num_running: int = 0
+    num_kv_blocks: int = 0
+    num_kv_blocks_held: int = 0
     """Blocks held by sequences: written, or reserved for output still to come."""
-    num_kv_blocks_used: int
+    num_kv_blocks_used: int = 0
     """Blocks that hold computed tokens; held - used is memory set aside for tokens not yet written."""
-    stats: SchedulerStats
+    stats: SchedulerStats = dataclasses.field(default_factory=SchedulerStats)

@@ -22,7 +22,8 @@ from core.request import MispredictionEvent, Request, RequestStatus, TokenLogpro
 from serve import prefix
 from serve.estimate import PeakGate
 from serve.kv import BlockPool, blocks_for
-from serve.policies import PolicyConfig, StepLimits, VictimFn, make_policy
+from serve.policies import StepLimits, VictimFn, make_policy
+from serve.policy_config import PolicyConfig
 from serve.sched_output import (
     NewRequestData, ScheduledSeq, SchedulerOutput, SchedulerSnapshot, SchedulerStats, StepResult,
 )  # fmt: skip

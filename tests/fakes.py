@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from core.buckets import BucketSpec
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 from core.request import LengthPrediction, Request
 from serve.sched_output import SchedulerOutput, StepResult
 from serve.scheduler import Scheduler, SchedulerConfig

@@ -31,7 +31,7 @@ def bench_run(tiny_chat_model_dir, tmp_path_factory):
 
 
 def test_bench_runs_every_registered_policy_with_max_first(bench_run):
-    from serve.policies import POLICY_NAMES
+    from serve.policy_config import POLICY_NAMES
 
     (result, report), out = bench_run
     names = [r["policy"] for r in report["results"]]

@@ -10,7 +10,7 @@ import torch
 from core.buckets import BucketSpec
 from serve.engine.llm import EngineConfig, LLMEngine
 from serve.engine.plan import SamplingParams
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 from core.request import LengthPrediction
 from tests.engine.engine_driver import reference_greedy, tiny_llama
 

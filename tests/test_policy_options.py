@@ -6,7 +6,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 from serve.policy_options import KNOBS, field_docs, knob_help, policy_options
 
 

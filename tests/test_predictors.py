@@ -46,7 +46,8 @@ def test_oracle_is_exact_and_the_noisy_oracle_hits_its_accuracy():
 
 def test_the_server_gives_each_policy_what_the_registry_says(tmp_path):
     from pipeline.config import load_config
-    from serve.policies import POLICY_NAMES, policy_needs
+    from serve.policies import policy_needs
+    from serve.policy_config import POLICY_NAMES
     from serve.server.admission import ServeSetupError, resolve_admission
     from serve.server.config import ServeConfig
 

@@ -7,7 +7,7 @@ import pytest
 
 from core.request import Request
 from serve.engine.llm import EngineConfig, LLMEngine
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 from serve.sched_output import SchedulerOutput
 from serve.scheduler import Scheduler
 from serve.sim.costmodel import get_preset

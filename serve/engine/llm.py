@@ -15,7 +15,7 @@ import torch
 
 from core.buckets import BucketSpec
 from serve.engine.plan import SamplingParams
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 from core.request import LengthPrediction, Request
 from serve.sched_output import SchedulerSnapshot
 from serve.scheduler import Scheduler, SchedulerConfig

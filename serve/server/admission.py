@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 from core.buckets import BucketSpec
 from core.predictors import OraclePredictor, Predictor
 from core.request import LengthPrediction
-from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs, with_length_profile
+from serve.policies import policy_needs
+from serve.policy_config import POLICY_NAMES, PolicyConfig, with_length_profile
 from serve.server.config import ServeConfig
 from serve.server.engine_loop import Abort, Add, EngineDead, EngineLoop, classified, send_error
 

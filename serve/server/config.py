@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Literal
 
 from serve.engine.llm import EngineConfig
-from serve.policies import POLICY_NAMES, PolicyConfig, policy_needs
+from serve.policies import policy_needs
+from serve.policy_config import POLICY_NAMES, PolicyConfig
 
 
 @dataclasses.dataclass(frozen=True)

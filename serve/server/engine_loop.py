@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 from serve.engine.llm import LLMEngine
 from serve.engine.plan import SamplingParams
 from core.request import LengthPrediction, Request, TokenLogprobs
-from serve.sched_output import SchedulerStats
+from serve.sched_output import SchedulerSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +100,10 @@ _SHUTDOWN = object()
 
 
 @dataclasses.dataclass(frozen=True)
-class EngineSnapshot:
-    """The engine's state after a turn of the loop, read by other threads without touching the scheduler."""
+class EngineSnapshot(SchedulerSnapshot):
+    """The scheduler's state after a turn of the loop, read by other threads without touching the scheduler,
+    and whether the engine thread still runs."""
 
-    num_waiting: int = 0
-    num_running: int = 0
-    num_kv_blocks: int = 0
-    num_kv_blocks_reserved: int = 0
-    """Blocks held by sequences (allocated or reserved for their predicted output)."""
-    num_kv_blocks_used: int = 0
-    """Blocks that hold computed tokens; reserved - used is memory set aside for outputs yet to come."""
-    stats: SchedulerStats = dataclasses.field(default_factory=SchedulerStats)
     alive: bool = True
 
 
@@ -326,15 +319,7 @@ class EngineLoop:
                 return
 
     def _publish(self) -> None:
-        snap = self.engine.snapshot()
-        self.snapshot = EngineSnapshot(
-            num_waiting=snap.num_waiting,
-            num_running=snap.num_running,
-            num_kv_blocks=snap.num_kv_blocks,
-            num_kv_blocks_reserved=snap.num_kv_blocks_held,
-            num_kv_blocks_used=snap.num_kv_blocks_used,
-            stats=snap.stats,
-        )
+        self.snapshot = EngineSnapshot(**vars(self.engine.snapshot()))
 
 
 def _refuse(commands: list) -> None:

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 from serve.engine.llm import LLMEngine
 from serve.feedback import FeedbackLog, FeedbackWriter, PredictionOutcomes
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 from serve.server.admission import (
     Admission, AdmissionController, CheckpointLoader, Classifier, Predictor, check_target_model,
     ServeSetupError, default_frequency_penalty, resolve_admission,

@@ -32,7 +32,7 @@ class _EngineCollector:
             "s3_num_requests_running": ("Sequences running (holding KV blocks).", snap.num_running),
             "s3_kv_blocks_total": ("KV blocks in the pool.", snap.num_kv_blocks),
             "s3_kv_blocks_reserved": ("KV blocks held by sequences, including reservations for future output.",
-                                      snap.num_kv_blocks_reserved),
+                                      snap.num_kv_blocks_held),
             "s3_kv_blocks_used": ("KV blocks holding computed tokens.", snap.num_kv_blocks_used),
             "s3_engine_alive": ("1 while the engine thread runs.", float(snap.alive)),
             "s3_num_requests_in_flight": ("Requests accepted over HTTP and not ended.", self.in_flight()),

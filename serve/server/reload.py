@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from serve.policies import with_length_profile
+from serve.policy_config import with_length_profile
 from serve.server.admission import check_target_model, default_frequency_penalty
 from serve.server.bodies import fingerprint
 

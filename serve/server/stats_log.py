@@ -90,7 +90,7 @@ class StatsLogger:
         parts = [f"prompt {(batched - generated) / elapsed:.1f} tokens/s", f"generation {generated / elapsed:.1f} "
                  f"tokens/s", f"running {snap.num_running}", f"waiting {snap.num_waiting}",
                  f"KV cache {snap.num_kv_blocks_used / max(1, snap.num_kv_blocks):.1%} used"
-                 f" ({snap.num_kv_blocks_reserved / max(1, snap.num_kv_blocks):.1%} held)",
+                 f" ({snap.num_kv_blocks_held / max(1, snap.num_kv_blocks):.1%} held)",
                  f"preemptions {now.preemptions - last.preemptions}"]
         queries = now.prefix_queries - last.prefix_queries
         if queries:

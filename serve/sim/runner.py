@@ -11,7 +11,7 @@ import time
 from typing import Callable, Sequence
 
 from core.buckets import BucketSpec
-from serve.policies import PolicyName
+from serve.policy_config import PolicyName
 from core.request import Request
 from serve.sched_output import SchedulerOutput, StepResult
 from serve.scheduler import Scheduler, SchedulerConfig

@@ -12,7 +12,8 @@ from core.request import Request
 from serve.engine.executor import ModelExecutor
 from serve.engine.plan import GREEDY
 from serve.engine.runner import ModelRunner
-from serve.policies import PolicyConfig, VictimFn
+from serve.policies import VictimFn
+from serve.policy_config import PolicyConfig
 from serve.scheduler import Scheduler, SchedulerConfig
 from serve.step import EngineCore
 

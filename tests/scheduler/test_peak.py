@@ -238,7 +238,7 @@ def test_s3_oracle_never_preempts(w):
     largest = max(blocks_for(r["prompt"] + r["max_new"], w["block_size"]) for r in w["requests"])
     clock = FakeClock()
     from serve.scheduler import Scheduler, SchedulerConfig
-    from serve.policies import PolicyConfig
+    from serve.policy_config import PolicyConfig
 
     config = SchedulerConfig(
         num_blocks=largest + w["extra_blocks"], block_size=w["block_size"], max_num_seqs=w["max_num_seqs"],
@@ -400,7 +400,7 @@ def test_quantile_zero_admits_what_fits_now_like_paged():
 def test_a_trained_predictors_length_profile_fills_the_policy_knobs_it_leaves_unset():
     from types import SimpleNamespace
 
-    from serve.policies import PolicyConfig, with_length_profile
+    from serve.policy_config import PolicyConfig, with_length_profile
 
     shape = within_bucket_shape(BUCKETS, [1, 2, 3], bins=2)
     trained = SimpleNamespace(length_prior=(0.7, 0.1, 0.1, 0.1), length_shape=shape)

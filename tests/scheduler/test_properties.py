@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from core.buckets import BucketSpec
 from serve.kv import blocks_for
-from serve.policies import POLICY_NAMES
+from serve.policy_config import POLICY_NAMES
 from core.request import LengthPrediction, Request, RequestStatus
 from tests.fakes import FakeClock, ScriptedExecutor, make_scheduler
 

@@ -1,7 +1,7 @@
 import pytest
 
 from core.request import RequestStatus
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 from tests.fakes import BUCKETS, FakeClock, ScriptedExecutor, make_request, make_scheduler, run_until_done
 
 

@@ -7,7 +7,7 @@ import dataclasses
 
 from core.buckets import BucketSpec
 from serve.engine.llm import EngineConfig
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 from core.request import LengthPrediction
 from serve.server.config import ServeConfig
 from serve.server.launch import BackgroundServer, build_stack

@@ -11,7 +11,7 @@ import pytest
 from serve.engine.llm import EngineConfig, LLMEngine
 from serve.engine.plan import GREEDY
 from serve.feedback import FeedbackWriter, read_feedback
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 from core.request import LengthPrediction
 from serve.feedback import FeedbackLog
 from serve.server.admission import AdmissionController, Classifier

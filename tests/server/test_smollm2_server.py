@@ -9,7 +9,7 @@ import pytest
 
 from core.buckets import BucketSpec
 from serve.engine.llm import EngineConfig
-from serve.policies import PolicyConfig
+from serve.policy_config import PolicyConfig
 from serve.server.config import ServeConfig
 from serve.server.launch import BackgroundServer, build_stack
 from tests.server.conftest import client, wait_idle

@@ -26,7 +26,7 @@ def test_a_line_says_what_the_engine_did_since_the_last_and_nothing_while_idle()
     logger = StatsLogger(lambda: snap, interval_s=10, outcomes=outcomes, clock=clock)
     clock.now += 10
     assert logger.line() is None  # idle
-    snap = EngineSnapshot(num_waiting=3, num_running=5, num_kv_blocks=100, num_kv_blocks_reserved=40,
+    snap = EngineSnapshot(num_waiting=3, num_running=5, num_kv_blocks=100, num_kv_blocks_held=40,
                           num_kv_blocks_used=25, stats=SchedulerStats(
                               num_generated_tokens=200, num_batched_tokens=700, num_preemptions=2,
                               num_prefix_query_tokens=400, num_prefix_hit_tokens=100))

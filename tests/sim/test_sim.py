@@ -88,7 +88,7 @@ def _small_config(**kw):
 def test_all_policies_finish_everything_and_s3_beats_max():
     report = run_simulation(_small_config(predictor=PredictorConfig(accuracy=0.6)))
     by = {r.policy: r for r in report.results}
-    from serve.policies import POLICY_NAMES
+    from serve.policy_config import POLICY_NAMES
 
     assert set(by) == set(POLICY_NAMES)
     total = sum(i for i in [by["max"].generated_tokens_per_s * by["max"].makespan_s])
