@@ -24,6 +24,7 @@ from serve.server import bodies, formats
 from serve.server import protocol as p
 from serve.server.answers import Choice, Format, close_all, sse_events
 from serve.server.async_engine import EngineError, RequestStream, TextOptions
+from serve.server.chat import chat_messages, predictor_text, template_kwargs
 from serve.server.metrics import CONTENT_TYPE
 from serve.server.state import ServerState
 
@@ -125,12 +126,12 @@ def create_app(state: ServerState) -> FastAPI:
         req = p.parse_request(p.ChatCompletionRequest, await _body(request, state))
         state.check_model(req.model)
         output_format = await state.structured(req)  # tools too: checked before the template sees them
-        messages = p.chat_messages(req)
+        messages = chat_messages(req)
         ids = _chat_prompt_ids(state.tokenizer, messages, req.add_generation_prompt,
                                tools=req.tools if req.tool_choice != "none" else None,
                                continue_final_message=req.continue_final_message,
-                               template_kwargs=p.template_kwargs(req))
-        return await _generate(request, state, req, [(ids, p.predictor_text(messages))], output_format, chat=True)
+                               template_kwargs=template_kwargs(req))
+        return await _generate(request, state, req, [(ids, predictor_text(messages))], output_format, chat=True)
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request) -> Response:
@@ -141,8 +142,8 @@ def create_app(state: ServerState) -> FastAPI:
         if req.prompt is not None:
             ids = list(state.tokenizer.encode(req.prompt))
         else:
-            ids = _chat_prompt_ids(state.tokenizer, p.chat_messages(req), req.add_generation_prompt,
-                                   template_kwargs=p.template_kwargs(req))
+            ids = _chat_prompt_ids(state.tokenizer, chat_messages(req), req.add_generation_prompt,
+                                   template_kwargs=template_kwargs(req))
         return JSONResponse({"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids})
 
     @app.post("/detokenize", dependencies=auth)
@@ -165,7 +166,7 @@ def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_p
     """The tokenizer's chat template with the generation prompt, as the labelled data was made; ``tools`` go to
     the template too (as vLLM hands them over; a template without tool support leaves them out);
     ``continue_final_message``: the last (assistant) message left open for the answer to continue;
-    ``template_kwargs``: the client's own template variables (checked: `protocol.template_kwargs`)."""
+    ``template_kwargs``: the client's own template variables (checked: `chat.template_kwargs`)."""
     extra = dict(template_kwargs or {})
     if tools:
         extra["tools"] = tools

@@ -11,6 +11,7 @@ from serve.engine.plan import StructuredOutput
 from serve.server import bodies, formats
 from serve.server import protocol as p
 from serve.server.answers import LOWEST_LOGPROB, chat_logprobs, completion_logprobs
+from serve.server.chat import chat_messages, predictor_text
 
 
 def _parse(cls, body: dict | str):
@@ -24,7 +25,7 @@ def _error(cls, body) -> p.APIError:
         if cls is p.CompletionRequest:
             p.completion_prompts(request)
         else:
-            p.chat_messages(request)
+            chat_messages(request)
         p.stop_strings(request)
     return info.value
 
@@ -116,9 +117,9 @@ def test_accepted_shapes():
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
     ]})  # fmt: skip
-    messages = p.chat_messages(chat)
+    messages = chat_messages(chat)
     assert messages[0]["role"] == "system" and messages[1]["content"] == "Hi there"
-    assert p.predictor_text(messages) == "Hi there" and p.requested_max_tokens(chat) == 9
+    assert predictor_text(messages) == "Hi there" and p.requested_max_tokens(chat) == 9
 
 
 def test_error_types_follow_openai():
@@ -178,7 +179,7 @@ def test_tool_calls_become_a_json_schema_and_answers_become_calls():
     history = CHAT | {"messages": [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
         {"role": "tool", "tool_call_id": "c", "content": "3"}]}
-    assert p.chat_messages(_parse(p.ChatCompletionRequest, history)) == [
+    assert chat_messages(_parse(p.ChatCompletionRequest, history)) == [
         {"role": "assistant", "content": '[{"name": "f", "arguments": {"x": 1}}]'}, {"role": "tool", "content": "3"}]
 
 
