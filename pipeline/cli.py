@@ -81,7 +81,8 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
 @click.option("--prompt-field", default=None, help="Field holding the prompt (default: instruction).")
 @click.option("--model", default=None, help="smollm2 (default), a .gguf file or a Hugging Face folder.")
 @click.option("--max-new-tokens", type=int, default=None, help="Cap on generated tokens (default 512).")
-@click.option("--limit-per-source", type=int, default=None, help="Label a seeded random subset of N prompts per file.")
+@click.option("--limit-per-source", type=click.IntRange(min=1), default=None,
+              help="Label a seeded random subset of N prompts per file.")
 @click.option("--output-dir", default=None, help="Where shards, dataset, Parquet and card go (default data/labelled).")
 @click.option("--write-only", is_flag=True, help="Write the dataset and card from the rows labelled so far; label nothing.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
@@ -174,10 +175,12 @@ def train(config_path, data, target_model, feedback, previous, output_dir, overr
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("--data", default="data/labelled", show_default=True, help="`s3 generate` output folder or a dataset.")
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
-@click.option("--quantile", type=float, default=None, help="Predict the bucket at this probability quantile.")
+@click.option("--quantile", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Predict the bucket at this probability quantile.")
 @click.option("--output-dir", default=None,
               help="Where the confusion matrix and reliability plot go (default: the checkpoint).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per predictor batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Prompts per predictor batch.")
 @click.option("--exclude-source", "exclude_sources", multiple=True, metavar="SOURCE",
               help="Leave this source's rows out (repeatable), as `s3 train --set exclude_sources=[...]` does.")
 @click.option("--neighbours", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",

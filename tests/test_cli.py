@@ -47,6 +47,20 @@ def test_simulate_bad_input_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
+@pytest.mark.parametrize("args, words", [
+    (["evaluate", ".", "--quantile", "1.5"], "'--quantile': 1.5 is not in the range 0<x<=1"),
+    (["evaluate", ".", "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
+    (["generate", "--limit-per-source", "0"], "'--limit-per-source': 0 is not in the range x>=1"),
+    (["simulate", "--num-requests", "0"], "num_requests must be >= 1"),
+    (["generate", "--set", "limit_per_source=0"], "limit_per_source must be >= 1"),
+])  # fmt: skip
+def test_out_of_range_options_are_refused_before_any_work(args, words, tmp_path):
+    if args[0] == "generate":  # should the check ever fail, label nothing into data/labelled
+        args = [*args, "--input", str(tmp_path / "none.json"), "--output-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and words in result.output, result.output
+
+
 def test_config_layers_and_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("preset: paper\nworkload: {num_requests: 7, output_tokens: {median: 10}}\n")
