@@ -6,7 +6,24 @@ import sys
 
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
+ROOT = pathlib.Path(__file__).parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+INPUTS = ("data", "configs")
+"""Committed folders the tests read and must never write (a CLI run left on its default output folder would)."""
+
+
+def _files(folders) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(ROOT)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for folder in folders for p in (ROOT / folder).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def committed_inputs_untouched():
+    before = _files(INPUTS)
+    yield
+    after = _files(INPUTS)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"the tests wrote into the committed {', '.join(INPUTS)}: {changed[:10]}"
 
 
 @pytest.fixture(scope="session")
