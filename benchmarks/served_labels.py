@@ -37,7 +37,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
 from predictor_train.data import load_records, sources_of, split_records  # noqa: E402
 from predictor_train.evaluate import bucket_metrics  # noqa: E402
-from serve.feedback import PredictionOutcomes  # noqa: E402
+from serve.outcomes import PredictionOutcomes  # noqa: E402
 from serve.server.batch import run_batch  # noqa: E402
 from serve.server.config import ServeConfig  # noqa: E402
 from serve.server.launch import build_stack, configure_process  # noqa: E402

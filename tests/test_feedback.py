@@ -212,7 +212,7 @@ def test_s3_feedback_prints_no_skipped_line_for_a_clean_store(tmp_path):
 def test_prediction_outcomes_score_the_requests_whose_length_is_a_label():
     """The server's live view of its predictor: each request that ended of itself (or at the predictor's largest
     length) against its predicted bucket; one its own max_tokens cut, or without a prediction, is not scored."""
-    from serve.feedback import PredictionOutcomes
+    from serve.outcomes import PredictionOutcomes
 
     sched = make_scheduler("s3", num_blocks=64)  # buckets of 16 tokens up to 64
     lengths = {"exact": 5, "one_under": 20, "under": 40, "one_over": 5, "over": 5, "cut": 30, "unpredicted": 3,
@@ -237,7 +237,8 @@ def test_prediction_outcomes_score_the_requests_whose_length_is_a_label():
 def test_requests_in_flight_at_a_predictor_swap_keep_the_old_checkpoint(tmp_path):
     """A predictor swapped while serving (serve/server/reload.py): the requests it did not predict are neither
     named after it in the feedback store nor scored in its live accuracy."""
-    from serve.feedback import FeedbackLog, PredictionOutcomes
+    from serve.feedback import FeedbackLog
+    from serve.outcomes import PredictionOutcomes
 
     sched = make_scheduler("s3", num_blocks=64)
     for request_id in ("old", "new"):

@@ -130,7 +130,7 @@ class EngineLoop:
                  classify: Callable[[list[str]], Sequence[LengthPrediction | None]] | None = None) -> None:
         self.engine = engine
         self.feedback = feedback  # serve.feedback.FeedbackLog or None
-        self.outcomes = outcomes  # serve.feedback.PredictionOutcomes or None: the predictor's live accuracy
+        self.outcomes = outcomes  # serve.outcomes.PredictionOutcomes or None: the predictor's live accuracy
         self.keepalive_s = keepalive_s
         self.classify = classify
         """Predicts the length of the requests added without a prediction, between steps (a CPU server's

@@ -21,7 +21,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from serve.engine.llm import LLMEngine
-from serve.feedback import FeedbackLog, FeedbackWriter, PredictionOutcomes
+from serve.feedback import FeedbackLog, FeedbackWriter
+from serve.outcomes import PredictionOutcomes
 from serve.policy_config import PolicyConfig
 from serve.server.admission import (
     Admission, AdmissionController, CheckpointLoader, Classifier, Predictor, check_target_model,

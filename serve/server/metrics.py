@@ -61,7 +61,7 @@ class _EngineCollector:
 
 
 class _OutcomeCollector:
-    """The predictor's live accuracy (`serve.feedback.PredictionOutcomes`) as counters."""
+    """The predictor's live accuracy (`serve.outcomes.PredictionOutcomes`) as counters."""
 
     def __init__(self, outcomes) -> None:
         self.outcomes = outcomes
@@ -86,7 +86,7 @@ class _OutcomeCollector:
                 "unlike its training data (a retraining round is due).", value=self.outcomes.expected_within_one)
             yield GaugeMetricFamily(
                 "s3_predictor_stale", "1 while the live within-one accuracy is far enough under the validation "
-                "figure to call a retraining round due (serve.feedback.PredictionOutcomes.stale; logged too), else 0.",
+                "figure to call a retraining round due (serve.outcomes.PredictionOutcomes.stale; logged too), else 0.",
                 value=float(self.outcomes.stale() is not None))
 
 
@@ -98,7 +98,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self._in_flight: Callable[[], int] = lambda: 0
         self.registry.register(_EngineCollector(snapshot, lambda: self._in_flight()))
-        if outcomes is not None:  # serve.feedback.PredictionOutcomes, with a length predictor
+        if outcomes is not None:  # serve.outcomes.PredictionOutcomes, with a length predictor
             self.registry.register(_OutcomeCollector(outcomes))
         r = self.registry
         self.ttft = Histogram("s3_time_to_first_token_seconds", "From the request's arrival to its first token.",

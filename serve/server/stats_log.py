@@ -27,7 +27,7 @@ class _Mark:
 
 class StatsLogger:
     """Every ``interval_s`` (a thread of its own), one INFO line while requests run or wait, or anything was done
-    since the last line. ``outcomes``: the predictor's live score (`serve.feedback.PredictionOutcomes`), if any."""
+    since the last line. ``outcomes``: the predictor's live score (`serve.outcomes.PredictionOutcomes`), if any."""
 
     def __init__(self, snapshot: Callable[[], EngineSnapshot], *, interval_s: float, outcomes=None,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.feedback import PredictionOutcomes
+from serve.outcomes import PredictionOutcomes
 from serve.sched_output import SchedulerStats
 from serve.server.config import ServeConfig
 from serve.server.engine_loop import EngineSnapshot
