@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -144,6 +145,7 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
         return
     config.check_exposure()  # before minutes of loading a model
     config.check_tls()
+    listener = bind_port(config.host, config.port)
     stack = build_stack(config, load_checkpoint=load_checkpoint)
     _log_startup(config, stack)
     server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level, config.keep_alive_s,
@@ -155,16 +157,32 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
                             outcomes=stack.engine_loop.outcomes).start()
     try:
         with _signals_end_the_run(), _sighup_reloads(stack):
-            server.run()
+            server.run(sockets=[listener])
     except _Stopped:
         pass
     finally:
         if stats is not None:
             stats.stop()
         stack.stop()
+        listener.close()
     if stack.engine_loop.outcomes is not None:
         log.info("the predictor on this run's traffic: %s", stack.engine_loop.outcomes.summary())
     log.info("stopped")
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now, before the model loads: a port in use is an error at once, not after the
+    loading (uvicorn listens on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port at once
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise ServeSetupError(f"cannot listen on {host}:{port} ({exc.strerror}): another process holds the port, or "
+                              "the address is not this machine's; pass another --port or --host") from exc
+    return listener
 
 
 def configure_process(config: ServeConfig) -> None:

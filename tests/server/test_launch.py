@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -109,6 +110,20 @@ def test_a_trained_checkpoint_serves_in_the_admission_path(tmp_path, checkpoint)
         wait_idle(srv)
     finally:
         srv.stop()
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads():
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--policy", "paged", "--port", str(port), "--set", "engine.model=/none"])
+    # The model path does not exist: had the port been free, loading it would have been the error.
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output
 
 
 def test_an_unwritable_feedback_dir_is_refused_saying_what_to_set(tmp_path):
