@@ -284,6 +284,8 @@ def batch(input_path, output_path, config_path, policy, predictor, fallback_poli
     click.echo(f"{summary.num_ok} answered, {summary.num_failed} failed, {summary.num_skipped} already in "
                f"{output_path}; {summary.num_completion_tokens} tokens in {summary.elapsed_s:.1f} s ({rate:.1f} "
                f"tokens/s)")
+    for message, count in summary.errors.most_common(3):
+        click.echo(f"  failed {count}x: {message}")
     if summary.predictions:
         click.echo(f"length predictor: {summary.predictions}")
 

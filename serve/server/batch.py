@@ -16,6 +16,7 @@ it, as in `s3 bench`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
@@ -48,6 +49,8 @@ class BatchSummary:
     """Already answered in the output by an earlier run."""
     num_ok: int = 0
     num_failed: int = 0
+    errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    """The failed requests' error messages, counted (each request's is in the output)."""
     num_completion_tokens: int = 0
     elapsed_s: float = 0.0
     predictions: str | None = None
@@ -168,6 +171,8 @@ def _count(summary: BatchSummary, record: dict) -> None:
     response = record["response"]
     if response is None or response["status_code"] != 200:
         summary.num_failed += 1
+        error = record["error"] or (response["body"].get("error") or {})
+        summary.errors[str(error.get("message") or f"HTTP {response['status_code']}")] += 1
         return
     summary.num_ok += 1
     summary.num_completion_tokens += (response["body"].get("usage") or {}).get("completion_tokens", 0)

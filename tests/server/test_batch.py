@@ -56,6 +56,8 @@ def test_a_batch_is_answered_line_by_line_and_resumed(tmp_path):
     assert summary.num_completion_tokens == sum(records[k]["response"]["body"]["usage"]["completion_tokens"]
                                                 for k in "abc")
     assert summary.predictions == served.engine_loop.outcomes.summary()  # how the length predictor did
+    assert set(summary.errors) == {records["too hot"]["response"]["body"]["error"]["message"],
+                                   records["nowhere"]["error"]["message"]}  # counted for the command's last lines
 
     write_lines(source, LINES)  # one more line: only it is answered
     again = run_batch(stack(tmp_path), source, answers, progress=False)
