@@ -193,6 +193,9 @@ def _load_bert_mapped(path: str, *, num_labels: int, local_only: bool) -> PreTra
 
 def _load_pretrained(name: str, *, num_labels: int, allow_download: bool) -> tuple[PreTrainedModel, BackboneKind]:
     path, local_only = resolve_backbone(name), not allow_download
+    if path.startswith((".", "/")) and not Path(path).is_dir():
+        raise FileNotFoundError(f"backbone folder {name!r} does not exist; pass a Hugging Face model folder (or a "
+                                "hub name where downloads are allowed)")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local_only)
     except OSError as err:

@@ -93,6 +93,11 @@ def test_missing_hub_name_fails_without_downloading():
         load_classifier("no-such-org/no-such-encoder", SPEC)
 
 
+def test_missing_backbone_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="backbone folder .*none' does not exist"):
+        load_classifier(str(tmp_path / "none"), SPEC)
+
+
 def test_head_tail_truncation_keeps_both_ends_of_a_long_prompt():
     tokenizer = load_classifier(TINY_BACKBONE, SPEC).tokenizer
     long = "first words here " + "filler " * 60 + "the request comes last"
