@@ -315,11 +315,11 @@ def run_reference(model, tokenizer, prompts, *, batch_size: int, max_new_tokens:
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict:
     from serve.engine.loader import load_model
 
+    buckets = BucketSpec.uniform(config.max_new_tokens, config.num_buckets)
     if config.predictor not in BASELINES:  # a bad checkpoint fails now, not after the model loads and `max` runs
         from predictor_train.checkpoint import read_info
         from predictor_train.inference import check_compatible
 
-        buckets = BucketSpec.uniform(config.max_new_tokens, config.num_buckets)
         check_compatible(read_info(config.predictor), config.predictor, expected_buckets=buckets)
     model, tokenizer = load_model(None if config.model == "smollm2" else config.model)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -329,7 +329,6 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         model=config.model, kv_cache_tokens=config.kv_worst_case_seqs * longest + config.block_size,
         block_size=config.block_size, max_num_seqs=config.max_num_seqs,
     )  # fmt: skip
-    buckets = BucketSpec.uniform(config.max_new_tokens, config.num_buckets)
     sampling = SamplingParams(frequency_penalty=config.frequency_penalty)
     progress(f"{len(prompts)} prompts, KV pool {engine_config.kv_cache_tokens} tokens ({config.kv_worst_case_seqs} x {longest})")
     if warmup:

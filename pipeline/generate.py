@@ -60,8 +60,10 @@ class GenerateConfig:
     """offline (the default), online or disabled; the WANDB_MODE environment variable wins (core/tracking.py)."""
 
     def __post_init__(self) -> None:
-        if min(self.num_samples, self.max_new_tokens, 1 if self.limit_per_source is None else self.limit_per_source) < 1:
-            raise ValueError("num_samples, max_new_tokens and limit_per_source must be >= 1")
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("num_samples and max_new_tokens must be >= 1")
+        if self.limit_per_source is not None and self.limit_per_source < 1:
+            raise ValueError(f"limit_per_source must be >= 1 (or unset), got {self.limit_per_source}")
         if self.num_samples > 1 and self.temperature == 0:
             raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be the same)")
 
