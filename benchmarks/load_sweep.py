@@ -29,6 +29,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 
 import load  # noqa: E402
+import load_report  # noqa: E402
 import sim_load  # noqa: E402
 from serve.policy_options import policy_options  # noqa: E402
 
@@ -50,7 +51,7 @@ def served_or_read(cfg: load.LoadConfig, path: Path, echo=print) -> list[dict]:
         raise click.ClickException(f"{path} was run with other settings; move it away or use another --output-dir")
     echo(f"  read back from {path}")
     # runs saved before load.py wrote the decode figures get them from their per-request times
-    return [{**load.decode_figures(r["per_request"], r["wall_s"]), **r} for r in saved["results"]]
+    return [{**load_report.decode_figures(r["per_request"], r["wall_s"]), **r} for r in saved["results"]]
 
 
 def measure_capacity(base: load.LoadConfig, seed: int, output_dir: Path, echo=print) -> float:

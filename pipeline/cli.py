@@ -131,7 +131,8 @@ def feedback(directory, as_json):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
 def bench(config_path, model, num_prompts, max_new_tokens, policies, predictor, output_dir, overrides):
     """Offline throughput and latency of the engine under each policy, side by side, plus a transformers reference."""
-    from pipeline.bench import BenchConfig, format_bench, run_bench, save_bench
+    from pipeline.bench import BenchConfig, run_bench
+    from pipeline.bench_report import format_bench, save_bench
 
     flags = {
         "model": model, "num_prompts": num_prompts, "max_new_tokens": max_new_tokens, "predictor": predictor,

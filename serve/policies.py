@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from core.buckets import BucketSpec, Shape
 from core.request import Request
-from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, PeakGate, RemainingEstimator
+from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, RemainingEstimator
+from serve.peak import PeakGate
 from serve.policy_config import POLICY_NAMES, PolicyConfig
 
 Needs = Literal["none", "buckets", "exact"]

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 from core.buckets import BucketSpec
 from core.request import MispredictionEvent, Request, RequestStatus, TokenLogprobs
 from serve import prefix
-from serve.estimate import PeakGate
+from serve.peak import PeakGate
 from serve.kv import BlockPool, blocks_for
 from serve.policies import StepLimits, VictimFn, make_policy
 from serve.policy_config import PolicyConfig

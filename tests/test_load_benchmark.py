@@ -1,27 +1,16 @@
-"""benchmarks/load.py: requests decoded as the predictor's labels were made; per-request times and the timeline plot."""
+"""benchmarks/load.py and load_report.py: requests decoded as the predictor's labels were made; per-request times and
+the timeline plot."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import sys
 
 import pytest
 
 
-LOAD = pathlib.Path(__file__).parents[1] / "benchmarks" / "load.py"
-
-
-def _load_module(monkeypatch):
-    spec = importlib.util.spec_from_file_location("load_benchmark", LOAD)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_request_frequency_penalty_follows_the_predictor(monkeypatch):
-    load = _load_module(monkeypatch)
+def test_request_frequency_penalty_follows_the_predictor(import_benchmark, monkeypatch):
+    load = import_benchmark("load", "load_report")
     from pipeline.generate import GenerateConfig
 
     assert load.request_frequency_penalty(load.LoadConfig()) == GenerateConfig.frequency_penalty
@@ -34,13 +23,13 @@ def test_request_frequency_penalty_follows_the_predictor(monkeypatch):
     assert load.request_frequency_penalty(load.LoadConfig(predictor="some/checkpoint")) == 1.25
 
 
-def test_per_request_times_and_timeline(monkeypatch, tmp_path):
-    load = _load_module(monkeypatch)
+def test_per_request_times_and_timeline(import_benchmark, tmp_path):
+    report = import_benchmark("load_report")
     # Three requests sent at 10, 11 and 12 s; the second never got a first token before it failed.
-    results = [load.Result("a", num_tokens=5, start=10.0, first_token=10.5, end=13.0),
-               load.Result("b", start=11.0, end=11.2, error="500: boom"),
-               load.Result("c", num_tokens=2, start=12.0, first_token=14.0, end=15.0)]
-    row = load.summarise("paged", results, wall=5.0, metrics={}, max_tokens=8)
+    results = [report.Result("a", num_tokens=5, start=10.0, first_token=10.5, end=13.0),
+               report.Result("b", start=11.0, end=11.2, error="500: boom"),
+               report.Result("c", num_tokens=2, start=12.0, first_token=14.0, end=15.0)]
+    row = report.summarise("paged", results, wall=5.0, metrics={}, max_tokens=8)
     assert [r["sent_s"] for r in row["per_request"]] == [0.0, 1.0, 2.0]
     assert [r["ttft_s"] for r in row["per_request"]] == [0.5, None, 2.0]  # a failed request has no times
     assert [r["latency_s"] for r in row["per_request"]] == [3.0, None, 3.0]
@@ -48,22 +37,22 @@ def test_per_request_times_and_timeline(monkeypatch, tmp_path):
     assert row["per_request"][1]["answer_sha1"] is None and len(row["per_request"][0]["answer_sha1"]) == 16
     # TPOT: (3.0 - 0.5) / 4 for "a", (3.0 - 2.0) / 1 for "c"; in the server: (3 + 3) s of latency over 5 s
     assert row["mean_tpot_s"] == pytest.approx((0.625 + 1.0) / 2) and row["p99_tpot_s"] == pytest.approx(1.0)
-    assert row["mean_in_system"] == pytest.approx(6.0 / 5.0) and "TPOT" in load.format_table([row])
+    assert row["mean_in_system"] == pytest.approx(6.0 / 5.0) and "TPOT" in report.format_table([row])
     assert row["server_mean_tpot_s"] != row["server_mean_tpot_s"]  # NaN: the server gave no figure
     assert row["mean_step_s"] != row["mean_step_s"] and row["step_share"] != row["step_share"]
     metrics = {"s3_time_per_output_token_seconds_sum": 1.5, "s3_time_per_output_token_seconds_count": 2.0,
                "s3_engine_steps_total": 4.0, "s3_engine_step_seconds_total": 1.0, "s3_batched_sequences_total": 10.0,
                "s3_batched_tokens_total": 30.0, "s3_unfamiliar_prompts_total": 1.0,
                "s3_prompt_familiarity_count": 4.0}
-    served = load.summarise("paged", results, wall=5.0, metrics=metrics, max_tokens=8)
+    served = report.summarise("paged", results, wall=5.0, metrics=metrics, max_tokens=8)
     assert served["unfamiliar_share"] == 0.25 and row["unfamiliar_share"] != row["unfamiliar_share"]
     assert (served["server_mean_tpot_s"], served["mean_step_s"]) == (0.75, 0.25)
     assert (served["mean_running_batch"], served["mean_batched_tokens"]) == (2.5, 7.5)
     assert served["step_share"] == pytest.approx(1.0 / 5.0)  # 1 s of steps in a 5 s run
-    assert "step" in load.format_table([served, row])
+    assert "step" in report.format_table([served, row])
     ok = [r for r in row["per_request"] if r["error"] is None]
-    assert load.waiting_over_time(ok) == ([0.0, 0.5, 2.0, 4.0], [1, 0, 1, 0])
-    load.plot_timeline([row, {**row, "policy": "s3"}], tmp_path / "timeline.png", "test")
+    assert report.waiting_over_time(ok) == ([0.0, 0.5, 2.0, 4.0], [1, 0, 1, 0])
+    report.plot_timeline([row, {**row, "policy": "s3"}], tmp_path / "timeline.png", "test")
     assert (tmp_path / "timeline.png").stat().st_size > 0
 
 
@@ -93,8 +82,8 @@ def test_a_killed_benchmark_stops_its_client_and_server():
     import subprocess
     import time
 
-    root = LOAD.parents[1]
-    script = KILLED_BENCHMARK.format(root=str(root), benchmarks=str(LOAD.parent))
+    root = pathlib.Path(__file__).parents[1]
+    script = KILLED_BENCHMARK.format(root=str(root), benchmarks=str(root / "benchmarks"))
     bench = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
     children = []
     try:
@@ -123,19 +112,19 @@ def test_each_policy_is_served_from_a_fresh_process(import_benchmark):
         load.in_fresh_process(int, "not a number")
 
 
-def test_answers_are_compared_prompt_by_prompt(monkeypatch):
+def test_answers_are_compared_prompt_by_prompt(import_benchmark):
     """A policy's answers against the reference run's: only prompts both answered count, and a fingerprint tells
     two texts apart without keeping them."""
-    load = _load_module(monkeypatch)
+    report = import_benchmark("load_report")
     reference = {"a": ("Hi there.", 3), "b": ("Two.", 2), "c": ("Long answer", 9)}
-    assert load.answers_differing(reference, reference) == 0
-    assert load.answers_differing({"a": ("Hi there.", 3), "b": ("Three.", 2)}, reference) == 1  # "c" failed here
-    assert load.answers_differing({"a": ("Hi there.", 3), "d": ("New.", 2)}, reference) == 0
-    assert load.answer_fingerprint("Two.") == load.answer_fingerprint("Two.") != load.answer_fingerprint("Three.")
+    assert report.answers_differing(reference, reference) == 0
+    assert report.answers_differing({"a": ("Hi there.", 3), "b": ("Three.", 2)}, reference) == 1  # "c" failed here
+    assert report.answers_differing({"a": ("Hi there.", 3), "d": ("New.", 2)}, reference) == 0
+    assert report.answer_fingerprint("Two.") == report.answer_fingerprint("Two.") != report.answer_fingerprint("Three.")
 
 
-def test_each_record_counts_its_answers_unlike_the_first_policys(monkeypatch):
-    load = _load_module(monkeypatch)
+def test_each_record_counts_its_answers_unlike_the_first_policys(import_benchmark, monkeypatch):
+    load = import_benchmark("load", "load_report")
     texts = {"paged": {"a": "x", "b": "y"}, "s3": {"a": "x", "b": "z"}}
 
     def serve(fn, cfg, policy, prompts, **kwargs):
@@ -152,8 +141,8 @@ def test_each_record_counts_its_answers_unlike_the_first_policys(monkeypatch):
     assert "answers unlike paged's: paged 0, s3 1" in said[-1]
 
 
-def test_urgent_requests_are_marked_sent_with_their_priority_and_reported_apart(monkeypatch):
-    load = _load_module(monkeypatch)
+def test_urgent_requests_are_marked_sent_with_their_priority_and_reported_apart(import_benchmark):
+    load = import_benchmark("load", "load_report")
     cfg = load.LoadConfig(num_requests=10, urgent_share=0.3, seed=1)
     urgent = load.urgent_requests(cfg)
     assert len(urgent) == 3 and urgent == load.urgent_requests(cfg)  # drawn with the seed: every policy alike

@@ -8,7 +8,7 @@ import sys
 def test_scheduler_imports_no_torch():
     code = (
         "import sys, core.buckets, core.request, core.distributed, serve.kv, serve.policies, serve.scheduler, "
-        "serve.step; print('torch' in sys.modules)"
+        "serve.peak, serve.step; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 
 from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.request import LengthPrediction, Request
-from serve.estimate import (BucketEstimator, ExactEstimator, HistoryEstimator, LengthDistribution, PeakGate,
-                            Projection, conditional_remaining, peak_tokens)
+from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, LengthDistribution, conditional_remaining
+from serve.peak import PeakGate, Projection, peak_tokens
 from serve.kv import blocks_for
 from serve.policies import StepLimits
 from tests.fakes import FakeClock, make_request, make_scheduler, run_until_done
