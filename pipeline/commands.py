@@ -154,6 +154,6 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
 
 
 def _rank() -> int:
-    from predictor_train.train import rank_and_world_size
+    from predictor_train.distributed import rank_and_world_size
 
     return rank_and_world_size()[0]

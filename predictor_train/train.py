@@ -8,7 +8,6 @@ overlap: ``batch_size`` becomes ``train_micro_batch_size_per_gpu`` and ``lr`` th
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 from collections import Counter
@@ -25,14 +24,12 @@ from core.tracking import start_run
 from predictor_train.checkpoint import CheckpointInfo, read_info, save_checkpoint
 from predictor_train.data import (Examples, PromptTruncation, batches, cap_per_source, check_sources, class_weights,
                                   drop_sources, labels_of, load_records, num_batches, split_records)
-from predictor_train.distributed import prepare_deepspeed
+from predictor_train.distributed import build_deepspeed_config, rank_and_world_size, start_engine
 from predictor_train.evaluate import bucket_metrics
 from predictor_train.losses import LossKind, length_loss
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
 BucketScheme = Literal["uniform", "quantile"]
 WandbMode = Literal["online", "offline", "disabled"]
 Monitor = Literal["loss", "accuracy", "mae"]
@@ -155,36 +152,6 @@ class TrainResult:
     """Per-epoch train loss and validation metrics."""
 
 
-def deepspeed_config_path(name: str) -> Path:
-    """Find a DeepSpeed JSON file: as given, or relative to the repository / configs/deepspeed."""
-    if name == "auto":
-        name = "predictor_gpu.json" if torch.cuda.is_available() else "predictor_cpu.json"
-    for candidate in (Path(name), REPO_ROOT / name, DEEPSPEED_CONFIG_DIR / name):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"DeepSpeed config {name!r} not found (looked in ., {REPO_ROOT}, "
-                            f"{DEEPSPEED_CONFIG_DIR}); pass a path to a JSON file")
-
-
-def build_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config for a run: the JSON file with the TrainConfig's batch size and lr written in."""
-    path = deepspeed_config_path(config.deepspeed_config)
-    ds = json.loads(path.read_text())
-    if "optimizer" not in ds:
-        raise ValueError(f"{path} has no \"optimizer\" section; add one, e.g. "
-                         '{"type": "AdamW", "params": {"torch_adam": true}}')
-    if ds.get("zero_optimization", {}).get("stage", 0) > 2:
-        raise ValueError(f"{path} asks for ZeRO stage 3, which shards the weights; this trainer saves whole "
-                         "HF checkpoints and supports stages 0-2")
-    if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
-        raise ValueError(f"{path} enables fp16, which DeepSpeed's CPU accelerator does not support; use "
-                         "predictor_cpu.json (fp32) or bf16")
-    ds.pop("train_batch_size", None)  # DeepSpeed derives it from micro batch x accumulation x world size
-    ds["train_micro_batch_size_per_gpu"] = config.batch_size
-    ds["optimizer"].setdefault("params", {})["lr"] = config.lr
-    return ds
-
-
 def make_buckets(config: TrainConfig, train_lengths: list[int] | tuple[int, ...]) -> BucketSpec:
     if config.bucket_scheme == "uniform":
         return BucketSpec.uniform(config.max_tokens, config.num_buckets)
@@ -240,7 +207,8 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
     torch.manual_seed(config.seed)
     meta = {**meta, "length_prior": bucket_frequencies(spec, train.num_output_tokens),
             "length_shape": within_bucket_shape(spec, train.num_output_tokens)}
-    engine, ds_config = _start_engine(config, backbone)
+    ds_config = build_deepspeed_config(config.deepspeed_config, batch_size=config.batch_size, lr=config.lr)
+    engine = start_engine(backbone.model, ds_config)
     is_main = rank_and_world_size()[0] == 0  # every rank validates the same way; rank 0 alone writes
     train_labels = labels_of(train.num_output_tokens, spec)
     weights = torch.tensor(class_weights(train_labels, spec.num_buckets, smoothing=config.class_weight_smoothing),
@@ -305,17 +273,6 @@ def _finish_checkpoint(config: TrainConfig, validation: Examples,
     return info
 
 
-def _start_engine(config: TrainConfig, backbone: Backbone):
-    import deepspeed
-
-    prepare_deepspeed()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # it logs its whole config at INFO
-    ds_config = build_deepspeed_config(config)
-    params = [p for p in backbone.model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=backbone.model, model_parameters=params, config=ds_config)
-    return engine, ds_config
-
-
 def _log_epoch(run, record: dict[str, Any]) -> None:
     """Logs one epoch's record; epoch 0 (the starting weights, retraining) has no training loss."""
     trained = "" if record["train_loss"] is None else f"train loss {record['train_loss']:.4f}, "
@@ -329,12 +286,6 @@ def _log_epoch(run, record: dict[str, Any]) -> None:
         val |= {f"traffic/{k}": v for k, v in (traffic or {}).items()}
         train_loss = {} if record["train_loss"] is None else {"train/loss": record["train_loss"]}
         run.log({"epoch": record["epoch"], **train_loss, **val})
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    import deepspeed.comm as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _checkpoint_info_on_all_ranks(info: CheckpointInfo | None, output_dir: str) -> CheckpointInfo:

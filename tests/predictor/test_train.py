@@ -12,7 +12,8 @@ from predictor_train.checkpoint import PREDICTOR_FILE, compute_checkpoint_id, re
 from core.distributed import disable_shm_comm, setup_single_process_env
 from predictor_train.evaluate import evaluate_checkpoint
 from predictor_train.inference import LengthPredictor
-from predictor_train.train import TrainConfig, _improved, build_deepspeed_config, make_buckets, train_predictor
+from predictor_train.distributed import build_deepspeed_config
+from predictor_train.train import TrainConfig, _improved, make_buckets, train_predictor
 
 from .conftest import TARGET_MODEL, tiny_config
 from .synthetic import NUM_BUCKETS
@@ -35,19 +36,23 @@ def test_config_fields_are_documented():
         assert f"    {name}:" in source and source.split(f"    {name}:")[1].splitlines()[1].strip().startswith('"""')
 
 
+def _ds_config(name: str) -> dict:
+    return build_deepspeed_config(name, batch_size=TrainConfig.batch_size, lr=TrainConfig.lr)
+
+
 def test_deepspeed_config_takes_batch_size_and_lr_from_train_config():
-    cpu = build_deepspeed_config(TrainConfig(batch_size=7, lr=1e-3, deepspeed_config="predictor_cpu.json"))
+    cpu = build_deepspeed_config("predictor_cpu.json", batch_size=7, lr=1e-3)
     assert cpu["train_micro_batch_size_per_gpu"] == 7 and cpu["optimizer"]["params"]["lr"] == 1e-3
     assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["zero_optimization"]["stage"] in (0, 1)
     assert not cpu["bf16"]["enabled"] and "train_batch_size" not in cpu
-    gpu = build_deepspeed_config(TrainConfig(deepspeed_config="configs/deepspeed/predictor_gpu.json"))
+    gpu = _ds_config("configs/deepspeed/predictor_gpu.json")
     assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["stage"] == 2
 
 
 def test_auto_deepspeed_config_is_cpu_without_cuda():
     import torch
 
-    ds = build_deepspeed_config(TrainConfig())
+    ds = _ds_config(TrainConfig.deepspeed_config)
     assert ds["bf16"]["enabled"] == torch.cuda.is_available()
 
 
@@ -61,12 +66,12 @@ def test_unsupported_deepspeed_configs_are_refused(tmp_path, section, message):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {}}, **section}))
     with pytest.raises(ValueError, match=message):
-        build_deepspeed_config(TrainConfig(deepspeed_config=str(path)))
+        _ds_config(str(path))
 
 
 def test_missing_deepspeed_config_says_where_it_looked():
     with pytest.raises(FileNotFoundError, match="not found"):
-        build_deepspeed_config(TrainConfig(deepspeed_config="nope.json"))
+        _ds_config("nope.json")
 
 
 def test_shm_comm_op_is_switched_off():
