@@ -2,11 +2,20 @@
 
 Not a test (pytest never collects this folder). Run: .venv/bin/python benchmarks/scheduler_step.py
 Every policy is measured in the same run, so the ratios between them are meaningful on a noisy machine.
+
+Two steady states of a busy server, each with a queue:
+- ``seats full``: ``batch`` sequences running, as many as ``max_num_seqs`` allows, and twice as many waiting;
+  nobody can be admitted, so a step is the running sequences' bookkeeping.
+- ``memory full``: seats for four times ``batch``, a pool of ``batch`` worst-case sequences and 3 x ``batch``
+  requests, each predicted to write 2,000 tokens: the pool binds, so every step some waiting request fits now
+  and the policy's admission test runs against everyone running (the projected peak, for `s3`).
 """
 
 from __future__ import annotations
 
 import time
+
+import click
 
 from core.buckets import BucketSpec
 from core.request import LengthPrediction, Request
@@ -14,19 +23,22 @@ from serve.policy_config import POLICY_NAMES, PolicyConfig
 from serve.sched_output import StepResult
 from serve.scheduler import Scheduler, SchedulerConfig
 
+SCENARIOS = ("seats full", "memory full")
 
-def measure(policy: str, batch: int, steps: int = 300) -> float:
-    """Mean seconds per decode step with ``batch`` running sequences and a queue twice as long."""
+
+def measure(policy: str, batch: int, scenario: str = "seats full", steps: int = 300) -> float:
+    """Mean seconds per decode step with about ``batch`` running sequences and a queue (see the module docstring)."""
     buckets = BucketSpec.uniform(2048, 10)
+    seats = batch if scenario == "seats full" else 4 * batch
     config = SchedulerConfig(
-        num_blocks=batch * 2048 // 16, block_size=16, max_num_seqs=batch, max_num_batched_tokens=max(batch, 2048),
+        num_blocks=batch * 2048 // 16, block_size=16, max_num_seqs=seats, max_num_batched_tokens=max(seats, 2048),
         policy=PolicyConfig(policy=policy),
     )
     scheduler = Scheduler(config, buckets=buckets, clock=lambda: 0.0)
+    prediction = LengthPrediction(bucket=0, num_tokens=10_000) if scenario == "seats full" else \
+        LengthPrediction(bucket=9, num_tokens=2000)
     for i in range(3 * batch):
-        scheduler.add_request(
-            Request(str(i), (1,) * 32, 2000, prediction=LengthPrediction(bucket=0, num_tokens=10_000))
-        )
+        scheduler.add_request(Request(str(i), (1,) * 32, 2000, prediction=prediction))
     for _ in range(3):  # admit and prefill
         out = scheduler.schedule()
         scheduler.update_from_output(out, StepResult({s.request_id: 1 for s in out.seqs if s.samples}))
@@ -37,7 +49,16 @@ def measure(policy: str, batch: int, steps: int = 300) -> float:
     return (time.perf_counter() - start) / steps
 
 
+@click.command()
+@click.option("--batches", default="8,32,128,512", show_default=True, help="Comma-separated batch sizes.")
+def main(batches: str) -> None:
+    """Print each scenario's table: microseconds per step, one column per policy."""
+    for scenario in SCENARIOS:
+        print(f"\n{scenario}: microseconds per step")
+        print(f"{'batch':>6} " + " ".join(f"{p:>12}" for p in POLICY_NAMES))
+        for batch in (int(b) for b in batches.split(",")):
+            print(f"{batch:>6} " + " ".join(f"{measure(p, batch, scenario) * 1e6:>12.0f}" for p in POLICY_NAMES))
+
+
 if __name__ == "__main__":
-    print(f"{'batch':>6} " + " ".join(f"{p:>10}" for p in POLICY_NAMES) + "   (microseconds per step)")
-    for batch in (8, 32, 128, 512):
-        print(f"{batch:>6} " + " ".join(f"{measure(p, batch) * 1e6:>10.0f}" for p in POLICY_NAMES))
+    main()

@@ -159,6 +159,9 @@ class BucketEstimator:
         self.prior_weight = prior_weight
         self.set_profile(prior, shape)
         self._dists: dict[str, LengthDistribution] = {}  # per live request
+        # Per live request, its last estimate and the output length it was made at: a waiting request is ordered
+        # every step with the same estimate, and a running one is asked twice a step (order and peak test).
+        self._estimates: dict[str, tuple[int, Estimate]] = {}
 
     def set_profile(self, prior: Sequence[float] | None, shape: Shape | None) -> None:
         """The training labels' bucket frequencies and within-bucket shape; requests already estimated keep the
@@ -189,14 +192,20 @@ class BucketEstimator:
         return dist
 
     def estimate(self, request: Request) -> Estimate:
-        return self._dist(request).remaining(request.num_output_tokens, self.quantile, request.max_new_tokens,
-                                             SLICE_LEVELS)  # fmt: skip
+        written = request.num_output_tokens
+        last = self._estimates.get(request.request_id)
+        if last is not None and last[0] == written:
+            return last[1]
+        estimate = self._dist(request).remaining(written, self.quantile, request.max_new_tokens, SLICE_LEVELS)
+        self._estimates[request.request_id] = (written, estimate)
+        return estimate
 
     def finish_within(self, request: Request, steps: int) -> float:
         return self._dist(request).finish_probability(request.num_output_tokens, steps, request.max_new_tokens)
 
     def observe(self, request: Request) -> None:
         self._dists.pop(request.request_id, None)
+        self._estimates.pop(request.request_id, None)
 
 
 class ExactEstimator:

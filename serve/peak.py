@@ -98,6 +98,10 @@ class PeakGate:
         self._pending_ahead = 0  # prompt tokens still to prefill, over the sequences already in
         self._variance = 0.0  # of the running set's total remaining tokens
         self._owners: dict[int, tuple[float, list[Projection]]] = {}  # block -> its last holder's end and slices
+        # At least the projected peak of the entries: what they hold at their ends, all at once; or the peak itself
+        # where `fits` just computed it for the request being added.
+        self._peak_bound = 0.0
+        self._checked: tuple[list[Projection], float] | None = None  # the last entries `fits` computed a peak with
 
     def projection(self, request: Request) -> tuple[list[Projection], float]:
         """Where ``request`` (running, or about to be admitted after everyone in) is headed: its slices, and
@@ -148,6 +152,11 @@ class PeakGate:
             self._owners[block] = (end, entries)
         self.entries += entries + corrections
         self._sorted = False
+        checked, self._checked = self._checked, None
+        if checked is not None and checked[0] == entries + corrections:
+            self._peak_bound = checked[1]  # `fits` projected the same entries: the peak, exactly
+        else:
+            self._peak_bound += _final_holding(entries + corrections)
         self._variance += variance
         pending = request.num_tokens - request.num_computed_tokens
         if pending > 1:
@@ -161,16 +170,27 @@ class PeakGate:
         mine, variance = self.projection(request)
         mine, corrections, _, _ = self._share(request, mine)
         mine += corrections
+        margin = self.z * math.sqrt(self._variance + variance)
+        if self._peak_bound + _final_holding(mine) + margin <= self.capacity_tokens:
+            return True  # even everyone's end at once fits, so the peak does: the same answer, without the sort
         if not self._sorted:
             self.entries.sort(key=_latest_first)
             self._sorted = True
         entries = sorted(self.entries + mine, key=_latest_first)  # two sorted runs: a linear merge
-        margin = self.z * math.sqrt(self._variance + variance)
-        return peak_tokens(entries) + margin <= self.capacity_tokens
+        peak = peak_tokens(entries)
+        self._checked = (mine, peak)
+        return peak + margin <= self.capacity_tokens
 
 
 def _latest_first(entry: Projection) -> int:
     return -entry.steps
+
+
+def _final_holding(entries: Sequence[Projection]) -> float:
+    """An upper bound of what ``entries`` add to the projected peak at any step: each holds the most at its end
+    (``tokens + growth``: it stops growing by its last step), and nothing after it; a negative entry (a shared
+    block's charge taken back) counts as nothing."""
+    return sum(max(0.0, e.weight * (e.tokens + e.growth)) for e in entries)
 
 
 def peak_tokens(entries: Sequence[Projection]) -> float:

@@ -130,7 +130,10 @@ class AdmissionPolicy:
         return False
 
     def observe_finished(self, request: Request) -> None:
-        """A request ended (finished or aborted)."""
+        """A request ended (finished or aborted): the policy's estimator, if any, learns from it and forgets it."""
+        estimator = getattr(self, "estimator", None)
+        if estimator is not None:
+            estimator.observe(request)
 
     def use_length_profile(self, prior: Sequence[float] | None, shape: Shape | None) -> None:
         """A new predictor's label profile (`with_length_profile`; its checkpoint swapped while serving) for the
@@ -287,9 +290,6 @@ class _PeakAdmission(PagedPolicy):
         for request in running:
             gate.add(request)
         return gate
-
-    def observe_finished(self, request: Request) -> None:
-        self.estimator.observe(request)
 
 
 @register

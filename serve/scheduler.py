@@ -333,8 +333,11 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
         """Admit waiting requests in the policy's order while memory, batch size and token budget allow."""
+        if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+            return  # no seat: not even the order is worth computing
         admitted: list[int] = []
-        gate = computing = None
+        num_waiting, computing = len(self.waiting), None
+        gate = _StepGate(lambda: self.policy.admission_gate(self.running, self._limits, num_waiting))
         for index in self._candidates(now):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -347,8 +350,6 @@ class Scheduler:
                     continue  # a running sequence is computing its next block: wait, and find it cached
             request.num_computed_tokens = len(cached or ()) * self.pool.block_size
             num_new = self._num_new_tokens(request, budget)
-            if gate is None:  # built on first use: most steps of a busy server admit nobody
-                gate = self.policy.admission_gate(self.running, self._limits, len(self.waiting)) or _NO_GATE
             if not self._admit(request, num_new, gate, cached):
                 request.num_computed_tokens = 0
                 if self.policy.must_stop(request, now):
@@ -386,7 +387,7 @@ class Scheduler:
         least = [r for r in candidates if r.priority == worst]
         return self.choose_victim(least, needy if needy.priority == worst else least[-1])
 
-    def _admit(self, request: Request, num_new: int, gate: "PeakGate | _NoGate", cached: list[int] | None) -> bool:
+    def _admit(self, request: Request, num_new: int, gate: "_StepGate", cached: list[int] | None) -> bool:
         """Take the request's blocks (its whole reservation, or its first chunk when paged) after the ``cached``
         ones it starts on; False if short or when the policy's projected peak would not fit."""
         shared = cached or []
@@ -457,17 +458,28 @@ class Scheduler:
             assert self.pool.num_free_blocks == self.pool.num_blocks, "blocks leaked after all requests ended"
 
 
-class _NoGate:
-    """The admission gate of policies without a projected-peak test: everything passes."""
+class _StepGate:
+    """The policy's projected-peak gate over one step's admissions, built on first use: most steps of a busy server
+    admit nobody, and a request short of free blocks is refused before the gate is asked. A policy without a peak
+    test lets everything pass."""
+
+    def __init__(self, build: Callable[[], PeakGate | None]) -> None:
+        self._build: Callable[[], PeakGate | None] | None = build
+        self._gate: PeakGate | None = None
+
+    def _get(self) -> PeakGate | None:
+        if self._build is not None:  # from the running set as it was before this step's admissions
+            self._gate, self._build = self._build(), None
+        return self._gate
 
     def fits(self, request: Request) -> bool:
-        return True
+        gate = self._get()
+        return gate is None or gate.fits(request)
 
     def add(self, request: Request) -> None:
-        pass
-
-
-_NO_GATE = _NoGate()
+        gate = self._get()
+        if gate is not None:
+            gate.add(request)
 
 
 def _keep_prompt_logprobs(request: Request, first: int, found: list[TokenLogprobs]) -> None:

@@ -145,6 +145,33 @@ def test_each_estimator_says_how_likely_a_request_ends_soon():
     assert history.finish_within(request, 28) == 1  # reaches max_new_tokens
 
 
+@given(probs_st, st.lists(st.integers(0, 12), min_size=1, max_size=6))
+def test_an_estimate_is_kept_only_while_nothing_more_is_written(probs, writes):
+    """The bucket estimator remembers a request's last estimate (a waiting request is ordered every step): as the
+    request writes, each estimate is what a fresh estimator gives at that length."""
+    request = make_request("a", bucket=0, max_new_tokens=40)
+    request.prediction = LengthPrediction(bucket=0, probs=tuple(probs))
+    kept = BucketEstimator(BUCKETS, quantile=0.7, prior_weight=0.05)
+    for n in writes:
+        request.output_token_ids = [1] * n
+        fresh = BucketEstimator(BUCKETS, quantile=0.7, prior_weight=0.05)
+        assert kept.estimate(request) == fresh.estimate(request)
+
+
+@pytest.mark.parametrize("policy", ["paged-sjf", "s3", "peak-history", "s3-oracle"])
+def test_a_policy_forgets_every_request_that_ended(policy):
+    """A long-running server's estimator keeps nothing of the requests that finished or were aborted (paged-sjf's
+    kept every request's distribution)."""
+    sched = make_scheduler(policy, num_blocks=64)
+    for i in range(6):
+        sched.add_request(make_request(str(i), bucket=i % 4, true_tokens=5 + 5 * i, max_new_tokens=40))
+    sched.schedule()
+    sched.abort("5")
+    run_until_done(sched, {str(i): 5 + 5 * i for i in range(5)})
+    estimator = sched.policy.estimator
+    assert not getattr(estimator, "_dists", {}) and not getattr(estimator, "_estimates", {})
+
+
 # -- the peak test ---------------------------------------------------------------------------------------------
 
 seq_st = st.fixed_dictionaries({
@@ -175,6 +202,29 @@ def test_exact_lengths_never_admit_less_than_exact_reservation(running_specs, ca
     for request in running:
         gate.add(request)
     assert gate.fits(candidate)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(seq_st, min_size=1, max_size=10), st.lists(st.tuples(seq_st, probs_st), min_size=1, max_size=10),
+       st.integers(1, 8), st.integers(40, 1200), st.floats(0, 2))
+def test_the_gate_answers_as_the_peak_of_everyone_says(running_specs, candidates, block_size, capacity, z):
+    """The gate skips the peak's evaluation while everyone's end at once would fit (an upper bound of the peak),
+    and keeps the peak it computed for the request it admits: its answers stay those of the full evaluation."""
+    estimator = BucketEstimator(BUCKETS, quantile=0.7, prior_weight=0.05)
+    gate = PeakGate(estimator.estimate, capacity_tokens=capacity, block_size=block_size, prefill_rate=16,
+                    prefill_share=16, z=z)
+    for i, spec in enumerate(running_specs):
+        gate.add(_sequence(i, spec))
+    for j, (spec, probs) in enumerate(candidates):
+        candidate = _sequence(100 + j, {**spec, "prefilled": False})
+        candidate.prediction = LengthPrediction(bucket=0, probs=tuple(probs))
+        mine, variance = gate.projection(candidate)
+        margin = z * (gate._variance + variance) ** 0.5
+        expected = peak_tokens(_sorted(gate.entries + mine)) + margin <= capacity
+        assert gate.fits(candidate) == expected
+        if expected:
+            gate.add(candidate)
+            assert gate._peak_bound >= peak_tokens(_sorted(gate.entries)) - 1e-9
 
 
 proj_st = st.builds(lambda t, g, extra: (t, g, g + 1 + extra), st.integers(1, 60), st.integers(0, 60),
