@@ -9,6 +9,10 @@ Two steady states of a busy server, each with a queue:
 - ``memory full``: seats for four times ``batch``, a pool of ``batch`` worst-case sequences and 3 x ``batch``
   requests, each predicted to write 2,000 tokens: the pool binds, so every step some waiting request fits now
   and the policy's admission test runs against everyone running (the projected peak, for `s3`).
+- ``mispredicted``: as ``memory full`` with a pool a quarter the size and every request predicted short (the
+  first bucket) while it writes 2,000 tokens: running sequences run out of blocks every step, and each one short
+  of a block asks the policy whether to wait or take a victim (for `s3`, whether another is likely to end soon).
+  Measured after 100 steps, once the pool has filled.
 """
 
 from __future__ import annotations
@@ -23,23 +27,25 @@ from serve.policy_config import POLICY_NAMES, PolicyConfig
 from serve.sched_output import StepResult
 from serve.scheduler import Scheduler, SchedulerConfig
 
-SCENARIOS = ("seats full", "memory full")
+SCENARIOS = ("seats full", "memory full", "mispredicted")
 
 
 def measure(policy: str, batch: int, scenario: str = "seats full", steps: int = 300) -> float:
     """Mean seconds per decode step with about ``batch`` running sequences and a queue (see the module docstring)."""
     buckets = BucketSpec.uniform(2048, 10)
     seats = batch if scenario == "seats full" else 4 * batch
+    pool_tokens = batch * (512 if scenario == "mispredicted" else 2048)
     config = SchedulerConfig(
-        num_blocks=batch * 2048 // 16, block_size=16, max_num_seqs=seats, max_num_batched_tokens=max(seats, 2048),
+        num_blocks=pool_tokens // 16, block_size=16, max_num_seqs=seats, max_num_batched_tokens=max(seats, 2048),
         policy=PolicyConfig(policy=policy),
     )
     scheduler = Scheduler(config, buckets=buckets, clock=lambda: 0.0)
-    prediction = LengthPrediction(bucket=0, num_tokens=10_000) if scenario == "seats full" else \
-        LengthPrediction(bucket=9, num_tokens=2000)
+    prediction = {"seats full": LengthPrediction(bucket=0, num_tokens=10_000),
+                  "memory full": LengthPrediction(bucket=9, num_tokens=2000),
+                  "mispredicted": LengthPrediction(bucket=0)}[scenario]
     for i in range(3 * batch):
         scheduler.add_request(Request(str(i), (1,) * 32, 2000, prediction=prediction))
-    for _ in range(3):  # admit and prefill
+    for _ in range(100 if scenario == "mispredicted" else 3):  # admit and prefill (and fill the pool)
         out = scheduler.schedule()
         scheduler.update_from_output(out, StepResult({s.request_id: 1 for s in out.seqs if s.samples}))
     start = time.perf_counter()

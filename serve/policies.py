@@ -125,6 +125,9 @@ class AdmissionPolicy:
         policy has none."""
         return None
 
+    def begin_step(self) -> None:
+        """A step's schedule begins: what the policy remembered of the last step's running set is out of date."""
+
     def may_wait(self, request: Request, running: Sequence[Request]) -> bool:
         """Whether running ``request``, short of a KV block, may sit the step out instead of preempting a victim."""
         return False
@@ -258,6 +261,12 @@ class _PeakAdmission(PagedPolicy):
         super().__init__(config, buckets)
         # the peak test keeps the room running sequences grow into; without it (q = 0), `paged`'s watermark
         self.watermark = config.watermark if config.quantile <= 0 else 0.0
+        # (steps left, sequences running) -> the chance that none of them ends by then; within a step the running
+        # set only loses victims, so its size names it
+        self._none_ends: dict[tuple[int, int], float] = {}
+
+    def begin_step(self) -> None:
+        self._none_ends.clear()
 
     def remaining(self, request: Request) -> int:
         return self.estimator.estimate(request).quantile_tokens
@@ -268,11 +277,31 @@ class _PeakAdmission(PagedPolicy):
         steps_left = self.config.wait_steps - request.num_waited_steps
         if steps_left <= 0:
             return False
+        q = self.config.quantile
+        # Every sequence short of a block asks about the same running set: its product over everyone, once a step,
+        # answers most of them. Rounded down at each factor, it is never above the others' product (the same order,
+        # one factor more), so a "no" for it is a "no" for them; divided by this sequence's own factor it is the
+        # others' product up to rounding far inside the margin, so a clear "yes" holds too. Near the line, or when
+        # the own factor is 0, the others' product decides as before.
+        key = (steps_left, len(running))
+        nobody = self._none_ends.get(key)
+        if nobody is None:
+            nobody = 1.0
+            for other in running:
+                nobody *= 1.0 - self.estimator.finish_within(other, steps_left)
+            self._none_ends[key] = nobody
+        if 1.0 - nobody < q:
+            return False
+        own = 1.0 - self.estimator.finish_within(request, steps_left)
+        if nobody > 1e-290 and own > 0 and nobody / own <= (1.0 - q) * (1.0 - 1e-9):
+            return True
         none_ends = 1.0
         for other in running:
             if other is not request:
                 none_ends *= 1.0 - self.estimator.finish_within(other, steps_left)
-        return 1.0 - none_ends >= self.config.quantile
+                if 1.0 - none_ends >= q:
+                    return True  # the product only falls from here (each factor <= 1): the answer is known
+        return 1.0 - none_ends >= q
 
     def admission_gate(self, running: Sequence[Request], limits: StepLimits, num_waiting: int) -> PeakGate | None:
         if self.config.quantile <= 0:

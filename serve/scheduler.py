@@ -177,6 +177,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plan one step: keep the running sequences going, then admit waiting ones into what is left."""
         now = self.clock()
+        self.policy.begin_step()
         out = SchedulerOutput(time=now, finished_request_ids=self._finished_ids)
         self._finished_ids = []
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)

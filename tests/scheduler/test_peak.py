@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.request import LengthPrediction, Request
+from serve.policy_config import PolicyConfig
 from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, LengthDistribution, conditional_remaining
 from serve.peak import PeakGate, Projection, peak_tokens
 from serve.kv import blocks_for
@@ -414,6 +415,39 @@ def test_s3_lets_a_sequence_short_of_a_block_wait_for_one_about_to_finish():
     # wait_steps = 0 is the old behaviour: the needy sequence yields at once and is recomputed.
     steps, sched = _two_sharing_a_pool(0, lengths={"a": 14, "b": 30})
     assert sched.stats.num_preemptions == 1 and not any(out.waited_request_ids for out in steps)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(probs_st, st.integers(0, 39), st.integers(0, 7)), min_size=2, max_size=40),
+       st.lists(st.tuples(st.integers(0, 39), st.booleans()), min_size=1, max_size=20),
+       st.sampled_from([0.1, 0.5, 0.9]))
+def test_waiting_is_decided_as_the_product_over_the_others_says(sequences, asks, quantile):
+    """Within a step every sequence short of a block asks whether another running one is likely to end soon; the
+    policy answers most from one product over everyone, and each answer is the one the product over the others
+    gives (victims leaving the running set between the questions)."""
+    from serve.policies import make_policy
+
+    policy = make_policy(PolicyConfig(policy="s3", quantile=quantile, wait_steps=8), BUCKETS)
+    running = []
+    for i, (probs, written, waited) in enumerate(sequences):
+        request = make_request(str(i), bucket=0, max_new_tokens=40)
+        request.prediction = LengthPrediction(bucket=0, probs=tuple(probs))
+        request.output_token_ids = [1] * written
+        request.num_waited_steps = waited
+        running.append(request)
+    policy.begin_step()
+    for index, preempt in asks:
+        if len(running) < 2:
+            break
+        needy = running[index % len(running)]
+        steps_left = 8 - needy.num_waited_steps
+        none_ends = 1.0
+        for other in running:
+            if other is not needy:
+                none_ends *= 1.0 - policy.estimator.finish_within(other, steps_left)
+        assert policy.may_wait(needy, running) == (1.0 - none_ends >= quantile)
+        if preempt:  # a victim leaves the running set
+            running.remove(running[-1] if running[-1] is not needy else running[0])
 
 
 def test_s3_stops_waiting_when_nobody_is_expected_to_finish_in_time():
