@@ -17,7 +17,9 @@ Two steady states of a busy server, each with a queue:
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import click
 
@@ -57,13 +59,22 @@ def measure(policy: str, batch: int, scenario: str = "seats full", steps: int = 
 
 @click.command()
 @click.option("--batches", default="8,32,128,512", show_default=True, help="Comma-separated batch sizes.")
-def main(batches: str) -> None:
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Also write the figures as JSON: a `results` list of {policy, scenario, batch, step_us}.")
+def main(batches: str, output: str | None) -> None:
     """Print each scenario's table: microseconds per step, one column per policy."""
+    results = []
     for scenario in SCENARIOS:
         print(f"\n{scenario}: microseconds per step")
         print(f"{'batch':>6} " + " ".join(f"{p:>12}" for p in POLICY_NAMES))
         for batch in (int(b) for b in batches.split(",")):
-            print(f"{batch:>6} " + " ".join(f"{measure(p, batch, scenario) * 1e6:>12.0f}" for p in POLICY_NAMES))
+            row = [{"policy": p, "scenario": scenario, "batch": batch, "step_us": measure(p, batch, scenario) * 1e6}
+                   for p in POLICY_NAMES]
+            print(f"{batch:>6} " + " ".join(f"{r['step_us']:>12.0f}" for r in row))
+            results += row
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps({"results": results}, indent=1))
 
 
 if __name__ == "__main__":
