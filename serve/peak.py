@@ -106,20 +106,21 @@ class PeakGate:
     def projection(self, request: Request) -> tuple[list[Projection], float]:
         """Where ``request`` (running, or about to be admitted after everyone in) is headed: its slices, and
         the variance of its remaining length."""
-        pending = request.num_tokens - request.num_computed_tokens
+        num_tokens, block_size = request.num_tokens, self.block_size
+        pending = num_tokens - request.num_computed_tokens
         estimate = self.estimate(request)
         slices = estimate.slices or (estimate.quantile_tokens,)
-        tokens = request.num_tokens + (self.block_size - 1 if self.block_room else 0)
+        tokens = num_tokens + (block_size - 1 if self.block_room else 0)
         prefill_steps = 0
         if pending > 1:  # decoding sequences grow one token per step from now
             prefill_steps = math.ceil(pending / self.prefill_rate)
             prefill_steps += math.ceil((self._pending_ahead + pending) / self.prefill_share)
+        weight = 1.0 / len(slices)
         entries = []
         for left in slices:
             growth = left - 1
-            final_rounded = -(-(request.num_tokens + growth) // self.block_size) * self.block_size
-            entries.append(Projection(tokens, min(growth, final_rounded - tokens),
-                                      prefill_steps + growth + 1, 1.0 / len(slices)))  # fmt: skip
+            final_rounded = -(-(num_tokens + growth) // block_size) * block_size
+            entries.append(Projection(tokens, min(growth, final_rounded - tokens), prefill_steps + left, weight))
         return entries, estimate.std_tokens**2
 
     def _share(
