@@ -108,24 +108,28 @@ def build_paged_batch(
     """Slots to write and blocks to read for one step, from each sequence's block table (in `decodes_first`
     order). max_pad_tokens: see `group_by_length`; default MAX_DECODE_PAD_TOKENS for the device."""
     bs = pool.block_size
-    slot_ids, prefills, decodes = [], [], []
+    decode_slots, prefill_slots, prefills, decodes = [], [], [], []
     token_start = 0
     for step in steps:
         # Only the blocks holding tokens so far; the rest of the table is reserved room for future tokens.
-        table = torch.tensor(step.block_table[: -(-step.num_tokens_after // bs)], dtype=torch.long)
-        new_pos = torch.arange(step.num_computed_tokens, step.num_tokens_after)
-        slot_ids.append(positions_to_slots(table, new_pos, bs))
-        if len(step.token_ids) == 1:
+        table = step.block_table[: -(-step.num_tokens_after // bs)]
+        if len(step.token_ids) == 1:  # plain ints: a step has many decodes, and a tensor op each adds up
             assert not prefills, "single-token sequences must come first: order the plan with decodes_first()"
+            position = step.num_computed_tokens
+            decode_slots.append(table[position // bs] * bs + position % bs)
             decodes.append((table, step.num_tokens_after))
         else:
+            table = torch.tensor(table, dtype=torch.long)
+            new_pos = torch.arange(step.num_computed_tokens, step.num_tokens_after)
+            prefill_slots.append(positions_to_slots(table, new_pos, bs))
             prefills.append(_prefill_span(step, table, token_start, device))
         token_start += len(step.token_ids)
     if max_pad_tokens is None:
         max_pad_tokens = MAX_DECODE_PAD_TOKENS.get(torch.device(device).type, MAX_DECODE_PAD_TOKENS["cuda"])
     groups = group_by_length([n for _, n in decodes], bs, max_pad_tokens)
     decode_groups = [_decode_group(decodes[rows], rows, bs, device) for rows in groups]
-    return PagedBatch(pool, torch.cat(slot_ids).to(device), len(decodes), decode_groups, prefills)
+    slot_ids = torch.cat([torch.tensor(decode_slots, dtype=torch.long), *prefill_slots])
+    return PagedBatch(pool, slot_ids.to(device), len(decodes), decode_groups, prefills)
 
 
 def _prefill_span(step: SequenceStep, table: torch.Tensor, token_start: int, device) -> PrefillSpan:
@@ -140,9 +144,8 @@ def _prefill_span(step: SequenceStep, table: torch.Tensor, token_start: int, dev
 
 def _decode_group(decodes: list, rows: slice, bs: int, device) -> DecodeGroup:
     tables, lengths = zip(*decodes)
-    padded = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)  # (Sg, B)
-    for i, table in enumerate(tables):
-        padded[i, : len(table)] = table
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([[*t, *[0] * (width - len(t))] for t in tables], dtype=torch.long)  # (Sg, B)
     mask = None
     if any(n != padded.shape[1] * bs for n in lengths):
         positions = torch.arange(padded.shape[1] * bs)

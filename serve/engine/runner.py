@@ -124,4 +124,5 @@ class ModelRunner:
             assert len(s.block_table) >= needed, (
                 f"{s.request_id}: {s.num_tokens_after} tokens need {needed} blocks, table has {len(s.block_table)}"
             )
-            assert all(0 <= b < self.num_blocks for b in s.block_table[:needed]), f"{s.request_id}: bad block id"
+            table = s.block_table[:needed]
+            assert 0 <= min(table) and max(table) < self.num_blocks, f"{s.request_id}: bad block id"
