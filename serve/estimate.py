@@ -112,23 +112,26 @@ class LengthDistribution:
         if first == len(self.highs) or written >= cap or total <= 0:  # no mass left: only the cap bounds it
             return exact(max(1, cap - written))
 
-        def left_at(level: float) -> int:
+        # The remaining length at the quantile and at each slice level, in one loop (it runs for every running
+        # sequence every step): a level inside the first span is found by proportion, a later one on the
+        # cumulative masses, shifted to start at `written`.
+        cum, masses, lows, highs = self.cum, self.masses, self.lows, self.highs
+        offset, last, width = cum[first] - partial, len(cum) - 1, high - start
+        lefts = []
+        for level in (quantile, *levels):
             target = level * total
             if target <= partial:
-                final = start + (high - start) * target / partial if partial > 0 else start
-            else:  # in a later span: find it on the cumulative masses, shifted to start at `written`
-                offset = self.cum[first] - partial
-                i = min(bisect.bisect_left(self.cum, target + offset - 1e-12, first + 1), len(self.cum) - 1)
-                below = self.cum[i] - self.masses[i] - offset
-                share = min(1.0, max(0.0, target - below) / self.masses[i])  # within span i (masses may be tiny)
-                final = self.lows[i] + (self.highs[i] - self.lows[i]) * share
-            return max(1, math.ceil(min(final, cap) - 1e-9) - written)
-
+                final = start + width * target / partial if partial > 0 else start
+            else:
+                i = min(bisect.bisect_left(cum, target + offset - 1e-12, first + 1), last)
+                below = cum[i] - masses[i] - offset
+                share = min(1.0, max(0.0, target - below) / masses[i])  # within span i (masses may be tiny)
+                final = lows[i] + (highs[i] - lows[i]) * share
+            lefts.append(max(1, math.ceil(min(final, cap) - 1e-9) - written))
         mean = (partial * (start + high) / 2 + self.mid_from[first + 1]) / total
         square = (partial * (start * start + start * high + high * high) / 3 + self.sq_from[first + 1]) / total
         std = min(math.sqrt(max(0.0, square - mean * mean)), (cap - written) / 2)  # the cap bounds the spread
-        return Estimate(left_at(quantile), max(1.0, min(mean, cap) - written), tuple(left_at(u) for u in levels),
-                        std)  # fmt: skip
+        return Estimate(lefts[0], max(1.0, min(mean, cap) - written), tuple(lefts[1:]), std)
 
     def mass_above(self, length: float) -> float:
         """Probability mass of final lengths above ``length``."""
