@@ -3,7 +3,7 @@
 Not a test (pytest never collects this folder). Run: .venv/bin/python benchmarks/scheduler_step.py
 Every policy is measured in the same run, so the ratios between them are meaningful on a noisy machine.
 
-Two steady states of a busy server, each with a queue:
+Three steady states of a busy server, each with a queue:
 - ``seats full``: ``batch`` sequences running, as many as ``max_num_seqs`` allows, and twice as many waiting;
   nobody can be admitted, so a step is the running sequences' bookkeeping.
 - ``memory full``: seats for four times ``batch``, a pool of ``batch`` worst-case sequences and 3 x ``batch``

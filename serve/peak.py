@@ -151,13 +151,14 @@ class PeakGate:
         entries, corrections, owned, end = self._share(request, entries)
         for block in owned:
             self._owners[block] = (end, entries)
-        self.entries += entries + corrections
+        added = entries + corrections
+        self.entries += added
         self._sorted = False
         checked, self._checked = self._checked, None
-        if checked is not None and checked[0] == entries + corrections:
+        if checked is not None and checked[0] == added:
             self._peak_bound = checked[1]  # `fits` projected the same entries: the peak, exactly
         else:
-            self._peak_bound += _final_holding(entries + corrections)
+            self._peak_bound += _final_holding(added)
         self._variance += variance
         pending = request.num_tokens - request.num_computed_tokens
         if pending > 1:

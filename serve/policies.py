@@ -287,8 +287,8 @@ class _PeakAdmission(PagedPolicy):
         nobody = self._none_ends.get(key)
         if nobody is None:
             nobody = 1.0
-            for other in running:
-                nobody *= 1.0 - self.estimator.finish_within(other, steps_left)
+            for factor in self._stays(running, steps_left):
+                nobody *= factor
             self._none_ends[key] = nobody
         if 1.0 - nobody < q:
             return False
@@ -296,12 +296,15 @@ class _PeakAdmission(PagedPolicy):
         if nobody > 1e-290 and own > 0 and nobody / own <= (1.0 - q) * (1.0 - 1e-9):
             return True
         none_ends = 1.0
-        for other in running:
-            if other is not request:
-                none_ends *= 1.0 - self.estimator.finish_within(other, steps_left)
-                if 1.0 - none_ends >= q:
-                    return True  # the product only falls from here (each factor <= 1): the answer is known
+        for factor in self._stays(running, steps_left, but=request):
+            none_ends *= factor
+            if 1.0 - none_ends >= q:
+                return True  # the product only falls from here (each factor <= 1): the answer is known
         return 1.0 - none_ends >= q
+
+    def _stays(self, running: Sequence[Request], steps: int, *, but: Request | None = None) -> Iterator[float]:
+        """For each of ``running`` (in order, ``but`` left out): the chance that it does not end within ``steps``."""
+        return (1.0 - self.estimator.finish_within(other, steps) for other in running if other is not but)
 
     def admission_gate(self, running: Sequence[Request], limits: StepLimits, num_waiting: int) -> PeakGate | None:
         if self.config.quantile <= 0:

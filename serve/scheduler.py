@@ -334,13 +334,13 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
         """Admit waiting requests in the policy's order while memory, batch size and token budget allow."""
-        if budget == 0 or len(self.running) >= self.config.max_num_seqs:
-            return  # no seat: not even the order is worth computing
+        if not self._has_room(budget):
+            return  # not even the order is worth computing
         admitted: list[int] = []
         num_waiting, computing = len(self.waiting), None
         gate = _StepGate(lambda: self.policy.admission_gate(self.running, self._limits, num_waiting))
         for index in self._candidates(now):
-            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+            if not self._has_room(budget):
                 break
             request = self.waiting[index]
             keys = prefix.lookup_keys(self.pool, request)
@@ -369,6 +369,10 @@ class Scheduler:
         if admitted:
             taken, end = set(admitted), max(admitted) + 1
             self.waiting[:end] = [r for i, r in enumerate(self.waiting[:end]) if i not in taken]
+
+    def _has_room(self, budget: int) -> bool:
+        """Whether one more sequence may join this step: a seat free and tokens left in the step's budget."""
+        return budget > 0 and len(self.running) < self.config.max_num_seqs
 
     def _candidates(self, now: float) -> Iterable[int]:
         """Indices of waiting requests to try, in the policy's order; with priorities, the most urgent class first,

@@ -6,7 +6,6 @@ import dataclasses
 from typing import Callable
 
 from core.buckets import BucketSpec, LengthProfile, bucket_frequencies, within_bucket_shape
-
 from serve.policy_config import POLICY_NAMES, PolicyConfig, PolicyName, with_length_profile
 from serve.scheduler import SchedulerConfig
 from serve.sim.costmodel import CostModel, get_preset
