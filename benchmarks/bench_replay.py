@@ -28,7 +28,7 @@ from core.records import result_record  # noqa: E402
 from pipeline.bench import BenchConfig, bucket_predictor  # noqa: E402
 from pipeline.config import from_dict  # noqa: E402
 from serve.policy_config import PolicyConfig, with_length_profile  # noqa: E402
-from serve.scheduler import SchedulerConfig  # noqa: E402
+from serve.scheduler_config import SchedulerConfig  # noqa: E402
 from serve.sim.calibrate import fit_linear  # noqa: E402
 from serve.sim.costmodel import get_preset  # noqa: E402
 from serve.sim.runner import simulate_policy  # noqa: E402

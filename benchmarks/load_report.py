@@ -9,6 +9,8 @@ import hashlib
 import statistics
 from pathlib import Path
 
+from core.records import latency_figures, quantile
+
 
 @dataclasses.dataclass
 class Result:
@@ -32,8 +34,8 @@ class Result:
 
 def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str, float], max_tokens: int) -> dict:
     ok = [r for r in results if r.error is None]
-    ttfts = sorted(r.ttft for r in ok)
-    latencies = sorted(r.end - r.start for r in ok)
+    ttfts = [r.ttft for r in ok]
+    latencies = [r.end - r.start for r in ok]
     tokens = sum(r.num_tokens for r in ok)
     requests = per_request(results)
     return {
@@ -41,10 +43,7 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "generated_tokens": tokens, "tokens_per_s": tokens / wall,
         # The keys every benchmark's per-policy records share (s3 simulate, s3 bench, this one).
         "generated_tokens_per_s": tokens / wall,
-        "mean_ttft_s": statistics.fmean(ttfts) if ttfts else float("nan"),
-        "p50_ttft_s": _quantile(ttfts, 0.5), "p99_ttft_s": _quantile(ttfts, 0.99),
-        "mean_latency_s": statistics.fmean(latencies) if latencies else float("nan"),
-        "p50_latency_s": _quantile(latencies, 0.5), "p99_latency_s": _quantile(latencies, 0.99),
+        **latency_figures(ttfts, latencies),
         "num_preemptions": metrics.get("s3_preemptions_total", 0),
         "num_recomputed_tokens": metrics.get("s3_recomputed_tokens_total", 0),
         "longest_stall_s": max((r.longest_gap for r in ok), default=0.0),
@@ -53,8 +52,8 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "mean_output_tokens": tokens / max(1, len(ok)),
         "share_at_cap": sum(r.num_tokens >= max_tokens for r in ok) / max(1, len(ok)),
         "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan"),
-        "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p99_s": _quantile(ttfts, 0.99),
-        "latency_p50_s": _quantile(sorted(r.end - r.start for r in ok), 0.5),
+        "ttft_p50_s": quantile(ttfts, 0.5), "ttft_p99_s": quantile(ttfts, 0.99),
+        "latency_p50_s": quantile(latencies, 0.5),
         "preemptions": metrics.get("s3_preemptions_total", 0),
         "mispredictions": metrics.get("s3_mispredictions_total", 0),
         "answers": {r.prompt: (r.text, r.num_tokens) for r in ok},
@@ -67,12 +66,8 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
 
 def class_figures(results: list[Result]) -> dict:
     """Time to first token and latency of one class of requests (urgent, or the others)."""
-    ttfts, latencies = sorted(r.ttft for r in results), sorted(r.end - r.start for r in results)
     return {"num_requests": len(results),
-            "mean_ttft_s": statistics.fmean(ttfts) if ttfts else float("nan"),
-            "p50_ttft_s": _quantile(ttfts, 0.5), "p99_ttft_s": _quantile(ttfts, 0.99),
-            "mean_latency_s": statistics.fmean(latencies) if latencies else float("nan"),
-            "p50_latency_s": _quantile(latencies, 0.5), "p99_latency_s": _quantile(latencies, 0.99)}
+            **latency_figures([r.ttft for r in results], [r.end - r.start for r in results])}
 
 
 def per_request(results: list[Result]) -> list[dict]:
@@ -124,9 +119,9 @@ def decode_figures(requests: list[dict], wall: float) -> dict[str, float]:
     finished (Little's law: their latencies summed over the wall time). Where two policies hold as many requests
     at once, a TPOT ratio away from 1 is the machine, not the scheduler."""
     ok = [r for r in requests if r["error"] is None]
-    tpots = sorted((r["latency_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1)
-    return {"mean_tpot_s": statistics.fmean(tpots) if tpots else float("nan"), "p50_tpot_s": _quantile(tpots, 0.5),
-            "p99_tpot_s": _quantile(tpots, 0.99), "mean_in_system": sum(r["latency_s"] for r in ok) / wall}
+    tpots = [(r["latency_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1]
+    return {"mean_tpot_s": statistics.fmean(tpots) if tpots else float("nan"), "p50_tpot_s": quantile(tpots, 0.5),
+            "p99_tpot_s": quantile(tpots, 0.99), "mean_in_system": sum(r["latency_s"] for r in ok) / wall}
 
 
 def waiting_over_time(requests: list[dict]) -> tuple[list[float], list[int]]:
@@ -162,12 +157,6 @@ def plot_timeline(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -24,6 +24,7 @@ import torch
 
 from core.buckets import BucketSpec
 from core.predictors import BASELINES, baseline_predictor
+from core.records import latency_figures
 from core.request import LengthPrediction, Request
 from pipeline.prompts import PROMPT_SETS, format_prompt, sample_prompts
 from serve.engine.llm import EngineConfig, LLMEngine, eos_token_ids
@@ -139,29 +140,12 @@ class BenchResult:
         ttft = [t for t in self.ttft_s if t is not None]
         return {
             "policy": self.name, "generated_tokens_per_s": self.tokens_per_s,
-            "mean_ttft_s": _mean(ttft), "p50_ttft_s": percentile(ttft, 50), "p99_ttft_s": percentile(ttft, 99),
-            "mean_latency_s": _mean(self.latency_s), "p50_latency_s": percentile(self.latency_s, 50),
-            "p99_latency_s": percentile(self.latency_s, 99),
+            **latency_figures(ttft, self.latency_s),
             "num_preemptions": self.num_preemptions, "num_recomputed_tokens": self.num_recomputed_tokens,
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("steps", "ttft_s", "latency_s")},
             "tokens_per_s": self.tokens_per_s, "requests_per_s": self.requests_per_s,
             "ttft_s": self.ttft_s, "latency_s": self.latency_s, "steps": self.steps,
         }  # fmt: skip
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between the closest ranks (numpy's default); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def draw_prompts(config: BenchConfig, tokenizer, context_tokens: int | None = None,

@@ -6,7 +6,8 @@ import dataclasses
 import json
 import pathlib
 
-from pipeline.bench import BenchResult, percentile
+from core.records import quantile
+from pipeline.bench import BenchResult
 from pipeline.summary import text_table
 
 
@@ -94,7 +95,7 @@ def _plot(results: list[BenchResult], path: pathlib.Path) -> None:
     ax1.set_title("engine throughput (ratio to max, same run)")
     ax1.tick_params(axis="x", rotation=30)
     engine_runs = [r for r in results if r.steps]
-    ttft = [percentile([t for t in r.ttft_s if t is not None], 50) or 0.0 for r in engine_runs]
+    ttft = [quantile([t for t in r.ttft_s if t is not None], 0.5) for r in engine_runs]  # NaN: no bar
     ax2.bar([r.name for r in engine_runs], ttft, color="#55a868")
     ax2.set_ylabel("median time to first token (s)")
     ax2.set_title("all requests at t=0")

@@ -231,3 +231,27 @@ def peak_tokens(entries: Sequence[Projection]) -> float:
         if total > peak:
             peak = total
     return peak
+
+
+class StepGate:
+    """The policy's projected-peak gate over one step's admissions, built on first use: most steps of a busy server
+    admit nobody, and a request short of free blocks is refused before the gate is asked. A policy without a peak
+    test lets everything pass."""
+
+    def __init__(self, build: Callable[[], PeakGate | None]) -> None:
+        self._build: Callable[[], PeakGate | None] | None = build
+        self._gate: PeakGate | None = None
+
+    def _get(self) -> PeakGate | None:
+        if self._build is not None:  # from the running set as it was before this step's admissions
+            self._gate, self._build = self._build(), None
+        return self._gate
+
+    def fits(self, request: Request) -> bool:
+        gate = self._get()
+        return gate is None or gate.fits(request)
+
+    def add(self, request: Request) -> None:
+        gate = self._get()
+        if gate is not None:
+            gate.add(request)

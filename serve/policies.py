@@ -19,14 +19,14 @@ and the server read ``policy_needs`` from here.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import statistics
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 from core.buckets import BucketSpec, Shape
 from core.request import Request
 from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, RemainingEstimator
+from serve.ordering import ShortestWorkFirst, aged_first
 from serve.peak import PeakGate
 from serve.policy_config import POLICY_NAMES, PolicyConfig
 
@@ -171,72 +171,8 @@ class PagedPolicy(AdmissionPolicy):
         return preempt_last_admitted(candidates, needy)
 
 
-class FinishRate:
-    """Requests finished per second over the last ``window`` finishes (None until ``min_finished``)."""
-
-    def __init__(self, window: int = 64, min_finished: int = 8) -> None:
-        self.times: collections.deque[float] = collections.deque(maxlen=window)
-        self.min_finished = min_finished
-
-    def observe(self, finish_time: float) -> None:
-        self.times.append(finish_time)
-
-    def per_s(self) -> float | None:
-        if len(self.times) < self.min_finished:
-            return None
-        span = self.times[-1] - self.times[0]
-        return (len(self.times) - 1) / span if span > 0 else float("inf")
-
-
-def aged_first(waiting: Sequence[Request], now: float, bound: float, lookahead: int,
-               key: Callable[[int], Any]) -> Iterator[int]:
-    """Indices of ``waiting`` (in arrival order) to try: those that have waited ``bound`` seconds or more first,
-    in arrival order (a prefix; yielded lazily, as admission usually stops long before the end of a long aged
-    prefix), then the next ``lookahead`` by ``key`` ascending."""
-    num_aged = 0
-    while num_aged < len(waiting) and now - waiting[num_aged].arrival_time >= bound:
-        yield num_aged
-        num_aged += 1
-    yield from sorted(range(num_aged, min(len(waiting), num_aged + lookahead)), key=key)
-
-
-class _Ordered:
-    """Mixin: shortest predicted remaining work first within a look-ahead window; aged requests first, in
-    arrival order. Work is the steps a request still needs: its prompt at the prefill rate plus its mean
-    remaining output."""
-
-    estimator: RemainingEstimator
-    prefill_rate: int = 1
-    finish_rate: FinishRate | None = None
-
-    def work(self, request: Request) -> float:
-        prefill = request.num_tokens / self.prefill_rate
-        return prefill + self.estimator.estimate(request).mean_tokens
-
-    def aging_bound(self, num_waiting: int) -> float:
-        """How long a request may wait before nobody can overtake it: `aging_s`, or with `aging_queue_factor`
-        k, k times the time the recent finish rate needs to admit ``num_waiting`` requests."""
-        rate = None if self.finish_rate is None else self.finish_rate.per_s()
-        if not self.config.aging_queue_factor or rate is None:
-            return self.config.aging_s
-        return self.config.aging_queue_factor * num_waiting / rate
-
-    def observe_finished(self, request: Request) -> None:
-        super().observe_finished(request)  # type: ignore[misc]
-        if self.config.aging_queue_factor and request.finish_time is not None:
-            self.finish_rate = self.finish_rate or FinishRate()
-            self.finish_rate.observe(request.finish_time)
-
-    def candidates(self, waiting: Sequence[Request], now: float) -> Iterable[int]:
-        if self.config.resume_first:  # False sorts first: answers already streaming lead the window
-            key = lambda i: (waiting[i].num_output_tokens == 0, self.work(waiting[i]))
-        else:
-            key = lambda i: self.work(waiting[i])
-        return aged_first(waiting, now, self.aging_bound(len(waiting)), self.config.lookahead, key=key)
-
-
 @register
-class PagedSJFPolicy(_Ordered, PagedPolicy):
+class PagedSJFPolicy(ShortestWorkFirst, PagedPolicy):
     """Ablation: `paged` admission and victims, in shortest-predicted-work-first order (the predictor's only
     use)."""
 
@@ -338,7 +274,7 @@ class PeakHistoryPolicy(_PeakAdmission):
 
 
 @register
-class S3Policy(_Ordered, _PeakAdmission):
+class S3Policy(ShortestWorkFirst, _PeakAdmission):
     """Predictive paged scheduling: admission by projected peak at quantile q of each request's remaining
     length given what it wrote, shortest predicted work first with aging, least computed yields first."""
 

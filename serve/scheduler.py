@@ -20,48 +20,13 @@ from typing import Callable, Iterable, Sequence
 from core.buckets import BucketSpec
 from core.request import MispredictionEvent, Request, RequestStatus, TokenLogprobs
 from serve import prefix
-from serve.peak import PeakGate
 from serve.kv import BlockPool, blocks_for
+from serve.peak import StepGate
 from serve.policies import StepLimits, VictimFn, make_policy
-from serve.policy_config import PolicyConfig
 from serve.sched_output import (
     NewRequestData, ScheduledSeq, SchedulerOutput, SchedulerSnapshot, SchedulerStats, StepResult,
 )  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    """Memory and batch limits of one scheduler."""
-
-    num_blocks: int
-    """KV blocks in the pool (per device; see KVSpec.num_blocks)."""
-    block_size: int = 16
-    """Tokens per KV block."""
-    max_num_seqs: int = 256
-    """Most sequences running at once."""
-    max_num_batched_tokens: int = 2048
-    """Token budget of one step; longer prefills are chunked to fit."""
-    long_prefill_token_threshold: int = 0
-    """Most prompt (or recompute) tokens one sequence may compute in a step; 0 means no cap beyond the step's
-    budget. A cap lets running decodes and short prompts share each step with a long prefill instead of waiting
-    for it (vLLM's option of the same name)."""
-    policy: PolicyConfig = PolicyConfig()
-    """The admission policy and its knobs."""
-    enable_prefix_caching: bool = False
-    """Keep full KV blocks filed under their content and start a request on the cached blocks its tokens begin
-    with, computing only the rest (vLLM's automatic prefix caching). Requests must carry their real token ids
-    (the simulator's do not) and one pool must serve one model."""
-
-    def __post_init__(self) -> None:
-        if min(self.block_size, self.max_num_seqs) < 1:
-            raise ValueError(f"block_size and max_num_seqs must be >= 1, got {self.block_size}, {self.max_num_seqs}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
-                f"({self.max_num_seqs}) so that every running sequence can decode each step"
-            )
-        if self.long_prefill_token_threshold < 0:
-            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
+from serve.scheduler_config import SchedulerConfig
 
 
 class Scheduler:
@@ -338,7 +303,7 @@ class Scheduler:
             return  # not even the order is worth computing
         admitted: list[int] = []
         num_waiting, computing = len(self.waiting), None
-        gate = _StepGate(lambda: self.policy.admission_gate(self.running, self._limits, num_waiting))
+        gate = StepGate(lambda: self.policy.admission_gate(self.running, self._limits, num_waiting))
         for index in self._candidates(now):
             if not self._has_room(budget):
                 break
@@ -392,7 +357,7 @@ class Scheduler:
         least = [r for r in candidates if r.priority == worst]
         return self.choose_victim(least, needy if needy.priority == worst else least[-1])
 
-    def _admit(self, request: Request, num_new: int, gate: "_StepGate", cached: list[int] | None) -> bool:
+    def _admit(self, request: Request, num_new: int, gate: StepGate, cached: list[int] | None) -> bool:
         """Take the request's blocks (its whole reservation, or its first chunk when paged) after the ``cached``
         ones it starts on; False if short or when the policy's projected peak would not fit."""
         shared = cached or []
@@ -461,30 +426,6 @@ class Scheduler:
                 assert held == blocks_for(r.num_prompt_tokens + r.reserved_output_tokens, self.pool.block_size)
         if not self.has_unfinished():
             assert self.pool.num_free_blocks == self.pool.num_blocks, "blocks leaked after all requests ended"
-
-
-class _StepGate:
-    """The policy's projected-peak gate over one step's admissions, built on first use: most steps of a busy server
-    admit nobody, and a request short of free blocks is refused before the gate is asked. A policy without a peak
-    test lets everything pass."""
-
-    def __init__(self, build: Callable[[], PeakGate | None]) -> None:
-        self._build: Callable[[], PeakGate | None] | None = build
-        self._gate: PeakGate | None = None
-
-    def _get(self) -> PeakGate | None:
-        if self._build is not None:  # from the running set as it was before this step's admissions
-            self._gate, self._build = self._build(), None
-        return self._gate
-
-    def fits(self, request: Request) -> bool:
-        gate = self._get()
-        return gate is None or gate.fits(request)
-
-    def add(self, request: Request) -> None:
-        gate = self._get()
-        if gate is not None:
-            gate.add(request)
 
 
 def _keep_prompt_logprobs(request: Request, first: int, found: list[TokenLogprobs]) -> None:

@@ -171,11 +171,21 @@ def _count(summary: BatchSummary, record: dict) -> None:
     response = record["response"]
     if response is None or response["status_code"] != 200:
         summary.num_failed += 1
-        error = record["error"] or (response["body"].get("error") or {})
-        summary.errors[str(error.get("message") or f"HTTP {response['status_code']}")] += 1
+        summary.errors[_error_message(record)] += 1
         return
     summary.num_ok += 1
     summary.num_completion_tokens += (response["body"].get("usage") or {}).get("completion_tokens", 0)
+
+
+def _error_message(record: dict) -> str:
+    """A failed record's message, whatever shape its error took (a line read back may be any server's)."""
+    response = record["response"] or {}
+    body = response.get("body")
+    error = record["error"] or (body.get("error") if isinstance(body, dict) else None) or {}
+    if not isinstance(error, dict):
+        return str(error)
+    status = response.get("status_code")
+    return str(error.get("message") or (f"HTTP {status}" if status is not None else "unknown error"))
 
 
 def _num_choices(body: dict) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 
 from core.buckets import BucketSpec
 from core.request import LengthPrediction
-from serve.scheduler import SchedulerConfig
+from serve.scheduler_config import SchedulerConfig
 from serve.sim.costmodel import RUNS_CALIBRATION_DIR, LinearCost, get_preset
 from serve.sim.runner import simulate_policy
 from serve.sim.workload import SimRequest

@@ -11,8 +11,9 @@ import time
 from typing import Callable, Sequence
 
 from core.buckets import BucketSpec
-from serve.policy_config import PolicyName
+from core.records import latency_figures
 from core.request import Request
+from serve.policy_config import PolicyName
 from serve.sched_output import SchedulerOutput, StepResult
 from serve.scheduler import Scheduler, SchedulerConfig
 from serve.sim.costmodel import CostModel
@@ -204,20 +205,12 @@ def simulate_policy(
     return replay(policy, scheduler, executor, requests, clock=clock, wait_until=idle_until)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
 def latency_summary(requests: Sequence[Request]) -> dict[str, float]:
     """``num_requests`` and time to first token and end-to-end latency, mean / p50 / p99, of ended ``requests``
     (the issue's key names)."""
     ttfts = [r.first_token_time - r.arrival_time for r in requests]
     latencies = [r.finish_time - r.arrival_time for r in requests]
-    return {"num_requests": len(requests),
-            "mean_ttft_s": sum(ttfts) / max(1, len(ttfts)), "p50_ttft_s": _percentile(ttfts, 0.5),
-            "p99_ttft_s": _percentile(ttfts, 0.99), "mean_latency_s": sum(latencies) / max(1, len(latencies)),
-            "p50_latency_s": _percentile(latencies, 0.5), "p99_latency_s": _percentile(latencies, 0.99)}  # fmt: skip
+    return {"num_requests": len(requests), **latency_figures(ttfts, latencies)}
 
 
 def _summarise(policy: str, requests: list[Request], scheduler: Scheduler, acc: _Accumulator, wall: float):

@@ -7,7 +7,7 @@ from typing import Callable
 
 from core.buckets import BucketSpec, LengthProfile, bucket_frequencies, within_bucket_shape
 from serve.policy_config import POLICY_NAMES, PolicyConfig, PolicyName, with_length_profile
-from serve.scheduler import SchedulerConfig
+from serve.scheduler_config import SchedulerConfig
 from serve.sim.costmodel import CostModel, get_preset
 from serve.sim.runner import PolicyResult, simulate_policy
 from serve.sim.workload import PredictorConfig, SimRequest, WorkloadConfig, make_workload, predict

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline.bench import BenchConfig, draw_prompts, percentile
+from pipeline.bench import BenchConfig, draw_prompts
 from pipeline.labelled import labelled_prompts
 from pipeline.prompts import PROMPT_SETS, sample_prompts
 
@@ -80,10 +80,3 @@ def test_labelled_prompts_include_the_shards(tmp_path):
     assert labelled_prompts(tmp_path) == {"in the dataset", "only in a shard"}
     with pytest.raises(FileNotFoundError):
         labelled_prompts(tmp_path / "missing")
-
-
-def test_percentile_interpolates_like_numpy():
-    assert percentile([], 50) is None
-    assert percentile([3.0], 99) == 3.0
-    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)

@@ -78,3 +78,17 @@ def test_unusable_input_files_are_refused_naming_the_line(tmp_path, text, words)
         read_batch(source)
     with pytest.raises(FileNotFoundError):
         read_batch(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"response": None, "error": {"code": "invalid_request", "message": "no url"}}, "no url"),
+    ({"response": None, "error": {"code": "x"}}, "unknown error"),
+    ({"response": {"status_code": 503, "body": {"error": {"message": "busy"}}}, "error": None}, "busy"),
+    ({"response": {"status_code": 500, "body": {}}, "error": None}, "HTTP 500"),
+    ({"response": {"status_code": 502, "body": ["not", "a", "dict"]}, "error": None}, "HTTP 502"),
+    ({"response": {"status_code": 400, "body": {"error": "plain text"}}, "error": None}, "plain text"),
+])  # fmt: skip
+def test_a_failed_line_is_counted_by_its_message_whatever_its_shape(record, message):
+    from serve.server.batch import _error_message
+
+    assert _error_message(record) == message
