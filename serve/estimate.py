@@ -3,7 +3,7 @@ write, from the predictor's bucket probabilities conditioned on what it has alre
 from exact lengths, or from the lengths recently served (`HistoryEstimator`, LightLLM-style). The projected-peak
 admission test that uses them is in serve/peak.py.
 
-Pure Python (no torch): the scheduler imports it.
+No torch (the scheduler imports it); numpy estimates a step's running sequences at once.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import bisect
 import collections
 import dataclasses
 import math
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
 
 from core.buckets import BucketSpec, Shape
 from core.request import Request
@@ -23,6 +25,9 @@ SLICES = 4
 memory over time is the average of the slices' step functions)."""
 
 SLICE_LEVELS = tuple((j + 0.5) / SLICES for j in range(SLICES))
+
+BATCH_MIN = 16
+"""Stale estimates of one layout worth computing over arrays (`BucketEstimator.prepare`); fewer go one by one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,10 @@ class RemainingEstimator(Protocol):
 
     def observe(self, request: Request) -> None:
         """A request finished (history-based estimators learn from it)."""
+        ...
+
+    def prepare(self, requests: Iterable[Request]) -> None:
+        """``requests`` are about to be estimated: an estimator may compute them at once (nothing changes but speed)."""
         ...
 
 
@@ -99,6 +108,8 @@ class LengthDistribution:
             self.sq_from[i] = self.sq_from[i + 1] + p * (lo * lo + lo * hi + hi * hi) / 3
         # Mass below each span's upper edge, counted from the first span (for the quantile search).
         self.cum = [self.mass_from[0] - self.mass_from[i + 1] for i in range(n)]
+        self.layout = (tuple(self.lows), tuple(self.highs))  # distributions alike in it are estimated together
+        self._row: np.ndarray | None = None
 
     def remaining(self, written: int, quantile: float, cap: int, levels: Sequence[float] = ()) -> Estimate:
         """The remaining length given ``written``: at ``quantile``, its mean and spread, and at each of ``levels``
@@ -133,6 +144,12 @@ class LengthDistribution:
         std = min(math.sqrt(max(0.0, square - mean * mean)), (cap - written) / 2)  # the cap bounds the spread
         return Estimate(lefts[0], max(1.0, min(mean, cap) - written), tuple(lefts[1:]), std)
 
+    def row(self) -> np.ndarray:
+        """cum, masses and the three suffix sums end to end, one array (for `remaining_many`)."""
+        if self._row is None:
+            self._row = np.array(self.cum + self.masses + self.mass_from + self.mid_from + self.sq_from)
+        return self._row
+
     def mass_above(self, length: float) -> float:
         """Probability mass of final lengths above ``length``."""
         first = bisect.bisect_right(self.highs, length)
@@ -147,6 +164,54 @@ class LengthDistribution:
             return 1.0
         above = self.mass_above(written)
         return 1.0 if above <= 0 else 1.0 - self.mass_above(written + steps) / above
+
+
+def remaining_many(dists: Sequence[LengthDistribution], written: Sequence[int], caps: Sequence[int],
+                   quantile: float, levels: Sequence[float] = ()) -> list[Estimate]:
+    """`LengthDistribution.remaining` of many distributions with one layout (the same spans) at once, over arrays:
+    the same operations in the same order, so the same figures to the last bit (tests/scheduler/test_estimate.py).
+    A row with no mass left above what it wrote is handed to `remaining`."""
+    lows, highs = (np.array(v, dtype=np.float64) for v in dists[0].layout)
+    rows, n = np.arange(len(dists)), len(highs)
+    table = np.stack([d.row() for d in dists])
+    cum, masses = table[:, :n], table[:, n:2 * n]
+    mass_from, mid_from, sq_from = table[:, 2 * n:3 * n + 1], table[:, 3 * n + 1:4 * n + 2], table[:, 4 * n + 2:]
+    g, cap = np.array(written, dtype=np.float64), np.array(caps, dtype=np.float64)
+    first = np.searchsorted(highs, g, side="right")
+    live = (first < n) & (g < cap)
+    f = np.minimum(first, n - 1)
+    low, high, p = lows[f], highs[f], masses[rows, f]
+    start = np.maximum(low, g)
+    partial = p * (high - start) / (high - low)
+    after = mass_from[rows, f + 1]
+    total = partial + after
+    live &= total > 0
+    offset, width = cum[rows, f] - partial, high - start
+    level = np.array((quantile, *levels), dtype=np.float64)
+    target = level[None, :] * total[:, None]  # (rows, levels)
+    inside = target <= partial[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        in_first = np.where(partial[:, None] > 0, start[:, None] + width[:, None] * target / partial[:, None],
+                            start[:, None])
+        find = target + offset[:, None] - 1e-12
+        i = np.minimum(np.maximum((cum[:, None, :] < find[:, :, None]).sum(axis=2), f[:, None] + 1), n - 1)
+        m = masses[rows[:, None], i]
+        below = cum[rows[:, None], i] - m - offset[:, None]
+        share = np.minimum(1.0, np.maximum(0.0, target - below) / m)
+        later = lows[i] + (highs[i] - lows[i]) * share
+        final = np.where(inside, in_first, later)
+        lefts = np.maximum(1, np.ceil(np.minimum(final, cap[:, None]) - 1e-9) - g[:, None]).astype(np.int64)
+        mean = (partial * (start + high) / 2 + mid_from[rows, f + 1]) / total
+        square = (partial * (start * start + start * high + high * high) / 3 + sq_from[rows, f + 1]) / total
+        std = np.minimum(np.sqrt(np.maximum(0.0, square - mean * mean)), (cap - g) / 2)
+        mean_left = np.maximum(1.0, np.minimum(mean, cap) - g)
+    out = []
+    for r, (row, m_left, sd) in enumerate(zip(lefts.tolist(), mean_left.tolist(), std.tolist())):
+        if not live[r]:
+            out.append(dists[r].remaining(written[r], quantile, caps[r], levels))
+        else:
+            out.append(Estimate(row[0], m_left, tuple(row[1:]), sd))
+    return out
 
 
 class BucketEstimator:
@@ -203,6 +268,23 @@ class BucketEstimator:
         self._estimates[request.request_id] = (written, estimate)
         return estimate
 
+    def prepare(self, requests: Iterable[Request]) -> None:
+        """Estimate at once the ``requests`` whose estimate is out of date (the peak test asks for everyone running,
+        each of whom wrote a token since the last step): the figures `estimate` would give, over arrays."""
+        stale: dict[tuple, list[Request]] = {}
+        for request in requests:
+            last = self._estimates.get(request.request_id)
+            if last is None or last[0] != request.num_output_tokens:
+                stale.setdefault(self._dist(request).layout, []).append(request)
+        for group in stale.values():
+            if len(group) < BATCH_MIN:
+                continue  # estimated one by one when asked: arrays cost more than they save
+            estimates = remaining_many([self._dists[r.request_id] for r in group],
+                                       [r.num_output_tokens for r in group], [r.max_new_tokens for r in group],
+                                       self.quantile, SLICE_LEVELS)
+            for request, estimate in zip(group, estimates):
+                self._estimates[request.request_id] = (request.num_output_tokens, estimate)
+
     def finish_within(self, request: Request, steps: int) -> float:
         return self._dist(request).finish_probability(request.num_output_tokens, steps, request.max_new_tokens)
 
@@ -226,6 +308,9 @@ class ExactEstimator:
     def observe(self, request: Request) -> None:
         pass
 
+    def prepare(self, requests: Iterable[Request]) -> None:
+        pass
+
 
 class HistoryEstimator:
     """No predictor: the lengths of the last ``window`` finished requests, conditioned on what was written
@@ -246,6 +331,9 @@ class HistoryEstimator:
         self._recent.append(request.num_output_tokens)
         bisect.insort(self._sorted, request.num_output_tokens)
         self._sums = None
+
+    def prepare(self, requests: Iterable[Request]) -> None:
+        pass
 
     def estimate(self, request: Request) -> Estimate:
         written, cap, lengths = request.num_output_tokens, request.max_new_tokens, self._sorted

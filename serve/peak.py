@@ -16,17 +16,15 @@ bucket probabilities, conditioned on what the sequence has already written (serv
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from core.request import Request
 from serve.estimate import Estimate
 
 
-@dataclasses.dataclass(frozen=True)
-class Projection:
+class Projection(NamedTuple):
     """One slice of a sequence's future as the peak test sees it: at step ``s`` (1 = this step) it holds at
     most ``tokens + min(s - 1, growth)`` tokens, until step ``steps`` (its last), counted with ``weight`` (the
     slice's probability; 1 for an exact length)."""
@@ -143,7 +141,7 @@ class PeakGate:
             if owner is not None:
                 corrections += [Projection(-self.block_size, 0, e.steps, e.weight) for e in owner[1]]
         if carried:
-            entries = [dataclasses.replace(e, tokens=e.tokens - carried * self.block_size) for e in entries]
+            entries = [e._replace(tokens=e.tokens - carried * self.block_size) for e in entries]
         return entries, corrections, owned, end
 
     def add(self, request: Request) -> None:

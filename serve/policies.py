@@ -255,6 +255,7 @@ class _PeakAdmission(PagedPolicy):
             block_room=num_waiting >= self.short_queue,
             shared_blocks=limits.shared_blocks,
         )
+        self.estimator.prepare(running)
         for request in running:
             gate.add(request)
         return gate

@@ -7,7 +7,10 @@ from hypothesis import strategies as st
 
 from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.request import LengthPrediction
-from serve.estimate import BucketEstimator, ExactEstimator, HistoryEstimator, LengthDistribution, conditional_remaining
+from serve.estimate import (
+    BATCH_MIN, SLICE_LEVELS, BucketEstimator, ExactEstimator, HistoryEstimator, LengthDistribution,
+    conditional_remaining, remaining_many,
+)  # fmt: skip
 from tests.fakes import make_request, make_scheduler, run_until_done
 
 BUCKETS = BucketSpec.uniform(40, 4)  # (0,10], (10,20], (20,30], (30,40]
@@ -165,3 +168,33 @@ def test_a_policy_forgets_every_request_that_ended(policy):
     run_until_done(sched, {str(i): 5 + 5 * i for i in range(5)})
     estimator = sched.policy.estimator
     assert not getattr(estimator, "_dists", {}) and not getattr(estimator, "_estimates", {})
+
+
+shape_st = st.one_of(st.none(), st.lists(st.lists(st.floats(0.01, 1), min_size=1, max_size=3), min_size=4, max_size=4))
+row_st = st.tuples(probs_st, st.integers(0, 45), st.integers(1, 50))  # probabilities, written, cap
+
+
+@given(shape_st, st.lists(row_st, min_size=1, max_size=20), st.floats(0, 1))
+def test_estimating_many_at_once_gives_each_estimate_to_the_last_bit(shape, rows, quantile):
+    # Lengths may fall in buckets the probabilities give nothing: those distributions have fewer spans, and only
+    # distributions of one layout are estimated together.
+    shape = None if shape is None else [tuple(x / sum(row) for x in row) for row in shape]
+    dists = [LengthDistribution(BUCKETS, probs, shape) for probs, _, _ in rows]
+    layouts: dict = {}
+    for i, dist in enumerate(dists):
+        layouts.setdefault(dist.layout, []).append(i)
+    for group in layouts.values():
+        many = remaining_many([dists[i] for i in group], [rows[i][1] for i in group], [rows[i][2] for i in group],
+                              quantile, SLICE_LEVELS)
+        assert many == [dists[i].remaining(rows[i][1], quantile, rows[i][2], SLICE_LEVELS) for i in group]
+
+
+def test_a_running_set_estimated_at_once_is_estimated_as_one_by_one():
+    requests = [make_request(f"r{i}", max_new_tokens=40) for i in range(BATCH_MIN + 3)]
+    for i, request in enumerate(requests):
+        request.prediction = LengthPrediction(bucket=3, probs=((i % 5) / 5, 0.3, 0.2, 0.4))
+        request.output_token_ids = list(range(i))
+    batched, single = (BucketEstimator(BUCKETS, quantile=0.7, prior_weight=0.05) for _ in range(2))
+    batched.prepare(requests)
+    assert len(batched._estimates) == len(requests)  # computed together, kept until the request writes again
+    assert [batched.estimate(r) for r in requests] == [single.estimate(r) for r in requests]
