@@ -13,6 +13,8 @@ Three steady states of a busy server, each with a queue:
   first bucket) while it writes 2,000 tokens: running sequences run out of blocks every step, and each one short
   of a block asks the policy whether to wait or take a victim (for `s3`, whether another is likely to end soon).
   Measured after 100 steps, once the pool has filled.
+- ``burst``: ``batch`` requests arrive at once at an empty server (seats and a pool as in ``memory full``, each
+  request predicted to write 2,000 tokens): the first step, which admits them, timed on fresh schedulers.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from serve.policy_config import POLICY_NAMES, PolicyConfig
 from serve.sched_output import StepResult
 from serve.scheduler import Scheduler, SchedulerConfig
 
-SCENARIOS = ("seats full", "memory full", "mispredicted")
+SCENARIOS = ("seats full", "memory full", "mispredicted", "burst")
 
 
 def measure(policy: str, batch: int, scenario: str = "seats full", steps: int = 300) -> float:
@@ -41,10 +43,11 @@ def measure(policy: str, batch: int, scenario: str = "seats full", steps: int = 
         num_blocks=pool_tokens // 16, block_size=16, max_num_seqs=seats, max_num_batched_tokens=max(seats, 2048),
         policy=PolicyConfig(policy=policy),
     )
-    scheduler = Scheduler(config, buckets=buckets, clock=lambda: 0.0)
     prediction = {"seats full": LengthPrediction(bucket=0, num_tokens=10_000),
-                  "memory full": LengthPrediction(bucket=9, num_tokens=2000),
-                  "mispredicted": LengthPrediction(bucket=0)}[scenario]
+                  "mispredicted": LengthPrediction(bucket=0)}.get(scenario, LengthPrediction(bucket=9, num_tokens=2000))
+    if scenario == "burst":
+        return _first_step(config, buckets, prediction, batch, repeats=max(3, steps // 60))
+    scheduler = Scheduler(config, buckets=buckets, clock=lambda: 0.0)
     for i in range(3 * batch):
         scheduler.add_request(Request(str(i), (1,) * 32, 2000, prediction=prediction))
     for _ in range(100 if scenario == "mispredicted" else 3):  # admit and prefill (and fill the pool)
@@ -55,6 +58,20 @@ def measure(policy: str, batch: int, scenario: str = "seats full", steps: int = 
         out = scheduler.schedule()
         scheduler.update_from_output(out, StepResult({s.request_id: 1 for s in out.seqs if s.samples}))
     return (time.perf_counter() - start) / steps
+
+
+def _first_step(config: SchedulerConfig, buckets: BucketSpec, prediction: LengthPrediction, batch: int,
+                repeats: int) -> float:
+    """Mean seconds of the first `schedule()` after ``batch`` arrivals at an empty server."""
+    total = 0.0
+    for _ in range(repeats):
+        scheduler = Scheduler(config, buckets=buckets, clock=lambda: 0.0)
+        for i in range(batch):
+            scheduler.add_request(Request(str(i), (1,) * 32, 2000, prediction=prediction))
+        start = time.perf_counter()
+        scheduler.schedule()
+        total += time.perf_counter() - start
+    return total / repeats
 
 
 @click.command()

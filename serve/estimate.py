@@ -190,7 +190,7 @@ def remaining_many(dists: Sequence[LengthDistribution], written: Sequence[int], 
     level = np.array((quantile, *levels), dtype=np.float64)
     target = level[None, :] * total[:, None]  # (rows, levels)
     inside = target <= partial[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # as Python floats would, or unused
         in_first = np.where(partial[:, None] > 0, start[:, None] + width[:, None] * target / partial[:, None],
                             start[:, None])
         find = target + offset[:, None] - 1e-12

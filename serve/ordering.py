@@ -29,16 +29,19 @@ class FinishRate:
         return (len(self.times) - 1) / span if span > 0 else float("inf")
 
 
-def aged_first(waiting: Sequence[Request], now: float, bound: float, lookahead: int,
-               key: Callable[[int], Any]) -> Iterator[int]:
+def aged_first(waiting: Sequence[Request], now: float, bound: float, lookahead: int, key: Callable[[int], Any],
+               prepare: Callable[[Sequence[Request]], None] | None = None) -> Iterator[int]:
     """Indices of ``waiting`` (in arrival order) to try: those that have waited ``bound`` seconds or more first,
     in arrival order (a prefix; yielded lazily, as admission usually stops long before the end of a long aged
-    prefix), then the next ``lookahead`` by ``key`` ascending."""
+    prefix), then the next ``lookahead`` by ``key`` ascending (``prepare`` is handed those requests first)."""
     num_aged = 0
     while num_aged < len(waiting) and now - waiting[num_aged].arrival_time >= bound:
         yield num_aged
         num_aged += 1
-    yield from sorted(range(num_aged, min(len(waiting), num_aged + lookahead)), key=key)
+    window = range(num_aged, min(len(waiting), num_aged + lookahead))
+    if prepare is not None:
+        prepare(waiting[window.start:window.stop])
+    yield from sorted(window, key=key)
 
 
 class ShortestWorkFirst:
@@ -74,4 +77,5 @@ class ShortestWorkFirst:
             key = lambda i: (waiting[i].num_output_tokens == 0, self.work(waiting[i]))
         else:
             key = lambda i: self.work(waiting[i])
-        return aged_first(waiting, now, self.aging_bound(len(waiting)), self.config.lookahead, key=key)
+        return aged_first(waiting, now, self.aging_bound(len(waiting)), self.config.lookahead, key=key,
+                          prepare=self.estimator.prepare)  # the window's estimates at once (a burst's are new)
