@@ -67,8 +67,10 @@ class BenchConfig:
     """KV budget: room for this many worst-case (longest prompt + max_new_tokens) sequences."""
     max_num_seqs: int = 64
     block_size: int = 16
-    frequency_penalty: float = 0.0
-    """OpenAI's frequency penalty of every request (greedy otherwise); data/labelled was made with 0.5."""
+    frequency_penalty: float | None = None
+    """OpenAI's frequency penalty of every request (greedy otherwise); data/labelled was made with 0.5. Unset: a
+    checkpoint predictor's (as its labels were made, as `s3 serve` does), else 0; set, it must equal the
+    checkpoint's."""
     reference_batch: int = 32
     """Batch size of the `transformers` generate reference (0 skips it; skipped with a frequency penalty, which
     `generate` does not have)."""
@@ -294,15 +296,45 @@ def run_reference(model, tokenizer, prompts, *, batch_size: int, max_new_tokens:
                        ttft_s=[None] * len(prompts), latency_s=latency)  # fmt: skip
 
 
+def with_decoding(config: BenchConfig, buckets: BucketSpec, progress: Callable[[str], None] = print) -> BenchConfig:
+    """``config`` with its frequency penalty settled; a checkpoint predictor checked first (its buckets, and the
+    decoding its labels were made with), so that a bad one fails now, not after the model loads and `max` runs."""
+    if config.predictor in BASELINES:
+        return dataclasses.replace(config, frequency_penalty=config.frequency_penalty or 0.0)
+    from predictor_train.checkpoint import read_info
+    from predictor_train.inference import check_compatible
+
+    info = read_info(config.predictor)
+    check_compatible(info, config.predictor, expected_buckets=buckets)
+    penalty = check_decoding(config, info.decoding or {}, where=f"predictor checkpoint {config.predictor}")
+    if config.frequency_penalty is None:
+        progress(f"frequency_penalty {penalty}: the predictor checkpoint's labels were made with it")
+    return dataclasses.replace(config, frequency_penalty=penalty)
+
+
+def check_decoding(config: BenchConfig, decoding: dict, *, where: str) -> float:
+    """The frequency penalty to bench a predictor with whose labels were decoded with ``decoding``: the bench decodes
+    greedily, so a predictor of sampled or otherwise penalised lengths is refused, and a frequency penalty set
+    otherwise than its labels' too; unset, it is the labels' (0 if they do not say)."""
+    learned = decoding.get("frequency_penalty")
+    for key, bench_value in (("temperature", 0.0), ("presence_penalty", 0.0)):
+        if decoding.get(key) not in (None, bench_value):
+            raise ValueError(f"{where} learned lengths decoded with {key} {decoding[key]}, but `s3 bench` decodes "
+                             f"with {key} {bench_value}; bench a checkpoint trained on labels made that way")
+    if config.frequency_penalty is None:
+        return float(learned or 0.0)
+    if learned is not None and float(learned) != config.frequency_penalty:
+        raise ValueError(f"{where} learned lengths decoded with frequency_penalty {learned}, but this bench sets "
+                         f"{config.frequency_penalty}; set frequency_penalty={learned} (or leave it unset, "
+                         "`--set frequency_penalty=null`, to use the checkpoint's)")
+    return config.frequency_penalty
+
+
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict:
     from serve.engine.loader import load_model
 
     buckets = BucketSpec.uniform(config.max_new_tokens, config.num_buckets)
-    if config.predictor not in BASELINES:  # a bad checkpoint fails now, not after the model loads and `max` runs
-        from predictor_train.checkpoint import read_info
-        from predictor_train.inference import check_compatible
-
-        check_compatible(read_info(config.predictor), config.predictor, expected_buckets=buckets)
+    config = with_decoding(config, buckets, progress)
     model, tokenizer = load_model(None if config.model == "smollm2" else config.model)
     context = getattr(model.config, "max_position_embeddings", None)
     prompts, warmup = draw_prompts(config, tokenizer, context, progress)

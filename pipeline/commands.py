@@ -58,6 +58,11 @@ def label_and_save(
     stats = write_dataset(rows, plan.skipped, recipe, config.output_dir)
     echo(f"{stats['num_rows']} labelled prompts in {config.output_dir} "
          f"(mean {stats['mean_output_tokens']:.1f} output tokens, {stats['num_capped']} hit the cap)")
+    over = over_limit(config, stats["by_source"])
+    if over:
+        echo(f"note: {over} hold more labelled prompts than limit_per_source {config.limit_per_source}: a run with "
+             "another limit drew another sample (a larger limit is not a superset of a smaller one's), and the "
+             "prompts labelled before are kept")
     if run is not None:
         import wandb
 
@@ -67,6 +72,17 @@ def label_and_save(
         run.summary.update(stats | {"by_source": json.dumps(stats["by_source"])})
         run.finish()
     return stats
+
+
+def over_limit(config: gen.GenerateConfig, by_source: dict[str, int]) -> str:
+    """The input sources holding more labelled rows than ``limit_per_source``, with their counts ("" if none)."""
+    from pipeline.prompts import source_name
+
+    if config.limit_per_source is None:
+        return ""
+    inputs = {source_name(path) for path in config.inputs}
+    return ", ".join(f"{source} ({count})" for source, count in by_source.items()
+                     if source in inputs and count > config.limit_per_source)
 
 
 def feedback_records(directory: str) -> list[dict]:
@@ -116,7 +132,6 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
     """`s3 train`: train (or retrain on feedback from ``previous``), then evaluate on the test split.
 
     Returns the checkpoint folder and id, the test-split metrics, and (retraining) the before/after report."""
-    from predictor_train.evaluate import evaluate_checkpoint
     from predictor_train.retrain import retrain_predictor
     from predictor_train.train import train_predictor
 
@@ -128,7 +143,8 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
         report = retrain_predictor(config, dataset, feedback_dataset(records), previous_checkpoint=previous)
         lines = [f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
                  f"{report.num_feedback_used} feedback records ({report.num_feedback_held_out} more held out to "
-                 f"measure on, {report.num_feedback_dropped} left out: their prompt is in the validation or test split)"
+                 f"measure on, {report.num_feedback_dropped} left out: their prompt is in the validation or test split, "
+                 f"{report.num_feedback_cut} cut by a client's lower max_tokens)"
                  + (" and replayed rows in their place (replay_only, the control)" if config.replay_only else ""),
                  store_directions(records), report.verdict(), report.table()]
         checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
@@ -144,13 +160,26 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
         return summary | {"checkpoint": pathlib.Path(checkpoint)}
     for line in lines:
         echo(line)
-    evaluation = evaluate_checkpoint(checkpoint, dataset, out_dir=checkpoint)
+    evaluation = evaluate_test_split(config, checkpoint, dataset)
     echo("test split:\n" + evaluation.table)
     echo(f"confusion matrix: {evaluation.confusion_png}")
     from predictor_train.checkpoint import read_info
 
     return summary | {"checkpoint": pathlib.Path(checkpoint), "checkpoint_id": read_info(checkpoint).checkpoint_id,
                       "test_metrics": evaluation.metrics}
+
+
+def evaluate_test_split(config, checkpoint, dataset):
+    """The checkpoint on the whole test split, beside baselines fitted on the rows it was trained on
+    (``exclude_sources`` and ``max_train_rows_per_source`` applied, as in training): a per-source mean that saw an
+    excluded source's rows would know what the predictor was kept from."""
+    from predictor_train.evaluate import evaluate_rows
+    from predictor_train.inference import LengthPredictor
+    from predictor_train.train import training_splits
+
+    splits = training_splits(config, dataset)
+    return evaluate_rows(LengthPredictor.load(checkpoint), splits["test"], train=splits["train"], out_dir=checkpoint,
+                         title="test split")
 
 
 def _rank() -> int:

@@ -31,14 +31,22 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, where=where)
-    if origin is tuple and isinstance(value, (list, tuple)):
+    if origin in (tuple, list):
+        if isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if not isinstance(value, (list, tuple)):  # `--set inputs=a.json`: a list of one
+            value = [value]
         (item_tp, *_rest) = typing.get_args(tp) or (Any,)
-        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+        return origin(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
         return _coerce(options[0], value, where) if len(options) == 1 else value
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float and isinstance(value, str):
+        return _float(value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
@@ -46,6 +54,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is typing.Literal and value not in typing.get_args(tp):
         raise ConfigError(f"{where}: must be one of {typing.get_args(tp)}, got {value!r}")
     return value
+
+
+def _float(text: str, where: str) -> float:
+    """A float field given as text: YAML 1.1 reads `1e-4` (no dot) as a string."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {text!r}") from None
 
 
 def from_dict(cls: type[T], data: dict, *, where: str = "config") -> T:

@@ -14,7 +14,7 @@ import os
 import pathlib
 from typing import Any, Callable, Iterator, Protocol
 
-from pipeline.prompts import PROMPT_SETS, PromptRow, Skipped, format_prompt, read_prompt_sets
+from pipeline.prompts import PROMPT_SETS, PromptRow, Skipped, check_distinct_sources, format_prompt, read_prompt_sets
 
 DEFAULT_INPUTS = PROMPT_SETS
 """`s3 generate`'s default inputs: the seven prompt sets."""
@@ -25,13 +25,15 @@ class GenerateConfig:
     """Settings of `s3 generate` (the decoding settings are recorded with the data: lengths depend on them)."""
 
     inputs: tuple[str, ...] = DEFAULT_INPUTS
-    """Prompt files: .json, .jsonl, .csv, .parquet, or a `datasets` folder."""
+    """Prompt files: .json, .jsonl, .csv, .parquet, or a `datasets` folder; no two with the same stem (a row's id
+    is its file's stem and row)."""
     prompt_field: str = "instruction"
     """Field holding the prompt."""
     input_field: str | None = "input"
     """Optional field appended to the prompt after a blank line when non-empty (instruction/input sets)."""
     limit_per_source: int | None = None
-    """Label only a seeded random subset of this many prompts per file."""
+    """Label only a seeded random subset of this many prompts per file. A larger limit later draws a new sample,
+    not a superset of the old one; the prompts already labelled are kept, so a source can end above the limit."""
     model: str = "smollm2"
     """`smollm2` (the packaged SmolLM2-135M-Instruct GGUF) or a local Hugging Face causal-LM folder."""
     max_new_tokens: int = 512
@@ -66,6 +68,7 @@ class GenerateConfig:
             raise ValueError(f"limit_per_source must be >= 1 (or unset), got {self.limit_per_source}")
         if self.num_samples > 1 and self.temperature == 0:
             raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be the same)")
+        check_distinct_sources(self.inputs)
 
 
 @dataclasses.dataclass

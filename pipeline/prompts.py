@@ -89,6 +89,22 @@ def _records(path: pathlib.Path) -> Iterator[tuple[int, dict | Exception]]:
         raise ValueError(f"unsupported prompt file type {path.suffix!r} (use .json, .jsonl, .csv, .parquet or a folder)")
 
 
+def source_name(path: str | pathlib.Path) -> str:
+    """The source a file's prompts are labelled with: its stem (a folder: its name); ids are `source:row`."""
+    path = pathlib.Path(path)
+    return path.name if path.is_dir() else path.stem
+
+
+def check_distinct_sources(paths: Collection[str]) -> None:
+    """Refuse input files that share a source name: their rows would share ids, and one would replace the other."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        first = seen.setdefault(source_name(path), str(path))
+        if pathlib.Path(first).resolve() != pathlib.Path(path).resolve():
+            raise ValueError(f"{first} and {path} would both be source {source_name(path)!r} (a prompt's id is "
+                             "its file's stem and row): give one of them another file name")
+
+
 def read_prompts(
     path: str | pathlib.Path, *, prompt_field: str = "instruction", input_field: str | None = "input"
 ) -> tuple[list[PromptRow], list[Skipped]]:
@@ -116,7 +132,7 @@ def read_prompts(
             if not text:
                 skipped.append(Skipped(str(path), i, "empty prompt"))
                 continue
-            rows.append(PromptRow(path.stem if not path.is_dir() else path.name, i, text))
+            rows.append(PromptRow(source_name(path), i, text))
     except (OSError, ValueError) as exc:
         return rows, [*skipped, Skipped(str(path), None, f"cannot read: {exc}")]
     return rows, skipped

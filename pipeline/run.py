@@ -3,8 +3,10 @@
 Each stage (pipeline/stages.py, the `STAGES` table) reads the previous stages' outputs and writes its own under
 `runs/<run-id>/<stage>/`, with a `stage.json` holding a hash of its inputs (its config sections, its version and
 its upstream stages' fingerprints). A stage whose `stage.json` has the same input hash is skipped; otherwise
-it runs again (generate resumes where it stopped). Every stage that runs is one wandb run in the pipeline's
-group (the code it calls opens none of its own); the summary table goes to wandb and to the terminal.
+it runs again (generate resumes where it stopped). A stage's `stage.json` is removed when it starts and written
+when it finishes, so a stage that failed or was interrupted runs again, whatever it ran with before. Every stage
+that runs is one wandb run in the pipeline's group (the code it calls opens none of its own); the summary table
+goes to wandb and to the terminal.
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ class Pipeline:
     def _inputs(self, stage: Stage) -> dict:
         config = dataclasses.asdict(self.config)
         upstream = {name: self.outputs.get(name, {}).get("fingerprint") for name in STAGE_NAMES[: STAGE_NAMES.index(stage.name)]}
-        return {"config": {k: config[k] for k in stage.config_keys}, "version": stage.version, "upstream": upstream}
+        read = {k: config[k] for k in stage.config_keys}
+        for dotted in stage.unread_keys:
+            section, key = dotted.split(".")
+            del read[section][key]
+        return {"config": read, "version": stage.version, "upstream": upstream}
 
     def run(self, *, start: str | None = None, only: str | None = None) -> dict:
         for name in (start, only):
@@ -60,10 +66,12 @@ class Pipeline:
                 continue
             if not forced:
                 if previous is None:
-                    raise ValueError(f"stage {stage.name} has not run yet in {self.root}; run without --only/--from")
+                    raise ValueError(f"stage {stage.name} has not run yet in {self.root} (or its last run did not "
+                                     "finish); run without --only/--from")
                 self.outputs[stage.name] = previous["outputs"]  # kept as asked, though its inputs changed
                 continue
             self.echo(f"[{stage.name}] running")
+            record.unlink(missing_ok=True)  # its outputs change from now on: an interrupted stage is never up to date
             started = time.perf_counter()
             outputs = self._run_stage(stage)
             outputs["seconds"] = round(time.perf_counter() - started, 1)

@@ -82,6 +82,9 @@ class Stage:
     """PipelineConfig fields the stage reads: with the upstream stages' fingerprints, its inputs."""
     version: int = 1
     """Bumped when the stage's outputs change meaning, so that a recorded run of the old code is not reused."""
+    unread_keys: tuple[str, ...] = ()
+    """`section.field`s of those sections the stage never reads, left out of its inputs: changing them reruns
+    nothing."""
 
 
 def serving_prompts(config: ServeRoundConfig, exclude: set[str]) -> list[str]:
@@ -166,11 +169,19 @@ def bench_stage(ctx: StageContext) -> dict:
     return {"fingerprint": "bench", **serve_round(ctx, ctx.upstream["retrain"]["checkpoint"], feedback_dir=None)}
 
 
+# The train section's fields no stage reads: the stages set output_dir, and run with tracking off.
+_UNREAD_TRAIN = ("output_dir", "wandb_project", "wandb_mode")
+# Those only retraining reads (predictor_train/retrain.py).
+_RETRAIN_ONLY = ("replay_ratio", "feedback_holdout", "feedback_repeat", "keep_parent_unless_matched",
+                 "traffic_monitor", "replay_only")
+
 STAGES: tuple[Stage, ...] = (
     Stage("generate", generate_stage, ("labelled_data", "regenerate", "generate")),
-    Stage("train", train_stage, ("train",)),
+    Stage("train", train_stage, ("train",),
+          unread_keys=tuple(f"train.{key}" for key in _UNREAD_TRAIN + _RETRAIN_ONLY)),
     Stage("collect", collect_stage, ("serve",), version=2),
-    Stage("retrain", retrain_stage, ("train", "retrain_epochs"), version=3),
+    Stage("retrain", retrain_stage, ("train", "retrain_epochs"), version=3,
+          unread_keys=tuple(f"train.{key}" for key in _UNREAD_TRAIN)),
     Stage("bench", bench_stage, ("serve",), version=2),
 )
 """Every stage, in the order they run."""

@@ -28,6 +28,7 @@ says what the feedback itself adds.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from pathlib import Path
 
@@ -40,6 +41,8 @@ from predictor_train.data import Examples, check_columns, load_records, sources_
 from predictor_train.evaluate import EvalReport, evaluate_rows, format_table
 from predictor_train.inference import LengthPredictor
 from predictor_train.train import TrainConfig, TrainResult, fit, training_splits
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,8 @@ class RetrainReport:
     """Feedback records added to the train split."""
     num_feedback_dropped: int
     """Feedback records left out because their prompt is in the validation or test split."""
+    num_feedback_cut: int
+    """Feedback records left out because a client's lower max_tokens cut the answer (its length is no label)."""
     num_feedback_held_out: int
     """Feedback records held out of training (``feedback_holdout``) to measure on."""
     num_replayed: int
@@ -104,10 +109,16 @@ def check_same_buckets(config: TrainConfig, previous: CheckpointInfo, where: str
         )
 
 
-def feedback_for_training(feedback: datasets.Dataset, held_out_prompts: set[str]) -> tuple[datasets.Dataset, int]:
-    """The feedback rows whose prompt is not held out, and how many were dropped."""
-    keep = [i for i, prompt in enumerate(feedback["prompt"]) if prompt not in held_out_prompts]
-    return feedback.select(keep), len(feedback) - len(keep)
+def feedback_for_training(feedback: datasets.Dataset, held_out_prompts: set[str],
+                          max_tokens: int) -> tuple[datasets.Dataset, int, int]:
+    """The feedback rows fit to train on; how many were left out because their prompt is held out (validation or
+    test), and how many because their length is not the answer's own: a client's lower ``max_tokens`` cut it
+    (unfinished below the labels' limit ``max_tokens``), so its label is unknown, only above what it wrote."""
+    in_splits = [prompt in held_out_prompts for prompt in feedback["prompt"]]
+    finished = feedback["finished"] if "finished" in feedback.column_names else [True] * len(feedback)
+    cut = [not ended and length < max_tokens for ended, length in zip(finished, feedback["num_output_tokens"])]
+    keep = [i for i, (held, short) in enumerate(zip(in_splits, cut)) if not held and not short]
+    return feedback.select(keep), sum(in_splits), sum(short and not held for held, short in zip(in_splits, cut))
 
 
 def is_held_out(prompt: str, share: float) -> bool:
@@ -167,12 +178,14 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
     """Fine-tune ``previous_checkpoint`` on ``feedback`` mixed with a replay sample of the original train split;
     report before and after on the trained-on feedback, the held-out feedback and the test split.
 
-    ``config.backbone`` is ignored (the previous checkpoint is the starting point); ``config.output_dir`` receives
+    ``config.backbone``, ``max_prompt_tokens`` and ``prompt_truncation`` are the previous checkpoint's
+    (`inherit_encoding`: it is the starting point, and its weights read prompts that way); ``config.output_dir`` receives
     the new checkpoint and must differ from ``previous_checkpoint``. The target model and decoding settings are
     inherited from the previous checkpoint.
     """
     previous = read_info(previous_checkpoint)
     check_same_buckets(config, previous, previous_checkpoint)
+    config = inherit_encoding(config, previous)
     if Path(config.output_dir).resolve() == Path(previous_checkpoint).resolve():
         raise ValueError(f"output_dir {config.output_dir} is the previous checkpoint; write the retrained one "
                          "elsewhere so the before/after comparison stays possible")
@@ -182,7 +195,7 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
     feedback_rows = load_records(feedback)
     check_columns(feedback_rows, where="the feedback records")
     held_out = set(full["validation"]["prompt"]) | set(full["test"]["prompt"])
-    usable, dropped = feedback_for_training(feedback_rows, held_out)
+    usable, dropped, cut = feedback_for_training(feedback_rows, held_out, previous.buckets.max_tokens)
     extra, feedback_test = hold_out_feedback(usable, config.feedback_holdout)
     if len(extra) == 0:
         raise ValueError("no usable feedback: every feedback prompt is in the validation or test split or held "
@@ -196,6 +209,7 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
         traffic = dataclasses.replace(Examples.from_rows(served), weights=tuple(weights))
 
     backbone = load_classifier(str(previous_checkpoint), previous.buckets, seed=config.seed)
+    backbone = dataclasses.replace(backbone, kind=previous.backbone_kind)  # what it was, not how it was reloaded
     num_seen = len(extra) * config.feedback_repeat  # feedback examples an epoch sees (replay_only: replaced)
     num_replayed = round(config.replay_ratio * num_seen) + (num_seen if config.replay_only else 0)
     replay = replay_sample(splits["train"], num_replayed, seed=config.seed)
@@ -215,8 +229,22 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
                  familiar=(list(splits["train"]["prompt"]), [] if config.replay_only else list(extra["prompt"])))
     after = _evaluate_all(LengthPredictor.load(result.checkpoint_dir), eval_sets, train=splits["train"])
     return RetrainReport(result=result, parent_checkpoint_id=previous.checkpoint_id, num_feedback_used=trained_on,
-                         num_feedback_dropped=dropped, num_feedback_held_out=len(feedback_test),
+                         num_feedback_dropped=dropped, num_feedback_cut=cut, num_feedback_held_out=len(feedback_test),
                          num_replayed=len(replay), before=before, after=after, traffic=traffic_note)
+
+
+INHERITED = ("backbone", "max_prompt_tokens", "prompt_truncation")
+"""What a retrained checkpoint takes from its parent whatever the config says: its weights were trained to read
+prompts this way (and recorded so), and a reload reads them so."""
+
+
+def inherit_encoding(config: TrainConfig, previous: CheckpointInfo) -> TrainConfig:
+    """``config`` with the parent's `INHERITED` settings (a warning for each the config set otherwise)."""
+    parent = {name: previous.train_config[name] for name in INHERITED if name in (previous.train_config or {})}
+    for name, value in parent.items():
+        if getattr(config, name) != value:
+            log.warning("retraining keeps the parent's %s=%r (the config says %r)", name, value, getattr(config, name))
+    return dataclasses.replace(config, **parent)
 
 
 def _evaluate_all(predictor: LengthPredictor, sets: dict, *, train) -> dict[str, EvalReport]:

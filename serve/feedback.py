@@ -25,6 +25,7 @@ import collections
 import functools
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import time
@@ -33,6 +34,8 @@ from typing import Iterable, Iterator
 from core.buckets import BucketSpec
 from core.feedback import MIN_TRAFFIC_SAMPLE
 from core.request import Request
+
+log = logging.getLogger(__name__)
 
 
 def over_predicted(predicted_bucket: int | None, true_bucket: int, *, ended_of_itself: bool) -> bool:
@@ -107,7 +110,11 @@ def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str
 
 
 class FeedbackWriter:
-    """Appends records to rotating segments under ``directory``."""
+    """Appends records to rotating segments under ``directory``.
+
+    A write that fails (a full disk, the folder removed while serving) loses that record and those not yet synced,
+    counts them in ``num_lost``, logs, and closes the segment: the next record starts a new one (the folder made
+    again). The store is a side output of serving, so its errors never reach the caller."""
 
     def __init__(self, directory: str | pathlib.Path, *, sync_every: int = 32, max_segment_bytes: int = 16 << 20):
         self.directory = pathlib.Path(directory)
@@ -117,36 +124,64 @@ class FeedbackWriter:
         self._file = None
         self._unsynced = 0
         self.num_written = 0
+        self.num_lost = 0
+        """Records counted in ``num_written`` or offered since, that a failed write or sync may have lost."""
 
     def _open(self) -> None:
         # A fresh name per open, ordered by creation time: never append after a torn line left by a crash.
+        self.directory.mkdir(parents=True, exist_ok=True)
         name = f"segment-{time.time_ns():020d}-{os.getpid()}.jsonl"
         self._file = (self.directory / name).open("x", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        if self._file is None:
-            self._open()
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.num_written += 1
-        self._unsynced += 1
-        if self._unsynced >= self.sync_every:
-            self.sync()
-        if self._file.tell() >= self.max_segment_bytes:
-            self.sync()
-            self._file.close()
-            self._file = None
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        try:
+            if self._file is None:
+                self._open()
+            self._unsynced += 1  # from here lost with the other unsynced records if anything below fails
+            self._file.write(line)
+            self.num_written += 1
+            if self._unsynced >= self.sync_every:
+                self._sync()
+            if self._file.tell() >= self.max_segment_bytes:
+                self._sync()
+                self._file.close()
+                self._file = None
+        except OSError as exc:
+            self._failed(exc, lost=max(1, self._unsynced))
 
     def sync(self) -> None:
+        try:
+            self._sync()
+        except OSError as exc:
+            self._failed(exc, lost=self._unsynced)
+
+    def _sync(self) -> None:
         if self._file is not None and self._unsynced:
             self._file.flush()
             os.fsync(self._file.fileno())
         self._unsynced = 0
 
+    def _failed(self, exc: OSError, *, lost: int) -> None:
+        self.num_lost += lost
+        self._unsynced = 0
+        log.error("feedback store %s: %s; %d record(s) lost so far, serving goes on", self.directory, exc,
+                  self.num_lost)
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass  # what it buffered is counted lost
+
     def close(self) -> None:
-        if self._file is not None:
-            self.sync()
-            self._file.close()
-            self._file = None
+        self.sync()
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as exc:
+                self._failed(exc, lost=0)
 
     def __enter__(self) -> "FeedbackWriter":
         return self
@@ -179,6 +214,10 @@ class FeedbackLog:
     @property
     def num_written(self) -> int:
         return self.writer.num_written
+
+    @property
+    def num_lost(self) -> int:
+        return self.writer.num_lost
 
     @property
     def num_mispredicted(self) -> int:

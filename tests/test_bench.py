@@ -120,3 +120,41 @@ def test_a_bad_predictor_is_refused_before_the_model_loads(tmp_path):
     args = ["bench", "--model", str(tmp_path / "no-model"), "--predictor", str(tmp_path), "--output-dir", str(tmp_path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "is not a predictor checkpoint" in result.output
+
+
+def _fake_checkpoint(folder, decoding):
+    """A predictor.json alone: enough for the checks made before the model loads."""
+    from core.buckets import BucketSpec
+    from predictor_train.checkpoint import CheckpointInfo
+
+    info = CheckpointInfo(checkpoint_id="fake", buckets=BucketSpec.uniform(24, 10), bucket_scheme="uniform",
+                          target_model="m", decoding=decoding, train_config={}, backbone_kind="tiny-random")
+    folder.mkdir()
+    (folder / "predictor.json").write_text(json.dumps(info.to_json()))
+    return folder
+
+
+def test_a_checkpoint_predictor_brings_its_decoding(tmp_path):
+    from core.buckets import BucketSpec
+    from pipeline.bench import BenchConfig, with_decoding
+
+    checkpoint = _fake_checkpoint(tmp_path / "ckpt", {"temperature": 0.0, "frequency_penalty": 0.5})
+    buckets, said = BucketSpec.uniform(24, 10), []
+    config = BenchConfig(predictor=str(checkpoint), max_new_tokens=24)
+    assert with_decoding(config, buckets, said.append).frequency_penalty == 0.5  # unset: the checkpoint's
+    assert said and "frequency_penalty 0.5" in said[0]
+    matching = BenchConfig(predictor=str(checkpoint), max_new_tokens=24, frequency_penalty=0.5)
+    assert with_decoding(matching, buckets).frequency_penalty == 0.5
+    assert with_decoding(BenchConfig(max_new_tokens=24), buckets).frequency_penalty == 0.0  # a baseline: 0
+    sampled = _fake_checkpoint(tmp_path / "sampled", {"temperature": 0.8})
+    with pytest.raises(ValueError, match="temperature 0.8, but `s3 bench` decodes with temperature 0.0"):
+        with_decoding(BenchConfig(predictor=str(sampled), max_new_tokens=24), buckets)
+
+
+def test_a_frequency_penalty_unlike_the_checkpoints_is_refused_before_the_model_loads(tmp_path):
+    checkpoint = _fake_checkpoint(tmp_path / "ckpt", {"temperature": 0.0, "frequency_penalty": 0.5})
+    args = ["bench", "--model", str(tmp_path / "no-model"), "--predictor", str(checkpoint), "--max-new-tokens", "24",
+            "--set", "frequency_penalty=0", "--output-dir", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "decoded with frequency_penalty 0.5, but this bench sets 0.0; set frequency_penalty=0.5" in result.output

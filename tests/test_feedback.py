@@ -254,3 +254,18 @@ def test_requests_in_flight_at_a_predictor_swap_keep_the_old_checkpoint(tmp_path
     log.close()
     assert {r["request_id"]: r["checkpoint_id"] for r in read_feedback(tmp_path)} == {"old": "ckpt-1", "new": "ckpt-2"}
     assert outcomes.num_observed == 1 and outcomes.expected_within_one == 0.7
+
+
+def test_a_failing_store_loses_records_but_never_raises_and_starts_again(tmp_path, monkeypatch, caplog):
+    writer = FeedbackWriter(tmp_path / "store", sync_every=2)
+    writer.write({"a": 1})
+    full = open("/dev/full", "w", encoding="utf-8")  # a full disk: the flush of a sync fails
+    monkeypatch.setattr(writer, "_file", full)
+    writer.write({"a": 2})  # the second unsynced record: the sync fails, both are counted lost
+    assert writer.num_lost == 2 and writer._file is None and "lost" in caplog.text
+    import shutil
+    shutil.rmtree(tmp_path / "store")  # the folder removed while serving: made again for the next segment
+    writer.write({"a": 3})
+    writer.close()
+    assert [json.loads(line) for p in (tmp_path / "store").iterdir() for line in p.read_text().splitlines()] == [{"a": 3}]
+    assert writer.num_written == 3 and writer.num_lost == 2

@@ -151,7 +151,8 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[
     temps = torch.tensor([p.temperature for p in params], device=logits.device)
     sorted_logits, order = (logits / temps[:, None]).sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]  # (1, V)
-    top_k = torch.tensor([p.top_k or logits.shape[-1] for p in params], device=logits.device)
+    vocab = logits.shape[-1]  # a top_k past the vocabulary keeps every token (and fits the tensor)
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=logits.device)
     remove = ranks >= top_k[:, None]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)

@@ -64,7 +64,8 @@ def read_batch(path: str | Path) -> list[BatchRequest]:
     if not path.is_file():
         raise FileNotFoundError(f"batch input {path} does not exist")
     requests, seen = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Lines end at "\n" only: JSON strings may hold U+2028 and its kin raw, which str.splitlines() breaks at.
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -72,8 +73,9 @@ def read_batch(path: str | Path) -> list[BatchRequest]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
         custom_id = row.get("custom_id") if isinstance(row, dict) else None
-        if not isinstance(custom_id, str) or not custom_id:
-            raise ValueError(f"{path}, line {number}: every request needs a non-empty string custom_id")
+        if not isinstance(custom_id, str) or not custom_id or not _encodable(custom_id):
+            raise ValueError(f"{path}, line {number}: every request needs a non-empty string custom_id (valid "
+                             "UTF-8: no unpaired surrogate)")
         if custom_id in seen:
             raise ValueError(f"{path}, line {number}: custom_id {custom_id!r} is used twice")
         seen.add(custom_id)
@@ -92,7 +94,18 @@ def _request(row: dict, custom_id: str) -> BatchRequest:
         problem = "body must be a JSON object (the request as it would be POSTed)"
     elif body.get("stream"):
         problem = "stream is not supported in a batch (each answer is written whole)"
+    elif not _encodable(body):
+        problem = "body holds a value JSON cannot send (NaN, Infinity, or an unpaired surrogate in a string)"
     return BatchRequest(custom_id, str(url), body if isinstance(body, dict) else {}, problem)
+
+
+def _encodable(value) -> bool:
+    """Whether ``value`` can be sent as standard JSON in UTF-8 (Python's parser reads NaN and lone surrogates)."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
 
 
 def answered_ids(path: str | Path) -> set[str]:
@@ -101,7 +114,7 @@ def answered_ids(path: str | Path) -> set[str]:
     if not path.exists():
         return set()
     ids = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):
         try:
             ids.add(json.loads(line)["custom_id"])
         except (json.JSONDecodeError, KeyError, TypeError):
@@ -152,11 +165,17 @@ async def _answer_all(stack: ServingStack, requests: list[BatchRequest], write: 
             if request.problem is not None:
                 write(_record(request, None, error={"code": "invalid_request", "message": request.problem}))
                 return
-            response = await client.post(request.url, json=request.body, headers=headers)
+            try:
+                response = await client.post(request.url, json=request.body, headers=headers)
+            except Exception as exc:  # one line's failure is that line's answer, not the end of the batch
+                write(_record(request, None, error={"code": "internal_error", "message": repr(exc)}))
+                return
             try:
                 body = response.json()
             except json.JSONDecodeError:
                 body = {"error": {"message": response.text or f"HTTP {response.status_code}"}}
+            if not isinstance(body, dict):
+                body = {"error": {"message": f"HTTP {response.status_code}: not a JSON object"}}
             write(_record(request, {"status_code": response.status_code, "request_id": body.get("id"), "body": body}))
 
         await asyncio.gather(*(answer(r) for r in requests))

@@ -105,6 +105,10 @@ class EngineSnapshot(SchedulerSnapshot):
     and whether the engine thread still runs."""
 
     alive: bool = True
+    num_feedback_records: int = 0
+    """Records the feedback store wrote (0 without one)."""
+    num_feedback_lost: int = 0
+    """Records a failed feedback write lost (a full disk, the folder removed): serving goes on without them."""
 
 
 class EngineDead(RuntimeError):
@@ -319,7 +323,9 @@ class EngineLoop:
                 return
 
     def _publish(self) -> None:
-        self.snapshot = EngineSnapshot(**vars(self.engine.snapshot()))
+        feedback = {} if self.feedback is None else {"num_feedback_records": self.feedback.num_written,
+                                                     "num_feedback_lost": self.feedback.num_lost}
+        self.snapshot = EngineSnapshot(**vars(self.engine.snapshot()), **feedback)
 
 
 def _refuse(commands: list) -> None:

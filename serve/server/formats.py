@@ -76,8 +76,9 @@ def tool_calls(request: GenerationRequest) -> ToolCalls | None:
         if not request.parallel_tool_calls:
             array["maxItems"] = 1
         return ToolCalls(tuple(schemas), named=False, schema=array)
-    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
-    if name not in schemas:
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or name not in schemas:
         raise bad_request(f"tool_choice must be \"none\", \"required\" or a function of tools by name, got {choice!r}",
                           "tool_choice")
     return ToolCalls((name,), named=True, schema=schemas[name])
@@ -95,7 +96,8 @@ def structured_output(request: GenerationRequest) -> tuple[str, StructuredOutput
         if kind == "json_object":
             found.append(("response_format", StructuredOutput("json_object")))
         elif kind == "json_schema":
-            schema = (response_format.get("json_schema") or {}).get("schema")
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
             if not isinstance(schema, dict):
                 raise bad_request("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": "
                                   "{...}}}", "response_format.json_schema.schema")

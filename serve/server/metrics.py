@@ -56,6 +56,9 @@ class _EngineCollector:
             "s3_prefix_cache_hits": ("Of s3_prefix_cache_queries, tokens found cached (not computed again).",
                                      stats.num_prefix_hit_tokens),
         }
+        counters["s3_feedback_records"] = ("Records written to the feedback store.", snap.num_feedback_records)
+        counters["s3_feedback_records_lost"] = ("Feedback records a failed write lost (a full disk, the folder "
+                                                "removed); serving goes on.", snap.num_feedback_lost)
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
 

@@ -238,11 +238,13 @@ def _check_extra_fields(request: GenerationRequest) -> None:
     ignored = tuple(sorted(set(extra) - set(VLLM_UNSUPPORTED) - {"echo"}))
     if ignored:  # a warning the first time, so that a client sending them with every request does not flood the log
         level = logging.DEBUG if ignored in _IGNORED_SEEN else logging.WARNING
-        _IGNORED_SEEN.add(ignored)
+        if len(_IGNORED_SEEN) < _MAX_IGNORED_SEEN:  # bounded: a client may send a new field name every time
+            _IGNORED_SEEN.add(ignored)
         log.log(level, "ignoring request fields this server does not know: %s", ", ".join(ignored))
 
 
 _IGNORED_SEEN: set[tuple[str, ...]] = set()
+_MAX_IGNORED_SEEN = 256
 
 
 def _check_stream_options(request: GenerationRequest) -> None:

@@ -63,7 +63,7 @@ class ServerState:
         """``logit_bias`` as (token id, bias) pairs, each checked."""
         pairs = []
         for key, bias in (request.logit_bias or {}).items():
-            if not (key.isdigit() and int(key) < self.vocab_size):
+            if not (key.isascii() and key.isdigit() and int(key) < self.vocab_size):  # "²" is a digit to Python
                 raise p.bad_request(f"logit_bias keys must be token ids in [0, {self.vocab_size}), got {key!r}",
                                     "logit_bias")
             if not -100 <= bias <= 100:

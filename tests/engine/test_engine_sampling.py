@@ -38,6 +38,13 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert torch.allclose(probs[0], torch.tensor([0.4 / 0.7, 0.3 / 0.7, 0.0, 0.0]))
 
 
+@pytest.mark.parametrize("top_k", [4, 5, 2**63, 2**100])
+def test_a_top_k_past_the_vocabulary_keeps_every_token(top_k):
+    # A client may send any integer; one too large for a tensor once stopped the engine for everyone.
+    every = filtered_probs(LOGITS, [SamplingParams(temperature=1.0)])
+    assert all(torch.equal(a, b) for a, b in zip(filtered_probs(LOGITS, [SamplingParams(temperature=1.0, top_k=top_k)]), every))
+
+
 def test_temperature_one_follows_the_distribution():
     counts = torch.bincount(torch.tensor(draws(SamplingParams(temperature=1.0, seed=3), 4000)), minlength=4)
     assert torch.allclose(counts / 4000, LOGITS.exp()[0], atol=0.03)

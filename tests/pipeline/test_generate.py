@@ -147,3 +147,26 @@ def test_write_only_makes_a_dataset_from_the_rows_so_far(tmp_path):
     stats = label_and_save(config, engine=untouched, echo=lambda m: None, write_only=True)
     assert stats["num_rows"] == 4 and untouched.seen == []
     assert datasets.load_from_disk(str(tmp_path / "out" / "dataset")).num_rows == 4
+
+
+def test_inputs_that_share_a_file_name_are_refused_naming_both(tmp_path):
+    # Ids are "<file stem>:<row>": x/train.json and y/train.jsonl would share them, and one file's rows would
+    # silently replace the other's.
+    for folder, name in (("x", "train.json"), ("y", "train.jsonl")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text(json.dumps([{"instruction": f"{folder} prompt"}]))
+    inputs = (str(tmp_path / "x" / "train.json"), str(tmp_path / "y" / "train.jsonl"))
+    with pytest.raises(ValueError, match=r"x/train\.json and .*y/train\.jsonl would both be source 'train'"):
+        GenerateConfig(inputs=inputs, output_dir=str(tmp_path / "out"))
+    GenerateConfig(inputs=(inputs[0], str(tmp_path / "x" / ".." / "x" / "train.json")))  # the same file twice
+
+
+def test_a_source_above_its_limit_is_reported(tmp_path):
+    label_and_save(_config(tmp_path, limit_per_source=8), engine=FakeEngine(), echo=lambda m: None)
+    messages = []
+    stats = label_and_save(_config(tmp_path, limit_per_source=5), engine=FakeEngine(), echo=messages.append)
+    assert stats["by_source"]["a"] == 8  # what was labelled is kept
+    assert any(m.startswith("note: a (8) hold more labelled prompts than limit_per_source 5") for m in messages)
+    messages.clear()
+    label_and_save(_config(tmp_path, limit_per_source=8), engine=FakeEngine(), echo=messages.append)
+    assert not any(m.startswith("note:") for m in messages)

@@ -10,7 +10,7 @@ import pytest
 from predictor_train.data import cap_per_source, split_records
 from predictor_train.inference import LengthPredictor
 from predictor_train.retrain import (
-    effective_size, hold_out_feedback, is_held_out, replay_sample, retrain_predictor, traffic_sample,
+    effective_size, feedback_for_training, hold_out_feedback, inherit_encoding, is_held_out, replay_sample, retrain_predictor, traffic_sample,
 )  # fmt: skip
 
 from .conftest import tiny_config
@@ -45,6 +45,7 @@ def test_retraining_learns_the_feedback_and_keeps_the_test_split(trained, datase
     assert report.parent_checkpoint_id == trained.info.checkpoint_id
     assert report.result.info.parent_checkpoint_id == trained.info.checkpoint_id
     assert report.result.info.buckets == trained.info.buckets
+    assert report.result.info.backbone_kind == trained.info.backbone_kind == "tiny-random"
     assert report.result.info.data["feedback"] == report.num_feedback_used and report.result.info.data["test"] == len(test)
     before, after = report.before, report.after
     assert before["test"].metrics["predictor"]["num_examples"] == after["test"].metrics["predictor"]["num_examples"]
@@ -195,3 +196,23 @@ def test_retraining_replays_and_validates_on_the_configs_sources_only(trained, d
     assert report.num_replayed == splits["train"]["source"].count("a")
     assert report.result.info.data["validation"] == splits["validation"]["source"].count("a")
     assert report.after["test"].metrics["predictor"]["num_examples"] == len(splits["test"])
+
+
+def test_feedback_a_client_cut_short_is_not_trained_on():
+    # An answer stopped by the client's own lower max_tokens has no label (only "longer than this"); one that ended
+    # of itself, or at the labels' limit, has; a prompt of the validation or test split is never trained on.
+    feedback = datasets.Dataset.from_dict({
+        "prompt": ["natural", "capped by the client", "at the limit", "in the test split"],
+        "num_output_tokens": [300, 100, 512, 40], "finished": [True, False, False, True]})
+    rows, in_splits, cut = feedback_for_training(feedback, {"in the test split"}, max_tokens=512)
+    assert rows["prompt"] == ["natural", "at the limit"] and (in_splits, cut) == (1, 1)
+
+
+def test_a_retrained_checkpoint_reads_prompts_as_its_parent_was_trained_to(trained, tmp_path):
+    # `s3 train --feedback` without the parent's --config: the defaults' prompt length and backbone must not be
+    # recorded (and used at serving) for weights trained another way.
+    config = inherit_encoding(tiny_config(tmp_path, backbone="minilm", max_prompt_tokens=256,
+                                          prompt_truncation="head_tail"), trained.info)
+    parent = trained.info.train_config
+    assert (config.backbone, config.max_prompt_tokens, config.prompt_truncation) == (
+        parent["backbone"], parent["max_prompt_tokens"], parent["prompt_truncation"]) == ("tiny-random", 32, "head")

@@ -66,6 +66,25 @@ def test_a_batch_is_answered_line_by_line_and_resumed(tmp_path):
     assert len(lines) == 6 and "stream is not supported" in lines[-1]["error"]["message"]
 
 
+def test_a_line_json_cannot_send_is_that_lines_error_and_u2028_is_no_line_end(tmp_path):
+    # Python's parser reads NaN and lone surrogates, which no request can carry; and JSON strings may hold U+2028
+    # raw, which str.splitlines() would break a line at, in the input and in the answers read back on resuming.
+    source, answers = tmp_path / "in.jsonl", tmp_path / "answers.jsonl"
+    good = {"model": "tiny", "prompt": "a\u2028b", "max_tokens": 3, "temperature": 0, "echo": True}
+    source.write_text("\n".join([
+        json.dumps({"custom_id": "nan", "url": "/v1/completions", "body": {"model": "tiny", "prompt": "a", "temperature": float("nan")}}),
+        '{"custom_id": "surrogate", "url": "/v1/completions", "body": {"model": "tiny", "prompt": "\\ud800"}}',
+        json.dumps({"custom_id": "line\u2028separator", "url": "/v1/completions", "body": good}, ensure_ascii=False),
+    ]) + "\n", encoding="utf-8")  # fmt: skip
+    summary = run_batch(stack(tmp_path), source, answers, progress=False)
+    assert (summary.num_ok, summary.num_failed) == (1, 2)
+    records = {r["custom_id"]: r for r in map(json.loads, answers.read_text(encoding="utf-8").split("\n")[:-1])}
+    assert "JSON cannot send" in records["nan"]["error"]["message"] and records["surrogate"]["response"] is None
+    assert records["line\u2028separator"]["response"]["body"]["choices"][0]["text"].startswith("a\u2028b")
+    again = run_batch(stack(tmp_path), source, answers, progress=False)
+    assert (again.num_ok, again.num_failed, again.num_skipped) == (0, 0, 3)  # every line read back as answered
+
+
 @pytest.mark.parametrize(("text", "words"), [
     ('{"custom_id": "a", "url": "/v1/completions", "body": {}}\nnot json\n', "line 2: not JSON"),
     ('{"url": "/v1/completions", "body": {}}\n', "line 1: every request needs a non-empty string custom_id"),

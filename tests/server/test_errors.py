@@ -35,6 +35,12 @@ def _error(response: httpx.Response) -> dict:
     ('{"model": "tiny", "prompt": "%s"}' % ("x" * 600), "prompt", "shorten it"),
     ('{"model": "tiny", "prompt": "%s", "max_tokens": 30}' % ("x" * 490), "max_tokens", "at most 22"),
     ('{"model": "tiny", "prompt": [5, 900]}', "prompt", "token ids must be in [0, 128)"),
+    # shapes that once reached code expecting another one (500s)
+    ('{"model": "tiny", "prompt": "hi", "logit_bias": {"\u00b2": 1}}', "logit_bias", "must be token ids"),
+    ('{"model": "tiny", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": "x"}}',
+     "response_format.json_schema.schema", "needs"),
+    ('{"model": "tiny", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": [1]}}',
+     "response_format.json_schema.schema", "needs"),
 ])  # fmt: skip
 def test_bad_completion_requests_are_400_naming_the_field(server, body, param, words):
     response = _post(server, "/v1/completions", body)

@@ -16,8 +16,14 @@ from hypothesis import strategies as st
 from tests.server.conftest import API_KEY, wait_idle
 
 words = st.text(alphabet="abcdefgh .", min_size=1, max_size=4)
-anything = st.one_of(st.none(), st.booleans(), st.integers(-5, 50), st.floats(allow_nan=True, allow_infinity=True),
-                     st.text(max_size=5), st.lists(st.integers(-2, 200), max_size=4), st.just({}))
+# Integers past 64 bits and objects of the wrong shape inside (a field holding a string where an object belongs)
+# once reached the engine and the format code as they came: a 500, and for a huge top_k a stopped engine.
+shapes = st.dictionaries(st.sampled_from(["type", "function", "json_schema", "name", "schema", "1", "\u00b2"]),
+                         st.one_of(st.text(max_size=3), st.integers(-2, 5), st.lists(st.integers(0, 3), max_size=2)),
+                         max_size=3)
+anything = st.one_of(st.none(), st.booleans(), st.integers(-5, 50), st.sampled_from([2**31, 2**63, 2**64, -(2**63) - 1]),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5),
+                     st.lists(st.integers(-2, 200), max_size=4), st.just({}), shapes)
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {
     "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]

@@ -87,6 +87,8 @@ def test_a_conversation_carries_calls_and_their_results(server):
     ({}, "tool_choice"),  # "auto", the default with tools
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": "weather"}}, "tool_choice"),  # once a 500
+    ({"tool_choice": {"type": "function", "function": {"name": ["weather"]}}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {}}], "tool_choice": "required"}, "tools.0"),
     ({"tools": [], "tool_choice": "required"}, "tools"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
