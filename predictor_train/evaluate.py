@@ -158,15 +158,23 @@ def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | P
 
 
 def _predictor_probs(predictor, prompts: list[str], batch_size: int):
-    """(uncalibrated, calibrated) probability lists and the prompts' familiarity, from one pass over them; the
-    probabilities None for a predictor without logits, the familiarity None for one without a familiarity bank."""
-    if hasattr(predictor, "logits_and_familiarity"):
-        logits, familiarity = predictor.logits_and_familiarity(prompts, batch_size=batch_size)
+    """The probability lists by name (uncalibrated, calibrated, and blended with the neighbours' vote where the
+    checkpoint fitted one; the last are the predictor's), and the prompts' familiarity, from one pass over them;
+    no probabilities for a predictor without logits, the familiarity None for one without a familiarity bank."""
+    if hasattr(predictor, "outputs"):
+        logits, probs, familiarity = predictor.outputs(prompts, batch_size=batch_size)
     elif hasattr(predictor, "predict_logits"):
         logits, familiarity = predictor.predict_logits(prompts, batch_size=batch_size), None
+        probs = (logits / predictor.temperature).softmax(-1)
     else:
-        return None, None, None
-    return logits.softmax(-1).tolist(), (logits / predictor.temperature).softmax(-1).tolist(), familiarity
+        return {}, None
+    named = {"predictor, T=1": logits.softmax(-1).tolist(),
+             f"predictor, T={predictor.temperature:.2f}": (logits / predictor.temperature).softmax(-1).tolist()}
+    blend = getattr(predictor, "familiarity", None)
+    if blend is not None and blend.neighbours and blend.weight < 1:
+        named[f"predictor, T={predictor.temperature:.2f}, {blend.weight:.2f} + {blend.neighbours} neighbours"] = \
+            probs.tolist()
+    return named, familiarity
 
 
 def _pick(probs: list[list[float]], quantile: float | None, spec: BucketSpec) -> list[int]:
@@ -198,7 +206,8 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
     """Evaluate on given rows (Dataset or column dict), with baselines fitted on ``train`` (``neighbours=k``:
     also the k-nearest-prompts baseline)."""
     spec, prompts = predictor.buckets, list(rows["prompt"])
-    raw, calibrated, familiarity = _predictor_probs(predictor, prompts, batch_size)
+    named, familiarity = _predictor_probs(predictor, prompts, batch_size)
+    calibrated = list(named.values())[-1] if named else None  # what the predictor answers with
     if calibrated is None:
         predicted = [p.bucket for p in predictor.predict(prompts, batch_size=batch_size, quantile=quantile)]
     else:
@@ -206,6 +215,8 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
     lengths = [int(n) for n in rows["num_output_tokens"]]
     labels = [spec.bucket_of(n) for n in lengths]
     methods = {"predictor": predicted, **baseline_buckets(train, rows, spec)}
+    if len(named) == 3:  # blended: the same predictor without its neighbours' vote, beside it
+        methods["predictor, no neighbours"] = _pick(list(named.values())[1], quantile, spec)
     near = neighbour_baseline(predictor, train, rows, k=neighbours) if neighbours else None
     if near is not None:
         methods["neighbours"] = _pick(near, None, spec)
@@ -213,8 +224,7 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
     per_source = per_source_metrics(rows, lengths, methods, spec)
     probabilities, curves = {}, {}
     if calibrated is not None:
-        named = {"predictor, T=1": raw, f"predictor, T={predictor.temperature:.2f}": calibrated,
-                 "source histogram": source_histogram_probs(train, rows, spec),
+        named = {**named, "source histogram": source_histogram_probs(train, rows, spec),
                  **({f"neighbours, k={neighbours}": near} if near is not None else {})}
         probabilities = {name: probability_metrics(p, labels, spec, lengths) for name, p in named.items()}
         curves = {name: reliability_bins(p, labels) for name, p in named.items()}
@@ -260,7 +270,7 @@ def _report_table(metrics: dict, per_source: dict, probabilities: dict, by_famil
     if len(per_source) > 1:
         predictor_rows = {s: m["predictor"] for s, m in per_source.items()}
         lines = format_table(predictor_rows, first="predictor by source").splitlines()
-        best = {s: max(m[b]["within_one_accuracy"] for b in m if b != "predictor") for s, m in per_source.items()}
+        best = {s: max(m[b]["within_one_accuracy"] for b in m if not b.startswith("predictor")) for s, m in per_source.items()}
         lines[0] += "  best baseline acc±1"
         lines[1] += "-" * 21
         lines[2:] = [f"{line}  {best[s]:>19.3f}" for line, s in zip(lines[2:], per_source)]

@@ -127,8 +127,19 @@ class LengthPredictor:
         return self.forward(prompts, batch_size=batch_size, embed=True)[1]
 
     def predict_probs(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
-        """Calibrated bucket probabilities, ``softmax(logits / temperature)``, ``(len(prompts), num_buckets)``."""
-        return (self.predict_logits(prompts, batch_size=batch_size) / self.temperature).softmax(dim=-1)
+        """Calibrated bucket probabilities, ``softmax(logits / temperature)`` blended with the neighbours' vote where
+        the checkpoint fitted one (predictor_train/familiarity.py), ``(len(prompts), num_buckets)``."""
+        return self.outputs(prompts, batch_size=batch_size)[1]
+
+    def outputs(self, prompts: Sequence[str], *,
+                batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """From one pass: the raw logits, the calibrated (and blended) probabilities, and each prompt's familiarity
+        (None when the checkpoint keeps no training-prompt embeddings)."""
+        logits, pooled = self.forward(prompts, batch_size=batch_size, embed=self.familiarity is not None)
+        probs = (logits / self.temperature).softmax(dim=-1)
+        if pooled is None:
+            return logits, probs, None
+        return logits, self.familiarity.blend(probs, pooled), self.familiarity.scores(pooled)
 
     def logits_and_familiarity(self, prompts: Sequence[str], *,
                                batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -148,8 +159,7 @@ class LengthPredictor:
         the checkpoint keeps its training prompts' embeddings."""
         if not prompts:
             return []
-        logits, scores = self.logits_and_familiarity(prompts, batch_size=batch_size)
-        probs = (logits / self.temperature).softmax(dim=-1)
+        _, probs, scores = self.outputs(prompts, batch_size=batch_size)
         unfamiliar = None if scores is None else self.familiarity.unfamiliar(scores)
         out = []
         for i, row in enumerate(probs.tolist()):

@@ -226,7 +226,9 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
     result = fit(config, examples, Examples.from_rows(splits["validation"]),
                  backbone=backbone, spec=previous.buckets, meta=meta, progress=progress,
                  start_competes=config.keep_parent_unless_matched, traffic=traffic,
-                 familiar=(list(splits["train"]["prompt"]), [] if config.replay_only else list(extra["prompt"])))
+                 familiar=(list(splits["train"]["prompt"]), [] if config.replay_only else list(extra["prompt"])),
+                 familiar_lengths={**dict(zip(splits["train"]["prompt"], splits["train"]["num_output_tokens"])),
+                                   **dict(zip(extra["prompt"], extra["num_output_tokens"]))})
     after = _evaluate_all(LengthPredictor.load(result.checkpoint_dir), eval_sets, train=splits["train"])
     return RetrainReport(result=result, parent_checkpoint_id=previous.checkpoint_id, num_feedback_used=trained_on,
                          num_feedback_dropped=dropped, num_feedback_cut=cut, num_feedback_held_out=len(feedback_test),

@@ -191,7 +191,8 @@ def training_splits(config: TrainConfig, data):
 
 def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone: Backbone, spec: BucketSpec,
         meta: dict[str, Any], progress: bool = True, start_competes: bool = False,
-        traffic: Examples | None = None, familiar: tuple[Sequence[str], Sequence[str]] | None = None) -> TrainResult:
+        traffic: Examples | None = None, familiar: tuple[Sequence[str], Sequence[str]] | None = None,
+        familiar_lengths: Mapping[str, int] | None = None) -> TrainResult:
     """The training loop shared by training and retraining; ``meta`` fills the rest of CheckpointInfo.
 
     ``start_competes``: the starting weights are validated first, as epoch 0, and saved; an epoch replaces them
@@ -199,7 +200,8 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
     weighted sample of served requests (retraining); each epoch is scored on it too, under ``traffic`` in its
     record, and replaces the best so far only if it scores at least as well on both. ``familiar``: the prompts the
     familiarity bank samples and those it always keeps (default: the training examples', none kept); retraining
-    passes the whole train split and its fed-back prompts, all that the weights have learned from."""
+    passes the whole train split and its fed-back prompts, all that the weights have learned from, with their
+    labels in ``familiar_lengths`` (default: the training examples')."""
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(f"need both training and validation examples, got {len(train)} and {len(validation)}; "
                          "the hash split puts ~10% of prompts in validation, so give at least a few dozen records")
@@ -242,16 +244,17 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
         if run is not None:
             run.finish()
     if is_main:
-        info = _finish_checkpoint(config, validation, familiar or (train.prompts, ())) or info
+        lengths = familiar_lengths if familiar else dict(zip(train.prompts, train.num_output_tokens))
+        info = _finish_checkpoint(config, validation, familiar or (train.prompts, ()), lengths) or info
     info = _checkpoint_info_on_all_ranks(info, config.output_dir)
     return TrainResult(checkpoint_dir=Path(config.output_dir), info=info, best_epoch=best_epoch, history=history)
 
 
-def _finish_checkpoint(config: TrainConfig, validation: Examples,
-                       familiar: tuple[Sequence[str], Sequence[str]]) -> CheckpointInfo | None:
+def _finish_checkpoint(config: TrainConfig, validation: Examples, familiar: tuple[Sequence[str], Sequence[str]],
+                       lengths: Mapping[str, int] | None) -> CheckpointInfo | None:
     """Once the best epoch is saved: fit the temperature on the validation split and build the familiarity bank from
-    ``familiar`` (the prompts to sample, those always kept), as the config asks; the checkpoint's new info, or None
-    when it asks for neither."""
+    ``familiar`` (the prompts to sample, those always kept), with the neighbours' blend where ``lengths`` labels
+    them, as the config asks; the checkpoint's new info, or None when it asks for neither."""
     info = None
     if config.calibrate:
         from predictor_train.calibration import calibrate_checkpoint
@@ -267,9 +270,12 @@ def _finish_checkpoint(config: TrainConfig, validation: Examples,
         pool, keep = familiar
         info = build_familiarity(LengthPredictor.load(config.output_dir), config.output_dir, pool, validation.prompts,
                                  bank_size=config.familiarity_bank_size, quantile=config.familiarity_quantile,
-                                 seed=config.seed, keep=keep, batch_size=2 * config.batch_size)
-        log.info("familiarity: %d training prompts kept; below %.3f a prompt is unfamiliar (%.0f%% of validation)",
-                 info.familiarity["bank_size"], info.familiarity["threshold"], 100 * config.familiarity_quantile)
+                                 seed=config.seed, keep=keep, batch_size=2 * config.batch_size, lengths=lengths,
+                                 validation_lengths=validation.num_output_tokens)
+        log.info("familiarity: %d training prompts kept; below %.3f a prompt is unfamiliar (%.0f%% of validation); "
+                 "blend with the %d most similar's lengths: weight %.2f", info.familiarity["bank_size"],
+                 info.familiarity["threshold"], 100 * config.familiarity_quantile, info.familiarity["neighbours"],
+                 info.familiarity["neighbour_weight"])
     return info
 
 

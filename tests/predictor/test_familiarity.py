@@ -108,3 +108,36 @@ def test_evaluate_scores_familiar_and_unfamiliar_prompts_apart(predictor, datase
     assert sum(m["share"] for m in groups.values()) == pytest.approx(1.0)
     assert sum(m["num_examples"] for m in groups.values()) == report.metrics["predictor"]["num_examples"]
     assert "predictor by familiarity" in report.table
+
+
+def test_the_neighbours_vote_is_blended_in_only_where_validation_says_it_helps():
+    # Two clusters of bank prompts, one labelled bucket 0, the other bucket 2; a predictor that always says bucket 1
+    # is beaten by its neighbours, one that is already right is kept alone.
+    from predictor_train.familiarity import fit_blend
+
+    torch.manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    bank = torch.nn.functional.normalize(centres.repeat_interleave(20, 0) + 0.05 * torch.randn(40, 8), dim=-1)
+    familiarity = Familiarity(bank, buckets=torch.tensor([0] * 20 + [2] * 20))
+    queries = torch.nn.functional.normalize(centres.repeat_interleave(5, 0) + 0.05 * torch.randn(10, 8), dim=-1)
+    labels = torch.tensor([0] * 5 + [2] * 5)
+    wrong = torch.tensor([[0.1, 0.8, 0.1]]).repeat(10, 1)
+    blended = fit_blend(familiarity, wrong, queries, labels)
+    assert blended.neighbours > 0 and blended.weight < 1
+    assert blended.blend(wrong, queries).argmax(-1).tolist() == labels.tolist()
+    right = torch.nn.functional.one_hot(labels, 3).float() * 0.9 + 0.1 / 3
+    shuffled = dataclasses.replace(familiarity, buckets=familiarity.buckets[torch.randperm(40)])
+    assert fit_blend(shuffled, right, queries, labels).neighbours == 0  # neighbours that know nothing: no blend
+    assert torch.equal(Familiarity(bank).blend(wrong, queries), wrong)  # a bank without labels never votes
+
+
+def test_a_trained_checkpoint_blends_what_it_serves_and_evaluates(trained, predictor, dataset):
+    info = read_info(trained.checkpoint_dir)
+    assert {"neighbours", "neighbour_weight"} <= set(info.familiarity)
+    assert predictor.familiarity.buckets is not None and len(predictor.familiarity.buckets) == len(predictor.familiarity.bank)
+    logits, probs, scores = predictor.outputs(PROMPTS)
+    calibrated = (logits / predictor.temperature).softmax(-1)
+    if info.familiarity["neighbours"]:
+        assert not torch.allclose(probs, calibrated)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(PROMPTS)))
+    assert [p.probs for p in predictor.predict(PROMPTS)] == [pytest.approx(row) for row in probs.tolist()]
