@@ -151,6 +151,7 @@ def test_metrics_show_engine_state_and_latencies(server):
     assert values["s3_batched_sequences_total"] >= 12 and values["s3_engine_steps_total"] >= 12
     assert values["s3_batched_tokens_total"] >= 12 and values["s3_engine_step_seconds_total"] > 0
     assert values["s3_kv_blocks_total"] == 128
+    assert values["s3_feedback_records_total"] >= 0 and values["s3_feedback_records_lost_total"] == 0
 
 
 def test_metrics_score_the_predictor_on_the_requests_whose_length_is_a_label(server):
