@@ -6,7 +6,8 @@ Input, one JSON object per line: ``{"custom_id": "...", "method": "POST", "url":
 ready: ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``, the body as the HTTP
 server would have answered (an error body with its status for a request it refuses), or ``response: null`` and an
 ``error`` for a line that is no request at all. A run cut short keeps every line it wrote; run again with the same
-output, it answers only the requests not in it yet.
+output, it answers only the requests not in it yet, and again those that failed for a reason of the server's (a
+5xx or a 429), their old lines removed (`keep_final_answers`).
 
 Every request goes to the app at once, through the same handlers as HTTP (an ASGI transport, no socket), with the
 queue sized to hold them all: the scheduler sees the whole batch, so a predictive policy orders and packs all of
@@ -20,6 +21,7 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -109,17 +111,46 @@ def _encodable(value) -> bool:
 
 
 def answered_ids(path: str | Path) -> set[str]:
-    """The custom ids an output file already answers (a torn last line, from a run cut short, is ignored)."""
+    """The custom ids an output file answers for good, after `keep_final_answers` tidied it."""
+    return keep_final_answers(path)
+
+
+def keep_final_answers(path: str | Path) -> set[str]:
+    """Rewrite an output file (atomically, and only if something changes) without the lines a rerun should redo: a
+    torn last line from a run cut short (appending after it would spoil the next answer's line too) and the
+    answers that failed for a reason of the server's, not the request's (a 5xx or a 429, or an exception while
+    sending it), so the rerun tries those requests again. Returns the custom ids it keeps."""
     path = Path(path)
     if not path.exists():
         return set()
-    ids = set()
+    kept, ids, dropped = [], set(), False
     for line in path.read_text(encoding="utf-8").split("\n"):
-        try:
-            ids.add(json.loads(line)["custom_id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        if not line:
             continue
+        try:
+            record = json.loads(line)
+            custom_id = record["custom_id"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            dropped = True
+            continue
+        if _transient(record):
+            dropped = True
+            continue
+        kept.append(line)
+        ids.add(custom_id)
+    if dropped:
+        tidy = path.with_name(path.name + ".tmp")
+        tidy.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tidy, path)
     return ids
+
+
+def _transient(record: dict) -> bool:
+    response = record.get("response")
+    if response is None:
+        return (record.get("error") or {}).get("code") == "internal_error"
+    status = response.get("status_code") if isinstance(response, dict) else None
+    return isinstance(status, int) and (status >= 500 or status == 429)
 
 
 def run_batch(stack: ServingStack, input_path: str | Path, output_path: str | Path, *,

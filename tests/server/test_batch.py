@@ -85,6 +85,21 @@ def test_a_line_json_cannot_send_is_that_lines_error_and_u2028_is_no_line_end(tm
     assert (again.num_ok, again.num_failed, again.num_skipped) == (0, 0, 3)  # every line read back as answered
 
 
+def test_a_rerun_retries_what_failed_on_the_servers_side_and_drops_a_torn_line(tmp_path):
+    source, answers = tmp_path / "in.jsonl", tmp_path / "answers.jsonl"
+    write_lines(source, LINES[:3])  # a, b, c
+    ok = {"id": "batch_req_1", "custom_id": "a", "error": None,
+          "response": {"status_code": 200, "request_id": "x", "body": {"choices": [], "usage": {}}}}
+    crashed = {"id": "batch_req_2", "custom_id": "b", "error": None,  # the engine stopped mid-run: a 503
+               "response": {"status_code": 503, "request_id": None, "body": {"error": {"message": "stopped"}}}}
+    answers.write_text(json.dumps(ok) + "\n" + json.dumps(crashed) + "\n" + '{"id": "batch_req_3", "custom_')
+    summary = run_batch(stack(tmp_path), source, answers, progress=False)
+    assert (summary.num_ok, summary.num_failed, summary.num_skipped) == (2, 0, 1)
+    records = [json.loads(line) for line in answers.read_text().splitlines()]  # every line whole
+    assert sorted(r["custom_id"] for r in records) == ["a", "b", "c"] and records[0] == ok
+    assert all(r["response"]["status_code"] == 200 for r in records)
+
+
 @pytest.mark.parametrize(("text", "words"), [
     ('{"custom_id": "a", "url": "/v1/completions", "body": {}}\nnot json\n', "line 2: not JSON"),
     ('{"url": "/v1/completions", "body": {}}\n', "line 1: every request needs a non-empty string custom_id"),
