@@ -15,9 +15,27 @@ import torch
 from torch import nn
 
 from serve.engine.attention import build_paged_batch, decodes_first, register_paged_attention
-from serve.engine.kv_pool import PagedKVPool
+from serve.engine.kv_pool import PagedKVPool, attention_modules
 from serve.engine.plan import SequenceStep, StepOutput
 from serve.engine.sampling import sample, token_logprobs
+
+
+def refuse_unsupported_attention(model: nn.Module) -> None:
+    """Raise ValueError for a model whose attention the paged kernel would compute wrongly: a sliding window (Mistral,
+    Gemma's local layers, Qwen2 with use_sliding_window), logit softcapping (Gemma 2) or attention sinks. The paged
+    attention attends to the whole context without them, so answers would silently differ from the model's."""
+    for attn in attention_modules(model):
+        config = getattr(attn, "config", None)
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+        softcap = getattr(attn, "attn_logit_softcapping", getattr(config, "attn_logit_softcapping", None))
+        found = {"a sliding window": window, "attention logit softcapping": softcap,
+                 "attention sinks": getattr(attn, "sinks", None)}
+        for what, value in found.items():
+            if value is not None:
+                raise ValueError(f"{type(model).__name__} layer {attn.layer_idx} uses {what} ("
+                                 f"{value if not isinstance(value, torch.Tensor) else tuple(value.shape)}), which this "
+                                 "engine's paged attention does not implement; serve a model without it (the LLaMA "
+                                 "family, SmolLM2, Qwen2 without use_sliding_window)")
 
 
 class ModelRunner:
@@ -32,6 +50,7 @@ class ModelRunner:
         self.model = model
         # A DeepSpeed InferenceEngine keeps the (sharded) Hugging Face model as .module.
         self.hf_model = getattr(model, "module", model)
+        refuse_unsupported_attention(self.hf_model)
         self.hf_model.set_attn_implementation(register_paged_attention())
         self.hf_model.eval()
         self.pool = PagedKVPool.for_model(self.hf_model, num_blocks, block_size)

@@ -93,7 +93,10 @@ class PredictorConfig:
     accuracy: float = 0.9861
     """`confusion`: probability of the right bucket (default: the paper's reported 98.61% on Alpaca)."""
     under_share: float = 0.5
-    """`confusion`: fraction of errors that predict one bucket too low (each of those mispredicts)."""
+    """`confusion`: the chance that an error predicts one bucket too low (each of those mispredicts) rather than one
+    too high. A request in the first bucket can only be over-predicted (and one in the last only under-predicted), so
+    the realised share of under-predictions is lower where most lengths fall in the first bucket: about 4% of the
+    errors with the default workload and 10 buckets over a 2,048-token context (92% of its lengths in the first)."""
     num_buckets: int = 10
     """Buckets of width max_len / num_buckets over the model's context length."""
     learned_profile: bool = True

@@ -121,3 +121,22 @@ def test_bf16_model_gets_a_bf16_pool(prompts):
     assert runner.pool.k[0].dtype == torch.bfloat16
     out = runner.execute([SequenceStep("a", prompts[0], 0, [0, 1]), SequenceStep("b", [5], 0, [2])])
     assert set(out.sampled_token_ids) == {"a", "b"}
+
+
+@pytest.mark.parametrize("kind", ["mistral-window", "qwen2-window", "gemma2"])
+def test_a_model_whose_attention_the_paged_kernel_lacks_is_refused(kind):
+    # Attending to the whole context instead would silently change the answers once a prompt outgrows the window.
+    import transformers
+
+    small = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    model = {
+        "mistral-window": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=8, **small)),
+        "qwen2-window": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            use_sliding_window=True, sliding_window=8, max_window_layers=0, **small)),
+        "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small)),
+    }[kind]()
+    with pytest.raises(ValueError, match="does not implement"):
+        ModelRunner(model, num_blocks=8, block_size=4)
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **small))
+    ModelRunner(mistral, num_blocks=8, block_size=4)  # without a window it is LLaMA's attention: served
