@@ -34,8 +34,7 @@ class Result:
 
 def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str, float], max_tokens: int) -> dict:
     ok = [r for r in results if r.error is None]
-    ttfts = [r.ttft for r in ok]
-    latencies = [r.end - r.start for r in ok]
+    figures = latency_figures([r.ttft for r in ok], [r.end - r.start for r in ok])
     tokens = sum(r.num_tokens for r in ok)
     requests = per_request(results)
     return {
@@ -43,7 +42,7 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         "generated_tokens": tokens, "tokens_per_s": tokens / wall,
         # The keys every benchmark's per-policy records share (s3 simulate, s3 bench, this one).
         "generated_tokens_per_s": tokens / wall,
-        **latency_figures(ttfts, latencies),
+        **figures,
         "num_preemptions": metrics.get("s3_preemptions_total", 0),
         "num_recomputed_tokens": metrics.get("s3_recomputed_tokens_total", 0),
         "longest_stall_s": max((r.longest_gap for r in ok), default=0.0),
@@ -51,9 +50,9 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         **server_figures(metrics, wall),
         "mean_output_tokens": tokens / max(1, len(ok)),
         "share_at_cap": sum(r.num_tokens >= max_tokens for r in ok) / max(1, len(ok)),
-        "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan"),
-        "ttft_p50_s": quantile(ttfts, 0.5), "ttft_p99_s": quantile(ttfts, 0.99),
-        "latency_p50_s": quantile(latencies, 0.5),
+        # the same figures under the names records had before the shared keys (older readers)
+        "ttft_mean_s": figures["mean_ttft_s"], "ttft_p50_s": figures["p50_ttft_s"],
+        "ttft_p99_s": figures["p99_ttft_s"], "latency_p50_s": figures["p50_latency_s"],
         "preemptions": metrics.get("s3_preemptions_total", 0),
         "mispredictions": metrics.get("s3_mispredictions_total", 0),
         "answers": {r.prompt: (r.text, r.num_tokens) for r in ok},

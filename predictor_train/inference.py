@@ -141,16 +141,9 @@ class LengthPredictor:
             return logits, probs, None
         return logits, self.familiarity.blend(probs, pooled), self.familiarity.scores(pooled)
 
-    def logits_and_familiarity(self, prompts: Sequence[str], *,
-                               batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Raw logits and each prompt's familiarity (None when the checkpoint keeps no training-prompt embeddings),
-        from one pass over the prompts."""
-        logits, pooled = self.forward(prompts, batch_size=batch_size, embed=self.familiarity is not None)
-        return logits, None if pooled is None else self.familiarity.scores(pooled)
-
     def familiarity_scores(self, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor | None:
         """Each prompt's familiarity (None when the checkpoint keeps no training-prompt embeddings)."""
-        return self.logits_and_familiarity(prompts, batch_size=batch_size)[1]
+        return self.outputs(prompts, batch_size=batch_size)[2]
 
     def predict(self, prompts: Sequence[str], *, batch_size: int = 32,
                 quantile: float | None = None) -> list[LengthPrediction]:

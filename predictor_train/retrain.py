@@ -116,9 +116,16 @@ def feedback_for_training(feedback: datasets.Dataset, held_out_prompts: set[str]
     (unfinished below the labels' limit ``max_tokens``), so its label is unknown, only above what it wrote."""
     in_splits = [prompt in held_out_prompts for prompt in feedback["prompt"]]
     finished = feedback["finished"] if "finished" in feedback.column_names else [True] * len(feedback)
-    cut = [not ended and length < max_tokens for ended, length in zip(finished, feedback["num_output_tokens"])]
+    cut = [not _own_length(ended, length, max_tokens)
+           for ended, length in zip(finished, feedback["num_output_tokens"])]
     keep = [i for i, (held, short) in enumerate(zip(in_splits, cut)) if not held and not short]
     return feedback.select(keep), sum(in_splits), sum(short and not held for held, short in zip(in_splits, cut))
+
+
+def _own_length(finished: bool, length: int, max_tokens: int) -> bool:
+    """Whether a record's length is its answer's own: it ended of itself or at the labels' limit ``max_tokens``, not
+    at a client's lower one (then its label is unknown, only above what it wrote)."""
+    return finished or length >= max_tokens
 
 
 def is_held_out(prompt: str, share: float) -> bool:
@@ -146,7 +153,7 @@ def traffic_sample(held_out: datasets.Dataset, max_tokens: int, share: float) ->
     keep, weights = [], []
     for i, (weight, was_sampled, finished, length) in enumerate(zip(
             held_out["traffic_weight"], _sampled(held_out), held_out["finished"], held_out["num_output_tokens"])):
-        if weight > 0 and (finished or length >= max_tokens) and (was_sampled or share > 0):
+        if weight > 0 and _own_length(finished, length, max_tokens) and (was_sampled or share > 0):
             keep.append(i)
             weights.append(weight / (1.0 if was_sampled else share))
     return held_out.select(keep), weights

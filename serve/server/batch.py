@@ -110,11 +110,6 @@ def _encodable(value) -> bool:
     return True
 
 
-def answered_ids(path: str | Path) -> set[str]:
-    """The custom ids an output file answers for good, after `keep_final_answers` tidied it."""
-    return keep_final_answers(path)
-
-
 def keep_final_answers(path: str | Path) -> set[str]:
     """Rewrite an output file (atomically, and only if something changes) without the lines a rerun should redo: a
     torn last line from a run cut short (appending after it would spoil the next answer's line too) and the
@@ -158,7 +153,7 @@ def run_batch(stack: ServingStack, input_path: str | Path, output_path: str | Pa
     """Answer every request of ``input_path`` not yet in ``output_path`` (appended to it) with ``stack``, which
     this starts and stops."""
     requests = read_batch(input_path)
-    done = answered_ids(output_path)
+    done = keep_final_answers(output_path)
     todo = [r for r in requests if r.custom_id not in done]
     summary = BatchSummary(len(requests), len(requests) - len(todo))
     # The whole batch waits in the engine's queue rather than meeting a 429.
