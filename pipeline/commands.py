@@ -160,26 +160,16 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
         return summary | {"checkpoint": pathlib.Path(checkpoint)}
     for line in lines:
         echo(line)
-    evaluation = evaluate_test_split(config, checkpoint, dataset)
+    from predictor_train.evaluate import evaluate_checkpoint
+
+    # the whole test split (the sources it was kept from too), baselines fitted on the rows it trained on
+    evaluation = evaluate_checkpoint(checkpoint, dataset, out_dir=checkpoint)
     echo("test split:\n" + evaluation.table)
     echo(f"confusion matrix: {evaluation.confusion_png}")
     from predictor_train.checkpoint import read_info
 
     return summary | {"checkpoint": pathlib.Path(checkpoint), "checkpoint_id": read_info(checkpoint).checkpoint_id,
                       "test_metrics": evaluation.metrics}
-
-
-def evaluate_test_split(config, checkpoint, dataset):
-    """The checkpoint on the whole test split, beside baselines fitted on the rows it was trained on
-    (``exclude_sources`` and ``max_train_rows_per_source`` applied, as in training): a per-source mean that saw an
-    excluded source's rows would know what the predictor was kept from."""
-    from predictor_train.evaluate import evaluate_rows
-    from predictor_train.inference import LengthPredictor
-    from predictor_train.train import training_splits
-
-    splits = training_splits(config, dataset)
-    return evaluate_rows(LengthPredictor.load(checkpoint), splits["test"], train=splits["train"], out_dir=checkpoint,
-                         title="test split")
 
 
 def _rank() -> int:

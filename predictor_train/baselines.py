@@ -85,14 +85,16 @@ def baseline_buckets(train, rows, spec: BucketSpec) -> dict[str, list[int]]:
     }
 
 
-def neighbour_probs(train_embeddings: torch.Tensor, train_buckets: Sequence[int], embeddings: torch.Tensor, *,
-                    k: int, num_buckets: int, prior_weight: float = 0.02, chunk: int = 1024) -> torch.Tensor:
+def neighbour_probs(train_embeddings: torch.Tensor, train_buckets: Sequence[int] | torch.Tensor,
+                    embeddings: torch.Tensor, *, k: int, num_buckets: int, prior_weight: float = 0.02,
+                    chunk: int = 1024) -> torch.Tensor:
     """Per row of ``embeddings``, the bucket frequencies of its ``k`` most similar rows of ``train_embeddings``
     (dot product: cosine for L2-normalised rows), mixed with ``prior_weight`` of all training rows' frequencies
     so that no bucket has zero probability. ``(len(embeddings), num_buckets)``."""
     if k < 1 or not 0 <= prior_weight <= 1:
         raise ValueError(f"k must be >= 1 and prior_weight in [0, 1], got {k}, {prior_weight}")
-    labels = torch.as_tensor(list(train_buckets), dtype=torch.long)
+    labels = torch.as_tensor(train_buckets if torch.is_tensor(train_buckets) else list(train_buckets),
+                             dtype=torch.long)
     if len(labels) != len(train_embeddings) or not len(labels):
         raise ValueError(f"{len(train_embeddings)} training embeddings but {len(labels)} buckets")
     prior = torch.bincount(labels, minlength=num_buckets).float() / len(labels)

@@ -32,7 +32,8 @@ from core.buckets import BucketSpec
 from predictor_train.baselines import (baseline_buckets, encoder_embeddings, fit_length_regression,  # noqa: F401
                                        majority_bucket, neighbour_probs, regression_buckets, source_histogram_probs)
 from predictor_train.calibration import probability_metrics, reliability_bins
-from predictor_train.data import check_sources, drop_sources, labels_of, load_records, sources_of, split_records
+from predictor_train.data import (cap_per_source, check_sources, drop_sources, labels_of, load_records, sources_of,
+                                  split_records)
 from predictor_train.plots import plot_confusion, plot_reliability
 
 METRIC_NAMES = ("accuracy", "within_one_accuracy", "mae_tokens", "under_prediction_rate", "mean_wasted_tokens")
@@ -141,7 +142,8 @@ class EvalReport:
 def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | Path | None = None,
                        batch_size: int = 32, quantile: float | None = None,
                        exclude_sources: Sequence[str] = (), neighbours: int = 0) -> EvalReport:
-    """Evaluate a LengthPredictor on one split of ``data`` (path or Dataset), with baselines from train.
+    """Evaluate a LengthPredictor on one split of ``data`` (path or Dataset), beside baselines fitted on the
+    train rows the predictor was trained on (``rows_trained_on``).
 
     ``exclude_sources`` leaves those sources' rows out of every split after splitting, as training does, so the
     other sources keep exactly the rows they have in the whole data's splits.
@@ -149,32 +151,43 @@ def evaluate_predictor(predictor, data, *, split: str = "test", out_dir: str | P
     records = load_records(data)
     check_sources(records, exclude_sources)
     splits = {name: drop_sources(rows, exclude_sources) for name, rows in split_records(records).items()}
-    rows = splits[split]
-    if len(rows) == 0 or len(splits["train"]) == 0:
-        raise ValueError(f"the {split} or train split is empty ({len(rows)} / {len(splits['train'])} rows); "
-                         "evaluation needs more data")
-    return evaluate_rows(predictor, rows, train=splits["train"], out_dir=out_dir, batch_size=batch_size,
+    rows, train = splits[split], rows_trained_on(predictor, splits["train"])
+    if len(rows) == 0 or len(train) == 0:
+        raise ValueError(f"the {split} split or the train rows the predictor was trained on are empty ({len(rows)} "
+                         f"/ {len(train)} rows); evaluation needs more data")
+    return evaluate_rows(predictor, rows, train=train, out_dir=out_dir, batch_size=batch_size,
                          quantile=quantile, title=f"{split} split", neighbours=neighbours)
+
+
+def rows_trained_on(predictor, train):
+    """The rows of a train split that the checkpoint's training read: its ``exclude_sources`` dropped and its
+    ``max_train_rows_per_source`` applied, as training does. The baselines are fitted on these, so that a per-source
+    mean never knows a source the predictor was kept from, nor more rows of one than it saw."""
+    config = getattr(getattr(predictor, "info", None), "train_config", None) or {}
+    train = drop_sources(train, tuple(config.get("exclude_sources") or ()))
+    return cap_per_source(train, int(config.get("max_train_rows_per_source") or 0))
 
 
 def _predictor_probs(predictor, prompts: list[str], batch_size: int):
     """The probability lists by name (uncalibrated, calibrated, and blended with the neighbours' vote where the
-    checkpoint fitted one; the last are the predictor's), and the prompts' familiarity, from one pass over them;
-    no probabilities for a predictor without logits, the familiarity None for one without a familiarity bank."""
+    checkpoint fitted one; the last are the predictor's), the prompts' familiarity, and the name of the calibrated
+    probabilities before the blend where there is one (else None), from one pass over the prompts; no probabilities
+    for a predictor without logits, the familiarity None for one without a familiarity bank."""
     if hasattr(predictor, "outputs"):
         logits, probs, familiarity = predictor.outputs(prompts, batch_size=batch_size)
     elif hasattr(predictor, "predict_logits"):
         logits, familiarity = predictor.predict_logits(prompts, batch_size=batch_size), None
         probs = (logits / predictor.temperature).softmax(-1)
     else:
-        return {}, None
+        return {}, None, None
+    calibrated = f"predictor, T={predictor.temperature:.2f}"
     named = {"predictor, T=1": logits.softmax(-1).tolist(),
-             f"predictor, T={predictor.temperature:.2f}": (logits / predictor.temperature).softmax(-1).tolist()}
+             calibrated: (logits / predictor.temperature).softmax(-1).tolist()}
     blend = getattr(predictor, "familiarity", None)
-    if blend is not None and blend.neighbours and blend.weight < 1:
-        named[f"predictor, T={predictor.temperature:.2f}, {blend.weight:.2f} + {blend.neighbours} neighbours"] = \
-            probs.tolist()
-    return named, familiarity
+    if blend is None or not blend.neighbours or blend.weight >= 1:
+        return named, familiarity, None
+    named[f"{calibrated}, {blend.weight:.2f} + {blend.neighbours} neighbours"] = probs.tolist()
+    return named, familiarity, calibrated
 
 
 def _pick(probs: list[list[float]], quantile: float | None, spec: BucketSpec) -> list[int]:
@@ -206,7 +219,7 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
     """Evaluate on given rows (Dataset or column dict), with baselines fitted on ``train`` (``neighbours=k``:
     also the k-nearest-prompts baseline)."""
     spec, prompts = predictor.buckets, list(rows["prompt"])
-    named, familiarity = _predictor_probs(predictor, prompts, batch_size)
+    named, familiarity, unblended = _predictor_probs(predictor, prompts, batch_size)
     calibrated = list(named.values())[-1] if named else None  # what the predictor answers with
     if calibrated is None:
         predicted = [p.bucket for p in predictor.predict(prompts, batch_size=batch_size, quantile=quantile)]
@@ -215,8 +228,8 @@ def evaluate_rows(predictor, rows, *, train, out_dir: str | Path | None = None, 
     lengths = [int(n) for n in rows["num_output_tokens"]]
     labels = [spec.bucket_of(n) for n in lengths]
     methods = {"predictor": predicted, **baseline_buckets(train, rows, spec)}
-    if len(named) == 3:  # blended: the same predictor without its neighbours' vote, beside it
-        methods["predictor, no neighbours"] = _pick(list(named.values())[1], quantile, spec)
+    if unblended is not None:  # the same predictor without its neighbours' vote, beside it
+        methods["predictor, no neighbours"] = _pick(named[unblended], quantile, spec)
     near = neighbour_baseline(predictor, train, rows, k=neighbours) if neighbours else None
     if near is not None:
         methods["neighbours"] = _pick(near, None, spec)

@@ -71,7 +71,7 @@ class Familiarity:
         """The bucket frequencies of each embedded prompt's ``k`` (default `neighbours`) most similar bank prompts,
         a little of the bank's own frequencies mixed in (predictor_train/baselines.py), ``(n, num_buckets)``."""
         assert self.buckets is not None, "a bank without length buckets cannot vote"
-        return neighbour_probs(self.bank, self.buckets.tolist(), embeddings.float(), k=k or self.neighbours,
+        return neighbour_probs(self.bank, self.buckets, embeddings.float(), k=k or self.neighbours,
                                num_buckets=num_buckets)
 
     def blend(self, probs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:

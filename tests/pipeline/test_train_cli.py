@@ -59,26 +59,3 @@ def test_train_errors_are_clear(tmp_path, labelled):
     assert result.exit_code == 2 and "make it with `s3 generate`" in result.output
     result = CliRunner().invoke(main, ["train", "--data", str(labelled), "--feedback", str(tmp_path), *TINY])
     assert result.exit_code == 2 and "--from" in result.output
-
-
-def test_the_test_table_fits_baselines_on_the_rows_the_predictor_trained_on(monkeypatch):
-    """With exclude_sources, a per-source mean fitted on the full train split would know the left-out source."""
-    import datasets
-
-    from pipeline.commands import evaluate_test_split
-    from predictor_train import evaluate
-    from predictor_train.inference import LengthPredictor
-    from predictor_train.train import TrainConfig
-
-    records = make_records(180)
-    for r in records:
-        r["source"] = "essays" if r["prompt"].startswith("Write") else "short"
-    seen = {}
-    monkeypatch.setattr(LengthPredictor, "load", classmethod(lambda cls, path, **kw: f"loaded {path}"))
-    monkeypatch.setattr(evaluate, "evaluate_rows", lambda predictor, rows, *, train, **kw: seen.update(
-        predictor=predictor, rows=rows, train=train))
-    config = TrainConfig(exclude_sources=("essays",), max_train_rows_per_source=10)
-    evaluate_test_split(config, "ckpt", datasets.Dataset.from_list(records))
-    assert seen["predictor"] == "loaded ckpt"
-    assert list(seen["train"]["source"]) == ["short"] * 10  # as trained: excluded, then capped
-    assert {"essays", "short"} == set(seen["rows"]["source"])  # the whole test split, the left-out source too

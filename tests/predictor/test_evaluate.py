@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -160,3 +161,23 @@ def test_excluding_a_source_keeps_the_other_sources_test_rows():
     assert report.metrics["predictor"]["num_examples"] == sum(s == "x" for s in whole["source"])
     with pytest.raises(ValueError, match="no rows of source.*z.*the data has x, y"):
         evaluate_predictor(predictor, datasets.Dataset.from_list(rows), exclude_sources=["z"])
+
+
+def test_baselines_are_fitted_on_the_rows_the_predictor_trained_on(monkeypatch):
+    """A checkpoint trained without a source, on 10 rows per source: a per-source mean fitted on the whole train
+    split would know the left-out source and more rows than the predictor saw."""
+    from predictor_train import evaluate
+
+    rows = [{"prompt": f"{source} prompt {i}", "num_output_tokens": 10 + i, "num_prompt_tokens": 3, "source": source}
+            for source in ("essays", "short") for i in range(60)]  # fmt: skip
+    predictor = FakePredictor({row["prompt"]: 0 for row in rows})
+    predictor.info = SimpleNamespace(train_config={"exclude_sources": ["essays"], "max_train_rows_per_source": 10})
+    seen = {}
+    monkeypatch.setattr(evaluate, "evaluate_rows", lambda predictor, rows, *, train, **kw: seen.update(
+        rows=rows, train=train))
+    evaluate_predictor(predictor, datasets.Dataset.from_list(rows))
+    assert list(seen["train"]["source"]) == ["short"] * 10  # as trained: excluded, then capped
+    assert {"essays", "short"} == set(seen["rows"]["source"])  # the whole test split, the left-out source too
+    predictor.info = SimpleNamespace(train_config={"exclude_sources": ["essays", "short"]})
+    with pytest.raises(ValueError, match="train rows the predictor was trained on are empty"):
+        evaluate_predictor(predictor, datasets.Dataset.from_list(rows))
