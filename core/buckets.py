@@ -74,7 +74,7 @@ class BucketSpec:
         return (self.lower_edge(bucket) + self.upper_edge(bucket)) / 2
 
     def quantile_bucket(self, probs: Sequence[float], quantile: float) -> int:
-        """Smallest bucket whose cumulative probability reaches ``quantile`` (arg-max when ``quantile`` is None)."""
+        """Smallest bucket whose cumulative probability reaches ``quantile``."""
         if len(probs) != self.num_buckets:
             raise ValueError(f"got {len(probs)} probabilities for {self.num_buckets} buckets")
         total, target = 0.0, quantile * sum(probs)

@@ -25,12 +25,14 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def _coerce(tp: Any, value: Any, where: str, base: Any = None) -> Any:
+    """``value`` as type ``tp``; a mapping for a dataclass changes only the fields it names of ``base`` (the
+    field's default or the file's value), the rest kept."""
     origin = typing.get_origin(tp)
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where=where)
+        return from_dict(tp, value, where=where, base=base if isinstance(base, tp) else None)
     if origin in (tuple, list):
         if isinstance(value, dict):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -42,7 +44,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(options[0], value, where) if len(options) == 1 else value
+        return _coerce(options[0], value, where, base) if len(options) == 1 else value
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float and isinstance(value, str):
@@ -64,16 +66,28 @@ def _float(text: str, where: str) -> float:
         raise ConfigError(f"{where}: expected a number, got {text!r}") from None
 
 
-def from_dict(cls: type[T], data: dict, *, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a (nested) dict, checking keys and simple types."""
+def from_dict(cls: type[T], data: dict, *, where: str = "config", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from a (nested) dict, checking keys and simple types: the fields ``data`` names
+    replace those of ``base`` (default: ``cls``'s defaults). A nested section names only what it changes: the
+    nested default's other fields are kept (``engine.max_num_seqs=8`` keeps the engine's default policy)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = set(data) - fields
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = set(data) - set(fields)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(fields)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+
+    def default(name: str) -> Any:
+        if base is not None:
+            return getattr(base, name)
+        field = fields[name]
+        if field.default_factory is not dataclasses.MISSING:
+            return field.default_factory()
+        return None if field.default is dataclasses.MISSING else field.default
+
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}", default(k) if isinstance(v, dict) else None)
+              for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
 
@@ -100,7 +114,7 @@ def load_config(
         path = pathlib.Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _yaml(path.read_text(), f"config file {path}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = loaded
@@ -111,6 +125,12 @@ def load_config(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. workload.num_requests=1000)")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        _set_dotted(data, key.strip(), _yaml(raw, f"override {item!r}"))
     return from_dict(cls, data, where=str(path) if path else "config")
 
+
+def _yaml(text: str, what: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {exc}") from None

@@ -159,11 +159,13 @@ class LengthDistribution:
         return p * (high - max(low, length)) / (high - low) + self.mass_from[first + 1]
 
     def finish_probability(self, written: int, steps: int, cap: int) -> float:
-        """Probability that a request which has written ``written`` tokens ends within ``steps`` more."""
+        """Probability that a request which has written ``written`` tokens ends within ``steps`` more. Past every
+        length with mass (``prior_weight`` 0, or a cap above the buckets' top) nothing says it ends soon: 0, as
+        `remaining` then gives the worst case (``cap - written``)."""
         if written + steps >= cap:
             return 1.0
         above = self.mass_above(written)
-        return 1.0 if above <= 0 else 1.0 - self.mass_above(written + steps) / above
+        return 0.0 if above <= 0 else 1.0 - self.mass_above(written + steps) / above
 
 
 def remaining_many(dists: Sequence[LengthDistribution], written: Sequence[int], caps: Sequence[int],

@@ -4,6 +4,7 @@ the policies themselves are in serve/policies.py."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from core.buckets import Shape
 
@@ -75,18 +76,20 @@ class PolicyConfig:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         if not 0 <= self.quantile <= 1 or not 0 <= self.prior_weight <= 1:
             raise ValueError(f"quantile and prior_weight must be in [0, 1], got {self.quantile}, {self.prior_weight}")
-        if self.lookahead < 1 or min(self.aging_s, self.aging_queue_factor, self.short_queue, self.wait_steps) < 0:
-            raise ValueError("lookahead must be >= 1, aging_s, aging_queue_factor, short_queue and wait_steps >= 0")
+        at_least_0 = (self.aging_s, self.aging_queue_factor, self.short_queue, self.wait_steps)
+        if self.lookahead < 1 or not all(x >= 0 for x in at_least_0):  # `not x >= 0` refuses NaN too
+            raise ValueError("lookahead must be >= 1, aging_s, aging_queue_factor, short_queue and wait_steps >= 0, "
+                             f"got {self.lookahead}, {', '.join(map(str, at_least_0))}")
         if self.reserve_quantile is not None and not 0 < self.reserve_quantile <= 1:
             raise ValueError(f"reserve_quantile must be in (0, 1], got {self.reserve_quantile}")
         if self.bucket_prior is not None:
             prior = tuple(float(x) for x in self.bucket_prior)
-            if min(prior) < 0 or sum(prior) <= 0:
+            if not all(0 <= x < math.inf for x in prior) or sum(prior) <= 0:
                 raise ValueError(f"bucket_prior needs non-negative weights that are not all 0, got {prior}")
             object.__setattr__(self, "bucket_prior", prior)
         if self.bucket_shape is not None:
             shape = tuple(tuple(float(x) for x in row) for row in self.bucket_shape)
-            if any(not row or min(row) < 0 or sum(row) <= 0 for row in shape):
+            if any(not row or not all(0 <= x < math.inf for x in row) or sum(row) <= 0 for row in shape):
                 raise ValueError("bucket_shape: every bucket needs a non-empty row of non-negative shares")
             object.__setattr__(self, "bucket_shape", shape)
 

@@ -197,15 +197,20 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         """Give each running sequence its next tokens, growing or preempting on memory; returns the budget left."""
         reserves, tracks_buckets = self.policy.reserves, self.policy.tracks_buckets
-        # Decodes first (stable): a sequence still prefilling never costs a decoding one its token this step,
-        # so a long prompt cannot stall running streams, and the peak test's finish times hold.
-        # With priorities, the least urgent come last within each kind: the victims are taken from there.
+        # Decodes first (stable): a sequence still prefilling never takes a decoding one's token from the step's
+        # budget, so a long prompt cannot stall running streams, and the peak test's finish times hold. Victims are
+        # the policy's choice among everyone running (the least urgent class first), whatever their place here.
         self.running.sort(key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.priority))
+        limit = budget + out.num_batched_tokens  # a victim scheduled earlier in the step gives its tokens back
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             if reserves and request.num_output_tokens >= request.reserved_output_tokens:
-                if not self._grow_reservation(request, i, out):
+                ok, at = self._grow_reservation(request, i, out)
+                if at < i:
+                    budget = limit - out.num_batched_tokens
+                i = at
+                if not ok:
                     continue  # it was preempted; running[i] is now the next sequence
             elif tracks_buckets and request.reserved_bucket is not None:
                 self._note_bucket_overrun(request)
@@ -214,8 +219,13 @@ class Scheduler:
                 out.waited_request_ids.append(request.request_id)
                 i += 1
                 continue
-            if not reserves and not self._allocate(request, request.num_computed_tokens + num_new, i, out):
-                continue
+            if not reserves:
+                ok, at = self._allocate(request, request.num_computed_tokens + num_new, i, out)
+                if at < i:  # victims scheduled earlier in the step gave their tokens back
+                    budget = limit - out.num_batched_tokens
+                i = at
+                if not ok:
+                    continue
             request.num_waited_steps = 0
             out.seqs.append(self._scheduled(request, num_new))
             budget -= num_new
@@ -228,8 +238,9 @@ class Scheduler:
             return self._schedule_running(out, budget)
         return budget
 
-    def _grow_reservation(self, request: Request, index: int, out: SchedulerOutput) -> bool:
-        """The misprediction path: reach the reservation -> grow to the next bucket, or preempt -> event."""
+    def _grow_reservation(self, request: Request, index: int, out: SchedulerOutput) -> tuple[bool, int]:
+        """The misprediction path: reach the reservation -> grow to the next bucket, or preempt -> event.
+        Returns `_allocate`'s answer."""
         self.stats.num_mispredictions += 1
         event = MispredictionEvent(
             request_id=request.request_id,
@@ -242,9 +253,9 @@ class Scheduler:
         request.mispredictions.append(event)
         request.reserved_output_tokens, request.reserved_bucket = self.policy.grown_reservation(request)
         total = request.num_prompt_tokens + request.reserved_output_tokens
-        ok = self._allocate(request, total, index, out)
+        ok, index = self._allocate(request, total, index, out)
         event.preempted = not ok
-        return ok
+        return ok, index
 
     def _note_bucket_overrun(self, request: Request) -> None:
         """Paged policies with a predictor reserve nothing, but a request that passes its predicted bucket's
@@ -274,15 +285,20 @@ class Scheduler:
         request.num_waited_steps += 1
         return True
 
-    def _allocate(self, request: Request, num_tokens: int, index: int, out: SchedulerOutput) -> bool:
-        """Make ``request``'s table cover ``num_tokens``, preempting victims among the sequences not yet
-        scheduled this step (running[index:]); False when ``request`` itself was preempted."""
+    def _allocate(self, request: Request, num_tokens: int, index: int, out: SchedulerOutput) -> tuple[bool, int]:
+        """Make ``request``'s (``running[index]``) table cover ``num_tokens``, preempting the policy's victims
+        among every running sequence: one already scheduled (or sat out) this step is taken back out of the step,
+        its tokens returned to the budget, as vLLM does. Returns whether ``request`` is still running, and its
+        index in ``running`` now (where the next sequence is, when it was preempted)."""
         while self.pool.allocate(request.request_id, num_tokens) is None:
-            victim = self._victim(self.running[index:], request)
+            victim = self._victim(self.running, request)
+            if self.running.index(victim) < index:
+                index -= 1
+                _unschedule(out, victim.request_id)
             self._preempt(victim, out)
             if victim is request:
-                return False
-        return True
+                return False, index
+        return True, index
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Free the sequence's blocks and requeue it; its generated tokens are kept and recomputed later."""
@@ -426,6 +442,13 @@ class Scheduler:
                 assert held == blocks_for(r.num_prompt_tokens + r.reserved_output_tokens, self.pool.block_size)
         if not self.has_unfinished():
             assert self.pool.num_free_blocks == self.pool.num_blocks, "blocks leaked after all requests ended"
+
+
+def _unschedule(out: SchedulerOutput, request_id: str) -> None:
+    """Take a sequence that becomes a victim back out of the step it was scheduled (or sat out) in."""
+    out.seqs = [seq for seq in out.seqs if seq.request_id != request_id]
+    if request_id in out.waited_request_ids:
+        out.waited_request_ids.remove(request_id)
 
 
 def _keep_prompt_logprobs(request: Request, first: int, found: list[TokenLogprobs]) -> None:

@@ -1,5 +1,7 @@
 """`--set key=value` overrides (YAML values) coerced to the config's field types, or refused saying why."""
 
+import dataclasses
+
 import pytest
 
 from pipeline.config import ConfigError, load_config
@@ -34,3 +36,34 @@ def test_an_int_field_refuses_booleans(text):
         load_config(TrainConfig, None, [f"epochs={text}"])
     assert load_config(TrainConfig, None, ["epochs=4"]).epochs == 4
     assert load_config(TrainConfig, None, [f"calibrate={text}"]).calibrate in (True, False)
+
+
+def test_a_nested_override_changes_only_the_field_it_names(tmp_path):
+    """`--set engine.max_num_seqs=8` on a config without an `engine:` section kept none of the serve config's own
+    engine defaults (the `s3` policy, prefix caching): the section was rebuilt from EngineConfig's."""
+    from serve.server.config import ServeConfig
+    from serve.sim.simulate import SimulateConfig
+
+    default = ServeConfig().engine
+    config = load_config(ServeConfig, None, ["engine.max_num_seqs=8"])
+    assert config.engine.max_num_seqs == 8
+    assert dataclasses.replace(config.engine, max_num_seqs=default.max_num_seqs) == default
+    assert load_config(ServeConfig, None, values={"engine.enable_prefix_caching": True}).engine.policy == default.policy
+    workload = load_config(SimulateConfig, None, ["workload.output_tokens.sigma=1.2"]).workload
+    assert workload.output_tokens == dataclasses.replace(SimulateConfig().workload.output_tokens, sigma=1.2)
+    path = tmp_path / "serve.yaml"  # a file's section, then an override of one field in it
+    path.write_text("engine:\n  max_num_seqs: 4\n  policy:\n    policy: paged\n")
+    config = load_config(ServeConfig, path, ["engine.policy.quantile=0.7"])
+    assert (config.engine.max_num_seqs, config.engine.policy.policy, config.engine.policy.quantile) == (4, "paged", 0.7)
+
+
+@pytest.mark.parametrize("override", ["workload=[", "workload=a: b: c"])
+def test_yaml_that_does_not_parse_is_a_config_error(tmp_path, override):
+    from serve.sim.simulate import SimulateConfig
+
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(SimulateConfig, None, [override])
+    path = tmp_path / "bad.yaml"
+    path.write_text("a: [")
+    with pytest.raises(ConfigError, match=f"config file {path} is not valid YAML"):
+        load_config(SimulateConfig, path)

@@ -121,6 +121,16 @@ def test_finish_probability_is_the_conditional_cdf(probs, written, steps, cap):
         assert abs(p - inside / dist.mass_above(written)) < 0.02
 
 
+def test_past_every_length_with_mass_nothing_says_it_ends_soon():
+    """A request that outran the buckets' top (its cap above it) or every bucket with mass: the estimate is the
+    worst case, and the chance it ends within a few steps is 0, not 1 (which had others sit out waiting on it)."""
+    dist = LengthDistribution(BUCKETS, [1.0, 0.0, 0.0, 0.0])  # no mass above 10 tokens
+    for written, cap in ((12, 60), (41, 60)):
+        assert dist.remaining(written, 0.5, cap).quantile_tokens == cap - written
+        assert dist.finish_probability(written, 3, cap) == 0.0
+    assert dist.finish_probability(58, 3, 60) == 1.0  # the cap ends it
+
+
 def _density(dist: LengthDistribution, x: float) -> float:
     return sum(m / (hi - lo) for lo, hi, m in zip(dist.lows, dist.highs, dist.masses) if lo < x <= hi)
 

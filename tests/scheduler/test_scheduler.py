@@ -213,6 +213,16 @@ def test_a_queue_scaled_aging_bound_follows_how_fast_requests_finish():
         PolicyConfig(aging_queue_factor=-1.0)
 
 
+@pytest.mark.parametrize("knob", [dict(aging_s=float("nan")), dict(aging_queue_factor=float("nan")),
+                                  dict(bucket_prior=(float("nan"), 1.0)), dict(bucket_prior=(float("inf"), 1.0)),
+                                  dict(bucket_shape=((float("nan"), 1.0),))])
+def test_a_knob_that_is_not_a_number_is_refused(knob):
+    """A NaN passed `min(...) < 0`: an aging bound of NaN never aged anyone, a NaN prior made every estimate the
+    worst case, all silently."""
+    with pytest.raises(ValueError):
+        PolicyConfig(**knob)
+
+
 def test_a_preempted_request_that_has_streamed_resumes_before_shorter_new_ones():
     from serve.policies import make_policy
 
