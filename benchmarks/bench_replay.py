@@ -24,7 +24,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.buckets import BucketSpec  # noqa: E402
-from core.records import result_record  # noqa: E402
+from core.records import json_text, result_record  # noqa: E402
 from pipeline.bench import BenchConfig, bucket_predictor  # noqa: E402
 from pipeline.config import from_dict  # noqa: E402
 from serve.policy_config import PolicyConfig, with_length_profile  # noqa: E402
@@ -44,8 +44,17 @@ def parse_vary(specs: tuple[str, ...]) -> list[dict]:
             raise click.BadParameter(f"{spec!r}: expected FIELD=V1,V2,... with FIELD a PolicyConfig knob")
         kind = type(getattr(PolicyConfig, name))
         cast = (lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind
-        axes.append([(name, cast(v)) for v in values.split(",")])
-    return [dict(combo) for combo in itertools.product(*axes)] or [{}]
+        try:
+            axes.append([(name, cast(v)) for v in values.split(",")])
+        except ValueError:
+            raise click.BadParameter(f"{spec!r}: {name} takes {kind.__name__} values", param_hint="--vary") from None
+    combos = [dict(combo) for combo in itertools.product(*axes)] or [{}]
+    for combo in combos:
+        try:
+            PolicyConfig(**combo)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--vary") from None
+    return combos
 
 
 @click.command()
@@ -54,6 +63,7 @@ def parse_vary(specs: tuple[str, ...]) -> list[dict]:
 @click.option("--vary", multiple=True, help="FIELD=V1,V2,...: PolicyConfig values to try (repeatable).")
 @click.option("--output", default=None, help="Folder for replay.json  [default: the bench.json's folder]")
 def main(bench_json, policies, vary, output):
+    variants = parse_vary(vary)
     data = json.loads(Path(bench_json).read_text())
     config = from_dict(BenchConfig, data["config"], where=bench_json)
     buckets = BucketSpec.uniform(config.max_new_tokens, config.num_buckets)
@@ -69,7 +79,7 @@ def main(bench_json, policies, vary, output):
               "recomputed tokens")  # fmt: skip
     names = ["paged", *[p for p in policies.split(",") if p and p != "paged"]]
     records = []
-    for variant in parse_vary(vary):
+    for variant in variants:
         base = None
         for name in names:
             policy = dataclasses.replace(knobs, policy=name, **variant)
@@ -87,7 +97,7 @@ def main(bench_json, policies, vary, output):
     out = Path(output) if output else Path(bench_json).parent
     out.mkdir(parents=True, exist_ok=True)
     meta = {"bench": bench_json, "step_time_fit": dataclasses.asdict(cost.linear), "vary": list(vary)}
-    (out / "replay.json").write_text(json.dumps({**meta, "results": records}, indent=2))
+    (out / "replay.json").write_text(json_text({**meta, "results": records}, indent=2))
     print(f"wrote {out / 'replay.json'}")
 
 

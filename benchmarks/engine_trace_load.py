@@ -19,7 +19,6 @@ pytest.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.records import result_record  # noqa: E402
+from core.records import json_text, result_record  # noqa: E402
 from serve.policy_config import PolicyConfig  # noqa: E402
 from serve.policy_options import policy_options  # noqa: E402
 from serve.sched_output import SchedulerOutput, StepResult  # noqa: E402
@@ -119,7 +118,7 @@ def main(trace, device, dtype, shape, policies, rate_fractions, seeds, num_reque
     def save(result, **tags) -> None:
         records.append({**result_record(result, "num_requests", "makespan_s", "longest_stall_s", "mean_running_batch",
                                         "num_steps", "wall_s"), **tags})
-        (out / "engine_trace.json").write_text(json.dumps({**meta, "results": records}, indent=2))
+        (out / "engine_trace.json").write_text(json_text({**meta, "results": records}, indent=2))
         click.echo(f"{tags} {result.policy}: {result.generated_tokens_per_s:.0f} tok/s, mean latency "
                    f"{result.mean_latency_s:.2f} s, p99 TTFT {result.p99_ttft_s:.2f} s, preemptions "
                    f"{result.num_preemptions}, longest stall {result.longest_stall_s:.1f} s, {result.num_steps} steps "

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import click  # noqa: E402
 import torch  # noqa: E402
 
+from core.records import json_text  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
 from predictor_train.data import sources_of, split_records, load_records  # noqa: E402
 from predictor_train.evaluate import bucket_metrics  # noqa: E402
@@ -130,7 +131,7 @@ def main(data, loso_dir, bank_size, quantile, k, output_dir):
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"data": data, "loso_dir": loso_dir, "bank_size": bank_size, "quantile": quantile, "k": k}
-    (out / "familiarity.json").write_text(json.dumps({**meta, "results": results}, indent=2))
+    (out / "familiarity.json").write_text(json_text({**meta, "results": results}, indent=2))
     click.echo(f"wrote {out / 'familiarity.json'} and {plot(results, out / 'familiarity.png', quantile)}")
 
 

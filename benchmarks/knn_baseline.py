@@ -15,7 +15,6 @@ test rows are scored. Writes ``knn.json`` (a ``results`` list) under ``--output-
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import click  # noqa: E402
 import torch  # noqa: E402
 
 from core.buckets import BucketSpec  # noqa: E402
+from core.records import json_text  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
 from predictor_train.backbone import load_classifier  # noqa: E402
 from predictor_train.baselines import encoder_embeddings, neighbour_probs  # noqa: E402
@@ -122,7 +122,7 @@ def main(data, backbone, predictor, k_values, max_prompt_tokens, max_tokens, num
     out.mkdir(parents=True, exist_ok=True)
     meta = {"data": data, "backbone": backbone, "predictor": predictor, "max_prompt_tokens": max_prompt_tokens,
             "validation_within_one_by_k": val_within, "loso_rows_per_source": loso_rows_per_source}
-    (out / "knn.json").write_text(json.dumps({**meta, "results": results}, indent=2))
+    (out / "knn.json").write_text(json_text({**meta, "results": results}, indent=2))
     click.echo(f"wrote {out / 'knn.json'}")
 
 

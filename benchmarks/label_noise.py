@@ -22,7 +22,6 @@ label). About 10 minutes per variant at 30 prompts per source on the 2-core CPU.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.records import json_text  # noqa: E402
 
 VARIANTS = {
     "rerun": lambda prompt: prompt,
@@ -118,7 +119,7 @@ def main(data, split, per_source, variants, predictor_tokenizer, model, max_new_
     out.mkdir(parents=True, exist_ok=True)
     meta = {"data": data, "split": split, "per_source": per_source, "num_prompts": len(rows), "seed": seed,
             "recipe": {k: getattr(recipe, k) for k in ("model", "max_new_tokens", "temperature", "frequency_penalty")}}
-    (out / "label_noise.json").write_text(json.dumps({**meta, "results": records}, indent=2))
+    (out / "label_noise.json").write_text(json_text({**meta, "results": records}, indent=2))
     plot(records, spec, out / "label_noise.png")
     print(format_table(records))
     print(f"wrote {out / 'label_noise.json'} and {out / 'label_noise.png'}")

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
+from core.records import json_text  # noqa: E402
 from pipeline.commands import DECODING_KEYS  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
@@ -117,7 +118,7 @@ def main(config_path, data, sources, output_dir, seen, reuse, overrides):
                    f"rows (constant guess {records[-1]['constant_guess_test']['within_one_accuracy']:.3f})", err=True)
     out_root.mkdir(parents=True, exist_ok=True)
     settings = dataclasses.asdict(dataclasses.replace(config, output_dir=str(out_root)))
-    (out_root / "loso.json").write_text(json.dumps({"data": data, "train_config": settings, "results": records},
+    (out_root / "loso.json").write_text(json_text({"data": data, "train_config": settings, "results": records},
                                                    indent=2))
     click.echo(markdown(records))
     click.echo(f"wrote {out_root / 'loso.json'}", err=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import multiprocessing
 import random
 import signal
@@ -37,10 +38,11 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 
+from core.records import json_text  # noqa: E402
 from serve.engine.llm import EngineConfig  # noqa: E402
 from core.distributed import free_port  # noqa: E402
 from serve.policies import policy_needs  # noqa: E402
-from serve.policy_config import PolicyConfig  # noqa: E402
+from serve.policy_config import POLICY_NAMES, PolicyConfig  # noqa: E402
 from serve.policy_options import KNOBS, policy_options  # noqa: E402
 from serve.server.config import ServeConfig  # noqa: E402
 from load_report import Result, answers_differing, format_table, plot_timeline, summarise  # noqa: E402
@@ -98,6 +100,20 @@ class LoadConfig:
     seed: int = 0
     torch_threads: int | None = None
     """Per server process; default: all cores but one."""
+
+    def __post_init__(self) -> None:
+        """Refused before any server starts, rather than after the first policy's run."""
+        if min(self.num_requests, self.concurrency, self.max_tokens, self.kv_cache_tokens, self.max_num_seqs) < 1:
+            raise ValueError("num_requests, concurrency, max_tokens, kv_cache_tokens and max_num_seqs must be >= 1")
+        if self.mode not in ("closed", "poisson") or not 0 < self.rate < math.inf:
+            raise ValueError(f"mode must be closed or poisson and rate a positive number, got {self.mode}, {self.rate}")
+        if not 0 <= self.urgent_share <= 1:
+            raise ValueError(f"urgent_share must be in [0, 1], got {self.urgent_share}")
+        unknown = [p for p in self.policies if p not in POLICY_NAMES]
+        if not self.policies or unknown:
+            raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}" if unknown
+                             else "no policy to run")
+        PolicyConfig(**{k: getattr(self, k) for k in KNOBS})  # the knobs' own checks
 
 
 def load_prompts(n: int, seed: int, sources: tuple[str, ...] = (), exclude_labelled: str | None = None) -> list[str]:
@@ -207,24 +223,31 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, fre
     return result
 
 
-async def run_load(url: str, prompts: list[str], cfg: LoadConfig) -> list[Result]:
+async def run_load(url: str, prompts: list[str], cfg: LoadConfig) -> tuple[list[Result], float]:
+    """Every request's result, and the seconds from the first request sent to the last answer's end (the warm-up
+    request before it not counted)."""
     limits = httpx.Limits(max_connections=cfg.num_requests + 8)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
         await one_request(http, "Say hi.", 4)  # warm-up, not counted
-        if cfg.mode == "poisson":
-            return await _poisson(http, prompts, cfg)
-        queue = list(enumerate(prompts))
-        results: list[Result | None] = [None] * len(prompts)
-        urgent = urgent_requests(cfg)
+        start = time.perf_counter()
+        results = await (_poisson(http, prompts, cfg) if cfg.mode == "poisson" else _closed(http, prompts, cfg))
+        return results, time.perf_counter() - start
 
-        async def client():
-            while queue:
-                i, prompt = queue.pop(0)
-                results[i] = await one_request(http, prompt, cfg.max_tokens, cfg.frequency_penalty,
-                                               **_priority(cfg, i in urgent))
 
-        await asyncio.gather(*[client() for _ in range(cfg.concurrency)])
-        return results
+async def _closed(http: httpx.AsyncClient, prompts: list[str], cfg: LoadConfig) -> list[Result]:
+    """``cfg.concurrency`` clients, each sending its next prompt when its answer ends."""
+    queue = list(enumerate(prompts))
+    results: list[Result | None] = [None] * len(prompts)
+    urgent = urgent_requests(cfg)
+
+    async def client():
+        while queue:
+            i, prompt = queue.pop(0)
+            results[i] = await one_request(http, prompt, cfg.max_tokens, cfg.frequency_penalty,
+                                           **_priority(cfg, i in urgent))
+
+    await asyncio.gather(*[client() for _ in range(cfg.concurrency)])
+    return results
 
 
 async def _poisson(http: httpx.AsyncClient, prompts: list[str], cfg: LoadConfig) -> list[Result]:
@@ -251,9 +274,7 @@ def run_policy(cfg: LoadConfig, policy: str, prompts: list[str], *, oracle_lengt
     process = start_server(config)
     url = f"http://127.0.0.1:{config.port}"
     try:
-        start = time.perf_counter()
-        results = asyncio.run(run_load(url, prompts, cfg))
-        wall = time.perf_counter() - start
+        results, wall = asyncio.run(run_load(url, prompts, cfg))
         metrics = scrape(url)
     finally:
         process.terminate()
@@ -367,7 +388,12 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
 def main(policies, sources, output, **kwargs):
     """Serve the same load under each policy and compare throughput and time to first token."""
     split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
-    cfg = LoadConfig(policies=split(policies), sources=split(sources), **kwargs)
+    if output and Path(output).suffix == ".png":
+        raise click.BadParameter("names the JSON; its plot is written beside it (.png)", param_hint="--output")
+    try:
+        cfg = LoadConfig(policies=split(policies), sources=split(sources), **kwargs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     rows = benchmark(cfg)
     print("\n" + format_table(rows))
     if output:
@@ -379,7 +405,7 @@ def write_output(cfg: LoadConfig, rows: list[dict], path: Path) -> list[dict]:
     it (same name, .png); returns the records."""
     records = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": dataclasses.asdict(cfg), "results": records}, indent=2))
+    path.write_text(json_text({"config": dataclasses.asdict(cfg), "results": records}, indent=2))
     arrivals = f"{cfg.rate:.3g} requests/s" if cfg.mode == "poisson" else f"{cfg.concurrency} clients"
     title = f"{cfg.num_requests} requests, {cfg.mode} loop, {arrivals}, KV {cfg.kv_cache_tokens} tokens, " \
             f"seed {cfg.seed}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import statistics
 from pathlib import Path
 
@@ -166,9 +167,9 @@ def format_table(rows: list[dict]) -> str:
              f"{'out mean':>10}{'at cap':>8}"]
     for r in rows:
         lines.append(
-            f"{r['policy']:<8}{r['tokens_per_s']:>8.1f}{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}"
+            f"{r['policy']:<8}{r['tokens_per_s']:>8.1f}{_ratio(r['tokens_per_s'], base['tokens_per_s']):>7.2f}"
             f"{r['ttft_mean_s']:>10.2f}s{r['ttft_p50_s']:>7.2f}s{r['ttft_p99_s']:>7.2f}s"
-            f"{r['ttft_mean_s'] / base['ttft_mean_s']:>7.2f}{r['latency_p50_s']:>8.1f}s{r['mean_tpot_s']:>7.3f}s"
+            f"{_ratio(r['ttft_mean_s'], base['ttft_mean_s']):>7.2f}{r['latency_p50_s']:>8.1f}s{r['mean_tpot_s']:>7.3f}s"
             f"{r.get('mean_step_s', nan):>7.3f}s{r.get('mean_running_batch', nan):>7.1f}"
             f"{r.get('step_share', nan):>6.0%}"
             f"{r['preemptions']:>9.0f}{r['mispredictions']:>9.0f}{r['errors']:>8}"
@@ -179,3 +180,8 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"  {r['policy']} {name} ({c['num_requests']}): TTFT mean {c['mean_ttft_s']:.2f}s p99 "
                          f"{c['p99_ttft_s']:.2f}s, latency mean {c['mean_latency_s']:.2f}s p99 {c['p99_latency_s']:.2f}s")
     return "\n".join(lines)
+
+
+def _ratio(value: float, base: float) -> float:
+    """``value / base``, NaN where the base has no figure (a policy whose every request failed)."""
+    return value / base if base and not math.isnan(base) else math.nan

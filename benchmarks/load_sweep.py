@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 import load  # noqa: E402
 import load_report  # noqa: E402
 import sim_load  # noqa: E402
+from core.records import json_text, nan_for_null  # noqa: E402
 from serve.policy_options import policy_options  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def served_or_read(cfg: load.LoadConfig, path: Path, echo=print) -> list[dict]:
         raise click.ClickException(f"{path} was run with other settings; move it away or use another --output-dir")
     echo(f"  read back from {path}")
     # runs saved before load.py wrote the decode figures get them from their per-request times
-    return [{**load_report.decode_figures(r["per_request"], r["wall_s"]), **r} for r in saved["results"]]
+    return [{**load_report.decode_figures(r["per_request"], r["wall_s"]), **nan_for_null(r)} for r in saved["results"]]
 
 
 def measure_capacity(base: load.LoadConfig, seed: int, output_dir: Path, echo=print) -> float:
@@ -108,7 +109,7 @@ def main(capacity, rate_fractions, seeds, policies, output_dir, **kwargs):
     summary = sim_load.summarize(records)
     print(sim_load.format_summary(summary))
     meta = {"config": dataclasses.asdict(base), "capacity_rps": capacity}
-    (out / "load_sweep.json").write_text(json.dumps({**meta, "results": records, "summary": summary}, indent=2))
+    (out / "load_sweep.json").write_text(json_text({**meta, "results": records, "summary": summary}, indent=2))
     sim_load.plot(summary, out / "load_sweep.png", "engine: open-loop load, mean over seeds (bars: min-max)")
     print(f"wrote {out / 'load_sweep.json'} and {out / 'load_sweep.png'}")
 

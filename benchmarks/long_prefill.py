@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from core.distributed import free_port  # noqa: E402
+from core.records import json_text  # noqa: E402
 
 # The step settings serve_cpu.yaml had before fair prefill (issue 15): the whole budget to one prefill.
 CONFIGS = {"before": ["engine.max_num_batched_tokens=2048", "engine.long_prefill_token_threshold=0"], "after": []}
@@ -189,9 +190,9 @@ def main(config, long_prompt_tokens, num_streams, stream_max_tokens, short_delay
             continue
         results.append(run_config(name, [*overrides, *config_overrides], config=config, log_dir=out.parent,
                                   **scenario))
-        print(json.dumps(results[-1]), flush=True)
+        print(json_text(results[-1]), flush=True)
     report = {"config": config, "scenario": scenario, "results": results}
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json_text(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 

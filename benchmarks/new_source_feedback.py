@@ -28,7 +28,6 @@ rows, on each metric a guard could compare: `JUDGED`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import click  # noqa: E402
 import datasets  # noqa: E402
 
+from core.records import json_text  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
 from predictor_train.data import cap_per_source, drop_sources, load_records, sources_of, split_records  # noqa: E402
@@ -250,7 +250,7 @@ def main(config_path, data, sources, num_served, served_offset, kinds, sample_ra
     out_root.mkdir(parents=True, exist_ok=True)
     settings = {"held_out_model": dataclasses.asdict(config), "retrain": dataclasses.asdict(retrain_config),
                 "num_served": num_served, "served_offset": served_offset, "sample_rate": sample_rate, "data": data}
-    (out_root / "new_source.json").write_text(json.dumps({"settings": settings, "results": records}, indent=2))
+    (out_root / "new_source.json").write_text(json_text({"settings": settings, "results": records}, indent=2))
     click.echo(markdown(records))
     if "sampled" in kinds:
         click.echo("\nWhat the traffic sample says of each round beside the source's test rows:\n")

@@ -13,7 +13,6 @@ decode step and predictions made, under ``results``. Not a test; run it with not
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import click  # noqa: E402
 import torch  # noqa: E402
 
+from core.records import json_text  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402
 from serve.engine.llm import EngineConfig, LLMEngine  # noqa: E402
 from serve.policy_config import PolicyConfig  # noqa: E402
@@ -127,7 +127,7 @@ def main(predictor_dir, batch, steps, period, torch_threads, output):
     if output:
         meta = {"batch": batch, "steps": steps, "period_s": period, "torch_threads": torch_threads,
                 "prediction_ms": 3000 / n, "predictor": predictor_dir}
-        Path(output).write_text(json.dumps({"config": meta, "results": results}, indent=2))
+        Path(output).write_text(json_text({"config": meta, "results": results}, indent=2))
         click.echo(f"wrote {output}")
 
 

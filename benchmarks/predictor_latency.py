@@ -12,7 +12,6 @@ Not a test (pytest never collects this folder). Quiet machine only: other proces
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from core.records import json_text  # noqa: E402
 from pipeline.generate import format_prompt  # noqa: E402
 from predictor_train.inference import BENCHMARK_PROMPTS, LengthPredictor  # noqa: E402
 from serve.engine.llm import EngineConfig, LLMEngine  # noqa: E402
@@ -66,7 +66,7 @@ def main(checkpoint, model, batch_sizes, steps, output):
         print(f"{r['batch_size']:>5}  {r['predictor_ms_per_prompt']:>19.1f}  {r['decode_step_ms']:>14.1f}  "
               f"{r['predictor_over_step']:>6.2f}")
     if output:
-        Path(output).write_text(json.dumps(rows, indent=2))
+        Path(output).write_text(json_text(rows, indent=2))
 
 
 if __name__ == "__main__":

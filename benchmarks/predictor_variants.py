@@ -13,7 +13,6 @@ temperature, and the predictor's latency per prompt at batch 1. Checkpoints go u
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
+from core.records import json_text  # noqa: E402
 from pipeline.commands import DECODING_KEYS  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
@@ -89,7 +89,7 @@ def main(config_path, data, variants, output_dir, overrides):
     table = format_rows(rows)
     click.echo(table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "variants.json").write_text(json.dumps({"base_overrides": list(overrides), "variants": rows}, indent=2))
+    (out / "variants.json").write_text(json_text({"base_overrides": list(overrides), "variants": rows}, indent=2))
     click.echo(f"wrote {out / 'variants.json'}")
 
 

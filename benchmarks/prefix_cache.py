@@ -17,7 +17,6 @@ and `prefix_hit_rate`) and prints the table. Not collected by pytest.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from core.buckets import BucketSpec  # noqa: E402
+from core.records import json_text  # noqa: E402
 from pipeline.bench import (BenchConfig, answers_unlike, bucket_predictor, common_speed, predictions_for,  # noqa: E402
                             run_policy)
 from pipeline.labelled import labelled_prompts  # noqa: E402
@@ -117,7 +117,7 @@ def main(num_prompts, system_prompt_tokens, max_new_tokens, kv_cache_tokens, max
     print(_table(report))
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps({
+        Path(output).write_text(json_text({
             "num_prompts": num_prompts, "system_prompt_tokens": shared, "max_new_tokens": max_new_tokens,
             "kv_cache_tokens": kv_cache_tokens, "max_num_seqs": max_num_seqs, "sources": sources, "seed": seed,
             "results": report}, indent=1))

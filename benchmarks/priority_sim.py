@@ -15,7 +15,6 @@ latency keys for `urgent` and `normal`) and prints the table. Not collected by p
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from core.records import json_text  # noqa: E402
 from serve.sim.runner import latency_summary, requests_of, simulate_policy  # noqa: E402
 from serve.sim.simulate import SimulateConfig, setup, workload_items  # noqa: E402
 from serve.sim.workload import WorkloadConfig  # noqa: E402
@@ -85,7 +85,7 @@ def main(preset, policies, num_requests, load, urgent_share, max_new_tokens, see
                        f"{record['num_preemptions']} |")
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"preset": preset, "load": load, "rate": rate, "urgent_share": urgent_share,
+    path.write_text(json_text({"preset": preset, "load": load, "rate": rate, "urgent_share": urgent_share,
                                 "num_requests": len(items), "seed": seed, "results": results}, indent=2))
     click.echo(f"wrote {path}", err=True)
 

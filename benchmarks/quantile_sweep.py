@@ -11,7 +11,6 @@ by pytest.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.records import result_record  # noqa: E402
+from core.records import json_text, result_record  # noqa: E402
 from serve.policy_config import PolicyConfig  # noqa: E402
 from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
 from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
@@ -59,7 +58,7 @@ def main(preset, num_requests, rate_fraction, quantiles, accuracy, trace, max_ne
           f"mean {paged.mean_latency_s:7.2f} s  preemptions {paged.num_preemptions}")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "q_sweep.json").write_text(json.dumps({"preset": preset, "rate": online.rate, "capacity_rps": capacity,
+    (out / "q_sweep.json").write_text(json_text({"preset": preset, "rate": online.rate, "capacity_rps": capacity,
                                                   "results": records}, indent=2))
     plot(records, out / "q_sweep.png", f"{preset}, Poisson at {rate_fraction:.2f} of paged's capacity")
 

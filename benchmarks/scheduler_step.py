@@ -19,13 +19,13 @@ Three steady states of a busy server, each with a queue:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import click
 
 from core.buckets import BucketSpec
+from core.records import json_text
 from core.request import LengthPrediction, Request
 from serve.policy_config import POLICY_NAMES, PolicyConfig
 from serve.sched_output import StepResult
@@ -91,7 +91,7 @@ def main(batches: str, output: str | None) -> None:
             results += row
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps({"results": results}, indent=1))
+        Path(output).write_text(json_text({"results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
+from core.records import json_text  # noqa: E402
 from pipeline.cli import load_predictor_checkpoint  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
@@ -134,7 +135,7 @@ def main(checkpoint, data, per_source, split, sources, config_path, overrides, o
     for result in results:
         click.echo(f"| {result['scored_on']} | {result['num_examples']} | "
                    + " | ".join(f"{result[k]:.3f}" for k in SHOWN) + " |")
-    (out / "served_labels.json").write_text(json.dumps(
+    (out / "served_labels.json").write_text(json_text(
         {"predictor": checkpoint, "data": data, "split": split, "sources": sources, "per_source": per_source,
          "agreement": agreement,
          "live": live, "results": results, "rows": records}, indent=2))

@@ -15,7 +15,7 @@ model's. Not collected by pytest.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -24,8 +24,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.records import result_record  # noqa: E402
-from serve.policy_config import PolicyConfig  # noqa: E402
+from core.records import json_text, result_record  # noqa: E402
+from serve.policy_config import POLICY_NAMES, PolicyConfig  # noqa: E402
 from serve.policy_options import policy_options  # noqa: E402
 from serve.sim.report import step_time_fit  # noqa: E402
 from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
@@ -57,9 +57,19 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     names = tuple(p for p in policies.split(",") if p)
     if "paged" not in names:
         names = ("paged", *names)
+    unknown = set(names) - set(POLICY_NAMES)
+    if unknown:
+        raise click.BadParameter(f"unknown {sorted(unknown)}; choose from {', '.join(POLICY_NAMES)}",
+                                 param_hint="--policies")
+    try:
+        fractions, seed_list = [float(f) for f in rate_fractions.split(",")], [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise click.UsageError("--rate-fractions takes numbers, --seeds integers, comma-separated") from None
+    if not all(0 < f < math.inf for f in fractions):
+        raise click.BadParameter("rates are positive fractions of paged's capacity", param_hint="--rate-fractions")
     limits = {k: v for k, v in (("kv_cache_tokens", kv_cache_tokens), ("max_num_seqs", max_num_seqs)) if v}
     records = []
-    for seed in [int(s) for s in seeds.split(",")]:
+    for seed in seed_list:
         workload = WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed)
         base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens, policies=("paged",),
                               predictor=PredictorConfig(kind="file" if trace else "confusion", accuracy=accuracy),
@@ -68,7 +78,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
         capacity_run = run_simulation(dataclasses.replace(base, max_num_seqs=capacity_max_num_seqs) if
                                       capacity_max_num_seqs else base)
         capacity, fit = capacity_run.results[0].requests_per_s, step_time_fit(capacity_run.cost)
-        for fraction in [float(f) for f in rate_fractions.split(",")]:
+        for fraction in fractions:
             online = dataclasses.replace(workload, mode="online", rate=fraction * capacity)
             report = run_simulation(dataclasses.replace(base, workload=online, policies=names))
             for result in report.results:
@@ -83,7 +93,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     out.mkdir(parents=True, exist_ok=True)
     meta = {"preset": preset, "trace": trace, "num_requests": num_requests, **knobs, "step_time_fit": fit,
             "capacity_max_num_seqs": capacity_max_num_seqs}
-    (out / "sim_load.json").write_text(json.dumps({**meta, "results": records, "summary": summary}, indent=2))
+    (out / "sim_load.json").write_text(json_text({**meta, "results": records, "summary": summary}, indent=2))
     plot(summary, out / "sim_load.png", f"{preset}: open-loop load, mean over seeds (bars: min-max)")
     print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")
 

@@ -16,7 +16,6 @@ prompt's prefill, so admitting by them would mean prefilling before admission (o
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from core.buckets import BucketSpec  # noqa: E402
+from core.records import json_text  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
 from pipeline.prompts import format_prompt  # noqa: E402
 from predictor_train.calibration import fit_temperature  # noqa: E402
@@ -154,7 +154,7 @@ def main(data, predictor_dir, max_train_rows_per_source, output_dir):
         "feature_ms_per_prompt": seconds * 1e3, "head_ms_per_prompt": head_ms,
         "num_rows": {name: len(splits[name]) for name in splits},
     }  # fmt: skip
-    (out / "target_head.json").write_text(json.dumps(report, indent=2))
+    (out / "target_head.json").write_text(json_text(report, indent=2))
     click.echo(f"wrote {out / 'target_head.json'}")
 
 

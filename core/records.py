@@ -2,6 +2,7 @@
 bench.json, `s3 simulate`'s report.json, benchmarks/load.py's --output, the simulator sweeps), so that runs
 can be compared."""
 
+import json
 import math
 from typing import Iterable, Sequence
 
@@ -34,3 +35,25 @@ def latency_figures(ttfts: Sequence[float], latencies: Sequence[float]) -> dict[
         figures[f"p50_{name}_s"] = quantile(values, 0.5)
         figures[f"p99_{name}_s"] = quantile(values, 0.99)
     return figures
+
+
+def json_text(value, **kwargs) -> str:
+    """``value`` as strict JSON, a figure with no value (NaN, an infinity) written as ``null``: JSON has no NaN,
+    and Python's ``NaN`` token breaks every other parser (jq, JavaScript, pandas' strict mode)."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def nan_for_null(record: dict) -> dict:
+    """A record read back from `json_text`'s output, its figures with no value NaN again (top-level keys: every
+    record's figures are numbers there)."""
+    return {k: math.nan if v is None else v for k, v in record.items()}

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
-from core.records import quantile
+from core.records import json_text, quantile
 from pipeline.bench import BenchResult
 from pipeline.summary import text_table
 
@@ -74,7 +73,7 @@ def save_bench(report: dict, output_dir: str | pathlib.Path) -> dict[str, pathli
         "results": [r.record() for r in report["results"]],
         "reference": None if reference is None else reference.record(),
     }
-    paths["json"].write_text(json.dumps(data, indent=1))
+    paths["json"].write_text(json_text(data, indent=1))
     _plot(report["results"] + ([reference] if reference else []), paths["png"])
     return paths
 

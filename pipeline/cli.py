@@ -28,7 +28,8 @@ def _fail(message: str) -> None:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (see configs/).")
-@click.option("--preset", default=None, help="Model + hardware preset: paper, llama-2-13b-a100, llama-2-70b-8xa100.")
+@click.option("--preset", default=None,
+              help="Model + hardware preset: paper, llama-2-13b-a100, llama-2-70b-8xa100, smollm2-cpu.")
 @click.option("--policies", default=None, help="Comma-separated policies to compare, e.g. max,paged,s3,oracle.")
 @click.option("--num-requests", type=int, default=None, help="Requests in the workload.")
 @click.option("--mode", type=click.Choice(["offline", "online"]), default=None, help="All at t=0, or Poisson arrivals.")
@@ -50,8 +51,8 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
 
         try:
             click.echo(format_calibration(*calibrate(calibrate_from)))
-        except (OSError, KeyError, ValueError) as exc:
-            _fail(f"cannot calibrate from {calibrate_from}: {exc!r}")
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            _fail(f"cannot calibrate from {calibrate_from}: {exc}")
         click.echo("wrote runs/calibration/smollm2-cpu.json (used by --preset smollm2-cpu from this folder)")
         return
 
@@ -67,6 +68,8 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
     }
     try:
         config = load_config(SimulateConfig, config_path, overrides, values=flags)
+        if rate is not None and config.workload.mode != "online":
+            raise ValueError("--rate is the online arrival rate: add --mode online (this run sends everything at t=0)")
         report = run_simulation(config, progress=lambda msg: click.echo(msg, err=True))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

@@ -54,11 +54,13 @@ class Pipeline:
         for name in (start, only):
             if name is not None and name not in STAGE_NAMES:
                 raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
+        if start and only:
+            raise ValueError("give --from (this stage and those after it) or --only (this stage alone), not both")
         first = STAGE_NAMES.index(only or start or STAGE_NAMES[0])
         for index, stage in enumerate(STAGES):
             record = self.root / stage.name / "stage.json"
             inputs_hash = _hash(self._inputs(stage))
-            previous = json.loads(record.read_text()) if record.exists() else None
+            previous = _read_record(record)
             forced = index >= first and (only is None or stage.name == only)
             if previous and previous["inputs_hash"] == inputs_hash and not (forced and (start or only)):
                 self.echo(f"[{stage.name}] up to date, skipped")
@@ -93,3 +95,13 @@ class Pipeline:
             log_stage(run, stage.name, outputs)
             run.finish()
         return outputs
+
+
+def _read_record(record: pathlib.Path) -> dict | None:
+    """A stage's record of its last finished run; None if it has none. One that does not read as a record (cut
+    short by a full disk while it was written) is none either: the stage runs again."""
+    try:
+        previous = json.loads(record.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return previous if isinstance(previous, dict) and {"inputs_hash", "outputs"} <= set(previous) else None

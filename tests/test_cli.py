@@ -45,6 +45,11 @@ def test_simulate_bad_input_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "fastest" in result.output  # the bad policy is named
     result = CliRunner().invoke(main, ["simulate", "--trace", str(tmp_path / "none.jsonl")])
     assert result.exit_code == 2 and "does not exist" in result.output
+    result = CliRunner().invoke(main, ["simulate", "--rate", "5"])  # was ignored: offline is the default
+    assert result.exit_code == 2 and "add --mode online" in result.output
+    (tmp_path / "empty.json").write_text("[]")
+    result = CliRunner().invoke(main, ["simulate", "--calibrate-from", str(tmp_path / "empty.json")])
+    assert result.exit_code == 2 and "holds 0 engine steps" in result.output
 
 
 @pytest.mark.parametrize("args, words", [
@@ -52,6 +57,7 @@ def test_simulate_bad_input_is_a_clear_error(tmp_path):
     (["evaluate", ".", "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
     (["generate", "--limit-per-source", "0"], "'--limit-per-source': 0 is not in the range x>=1"),
     (["simulate", "--num-requests", "0"], "num_requests must be >= 1"),
+    (["simulate", "--set", "block_size=0"], "block_size must be >= 1"),
     (["generate", "--set", "limit_per_source=0"], "limit_per_source must be >= 1"),
 ])  # fmt: skip
 def test_out_of_range_options_are_refused_before_any_work(args, words, tmp_path):

@@ -158,3 +158,35 @@ def test_urgent_requests_are_marked_sent_with_their_priority_and_reported_apart(
     row = load.summarise("paged", results, wall=6.0, metrics={}, max_tokens=8)
     assert row["classes"]["urgent"]["mean_ttft_s"] == 0.5 and row["classes"]["normal"]["mean_latency_s"] == 5.0
     assert [r["urgent"] for r in row["per_request"]] == [True, False] and "urgent (1)" in load.format_table([row])
+
+
+@pytest.mark.parametrize("bad", [dict(policies=("max", "foo")), dict(policies=()), dict(mode="poisson", rate=0.0),
+                                 dict(concurrency=0), dict(urgent_share=1.5), dict(aging_s=float("nan"))])
+def test_settings_are_refused_before_any_server_starts(import_benchmark, bad):
+    load = import_benchmark("load", "load_report")
+    with pytest.raises(ValueError):
+        load.LoadConfig(**bad)
+
+
+def test_a_policy_whose_every_request_failed_is_still_a_row(import_benchmark):
+    """Its ratio to itself was 0 / 0 and stopped the benchmark before anything was written."""
+    report = import_benchmark("load_report")
+    failed = [report.Result(str(i), start=0.0, end=1.0, error="400: bad") for i in range(3)]
+    row = report.summarise("max", failed, wall=1.0, metrics={}, max_tokens=8)
+    assert row["tokens_per_s"] == 0 and "max" in report.format_table([row])
+
+
+def test_the_warm_up_request_is_not_timed(import_benchmark, monkeypatch):
+    import asyncio
+
+    load = import_benchmark("load", "load_report")
+    sent = []
+
+    async def one_request(http, prompt, max_tokens, *args, **kwargs):
+        sent.append(prompt)
+        await asyncio.sleep(0.3 if prompt == "Say hi." else 0.0)
+        return load.Result(prompt, num_tokens=1, start=0.0, first_token=0.0, end=0.0)
+
+    monkeypatch.setattr(load, "one_request", one_request)
+    results, wall = asyncio.run(load.run_load("http://127.0.0.1:9", ["a", "b"], load.LoadConfig(num_requests=2)))
+    assert sent[0] == "Say hi." and [r.prompt for r in results] == ["a", "b"] and wall < 0.2

@@ -40,8 +40,10 @@ def calibrate(
     """Fit on every other engine step of a bench run (the rest held out); replay each policy in the simulator;
     compare tokens/s. Writes the fit to ``output_dir``/smollm2-cpu.json unless ``output_dir`` is None."""
     data = json.loads(pathlib.Path(bench_json).read_text())
-    runs = [r for r in data["results"] if r.get("steps")]
+    runs = [r for r in data["results"] if r.get("steps")] if isinstance(data, dict) else []
     steps = [tuple(s) for r in runs for s in r["steps"]]
+    if len(steps) < 4:
+        raise ValueError(f"{bench_json} holds {len(steps)} engine steps; a fit needs `s3 bench`'s bench.json of a run")
     fit = fit_linear(steps[0::2], source=str(bench_json))
     step_error = held_out_error(fit, steps[1::2])
     cost = dataclasses.replace(get_preset("smollm2-cpu"), linear=fit)

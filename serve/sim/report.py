@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
+from core.records import json_text
 from serve.sim.costmodel import CostModel
 from serve.sim.simulate import SimulationReport
 
@@ -101,7 +101,7 @@ def save_report(report: SimulationReport, output_dir: str | pathlib.Path) -> dic
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "png": out / "simulate.png"}
-    paths["json"].write_text(json.dumps(to_json(report), indent=2))
+    paths["json"].write_text(json_text(to_json(report), indent=2))
     plot_report(report, paths["png"])
     return paths
 

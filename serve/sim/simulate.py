@@ -18,7 +18,8 @@ class SimulateConfig:
     """Everything `s3 simulate` needs; filled from configs/simulate_*.yaml and the command line."""
 
     preset: str = "paper"
-    """Model + hardware preset (serve/sim/costmodel.py: paper, llama-2-13b-a100, llama-2-70b-8xa100)."""
+    """Model + hardware preset (serve/sim/costmodel.py: paper, llama-2-13b-a100, llama-2-70b-8xa100, and
+    smollm2-cpu, the engine on this project's 2-core CPU as `--calibrate-from` fits it)."""
     policies: tuple[PolicyName, ...] = POLICY_NAMES
     """Policies to run side by side on the same requests."""
     workload: WorkloadConfig = WorkloadConfig()
@@ -29,7 +30,7 @@ class SimulateConfig:
     """Output cap of every request; None: the rest of the model's context (the paper's worst case). The
     length buckets span [0, max_new_tokens] (or the context)."""
     kv_cache_tokens: int | None = None
-    """KV pool size in tokens; None: what the preset's memory holds after the weights."""
+    """KV pool size in tokens; None (or 0): what the preset's memory holds after the weights."""
     block_size: int = 16
     """Tokens per KV block."""
     max_num_seqs: int = 1024
@@ -53,6 +54,9 @@ class SimulateConfig:
         unknown = set(self.policies) - set(POLICY_NAMES)
         if unknown or not self.policies:
             raise ValueError(f"policies must be a non-empty subset of {POLICY_NAMES}, got {self.policies}")
+        if self.block_size < 1 or (self.kv_cache_tokens or 0) < 0:
+            raise ValueError(f"block_size must be >= 1 and kv_cache_tokens >= 0, got {self.block_size}, "
+                             f"{self.kv_cache_tokens}")
 
 
 LOAD_SWEEP = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5)

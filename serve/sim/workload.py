@@ -135,11 +135,22 @@ def load_trace(path: str | pathlib.Path) -> list[SimRequest]:
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
     else:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        rows = [_json_line(path, i, line) for i, line in
+                enumerate((line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()), start=1)]
     return [_trace_row(path, i, row) for i, row in enumerate(rows, start=1)]
 
 
+def _json_line(path: pathlib.Path, index: int, line: str):
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{path}, row {index}: not JSON ({exc})") from None
+
+
 def _trace_row(path: pathlib.Path, index: int, row: dict) -> SimRequest:
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}, row {index}: expected an object with num_prompt_tokens and num_output_tokens, "
+                         f"got {row!r:.80}")
     try:
         probs = row.get("probs")
         if isinstance(probs, str):
@@ -206,6 +217,10 @@ def predict(items: Sequence[SimRequest], config: PredictorConfig, buckets: Bucke
             bucket = item.predicted_bucket
             if bucket is None:
                 bucket = max(range(len(item.probs)), key=item.probs.__getitem__)
+            if not 0 <= bucket <= last or (item.probs is not None and len(item.probs) != buckets.num_buckets):
+                raise ValueError(f"a trace row predicts bucket {bucket} with {len(item.probs or ())} probabilities; "
+                                 f"the simulation has {buckets.num_buckets} buckets (0-{last}): set num_buckets "
+                                 "(and max_new_tokens) as the trace's predictor had them")
             item.prediction = LengthPrediction(bucket, probs=item.probs, num_tokens=item.num_output_tokens)
             continue
         bucket = true_bucket

@@ -53,6 +53,19 @@ def test_an_interrupted_stage_is_never_up_to_date(tmp_path, fake_stages):
     assert outputs["train"]["fingerprint"] == "lr=0.1"
 
 
+def test_a_torn_stage_record_reruns_the_stage(tmp_path, fake_stages):
+    Pipeline(_config(tmp_path, 0.1), echo=lambda m: None).run()
+    (tmp_path / "default" / "train" / "stage.json").write_text('{"inputs_hash": "ab')  # cut short: a full disk
+    fake_stages.clear()
+    Pipeline(_config(tmp_path, 0.1), echo=lambda m: None).run()
+    assert fake_stages == ["train"]
+
+
+def test_from_and_only_together_are_refused(tmp_path, fake_stages):
+    with pytest.raises(ValueError, match="not both"):
+        Pipeline(_config(tmp_path, 0.1), echo=lambda m: None).run(start="train", only="collect")
+
+
 def _inputs_hash(config: PipelineConfig, stage_name: str) -> str:
     stage = next(s for s in STAGES if s.name == stage_name)
     pipeline = Pipeline(config)

@@ -60,6 +60,19 @@ def test_trace_errors_name_file_and_row(tmp_path):
     csv_path.write_text("num_prompt_tokens,num_output_tokens,predicted_bucket\n5,9,0\n7,300,1\n")
     rows = load_trace(csv_path)
     assert [(r.num_prompt_tokens, r.num_output_tokens, r.predicted_bucket) for r in rows] == [(5, 9, 0), (7, 300, 1)]
+    for bad in ("[1, 2]", "not json"):  # a row that is no object, a line that is no JSON
+        path.write_text('{"num_prompt_tokens": 5, "num_output_tokens": 9}\n' + bad + "\n")
+        with pytest.raises(ValueError, match=r"t.jsonl, row 2"):
+            load_trace(path)
+
+
+@pytest.mark.parametrize("row", [dict(predicted_bucket=-2), dict(predicted_bucket=10), dict(probs=[0.5, 0.5])])
+def test_a_trace_prediction_outside_the_buckets_is_refused(row):
+    """A negative bucket read another bucket's edge by Python's negative indexing, one past the top was clamped."""
+    items = make_workload(WorkloadConfig(num_requests=1), max_seq_len=2048)
+    items = [dataclasses.replace(items[0], **row)]
+    with pytest.raises(ValueError, match="10 buckets"):
+        predict(items, PredictorConfig(kind="file"), BucketSpec.uniform(2048, 10))
 
 
 def test_a_trace_is_shuffled_per_seed_a_pass_at_a_time_unless_its_order_is_kept(tmp_path):
