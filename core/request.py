@@ -47,6 +47,9 @@ class LengthPrediction:
     few, predictor_train/familiarity.py); None when the predictor cannot tell."""
     unfamiliar: bool | None = None
     """Whether ``familiarity`` is below the predictor's threshold: a kind of prompt it was not trained on."""
+    checkpoint_id: str | None = None
+    """The predictor checkpoint that made it: what its feedback record names and whose live accuracy it counts in,
+    even when a reload swapped the predictor while it waited or ran (serve/server/reload.py)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,9 +34,11 @@ def label_and_save(
     plan = gen.plan(config, engine)
     for skipped in plan.skipped:
         echo(f"skipped {skipped}")
-    echo(f"{plan.num_done} prompts already labelled, {len(plan.todo)} to go ({len(plan.skipped)} skipped)")
     if write_only:
+        echo(f"{plan.num_done} prompts labelled ({len(plan.todo)} not yet, {len(plan.skipped)} skipped); labelling none")
         plan.todo = []
+    else:
+        echo(f"{plan.num_done} prompts already labelled, {len(plan.todo)} to go ({len(plan.skipped)} skipped)")
     run = start_run(project=config.wandb_project, job_type="generate", config=dataclasses.asdict(config),
                     mode=config.wandb_mode)
     bar = tqdm(total=plan.num_done + len(plan.todo), initial=plan.num_done, unit="prompt", desc="generate")
@@ -54,6 +56,11 @@ def label_and_save(
         rows = gen.run(config, engine, plan.todo, on_row)
     finally:
         bar.close()
+    if not rows:  # a dataset of nothing: `s3 train` could not load it
+        if run is not None:
+            run.finish()
+        raise ValueError(f"nothing is labelled in {config.output_dir}: no prompt to label"
+                         + (" (--write-only labels none)" if write_only else ""))
     recipe = json.loads((pathlib.Path(config.output_dir) / "recipe.json").read_text())
     stats = write_dataset(rows, plan.skipped, recipe, config.output_dir)
     echo(f"{stats['num_rows']} labelled prompts in {config.output_dir} "
@@ -144,7 +151,7 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
         lines = [f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
                  f"{report.num_feedback_used} feedback records ({report.num_feedback_held_out} more held out to "
                  f"measure on, {report.num_feedback_dropped} left out: their prompt is in the validation or test split, "
-                 f"{report.num_feedback_cut} cut by a client's lower max_tokens)"
+                 f"{report.num_feedback_cut} cut by a client's lower max_tokens or stop string)"
                  + (" and replayed rows in their place (replay_only, the control)" if config.replay_only else ""),
                  store_directions(records), report.verdict(), report.table()]
         checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}

@@ -109,6 +109,7 @@ def recipe(config: GenerateConfig, engine: Engine) -> dict:
         "seed": config.seed,
         "prompt_field": config.prompt_field,
         "input_field": config.input_field,
+        "device": config.device,  # cpu runs fp32, cuda bf16: greedy lengths differ a little
     }
 
 
@@ -117,9 +118,11 @@ class ShardWriter:
 
     def __init__(self, directory: pathlib.Path, sync_every: int = 16) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        index = len(list(directory.glob("part-*.jsonl")))
-        self.path = directory / f"part-{index:05d}.jsonl"
-        self._file = self.path.open("a", encoding="utf-8")
+        taken = [int(p.stem.removeprefix("part-")) for p in directory.glob("part-*.jsonl")
+                 if p.stem.removeprefix("part-").isdigit()]
+        # A new shard after the last (never one left behind with a torn line, whatever was deleted in between).
+        self.path = directory / f"part-{max(taken, default=-1) + 1:05d}.jsonl"
+        self._file = self.path.open("x", encoding="utf-8")
         self._pending = 0
         self.sync_every = sync_every
 
@@ -179,6 +182,11 @@ def plan(config: GenerateConfig, engine: Engine) -> LabelPlan:
         limit_per_source=config.limit_per_source, seed=config.seed,
     )
     done = read_shards(out / "shards")
+    changed = [row.id for row in prompts if row.id in done and done[row.id]["prompt"] != row.prompt]
+    if changed:  # ids are file stem and row: an edited file would label some prompts twice and others never
+        raise ValueError(f"{len(changed)} labelled rows of {out} hold other prompts than the input files now "
+                         f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): the files changed since "
+                         "they were labelled; label them into another --output-dir")
     todo = []
     for row in prompts:
         if row.id in done:
@@ -204,6 +212,9 @@ def _interleave(todo: list[tuple[PromptRow, list[int]]]) -> list[tuple[PromptRow
 def run(config: GenerateConfig, engine: Engine, todo: list, on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
     """Label ``todo``, appending each row to a new shard as it finishes; returns every row of every shard."""
     shards = pathlib.Path(config.output_dir) / "shards"
+    if not todo:
+        return sorted(read_shards(shards).values(), key=lambda r: (r["source"], r["row"])) if shards.is_dir() else []
+    _write_recipe(pathlib.Path(config.output_dir) / "recipe.json", recipe(config, engine))
     writer = ShardWriter(shards)
     try:
         for chunk in _chunks(todo, 4 * config.max_num_seqs):
@@ -251,10 +262,12 @@ def _row(config: GenerateConfig, engine: Engine, prompt: PromptRow, ids: list[in
 
 
 # Recipe keys added after the first data was labelled, with the value an older recipe without them meant.
-_LATER_RECIPE_KEYS = {"presence_penalty": 0.0, "frequency_penalty": 0.0}
+_LATER_RECIPE_KEYS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "device": "cpu"}
 
 
 def _check_recipe(path: pathlib.Path, current: dict) -> None:
+    """Refuse to add to a folder labelled with another recipe. The recipe is written with the first row
+    (`_write_recipe`), so a run that labelled nothing binds the folder to nothing."""
     if path.exists():
         previous = _LATER_RECIPE_KEYS | json.loads(path.read_text())
         changed = sorted(k for k in current if previous.get(k) != current[k])
@@ -263,6 +276,9 @@ def _check_recipe(path: pathlib.Path, current: dict) -> None:
                 f"{path.parent} holds lengths made with other settings ({', '.join(changed)} differ); "
                 "use another --output-dir or delete the old one"
             )
-    else:
+
+
+def _write_recipe(path: pathlib.Path, current: dict) -> None:
+    if not path.exists():
         path.write_text(json.dumps(current, indent=2))
 

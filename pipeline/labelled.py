@@ -115,7 +115,7 @@ project's engine; `num_output_tokens` counts the generated tokens, the end-of-se
 
 - model: `{recipe['model']}`
 - decoding: temperature {recipe['temperature']} ({'greedy' if recipe['temperature'] == 0 else 'sampled'}), top_p {recipe['top_p']}, presence_penalty {recipe.get('presence_penalty', 0.0)}, frequency_penalty {recipe.get('frequency_penalty', 0.0)}, max_new_tokens {recipe['max_new_tokens']}, samples per prompt {recipe['num_samples']}, seed {recipe['seed']}
-- prompt = `{recipe['prompt_field']}` + blank line + `{recipe['input_field']}` when non-empty
+- prompt = `{recipe['prompt_field']}`{f" + blank line + `{recipe['input_field']}` when non-empty" if recipe.get('input_field') else ""}
 
 ## Counts
 

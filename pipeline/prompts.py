@@ -3,9 +3,11 @@
 The lowest module of the pipeline (it imports nothing of the project): `s3 generate`, `s3 bench` and the
 pipeline's serving rounds all read, format and draw prompts here, so the three cannot drift apart.
 
-Reading: JSON, JSONL, CSV, Parquet or a `datasets` folder, with configurable field names. Bad input never
-stops a run: a missing file, a file without the prompt field, an unreadable row or an empty prompt becomes a
-`Skipped` entry naming the file and row, and the rest goes on.
+Reading: JSON, JSONL, CSV, Parquet or a `datasets` folder (a dataset or a dataset dict, its splits in turn), with
+configurable field names; a UTF-8 byte-order mark is allowed. Bad input never stops a run: a missing file, a file
+without the prompt field, an unreadable row, a prompt that is not text (a number, a list, a chat's messages) or not
+valid Unicode (a lone surrogate), or an empty prompt becomes a `Skipped` entry naming the file and row, and the rest
+goes on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import json
 import pathlib
 import random
+import sys
 from typing import Callable, Collection, Iterator
 
 PROMPT_SETS = (
@@ -60,10 +63,11 @@ def _records(path: pathlib.Path) -> Iterator[tuple[int, dict | Exception]]:
     if path.is_dir():
         import datasets
 
-        for i, record in enumerate(datasets.load_from_disk(str(path))):
-            yield i, record
+        data = datasets.load_from_disk(str(path))
+        splits = [data[name] for name in data] if isinstance(data, datasets.DatasetDict) else [data]
+        yield from enumerate(record for split in splits for record in split)
     elif path.suffix == ".jsonl":
-        with path.open() as f:
+        with path.open(encoding="utf-8-sig") as f:
             for i, line in enumerate(f):
                 if not line.strip():
                     continue
@@ -72,14 +76,15 @@ def _records(path: pathlib.Path) -> Iterator[tuple[int, dict | Exception]]:
                 except json.JSONDecodeError as exc:
                     yield i, exc
     elif path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise ValueError("a .json prompt file must hold a list of objects (or {'data': [...]})")
         yield from enumerate(data)
     elif path.suffix == ".csv":
-        with path.open(newline="") as f:
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long prompt is skipped later, by its tokens
+        with path.open(newline="", encoding="utf-8-sig") as f:
             yield from enumerate(csv.DictReader(f))
     elif path.suffix == ".parquet":
         import datasets
@@ -108,34 +113,54 @@ def check_distinct_sources(paths: Collection[str]) -> None:
 def read_prompts(
     path: str | pathlib.Path, *, prompt_field: str = "instruction", input_field: str | None = "input"
 ) -> tuple[list[PromptRow], list[Skipped]]:
-    """Prompts of one file: ``prompt_field`` plus, when present and non-empty, a blank line and ``input_field``."""
+    """Prompts of one file: ``prompt_field`` plus, when present and non-empty, a blank line and ``input_field``
+    (the same field named twice is read once)."""
     path = pathlib.Path(path)
     if not path.exists():
         return [], [Skipped(str(path), None, "file does not exist")]
+    input_field = None if input_field == prompt_field else input_field
     rows: list[PromptRow] = []
     skipped: list[Skipped] = []
+    fields: object = None  # what a record without the prompt field had, for the message
     try:
         for i, record in _records(path):
             if isinstance(record, Exception):
                 skipped.append(Skipped(str(path), i, f"unreadable row ({record})"))
                 continue
             if not isinstance(record, dict) or prompt_field not in record:
-                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                if i == 0 and not rows:  # the whole file lacks the field: say so once
-                    return [], [Skipped(str(path), None, f"no field {prompt_field!r} (it has {fields})")]
+                fields = fields or (sorted(record) if isinstance(record, dict) else type(record).__name__)
                 skipped.append(Skipped(str(path), i, f"no field {prompt_field!r}"))
                 continue
-            text = str(record[prompt_field] or "").strip()
-            extra = str(record.get(input_field) or "").strip() if input_field else ""
+            text, extra = record[prompt_field], record.get(input_field) if input_field else None
+            wrong = next((v for v in (text, extra) if v is not None and not isinstance(v, str)), None)
+            if wrong is not None:
+                skipped.append(Skipped(str(path), i, f"not text: a {type(wrong).__name__}"))
+                continue
+            text, extra = (text or "").strip(), (extra or "").strip()
             if extra:
                 text = f"{text}\n\n{extra}" if text else extra
             if not text:
                 skipped.append(Skipped(str(path), i, "empty prompt"))
                 continue
+            if not _encodes(text):
+                skipped.append(Skipped(str(path), i, "not valid Unicode (a lone surrogate)"))
+                continue
             rows.append(PromptRow(source_name(path), i, text))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, csv.Error) as exc:
         return rows, [*skipped, Skipped(str(path), None, f"cannot read: {exc}")]
+    if not rows and fields is not None and all(s.reason == f"no field {prompt_field!r}" for s in skipped):
+        return [], [Skipped(str(path), None, f"no field {prompt_field!r} (it has {fields})")]  # said once
+    if not rows and not skipped:
+        return [], [Skipped(str(path), None, "no prompts in it")]
     return rows, skipped
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_prompt_sets(
@@ -144,7 +169,11 @@ def read_prompt_sets(
     """All prompts of several files; ``limit_per_source`` takes a seeded random subset of each file."""
     rows: list[PromptRow] = []
     skipped: list[Skipped] = []
+    seen: set[pathlib.Path] = set()
     for path in paths:
+        if pathlib.Path(path).resolve() in seen:
+            continue  # the same file named twice is read once
+        seen.add(pathlib.Path(path).resolve())
         file_rows, file_skipped = read_prompts(path, prompt_field=prompt_field, input_field=input_field)
         if limit_per_source is not None and len(file_rows) > limit_per_source:
             file_rows = sorted(random.Random(seed).sample(file_rows, limit_per_source), key=lambda r: r.row)

@@ -160,7 +160,8 @@ class LengthPredictor:
                 self.buckets.quantile_bucket(row, quantile)
             familiar = {} if scores is None else {"familiarity": float(scores[i]), "unfamiliar": bool(unfamiliar[i])}
             # num_tokens stays None: it means an exact length (the oracle's); the reservation comes from the bucket.
-            out.append(LengthPrediction(bucket=bucket, probs=tuple(row), num_tokens=None, **familiar))
+            out.append(LengthPrediction(bucket=bucket, probs=tuple(row), num_tokens=None, **familiar,
+                                        checkpoint_id=self.checkpoint_id))
         return out
 
     def benchmark_latency(self, batch_sizes: Sequence[int] = (1, 32), *, num_prompts: int = 32,

@@ -58,7 +58,8 @@ class RetrainReport:
     num_feedback_dropped: int
     """Feedback records left out because their prompt is in the validation or test split."""
     num_feedback_cut: int
-    """Feedback records left out because a client's lower max_tokens cut the answer (its length is no label)."""
+    """Feedback records left out because the client cut the answer (its lower max_tokens or a stop string): its
+    length is no label."""
     num_feedback_held_out: int
     """Feedback records held out of training (``feedback_holdout``) to measure on."""
     num_replayed: int
@@ -124,7 +125,7 @@ def feedback_for_training(feedback: datasets.Dataset, held_out_prompts: set[str]
 
 def _own_length(finished: bool, length: int, max_tokens: int) -> bool:
     """Whether a record's length is its answer's own: it ended of itself or at the labels' limit ``max_tokens``, not
-    at a client's lower one (then its label is unknown, only above what it wrote)."""
+    at a client's lower one or a stop string (then its label is unknown, only above what it wrote)."""
     return finished or length >= max_tokens
 
 
@@ -145,7 +146,7 @@ def hold_out_feedback(feedback: datasets.Dataset, share: float) -> tuple[dataset
 
 def traffic_sample(held_out: datasets.Dataset, max_tokens: int, share: float) -> tuple[datasets.Dataset, list[float]]:
     """The held-out records that belong to a sample of served traffic (``traffic_weight`` > 0) and whose length is
-    the answer's own (it ended of itself or at the labels' limit ``max_tokens``, not at a client's lower one), and
+    the answer's own (`_own_length`), and
     how many served requests each stands for: its ``traffic_weight`` over its chance of being held out (``share``
     for a mispredicted record, 1 for a sampled one)."""
     if "traffic_weight" not in held_out.column_names:

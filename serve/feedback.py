@@ -29,7 +29,7 @@ import logging
 import os
 import pathlib
 import time
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from core.buckets import BucketSpec
 from core.feedback import MIN_TRAFFIC_SAMPLE
@@ -123,6 +123,7 @@ class FeedbackWriter:
         self.max_segment_bytes = max_segment_bytes
         self._file = None
         self._unsynced = 0
+        self._in_segment = 0  # records written to the open segment
         self.num_written = 0
         self.num_lost = 0
         """Records counted in ``num_written`` or offered since, that a failed write or sync may have lost."""
@@ -132,6 +133,7 @@ class FeedbackWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"segment-{time.time_ns():020d}-{os.getpid()}.jsonl"
         self._file = (self.directory / name).open("x", encoding="utf-8")
+        self._in_segment = 0
 
     def write(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
@@ -139,6 +141,7 @@ class FeedbackWriter:
             if self._file is None:
                 self._open()
             self._unsynced += 1  # from here lost with the other unsynced records if anything below fails
+            self._in_segment += 1
             self._file.write(line)
             self.num_written += 1
             if self._unsynced >= self.sync_every:
@@ -160,6 +163,9 @@ class FeedbackWriter:
         if self._file is not None and self._unsynced:
             self._file.flush()
             os.fsync(self._file.fileno())
+            if os.fstat(self._file.fileno()).st_nlink == 0:  # the segment (or its folder) removed while serving:
+                self._unsynced = self._in_segment  # writes still succeed, into a file nobody can read
+                raise FileNotFoundError(f"segment {self._file.name} was removed")
         self._unsynced = 0
 
     def _failed(self, exc: OSError, *, lost: int) -> None:
@@ -203,12 +209,10 @@ class FeedbackLog:
         self.checkpoint_id = checkpoint_id
         self.sample_rate = sample_rate
         self.num_sampled = 0
-        self._earlier: dict[str, str | None] = {}  # requests predicted by a checkpoint swapped out since
 
-    def use_checkpoint(self, checkpoint_id: str | None, in_flight: Iterable[str]) -> None:
-        """A new predictor from now on (`serve.server.reload`); the ``in_flight`` requests were predicted by the
-        one before, and their records name it."""
-        self._earlier.update(dict.fromkeys(in_flight, self.checkpoint_id))
+    def use_checkpoint(self, checkpoint_id: str | None) -> None:
+        """A new predictor from now on (`serve.server.reload`). A record names the checkpoint its prediction came
+        from (`LengthPrediction.checkpoint_id`), this one only for a prediction that does not say."""
         self.checkpoint_id = checkpoint_id
 
     @property
@@ -229,8 +233,11 @@ class FeedbackLog:
         and its length is a label (`length_is_label`), when it falls in the sample. ``stopped_at``: a stop
         string ended the request after that many output tokens (the engine saw it as an abort, possibly a token or
         two later); only the bucket overruns before that point count, and an answer cut by the client's stop
-        string is never taken for an over-prediction nor sampled."""
-        checkpoint_id = self._earlier.pop(request.request_id, self.checkpoint_id)
+        string is never taken for an over-prediction nor sampled, and its record says it did not end of itself
+        (``finished`` false): its length is no label, only a bound below it, so retraining neither trains on it nor
+        counts it in its sample of the traffic (which holds none of its well-predicted peers)."""
+        made_by = request.prediction.checkpoint_id if request.prediction is not None else None
+        checkpoint_id = self.checkpoint_id if made_by is None else made_by
         write = functools.partial(feedback_record, request, self.buckets, checkpoint_id=checkpoint_id,
                                   sample_rate=self.sample_rate)
         if stopped_at is None:
@@ -244,7 +251,7 @@ class FeedbackLog:
         if not events:
             return
         record = write()
-        record.update(num_output_tokens=stopped_at, finished=True, true_bucket=self.buckets.bucket_of(stopped_at),
+        record.update(num_output_tokens=stopped_at, finished=False, true_bucket=self.buckets.bucket_of(stopped_at),
                       num_mispredictions=len(events))
         self.writer.write(record)
 
@@ -262,30 +269,39 @@ RECORD_FIELDS = {"prompt": (str, type(None)), "source": (str,), "num_prompt_toke
 
 
 def is_feedback_record(record: object) -> bool:
-    """Whether ``record`` has the schema `feedback_record` writes (bool is not taken for an int)."""
+    """Whether ``record`` has the schema `feedback_record` writes (bool is not taken for an int; counts are
+    non-negative and fit 63 bits; a sample rate, where given, is a number in [0, 1])."""
     if not isinstance(record, dict):
         return False
     for name, types in RECORD_FIELDS.items():
         value = record.get(name, ...)
-        if type(value) not in types or (type(value) is int and value < 0):
+        if type(value) not in types or (type(value) is int and not 0 <= value < 2**63):
             return False
-    return type(record.get("num_preemptions", 0)) is int
+    rate = record.get("sample_rate", 0.0)
+    return (type(record.get("num_preemptions", 0)) is int and type(record.get("sampled", False)) is bool
+            and type(rate) in (int, float) and 0 <= rate <= 1)
 
 
 def read_feedback(directory: str | pathlib.Path, *, skipped: collections.Counter | None = None) -> Iterator[dict]:
     """Every usable record in every segment, oldest segment first. Lines it cannot use are skipped and, when
     ``skipped`` is given, counted there: ``torn`` (not a whole JSON line, e.g. the last write before a kill -9)
-    and ``not_a_record`` (valid JSON without the feedback schema, e.g. a file someone else wrote)."""
+    ``not_utf8`` (a line that is not UTF-8 text) and ``not_a_record`` (valid JSON without the feedback schema, e.g.
+    a file someone else wrote)."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"feedback folder {directory} does not exist")
     skipped = collections.Counter() if skipped is None else skipped
     for path in sorted(directory.glob("segment-*.jsonl")):
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.endswith("\n"):
+        with path.open("rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
                     skipped["torn"] += 1  # a torn last line: the write it belonged to never completed
                     break
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    skipped["not_utf8"] += 1
+                    continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:

@@ -5,7 +5,6 @@ predictor)."""
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 from core.buckets import BucketSpec
 from core.request import Request
@@ -27,24 +26,29 @@ class PredictionOutcomes:
     predicted bucket's midpoint in tokens. Written by the engine thread, read by `/metrics` and the logs.
     ``expected_within_one``: the predictor's within-one accuracy on its validation split, if known (`stale`)."""
 
-    def __init__(self, buckets: BucketSpec, expected_within_one: float | None = None) -> None:
+    def __init__(self, buckets: BucketSpec, expected_within_one: float | None = None,
+                 checkpoint_id: str | None = None) -> None:
         self.buckets = buckets
-        self.reset(expected_within_one)
+        self.reset(expected_within_one, checkpoint_id)
 
-    def reset(self, expected_within_one: float | None, *, unscored: Iterable[str] = ()) -> None:
-        """Count again from nothing, for a new predictor whose validation accuracy is ``expected_within_one``; the
-        ``unscored`` requests (in flight, predicted by the one before) will not count."""
+    def reset(self, expected_within_one: float | None, checkpoint_id: str | None = None) -> None:
+        """Count again from nothing, for a new predictor whose validation accuracy is ``expected_within_one``: the
+        requests predicted by another checkpoint (``LengthPrediction.checkpoint_id``: in flight at a reload) will
+        not count."""
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.abs_error_tokens = 0.0
         self.expected_within_one = expected_within_one
-        self._unscored = set(unscored)
+        self.checkpoint_id = checkpoint_id
 
     def observe(self, request: Request) -> None:
         """Score a finished request, if its length is a label and it was predicted (by this predictor)."""
-        if request.request_id in self._unscored:
-            self._unscored.discard(request.request_id)
-        elif request.prediction is not None and length_is_label(request, self.buckets):
-            self.add(request.num_output_tokens, request.prediction.bucket)
+        prediction = request.prediction
+        if prediction is None or not length_is_label(request, self.buckets):
+            return
+        made_by = prediction.checkpoint_id
+        if made_by is not None and self.checkpoint_id is not None and made_by != self.checkpoint_id:
+            return  # predicted by a checkpoint swapped out since
+        self.add(request.num_output_tokens, prediction.bucket)
 
     def add(self, num_output_tokens: int, predicted_bucket: int) -> None:
         """Score one answer's length against its predicted bucket."""

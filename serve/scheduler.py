@@ -338,6 +338,8 @@ class Scheduler:
                     break
                 continue
             admitted.append(index)
+            if self.policy.tracks_buckets and request.reserved_bucket is not None:
+                self._note_bucket_overrun(request)  # resumed past its bucket: its next token would go unnoted
             if keys is not None:
                 computing.update(keys[len(cached):])
             out.seqs.append(self._scheduled(request, num_new))

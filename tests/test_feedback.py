@@ -1,5 +1,6 @@
 import collections
 import json
+import math
 import os
 import signal
 import subprocess
@@ -194,6 +195,21 @@ def test_the_reader_skips_and_counts_lines_it_cannot_use(tmp_path):
     assert json.loads(result.output)["skipped"] == {"not_a_record": 9, "torn": 2}
 
 
+def test_fields_a_hand_edited_store_gets_wrong_are_skipped_not_raised(tmp_path):
+    """A sample rate as text or NaN, a length past 64 bits, `sampled` as text, a line in Latin-1: each stopped
+    `s3 feedback` or retraining (TypeError, OverflowError) or was read with its text garbled."""
+    junk = [json.dumps(_record("a") | {"sample_rate": "0.1"}), json.dumps(_record("b") | {"sample_rate": math.nan}),
+            json.dumps(_record("c") | {"num_output_tokens": 2**70}), json.dumps(_record("d") | {"sampled": "yes"})]
+    latin1 = json.dumps(_record("e", prompt="caf\u00e9"), ensure_ascii=False).encode("latin-1")
+    (tmp_path / "segment-1.jsonl").write_bytes(b"\n".join([*(line.encode() for line in junk), latin1,
+                                                            json.dumps(_record("ok")).encode()]) + b"\n")
+    skipped = collections.Counter()
+    assert [r["request_id"] for r in read_feedback(tmp_path, skipped=skipped)] == ["ok"]
+    assert skipped == {"not_a_record": 4, "not_utf8": 1}
+    result = CliRunner().invoke(main, ["feedback", str(tmp_path)])
+    assert result.exit_code == 0 and "1 not utf8" in result.output, result.output
+
+
 def test_s3_feedback_says_so_when_a_store_holds_no_record(tmp_path):
     result = CliRunner().invoke(main, ["feedback", str(tmp_path)])
     assert result.exit_code == 0 and result.output.startswith("no feedback records:"), result.output
@@ -235,25 +251,50 @@ def test_prediction_outcomes_score_the_requests_whose_length_is_a_label():
 
 
 def test_requests_in_flight_at_a_predictor_swap_keep_the_old_checkpoint(tmp_path):
-    """A predictor swapped while serving (serve/server/reload.py): the requests it did not predict are neither
-    named after it in the feedback store nor scored in its live accuracy."""
+    """A predictor swapped while serving (serve/server/reload.py), twice: each request's record names the checkpoint
+    that predicted it, and only the new one's predictions count in its live accuracy. (The swap used to note the
+    requests in flight by id: a second swap renamed them after the middle checkpoint, and a request classified by
+    the old predictor after the swap was queued was named after the new one.)"""
+    import dataclasses
+
     from serve.feedback import FeedbackLog
     from serve.outcomes import PredictionOutcomes
 
     sched = make_scheduler("s3", num_blocks=64)
-    for request_id in ("old", "new"):
+    for request_id in ("first", "second", "third", "unnamed"):
         sched.add_request(make_request(request_id, bucket=0, max_new_tokens=64))
-    finished = {r.request_id: r for r in run_until_done(sched, {"old": 40, "new": 40})}  # both under-predicted
-    log = FeedbackLog(FeedbackWriter(tmp_path), sched.policy.buckets, "ckpt-1")
-    outcomes = PredictionOutcomes(sched.policy.buckets, 0.6)
-    log.use_checkpoint("ckpt-2", in_flight=["old"])
-    outcomes.reset(0.7, unscored=["old"])
+    finished = {r.request_id: r for r in run_until_done(sched, {r: 40 for r in ("first", "second", "third",
+                                                                                  "unnamed")})}  # all under-predicted
+    for request_id in ("first", "second", "third"):
+        request = finished[request_id]
+        request.prediction = dataclasses.replace(request.prediction, checkpoint_id=f"ckpt-{request_id}")
+    log = FeedbackLog(FeedbackWriter(tmp_path), sched.policy.buckets, "ckpt-first")
+    outcomes = PredictionOutcomes(sched.policy.buckets, 0.6, "ckpt-first")
+    for checkpoint_id in ("ckpt-second", "ckpt-third"):
+        log.use_checkpoint(checkpoint_id)
+        outcomes.reset(0.7, checkpoint_id)
     for request in finished.values():
         log.record(request)
         outcomes.observe(request)
     log.close()
-    assert {r["request_id"]: r["checkpoint_id"] for r in read_feedback(tmp_path)} == {"old": "ckpt-1", "new": "ckpt-2"}
-    assert outcomes.num_observed == 1 and outcomes.expected_within_one == 0.7
+    assert {r["request_id"]: r["checkpoint_id"] for r in read_feedback(tmp_path)} == {
+        "first": "ckpt-first", "second": "ckpt-second", "third": "ckpt-third", "unnamed": "ckpt-third"}
+    assert outcomes.num_observed == 2 and outcomes.expected_within_one == 0.7  # third's, and one that names none
+
+
+def test_a_store_removed_while_serving_counts_what_it_lost_and_starts_again(tmp_path):
+    """Writes into a removed folder's open segment succeed, into a file nobody can read: found at the next sync,
+    every record of that segment is counted lost and the next goes to a new segment."""
+    import shutil
+
+    writer = FeedbackWriter(tmp_path / "store", sync_every=2)
+    writer.write({"a": 0})
+    shutil.rmtree(tmp_path / "store")
+    for i in range(1, 10):
+        writer.write({"a": i})
+    writer.close()
+    kept = [json.loads(line)["a"] for p in (tmp_path / "store").iterdir() for line in p.read_text().splitlines()]
+    assert writer.num_lost == 2 and sorted(kept) == list(range(2, 10))
 
 
 def test_a_failing_store_loses_records_but_never_raises_and_starts_again(tmp_path, monkeypatch, caplog):

@@ -96,7 +96,7 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
         feedback = FeedbackLog(writer, predictor.buckets, checkpoint_id, sample_rate=config.feedback_sample_rate)
     outcomes = None
     if predictor is not None:
-        outcomes = PredictionOutcomes(predictor.buckets, getattr(predictor, "expected_within_one", None))
+        outcomes = PredictionOutcomes(predictor.buckets, getattr(predictor, "expected_within_one", None), checkpoint_id)
     metrics = ServerMetrics(lambda: engine_loop.snapshot, policy=admission.policy.policy, checkpoint_id=checkpoint_id,
                             outcomes=outcomes)
     threaded = config.predictor_thread
@@ -139,6 +139,8 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
     """Run the server until SIGINT/SIGTERM (rank 0), or follow rank 0's steps (other tensor-parallel ranks).
     ``load_checkpoint`` loads ``config.predictor`` (see `CheckpointLoader`)."""
     configure_process(config)
+    if hasattr(signal, "SIGHUP"):  # a reload asked before the server runs (or of a follower rank) kills nothing
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     rank = int(os.environ.get("RANK", "0"))
     if config.engine.tensor_parallel > 1 and rank != 0:
         _follow(config)  # binds nothing; rank 0's refusal below ends the launch (the launcher stops every rank)
@@ -253,6 +255,7 @@ def _follow(config: ServeConfig) -> None:
     """A tensor-parallel rank other than 0: hold a shard of the model and run rank 0's plans until rank 0 shuts
     down. SIGINT/SIGTERM are ignored here: the deepspeed launcher sends them to every rank at once, and a rank
     that died first would leave rank 0's shutdown broadcast hanging (the launcher SIGKILLs stragglers after 30 s).
+    SIGHUP (a predictor reload, `serve_main`) is ignored too: rank 0 alone predicts.
     """
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)

@@ -57,13 +57,13 @@ def reload_predictor(stack, *, timeout_s: float = 60.0) -> str:
     def swap(engine) -> str | None:  # in the engine thread, between two steps
         engine.scheduler.policy.use_length_profile(profile.bucket_prior, profile.bucket_shape)
         stack.classifier.predictor = new
-        loop, in_flight = stack.engine_loop, list(engine.scheduler.requests)  # predicted by the old one
+        loop = stack.engine_loop  # the requests predicted before keep their checkpoint on their prediction
         if loop.feedback is not None:
-            loop.feedback.use_checkpoint(checkpoint_id, in_flight)
+            loop.feedback.use_checkpoint(checkpoint_id)
         if loop.outcomes is None:
             return None
         summary = loop.outcomes.summary()
-        loop.outcomes.reset(getattr(new, "expected_within_one", None), unscored=in_flight)
+        loop.outcomes.reset(getattr(new, "expected_within_one", None), checkpoint_id)
         return summary
 
     before = stack.engine_loop.call(swap).result(timeout_s)

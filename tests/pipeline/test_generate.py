@@ -1,5 +1,6 @@
 """`s3 generate` on a fake engine: formats, bad input, resume, sampling mode, dataset card."""
 
+import dataclasses
 import json
 
 import datasets
@@ -170,3 +171,75 @@ def test_a_source_above_its_limit_is_reported(tmp_path):
     messages.clear()
     label_and_save(_config(tmp_path, limit_per_source=8), engine=FakeEngine(), echo=messages.append)
     assert not any(m.startswith("note:") for m in messages)
+
+
+def test_prompt_files_people_actually_have(tmp_path):
+    """A byte-order mark, a CSV field past the csv module's 128 KiB limit, a first record without the field, a
+    dataset dict, a prompt that is not text or not valid Unicode, a prompt field also named as the input field,
+    an empty file: each read, or skipped with its reason, and never a traceback."""
+    def read(name, text, **kw):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        return read_prompts(tmp_path / name, **({"prompt_field": "instruction"} | kw))
+
+    for name, text in (("bom.json", '\ufeff[{"instruction": "hi"}]'), ("bom.jsonl", '\ufeff{"instruction": "hi"}\n'),
+                       ("bom.csv", "\ufeffinstruction\nhi\n")):
+        assert [r.prompt for r in read(name, text)[0]] == ["hi"], name
+    rows, skipped = read("long.csv", "instruction\n" + "z" * 200_000 + "\nshort\n")
+    assert [len(r.prompt) for r in rows] == [200_000, 5] and not skipped  # too long for the model: skipped later
+    rows, skipped = read("first.jsonl", '{"other": 1}\n{"instruction": "good"}\n')
+    assert [r.prompt for r in rows] == ["good"] and [s.row for s in skipped] == [0]
+    rows, skipped = read("types.json", json.dumps([{"instruction": ["a", "list"]}, {"instruction": 0},
+                                                   {"instruction": {"role": "user"}}, {"instruction": "ok"}]))
+    assert [r.prompt for r in rows] == ["ok"] and [s.reason for s in skipped] == [
+        "not text: a list", "not text: a int", "not text: a dict"]
+    rows, skipped = read("surrogate.jsonl", '{"instruction": "broken \\ud83d emoji"}\n{"instruction": "fine"}\n')
+    assert [r.prompt for r in rows] == ["fine"] and "not valid Unicode" in skipped[0].reason
+    rows, _ = read("same.json", json.dumps([{"input": "What is 2+2?"}]), prompt_field="input", input_field="input")
+    assert [r.prompt for r in rows] == ["What is 2+2?"]  # not the question twice
+    assert read("empty.jsonl", "")[1][0].reason == "no prompts in it"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"instruction": ["t"]}),
+                          "test": datasets.Dataset.from_dict({"instruction": ["u"]})}).save_to_disk(str(tmp_path / "dd"))
+    assert sorted(r.prompt for r in read_prompts(tmp_path / "dd")[0]) == ["t", "u"]
+
+
+def test_resuming_over_edited_prompt_files_is_refused(tmp_path):
+    """Ids are file stem and row: a prompt inserted at the top would leave it unlabelled and the last one twice."""
+    config = _config(tmp_path)
+    label_and_save(config, engine=FakeEngine(), echo=lambda m: None)
+    rows = json.loads((tmp_path / "a.json").read_text())
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "NEW"}, *rows]))
+    with pytest.raises(ValueError, match="hold other prompts than the input files now"):
+        label_and_save(dataclasses.replace(config, inputs=(str(tmp_path / "a.json"),)), engine=FakeEngine(),
+                       echo=lambda m: None)
+
+
+def test_a_run_that_labels_nothing_binds_the_folder_to_nothing(tmp_path):
+    """`--write-only` on a new folder, or inputs with no prompt, wrote an empty dataset `s3 train` could not load
+    and a recipe.json that refused the next, real run's settings."""
+    (tmp_path / "empty.jsonl").write_text("")
+    config = GenerateConfig(inputs=(str(tmp_path / "empty.jsonl"),), output_dir=str(tmp_path / "out"),
+                            max_new_tokens=10, wandb_mode="disabled")
+    with pytest.raises(ValueError, match="nothing is labelled"):
+        label_and_save(config, engine=FakeEngine(), echo=lambda m: None)
+    with pytest.raises(ValueError, match="nothing is labelled"):
+        label_and_save(_config(tmp_path), engine=FakeEngine(), echo=lambda m: None, write_only=True)
+    assert not (tmp_path / "out" / "recipe.json").exists() and not list((tmp_path / "out").glob("shards/*"))
+    other = dataclasses.replace(_config(tmp_path), max_new_tokens=11)
+    label_and_save(other, engine=FakeEngine(), echo=lambda m: None)  # not refused: nothing bound the folder
+    shards = tmp_path / "out" / "shards"
+    before = sorted(shards.iterdir())
+    label_and_save(other, engine=FakeEngine(), echo=lambda m: None)  # all done
+    assert sorted(shards.iterdir()) == before  # no empty shard left behind
+    with pytest.raises(ValueError, match="device differ"):
+        label_and_save(dataclasses.replace(other, device="cuda"), engine=FakeEngine(), echo=lambda m: None)
+
+
+def test_a_new_shard_never_appends_to_an_old_one(tmp_path):
+    """The shard index was the number of shards: with part-00001 deleted, the next run appended to part-00002,
+    after its torn last line."""
+    for index in (0, 2):
+        (tmp_path / f"part-{index:05d}.jsonl").write_text('{"id": "a:0"}\n{"id": "a:1", "pro')
+    writer = ShardWriter(tmp_path)
+    writer.write({"id": "b:0"})
+    writer.close()
+    assert writer.path.name == "part-00003.jsonl" and set(read_shards(tmp_path)) == {"a:0", "b:0"}

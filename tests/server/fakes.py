@@ -64,7 +64,7 @@ class FakePredictor:
     def predict(self, prompts: list[str]) -> list[LengthPrediction]:
         self.calls.append(list(prompts))
         probs = tuple(1.0 if i == self.bucket else 0.0 for i in range(self.buckets.num_buckets))
-        return [LengthPrediction(bucket=self.bucket, probs=probs) for _ in prompts]
+        return [LengthPrediction(bucket=self.bucket, probs=probs, checkpoint_id=self.checkpoint_id) for _ in prompts]
 
 
 def serve_config(tmp_path, *, policy: str = "s3", kv_cache_tokens: int = 1024, max_num_seqs: int = 16,
