@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from pipeline import generate as gen
 from pipeline.labelled import labelled_data, write_dataset
+from pipeline.prompts import source_name
 from core.tracking import start_run
 
 
@@ -62,7 +63,8 @@ def label_and_save(
         raise ValueError(f"nothing is labelled in {config.output_dir}: no prompt to label"
                          + (" (--write-only labels none)" if write_only else ""))
     recipe = json.loads((pathlib.Path(config.output_dir) / "recipe.json").read_text())
-    stats = write_dataset(rows, plan.skipped, recipe, config.output_dir)
+    stats = write_dataset(rows, plan.skipped, recipe, config.output_dir,
+                          read_sources={source_name(path) for path in config.inputs})
     echo(f"{stats['num_rows']} labelled prompts in {config.output_dir} "
          f"(mean {stats['mean_output_tokens']:.1f} output tokens, {stats['num_capped']} hit the cap)")
     over = over_limit(config, stats["by_source"])

@@ -7,8 +7,9 @@ import collections
 import json
 import pathlib
 import statistics
+from typing import Collection
 
-from pipeline.prompts import Skipped
+from pipeline.prompts import Skipped, source_name
 
 COLUMNS = ("id", "prompt", "source", "row", "num_prompt_tokens", "num_output_tokens", "finished",
            "sample_output_tokens", "output_text")
@@ -47,11 +48,15 @@ def labelled_prompts(path: str | pathlib.Path) -> set[str]:
     return prompts
 
 
-def write_dataset(rows: list[dict], skipped: list[Skipped], recipe: dict, output_dir: str | pathlib.Path) -> dict:
-    """Write dataset/, labelled.parquet, length_histogram.png, skipped.jsonl and README.md; returns the stats."""
+def write_dataset(rows: list[dict], skipped: list[Skipped], recipe: dict, output_dir: str | pathlib.Path, *,
+                  read_sources: Collection[str] = ()) -> dict:
+    """Write dataset/, labelled.parquet, length_histogram.png, skipped.jsonl and README.md; returns the stats.
+    ``skipped``: what this run skipped of the ``read_sources`` it read; what earlier runs skipped of other sources
+    is kept, so the card describes the whole dataset, not the last command."""
     import datasets
 
     out = pathlib.Path(output_dir)
+    skipped = [*_earlier_skipped(out / "skipped.jsonl", read_sources), *skipped]
     table = {c: [r[c] for r in rows] for c in COLUMNS}
     dataset = datasets.Dataset.from_dict(table)
     dataset.save_to_disk(str(out / "dataset"))
@@ -63,6 +68,21 @@ def write_dataset(rows: list[dict], skipped: list[Skipped], recipe: dict, output
     plot_histogram(rows, recipe["max_new_tokens"], out / "length_histogram.png")
     (out / "README.md").write_text(card(stats, recipe, skipped))
     return stats
+
+
+def _earlier_skipped(path: pathlib.Path, read_sources: Collection[str]) -> list[Skipped]:
+    """The entries of an earlier run's skipped.jsonl whose source this run did not read again."""
+    if not path.exists():
+        return []
+    earlier = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            entry = Skipped(**json.loads(line))
+        except (ValueError, TypeError):
+            continue
+        if source_name(entry.path) not in read_sources:
+            earlier.append(entry)
+    return earlier
 
 
 def length_stats(rows: list[dict]) -> dict:

@@ -297,8 +297,11 @@ class S3Policy(ShortestWorkFirst, _PeakAdmission):
         return 0, bucket
 
     def choose_victim(self, candidates: Sequence[Request], needy: Request) -> Request:
-        # Least work thrown away; among equals, the one expected to hold memory longest.
-        return min(candidates, key=lambda r: (r.num_computed_tokens, -self.remaining(r)))
+        # Least work thrown away; among equals, the one expected to hold memory longest (estimated for those alone:
+        # the first of them, as a min over (computed, -remaining) would pick).
+        least = min(r.num_computed_tokens for r in candidates)
+        tied = [r for r in candidates if r.num_computed_tokens == least]
+        return tied[0] if len(tied) == 1 else max(tied, key=self.remaining)
 
 
 @register

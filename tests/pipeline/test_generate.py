@@ -243,3 +243,18 @@ def test_a_new_shard_never_appends_to_an_old_one(tmp_path):
     writer.write({"id": "b:0"})
     writer.close()
     assert writer.path.name == "part-00003.jsonl" and set(read_shards(tmp_path)) == {"a:0", "b:0"}
+
+
+def test_the_card_lists_what_every_run_skipped(tmp_path):
+    """A run over another file rewrote skipped.jsonl and the card with its own skips only, while the dataset kept
+    the first file's rows (the committed card said 0 skipped; the README, one 8,507-token prompt)."""
+    first = _config(tmp_path)
+    label_and_save(first, engine=FakeEngine(), echo=lambda m: None)
+    before = (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()
+    (tmp_path / "more.json").write_text(json.dumps([{"instruction": "another"}]))
+    label_and_save(dataclasses.replace(first, inputs=(str(tmp_path / "more.json"),)), engine=FakeEngine(),
+                   echo=lambda m: None)
+    assert (tmp_path / "out" / "skipped.jsonl").read_text().splitlines() == before
+    assert f"Skipped inputs ({len(before)}" in (tmp_path / "out" / "README.md").read_text()
+    label_and_save(first, engine=FakeEngine(), echo=lambda m: None)  # the same files again: not listed twice
+    assert len((tmp_path / "out" / "skipped.jsonl").read_text().splitlines()) == len(before)
