@@ -187,7 +187,7 @@ def _load_bert_mapped(path: str, *, num_labels: int, local_only: bool) -> PreTra
     except ValueError as err:
         log.warning("%s; using AutoModelForSequenceClassification for %s instead", err, path)
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, local_files_only=local_only, dtype=torch.float32
+            path, num_labels=num_labels, local_files_only=local_only, dtype=torch.float32, ignore_mismatched_sizes=True
         )
 
 
@@ -224,7 +224,50 @@ def load_classifier(name: str, spec: BucketSpec, *, seed: int = 0, allow_downloa
     labels = bucket_labels(spec)
     backbone.model.config.id2label = labels
     backbone.model.config.label2id = {v: k for k, v in labels.items()}
+    prepare_tokenizer(backbone.tokenizer, backbone.model)
     return backbone
+
+
+# Encoders whose position ids start after the padding index (RoBERTa's scheme): that many positions are unusable.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "xmod", "roberta-prelayernorm")
+
+
+def prepare_tokenizer(tokenizer, model: PreTrainedModel) -> None:
+    """Pad on the right (an encoder with absolute positions scores a left-padded prompt differently in a batch
+    than alone), with a pad token where the folder names none (the model's own pad id, else its separator, end or
+    unknown token), recorded in the model's config so that the checkpoint keeps it."""
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        pad_id = getattr(model.config, "pad_token_id", None)
+        if pad_id is not None and 0 <= pad_id < len(tokenizer):
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+        else:
+            tokenizer.pad_token = tokenizer.sep_token or tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise ValueError("the backbone's tokenizer has no pad, separator, end or unknown token to pad batches "
+                             "with; add a pad token to its folder")
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def usable_prompt_tokens(tokenizer, model: PreTrainedModel) -> int | None:
+    """The most tokens the encoder reads (its position embeddings, less RoBERTa's offset, and the tokenizer's
+    limit); None when it states no limit."""
+    limits = []
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions:
+        offset = model.config.pad_token_id + 1 if model.config.model_type in _OFFSET_POSITIONS else 0
+        limits.append(positions - offset)
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:  # unset: a huge sentinel
+        limits.append(tokenizer.model_max_length)
+    return min(limits, default=None)
+
+
+def check_prompt_tokens(tokenizer, model: PreTrainedModel, max_prompt_tokens: int) -> None:
+    """Refuse a ``max_prompt_tokens`` the encoder cannot read (the first long prompt would stop a server)."""
+    usable = usable_prompt_tokens(tokenizer, model)
+    if usable is not None and max_prompt_tokens > usable:
+        raise ValueError(f"max_prompt_tokens {max_prompt_tokens} is more than the backbone reads ({usable} tokens: "
+                         f"{model.config.model_type}'s positions and its tokenizer's limit); set it to {usable} or less")
 
 
 def model_input_names(model: PreTrainedModel) -> tuple[str, ...]:

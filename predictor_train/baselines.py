@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.buckets import BucketSpec
-from predictor_train.data import encode, sources_of
+from predictor_train.data import PromptTruncation, encode, sources_of
 
 
 def majority_bucket(train_lengths: Sequence[int], spec: BucketSpec) -> int:
@@ -108,8 +108,8 @@ def neighbour_probs(train_embeddings: torch.Tensor, train_buckets: Sequence[int]
 
 
 @torch.inference_mode()
-def encoder_embeddings(backbone, prompts: Sequence[str], *, max_prompt_tokens: int,
-                       batch_size: int = 64) -> torch.Tensor:
+def encoder_embeddings(backbone, prompts: Sequence[str], *, max_prompt_tokens: int, batch_size: int = 64,
+                       truncation: PromptTruncation = "head") -> torch.Tensor:
     """Mean-pooled, L2-normalised last hidden states of a `backbone.Backbone`'s encoder (its classification head
     unused), one row per prompt: for MiniLM-L6 the sentence embedding it was trained to give."""
     from predictor_train.backbone import model_input_names
@@ -120,7 +120,7 @@ def encoder_embeddings(backbone, prompts: Sequence[str], *, max_prompt_tokens: i
     for start in tqdm(range(0, len(order), batch_size), desc="embedding", leave=False, disable=len(order) < 1000):
         rows = order[start:start + batch_size]
         batch = encode(backbone.tokenizer, [prompts[i] for i in rows], max_prompt_tokens=max_prompt_tokens,
-                       input_names=names)
+                       input_names=names, truncation=truncation)
         hidden = encoder(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         out[rows] = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).float()

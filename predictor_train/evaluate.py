@@ -206,7 +206,7 @@ def neighbour_baseline(predictor, train, rows, *, k: int) -> list[list[float]]:
         raise ValueError("the neighbours baseline needs a trained checkpoint (it embeds with its backbone)")
     spec = predictor.buckets
     backbone = load_classifier(config["backbone"], spec, seed=int(config.get("seed", 0)))
-    embed = dict(max_prompt_tokens=predictor.max_prompt_tokens)
+    embed = dict(max_prompt_tokens=predictor.max_prompt_tokens, truncation=predictor.prompt_truncation)
     probs = neighbour_probs(encoder_embeddings(backbone, list(train["prompt"]), **embed),
                             labels_of(train["num_output_tokens"], spec),
                             encoder_embeddings(backbone, list(rows["prompt"]), **embed), k=k,

@@ -58,6 +58,9 @@ class Familiarity:
     """How many of the most similar bank prompts vote (0: no blend)."""
     weight: float = 1.0
     """The predictor's share of the blended probabilities; the neighbours' vote has the rest."""
+    validation_within_one: float | None = None
+    """With a blend: the blended arg-max's within-one accuracy on the validation split, what serving should see
+    (the checkpoint's ``within_one_accuracy`` is the predictor's alone)."""
 
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Mean cosine similarity of each embedded prompt to its ``k`` most similar training prompts."""
@@ -92,7 +95,8 @@ class Familiarity:
         tensors = load_file(str(path))
         return cls(tensors["bank"].float(), k=int(info.familiarity["k"]), threshold=float(info.familiarity["threshold"]),
                    buckets=tensors.get("buckets"), neighbours=int(info.familiarity.get("neighbours", 0)),
-                   weight=float(info.familiarity.get("neighbour_weight", 1.0)))
+                   weight=float(info.familiarity.get("neighbour_weight", 1.0)),
+                   validation_within_one=info.familiarity.get("validation_within_one"))
 
 
 def sample_prompts(prompts: Sequence[str], size: int, *, seed: int = 0, keep: Sequence[str] = ()) -> list[str]:
@@ -125,6 +129,10 @@ def fit_familiarity(predictor, train_prompts: Sequence[str], validation_prompts:
         labels = torch.tensor([spec.bucket_of(int(n)) for n in validation_lengths], dtype=torch.long)
         probs = (logits / predictor.temperature).softmax(-1)
         familiarity = fit_blend(dataclasses.replace(familiarity, buckets=buckets), probs, embedded, labels)
+        if familiarity.weight < 1:
+            served = familiarity.blend(probs, embedded).argmax(-1)
+            within = float(((served - labels).abs() <= 1).float().mean())
+            familiarity = dataclasses.replace(familiarity, validation_within_one=within)
     return familiarity, scores
 
 
@@ -162,5 +170,5 @@ def build_familiarity(predictor, folder: str | Path, train_prompts: Sequence[str
     save_file(tensors, str(Path(folder) / FAMILIARITY_FILE))
     meta = {"k": k, "threshold": familiarity.threshold, "quantile": quantile, "bank_size": len(familiarity.bank),
             "validation_median": float(scores.median()), "neighbours": familiarity.neighbours,
-            "neighbour_weight": familiarity.weight}
+            "neighbour_weight": familiarity.weight, "validation_within_one": familiarity.validation_within_one}
     return update_info(folder, dataclasses.replace(predictor.info, familiarity=meta))

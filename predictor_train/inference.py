@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Sequence
@@ -9,12 +10,14 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from predictor_train.backbone import model_input_names
+from predictor_train.backbone import model_input_names, prepare_tokenizer, usable_prompt_tokens
 from core.buckets import BucketSpec
 from predictor_train.checkpoint import CheckpointInfo, describe_buckets, read_info
 from predictor_train.data import encode
 from predictor_train.familiarity import Familiarity, mean_pooled
 from core.request import LengthPrediction  # pure Python: the serving side owns the type
+
+log = logging.getLogger(__name__)
 
 BENCHMARK_PROMPTS = (
     "Hi!",
@@ -36,10 +39,16 @@ class LengthPredictor:
         num_labels = model.config.num_labels
         assert num_labels == info.buckets.num_buckets, (num_labels, info.buckets)
         self.model = model.to(device).eval()
+        prepare_tokenizer(tokenizer, model)
         self.tokenizer = tokenizer
         self.info = info
         self.device = torch.device(device)
         self.max_prompt_tokens = int(info.train_config.get("max_prompt_tokens", 256))
+        usable = usable_prompt_tokens(tokenizer, model)
+        if usable is not None and self.max_prompt_tokens > usable:  # a checkpoint from before training checked it
+            log.warning("the checkpoint reads prompts up to %d tokens, more than its encoder takes (%d): cut at %d",
+                        self.max_prompt_tokens, usable, usable)
+            self.max_prompt_tokens = usable
         self.prompt_truncation = info.train_config.get("prompt_truncation", "head")
         self.input_names = model_input_names(model)
         self.familiarity = familiarity
@@ -80,9 +89,10 @@ class LengthPredictor:
 
     @property
     def expected_within_one(self) -> float | None:
-        """Within-one-bucket accuracy on the validation split (the checkpoint's metrics): what a server should see
-        on traffic like the training data's."""
-        value = self.info.metrics.get("within_one_accuracy")
+        """Within-one-bucket accuracy on the validation split (the checkpoint's metrics; with a blend, the blended
+        answers'): what a server should see on traffic like the training data's."""
+        blended = self.familiarity.validation_within_one if self.familiarity is not None else None
+        value = self.info.metrics.get("within_one_accuracy") if blended is None else blended
         return None if value is None else float(value)
 
     @classmethod

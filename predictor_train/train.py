@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from predictor_train.backbone import DEFAULT_BACKBONE, Backbone, load_classifier, model_input_names
+from predictor_train.backbone import (DEFAULT_BACKBONE, Backbone, check_prompt_tokens, load_classifier,
+                                      model_input_names)
 from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.tracking import start_run
 from predictor_train.checkpoint import CheckpointInfo, read_info, save_checkpoint
@@ -168,6 +169,7 @@ def train_predictor(config: TrainConfig, data, *, target_model: str, decoding: M
     train, validation = Examples.from_rows(splits["train"]), Examples.from_rows(splits["validation"])
     spec = make_buckets(config, train.num_output_tokens)
     backbone = load_classifier(config.backbone, spec, seed=config.seed)
+    check_prompt_tokens(backbone.tokenizer, backbone.model, config.max_prompt_tokens)
     counts = {name: len(rows) for name, rows in splits.items()}
     counts["train_by_source"] = dict(sorted(Counter(splits["train"]["source"]).items())) \
         if "source" in splits["train"].column_names else {}

@@ -13,6 +13,10 @@ from typing import Any
 from core.request import TokenLogprobs
 
 
+GREEDY_BELOW = 1e-5
+"""A temperature below this decodes greedily (`SamplingParams.is_greedy`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StructuredOutput:
     """A format the answer must follow (serve/engine/structured.py)."""
@@ -98,7 +102,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or so close to it that the logits divided by it overflow fp32 (vLLM's ``_SAMPLING_EPS``):
+        the arg-max, as the limit of sampling at a vanishing temperature."""
+        return self.temperature < GREEDY_BELOW
 
     @classmethod
     def from_decoding(cls, decoding: Mapping[str, Any], seed: int | None = None) -> "SamplingParams":

@@ -162,6 +162,7 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[
     # min_p against the most likely token (the first, sorted): the first always stays.
     min_p = torch.tensor([p.min_p for p in params], device=logits.device)
     remove |= probs < min_p[:, None] * probs[:, :1]
+    remove[:, 0] = False  # the most likely token always stays, however small top_p (rounded to 0 in fp32) is
     probs = probs.masked_fill(remove, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True), order
 

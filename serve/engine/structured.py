@@ -67,8 +67,8 @@ class GrammarCache:
         try:
             if fmt.kind == "json":
                 return compiler.compile_json_schema(fmt.spec, any_whitespace=False)
-            if fmt.kind == "json_object":
-                return compiler.compile_builtin_json_grammar()
+            if fmt.kind == "json_object":  # an object, as OpenAI's JSON mode (xgrammar's built-in JSON takes arrays)
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if fmt.kind == "regex":
                 return compiler.compile_regex(fmt.spec)
             if fmt.kind == "choice":

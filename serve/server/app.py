@@ -10,6 +10,7 @@ import dataclasses
 import hmac
 import importlib.metadata
 import logging
+import uuid
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -338,7 +339,8 @@ async def _wait_disconnect(request: Request) -> None:
 
 def _error_response(request: Request, error: p.APIError) -> JSONResponse:
     _state(request).metrics.errors.labels(status=str(error.status)).inc()
-    return JSONResponse(error.body(), status_code=error.status, headers=_request_id(request) | (error.headers or {}))
+    headers = _request_id(request, f"err-{uuid.uuid4().hex[:24]}") | (error.headers or {})  # a log line to match
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def _request_id(request: Request, default: str | None = None) -> dict[str, str]:

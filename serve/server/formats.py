@@ -9,7 +9,7 @@ import json
 import uuid
 
 from serve.engine.plan import StructuredOutput
-from serve.server.protocol import GenerationRequest, bad_request
+from serve.server.protocol import ChatCompletionRequest, GenerationRequest, bad_request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +41,32 @@ class ToolCalls:
                  "function": {"name": name, "arguments": arguments}} for name, arguments in pairs]
 
 
+def _hoisted_defs(schemas: dict[str, dict]) -> tuple[dict, dict[str, dict]]:
+    """The tools' shared definitions (``$defs``, ``definitions``: pydantic's enums and nested models) taken out of
+    each parameters schema to the root of the schema that nests them all, where their ``#/$defs/...`` references
+    point (as vLLM does); a name two tools define differently is a 400."""
+    root: dict[str, dict] = {}
+    out = {}
+    for name, schema in schemas.items():
+        schema = dict(schema)
+        for key in ("$defs", "definitions"):
+            found = schema.pop(key, None)
+            if not isinstance(found, dict):
+                continue
+            for def_name, definition in found.items():
+                if root.setdefault(key, {}).setdefault(def_name, definition) != definition:
+                    raise bad_request(f"tools define {key} {def_name!r} differently; with tool_choice \"required\" "
+                                      "their definitions share one namespace: rename one", "tools")
+        out[name] = schema
+    return root, out
+
+
 def tool_calls(request: GenerationRequest) -> ToolCalls | None:
     """The request's tool calling (None: an ordinary answer, also for tool_choice "none"); a 400 naming the field
     for malformed tools, an unknown named function, or "auto"."""
-    tools, choice = getattr(request, "tools", None), getattr(request, "tool_choice", None)
+    if not isinstance(request, ChatCompletionRequest):
+        return None  # a completion's `tools` is an unknown field, ignored like any other (pydantic keeps extras)
+    tools, choice = request.tools, request.tool_choice
     if tools is None:
         if choice not in (None, "none"):
             raise bad_request("tool_choice needs tools", "tool_choice")
@@ -69,10 +91,11 @@ def tool_calls(request: GenerationRequest) -> ToolCalls | None:
                           'format, which this server has none of; send tool_choice "required" or {"type": "function", '
                           '"function": {"name": ...}}, or "none"', "tool_choice")
     if choice == "required":
+        root, schemas = _hoisted_defs(schemas)
         calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
                   "required": ["name", "parameters"], "additionalProperties": False}
                  for name, schema in schemas.items()]
-        array = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+        array = {"type": "array", "items": {"anyOf": calls}, "minItems": 1, **root}
         if not request.parallel_tool_calls:
             array["maxItems"] = 1
         return ToolCalls(tuple(schemas), named=False, schema=array)

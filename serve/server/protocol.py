@@ -199,6 +199,9 @@ VLLM_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "add_special_tokens": (), "echo_messages": (), "kv_transfer_params": (), "vllm_xargs": ({},),
     "logits_processor_pattern": (),
 }  # fmt: skip
+# Fields whose value that changes nothing differs by endpoint: (completions, chat), vLLM's defaults and this server's
+# behaviour (a completion's prompt is tokenized with the special tokens, a chat's template writes its own).
+NO_CHANGE_BY_ENDPOINT: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {"add_special_tokens": ((True,), (False,))}
 
 
 def parse_body(model_cls: type[BaseModel], body: bytes) -> Any:
@@ -231,7 +234,10 @@ def _check_extra_fields(request: GenerationRequest) -> None:
     naming the other fields it does not know (as vLLM logs them), which it ignores."""
     extra = request.model_extra or {}
     for name, value in extra.items():
-        if name in VLLM_UNSUPPORTED and value not in VLLM_UNSUPPORTED[name]:
+        allowed = VLLM_UNSUPPORTED.get(name, ())
+        if name in NO_CHANGE_BY_ENDPOINT:
+            allowed = NO_CHANGE_BY_ENDPOINT[name][isinstance(request, ChatCompletionRequest)]
+        if name in VLLM_UNSUPPORTED and value not in allowed:
             raise bad_request(f"{name} is not supported by this server; leave it out", name)
     if isinstance(request, ChatCompletionRequest) and extra.get("echo") not in (None, False):
         raise bad_request("echo is not supported on chat completions by this server; leave it out", "echo")

@@ -21,7 +21,9 @@ def test_greedy_is_argmax():
     assert sample(logits, [SamplingParams()] * 5, [0] * 5) == logits.argmax(-1).tolist()
 
 
-ONE_TOKEN_LEFT = [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=2.0, top_p=1e-6)]
+ONE_TOKEN_LEFT = [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=2.0, top_p=1e-6),
+                  SamplingParams(temperature=1.0, top_p=1e-50),  # 0 in fp32: every token was removed, then NaN
+                  SamplingParams(temperature=1e-40)]  # logits / 0 in fp32: NaN; now greedy, vLLM's eps
 
 
 @pytest.mark.parametrize("params", ONE_TOKEN_LEFT)

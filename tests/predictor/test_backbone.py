@@ -114,3 +114,36 @@ def test_head_tail_truncation_keeps_both_ends_of_a_long_prompt():
     assert cut["attention_mask"].tolist() == head["attention_mask"].tolist()
     with pytest.raises(ValueError, match="truncation must be one of"):
         encode(tokenizer, prompts, max_prompt_tokens=16, truncation="middle")
+
+
+def test_encoder_folders_at_their_edges(tmp_path):
+    """A BERT classifier with another head size that cannot map onto DistilBERT, a tokenizer without a pad token or
+    padding on the left, and an encoder with fewer positions than max_prompt_tokens: each was accepted and failed
+    later (the last at the first long prompt a server met)."""
+    from transformers import BertForSequenceClassification
+
+    from predictor_train.backbone import check_prompt_tokens, usable_prompt_tokens
+
+    small = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    odd_head = BertForSequenceClassification(BertConfig(**small, num_labels=2, layer_norm_eps=1e-7))
+    backbone = load_classifier(_save_with_tokenizer(odd_head, tmp_path / "odd_head"), SPEC)
+    assert backbone.kind == "auto" and backbone.model.config.num_labels == SPEC.num_buckets
+
+    folder = _save_with_tokenizer(RobertaModel(RobertaConfig(**small, pad_token_id=1, max_position_embeddings=130)),
+                                  tmp_path / "roberta")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token, tokenizer.padding_side = None, "left"
+    tokenizer.save_pretrained(folder)
+    backbone = load_classifier(folder, SPEC)
+    assert backbone.tokenizer.pad_token is not None and backbone.tokenizer.padding_side == "right"
+    assert backbone.model.config.pad_token_id == backbone.tokenizer.pad_token_id
+    assert usable_prompt_tokens(backbone.tokenizer, backbone.model) == 130 - 2  # RoBERTa's positions start at 2
+    names = model_input_names(backbone.model)
+    batch = encode(backbone.tokenizer, SENTENCES, max_prompt_tokens=16, input_names=names)
+    one = encode(backbone.tokenizer, SENTENCES[1:2], max_prompt_tokens=16, input_names=names)
+    with torch.no_grad():
+        together, alone = backbone.model.eval()(**batch).logits[1], backbone.model(**one).logits[0]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)  # right padding: a batch changes nothing
+    check_prompt_tokens(backbone.tokenizer, backbone.model, 128)
+    with pytest.raises(ValueError, match="max_prompt_tokens 256 is more than the backbone reads \\(128 tokens"):
+        check_prompt_tokens(backbone.tokenizer, backbone.model, 256)

@@ -141,3 +141,8 @@ def test_a_trained_checkpoint_blends_what_it_serves_and_evaluates(trained, predi
         assert not torch.allclose(probs, calibrated)
     assert torch.allclose(probs.sum(-1), torch.ones(len(PROMPTS)))
     assert [p.probs for p in predictor.predict(PROMPTS)] == [pytest.approx(row) for row in probs.tolist()]
+    # What the server's live accuracy is held to: the blended answers' validation score where there is a blend
+    # (the checkpoint's own within_one_accuracy is the predictor's alone).
+    blended = info.familiarity.get("validation_within_one")
+    assert (blended is not None) == (info.familiarity["neighbour_weight"] < 1)
+    assert predictor.expected_within_one == (blended if blended is not None else info.metrics["within_one_accuracy"])

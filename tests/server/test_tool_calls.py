@@ -97,3 +97,23 @@ def test_tool_requests_the_server_cannot_answer_are_400s(server, fields, param):
     with pytest.raises(openai.BadRequestError) as info:
         _ask(server, **fields)
     assert info.value.body["param"] == param, info.value.body
+
+
+def test_required_calls_take_schemas_with_shared_definitions(server):
+    """pydantic writes enums and nested models as `$defs` referenced by `#/$defs/...`: nested under the list of
+    calls, the references pointed at a root that had none (a 400 'Cannot find field $defs')."""
+    unit = {"type": "function", "function": {"name": "temperature", "parameters": {
+        "type": "object", "properties": {"unit": {"$ref": "#/$defs/Unit"}}, "required": ["unit"],
+        "additionalProperties": False, "$defs": {"Unit": {"enum": ["C", "F"]}}}}}
+    choice = _ask(server, tools=[unit, CLOCK], tool_choice="required", parallel_tool_calls=False,
+                  logit_bias=CLOSE_THE_LIST).choices[0]
+    (call,) = choice.message.tool_calls
+    assert call.function.name in ("temperature", "clock")
+    if call.function.name == "temperature":
+        assert json.loads(call.function.arguments)["unit"] in ("C", "F")
+    clash = {"type": "function", "function": {"name": "other", "parameters": {
+        "type": "object", "properties": {"u": {"$ref": "#/$defs/Unit"}}, "$defs": {"Unit": {"enum": ["K"]}}}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        _ask(server, tools=[unit, clash], tool_choice="required")
+    assert info.value.body["param"] == "tools" and "Unit" in info.value.body["message"]
+    wait_idle(server)

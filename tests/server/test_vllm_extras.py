@@ -200,3 +200,27 @@ def test_an_echoed_prompt_keeps_its_own_count_of_top_tokens_beside_prompt_logpro
     tops = answer.choices[0].logprobs.top_logprobs
     assert tops[0] is None and all(len(top) <= 2 for top in tops[1:])  # the token itself and one more at most
     assert max(len(entry) for entry in answer.choices[0].model_extra["prompt_logprobs"][1:]) >= 4
+
+
+def test_fields_of_the_other_endpoint_are_ignored_and_no_op_values_accepted(server):
+    """A completion's `tools`, `tool_choice` or `max_completion_tokens` are chat fields, ignored like any unknown
+    one (the first gave a 500, the last named itself in the error about max_tokens); `add_special_tokens` at the
+    value that changes nothing (True for completions, False for chat, vLLM's defaults) is accepted."""
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    answer = _complete(server, max_tokens=2, extra_body={"tools": tools, "tool_choice": "required",
+                                                          "add_special_tokens": True})
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as info:
+        _complete(server, max_tokens=1000, extra_body={"max_completion_tokens": 5})
+    assert info.value.body["param"] == "max_tokens"
+    chat = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2, extra_body={"add_special_tokens": False})
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError):
+        _complete(server, max_tokens=2, extra_body={"add_special_tokens": False})
+
+
+def test_an_error_carries_a_request_id(server):
+    answer = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                        json={"model": "tiny", "prompt": "hi", "max_tokens": 0})
+    assert answer.status_code == 400 and answer.headers["x-request-id"].startswith("err-")
