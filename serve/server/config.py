@@ -49,7 +49,7 @@ class ServeConfig:
     ``allow_insecure_no_auth``)."""
     port: int = 8000
     api_key: str | None = None
-    """Clients must send ``Authorization: Bearer <key>`` (every route but /health); default: env S3_API_KEY
+    """Clients must send ``Authorization: Bearer <key>`` (every route but /health and /version); default: env S3_API_KEY
     (preferred: a key on the command line is visible to every user in `ps`), and no key when that is unset."""
     allow_insecure_no_auth: bool = False
     """Serve a non-loopback ``host`` without an API key: anyone who can reach the port can generate, read
