@@ -27,7 +27,7 @@ from core.predictors import BASELINES, baseline_predictor
 from core.records import latency_figures
 from core.request import LengthPrediction, Request
 from pipeline.prompts import PROMPT_SETS, format_prompt, sample_prompts
-from serve.engine.llm import EngineConfig, LLMEngine, eos_token_ids
+from serve.engine.llm import EngineConfig, LLMEngine, eos_token_ids, model_id
 from serve.engine.plan import SamplingParams
 from serve.policies import policy_needs
 from serve.policy_config import POLICY_NAMES, PolicyConfig, with_length_profile
@@ -59,6 +59,8 @@ class BenchConfig:
     true bucket with probability `predictor_accuracy`, else a neighbour; `constant`: the last bucket;
     `scalar-ratio`: one bucket for all, at the median true length) or a predictor checkpoint folder."""
     predictor_accuracy: float = 0.8
+    check_target_model: bool = True
+    """Refuse a predictor checkpoint that learned another model's lengths (as `s3 serve` does)."""
     policy: PolicyConfig = PolicyConfig()
     """Policy knobs (`quantile`, `prior_weight`, `aging_s`, ...); the `policy` field is set per run. A trained
     predictor's within-bucket shape fills `bucket_shape` unless it is set here."""
@@ -85,6 +87,9 @@ class BenchConfig:
             raise ValueError("num_prompts and max_new_tokens must be >= 1, warmup_prompts >= 0")
         if not 0 <= self.predictor_accuracy <= 1:
             raise ValueError(f"predictor_accuracy must be in [0, 1], got {self.predictor_accuracy}")
+        if self.reference_batch < 0 or self.kv_worst_case_seqs < 1:
+            raise ValueError(f"reference_batch must be >= 0 (0 skips it) and kv_worst_case_seqs >= 1, got "
+                             f"{self.reference_batch}, {self.kv_worst_case_seqs}")
 
     @property
     def run_order(self) -> list[str]:
@@ -118,6 +123,9 @@ class BenchResult:
     """Of those, found cached (not computed)."""
     answers_differing: int = 0
     """Requests whose generated tokens differ from `max`'s (decoding is deterministic, so 0 is expected)."""
+    predictor_s: float = 0.0
+    """Seconds the length predictor took over these prompts (policies given its buckets), outside the timed window:
+    a CPU server classifies between its steps, so add it to ``wall_s`` for what serving would pay."""
     steps: list[tuple[int, int, float]] = dataclasses.field(default_factory=list, repr=False)
     """(tokens computed, KV entries read, seconds) of every step, for calibrating the simulator."""
     modelled_tokens_per_s: float | None = None
@@ -288,7 +296,7 @@ def run_reference(model, tokenizer, prompts, *, batch_size: int, max_new_tokens:
         input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk])
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
         out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)  # fmt: skip
+                             pad_token_id=pad, eos_token_id=sorted(eos_ids))  # every end the engine stops at
         for row in out[:, width:].tolist():
             generated += next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
         latency += [time.perf_counter() - start] * len(chunk)
@@ -305,7 +313,8 @@ def with_decoding(config: BenchConfig, buckets: BucketSpec, progress: Callable[[
     from predictor_train.inference import check_compatible
 
     info = read_info(config.predictor)
-    check_compatible(info, config.predictor, expected_buckets=buckets)
+    check_compatible(info, config.predictor, expected_buckets=buckets,
+                     expected_target_model=model_id(config.model) if config.check_target_model else None)
     penalty = check_decoding(config, info.decoding or {}, where=f"predictor checkpoint {config.predictor}")
     if config.frequency_penalty is None:
         progress(f"frequency_penalty {penalty}: the predictor checkpoint's labels were made with it")
@@ -338,7 +347,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
     model, tokenizer = load_model(None if config.model == "smollm2" else config.model)
     context = getattr(model.config, "max_position_embeddings", None)
     prompts, warmup = draw_prompts(config, tokenizer, context, progress)
-    longest = max(len(ids) for _, ids in prompts + warmup) + config.max_new_tokens
+    longest = max(len(ids) for _, ids in prompts) + config.max_new_tokens  # the timed prompts alone size the pool
+    warmup = [(text, ids) for text, ids in warmup if len(ids) + WARMUP_NEW_TOKENS <= longest]
     engine_config = EngineConfig(
         model=config.model, kv_cache_tokens=config.kv_worst_case_seqs * longest + config.block_size,
         block_size=config.block_size, max_num_seqs=config.max_num_seqs,
@@ -361,9 +371,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
             reference_answers, texts = answers, [text for text, _ in prompts]
             true_lengths = [len(answer) for answer in answers]
             predictor = bucket_predictor(config, texts, true_lengths, buckets)
+            started = time.perf_counter()
             predicted, knobs = list(predictor.predict(texts)), with_length_profile(config.policy, predictor)
+            predictor_s = time.perf_counter() - started
         else:
             result.answers_differing = answers_unlike(answers, reference_answers)
+            result.predictor_s = predictor_s if result.prediction == "buckets" else 0.0
             if result.answers_differing:
                 progress(f"warning: {name} answered {result.answers_differing} prompts unlike max "
                          "(non-deterministic kernels?)")

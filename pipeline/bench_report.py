@@ -11,7 +11,7 @@ from pipeline.summary import text_table
 
 
 def _s(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    return "-" if value is None or value != value else f"{value:.1f}"  # None or NaN: not measured
 
 
 BENCH_COLUMNS = [

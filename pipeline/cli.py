@@ -271,7 +271,7 @@ def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, 
 def batch(input_path, output_path, config_path, policy, predictor, fallback_policy, enable_prefix_caching,
           priority_scheduling, overrides):
     """Answer a file of OpenAI Batch API requests offline (as `vllm run-batch`), scheduled as `s3 serve` would."""
-    from serve.server.batch import read_batch, run_batch
+    from serve.server.batch import check_paths, keep_final_answers, read_batch, run_batch
     from serve.server.config import ServeConfig
     from serve.server.launch import build_stack, configure_process
 
@@ -279,7 +279,9 @@ def batch(input_path, output_path, config_path, policy, predictor, fallback_poli
              "engine.enable_prefix_caching": enable_prefix_caching, "priority_scheduling": priority_scheduling}
     try:
         config = load_config(ServeConfig, config_path, overrides, values=flags)
-        read_batch(input_path)  # a bad file fails before the model loads
+        read_batch(input_path)  # a bad file fails before the model loads, as does a bad output file
+        check_paths(input_path, output_path)
+        keep_final_answers(output_path)
         configure_process(config)
         summary = run_batch(build_stack(config, load_checkpoint=load_predictor_checkpoint), input_path, output_path)
     except (ConfigError, ValueError, FileNotFoundError) as exc:

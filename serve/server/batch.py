@@ -114,19 +114,24 @@ def keep_final_answers(path: str | Path) -> set[str]:
     """Rewrite an output file (atomically, and only if something changes) without the lines a rerun should redo: a
     torn last line from a run cut short (appending after it would spoil the next answer's line too) and the
     answers that failed for a reason of the server's, not the request's (a 5xx or a 429, or an exception while
-    sending it), so the rerun tries those requests again. Returns the custom ids it keeps."""
+    sending it), so the rerun tries those requests again. Returns the custom ids it keeps. A file with other lines
+    than answers (anywhere but a torn last line) is refused, not rewritten: it is not this command's output."""
     path = Path(path)
     if not path.exists():
         return set()
     kept, ids, dropped = [], set(), False
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        if not line:
-            continue
+    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line]
+    for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
             custom_id = record["custom_id"]
+            if not {"response", "error"} <= set(record):
+                raise KeyError("response")
         except (json.JSONDecodeError, KeyError, TypeError):
-            dropped = True
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}, is not a batch answer (custom_id, response, error): it "
+                                 "is not an `s3 batch` output file; name another one") from None
+            dropped = True  # the torn last line of a run cut short
             continue
         if _transient(record):
             dropped = True
@@ -138,6 +143,13 @@ def keep_final_answers(path: str | Path) -> set[str]:
         tidy.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tidy, path)
     return ids
+
+
+def check_paths(input_path: str | Path, output_path: str | Path) -> None:
+    """Refuse an output file that is the input file: every request would read as answered, and the input be lost."""
+    if Path(output_path).resolve() == Path(input_path).resolve():
+        raise ValueError(f"the output file {output_path} is the input file: name another one (answers are appended "
+                         "to it)")
 
 
 def _transient(record: dict) -> bool:
@@ -153,6 +165,7 @@ def run_batch(stack: ServingStack, input_path: str | Path, output_path: str | Pa
     """Answer every request of ``input_path`` not yet in ``output_path`` (appended to it) with ``stack``, which
     this starts and stops."""
     requests = read_batch(input_path)
+    check_paths(input_path, output_path)
     done = keep_final_answers(output_path)
     todo = [r for r in requests if r.custom_id not in done]
     summary = BatchSummary(len(requests), len(requests) - len(todo))

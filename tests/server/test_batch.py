@@ -100,6 +100,28 @@ def test_a_rerun_retries_what_failed_on_the_servers_side_and_drops_a_torn_line(t
     assert all(r["response"]["status_code"] == 200 for r in records)
 
 
+def test_an_output_file_that_is_the_input_or_no_batch_output_is_refused(tmp_path):
+    """The input as output read every request as answered (0 answered, the input appended to); any other file as
+    output lost every line that was no answer."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from serve.server.batch import check_paths, keep_final_answers
+
+    source = tmp_path / "in.jsonl"
+    write_lines(source, LINES[:1])
+    with pytest.raises(ValueError, match="is the input file"):
+        check_paths(source, tmp_path / "." / "in.jsonl")
+    other = tmp_path / "notes.json"
+    other.write_text('{\n  "a": 1\n}\n')
+    with pytest.raises(ValueError, match="line 1, is not a batch answer"):
+        keep_final_answers(other)
+    assert other.read_text() == '{\n  "a": 1\n}\n'  # untouched
+    for output in (source, other):  # refused before any model loads
+        result = CliRunner().invoke(main, ["batch", str(source), "-o", str(output), "--policy", "paged"])
+        assert result.exit_code == 2 and ("is the input file" in result.output or "not a batch answer" in result.output)
+
+
 @pytest.mark.parametrize(("text", "words"), [
     ('{"custom_id": "a", "url": "/v1/completions", "body": {}}\nnot json\n', "line 2: not JSON"),
     ('{"url": "/v1/completions", "body": {}}\n', "line 1: every request needs a non-empty string custom_id"),
