@@ -297,6 +297,14 @@ def test_a_store_removed_while_serving_counts_what_it_lost_and_starts_again(tmp_
     assert writer.num_lost == 2 and sorted(kept) == list(range(2, 10))
 
 
+def test_a_record_that_is_not_valid_unicode_is_lost_alone(tmp_path):
+    writer = FeedbackWriter(tmp_path)
+    writer.write(_record("bad", prompt="broken \ud83d emoji"))
+    writer.write(_record("good"))
+    writer.close()
+    assert [r["request_id"] for r in read_feedback(tmp_path)] == ["good"] and writer.num_lost == 1
+
+
 def test_a_failing_store_loses_records_but_never_raises_and_starts_again(tmp_path, monkeypatch, caplog):
     writer = FeedbackWriter(tmp_path / "store", sync_every=2)
     writer.write({"a": 1})

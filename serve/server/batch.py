@@ -215,7 +215,8 @@ async def _answer_all(stack: ServingStack, requests: list[BatchRequest], write: 
                 body = {"error": {"message": response.text or f"HTTP {response.status_code}"}}
             if not isinstance(body, dict):
                 body = {"error": {"message": f"HTTP {response.status_code}: not a JSON object"}}
-            write(_record(request, {"status_code": response.status_code, "request_id": body.get("id"), "body": body}))
+            request_id = response.headers.get("x-request-id") or body.get("id")  # an error's too (OpenAI's batch)
+            write(_record(request, {"status_code": response.status_code, "request_id": request_id, "body": body}))
 
         await asyncio.gather(*(answer(r) for r in requests))
 

@@ -52,6 +52,7 @@ def test_a_batch_is_answered_line_by_line_and_resumed(tmp_path):
     assert len(records["c"]["response"]["body"]["choices"]) == 2  # a batch of prompts inside a batch line
     assert records["too hot"]["response"]["status_code"] == 400
     assert records["too hot"]["response"]["body"]["error"]["param"] == "temperature"
+    assert records["too hot"]["response"]["request_id"].startswith("err-")  # an error's line names its request too
     assert records["nowhere"]["response"] is None and "url must be one of" in records["nowhere"]["error"]["message"]
     assert summary.num_completion_tokens == sum(records[k]["response"]["body"]["usage"]["completion_tokens"]
                                                 for k in "abc")
