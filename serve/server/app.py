@@ -326,6 +326,7 @@ async def _unless_disconnected(request: Request, awaitable):
     if task.done():
         return task.result()
     task.cancel()
+    await asyncio.gather(task, return_exceptions=True)  # retrieved: asyncio would log its CancelledError as an error
     raise ClientGone()
 
 

@@ -146,6 +146,8 @@ class EngineLoop:
         self._sinks: dict[str, Sink] = {}
         self._num_sent: dict[str, int] = {}
         self._unrecorded: set[str] = set()  # requests the feedback store must not record (Add.feedback)
+        self._taken: list = []  # the commands of the current turn; those from _next on are not applied yet
+        self._next = 0
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- other threads ------------------------------------------------------------------------------------
@@ -182,9 +184,11 @@ class EngineLoop:
             log.exception("the engine loop crashed")
             self.error = exc
             self._end_all(f"the engine failed: {exc!r}")
+            _refuse(self._taken[self._next:], f"the engine failed: {exc!r}")  # taken this turn, never applied
         finally:
-            with self._lock:
-                self.snapshot = dataclasses.replace(self.snapshot, alive=False)
+            with self._lock:  # nothing runs or waits any more: the gauges say so, the totals stay
+                self.snapshot = dataclasses.replace(self.snapshot, alive=False, num_running=0, num_waiting=0,
+                                                    num_kv_blocks_held=0, num_kv_blocks_used=0)
             self._drain_after_stop()
             if self.feedback is not None:
                 self.feedback.close()
@@ -194,10 +198,12 @@ class EngineLoop:
     def _turn(self) -> bool:
         """One turn of the loop (see the module docstring); False when told to shut down."""
         busy = self.engine.has_unfinished()
-        commands = self._take_commands(block=not busy)
+        commands = self._taken = self._take_commands(block=not busy)
+        self._next = 0  # the commands from here on are not applied yet (a crash answers them)
         if self.classify is not None:
-            commands = classified(commands, self.classify)
+            commands = self._taken = classified(commands, self.classify)
         for i, command in enumerate(commands):
+            self._next = i + 1
             if command is _SHUTDOWN:
                 self._end_all(None)
                 _refuse(commands[i + 1:])  # taken with the shutdown: answered like those still queued
@@ -328,11 +334,11 @@ class EngineLoop:
         self.snapshot = EngineSnapshot(**vars(self.engine.snapshot()), **feedback)
 
 
-def _refuse(commands: list) -> None:
+def _refuse(commands: list, message: str = "the server is shutting down") -> None:
     """Answer commands the stopped engine will never run: requests get an error, calls an exception."""
     for command in commands:
         if isinstance(command, Add):
-            send_error(command.sink, "the server is shutting down")
+            send_error(command.sink, message)
         elif isinstance(command, Call):
             command.future.set_exception(EngineDead("the engine has stopped"))
 

@@ -155,8 +155,32 @@ def test_a_crashed_step_fails_every_request_and_refuses_new_ones(model, monkeypa
     assert "ZeroDivisionError" in event.error
     loop._thread.join(10)
     assert not loop.snapshot.alive and isinstance(loop.error, ZeroDivisionError)
+    assert (loop.snapshot.num_running, loop.snapshot.num_waiting, loop.snapshot.num_kv_blocks_held) == (0, 0, 0)
     with pytest.raises(EngineDead):
         loop.submit(Abort("a"))
+
+
+def test_a_crash_applying_one_command_answers_those_taken_with_it(model, monkeypatch):
+    """The loop takes every queued command, then applies them in turn: a crash in one left the later ones (taken,
+    not applied) without an answer, their clients waiting forever."""
+    loop = make_loop(model, policy="max")
+    gate = threading.Event()
+
+    def broken_abort(request_id, **kwargs):
+        raise RuntimeError("a bug in abort")
+
+    monkeypatch.setattr(loop.engine, "abort", broken_abort)
+
+    async def main():
+        q = await _add(loop, "a", PROMPTS[0], bucket=None)
+        loop.call(lambda engine: gate.wait(10))  # hold the engine so that the next two are taken together
+        loop.submit(Abort("a"))
+        later = await _add(loop, "b", PROMPTS[1], bucket=None)
+        gate.set()
+        return await asyncio.wait_for(_collect(later), 30)  # it waited forever
+
+    _, event = asyncio.run(main())
+    assert event.finish_reason == "abort" and "a bug in abort" in event.error
 
 
 def test_shutdown_ends_running_requests_with_an_error(model):
