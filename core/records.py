@@ -37,6 +37,16 @@ def latency_figures(ttfts: Sequence[float], latencies: Sequence[float]) -> dict[
     return figures
 
 
+def utf8_encodable(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: a Python string may hold an unpaired surrogate (a broken escape
+    read from JSON), which no file or wire format carries."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def json_text(value, **kwargs) -> str:
     """``value`` as strict JSON, a figure with no value (NaN, an infinity) written as ``null``: JSON has no NaN,
     and Python's ``NaN`` token breaks every other parser (jq, JavaScript, pandas' strict mode)."""

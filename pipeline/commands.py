@@ -85,8 +85,6 @@ def label_and_save(
 
 def over_limit(config: gen.GenerateConfig, by_source: dict[str, int]) -> str:
     """The input sources holding more labelled rows than ``limit_per_source``, with their counts ("" if none)."""
-    from pipeline.prompts import source_name
-
     if config.limit_per_source is None:
         return ""
     inputs = {source_name(path) for path in config.inputs}

@@ -213,7 +213,7 @@ def run(config: GenerateConfig, engine: Engine, todo: list, on_row: Callable[[di
     """Label ``todo``, appending each row to a new shard as it finishes; returns every row of every shard."""
     shards = pathlib.Path(config.output_dir) / "shards"
     if not todo:
-        return sorted(read_shards(shards).values(), key=lambda r: (r["source"], r["row"])) if shards.is_dir() else []
+        return _every_row(shards)  # no shard folder yet: none
     _write_recipe(pathlib.Path(config.output_dir) / "recipe.json", recipe(config, engine))
     writer = ShardWriter(shards)
     try:
@@ -223,6 +223,11 @@ def run(config: GenerateConfig, engine: Engine, todo: list, on_row: Callable[[di
                 on_row(row)
     finally:
         writer.close()
+    return _every_row(shards)
+
+
+def _every_row(shards: pathlib.Path) -> list[dict]:
+    """Every row of every shard, by source and row."""
     return sorted(read_shards(shards).values(), key=lambda r: (r["source"], r["row"]))
 
 

@@ -1,6 +1,6 @@
 """Prompts: reading prompt sets, the chat formatting every stage uses, and sampling serving prompts.
 
-The lowest module of the pipeline (it imports nothing of the project): `s3 generate`, `s3 bench` and the
+The lowest module of the pipeline (it imports nothing of the project but core/): `s3 generate`, `s3 bench` and the
 pipeline's serving rounds all read, format and draw prompts here, so the three cannot drift apart.
 
 Reading: JSON, JSONL, CSV, Parquet or a `datasets` folder (a dataset or a dataset dict, its splits in turn), with
@@ -19,6 +19,8 @@ import pathlib
 import random
 import sys
 from typing import Callable, Collection, Iterator
+
+from core.records import utf8_encodable
 
 PROMPT_SETS = (
     "data/prompts/gsm8k_train.json",
@@ -142,7 +144,7 @@ def read_prompts(
             if not text:
                 skipped.append(Skipped(str(path), i, "empty prompt"))
                 continue
-            if not _encodes(text):
+            if not utf8_encodable(text):
                 skipped.append(Skipped(str(path), i, "not valid Unicode (a lone surrogate)"))
                 continue
             rows.append(PromptRow(source_name(path), i, text))
@@ -153,14 +155,6 @@ def read_prompts(
     if not rows and not skipped:
         return [], [Skipped(str(path), None, "no prompts in it")]
     return rows, skipped
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def read_prompt_sets(

@@ -169,7 +169,6 @@ def train_predictor(config: TrainConfig, data, *, target_model: str, decoding: M
     train, validation = Examples.from_rows(splits["train"]), Examples.from_rows(splits["validation"])
     spec = make_buckets(config, train.num_output_tokens)
     backbone = load_classifier(config.backbone, spec, seed=config.seed)
-    check_prompt_tokens(backbone.tokenizer, backbone.model, config.max_prompt_tokens)
     counts = {name: len(rows) for name, rows in splits.items()}
     counts["train_by_source"] = dict(sorted(Counter(splits["train"]["source"]).items())) \
         if "source" in splits["train"].column_names else {}
@@ -207,6 +206,7 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(f"need both training and validation examples, got {len(train)} and {len(validation)}; "
                          "the hash split puts ~10% of prompts in validation, so give at least a few dozen records")
+    check_prompt_tokens(backbone.tokenizer, backbone.model, config.max_prompt_tokens)  # retraining's parent too
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     meta = {**meta, "length_prior": bucket_frequencies(spec, train.num_output_tokens),

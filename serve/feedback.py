@@ -33,6 +33,7 @@ from typing import Iterator
 
 from core.buckets import BucketSpec
 from core.feedback import MIN_TRAFFIC_SAMPLE
+from core.records import utf8_encodable
 from core.request import Request
 
 log = logging.getLogger(__name__)
@@ -109,14 +110,6 @@ def feedback_record(request: Request, buckets: BucketSpec, *, checkpoint_id: str
     }
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 class FeedbackWriter:
     """Appends records to rotating segments under ``directory``.
 
@@ -145,7 +138,7 @@ class FeedbackWriter:
 
     def write(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
-        if not _utf8(line):  # a lone surrogate in the prompt (no client path lets one in): that record alone is lost
+        if not utf8_encodable(line):  # a lone surrogate in the prompt (no client path lets one in): that record alone is lost
             self.num_lost += 1
             log.error("feedback store %s: a record is not valid Unicode; %d record(s) lost so far", self.directory,
                       self.num_lost)

@@ -30,6 +30,7 @@ from typing import Callable
 import httpx
 from tqdm import tqdm
 
+from core.records import utf8_encodable
 from serve.server.launch import ServingStack
 
 URLS = ("/v1/completions", "/v1/chat/completions")
@@ -104,10 +105,10 @@ def _request(row: dict, custom_id: str) -> BatchRequest:
 def _encodable(value) -> bool:
     """Whether ``value`` can be sent as standard JSON in UTF-8 (Python's parser reads NaN and lone surrogates)."""
     try:
-        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
-    except (ValueError, UnicodeEncodeError):
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+    except ValueError:
         return False
-    return True
+    return utf8_encodable(text)
 
 
 def keep_final_answers(path: str | Path) -> set[str]:
@@ -124,20 +125,19 @@ def keep_final_answers(path: str | Path) -> set[str]:
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
-            custom_id = record["custom_id"]
-            if not {"response", "error"} <= set(record):
-                raise KeyError("response")
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except json.JSONDecodeError:
+            record = None
+        if not (isinstance(record, dict) and {"custom_id", "response", "error"} <= set(record)):
             if number < len(lines):
                 raise ValueError(f"{path}, line {number}, is not a batch answer (custom_id, response, error): it "
-                                 "is not an `s3 batch` output file; name another one") from None
+                                 "is not an `s3 batch` output file; name another one")
             dropped = True  # the torn last line of a run cut short
             continue
         if _transient(record):
             dropped = True
             continue
         kept.append(line)
-        ids.add(custom_id)
+        ids.add(record["custom_id"])
     if dropped:
         tidy = path.with_name(path.name + ".tmp")
         tidy.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

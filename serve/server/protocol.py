@@ -350,10 +350,15 @@ def requested_logprobs(request: GenerationRequest) -> int | None:
     return count
 
 
+def max_tokens_field(request: GenerationRequest) -> str:
+    """The field that limits the answer: chat's ``max_completion_tokens`` where given (a completion's is an ignored
+    extra), else ``max_tokens``."""
+    chat = isinstance(request, ChatCompletionRequest)
+    return "max_completion_tokens" if chat and request.max_completion_tokens is not None else "max_tokens"
+
+
 def requested_max_tokens(request: GenerationRequest) -> int | None:
-    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
-        return request.max_completion_tokens
-    return request.max_tokens
+    return getattr(request, max_tokens_field(request))
 
 
 def stop_strings(request: GenerationRequest) -> list[str]:

@@ -120,8 +120,7 @@ class ServerState:
         requested = p.requested_max_tokens(request)
         if requested is None:
             return min(self.max_new_tokens, room)
-        chat = isinstance(request, p.ChatCompletionRequest)  # a completion's max_completion_tokens is an ignored extra
-        param = "max_completion_tokens" if chat and request.max_completion_tokens is not None else "max_tokens"
+        param = p.max_tokens_field(request)
         if not 1 <= requested <= self.max_new_tokens:
             raise p.bad_request(f"{param} must be between 1 and {self.max_new_tokens}, got {requested}", param)
         if requested > room:
