@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -79,6 +80,10 @@ class ServeConfig:
     """How long an idle keep-alive connection stays open. Longer than pooling clients keep theirs (httpx, under the
     OpenAI SDK: 5 s), so that the server never closes a connection a client is about to reuse: with both at 5 s
     (uvicorn's default) a request now and then met a closed socket (a client ReadError, no answer)."""
+    shutdown_timeout_s: float = 30.0
+    """At SIGINT/SIGTERM the server takes no new connection and gives the requests running or queued this long to
+    finish; those still left then end with an error (a 503, or a stream's error event and ``[DONE]``). 0: at once.
+    A second Ctrl-C exits without waiting (uvicorn's)."""
     feedback_dir: str | None = "runs/feedback"
     """Where mispredicted requests are written for `s3 train --feedback`; null disables it."""
     feedback_sample_rate: float = 0.1
@@ -125,6 +130,8 @@ class ServeConfig:
         for name in ("body_timeout_s", "keep_alive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.shutdown_timeout_s < math.inf:
+            raise ValueError(f"shutdown_timeout_s must be a number of seconds >= 0, got {self.shutdown_timeout_s}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.fallback_policy is not None and (self.fallback_policy not in POLICY_NAMES

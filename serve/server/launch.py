@@ -7,6 +7,7 @@ serves HTTP and runs the engine loop, which sends each step's plan to the other 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -150,8 +151,8 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
     listener = bind_port(config.host, config.port)
     stack = build_stack(config, load_checkpoint=load_checkpoint)
     _log_startup(config, stack)
-    server = uvicorn.Server(_uvicorn_config(stack.app, config.host, config.port, config.log_level, config.keep_alive_s,
-                                            tls=config.tls))
+    server = DrainingServer(_uvicorn_config(stack.app, config.host, config.port, config.log_level, config.keep_alive_s,
+                                            tls=config.tls), stack)
     stack.start()
     stats = None
     if config.log_stats_interval_s > 0:
@@ -268,10 +269,38 @@ def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str, keep_ali
                     tls: tuple[str, str] | None = None) -> uvicorn.Config:
     """``tls``: (certificate file, key file) to speak HTTPS."""
     certfile, keyfile = tls or (None, None)
-    # Graceful shutdown lets running requests finish for a while; then they are cut off and aborted.
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
-                          timeout_keep_alive=keep_alive_s, access_log=log_level == "debug", ssl_certfile=certfile,
-                          ssl_keyfile=keyfile)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=keep_alive_s,
+                          access_log=log_level == "debug", ssl_certfile=certfile, ssl_keyfile=keyfile)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown (SIGINT/SIGTERM, or ``should_exit``) lets the requests running or queued
+    finish for ``shutdown_timeout_s`` and then stops the serving stack, so that each one still left ends with its
+    error (a 503, or a stream's error event and ``[DONE]``). uvicorn alone would cancel their handlers at the end of
+    its graceful window, before the engine stops: a bare 500, or a stream closed without its last chunk."""
+
+    ANSWER_S = 5.0
+    """After the stack stops, how long the handlers have to send their errors before uvicorn cancels them."""
+
+    def __init__(self, config: uvicorn.Config, stack: ServingStack) -> None:
+        self.drain_s = stack.config.shutdown_timeout_s
+        config.timeout_graceful_shutdown = self.drain_s + self.ANSWER_S
+        super().__init__(config)
+        self.stack = stack
+
+    async def shutdown(self, sockets=None) -> None:
+        deadline = asyncio.get_running_loop().call_later(self.drain_s, self._end_what_is_left)
+        try:
+            await super().shutdown(sockets=sockets)
+        finally:
+            deadline.cancel()
+
+    def _end_what_is_left(self) -> None:
+        snapshot = self.stack.engine_loop.snapshot
+        log.warning("shutdown: %d requests running and %d waiting after %g s (shutdown_timeout_s) end with an error",
+                    snapshot.num_running, snapshot.num_waiting, self.drain_s)
+        # Stopping joins the engine thread (a step, at most): not in the event loop, which must send the errors.
+        threading.Thread(target=self.stack.stop, name="shutdown", daemon=True).start()
 
 
 def _log_startup(config: ServeConfig, stack: ServingStack) -> None:
@@ -308,7 +337,7 @@ class BackgroundServer:
     def __init__(self, stack: ServingStack, *, host: str = "127.0.0.1", log_level: str = "warning",
                  keep_alive_s: float = ServeConfig.keep_alive_s, tls: tuple[str, str] | None = None) -> None:
         self.stack = stack
-        self.server = uvicorn.Server(_uvicorn_config(stack.app, host, 0, log_level, keep_alive_s, tls=tls))
+        self.server = DrainingServer(_uvicorn_config(stack.app, host, 0, log_level, keep_alive_s, tls=tls), stack)
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.host = host
         self.port: int | None = None

@@ -4,16 +4,21 @@ fine), whether it sat in the predictor thread's queue, in the engine thread's, o
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import threading
+import time
 
+import httpx
 import pytest
 
 from serve.server.engine_loop import EngineDead
-from tests.server.conftest import wait_for
-from tests.server.fakes import CharTokenizer, FakePredictor, serve_config
+from serve.server.config import ServeConfig
+from tests.server.conftest import API_KEY, wait_for
+from tests.server.fakes import CharTokenizer, FakePredictor, serve_config, start_server
 from tests.server.test_engine_loop import PROMPTS, _add, _collect, make_loop
 from tests.engine.engine_driver import tiny_llama
-from serve.server.launch import build_stack
+from serve.server.launch import DrainingServer, build_stack
 
 
 class GatedPredictor(FakePredictor):
@@ -83,3 +88,43 @@ def test_requests_taken_together_with_the_shutdown_command_get_an_answer():
     assert [e.error for e in events] == ["the server is shutting down"] * 3
     with pytest.raises(EngineDead):
         loop.submit(None)
+
+
+def test_a_stopping_server_finishes_what_it_can_and_ends_the_rest_with_their_error(tmp_path):
+    """uvicorn alone cancels the handlers still running at the end of its graceful window (a bare 500, a stream
+    cut short); the server stops its engine first, so each gets its error: a 503, or an error event and [DONE]."""
+    server = start_server(serve_config(tmp_path, policy="paged", shutdown_timeout_s=1.0), eos=False)
+    engine = server.stack.engine
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.1), step())[1]  # 32 tokens take about 3 s
+    answers: dict[str, httpx.Response] = {}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def ask(name: str, max_tokens: int, stream: bool = False) -> None:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": max_tokens, "stream": stream}
+        answers[name] = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=60)
+
+    askers = [threading.Thread(target=ask, args=args) for args in (("short", 3), ("long", 32), ("streamed", 32, True))]
+    for asker in askers:
+        asker.start()
+    wait_for(lambda: server.stack.engine_loop.snapshot.num_running == 3, what="three requests running")
+    started = time.monotonic()
+    server.stop()
+    stopped_after = time.monotonic() - started
+    for asker in askers:
+        asker.join(30)
+
+    assert answers["short"].status_code == 200  # finished within the drain
+    assert answers["short"].json()["usage"]["completion_tokens"] == 3
+    assert answers["long"].status_code == 503
+    assert "shutting down" in answers["long"].json()["error"]["message"]
+    events = [line.removeprefix("data: ") for line in answers["streamed"].text.splitlines() if line]
+    assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"]
+    assert len(events) > 3  # it had streamed tokens before
+    assert stopped_after < 1.0 + DrainingServer.ANSWER_S
+
+
+def test_shutdown_timeout_must_be_seconds():
+    for bad in (-1, math.nan):
+        with pytest.raises(ValueError, match="shutdown_timeout_s"):
+            ServeConfig(shutdown_timeout_s=bad)
