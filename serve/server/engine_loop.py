@@ -2,8 +2,10 @@
 
 Recipe of one turn of the loop:
 1. take every queued command (block on the queue when there is no work);
-2. apply them in order: add requests (with their length prediction, made here in one batch where the loop
-   classifies new requests itself: see `serve.server.admission`), abort requests, run inspections;
+2. apply them in order: add requests (with their length prediction, made here where the loop classifies new
+   requests itself, see `serve.server.admission`: at most ``max_classified`` a turn, the commands after them left
+   for the next turns, so that a burst of arrivals does not stall the running answers for its whole
+   classification), abort requests, run inspections;
 3. if any request is waiting or running, run one `engine.step()`;
 4. hand each request's new tokens to its asyncio queue, one `loop.call_soon_threadsafe` per event loop;
 5. publish a snapshot of the engine's state (queue depth, KV blocks, counters) for /metrics and admission.
@@ -131,7 +133,8 @@ class EngineLoop:
     """Owns an LLMEngine in a thread; other threads send it commands through `submit`."""
 
     def __init__(self, engine: LLMEngine, *, feedback=None, outcomes=None, keepalive_s: float = 60.0,
-                 classify: Callable[[list[str]], Sequence[LengthPrediction | None]] | None = None) -> None:
+                 classify: Callable[[list[str]], Sequence[LengthPrediction | None]] | None = None,
+                 max_classified: int = 32) -> None:
         self.engine = engine
         self.feedback = feedback  # serve.feedback.FeedbackLog or None
         self.outcomes = outcomes  # serve.outcomes.PredictionOutcomes or None: the predictor's live accuracy
@@ -139,6 +142,8 @@ class EngineLoop:
         self.classify = classify
         """Predicts the length of the requests added without a prediction, between steps (a CPU server's
         `admission.Classifier`); None where they arrive classified or need no prediction."""
+        self.max_classified = max_classified
+        """Most requests ``classify`` reads in one turn, between two steps (the predictor's batch size)."""
         self.snapshot = EngineSnapshot(num_kv_blocks=engine.scheduler.pool.num_blocks)
         self.error: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -148,6 +153,7 @@ class EngineLoop:
         self._unrecorded: set[str] = set()  # requests the feedback store must not record (Add.feedback)
         self._taken: list = []  # the commands of the current turn; those from _next on are not applied yet
         self._next = 0
+        self._later: list = []  # taken, but left for the next turns: past the turn's max_classified
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- other threads ------------------------------------------------------------------------------------
@@ -184,7 +190,9 @@ class EngineLoop:
             log.exception("the engine loop crashed")
             self.error = exc
             self._end_all(f"the engine failed: {exc!r}")
-            _refuse(self._taken[self._next:], f"the engine failed: {exc!r}")  # taken this turn, never applied
+            # taken, never applied
+            _refuse(self._taken[self._next:] + self._later, f"the engine failed: {exc!r}")
+            self._later = []
         finally:
             with self._lock:  # nothing runs or waits any more: the gauges say so, the totals stay
                 self.snapshot = dataclasses.replace(self.snapshot, alive=False, num_running=0, num_waiting=0,
@@ -197,16 +205,18 @@ class EngineLoop:
 
     def _turn(self) -> bool:
         """One turn of the loop (see the module docstring); False when told to shut down."""
-        busy = self.engine.has_unfinished()
+        busy = self.engine.has_unfinished() or bool(self._later)
         commands = self._taken = self._take_commands(block=not busy)
         self._next = 0  # the commands from here on are not applied yet (a crash answers them)
         if self.classify is not None:
+            commands, self._later = _split_after(commands, self.max_classified)
             commands = self._taken = classified(commands, self.classify)
         for i, command in enumerate(commands):
             self._next = i + 1
             if command is _SHUTDOWN:
                 self._end_all(None)
-                _refuse(commands[i + 1:])  # taken with the shutdown: answered like those still queued
+                _refuse(commands[i + 1:] + self._later)  # taken with the shutdown: answered like those still queued
+                self._later = []
                 return False
             self._apply(command)
         if self.engine.has_unfinished():
@@ -215,7 +225,7 @@ class EngineLoop:
         return True
 
     def _take_commands(self, *, block: bool) -> list:
-        commands = []
+        commands, self._later = self._later, []
         if block:
             if self.feedback is not None:
                 self.feedback.sync()  # idle: make what was written durable
@@ -332,6 +342,15 @@ class EngineLoop:
         feedback = {} if self.feedback is None else {"num_feedback_records": self.feedback.num_written,
                                                      "num_feedback_lost": self.feedback.num_lost}
         self.snapshot = EngineSnapshot(**vars(self.engine.snapshot()), **feedback)
+
+
+def _split_after(commands: list, max_classified: int) -> tuple[list, list]:
+    """``commands`` cut before the first request to classify past ``max_classified``: (this turn's, the rest)."""
+    unclassified = [i for i, c in enumerate(commands) if isinstance(c, Add) and c.prediction is None]
+    if len(unclassified) <= max_classified:
+        return commands, []
+    cut = unclassified[max_classified]
+    return commands[:cut], commands[cut:]
 
 
 def _refuse(commands: list, message: str = "the server is shutting down") -> None:

@@ -106,7 +106,8 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
     classify = None
     if predictor is not None and not threaded:
         classify = Classifier(predictor, metrics, max_batch_size=config.predictor_batch_size)
-    engine_loop = EngineLoop(engine, feedback=feedback, outcomes=outcomes, classify=classify)
+    engine_loop = EngineLoop(engine, feedback=feedback, outcomes=outcomes, classify=classify,
+                             max_classified=config.predictor_batch_size)
     controller = None
     if predictor is not None and threaded:
         controller = AdmissionController(predictor, engine_loop, max_batch_size=config.predictor_batch_size,

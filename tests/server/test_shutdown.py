@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from serve.server.engine_loop import EngineDead
+from serve.server.admission import Classifier
 from serve.server.config import ServeConfig
 from tests.server.conftest import API_KEY, wait_for
 from tests.server.fakes import CharTokenizer, FakePredictor, serve_config, start_server
@@ -68,8 +69,11 @@ def test_requests_behind_the_predictor_at_shutdown_get_an_answer(tmp_path):
         assert event.finish_reason in ("stop", "length") or event.error == "the server is shutting down", event
 
 
-def test_requests_taken_together_with_the_shutdown_command_get_an_answer():
-    loop = make_loop(tiny_llama(), policy="paged")
+@pytest.mark.parametrize("classified_here", [False, True])
+def test_requests_taken_together_with_the_shutdown_command_get_an_answer(classified_here):
+    # classified_here: a CPU server's loop classifies them, one a turn, so two of the three wait for later turns
+    classify = Classifier(FakePredictor(bucket=0)) if classified_here else None
+    loop = make_loop(tiny_llama(), policy="paged", classify=classify, max_classified=1)
     entered, gate = threading.Event(), threading.Event()
     held = loop.call(lambda engine: (entered.set(), gate.wait(30)))  # the engine thread waits between steps
     assert entered.wait(30)
@@ -77,7 +81,8 @@ def test_requests_taken_together_with_the_shutdown_command_get_an_answer():
     async def main():
         stopping = asyncio.ensure_future(asyncio.to_thread(loop.stop))
         await asyncio.to_thread(wait_for, lambda: loop._commands.qsize() == 1, what="the shutdown queued")
-        behind = [await _add(loop, f"behind-{i}", PROMPTS[i]) for i in range(3)]
+        behind = [await _add(loop, f"behind-{i}", PROMPTS[i], bucket=None if classified_here else 0)
+                  for i in range(3)]
         gate.set()  # the next turn takes the shutdown and the three requests in one batch
         events = await asyncio.gather(*(_answered(q) for q in behind))
         await stopping
