@@ -325,10 +325,14 @@ def pipeline_run(config_path, start, only, run_id, overrides):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = load_config(PipelineConfig, config_path, overrides, values={"run_id": run_id})
-        outputs = Pipeline(config, echo=click.echo).run(start=start, only=only)
+        runner = Pipeline(config, echo=click.echo)
+        outputs = runner.run(start=start, only=only)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    if all(stage in outputs for stage in ("train", "collect", "bench")):
+    if runner.stale:  # a before/after table would mix rounds of different inputs
+        click.echo(f"no summary: {', '.join(runner.stale)} kept results of other inputs; run without --from/--only "
+                   "to bring every stage up to date")
+    elif all(stage in outputs for stage in ("train", "collect", "bench")):
         click.echo("\n" + format_summary(outputs))
         log_summary(config, outputs)
 

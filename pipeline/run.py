@@ -1,8 +1,8 @@
 """`s3 pipeline run`: generate -> train -> collect (serve, mispredictions) -> retrain -> bench, in one folder.
 
 Each stage (pipeline/stages.py, the `STAGES` table) reads the previous stages' outputs and writes its own under
-`runs/<run-id>/<stage>/`, with a `stage.json` holding a hash of its inputs (its config sections, its version and
-its upstream stages' fingerprints). A stage whose `stage.json` has the same input hash is skipped; otherwise
+`runs/<run-id>/<stage>/`, with a `stage.json` holding a hash of its inputs (its config sections, its version, its
+upstream stages' fingerprints, and the contents of the files it reads from outside the run folder). A stage whose `stage.json` has the same input hash is skipped; otherwise
 it runs again (generate resumes where it stopped). A stage's `stage.json` is removed when it starts and written
 when it finishes, so a stage that failed or was interrupted runs again, whatever it ran with before. Every stage
 that runs is one wandb run in the pipeline's group (the code it calls opens none of its own); the summary table
@@ -18,7 +18,9 @@ import pathlib
 import time
 from typing import Callable
 
-from pipeline.stages import STAGES, PipelineConfig, ServeRoundConfig, Stage, StageContext, serving_prompts
+from pipeline.stages import (
+    STAGES, PipelineConfig, ServeRoundConfig, Stage, StageContext, fingerprint, serving_prompts,
+)  # fmt: skip
 from core.tracking import start_run, tracking_off
 from pipeline.tracking import log_stage
 
@@ -40,6 +42,8 @@ class Pipeline:
         self.root = pathlib.Path(config.runs_dir) / config.run_id
         self.echo = echo
         self.outputs: dict[str, dict] = {}
+        self.stale: list[str] = []
+        """Stages kept as --from/--only asked although their inputs changed since they ran."""
 
     def _inputs(self, stage: Stage) -> dict:
         config = dataclasses.asdict(self.config)
@@ -48,7 +52,9 @@ class Pipeline:
         for dotted in stage.unread_keys:
             section, key = dotted.split(".")
             del read[section][key]
-        return {"config": read, "version": stage.version, "upstream": upstream}
+        inputs = {"config": read, "version": stage.version, "upstream": upstream}
+        files = {path: fingerprint(pathlib.Path(path)) for path in stage.reads(self.config)}
+        return inputs | ({"files": files} if files else {})
 
     def run(self, *, start: str | None = None, only: str | None = None) -> dict:
         for name in (start, only):
@@ -57,7 +63,8 @@ class Pipeline:
         if start and only:
             raise ValueError("give --from (this stage and those after it) or --only (this stage alone), not both")
         first = STAGE_NAMES.index(only or start or STAGE_NAMES[0])
-        for index, stage in enumerate(STAGES):
+        last = STAGE_NAMES.index(only) if only else len(STAGES) - 1
+        for index, stage in enumerate(STAGES[:last + 1]):
             record = self.root / stage.name / "stage.json"
             inputs_hash = _hash(self._inputs(stage))
             previous = _read_record(record)
@@ -70,7 +77,9 @@ class Pipeline:
                 if previous is None:
                     raise ValueError(f"stage {stage.name} has not run yet in {self.root} (or its last run did not "
                                      "finish); run without --only/--from")
-                self.outputs[stage.name] = previous["outputs"]  # kept as asked, though its inputs changed
+                self.echo(f"[{stage.name}] inputs changed since it ran; kept as asked (--from/--only)")
+                self.outputs[stage.name] = previous["outputs"]
+                self.stale.append(stage.name)
                 continue
             self.echo(f"[{stage.name}] running")
             record.unlink(missing_ok=True)  # its outputs change from now on: an interrupted stage is never up to date

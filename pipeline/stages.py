@@ -85,6 +85,9 @@ class Stage:
     unread_keys: tuple[str, ...] = ()
     """`section.field`s of those sections the stage never reads, left out of its inputs: changing them reruns
     nothing."""
+    reads: Callable[[PipelineConfig], tuple[str, ...]] = lambda config: ()
+    """Files and folders outside the run folder the stage reads (the committed labelled data, prompt files):
+    their contents are part of its inputs, so that editing them reruns it."""
 
 
 def serving_prompts(config: ServeRoundConfig, exclude: set[str]) -> list[str]:
@@ -93,10 +96,14 @@ def serving_prompts(config: ServeRoundConfig, exclude: set[str]) -> list[str]:
     return [row.prompt for row in rows]
 
 
-def _fingerprint(path: pathlib.Path) -> str:
+def fingerprint(path: pathlib.Path) -> str:
+    """A hash of a file's, or a folder's files', contents and names; "missing" where there is nothing."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.name.encode())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if not files:
+        return "missing"
+    for file in files:
+        digest.update((file.name if file == path else file.relative_to(path).as_posix()).encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -122,7 +129,7 @@ def generate_stage(ctx: StageContext) -> dict:
         folder = pathlib.Path(config.labelled_data)
         labelled_data(str(folder))  # fails clearly when the data is not there
         ctx.echo(f"using the labelled data in {folder} (set regenerate=true to label again)")
-    return {"data": str(folder), "fingerprint": _fingerprint(folder / "dataset")}
+    return {"data": str(folder), "fingerprint": fingerprint(folder / "dataset")}
 
 
 def train_stage(ctx: StageContext) -> dict:
@@ -140,7 +147,7 @@ def collect_stage(ctx: StageContext) -> dict:
     if feedback.exists():  # records of an earlier run of this stage: kept aside, not mixed into this round's
         feedback.rename(feedback.with_name(f"feedback.previous-{time.time_ns()}"))
     runs = serve_round(ctx, ctx.upstream["train"]["checkpoint"], feedback_dir=feedback)
-    return {"feedback": str(feedback), "fingerprint": _fingerprint(feedback) if feedback.exists() else "none", **runs}
+    return {"feedback": str(feedback), "fingerprint": fingerprint(feedback) if feedback.exists() else "none", **runs}
 
 
 def retrain_stage(ctx: StageContext) -> dict:
@@ -175,14 +182,20 @@ _UNREAD_TRAIN = ("output_dir", "wandb_project", "wandb_mode")
 _RETRAIN_ONLY = ("replay_ratio", "feedback_holdout", "feedback_repeat", "keep_parent_unless_matched",
                  "traffic_monitor", "replay_only")
 
+def _generate_reads(config: PipelineConfig) -> tuple[str, ...]:
+    if config.regenerate:
+        return config.generate.inputs
+    return (str(pathlib.Path(config.labelled_data) / "dataset"),)
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("generate", generate_stage, ("labelled_data", "regenerate", "generate")),
+    Stage("generate", generate_stage, ("labelled_data", "regenerate", "generate"), reads=_generate_reads),
     Stage("train", train_stage, ("train",),
           unread_keys=tuple(f"train.{key}" for key in _UNREAD_TRAIN + _RETRAIN_ONLY)),
-    Stage("collect", collect_stage, ("serve",), version=2),
+    Stage("collect", collect_stage, ("serve",), version=2, reads=lambda config: config.serve.inputs),
     Stage("retrain", retrain_stage, ("train", "retrain_epochs"), version=3,
           unread_keys=tuple(f"train.{key}" for key in _UNREAD_TRAIN)),
-    Stage("bench", bench_stage, ("serve",), version=2),
+    Stage("bench", bench_stage, ("serve",), version=2, reads=lambda config: config.serve.inputs),
 )
 """Every stage, in the order they run."""
 

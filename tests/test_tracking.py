@@ -37,3 +37,20 @@ def test_each_run_goes_under_the_wandb_dir_set_when_it_starts(monkeypatch, tmp_p
         monkeypatch.setenv("WANDB_DIR", str(tmp_path / name))
         start_run(project="p", job_type="t", config={}).finish()
         assert list((tmp_path / name / "wandb").glob("offline-run-*")), name
+
+
+def test_an_offline_stage_references_its_checkpoint_instead_of_copying_it(monkeypatch, tmp_path):
+    # add_dir would stage a copy of every file under wandb's data folder (the user's home) until a `wandb sync`.
+    from pipeline.tracking import log_stage
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(bytes(2_000_000))
+    run = start_run(project="p", job_type="train", config={}, dir=str(tmp_path / "runs"))
+    log_stage(run, "train", {"checkpoint": str(checkpoint), "fingerprint": "x"})
+    run.finish()
+    copied = [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size >= 1_000_000 and p.parent != checkpoint]
+    assert not copied

@@ -63,14 +63,18 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise p.APIError(413, f"the request body has {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise p.APIError(413, f"the request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise p.APIError(413, f"the request body exceeds the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
+        await asyncio.wait_for(read(), timeout_s)  # not asyncio.timeout: Python 3.10 has none
+    except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on, a class of its own before
         # Connection: close, so the connection goes too instead of waiting for the rest of the body.
         raise p.APIError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)",
                          headers={"Connection": "close"}) from None

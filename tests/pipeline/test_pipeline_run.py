@@ -67,9 +67,11 @@ def test_pipeline_runs_every_stage_then_skips_them(world, monkeypatch):
     recollect = CliRunner().invoke(main, _args(world) + ["--only", "collect"])
     assert recollect.exit_code == 0, recollect.output
     assert (len(list(read_feedback(feedback))) if feedback.exists() else 0) == first
-    # One offline wandb run per stage that ran, plus the summary runs: none opened by training or labelling.
+    assert "[retrain]" not in recollect.output and "s3 / max throughput" not in recollect.output  # collect alone
+    # One offline wandb run per stage that ran, plus the summary runs (the first three invocations'; --only collect
+    # stops there, with no summary): none opened by training or labelling.
     runs = list((world / "wandb").glob("offline-run-*"))
-    assert len(runs) == 5 + 1 + 1 + 1 + 1 + 1 + 1, [r.name for r in runs]
+    assert len(runs) == 5 + 1 + 1 + 1 + 1 + 1, [r.name for r in runs]
 
 
 def test_unknown_stage_is_refused(world):

@@ -99,3 +99,50 @@ def test_unread_keys_name_fields_that_exist():
             section, key = dotted.split(".")
             assert section in stage.config_keys
             assert key in {f.name for f in dataclasses.fields(getattr(PipelineConfig, section))}
+
+
+def test_a_stage_reruns_when_a_file_it_reads_changes(tmp_path, monkeypatch):
+    # The committed labelled data, edited in place (relabelled, rows added), must not leave the old predictor served.
+    data = tmp_path / "data" / "rows.json"
+    data.parent.mkdir()
+    data.write_text("[1, 2]")
+    calls = []
+
+    def generate(ctx):
+        calls.append("generate")
+        return {"fingerprint": pipeline_run.fingerprint(data.parent)}
+
+    def train(ctx):
+        calls.append("train")
+        return {"fingerprint": "t"}
+
+    stages = (Stage("generate", generate, ("labelled_data",), reads=lambda config: (str(data.parent),)),
+              Stage("train", train, ("train",)))
+    monkeypatch.setattr(pipeline_run, "STAGES", stages)
+    monkeypatch.setattr(pipeline_run, "STAGE_NAMES", ("generate", "train"))
+    Pipeline(_config(tmp_path, 0.1), echo=lambda m: None).run()
+    Pipeline(_config(tmp_path, 0.1), echo=lambda m: None).run()
+    assert calls == ["generate", "train"]
+    data.write_text("[1, 2, 3]")
+    Pipeline(_config(tmp_path, 0.1), echo=lambda m: None).run()
+    assert calls == ["generate", "train"] * 2
+
+
+def test_the_shipped_stages_read_the_labelled_data_and_prompt_files():
+    config = PipelineConfig()
+    reads = {stage.name: stage.reads(config) for stage in STAGES}
+    assert reads["generate"] == ("data/labelled/dataset",)
+    assert reads["collect"] == reads["bench"] == config.serve.inputs
+    assert STAGES[0].reads(dataclasses.replace(config, regenerate=True)) == config.generate.inputs
+
+
+def test_only_runs_that_stage_and_says_which_earlier_ones_are_out_of_date(tmp_path, fake_stages):
+    echoed = []
+    Pipeline(_config(tmp_path, 0.1), echo=echoed.append).run(only="train")  # a fresh folder: train alone
+    assert fake_stages == ["train"] and not (tmp_path / "default" / "collect").exists()
+    Pipeline(_config(tmp_path, 0.1), echo=lambda m: None).run()
+    fake_stages.clear()
+    runner = Pipeline(_config(tmp_path, 0.2), echo=echoed.append)
+    runner.run(only="collect")
+    assert fake_stages == ["collect"] and runner.stale == ["train"]
+    assert "[train] inputs changed since it ran; kept as asked (--from/--only)" in echoed

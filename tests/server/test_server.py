@@ -150,7 +150,8 @@ def test_metrics_show_engine_state_and_latencies(server):
     assert values["s3_time_to_first_token_seconds_count"] >= 1 and values["s3_generated_tokens_total"] >= 12
     assert values["s3_batched_sequences_total"] >= 12 and values["s3_engine_steps_total"] >= 12
     assert values["s3_batched_tokens_total"] >= 12 and values["s3_engine_step_seconds_total"] > 0
-    assert values["s3_kv_blocks_total"] == 128
+    assert values["s3_kv_blocks_capacity"] == 128 and "s3_kv_blocks_total" not in values  # _total: counters only
+    assert values['s3_request_latency_seconds_bucket{le="7680.0"}'] >= 1  # a CPU server answers in minutes
     assert values["s3_feedback_records_total"] >= 0 and values["s3_feedback_records_lost_total"] == 0
 
 
