@@ -197,8 +197,17 @@ def evaluate(checkpoint, data, split, quantile, output_dir, batch_size, exclude_
     from pipeline.labelled import labelled_data
     from predictor_train.evaluate import evaluate_checkpoint
 
+    from predictor_train.checkpoint import read_info
+
     try:
-        dataset, _ = labelled_data(data)
+        dataset, recipe = labelled_data(data)
+        info = read_info(checkpoint)
+        if recipe.get("model", info.target_model) != info.target_model:
+            click.echo(f"warning: {data} was labelled by {recipe['model']}, the checkpoint predicts lengths of "
+                       f"{info.target_model}'s answers", err=True)
+        if recipe.get("max_new_tokens", info.buckets.max_tokens) != info.buckets.max_tokens:
+            click.echo(f"warning: {data} was labelled with max_new_tokens={recipe['max_new_tokens']}, the "
+                       f"checkpoint's buckets span {info.buckets.max_tokens} tokens", err=True)
         report = evaluate_checkpoint(checkpoint, dataset, split=split, out_dir=output_dir or checkpoint,
                                      quantile=quantile, batch_size=batch_size, exclude_sources=exclude_sources,
                                      neighbours=neighbours)

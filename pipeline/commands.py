@@ -143,6 +143,9 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
     from predictor_train.train import train_predictor
 
     dataset, recipe = labelled_data(data)
+    if previous and not feedback:
+        raise ValueError("--from CHECKPOINT retrains on feedback and needs --feedback FOLDER; to start training "
+                         "from a checkpoint's weights, pass it as the backbone: --set backbone=CHECKPOINT")
     if feedback:
         if not previous:
             raise ValueError("--feedback needs --from CHECKPOINT: retraining starts from the previous predictor")
@@ -159,6 +162,7 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
         target = target_model or recipe.get("model")
         if not target:
             raise ValueError(f"{data} has no recipe.json naming the target model; pass --target-model")
+        check_label_cap(recipe, config.max_tokens, data)
         decoding = {k: recipe[k] for k in DECODING_KEYS if k in recipe}
         result = train_predictor(config, dataset, target_model=target, decoding=decoding)
         checkpoint, summary = result.checkpoint_dir, {"history": result.history}
@@ -177,6 +181,16 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
 
     return summary | {"checkpoint": pathlib.Path(checkpoint), "checkpoint_id": read_info(checkpoint).checkpoint_id,
                       "test_metrics": evaluation.metrics}
+
+
+def check_label_cap(recipe: dict, max_tokens: int, data: str) -> None:
+    """The buckets must span the lengths the labels were capped at (the recipe's ``max_new_tokens``): longer
+    buckets are never reached, shorter ones lump every longer answer into the last, and the server, whose
+    ``max_new_tokens`` the buckets must equal, would cut answers the labels let run."""
+    cap = recipe.get("max_new_tokens")
+    if cap is not None and cap != max_tokens:
+        raise ValueError(f"{data} was labelled with max_new_tokens={cap} but the predictor's buckets span "
+                         f"max_tokens={max_tokens}; set max_tokens={cap} (--set max_tokens={cap})")
 
 
 def _rank() -> int:

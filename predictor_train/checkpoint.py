@@ -2,7 +2,9 @@
 
 ``predictor.json`` carries the BucketSpec, the target LLM and decoding settings the labels came from, the training
 config, the DeepSpeed config actually used, validation metrics and a checkpoint id. It is written last, so a folder
-with a ``predictor.json`` holds a complete checkpoint.
+with a ``predictor.json`` holds a complete checkpoint. Training writes into a staging folder and moves the finished
+checkpoint in (`publish_checkpoint`), so a checkpoint already in the output folder stays whole until then: a run
+stopped before the end leaves it as it was.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +103,7 @@ def save_checkpoint(folder: str | Path, model: PreTrainedModel, tokenizer: PreTr
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / PREDICTOR_FILE).unlink(missing_ok=True)  # a half-written folder must not look complete
-    (folder / FAMILIARITY_FILE).unlink(missing_ok=True)  # an earlier run's, which these weights did not embed
+    (folder / FAMILIARITY_FILE).unlink(missing_ok=True)  # an earlier epoch's, which these weights did not embed
     # Weights go out in fp32 whatever the training precision, so CPU inference loads them as they are.
     state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
              for k, v in model.state_dict().items()}
@@ -108,12 +112,51 @@ def save_checkpoint(folder: str | Path, model: PreTrainedModel, tokenizer: PreTr
     return update_info(folder, info)
 
 
+STAGING = ".partial"
+"""The folder inside a checkpoint folder where training writes the next checkpoint until it is complete."""
+
+
+def staging_folder(folder: str | Path) -> Path:
+    """An empty staging folder for the checkpoint that will replace ``folder``'s (an interrupted run's is removed)."""
+    staging = Path(folder) / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish_checkpoint(staging: Path, folder: Path) -> None:
+    """Move the complete checkpoint in ``staging`` into ``folder``, replacing the one there: the old
+    ``predictor.json`` goes first and the new one comes last, so the folder never passes for a checkpoint while it
+    holds a mix of the two. Other files in ``folder`` (wandb runs, plots) stay."""
+    (folder / PREDICTOR_FILE).unlink(missing_ok=True)
+    for old in folder.glob("*.safetensors"):  # weights and familiarity bank of the old checkpoint
+        old.unlink()
+    for path in sorted(staging.iterdir()):
+        if path.name != PREDICTOR_FILE:
+            target = folder / path.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(path, target)
+    os.replace(staging / PREDICTOR_FILE, folder / PREDICTOR_FILE)
+    staging.rmdir()
+
+
+def copy_checkpoint(source: str | Path, staging: Path) -> CheckpointInfo:
+    """Copy the checkpoint files of ``source`` (not its plots or wandb runs) into ``staging``; its info."""
+    for path in Path(source).iterdir():
+        if path.is_file() and path.suffix != ".png":
+            shutil.copy2(path, staging / path.name)
+    return read_info(staging)
+
+
 def update_info(folder: str | Path, info: CheckpointInfo) -> CheckpointInfo:
     """Rewrite ``predictor.json`` of a saved checkpoint (same weights, new metadata) with a recomputed id."""
     folder = Path(folder)
     info = dataclasses.replace(info, checkpoint_id="")
     info = dataclasses.replace(info, checkpoint_id=compute_checkpoint_id(folder, info))
-    (folder / PREDICTOR_FILE).write_text(json.dumps(info.to_json(), indent=2, default=str))
+    partial = folder / (PREDICTOR_FILE + ".tmp")  # whole or absent: a stop mid-write leaves the old file
+    partial.write_text(json.dumps(info.to_json(), indent=2, default=str))
+    os.replace(partial, folder / PREDICTOR_FILE)
     return info
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 from pathlib import Path
 from typing import Iterator, Literal, Sequence, get_args
@@ -43,6 +44,8 @@ def _read(path: Path) -> datasets.Dataset:
     if not path.is_file():
         raise FileNotFoundError(f"no data at {path}: pass a save_to_disk folder, a .parquet or a .jsonl file")
     suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty: it holds no labelled records")
     if suffix == ".parquet":
         return datasets.Dataset.from_parquet(str(path))
     if suffix in (".jsonl", ".json"):
@@ -183,8 +186,15 @@ class Examples:
 
     @classmethod
     def from_rows(cls, rows) -> "Examples":
-        """From a Dataset (or anything with ``prompt`` and ``num_output_tokens`` columns)."""
-        return cls(tuple(rows["prompt"]), tuple(int(n) for n in rows["num_output_tokens"]))
+        """From a Dataset (or anything with ``prompt`` and ``num_output_tokens`` columns); a length that is not a
+        whole number of tokens >= 0 (null, negative, text) is refused, naming its prompt."""
+        prompts, lengths = tuple(rows["prompt"]), []
+        for prompt, n in zip(prompts, rows["num_output_tokens"]):
+            if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0 or n != int(n):
+                raise ValueError(f"num_output_tokens must be a whole number of tokens >= 0, got {n!r} for the prompt "
+                                 f"{prompt[:60]!r} (labels come from `s3 generate`)")
+            lengths.append(int(n))
+        return cls(prompts, tuple(lengths))
 
     def __add__(self, other: "Examples") -> "Examples":
         if self.weights is not None or other.weights is not None:

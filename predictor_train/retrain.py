@@ -138,8 +138,11 @@ def is_held_out(prompt: str, share: float) -> bool:
 def hold_out_feedback(feedback: datasets.Dataset, share: float) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(trained on, held out): mispredicted records by `is_held_out`; every record sampled among the well-predicted
     requests (column ``sampled``) is held out, to judge the round on: trained on, they change nothing measurable
-    (docs/predictor.md), while they are the only view of the traffic the predictor already gets right."""
-    held = [s or is_held_out(p, share) for p, s in zip(feedback["prompt"], _sampled(feedback))]
+    (docs/predictor.md), while they are the only view of the traffic the predictor already gets right. A prompt's
+    records go together: one held out holds out every record of its prompt."""
+    # by prompt: a prompt served twice, once sampled, is held out whole, so the round is not judged on what it learned
+    held_prompts = {p for p, s in zip(feedback["prompt"], _sampled(feedback)) if s or is_held_out(p, share)}
+    held = [p in held_prompts for p in feedback["prompt"]]
     return (feedback.select([i for i, h in enumerate(held) if not h]),
             feedback.select([i for i, h in enumerate(held) if h]))
 
@@ -236,7 +239,11 @@ def retrain_predictor(config: TrainConfig, data, feedback, *, previous_checkpoin
                  start_competes=config.keep_parent_unless_matched, traffic=traffic,
                  familiar=(list(splits["train"]["prompt"]), [] if config.replay_only else list(extra["prompt"])),
                  familiar_lengths={**dict(zip(splits["train"]["prompt"], splits["train"]["num_output_tokens"])),
-                                   **dict(zip(extra["prompt"], extra["num_output_tokens"]))})
+                                   **dict(zip(extra["prompt"], extra["num_output_tokens"]))},
+                 parent=previous_checkpoint if config.keep_parent_unless_matched else None,
+                 # the train split and each fed-back answer once, not the repeated and replayed training stream
+                 prior_lengths=list(splits["train"]["num_output_tokens"])
+                 + ([] if config.replay_only else list(extra["num_output_tokens"])))
     after = _evaluate_all(LengthPredictor.load(result.checkpoint_dir), eval_sets, train=splits["train"])
     return RetrainReport(result=result, parent_checkpoint_id=previous.checkpoint_id, num_feedback_used=trained_on,
                          num_feedback_dropped=dropped, num_feedback_cut=cut, num_feedback_held_out=len(feedback_test),

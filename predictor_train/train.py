@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,9 @@ from predictor_train.backbone import (DEFAULT_BACKBONE, Backbone, check_prompt_t
                                       model_input_names)
 from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
 from core.tracking import start_run
-from predictor_train.checkpoint import CheckpointInfo, read_info, save_checkpoint
+from predictor_train.checkpoint import (
+    CheckpointInfo, copy_checkpoint, publish_checkpoint, read_info, save_checkpoint, staging_folder,
+)  # fmt: skip
 from predictor_train.data import (Examples, PromptTruncation, batches, cap_per_source, check_sources, class_weights,
                                   drop_sources, labels_of, load_records, num_batches, split_records)
 from predictor_train.distributed import build_deepspeed_config, rank_and_world_size, start_engine
@@ -193,7 +196,8 @@ def training_splits(config: TrainConfig, data):
 def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone: Backbone, spec: BucketSpec,
         meta: dict[str, Any], progress: bool = True, start_competes: bool = False,
         traffic: Examples | None = None, familiar: tuple[Sequence[str], Sequence[str]] | None = None,
-        familiar_lengths: Mapping[str, int] | None = None) -> TrainResult:
+        familiar_lengths: Mapping[str, int] | None = None, parent: str | Path | None = None,
+        prior_lengths: Sequence[int] | None = None) -> TrainResult:
     """The training loop shared by training and retraining; ``meta`` fills the rest of CheckpointInfo.
 
     ``start_competes``: the starting weights are validated first, as epoch 0, and saved; an epoch replaces them
@@ -202,15 +206,22 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
     record, and replaces the best so far only if it scores at least as well on both. ``familiar``: the prompts the
     familiarity bank samples and those it always keeps (default: the training examples', none kept); retraining
     passes the whole train split and its fed-back prompts, all that the weights have learned from, with their
-    labels in ``familiar_lengths`` (default: the training examples')."""
+    labels in ``familiar_lengths`` (default: the training examples'). ``parent``: the checkpoint the starting
+    weights come from; where they win (epoch 0), that checkpoint is written out unchanged, its temperature, length
+    prior and familiarity bank included, not the starting weights with metadata from this round's data.
+    ``prior_lengths``: the lengths the length prior and shape are estimated from (default: the training examples',
+    which retraining repeats and mixes).
+
+    The checkpoint is written to a staging folder inside ``config.output_dir`` and moved in once complete
+    (`publish_checkpoint`): a checkpoint already there survives a run that stops early."""
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(f"need both training and validation examples, got {len(train)} and {len(validation)}; "
                          "the hash split puts ~10% of prompts in validation, so give at least a few dozen records")
     check_prompt_tokens(backbone.tokenizer, backbone.model, config.max_prompt_tokens)  # retraining's parent too
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    meta = {**meta, "length_prior": bucket_frequencies(spec, train.num_output_tokens),
-            "length_shape": within_bucket_shape(spec, train.num_output_tokens)}
+    lengths = train.num_output_tokens if prior_lengths is None else prior_lengths
+    meta = {**meta, "length_prior": bucket_frequencies(spec, lengths), "length_shape": within_bucket_shape(spec, lengths)}
     ds_config = build_deepspeed_config(config.deepspeed_config, batch_size=config.batch_size, lr=config.lr)
     engine = start_engine(backbone.model, ds_config)
     is_main = rank_and_world_size()[0] == 0  # every rank validates the same way; rank 0 alone writes
@@ -218,6 +229,8 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
     weights = torch.tensor(class_weights(train_labels, spec.num_buckets, smoothing=config.class_weight_smoothing),
                            device=engine.device)
     run = start_wandb(config, spec=spec, meta=meta) if is_main else None
+    output = Path(config.output_dir)
+    staging = staging_folder(output) if is_main else None
     history, best, best_epoch, stale, info = [], None, 0, 0, None
     first_epoch = 0 if start_competes else 1
     try:
@@ -227,6 +240,9 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
                 train_loss = train_epoch(engine, backbone.tokenizer, train, train_labels, weights, config=config,
                                          epoch=epoch, progress=progress, run=run)
             metrics = validate(engine, backbone.tokenizer, validation, weights, spec=spec, config=config)
+            if not math.isfinite(metrics["loss"]) or (train_loss is not None and not math.isfinite(train_loss)):
+                raise ValueError(f"training diverged at epoch {epoch}: training loss {train_loss}, validation loss "
+                                 f"{metrics['loss']}; lower lr (now {config.lr:g}). {output} keeps what it held")
             if traffic is not None:
                 metrics["traffic"] = validate(engine, backbone.tokenizer, traffic, weights, spec=spec, config=config)
             history.append({"epoch": epoch, "train_loss": train_loss, **metrics})
@@ -234,8 +250,8 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
             if _improved(metrics, best, config.monitor, ties=best_epoch == 0, traffic_monitor=config.traffic_monitor):
                 best, best_epoch, stale = metrics, epoch, 0
                 if is_main:
-                    info = _save_best(config, engine, backbone, spec=spec, metrics={"epoch": epoch, **metrics},
-                                      ds_config=ds_config, meta=meta)
+                    info = _save_best(config, staging, engine, backbone, spec=spec,
+                                      metrics={"epoch": epoch, **metrics}, ds_config=ds_config, meta=meta)
             else:
                 stale += 1
                 if stale >= config.patience:
@@ -246,22 +262,28 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
         if run is not None:
             run.finish()
     if is_main:
-        lengths = familiar_lengths if familiar else dict(zip(train.prompts, train.num_output_tokens))
-        info = _finish_checkpoint(config, validation, familiar or (train.prompts, ()), lengths) or info
+        if best_epoch == 0 and parent is not None:  # the parent won: it is kept, as it was
+            log.info("the starting weights scored best: %s is written out unchanged", parent)
+            info = copy_checkpoint(parent, staging_folder(output))
+        else:
+            labels = familiar_lengths if familiar else dict(zip(train.prompts, train.num_output_tokens))
+            info = _finish_checkpoint(config, staging, validation, familiar or (train.prompts, ()), labels) or info
+        publish_checkpoint(staging, output)
     info = _checkpoint_info_on_all_ranks(info, config.output_dir)
-    return TrainResult(checkpoint_dir=Path(config.output_dir), info=info, best_epoch=best_epoch, history=history)
+    return TrainResult(checkpoint_dir=output, info=info, best_epoch=best_epoch, history=history)
 
 
-def _finish_checkpoint(config: TrainConfig, validation: Examples, familiar: tuple[Sequence[str], Sequence[str]],
+def _finish_checkpoint(config: TrainConfig, folder: Path, validation: Examples,
+                       familiar: tuple[Sequence[str], Sequence[str]],
                        lengths: Mapping[str, int] | None) -> CheckpointInfo | None:
-    """Once the best epoch is saved: fit the temperature on the validation split and build the familiarity bank from
+    """Once the best epoch is saved in ``folder``: fit the temperature on the validation split and build the familiarity bank from
     ``familiar`` (the prompts to sample, those always kept), with the neighbours' blend where ``lengths`` labels
     them, as the config asks; the checkpoint's new info, or None when it asks for neither."""
     info = None
     if config.calibrate:
         from predictor_train.calibration import calibrate_checkpoint
 
-        info = calibrate_checkpoint(config.output_dir, validation.prompts, validation.num_output_tokens,
+        info = calibrate_checkpoint(folder, validation.prompts, validation.num_output_tokens,
                                     batch_size=2 * config.batch_size)
         log.info("temperature %.3f: validation ECE %.3f -> %.3f", info.temperature,
                  info.metrics["ece_uncalibrated"], info.metrics["ece_calibrated"])
@@ -270,7 +292,7 @@ def _finish_checkpoint(config: TrainConfig, validation: Examples, familiar: tupl
         from predictor_train.inference import LengthPredictor
 
         pool, keep = familiar
-        info = build_familiarity(LengthPredictor.load(config.output_dir), config.output_dir, pool, validation.prompts,
+        info = build_familiarity(LengthPredictor.load(folder), folder, pool, validation.prompts,
                                  bank_size=config.familiarity_bank_size, quantile=config.familiarity_quantile,
                                  seed=config.seed, keep=keep, batch_size=2 * config.batch_size, lengths=lengths,
                                  validation_lengths=validation.num_output_tokens)
@@ -375,8 +397,8 @@ def _improved(metrics: dict[str, float], best: dict[str, float] | None, monitor:
     return new >= old if ties else new > old
 
 
-def _save_best(config: TrainConfig, engine, backbone: Backbone, *, spec: BucketSpec, metrics: dict[str, float],
-               ds_config: dict[str, Any], meta: dict[str, Any]) -> CheckpointInfo:
+def _save_best(config: TrainConfig, folder: Path, engine, backbone: Backbone, *, spec: BucketSpec,
+               metrics: dict[str, float], ds_config: dict[str, Any], meta: dict[str, Any]) -> CheckpointInfo:
     info = CheckpointInfo(
         checkpoint_id="", buckets=spec, bucket_scheme=config.bucket_scheme, target_model=meta["target_model"],
         decoding=meta["decoding"], train_config=dataclasses.asdict(config), backbone_kind=backbone.kind,
@@ -384,7 +406,7 @@ def _save_best(config: TrainConfig, engine, backbone: Backbone, *, spec: BucketS
         parent_checkpoint_id=meta.get("parent_checkpoint_id"), length_prior=list(meta["length_prior"]),
         length_shape=[list(row) for row in meta["length_shape"]],
     )
-    return save_checkpoint(config.output_dir, engine.module, backbone.tokenizer, info)
+    return save_checkpoint(folder, engine.module, backbone.tokenizer, info)
 
 
 def start_wandb(config: TrainConfig, *, spec: BucketSpec, meta: dict[str, Any]):

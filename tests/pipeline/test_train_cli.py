@@ -59,3 +59,12 @@ def test_train_errors_are_clear(tmp_path, labelled):
     assert result.exit_code == 2 and "make it with `s3 generate`" in result.output
     result = CliRunner().invoke(main, ["train", "--data", str(labelled), "--feedback", str(tmp_path), *TINY])
     assert result.exit_code == 2 and "--from" in result.output
+
+
+def test_from_without_feedback_and_a_bucket_span_other_than_the_labels_cap_are_refused(tmp_path, labelled):
+    # --from alone used to be ignored (a fresh model trained); buckets over another span than the labels' cap
+    # used to lump every longer answer into the last bucket without a word.
+    result = CliRunner().invoke(main, ["train", "--data", str(labelled), "--from", str(tmp_path), *TINY])
+    assert result.exit_code == 2 and "needs --feedback" in result.output
+    result = CliRunner().invoke(main, ["train", "--data", str(labelled), *TINY, "--set", f"max_tokens={2 * MAX_TOKENS}"])
+    assert result.exit_code == 2 and f"labelled with max_new_tokens={MAX_TOKENS}" in result.output

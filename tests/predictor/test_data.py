@@ -103,6 +103,19 @@ def test_load_records_formats(tmp_path, records, fmt):
     assert Examples.from_rows(loaded).num_output_tokens[0] in {r["num_output_tokens"] for r in records[:20]}
 
 
+@pytest.mark.parametrize("length", [None, -3, 2.5, "12", True, float("nan")])
+def test_a_length_that_is_no_token_count_is_refused_naming_its_prompt(length):
+    rows = {"prompt": ["fine", "the odd one"], "num_output_tokens": [4, length]}
+    with pytest.raises(ValueError, match="whole number of tokens >= 0, got .* for the prompt 'the odd one'"):
+        Examples.from_rows(rows)
+
+
+def test_an_empty_file_is_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl is empty"):
+        load_records(tmp_path / "empty.jsonl")
+
+
 def test_missing_columns_are_named(tmp_path):
     with pytest.raises(ValueError, match="num_output_tokens"):
         load_records(datasets.Dataset.from_list([{"prompt": "hi", "num_prompt_tokens": 1}]))

@@ -118,6 +118,16 @@ def test_sampled_records_are_held_out_and_weighted_back_into_the_traffic():
     assert effective_size([1.0] * 39 + [10.0]) == pytest.approx(49**2 / 139) and effective_size([]) == 0.0
 
 
+def test_a_prompt_served_twice_is_held_out_whole():
+    # once mispredicted (not held out by its hash), once sampled (held out): judging the round on the sampled record
+    # would score it on a prompt it trained on
+    rows = datasets.Dataset.from_dict({
+        "prompt": ["twice", "twice", "once"], "finished": [True] * 3, "num_output_tokens": [5, 5, 9],
+        "sampled": [False, True, False], "traffic_weight": [1.0, 10.0, 1.0]})  # fmt: skip
+    trained_on, held = hold_out_feedback(rows, 0.0)
+    assert trained_on["prompt"] == ["once"] and held["prompt"] == ["twice", "twice"]
+
+
 def test_retraining_refuses_other_bucket_settings(trained, dataset, tmp_path):
     feedback = dataset.select(range(5))
     with pytest.raises(ValueError, match="cannot retrain .* num_buckets 10"):
@@ -173,7 +183,7 @@ def test_a_round_that_scores_worse_on_validation_keeps_the_previous_weights(trai
     test_prompts = split_records(dataset)["test"]["prompt"]
     parent, kept = LengthPredictor.load(trained.checkpoint_dir), LengthPredictor.load(guarded.result.checkpoint_dir)
     assert [p.bucket for p in kept.predict(test_prompts)] == [p.bucket for p in parent.predict(test_prompts)]
-    assert guarded.result.info.parent_checkpoint_id == trained.info.checkpoint_id
+    assert guarded.result.info == trained.info  # the parent checkpoint itself, its bank and prior included
 
     unguarded = retrain_predictor(tiny_config(tmp_path / "unguarded", keep_parent_unless_matched=False, **wreck),
                                   dataset, feedback, previous_checkpoint=trained.checkpoint_dir, progress=False)

@@ -187,6 +187,48 @@ def test_an_epoch_must_match_the_best_on_validation_and_on_served_traffic_each_b
     assert _improved(best, None, "mae", ties=False)
 
 
+def _copy_of(trained, tmp_path):
+    import shutil
+
+    folder = tmp_path / "served"
+    shutil.copytree(trained.checkpoint_dir, folder)
+    return folder, {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_run_stopped_early_leaves_the_checkpoint_in_its_folder_whole(trained, dataset, tmp_path, monkeypatch):
+    """Training into a folder that holds a checkpoint (the one being served, say) replaces it only once the new one
+    is complete: stopped after its first epoch was saved, the old one is still there, byte for byte."""
+    import predictor_train.train as train_module
+
+    folder, before = _copy_of(trained, tmp_path)
+    epoch = train_module.train_epoch
+
+    def stopped_in_epoch_2(*args, **kwargs):
+        if kwargs["epoch"] == 2:
+            raise KeyboardInterrupt
+        return epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", stopped_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_predictor(tiny_config(folder), dataset, target_model=TARGET_MODEL, progress=False)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert LengthPredictor.load(folder).checkpoint_id == trained.info.checkpoint_id
+
+    monkeypatch.setattr(train_module, "train_epoch", epoch)  # a run that ends replaces it, leaving no staging behind
+    result = train_predictor(tiny_config(folder, epochs=1), dataset, target_model=TARGET_MODEL, progress=False)
+    assert read_info(folder) == result.info and not (folder / ".partial").exists()
+
+
+def test_a_diverged_run_is_an_error_and_keeps_the_folder(trained, dataset, tmp_path, monkeypatch):
+    import predictor_train.train as train_module
+
+    folder, before = _copy_of(trained, tmp_path)
+    monkeypatch.setattr(train_module, "validate", lambda *args, **kwargs: {"loss": float("nan")})
+    with pytest.raises(ValueError, match="training diverged at epoch 1: .* lower lr"):
+        train_predictor(tiny_config(folder), dataset, target_model=TARGET_MODEL, progress=False)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
 def test_too_little_data_is_refused(tmp_path, records):
     import datasets
 
