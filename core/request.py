@@ -123,6 +123,10 @@ class Request:
     """Bucket the current reservation came from (`s3`), grown on each misprediction."""
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0
+    """Tokens computed again after preemptions: what each preemption threw away, less what the request found
+    in the prefix cache when it was re-admitted (counted then)."""
+    num_preempted_tokens: int = 0
+    """Tokens it had computed when last preempted, until it is re-admitted and they count as recomputed."""
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache at its first admission (their KV entries were not computed)."""
     num_waited_steps: int = 0

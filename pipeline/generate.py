@@ -87,6 +87,7 @@ class Engine(Protocol):
     tokenizer: Any
     model_id: str
     max_model_len: int
+    kv_capacity_tokens: int
 
     def generate_ids(
         self, prompts: dict[str, list[int]], *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
@@ -194,6 +195,11 @@ def plan(config: GenerateConfig, engine: Engine) -> LabelPlan:
         ids = format_prompt(engine.tokenizer, row.prompt)
         if len(ids) + config.max_new_tokens > engine.max_model_len:
             reason = f"prompt of {len(ids)} tokens + {config.max_new_tokens} new exceeds the {engine.max_model_len}-token context"
+            skipped.append(Skipped(row.source, row.row, reason))
+            continue
+        if len(ids) + config.max_new_tokens > engine.kv_capacity_tokens:  # the pool: max_num_seqs x 1,024 tokens
+            reason = (f"prompt of {len(ids)} tokens + {config.max_new_tokens} new exceeds the KV pool's "
+                      f"{engine.kv_capacity_tokens} tokens (raise max_num_seqs)")
             skipped.append(Skipped(row.source, row.row, reason))
             continue
         todo.append((row, ids))

@@ -305,8 +305,7 @@ class Scheduler:
         self.pool.free(request.request_id)
         self.running.remove(request)
         self.stats.num_preemptions += 1
-        self.stats.num_recomputed_tokens += request.num_computed_tokens
-        request.num_recomputed_tokens += request.num_computed_tokens
+        request.num_preempted_tokens = request.num_computed_tokens  # recomputed from re-admission on (`_admit`)
         request.num_computed_tokens = request.num_waited_steps = 0
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
@@ -397,6 +396,11 @@ class Scheduler:
             if request.num_output_tokens == 0 and request.num_preemptions == 0:
                 request.num_cached_tokens = request.num_computed_tokens
         self.pool.allocate(request.request_id, end)
+        if request.num_preempted_tokens:  # what it lost, less what the prefix cache kept of it
+            redo = max(0, request.num_preempted_tokens - request.num_computed_tokens)
+            self.stats.num_recomputed_tokens += redo
+            request.num_recomputed_tokens += redo
+            request.num_preempted_tokens = 0
         request.status = RequestStatus.RUNNING  # before the gate counts it: it holds its share of its blocks
         gate.add(request)
         self.running.append(request)

@@ -251,3 +251,25 @@ def test_structured_outputs_hold_through_preemption():
         assert (engine.scheduler.stats.num_preemptions > 0) == (kv_tokens == 96)
     assert answers[96] == answers[4096]
     assert all(re.fullmatch("([0-9][a-z]){11}\u0101", a) for a in answers[96]), answers[96]  # EOS (id 1) last
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_recomputed_tokens_are_the_tokens_computed_again(model, prefix_caching):
+    """A preempted sequence re-admitted onto its blocks still in the prefix cache (a system prompt others hold)
+    computes only the rest again: that is what counts as recomputed (every token it had computed was counted,
+    4.6x too many here)."""
+    rng = random.Random(0)
+    system = [rng.randrange(1, 128) for _ in range(64)]
+    prompts = [system + [rng.randrange(1, 128) for _ in range(8)] for _ in range(4)]
+    engine = LLMEngine(EngineConfig(kv_cache_tokens=176, block_size=8, max_num_seqs=4, max_num_batched_tokens=256,
+                                    enable_prefix_caching=prefix_caching,
+                                    policy=PolicyConfig(policy="paged", watermark=0.0)), model=model, tokenizer=None)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, max_new_tokens=40)
+    while engine.has_unfinished():
+        engine.step()
+    stats, requests = engine.scheduler.stats, [engine.scheduler.requests[str(i)] for i in range(4)]
+    computed_once = sum(len(p) - r.num_cached_tokens + 39 for p, r in zip(prompts, requests))
+    assert stats.num_preemptions > 0
+    assert stats.num_recomputed_tokens == stats.num_batched_tokens - computed_once
+    assert stats.num_recomputed_tokens == sum(r.num_recomputed_tokens for r in requests)

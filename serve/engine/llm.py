@@ -22,6 +22,9 @@ from serve.scheduler import Scheduler, SchedulerConfig
 from serve.step import EngineCore
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How to build an engine: which model, where, and how much KV memory."""
@@ -51,6 +54,9 @@ class EngineConfig:
     ``n`` choices of one prompt): computed once, kept while memory allows; see SchedulerConfig."""
 
     def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or null: fp32 on a CPU, bf16 on a GPU), "
+                             f"got {self.dtype!r}")
         if self.block_size < 1 or self.kv_cache_tokens < self.block_size:
             raise ValueError(f"kv_cache_tokens ({self.kv_cache_tokens}) must hold at least one block of block_size "
                              f"({self.block_size}) tokens, and block_size be >= 1")
@@ -135,6 +141,8 @@ class LLMEngine:
         self.executor = ModelExecutor(self.runner, eos_token_ids=self.eos_token_ids,
                                       tensor_parallel=config.tensor_parallel, grammars=self.grammars)
         self.scheduler = Scheduler(sched_config, buckets=buckets, clock=clock)
+        self.kv_capacity_tokens = self.scheduler.pool.capacity_tokens
+        """The most tokens one sequence can hold: a request longer than this is refused, whatever the context."""
         self.core = EngineCore(self.scheduler, self.executor)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 

@@ -49,8 +49,10 @@ def sample(
         probs, order = filtered_probs(logits[rows].float(), chosen)  # (R, V) each
         u = torch.stack([_uniform(p.seed, positions[i], logits.device) for i, p in zip(rows, chosen)])  # (R,)
         cdf = probs.cumsum(dim=-1)
-        # Rounding can leave the last cdf value a hair below u; clamp to the last kept token.
-        picked = torch.searchsorted(cdf, u[:, None]).clamp_(max=probs.shape[-1] - 1)  # (R, 1)
+        # Rounding can leave the kept tokens' cdf a hair below u: clamp to each row's last kept token (the kept
+        # tokens lead the sorted order), not to the last of the vocabulary, which the filters removed.
+        last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1  # (R, 1)
+        picked = torch.minimum(torch.searchsorted(cdf, u[:, None]), last_kept)  # (R, 1)
         tokens[rows] = order.gather(-1, picked).squeeze(-1)
     return tokens.tolist()
 

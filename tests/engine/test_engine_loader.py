@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 
@@ -68,11 +69,23 @@ def test_gguf_is_dequantised_once_then_read_from_the_cache(tmp_path, monkeypatch
     first, _ = loader.load_model(gguf)
     second, _ = loader.load_model(gguf)
     assert len(calls) == 1
-    assert (tmp_path / "cache" / "gguf" / "Model.Q4-123" / "config.json").exists()
+    digest = hashlib.sha256(b"x" * 123).hexdigest()[:16]
+    assert (tmp_path / "cache" / "gguf" / f"Model.Q4-{digest}" / "config.json").exists()
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
-    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == ["Model.Q4-123"]  # no temp folder left
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [f"Model.Q4-{digest}"]  # no temp folder left
+    gguf.write_bytes(b"y" * 123)  # re-exported in place: same name and size, other weights
+    loader.load_model(gguf)
+    assert len(calls) == 2
 
 
 def test_default_dtype():
     assert loader.default_dtype("cpu") == torch.float32
     assert loader.default_dtype("cuda") == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "float64"])
+def test_a_dtype_the_engine_does_not_run_is_refused_naming_the_field(dtype):
+    from serve.engine.llm import EngineConfig
+
+    with pytest.raises(ValueError, match=f"dtype must be one of float32, bfloat16, float16 .* got '{dtype}'"):
+        EngineConfig(dtype=dtype)

@@ -170,3 +170,16 @@ def test_token_logprobs_rank_each_token_among_all():
     order = logits.argsort(dim=-1, descending=True)
     assert [lp.rank for lp in found] == [int((order[i] == t).nonzero()) + 1 for i, t in enumerate(tokens)]
     assert [len(lp.top) for lp in found] == [0, 2, 0, 1]
+
+
+def test_a_draw_past_the_rounded_cdf_takes_the_last_kept_token(monkeypatch):
+    # float32 rounding can leave the kept tokens' cdf below the uniform draw (about once in 30-60 M tokens at
+    # SmolLM2's vocabulary); the draw must then take the last kept token, not the vocabulary's least likely one.
+    import serve.engine.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_uniform", lambda seed, position, device: torch.tensor(1.5))
+    logits = torch.randn(3, 1000)
+    top = logits.topk(5).indices.tolist()
+    tokens = sample(logits, [SamplingParams(temperature=1.0, top_k=5)] * 3, [0] * 3)
+    assert [token in row for token, row in zip(tokens, top)] == [True] * 3
+    assert tokens == [row[-1] for row in top]  # the least likely of the five kept

@@ -27,6 +27,7 @@ class FakeEngine:
 
     model_id = "fake-model"
     max_model_len = 200
+    kv_capacity_tokens = 10_000
 
     def __init__(self, die_after=None):
         self.tokenizer = FakeTokenizer()
@@ -77,6 +78,16 @@ def test_labels_everything_and_lists_what_it_skipped(tmp_path):
     assert "fake-model" in card and "max_new_tokens 10" in card and "length_histogram.png" in card
     assert (out / "length_histogram.png").stat().st_size > 5000
     assert len((out / "skipped.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_prompt_the_kv_pool_cannot_hold_is_skipped_not_fatal(tmp_path):
+    # It fits the context; before, the engine refused it and the run stopped there, resume after resume.
+    engine = FakeEngine()
+    engine.kv_capacity_tokens = 40
+    messages = []
+    stats = label_and_save(_config(tmp_path), engine=engine, echo=messages.append)
+    pool = [m for m in messages if m.endswith("new exceeds the KV pool's 40 tokens (raise max_num_seqs)")]
+    assert pool and stats["num_rows"] == 14 - len(pool)  # the rest labelled
 
 
 def test_a_missing_input_is_an_error_before_anything_runs(tmp_path):
