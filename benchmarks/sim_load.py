@@ -6,7 +6,8 @@ capacity, several seeds, the same arrivals for every policy, at any preset (minu
         --max-new-tokens 512 --kv-cache-tokens 11904 --max-num-seqs 64 --output runs/sim_load_cpu
 
 For each seed: `paged` on the whole workload at t=0 measures the capacity (requests/s); then every policy serves
-the same Poisson arrivals at each fraction of it. Writes sim_load.json (a `results` list with the shared
+the same Poisson arrivals at each fraction of it. Writes sim_load.json (the settings that decide its figures:
+preset, pool, limits, predictor, knobs, policies, seeds and rate fractions; a `results` list with the shared
 benchmark keys plus `rate_fraction`, `rate` and `seed`; a `summary` of the mean and spread over seeds of each
 policy's figures and of its ratios to `paged`) and sim_load.png. Simulated time: the figures are the cost
 model's. Not collected by pytest.
@@ -78,6 +79,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
         capacity_run = run_simulation(dataclasses.replace(base, max_num_seqs=capacity_max_num_seqs) if
                                       capacity_max_num_seqs else base)
         capacity, fit = capacity_run.results[0].requests_per_s, step_time_fit(capacity_run.cost)
+        pool_tokens = capacity_run.num_blocks * base.block_size
         for fraction in fractions:
             online = dataclasses.replace(workload, mode="online", rate=fraction * capacity)
             report = run_simulation(dataclasses.replace(base, workload=online, policies=names))
@@ -91,8 +93,14 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     print(format_summary(summary))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    # Everything that decides the figures, so that a sim_load.json says how to make it again: the pool and batch
+    # limits as simulated (the preset's pool where --kv-cache-tokens is unset), the output cap (None: the rest of
+    # the model's context), the predictor, the policies, seeds and rates.
     meta = {"preset": preset, "trace": trace, "num_requests": num_requests, **knobs, "step_time_fit": fit,
-            "capacity_max_num_seqs": capacity_max_num_seqs}
+            "capacity_max_num_seqs": capacity_max_num_seqs, "kv_cache_tokens": pool_tokens,
+            "max_new_tokens": max_new_tokens, "max_num_seqs": base.max_num_seqs,
+            "predictor": base.predictor.kind, "accuracy": None if trace else accuracy, "policies": list(names),
+            "seeds": seed_list, "rate_fractions": fractions}
     (out / "sim_load.json").write_text(json_text({**meta, "results": records, "summary": summary}, indent=2))
     plot(summary, out / "sim_load.png", f"{preset}: open-loop load, mean over seeds (bars: min-max)")
     print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")

@@ -35,7 +35,9 @@ def _fail(message: str) -> None:
 @click.option("--mode", type=click.Choice(["offline", "online"]), default=None, help="All at t=0, or Poisson arrivals.")
 @click.option("--rate", type=float, default=None, help="Online arrival rate (requests/s).")
 @click.option("--trace", default=None, help="JSONL/CSV length trace instead of the synthetic workload.")
-@click.option("--find-max-rate", is_flag=True, default=None, help="Also find each policy's largest rate within the SLO.")
+@click.option("--find-max-rate", is_flag=True, default=None,
+              help="Also find each policy's largest rate within the SLO (searched from its offline capacity; "
+                   "'>=' where no probe broke it).")
 @click.option("--output-dir", default=None, help="Where report.json and simulate.png go.")
 @click.option("--calibrate-from", type=click.Path(dir_okay=False), default=None,
               help="Fit the smollm2-cpu preset to an `s3 bench` bench.json and report the simulator's error.")

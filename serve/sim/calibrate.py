@@ -12,9 +12,11 @@ import pathlib
 import numpy as np
 
 from core.buckets import BucketSpec
+from core.predictors import BASELINES
 from core.request import LengthPrediction
+from serve.policy_config import PolicyConfig
 from serve.scheduler_config import SchedulerConfig
-from serve.sim.costmodel import RUNS_CALIBRATION_DIR, LinearCost, get_preset
+from serve.sim.costmodel import RUNS_CALIBRATION_DIR, LinearCost, get_preset, write_fit
 from serve.sim.runner import simulate_policy
 from serve.sim.workload import SimRequest
 
@@ -37,8 +39,9 @@ def held_out_error(fit: LinearCost, steps: list[tuple[int, int, float]]) -> floa
 def calibrate(
     bench_json: str | pathlib.Path, *, output_dir: str | pathlib.Path | None = RUNS_CALIBRATION_DIR
 ) -> tuple[LinearCost, list[dict]]:
-    """Fit on every other engine step of a bench run (the rest held out); replay each policy in the simulator;
-    compare tokens/s. Writes the fit to ``output_dir``/smollm2-cpu.json unless ``output_dir`` is None."""
+    """Fit on every other engine step of a bench run (the rest held out); replay each policy in the simulator
+    with the bench's policy knobs; compare tokens/s. Writes the fit to ``output_dir``/smollm2-cpu.json unless
+    ``output_dir`` is None. Each row's ``replay_knobs`` says which knobs the replay could not take from the bench."""
     data = json.loads(pathlib.Path(bench_json).read_text())
     runs = [r for r in data["results"] if r.get("steps")] if isinstance(data, dict) else []
     steps = [tuple(s) for r in runs for s in r["steps"]]
@@ -53,8 +56,9 @@ def calibrate(
         SimRequest(p, n, prediction=LengthPrediction(b, num_tokens=n))
         for p, n, b in zip(data["prompt_tokens"], data["true_lengths"], data["predicted_buckets"])
     ]
+    knobs, note = bench_knobs(bench_json, config)
     sched = SchedulerConfig(num_blocks=data["kv_cache_tokens"] // config["block_size"], block_size=config["block_size"],
-                            max_num_seqs=config["max_num_seqs"])  # fmt: skip
+                            max_num_seqs=config["max_num_seqs"], policy=knobs)  # fmt: skip
     rows = []
     for run in runs:
         sim = simulate_policy(run["name"], items, cost=cost, buckets=buckets, sched=sched,
@@ -63,12 +67,31 @@ def calibrate(
         rows.append({"policy": run["name"], "measured_tokens_per_s": measured,
                      "simulated_tokens_per_s": sim.generated_tokens_per_s,
                      "error": sim.generated_tokens_per_s / measured - 1,
-                     "held_out_step_error": step_error})  # fmt: skip
+                     "held_out_step_error": step_error, "replay_knobs": note})  # fmt: skip
     if output_dir is not None:
-        out = pathlib.Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "smollm2-cpu.json").write_text(json.dumps(dataclasses.asdict(fit), indent=2))
+        write_fit(fit, pathlib.Path(output_dir) / "smollm2-cpu.json")
     return fit, rows
+
+
+def bench_knobs(bench_json: str | pathlib.Path, config: dict) -> tuple[PolicyConfig, str]:
+    """The policy knobs the bench ran with (its ``config["policy"]``), and a note of what the replay has to take
+    from the defaults instead. A bench given a trained predictor ran `s3` and `paged-sjf` with the checkpoint's
+    learned length prior and within-bucket shape (`with_length_profile`); bench.json does not record them (only the
+    checkpoint's path), so the replay spreads each bucket uniformly: ``PolicyConfig``'s default. The free
+    baselines carry no learned profile, so their benches replay exactly."""
+    recorded = config.get("policy")
+    if recorded is None:
+        return PolicyConfig(), "bench.json records no policy knobs: the replay ran PolicyConfig's defaults"
+    try:
+        knobs = PolicyConfig(**recorded)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{bench_json}: config.policy is not a PolicyConfig this code reads ({exc}); run `s3 bench` "
+                         "again with this version") from None
+    learned = config.get("predictor") not in (*BASELINES, None)
+    if learned and (knobs.bucket_prior is None or knobs.bucket_shape is None):
+        return knobs, (f"the bench's knobs, but not the length prior and shape its predictor {config['predictor']} "
+                       "learned (bench.json does not record them): the replay used the defaults (uniform)")
+    return knobs, "the bench's knobs"
 
 
 def format_calibration(fit: LinearCost, rows: list[dict]) -> str:
@@ -80,4 +103,5 @@ def format_calibration(fit: LinearCost, rows: list[dict]) -> str:
                    [[r["policy"], f"{r['measured_tokens_per_s']:.1f}", f"{r['simulated_tokens_per_s']:.1f}",
                      f"{r['error']:+.1%}"] for r in rows])  # fmt: skip
     held_out = f"step-time error on the held-out half of the steps: {rows[0]['held_out_step_error']:.1%} (mean |rel|)"
-    return head + "\n" + held_out + "\n\n" + table
+    knobs = f"policy knobs of the replay: {rows[0]['replay_knobs']}"
+    return head + "\n" + held_out + "\n" + knobs + "\n\n" + table

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import pathlib
 
 from serve.kv import KVSpec
@@ -183,11 +185,40 @@ SMOLLM2_CPU = CostModel(
 
 
 def load_calibration(name: str) -> LinearCost | None:
+    """The step-time fit ``name``.json of runs/calibration/, else of the shipped configs/calibration/; None if
+    neither has one."""
     for folder in (RUNS_CALIBRATION_DIR, CALIBRATION_DIR):
         path = folder / f"{name}.json"
         if path.exists():
-            return LinearCost(**json.loads(path.read_text()))
+            return read_fit(path)
     return None
+
+
+def read_fit(path: pathlib.Path) -> LinearCost:
+    """A `LinearCost` from its JSON file; a file that is not one (empty, cut short, other keys) is named, with
+    what to do, rather than failing in json or in the constructor."""
+    fix = ("restore it (git checkout configs/calibration)" if path.parent.resolve() == CALIBRATION_DIR
+           else "remove it or run `s3 simulate --calibrate-from` again")
+    try:
+        fit = LinearCost(**json.loads(path.read_text()))
+        coefficients = (fit.overhead_s, fit.per_token_s, fit.per_context_s)
+        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c < math.inf for c in coefficients):
+            raise ValueError(f"coefficients must be numbers >= 0, got {coefficients}")
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a step-time fit ({exc}); {fix}") from None
+    return fit
+
+
+def write_fit(fit: LinearCost, path: pathlib.Path) -> None:
+    """Write ``fit`` to ``path`` whole or not at all (a temporary file, then a rename): an interrupted write would
+    leave a file every later `--preset smollm2-cpu` run fails on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(dataclasses.asdict(fit), indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def get_preset(name: str) -> CostModel:

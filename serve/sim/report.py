@@ -78,7 +78,8 @@ def format_report(report: SimulationReport) -> str:
                   f"p99 TTFT {s3.p99_ttft_s / max(paged.p99_ttft_s, 1e-12):.2f}x"]
     if report.rates:
         lines += ["", f"largest arrival rate within mean {config.slo_token_latency_s}s/token:"]
-        lines += [f"  {r.policy:>12}: {r.max_rate:.2f} req/s" for r in report.rates]
+        lines += [f"  {r.policy:>12}: {r.max_rate:.2f} req/s" if r.bracketed else
+                  f"  {r.policy:>12}: >= {r.max_rate:.2f} req/s (SLO never exceeded)" for r in report.rates]
     return "\n".join(lines)
 
 

@@ -61,6 +61,11 @@ class SimulateConfig:
 
 LOAD_SWEEP = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5)
 """Arrival rates probed for the latency-vs-load plot, as fractions of the offline capacity."""
+RATE_SEARCH_CAP = 64.0
+"""Highest rate the search doubles up to while every probe meets the SLO, as a multiple of the offline capacity.
+A probe is a finite workload: at 64 times the rate its server clears, its arrivals span under 2% of the time it
+takes to serve them, so it is all but an offline run; higher rates change little, and if that run meets the SLO
+no rate breaks it (the answer is then a lower bound, `RateResult.bracketed` false)."""
 
 
 @dataclasses.dataclass
@@ -71,6 +76,11 @@ class RateResult:
     token_latency_at_max: float
     probes: list[tuple[float, float]]
     """(rate, mean token latency) of every probe, for the plot."""
+    bracketed: bool = True
+    """Whether a probe above ``max_rate`` broke the SLO. False: none did up to `RATE_SEARCH_CAP` times the
+    capacity, and ``max_rate`` (the highest rate probed) is only a lower bound."""
+    capacity_rps: float = 0.0
+    """The policy's offline requests/s on the workload, which the sweep's rates are fractions of."""
 
 
 @dataclasses.dataclass
@@ -137,11 +147,14 @@ def run_simulation(config: SimulateConfig, progress: Callable[[str], None] = lam
         results.append(_simulate(config, policy, items, cost, buckets, sched))
     report = SimulationReport(config, cost, sched.num_blocks, buckets, results)
     if config.find_max_rate:
+        offline = [dataclasses.replace(item, arrival_time=0.0) for item in items]
         for result in results:
+            capacity = result.requests_per_s
+            if config.workload.mode != "offline":  # the run's requests/s is then the arrival rate, not capacity
+                progress(f"measuring the offline capacity of {result.policy} (the same requests, all at t=0)")
+                capacity = _simulate(config, result.policy, offline, cost, buckets, sched).requests_per_s
             progress(f"searching the SLO rate of {result.policy}")
-            rate = find_max_rate(
-                config, result.policy, cost=cost, buckets=buckets, sched=sched, capacity=result.requests_per_s
-            )
+            rate = find_max_rate(config, result.policy, cost=cost, buckets=buckets, sched=sched, capacity=capacity)
             report.rates.append(rate)
     return report
 
@@ -159,8 +172,9 @@ def find_max_rate(
 
     ``capacity`` is the policy's offline requests/s on the same workload; the sweep probes fractions of it
     (above 1 too) and the search bisects between the highest rate that met the SLO and the lowest above it
-    that did not. A probe is `rate_search_requests` Poisson arrivals; it
-    meets the SLO when their mean latency per output token (queueing included) is within it.
+    that did not. Where no probe breaks the SLO up to `RATE_SEARCH_CAP` times ``capacity``, the highest rate
+    probed comes back as a lower bound (``bracketed`` false). A probe is `rate_search_requests` Poisson arrivals;
+    it meets the SLO when their mean latency per output token (queueing included) is within it.
     """
     workload = dataclasses.replace(config.workload, mode="online", num_requests=config.rate_search_requests)
     probes: list[tuple[float, float]] = []
@@ -173,20 +187,18 @@ def find_max_rate(
 
     for fraction in LOAD_SWEEP:  # the latency-vs-load curve, for the plot
         meets_slo(fraction * capacity)
-    # Bracket the answer from the sweep, probing higher while even the highest rate meets the SLO: an open
-    # loop can run above the offline capacity measured on a finite workload (arrivals spread the prefill).
+    # Bracket the answer from the sweep, doubling while even the highest rate meets the SLO: an open loop can run
+    # above the offline capacity measured on a finite workload (arrivals spread the prefill). With no failing
+    # probe above it, `low` is the highest rate probed.
     slo = config.slo_token_latency_s
     low = max((r for r, v in probes if v <= slo), default=0.0)
     high = min((r for r, v in probes if v > slo and r > low), default=None)
-    for _ in range(4):
-        if high is not None:
-            break
-        rate = 2 * max(r for r, _ in probes)
-        high = None if meets_slo(rate) else rate
-        low = rate if high is None else low
+    while high is None and low < RATE_SEARCH_CAP * capacity:
+        rate = 2 * low
+        low, high = (rate, None) if meets_slo(rate) else (low, rate)
     if high is not None:
         for _ in range(config.rate_search_steps):
             mid = (low + high) / 2
             low, high = (mid, high) if meets_slo(mid) else (low, mid)
     at_low = next((v for r, v in probes if r == low), float("nan"))
-    return RateResult(policy, low, at_low, sorted(probes))
+    return RateResult(policy, low, at_low, sorted(probes), bracketed=high is not None, capacity_rps=capacity)

@@ -46,8 +46,9 @@ class WorkloadConfig:
     """Where request lengths come from."""
 
     trace: str | None = None
-    """A JSONL/CSV file with `num_prompt_tokens` and `num_output_tokens` per row (optionally
-    `predicted_bucket`, `probs` as a JSON list, `prompt`); None for a synthetic workload."""
+    """A JSONL/CSV file with `num_prompt_tokens` (>= 1) and `num_output_tokens` (>= 0; 0 is simulated as one
+    token) per row, whole numbers (optionally `predicted_bucket`, `probs` as a JSON list, `prompt`); None for a
+    synthetic workload."""
     num_requests: int = 10_000
     """Requests to simulate (a trace is cycled or cut to this many)."""
     trace_order: Literal["shuffle", "file"] = "shuffle"
@@ -131,12 +132,20 @@ def load_trace(path: str | pathlib.Path) -> list[SimRequest]:
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"trace file {path} does not exist")
-    if path.suffix == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        rows = [_json_line(path, i, line) for i, line in
-                enumerate((line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()), start=1)]
+    if not path.is_file():
+        raise ValueError(f"trace {path} is not a file; pass a JSONL or CSV file with num_prompt_tokens and "
+                         "num_output_tokens per row")
+    try:
+        # utf-8-sig: a spreadsheet's CSV export often begins with a byte-order mark, which would otherwise become
+        # part of the first column's name (and a JSONL's first line would not parse).
+        if path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            lines = [line for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
+            rows = [_json_line(path, i, line) for i, line in enumerate(lines, start=1)]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"trace {path} is not UTF-8 text ({exc}); pass a JSONL or CSV file") from None
     return [_trace_row(path, i, row) for i, row in enumerate(rows, start=1)]
 
 
@@ -147,26 +156,57 @@ def _json_line(path: pathlib.Path, index: int, line: str):
         raise ValueError(f"{path}, row {index}: not JSON ({exc})") from None
 
 
+def _count(row: dict, key: str, where: str) -> int | None:
+    """``row[key]`` as a whole number (None where absent or empty): a JSON integer or integral float (10.0), or a
+    CSV cell that reads as one ("10", "10.0"). A bool, a fraction or anything else is refused: truncating 10.9 to
+    10, or reading ``true`` as 1, would simulate lengths the trace does not hold."""
+    value = row.get(key)
+    if value is None or value == "":
+        return None
+    number = value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+    if isinstance(number, int) and not isinstance(number, bool):
+        return number
+    if isinstance(number, float) and number.is_integer():
+        return int(number)
+    raise ValueError(f"{where}: {key} must be a whole number, got {value!r:.40}")
+
+
 def _trace_row(path: pathlib.Path, index: int, row: dict) -> SimRequest:
+    where = f"{path}, row {index}"
     if not isinstance(row, dict):
-        raise ValueError(f"{path}, row {index}: expected an object with num_prompt_tokens and num_output_tokens, "
-                         f"got {row!r:.80}")
+        raise ValueError(f"{where}: expected an object with num_prompt_tokens and num_output_tokens, got {row!r:.80}")
+    num_prompt_tokens = _count(row, "num_prompt_tokens", where)
+    num_output_tokens = _count(row, "num_output_tokens", where)
+    if num_prompt_tokens is None or num_output_tokens is None:
+        raise ValueError(f"{where}: needs integer num_prompt_tokens and num_output_tokens, got the keys "
+                         f"{', '.join(map(str, row)) or 'none'}")
+    if num_prompt_tokens < 1 or num_output_tokens < 0:
+        raise ValueError(f"{where}: needs num_prompt_tokens >= 1 and num_output_tokens >= 0, got {num_prompt_tokens} "
+                         f"and {num_output_tokens}")
+    probs = row.get("probs")
     try:
-        probs = row.get("probs")
         if isinstance(probs, str):
             probs = json.loads(probs) if probs else None
-        bucket = row.get("predicted_bucket")
-        return SimRequest(
-            num_prompt_tokens=int(row["num_prompt_tokens"]),
-            num_output_tokens=max(1, int(row["num_output_tokens"])),
-            predicted_bucket=int(bucket) if bucket not in (None, "") else None,
-            probs=tuple(float(p) for p in probs) if probs else None,
-            prompt=row.get("prompt"),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ValueError(
-            f"{path}, row {index}: needs integer num_prompt_tokens and num_output_tokens ({exc!r})"
-        ) from exc
+        probs = tuple(float(p) for p in probs) if probs else None
+    except (ValueError, TypeError):
+        raise ValueError(f"{where}: probs must be a list of numbers, got {row.get('probs')!r:.80}") from None
+    return SimRequest(
+        num_prompt_tokens=num_prompt_tokens,
+        # A request that ended at once (0 tokens: its first sample was the end of sequence) still costs the step that
+        # sampled it: the simulated executor ends a sequence at its first sampled token at the earliest.
+        num_output_tokens=max(1, num_output_tokens),
+        predicted_bucket=_count(row, "predicted_bucket", where),
+        probs=probs,
+        prompt=row.get("prompt"),
+    )
 
 
 def make_workload(config: WorkloadConfig, max_seq_len: int, max_new_tokens: int | None = None) -> list[SimRequest]:

@@ -1,0 +1,24 @@
+"""benchmarks/sim_load.py: sim_load.json records the settings that decide its figures."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+
+def test_sim_load_json_records_its_settings(import_benchmark, tmp_path):
+    """It left out the pool, the output cap, the batch limit, the accuracy, the policies, seeds and rates."""
+    module = import_benchmark("sim_load")
+    args = ["--preset", "paper", "--policies", "s3", "--rate-fractions", "0.5,1.2", "--seeds", "3", "--num-requests",
+            "40", "--accuracy", "0.8", "--max-new-tokens", "128", "--kv-cache-tokens", "20000", "--max-num-seqs", "32",
+            "--output", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(module.main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "sim_load.json").read_text())
+    assert {k: data[k] for k in ("preset", "num_requests", "kv_cache_tokens", "max_new_tokens", "max_num_seqs",
+                                 "predictor", "accuracy", "policies", "seeds", "rate_fractions")} == {
+        "preset": "paper", "num_requests": 40, "kv_cache_tokens": 20000, "max_new_tokens": 128, "max_num_seqs": 32,
+        "predictor": "confusion", "accuracy": 0.8, "policies": ["paged", "s3"], "seeds": [3],
+        "rate_fractions": [0.5, 1.2]}  # fmt: skip
+    assert data["quantile"] == 0.5 and {r["seed"] for r in data["results"]} == {3}
