@@ -313,6 +313,10 @@ def with_decoding(config: BenchConfig, buckets: BucketSpec, progress: Callable[[
     from predictor_train.inference import check_compatible
 
     info = read_info(config.predictor)
+    if info.buckets.max_tokens != config.max_new_tokens:  # the bench's own option, named (not "the server")
+        raise ValueError(f"predictor checkpoint {config.predictor} predicts lengths up to {info.buckets.max_tokens} "
+                         f"tokens, so the bench's max_new_tokens must be {info.buckets.max_tokens} (it is "
+                         f"{config.max_new_tokens}); drop --max-new-tokens, or bench with --predictor oracle")
     check_compatible(info, config.predictor, expected_buckets=buckets,
                      expected_target_model=model_id(config.model) if config.check_target_model else None)
     penalty = check_decoding(config, info.decoding or {}, where=f"predictor checkpoint {config.predictor}")

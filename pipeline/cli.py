@@ -49,12 +49,16 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
     from serve.sim.simulate import SimulateConfig, run_simulation
 
     if calibrate_from:
-        from serve.sim.calibrate import calibrate, format_calibration
+        from serve.sim.calibrate import MAX_STEP_ERROR, calibrate, format_calibration
 
         try:
-            click.echo(format_calibration(*calibrate(calibrate_from)))
+            fit, rows = calibrate(calibrate_from)
         except (OSError, KeyError, ValueError, TypeError) as exc:
             _fail(f"cannot calibrate from {calibrate_from}: {exc}")
+        click.echo(format_calibration(fit, rows))
+        if rows[0]["held_out_step_error"] > MAX_STEP_ERROR:
+            _fail(f"not written: the fit misses the held-out steps by {rows[0]['held_out_step_error']:.0%} on average "
+                  f"(over {MAX_STEP_ERROR:.0%}); calibrate from a longer bench on a quiet machine")
         click.echo("wrote runs/calibration/smollm2-cpu.json (used by --preset smollm2-cpu from this folder)")
         return
 
@@ -85,7 +89,8 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
 @click.option("--input", "inputs", multiple=True, help="Prompt file or datasets folder (repeatable; default: data/prompts/*).")
 @click.option("--prompt-field", default=None, help="Field holding the prompt (default: instruction).")
 @click.option("--model", default=None, help="smollm2 (default), a .gguf file or a Hugging Face folder.")
-@click.option("--max-new-tokens", type=int, default=None, help="Cap on generated tokens (default 512).")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Cap on generated tokens (default 512; with a trained --predictor, its buckets' span).")
 @click.option("--limit-per-source", type=click.IntRange(min=1), default=None,
               help="Label a seeded random subset of N prompts per file.")
 @click.option("--output-dir", default=None, help="Where shards, dataset, Parquet and card go (default data/labelled).")
@@ -154,7 +159,8 @@ def bench(config_path, model, num_prompts, max_new_tokens, policies, predictor, 
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (see configs/).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default="configs/train_cpu.yaml",
+              show_default=True, help="YAML config (see configs/): the recipe the README's figures were trained with.")
 @click.option("--data", default="data/labelled", show_default=True, help="`s3 generate` output folder or a dataset.")
 @click.option("--target-model", default=None, help="Model the lengths came from (read from the data's recipe.json).")
 @click.option("--feedback", default=None, help="Feedback store to learn from (retraining; needs --from).")

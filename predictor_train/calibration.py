@@ -38,6 +38,15 @@ def fit_temperature(logits: torch.Tensor, labels: Sequence[int], *, max_iter: in
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
+def choose_temperature(logits: torch.Tensor, labels: Sequence[int]) -> tuple[float, float]:
+    """(the temperature to keep, the fitted one): `fit_temperature`'s, unless it raises the expected calibration
+    error on the same labels; then 1."""
+    fitted = fit_temperature(logits, labels)
+    before, after = logits.softmax(-1).tolist(), (logits / fitted).softmax(-1).tolist()
+    worse = expected_calibration_error(after, labels) > expected_calibration_error(before, labels)
+    return (1.0 if worse else fitted), fitted
+
+
 def nll(probs: Sequence[Sequence[float]], labels: Sequence[int]) -> float:
     """Mean negative log-likelihood of the true buckets (probabilities floored at 1e-12)."""
     return sum(-math.log(max(row[y], 1e-12)) for row, y in zip(probs, labels)) / len(labels)
@@ -136,7 +145,10 @@ def probability_metrics(probs: Sequence[Sequence[float]], labels: Sequence[int],
 def calibrate_checkpoint(folder, prompts: Sequence[str], lengths: Sequence[int], *, batch_size: int = 64):
     """Fit the temperature on (validation) prompts, write it into the checkpoint; returns the new CheckpointInfo.
 
-    ``metrics`` gains ``temperature`` and the validation NLL and ECE before and after."""
+    The fit minimises NLL; where that raises the expected calibration error on the same prompts (few of them:
+    T = 0.30 took a 150-row predictor's ECE from 0.060 to 0.090, 0.037 to 0.110 on its test split), the checkpoint
+    keeps T = 1. ``metrics`` gains ``temperature`` (the one kept), ``temperature_fitted`` and the validation NLL
+    and ECE before and after."""
     import dataclasses
 
     from predictor_train.checkpoint import update_info
@@ -146,9 +158,9 @@ def calibrate_checkpoint(folder, prompts: Sequence[str], lengths: Sequence[int],
     spec = predictor.buckets
     labels = [spec.bucket_of(int(n)) for n in lengths]
     logits = predictor.predict_logits(list(prompts), batch_size=batch_size)
-    temperature = fit_temperature(logits, labels)
+    temperature, fitted = choose_temperature(logits, labels)
     before, after = logits.softmax(-1).tolist(), (logits / temperature).softmax(-1).tolist()
-    metrics = {**predictor.info.metrics, "temperature": temperature,
+    metrics = {**predictor.info.metrics, "temperature": temperature, "temperature_fitted": fitted,
                "nll_uncalibrated": nll(before, labels), "nll_calibrated": nll(after, labels),
                "ece_uncalibrated": expected_calibration_error(before, labels),
                "ece_calibrated": expected_calibration_error(after, labels)}

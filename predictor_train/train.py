@@ -285,8 +285,12 @@ def _finish_checkpoint(config: TrainConfig, folder: Path, validation: Examples,
 
         info = calibrate_checkpoint(folder, validation.prompts, validation.num_output_tokens,
                                     batch_size=2 * config.batch_size)
-        log.info("temperature %.3f: validation ECE %.3f -> %.3f", info.temperature,
-                 info.metrics["ece_uncalibrated"], info.metrics["ece_calibrated"])
+        if info.temperature == info.metrics["temperature_fitted"]:
+            log.info("temperature %.3f: validation ECE %.3f -> %.3f", info.temperature,
+                     info.metrics["ece_uncalibrated"], info.metrics["ece_calibrated"])
+        else:
+            log.info("temperature 1 kept: the fitted %.3f lowered validation NLL but raised its ECE (%.3f at T = 1)",
+                     info.metrics["temperature_fitted"], info.metrics["ece_uncalibrated"])
     if config.familiarity_bank_size:
         from predictor_train.familiarity import build_familiarity
         from predictor_train.inference import LengthPredictor

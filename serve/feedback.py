@@ -395,6 +395,9 @@ def _sample_line(summary: dict) -> str:
     if not summary["estimated_served"]:
         return (f"no sample of the well-predicted requests (sample rate {rates}): retraining cannot judge a round "
                 "on this traffic")
+    if not summary["num_sampled"]:  # a short run: the records are mispredictions alone, no view of the rest
+        return (f"no well-predicted request sampled yet (sample rate {rates}): the records are mispredictions alone, "
+                "which say nothing of how much traffic was served; retraining cannot judge a round on them yet")
     judges = (f"enough for retraining to judge a round on them too, if their effective sample size is also at least "
               f"{MIN_TRAFFIC_SAMPLE} (s3 train --feedback says)" if summary["num_sampled"] >= MIN_TRAFFIC_SAMPLE else
               f"too few for retraining to judge a round on (it takes {MIN_TRAFFIC_SAMPLE})")

@@ -160,6 +160,9 @@ def test_a_checkpoint_predictor_brings_its_decoding(tmp_path):
     with pytest.raises(ValueError, match="learned the output lengths of 'another-model'"):
         with_decoding(BenchConfig(predictor=str(other), max_new_tokens=24), buckets)
     with_decoding(BenchConfig(predictor=str(other), max_new_tokens=24, check_target_model=False), buckets)
+    # A shorter cap for a quick bench: the option is named, not "the server's buckets"
+    with pytest.raises(ValueError, match="bench's max_new_tokens must be 24 .* drop --max-new-tokens"):
+        with_decoding(BenchConfig(predictor=str(checkpoint), max_new_tokens=12), BucketSpec.uniform(12, 10))
 
 
 def test_a_frequency_penalty_unlike_the_checkpoints_is_refused_before_the_model_loads(tmp_path):

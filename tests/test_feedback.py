@@ -92,6 +92,8 @@ def test_the_log_samples_well_predicted_requests_and_weights_them_back(tmp_path)
     assert "too few for retraining to judge a round on (it takes 20)" in format_summary(summary)
     assert "enough for retraining to judge a round on them too, if their effective sample size is also at least 20" \
         in format_summary({**summary, "num_sampled": 20})
+    unsampled = summarize([records["under"]])  # a short run: mispredictions alone, no estimate of the traffic
+    assert "no well-predicted request sampled yet (sample rate 0.25)" in format_summary(unsampled)
     assert traffic_weight({"sampled": False}) == 0.0  # a store from before sampling is no sample of its traffic
     assert [in_sample("x", rate) for rate in (0.0, 1.0)] == [False, True]
     with pytest.raises(ValueError, match="sample_rate"):

@@ -141,7 +141,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request) -> Response:
         req = p.parse_body(p.TokenizeRequest, await _body(request, state))
-        state.check_model(req.model)
+        if req.model is not None:
+            state.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise p.bad_request("give either prompt or messages", "prompt")
         if req.prompt is not None:
@@ -154,7 +155,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(request: Request) -> Response:
         req = p.parse_body(p.DetokenizeRequest, await _body(request, state))
-        state.check_model(req.model)
+        if req.model is not None:
+            state.check_model(req.model)
         state.check_token_ids(req.tokens, "tokens", "the tokens")
         return JSONResponse({"prompt": state.tokenizer.decode(req.tokens)})
 

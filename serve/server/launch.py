@@ -144,6 +144,11 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
     if hasattr(signal, "SIGHUP"):  # a reload asked before the server runs (or of a follower rank) kills nothing
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and world_size != config.engine.tensor_parallel:  # before any rank loads or binds anything
+        raise ServeSetupError(f"launched as {world_size} processes (WORLD_SIZE) but tensor_parallel is "
+                              f"{config.engine.tensor_parallel}: pass --tensor-parallel {world_size}, or launch "
+                              f"{config.engine.tensor_parallel} processes")
     if config.engine.tensor_parallel > 1 and rank != 0:
         _follow(config)  # binds nothing; rank 0's refusal below ends the launch (the launcher stops every rank)
         return
@@ -282,9 +287,18 @@ class DrainingServer(uvicorn.Server):
 
     ANSWER_S = 5.0
     """After the stack stops, how long the handlers have to send their errors before uvicorn cancels them."""
+    LAUNCHER_DRAIN_S = 20.0
+    """The longest drain under tensor parallelism: the deepspeed launcher, told to stop (Ctrl-C, SIGTERM to its
+    process group), SIGKILLs every rank 30 s after passing the signal on, and the drain and the answers must be
+    done by then. Signalling rank 0 alone is not cut short (its shutdown releases the other ranks)."""
 
     def __init__(self, config: uvicorn.Config, stack: ServingStack) -> None:
         self.drain_s = stack.config.shutdown_timeout_s
+        if stack.config.engine.tensor_parallel > 1 and self.drain_s > self.LAUNCHER_DRAIN_S:
+            log.warning("shutdown_timeout_s %g cut to %g under tensor parallelism: the deepspeed launcher kills its "
+                        "ranks 30 s after a Ctrl-C; to drain longer, send SIGTERM to rank 0 alone", self.drain_s,
+                        self.LAUNCHER_DRAIN_S)
+            self.drain_s = self.LAUNCHER_DRAIN_S
         config.timeout_graceful_shutdown = self.drain_s + self.ANSWER_S
         super().__init__(config)
         self.stack = stack

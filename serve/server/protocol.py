@@ -168,7 +168,8 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    model: str
+    model: str | None = None
+    """Optional, as in vLLM; when given, it must be the served model."""
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
@@ -182,7 +183,8 @@ class DetokenizeRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    model: str
+    model: str | None = None
+    """Optional, as in vLLM; when given, it must be the served model."""
     tokens: list[int]
 
 

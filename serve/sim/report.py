@@ -120,9 +120,13 @@ def plot_report(report: SimulationReport, path: pathlib.Path) -> None:
     bars = axes[0].bar(names, [r.generated_tokens_per_s for r in report.results], color="#4c72b0")
     for bar, r in zip(bars, report.results):
         label = f"{r.generated_tokens_per_s / base.generated_tokens_per_s:.2f}x" if base else ""
-        axes[0].annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+        axes[0].annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                         fontsize=8)
     axes[0].set_ylabel("generated tokens/s")
     axes[0].set_title("throughput (ratio to max)")
+    axes[0].tick_params(axis="x", labelrotation=30)  # eight policy names side by side overlap
+    for label in axes[0].get_xticklabels():
+        label.set_horizontalalignment("right")
     for r in report.results:
         times = [p[0] for p in r.timeline]
         axes[1].plot(times, [p[1] for p in r.timeline], label=r.policy)

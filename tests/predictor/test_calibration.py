@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from core.buckets import BucketSpec
-from predictor_train.calibration import (expected_calibration_error, fit_temperature, median_absolute_error, nll,
-                                         probability_metrics, promised_coverage, token_quantile_coverage,
+from predictor_train.calibration import (choose_temperature, expected_calibration_error, fit_temperature,
+                                         median_absolute_error, nll, probability_metrics, promised_coverage, token_quantile_coverage,
                                          quantile_coverage, reliability_bins, window_buckets, window_within_one)
 from predictor_train.losses import length_loss, ranked_probability_score, soft_targets
 
@@ -88,6 +88,19 @@ def test_temperature_undoes_overconfidence():
     before = expected_calibration_error(logits.softmax(-1).tolist(), labels.tolist())
     after = expected_calibration_error((logits / t).softmax(-1).tolist(), labels.tolist())
     assert after < 0.05 < before
+
+
+def test_a_temperature_that_raises_the_calibration_error_is_not_kept():
+    # Top-bucket confidence 0.6 and right 60% of the time: calibrated as it is; but the true bucket is never the
+    # second one and often the third, so the NLL fit flattens the probabilities, and the top confidence falls below
+    # the accuracy. T = 1 is kept.
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(10, 1)
+    labels = [0] * 6 + [2] * 4
+    kept, fitted = choose_temperature(logits, labels)
+    assert fitted > 1.2 and kept == 1.0
+    overconfident = 8.0 * torch.nn.functional.one_hot(torch.tensor([0] * 7 + [1] * 3), 3).float()
+    kept, fitted = choose_temperature(overconfident, [0] * 7 + [2] * 3)  # here the fit helps: kept
+    assert kept == fitted > 1.0
 
 
 def test_soft_targets_and_rps():

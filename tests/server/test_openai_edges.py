@@ -178,4 +178,7 @@ def test_tokenize_and_detokenize(server):
         answer = post(route, body)
         assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
     assert post("tokenize", {"model": "other", "prompt": "a"}).status_code == 404
+    # model is optional, as in vLLM
+    assert post("tokenize", {"prompt": "Hi there"}).json() == said
+    assert post("detokenize", {"tokens": said["tokens"]}).json() == {"prompt": "Hi there"}
     assert httpx.post(f"{url}/tokenize", json={"model": "tiny", "prompt": "a"}).status_code == 401

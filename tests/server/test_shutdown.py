@@ -133,3 +133,32 @@ def test_shutdown_timeout_must_be_seconds():
     for bad in (-1, math.nan):
         with pytest.raises(ValueError, match="shutdown_timeout_s"):
             ServeConfig(shutdown_timeout_s=bad)
+
+
+@pytest.mark.parametrize(("tensor_parallel", "drain_s"), [(1, 60.0), (2, DrainingServer.LAUNCHER_DRAIN_S)])
+def test_under_tensor_parallelism_the_drain_ends_before_the_launcher_kills_the_ranks(tensor_parallel, drain_s):
+    # The deepspeed launcher SIGKILLs its ranks 30 s after a Ctrl-C: a longer drain would end in a bare reset.
+    import types
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from serve.engine.llm import EngineConfig
+
+    config = ServeConfig(engine=EngineConfig(tensor_parallel=tensor_parallel), shutdown_timeout_s=60.0)
+    server = DrainingServer(uvicorn.Config(FastAPI()), types.SimpleNamespace(config=config))
+    assert server.drain_s == drain_s and server.config.timeout_graceful_shutdown == drain_s + DrainingServer.ANSWER_S
+    assert drain_s + DrainingServer.ANSWER_S < 30 or tensor_parallel == 1
+
+
+def test_a_launch_of_more_processes_than_tensor_parallel_ranks_is_refused(monkeypatch, tmp_path):
+    # Each rank would otherwise load the model and serve alone, and the second fail on the port taken.
+    from serve.server import launch
+    from serve.server.admission import ServeSetupError
+    from serve.server.launch import serve_main
+
+    monkeypatch.setattr(launch, "configure_process", lambda config: None)  # no torch thread or logging changes here
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ServeSetupError, match="launched as 2 processes .* pass --tensor-parallel 2"):
+        serve_main(serve_config(tmp_path))

@@ -101,3 +101,23 @@ def test_the_fit_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     calibrate(bench, output_dir=path.parent)
     assert costmodel.read_fit(path).source == str(bench)
+
+
+def test_a_negative_coefficient_is_refitted_at_zero_not_clamped():
+    # Ordinary least squares gives these steps a negative fixed cost; clamping it to 0 kept the slope fitted beside
+    # it and overpredicted every step (1.5x on a real bench). The non-negative fit is the slope alone.
+    steps = [(1, 0, 0.001), (10, 0, 0.03), (20, 0, 0.06)]
+    fit = fit_linear(steps)
+    slope = sum(t * s for t, _, s in steps) / sum(t * t for t, _, _ in steps)
+    assert fit.overhead_s == 0 and fit.per_context_s == 0 and fit.per_token_s == pytest.approx(slope)
+    predicted, measured = sum(fit.step_s(t, c) for t, c, _ in steps), sum(s for _, _, s in steps)
+    assert predicted == pytest.approx(measured, rel=0.03)  # the clamped fit: 0.0963 s against 0.091
+
+
+def test_a_fit_that_misses_the_held_out_steps_is_not_written(tmp_path):
+    bench, data = _bench(tmp_path)
+    for run in data["results"]:  # every other step (the held-out half) ten times slower
+        run["steps"] = [(t, c, s * (10 if j % 2 else 1)) for j, (t, c, s) in enumerate(run["steps"])]
+    bench.write_text(json.dumps(data))
+    _, rows = calibrate(bench, output_dir=tmp_path / "calibration")
+    assert rows[0]["held_out_step_error"] > 0.25 and not (tmp_path / "calibration").exists()
