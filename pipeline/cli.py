@@ -254,7 +254,7 @@ def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, 
           overrides):
     """OpenAI-compatible server with the predictive admission controller and the feedback stream."""
     from serve.server.config import ServeConfig
-    from serve.server.launch import serve_main
+    from serve.server.launch import EngineFailed, serve_main
 
     flags = {
         "engine.policy.policy": policy, "predictor": predictor, "fallback_policy": fallback_policy, "host": host,
@@ -268,6 +268,9 @@ def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, 
         serve_main(config, load_checkpoint=load_predictor_checkpoint)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    except EngineFailed as exc:  # logged with its traceback; exit non-zero for a supervisor to restart the server
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -103,3 +103,14 @@ def test_batch_refuses_a_missing_input(tmp_path):
     result = CliRunner().invoke(main, ["batch", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "out.jsonl"),
                                        "--policy", "paged"])
     assert result.exit_code == 2 and "none.jsonl does not exist" in result.output
+
+
+def test_s3_serve_exits_non_zero_when_its_engine_failed(monkeypatch):
+    from serve.server import launch
+
+    def failed(config, load_checkpoint=None):
+        raise launch.EngineFailed("the engine failed: RuntimeError('out of memory')")
+
+    monkeypatch.setattr(launch, "serve_main", failed)
+    result = CliRunner().invoke(main, ["serve", "--policy", "paged"])
+    assert result.exit_code == 1 and "the engine failed: RuntimeError('out of memory')" in result.output

@@ -158,7 +158,7 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
     stack = build_stack(config, load_checkpoint=load_checkpoint)
     _log_startup(config, stack)
     server = DrainingServer(_uvicorn_config(stack.app, config.host, config.port, config.log_level, config.keep_alive_s,
-                                            tls=config.tls), stack)
+                                            tls=config.tls), stack, exit_on_engine_failure=True)
     stack.start()
     stats = None
     if config.log_stats_interval_s > 0:
@@ -176,6 +176,8 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
         listener.close()
     if stack.engine_loop.outcomes is not None:
         log.info("the predictor on this run's traffic: %s", stack.engine_loop.outcomes.summary())
+    if server.engine_failed:
+        raise EngineFailed(f"the engine failed: {stack.engine_loop.error!r}")
     log.info("stopped")
 
 
@@ -198,6 +200,10 @@ def configure_process(config: ServeConfig) -> None:
     """Logging, and torch's threads: a core is left for the HTTP side unless ``torch_threads`` says otherwise."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(config.torch_threads or max(1, _num_cores() - 1))
+
+
+class EngineFailed(RuntimeError):
+    """The engine thread crashed; the server shut down (`s3 serve` exits non-zero)."""
 
 
 class _Stopped(Exception):
@@ -292,7 +298,12 @@ class DrainingServer(uvicorn.Server):
     process group), SIGKILLs every rank 30 s after passing the signal on, and the drain and the answers must be
     done by then. Signalling rank 0 alone is not cut short (its shutdown releases the other ranks)."""
 
-    def __init__(self, config: uvicorn.Config, stack: ServingStack) -> None:
+    def __init__(self, config: uvicorn.Config, stack: ServingStack, *, exit_on_engine_failure: bool = False) -> None:
+        self.exit_on_engine_failure = exit_on_engine_failure
+        """Shut down when the engine thread crashes (`s3 serve`): a server answering 503 to everything forever is
+        worse than one that exits non-zero for its supervisor (systemd, Kubernetes, the deepspeed launcher) to
+        restart, which is what vLLM's server does when its engine dies. Off for servers embedded in tests."""
+        self.engine_failed = False
         self.drain_s = stack.config.shutdown_timeout_s
         if stack.config.engine.tensor_parallel > 1 and self.drain_s > self.LAUNCHER_DRAIN_S:
             log.warning("shutdown_timeout_s %g cut to %g under tensor parallelism: the deepspeed launcher kills its "
@@ -302,6 +313,13 @@ class DrainingServer(uvicorn.Server):
         config.timeout_graceful_shutdown = self.drain_s + self.ANSWER_S
         super().__init__(config)
         self.stack = stack
+
+    async def on_tick(self, counter: int) -> bool:
+        loop = self.stack.engine_loop
+        if self.exit_on_engine_failure and not self.engine_failed and loop.error is not None:
+            log.error("the engine failed (%r): shutting the server down", loop.error)
+            self.engine_failed = self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets=None) -> None:
         deadline = asyncio.get_running_loop().call_later(self.drain_s, self._end_what_is_left)

@@ -162,3 +162,21 @@ def test_a_launch_of_more_processes_than_tensor_parallel_ranks_is_refused(monkey
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ServeSetupError, match="launched as 2 processes .* pass --tensor-parallel 2"):
         serve_main(serve_config(tmp_path))
+
+
+def test_a_server_whose_engine_crashed_shuts_down_for_its_supervisor_to_restart(tmp_path):
+    # Answering 503 to everything forever helps nobody; `s3 serve` exits non-zero instead (EngineFailed), as vLLM's
+    # server does when its engine dies. Servers embedded in tests keep running unless asked.
+    server = start_server(serve_config(tmp_path, policy="paged"), eos=False)
+    server.server.exit_on_engine_failure = True
+
+    def broken_step():
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    server.stack.engine.step = broken_step
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+    answer = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert answer.status_code == 503 and "illegal memory access" in answer.json()["error"]["message"]
+    server._thread.join(30)
+    assert not server._thread.is_alive() and server.server.engine_failed
+    server.stack.stop()
