@@ -51,7 +51,9 @@ def sample(
         cdf = probs.cumsum(dim=-1)
         # Rounding can leave the kept tokens' cdf a hair below u: clamp to each row's last kept token (the kept
         # tokens lead the sorted order), not to the last of the vocabulary, which the filters removed.
-        last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1  # (R, 1)
+        # A row with no token left (every logit -inf: allowed_token_ids all banned by min_tokens, say) has NaN
+        # probabilities and no kept token: it takes the first, as its greedy argmax would.
+        last_kept = ((probs > 0).sum(dim=-1, keepdim=True) - 1).clamp_(min=0)  # (R, 1)
         picked = torch.minimum(torch.searchsorted(cdf, u[:, None]), last_kept)  # (R, 1)
         tokens[rows] = order.gather(-1, picked).squeeze(-1)
     return tokens.tolist()

@@ -183,3 +183,12 @@ def test_a_draw_past_the_rounded_cdf_takes_the_last_kept_token(monkeypatch):
     tokens = sample(logits, [SamplingParams(temperature=1.0, top_k=5)] * 3, [0] * 3)
     assert [token in row for token, row in zip(tokens, top)] == [True] * 3
     assert tokens == [row[-1] for row in top]  # the least likely of the five kept
+
+
+def test_a_row_with_no_token_left_draws_without_failing():
+    # allowed_token_ids that min_tokens then bans: every logit -inf, NaN probabilities. The engine must not fail
+    # (the server's fuzz test once stopped it this way); the row takes the first token, as its argmax would.
+    logits = torch.full((2, 16), float("-inf"))
+    logits[1] = torch.randn(16)
+    tokens = sample(logits, [SamplingParams(temperature=1.0, seed=3)] * 2, [0, 0])
+    assert tokens[0] == logits[0].argmax().item() and 0 <= tokens[1] < 16
