@@ -2,11 +2,11 @@
 
 Each stage (pipeline/stages.py, the `STAGES` table) reads the previous stages' outputs and writes its own under
 `runs/<run-id>/<stage>/`, with a `stage.json` holding a hash of its inputs (its config sections, its version, its
-upstream stages' fingerprints, and the contents of the files it reads from outside the run folder). A stage whose `stage.json` has the same input hash is skipped; otherwise
-it runs again (generate resumes where it stopped). A stage's `stage.json` is removed when it starts and written
-when it finishes, so a stage that failed or was interrupted runs again, whatever it ran with before. Every stage
-that runs is one wandb run in the pipeline's group (the code it calls opens none of its own); the summary table
-goes to wandb and to the terminal.
+upstream stages' fingerprints, and the contents of the files it reads from outside the run folder). A stage whose
+`stage.json` has the same input hash is skipped; otherwise it runs again (generate resumes where it stopped). A
+stage's `stage.json` is removed when it starts and written when it finishes, so a stage that failed or was
+interrupted runs again, whatever it ran with before. Every stage that runs is one wandb run in the pipeline's group
+(the code it calls opens none of its own); the summary table goes to wandb and to the terminal.
 """
 
 from __future__ import annotations

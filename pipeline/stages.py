@@ -182,6 +182,7 @@ _UNREAD_TRAIN = ("output_dir", "wandb_project", "wandb_mode")
 _RETRAIN_ONLY = ("replay_ratio", "feedback_holdout", "feedback_repeat", "keep_parent_unless_matched",
                  "traffic_monitor", "replay_only")
 
+
 def _generate_reads(config: PipelineConfig) -> tuple[str, ...]:
     if config.regenerate:
         return config.generate.inputs

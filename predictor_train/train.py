@@ -276,8 +276,8 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
 def _finish_checkpoint(config: TrainConfig, folder: Path, validation: Examples,
                        familiar: tuple[Sequence[str], Sequence[str]],
                        lengths: Mapping[str, int] | None) -> CheckpointInfo | None:
-    """Once the best epoch is saved in ``folder``: fit the temperature on the validation split and build the familiarity bank from
-    ``familiar`` (the prompts to sample, those always kept), with the neighbours' blend where ``lengths`` labels
+    """Once the best epoch is saved in ``folder``: fit the temperature on the validation split and build the
+    familiarity bank from ``familiar`` (the prompts to sample, those always kept), with the neighbours' blend where ``lengths`` labels
     them, as the config asks; the checkpoint's new info, or None when it asks for neither."""
     info = None
     if config.calibrate:

@@ -151,9 +151,8 @@ class EngineLoop:
         self._sinks: dict[str, Sink] = {}
         self._num_sent: dict[str, int] = {}
         self._unrecorded: set[str] = set()  # requests the feedback store must not record (Add.feedback)
-        self._taken: list = []  # the commands of the current turn; those from _next on are not applied yet
-        self._next = 0
-        self._later: list = []  # taken, but left for the next turns: past the turn's max_classified
+        self._taken: list = []  # the commands of the current turn; those from _next on are not applied yet (a crash
+        self._next = 0  # answers them; those past the turn's max_classified are the next turn's first)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- other threads ------------------------------------------------------------------------------------
@@ -190,9 +189,7 @@ class EngineLoop:
             log.exception("the engine loop crashed")
             self.error = exc
             self._end_all(f"the engine failed: {exc!r}")
-            # taken, never applied
-            _refuse(self._taken[self._next:] + self._later, f"the engine failed: {exc!r}")
-            self._later = []
+            _refuse(self._taken[self._next:], f"the engine failed: {exc!r}")  # taken, never applied
         finally:
             with self._lock:  # nothing runs or waits any more: the gauges say so, the totals stay
                 self.snapshot = dataclasses.replace(self.snapshot, alive=False, num_running=0, num_waiting=0,
@@ -205,18 +202,18 @@ class EngineLoop:
 
     def _turn(self) -> bool:
         """One turn of the loop (see the module docstring); False when told to shut down."""
-        busy = self.engine.has_unfinished() or bool(self._later)
+        busy = self.engine.has_unfinished() or self._next < len(self._taken)  # or commands were left for this turn
         commands = self._taken = self._take_commands(block=not busy)
-        self._next = 0  # the commands from here on are not applied yet (a crash answers them)
+        self._next = 0
+        end = len(commands)
         if self.classify is not None:
-            commands, self._later = _split_after(commands, self.max_classified)
-            commands = self._taken = classified(commands, self.classify)
-        for i, command in enumerate(commands):
+            end = _classified_end(commands, self.max_classified)
+            commands = self._taken = classified(commands[:end], self.classify) + commands[end:]
+        for i, command in enumerate(commands[:end]):
             self._next = i + 1
             if command is _SHUTDOWN:
                 self._end_all(None)
-                _refuse(commands[i + 1:] + self._later)  # taken with the shutdown: answered like those still queued
-                self._later = []
+                _refuse(commands[i + 1:])  # taken with the shutdown, this turn's or left for later: as if still queued
                 return False
             self._apply(command)
         if self.engine.has_unfinished():
@@ -225,7 +222,7 @@ class EngineLoop:
         return True
 
     def _take_commands(self, *, block: bool) -> list:
-        commands, self._later = self._later, []
+        commands = self._taken[self._next:]  # left by the last turn, past its max_classified
         if block:
             if self.feedback is not None:
                 self.feedback.sync()  # idle: make what was written durable
@@ -344,13 +341,10 @@ class EngineLoop:
         self.snapshot = EngineSnapshot(**vars(self.engine.snapshot()), **feedback)
 
 
-def _split_after(commands: list, max_classified: int) -> tuple[list, list]:
-    """``commands`` cut before the first request to classify past ``max_classified``: (this turn's, the rest)."""
+def _classified_end(commands: list, max_classified: int) -> int:
+    """Where this turn's ``commands`` end: before the first request to classify past ``max_classified``."""
     unclassified = [i for i, c in enumerate(commands) if isinstance(c, Add) and c.prediction is None]
-    if len(unclassified) <= max_classified:
-        return commands, []
-    cut = unclassified[max_classified]
-    return commands[:cut], commands[cut:]
+    return unclassified[max_classified] if len(unclassified) > max_classified else len(commands)
 
 
 def _refuse(commands: list, message: str = "the server is shutting down") -> None:

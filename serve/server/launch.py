@@ -22,6 +22,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
+from core.distributed import world_size
 from serve.engine.llm import LLMEngine
 from serve.feedback import FeedbackLog, FeedbackWriter
 from serve.outcomes import PredictionOutcomes
@@ -144,10 +145,10 @@ def serve_main(config: ServeConfig, load_checkpoint: CheckpointLoader | None = N
     if hasattr(signal, "SIGHUP"):  # a reload asked before the server runs (or of a follower rank) kills nothing
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and world_size != config.engine.tensor_parallel:  # before any rank loads or binds anything
-        raise ServeSetupError(f"launched as {world_size} processes (WORLD_SIZE) but tensor_parallel is "
-                              f"{config.engine.tensor_parallel}: pass --tensor-parallel {world_size}, or launch "
+    ranks = world_size()
+    if ranks > 1 and ranks != config.engine.tensor_parallel:  # before any rank loads or binds anything
+        raise ServeSetupError(f"launched as {ranks} processes (WORLD_SIZE) but tensor_parallel is "
+                              f"{config.engine.tensor_parallel}: pass --tensor-parallel {ranks}, or launch "
                               f"{config.engine.tensor_parallel} processes")
     if config.engine.tensor_parallel > 1 and rank != 0:
         _follow(config)  # binds nothing; rank 0's refusal below ends the launch (the launcher stops every rank)

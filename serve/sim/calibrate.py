@@ -59,7 +59,8 @@ def calibrate(
 ) -> tuple[LinearCost, list[dict]]:
     """Fit on every other engine step of a bench run (the rest held out); replay each policy in the simulator
     with the bench's policy knobs; compare tokens/s. Writes the fit to ``output_dir``/smollm2-cpu.json unless
-    ``output_dir`` is None or its error on the held-out steps is over `MAX_STEP_ERROR`. Each row's ``replay_knobs`` says which knobs the replay could not take from the bench."""
+    ``output_dir`` is None or its error on the held-out steps is over `MAX_STEP_ERROR`. Each row's
+    ``replay_knobs`` says which knobs the replay could not take from the bench."""
     data = json.loads(pathlib.Path(bench_json).read_text())
     runs = [r for r in data["results"] if r.get("steps")] if isinstance(data, dict) else []
     steps = [tuple(s) for r in runs for s in r["steps"]]
