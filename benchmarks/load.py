@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 import httpx
@@ -187,13 +188,26 @@ def scrape(url: str) -> dict[str, float]:
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
 
 
+def counted_since(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """``after``'s figures with the counters' (``_total``) and histograms' (``_sum``, ``_count``, ``_bucket``)
+    values less ``before``'s: what the server did between two scrapes (the warm-up request left out); gauges as
+    they were at ``after``."""
+    counter = ("_total", "_sum", "_count", "_bucket")
+    return {name: value - before.get(name, 0.0) if name.split("{")[0].endswith(counter) else value
+            for name, value in after.items()}
+
+
 # -- the load ---------------------------------------------------------------------------------------------
 
 
 async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, frequency_penalty: float = 0.0, *,
-                      urgent: bool = False, priority: int = 0) -> Result:
-    """A streamed greedy chat request; the time to first token is to the first chunk with content."""
-    result = Result(prompt, start=time.perf_counter(), urgent=urgent)
+                      urgent: bool = False, priority: int = 0, scheduled: float | None = None) -> Result:
+    """A streamed greedy chat request; the time to first token is to the first chunk with content, from
+    ``scheduled`` (an open loop's arrival time on the ``time.perf_counter`` clock) or else from the sending. An
+    error the server reports inside the stream (an engine failure after the 200) makes the request a failure."""
+    sent = time.perf_counter()
+    result = Result(prompt, start=sent if scheduled is None else scheduled, urgent=urgent,
+                    send_lag=0.0 if scheduled is None else sent - scheduled)
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "frequency_penalty": frequency_penalty, "stream": True,
             "stream_options": {"include_usage": True}, **({"priority": priority} if priority else {})}
@@ -207,6 +221,9 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, fre
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if chunk.get("error"):
+                    result.error = f"in the stream: {json.dumps(chunk['error'])[:200]}"
+                    return result
                 if chunk.get("usage"):
                     result.num_tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices", []):
@@ -216,19 +233,22 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, fre
                             result.longest_gap = max(result.longest_gap, now - last)
                         result.first_token, last = result.first_token or now, now
                         pieces.append(choice["delta"]["content"])
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:  # a malformed chunk fails this request only
         result.error = repr(exc)
     finally:  # every way out, a refused request's included, ends the request's clock
         result.text, result.end = "".join(pieces), time.perf_counter()
     return result
 
 
-async def run_load(url: str, prompts: list[str], cfg: LoadConfig) -> tuple[list[Result], float]:
+async def run_load(url: str, prompts: list[str], cfg: LoadConfig,
+                   after_warm_up: Callable[[], object] | None = None) -> tuple[list[Result], float]:
     """Every request's result, and the seconds from the first request sent to the last answer's end (the warm-up
-    request before it not counted)."""
+    request before it not counted; ``after_warm_up()``, run once it has ended, may scrape the server's counters)."""
     limits = httpx.Limits(max_connections=cfg.num_requests + 8)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
         await one_request(http, "Say hi.", 4)  # warm-up, not counted
+        if after_warm_up is not None:
+            await asyncio.to_thread(after_warm_up)
         start = time.perf_counter()
         results = await (_poisson(http, prompts, cfg) if cfg.mode == "poisson" else _closed(http, prompts, cfg))
         return results, time.perf_counter() - start
@@ -250,12 +270,23 @@ async def _closed(http: httpx.AsyncClient, prompts: list[str], cfg: LoadConfig) 
     return results
 
 
+def arrival_offsets(cfg: LoadConfig, n: int) -> list[float]:
+    """Seconds from the first request to each one's arrival: a Poisson process of ``cfg.rate``, drawn with the
+    seed (the first at 0)."""
+    rng, offsets = random.Random(cfg.seed), [0.0]
+    for _ in range(n - 1):
+        offsets.append(offsets[-1] + rng.expovariate(cfg.rate))
+    return offsets[:n]
+
+
 async def _poisson(http: httpx.AsyncClient, prompts: list[str], cfg: LoadConfig) -> list[Result]:
-    rng, tasks, urgent = random.Random(cfg.seed), [], urgent_requests(cfg)
-    for i, prompt in enumerate(prompts):
+    """Each request sent at its arrival time and timed from it, so a client running late (its event loop busy)
+    still counts the wait: its lag is in each request's ``send_lag_s``."""
+    tasks, urgent, start = [], urgent_requests(cfg), time.perf_counter()
+    for i, (prompt, offset) in enumerate(zip(prompts, arrival_offsets(cfg, len(prompts)))):
+        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         tasks.append(asyncio.ensure_future(one_request(http, prompt, cfg.max_tokens, cfg.frequency_penalty,
-                                                       **_priority(cfg, i in urgent))))
-        await asyncio.sleep(rng.expovariate(cfg.rate))
+                                                       **_priority(cfg, i in urgent), scheduled=start + offset)))
     return list(await asyncio.gather(*tasks))
 
 
@@ -273,9 +304,10 @@ def run_policy(cfg: LoadConfig, policy: str, prompts: list[str], *, oracle_lengt
                           feedback_dir=f"{workdir}/feedback-{policy}")
     process = start_server(config)
     url = f"http://127.0.0.1:{config.port}"
+    before: dict[str, float] = {}
     try:
-        results, wall = asyncio.run(run_load(url, prompts, cfg))
-        metrics = scrape(url)
+        results, wall = asyncio.run(run_load(url, prompts, cfg, after_warm_up=lambda: before.update(scrape(url))))
+        metrics = counted_since(scrape(url), before)
     finally:
         process.terminate()
         process.join(60)
@@ -329,7 +361,9 @@ def request_frequency_penalty(cfg: LoadConfig) -> float:
     return GenerateConfig.frequency_penalty
 
 
-def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
+def benchmark(cfg: LoadConfig, echo=print, save: Callable[[list[dict]], object] | None = None) -> list[dict]:
+    """Every policy's record, in order; ``save(records so far)`` after each policy, so that an interrupted run
+    keeps the policies it finished."""
     cfg = dataclasses.replace(cfg, frequency_penalty=request_frequency_penalty(cfg))
     prompts = load_prompts(cfg.num_requests, cfg.seed, cfg.sources, cfg.exclude_labelled)
     order = sorted(cfg.policies, key=lambda p: p != "max")  # max first: its answers give the oracle lengths
@@ -343,6 +377,8 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
             echo(f"-- {policy}: {cfg.num_requests} requests, {cfg.mode} loop, KV {cfg.kv_cache_tokens} tokens")
             rows[policy] = in_fresh_process(run_policy, cfg, policy, prompts, oracle_lengths=oracle, workdir=workdir)
             echo(format_table([rows[policy]]).splitlines()[1])
+            if save is not None:
+                save([rows[p] for p in order if p in rows and p in cfg.policies])
             if policy == "max":
                 oracle = f"{workdir}/lengths.json"
                 Path(oracle).write_text(json.dumps({p: n for p, (_, n) in rows["max"]["answers"].items()}))
@@ -350,7 +386,8 @@ def benchmark(cfg: LoadConfig, echo=print) -> list[dict]:
     for policy in order:
         rows[policy]["answers_differing"] = answers_differing(rows[policy]["answers"], reference)
     same = not any(rows[p]["answers_differing"] for p in order)
-    echo(f"\nanswers identical under every policy (greedy, frequency penalty {cfg.frequency_penalty}): {same}")
+    echo(f"\nanswers identical under every policy (greedy, frequency penalty {cfg.frequency_penalty}; a failed "
+         f"request counts as differing): {same}")
     if not same:
         echo("  answers unlike " + order[0] + "'s: " + ", ".join(f"{p} {rows[p]['answers_differing']}" for p in order))
     return [rows[p] for p in order if p in cfg.policies]
@@ -394,10 +431,11 @@ def main(policies, sources, output, **kwargs):
         cfg = LoadConfig(policies=split(policies), sources=split(sources), **kwargs)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    rows = benchmark(cfg)
+    save = (lambda rows: write_output(cfg, rows, Path(output))) if output else None
+    rows = benchmark(cfg, save=save)
     print("\n" + format_table(rows))
-    if output:
-        write_output(cfg, rows, Path(output))
+    if save is not None:
+        save(rows)
 
 
 def write_output(cfg: LoadConfig, rows: list[dict], path: Path) -> list[dict]:

@@ -21,12 +21,15 @@ class Result:
     text: str = ""
     num_tokens: int = 0
     start: float = 0.0
+    """When the request arrived: its sending, or in an open loop its scheduled arrival time."""
     first_token: float | None = None
     longest_gap: float = 0.0
     """Longest wait between two content chunks of this request (a stall)."""
     end: float = 0.0
     error: str | None = None
     urgent: bool = False
+    send_lag: float = 0.0
+    """How late the client sent it after its scheduled arrival (an open loop; 0 in a closed one)."""
 
     @property
     def ttft(self) -> float:
@@ -44,9 +47,10 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         # The keys every benchmark's per-policy records share (s3 simulate, s3 bench, this one).
         "generated_tokens_per_s": tokens / wall,
         **figures,
-        "num_preemptions": metrics.get("s3_preemptions_total", 0),
-        "num_recomputed_tokens": metrics.get("s3_recomputed_tokens_total", 0),
+        "num_preemptions": round(metrics.get("s3_preemptions_total", 0)),
+        "num_recomputed_tokens": round(metrics.get("s3_recomputed_tokens_total", 0)),
         "longest_stall_s": max((r.longest_gap for r in ok), default=0.0),
+        "max_send_lag_s": max((r.send_lag for r in results), default=0.0),
         **decode_figures(requests, wall),
         **server_figures(metrics, wall),
         "mean_output_tokens": tokens / max(1, len(ok)),
@@ -54,7 +58,7 @@ def summarise(policy: str, results: list[Result], wall: float, metrics: dict[str
         # the same figures under the names records had before the shared keys (older readers)
         "ttft_mean_s": figures["mean_ttft_s"], "ttft_p50_s": figures["p50_ttft_s"],
         "ttft_p99_s": figures["p99_ttft_s"], "latency_p50_s": figures["p50_latency_s"],
-        "preemptions": metrics.get("s3_preemptions_total", 0),
+        "preemptions": round(metrics.get("s3_preemptions_total", 0)),
         "mispredictions": metrics.get("s3_mispredictions_total", 0),
         "answers": {r.prompt: (r.text, r.num_tokens) for r in ok},
         "per_request": requests,
@@ -77,7 +81,7 @@ def per_request(results: list[Result]) -> list[dict]:
     t0 = min((r.start for r in results), default=0.0)
     return [{"sent_s": r.start - t0, "ttft_s": None if r.error else r.ttft,
              "latency_s": None if r.error else r.end - r.start, "output_tokens": r.num_tokens,
-             "longest_stall_s": r.longest_gap, "error": r.error, "urgent": r.urgent,
+             "longest_stall_s": r.longest_gap, "send_lag_s": r.send_lag, "error": r.error, "urgent": r.urgent,
              "answer_sha1": None if r.error else answer_fingerprint(r.text)} for r in results]
 
 
@@ -86,8 +90,9 @@ def answer_fingerprint(text: str) -> str:
 
 
 def answers_differing(answers: dict[str, tuple[str, int]], reference: dict[str, tuple[str, int]]) -> int:
-    """Prompts answered under both runs whose answers differ (a request that failed in either is not counted)."""
-    return sum(prompt in reference and reference[prompt] != answer for prompt, answer in answers.items())
+    """Prompts whose answers differ between the two runs, a prompt answered in only one of them (its request
+    failed in the other) included: a failed request does not make two runs look alike."""
+    return sum(answers.get(prompt) != reference.get(prompt) for prompt in answers.keys() | reference.keys())
 
 
 def server_figures(metrics: dict[str, float], wall: float) -> dict[str, float]:

@@ -117,14 +117,21 @@ def summarize(records: list[dict]) -> list[dict]:
     for (fraction, policy), runs in groups.items():
         row = {"rate_fraction": fraction, "policy": policy, "num_seeds": len(runs)}
         for key in SUMMARY_KEYS:
-            values = [r[key] for r in runs]
-            row[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+            row[key] = spread([r[key] for r in runs])
         for key in RATIO_KEYS:
             ratios = [r[key] / paged[(fraction, r["seed"])][key] for r in runs if paged[(fraction, r["seed"])][key]]
             if ratios:
-                row[f"{key}_vs_paged"] = {"mean": statistics.fmean(ratios), "min": min(ratios), "max": max(ratios)}
+                row[f"{key}_vs_paged"] = spread(ratios)
         rows.append(row)
     return rows
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, min and max over seeds; all three NaN where a seed has no figure (``min`` and ``max`` over a NaN
+    depend on where it falls in the list)."""
+    if any(math.isnan(v) for v in values):
+        return {"mean": math.nan, "min": math.nan, "max": math.nan}
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
 
 def format_summary(summary: list[dict]) -> str:

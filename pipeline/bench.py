@@ -343,7 +343,11 @@ def check_decoding(config: BenchConfig, decoding: dict, *, where: str) -> float:
     return config.frequency_penalty
 
 
-def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict:
+def run_bench(config: BenchConfig, progress: Callable[[str], None] = print,
+              save: Callable[[dict], object] | None = None) -> dict:
+    """Every policy of ``config.run_order`` on the same prompts and pool, then the transformers reference; the
+    report (see `save_bench`). ``save(report so far)`` runs after each policy, ``complete`` False until the end,
+    so that an interrupted bench keeps the policies it finished."""
     from serve.engine.loader import load_model
 
     buckets = BucketSpec.uniform(config.max_new_tokens, config.num_buckets)
@@ -385,6 +389,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
                 progress(f"warning: {name} answered {result.answers_differing} prompts unlike max "
                          "(non-deterministic kernels?)")
         results.append(result)
+        if save is not None:
+            save(_report(config, results, None, engine_config, prompts, true_lengths, predicted, complete=False))
     reference = None
     if config.reference_batch and sampling.has_penalties:
         progress("skipping the transformers generate reference: it has no frequency penalty")
@@ -392,8 +398,14 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         progress(f"running transformers generate at batch {config.reference_batch}")
         reference = run_reference(model, tokenizer, prompts, batch_size=config.reference_batch,
                                   max_new_tokens=config.max_new_tokens, eos_ids=eos_token_ids(model, tokenizer))
+    return _report(config, results, reference, engine_config, prompts, true_lengths, predicted, complete=True)
+
+
+def _report(config: BenchConfig, results: list[BenchResult], reference: BenchResult | None,
+            engine_config: EngineConfig, prompts: list[tuple[str, list[int]]], true_lengths: list[int],
+            predicted: list[LengthPrediction], *, complete: bool) -> dict:
     common_speed(results)
-    return {"config": config, "results": results, "reference": reference,
+    return {"config": config, "results": results, "reference": reference, "complete": complete,
             "kv_cache_tokens": engine_config.kv_cache_tokens, "prompts": [text for text, _ in prompts],
             "true_lengths": true_lengths, "prompt_tokens": [len(ids) for _, ids in prompts],
             "predicted_buckets": [p.bucket for p in predicted]}  # fmt: skip

@@ -57,14 +57,15 @@ def format_bench(report: dict) -> str:
 
 
 def save_bench(report: dict, output_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
-    """bench.json (config, prompts, true lengths, one record per policy under `results`, the reference) and
-    bench.png."""
+    """bench.json (config, prompts, true lengths, one record per policy under `results`, the reference, whether
+    the bench finished: ``complete``) and bench.png."""
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "bench.json", "png": out / "bench.png"}
     reference = report["reference"]
     data = {
         "config": dataclasses.asdict(report["config"]),
+        "complete": report.get("complete", True),  # False: written after a policy, the bench still running
         "kv_cache_tokens": report["kv_cache_tokens"],
         "prompts": report["prompts"],
         "true_lengths": report["true_lengths"],

@@ -150,7 +150,8 @@ def bench(config_path, model, num_prompts, max_new_tokens, policies, predictor, 
     }  # fmt: skip
     try:
         config = load_config(BenchConfig, config_path, overrides, values=flags)
-        report = run_bench(config, progress=lambda msg: click.echo(msg, err=True))
+        report = run_bench(config, progress=lambda msg: click.echo(msg, err=True),
+                           save=lambda partial: save_bench(partial, config.output_dir))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     click.echo(format_bench(report))

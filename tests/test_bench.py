@@ -36,7 +36,7 @@ def test_bench_runs_every_registered_policy_with_max_first(bench_run):
 
     (result, report), out = bench_run
     names = [r["policy"] for r in report["results"]]
-    assert names == ["max", *[p for p in POLICY_NAMES if p != "max"]]
+    assert names == ["max", *[p for p in POLICY_NAMES if p != "max"]] and report["complete"] is True
     assert report["reference"]["policy"] == "hf-generate@3"
     # Greedy decoding: every policy and the reference generate exactly the same tokens.
     assert len({r["generated_tokens"] for r in report["results"]} | {report["reference"]["generated_tokens"]}) == 1
@@ -53,6 +53,26 @@ def test_bench_runs_every_registered_policy_with_max_first(bench_run):
     assert report["kv_cache_tokens"] == 2 * (max(report["prompt_tokens"]) + 24) + 4
     assert by["s3"]["predictor_s"] > 0 and by["max"]["predictor_s"] == by["oracle"]["predictor_s"] == 0
     assert " nan " not in result.output  # the reference's unmeasured time to first token prints as "-"
+
+
+def test_an_interrupted_bench_keeps_the_policies_it_finished(tiny_chat_model_dir, tmp_path, monkeypatch):
+    """bench.json was written once every policy had run: a crash or Ctrl-C in the last one lost all of them."""
+    import pipeline.bench
+
+    run_policy = pipeline.bench.run_policy
+
+    def crash_on_paged(name, *args, **kwargs):
+        if name == "paged":
+            raise RuntimeError("the machine went away")
+        return run_policy(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.bench, "run_policy", crash_on_paged)
+    args = ["bench", "--model", str(tiny_chat_model_dir), "--num-prompts", "3", "--max-new-tokens", "10",
+            "--policies", "max,paged", "--output-dir", str(tmp_path), "--set", "warmup_prompts=0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["complete"] is False and [r["policy"] for r in report["results"]] == ["max"]
 
 
 def test_common_speed_takes_the_drift_between_runs_out():

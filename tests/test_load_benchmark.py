@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import time
 
 import pytest
 
@@ -115,13 +116,14 @@ def test_each_policy_is_served_from_a_fresh_process(import_benchmark):
 
 
 def test_answers_are_compared_prompt_by_prompt(import_benchmark):
-    """A policy's answers against the reference run's: only prompts both answered count, and a fingerprint tells
-    two texts apart without keeping them."""
+    """A policy's answers against the reference run's, prompt by prompt: one answered in only one run counts as
+    differing (its request failed in the other), and a fingerprint tells two texts apart without keeping them."""
     report = import_benchmark("load_report")
     reference = {"a": ("Hi there.", 3), "b": ("Two.", 2), "c": ("Long answer", 9)}
     assert report.answers_differing(reference, reference) == 0
-    assert report.answers_differing({"a": ("Hi there.", 3), "b": ("Three.", 2)}, reference) == 1  # "c" failed here
-    assert report.answers_differing({"a": ("Hi there.", 3), "d": ("New.", 2)}, reference) == 0
+    assert report.answers_differing({"a": ("Hi there.", 3), "b": ("Three.", 2)}, reference) == 2  # "c" failed here
+    assert report.answers_differing({"a": ("Hi there.", 3), "d": ("New.", 2)}, reference) == 3
+    assert report.answers_differing({}, reference) == 3  # every request failed: not "identical"
     assert report.answer_fingerprint("Two.") == report.answer_fingerprint("Two.") != report.answer_fingerprint("Three.")
 
 
@@ -190,3 +192,93 @@ def test_the_warm_up_request_is_not_timed(import_benchmark, monkeypatch):
     monkeypatch.setattr(load, "one_request", one_request)
     results, wall = asyncio.run(load.run_load("http://127.0.0.1:9", ["a", "b"], load.LoadConfig(num_requests=2)))
     assert sent[0] == "Say hi." and [r.prompt for r in results] == ["a", "b"] and wall < 0.2
+
+
+def _streaming(load, events: list[str], status: int = 200):
+    """An httpx client whose every POST answers ``events`` as a server-sent event stream."""
+    import httpx
+
+    body = "".join(f"data: {e}\n\n" for e in events).encode()
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
+    return httpx.AsyncClient(base_url="http://test", transport=transport)
+
+
+def test_an_error_inside_the_stream_fails_the_request(import_benchmark):
+    """An engine failure after the 200 comes as an error event and [DONE]: the request failed, it is no success cut
+    short (it was counted in the latencies, and its prompt in the answers compared)."""
+    import asyncio
+    import json
+
+    load = import_benchmark("load", "load_report")
+    chunk = json.dumps({"choices": [{"delta": {"content": "Hello"}}]})
+    error = json.dumps({"error": {"message": "the engine stopped", "type": "server_error", "code": 503}})
+
+    async def ask(events):
+        async with _streaming(load, events) as http:
+            return await load.one_request(http, "p", 8)
+
+    failed = asyncio.run(ask([chunk, error, "[DONE]"]))
+    assert failed.error and "the engine stopped" in failed.error
+    row = load.summarise("paged", [failed], wall=1.0, metrics={}, max_tokens=8)
+    assert row["errors"] == 1 and row["answers"] == {}
+    usage = json.dumps({"choices": [], "usage": {"completion_tokens": 1}})
+    assert asyncio.run(ask([chunk, usage, "[DONE]"])).error is None
+    assert "JSONDecodeError" in asyncio.run(ask([chunk, "{not json"])).error  # this request fails, not the run
+
+
+def test_an_open_loop_times_each_request_from_its_arrival(import_benchmark, monkeypatch):
+    """A client that falls behind its arrivals (its event loop busy) still counts the wait, and sends no later
+    request earlier to catch up on the schedule; nothing after the last arrival is counted as the run's time."""
+    import asyncio
+
+    load = import_benchmark("load", "load_report")
+    cfg = load.LoadConfig(num_requests=4, mode="poisson", rate=20.0, seed=3)
+    offsets = load.arrival_offsets(cfg, 4)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets) and offsets == load.arrival_offsets(cfg, 4)
+
+    async def one_request(http, prompt, max_tokens, *args, scheduled=None, **kwargs):
+        now = time.perf_counter()
+        if scheduled is None:  # the warm-up
+            return load.Result(prompt)
+        time.sleep(0.15 if prompt == "a" else 0.0)  # blocks the loop: the next ones go out late
+        return load.Result(prompt, num_tokens=1, start=scheduled, first_token=now, end=time.perf_counter(),
+                           send_lag=now - scheduled)
+
+    monkeypatch.setattr(load, "one_request", one_request)
+    results, wall = asyncio.run(load.run_load("http://127.0.0.1:9", ["a", "b", "c", "d"], cfg))
+    start = results[0].start
+    assert [r.start - start for r in results] == pytest.approx(offsets)
+    assert results[1].send_lag > 0.1 - offsets[1] and results[1].ttft >= results[1].send_lag
+    assert wall == pytest.approx(max(r.end for r in results) - start, abs=0.02)
+
+
+def test_the_servers_counters_leave_out_the_warm_up(import_benchmark):
+    load = import_benchmark("load", "load_report")
+    before = {"s3_preemptions_total": 1.0, "s3_engine_step_seconds_total": 0.5, "s3_kv_blocks_capacity": 100.0,
+              "s3_time_per_output_token_seconds_count": 1.0, 's3_latency_seconds_bucket{le="1"}': 1.0}
+    after = {"s3_preemptions_total": 4.0, "s3_engine_step_seconds_total": 2.5, "s3_kv_blocks_capacity": 100.0,
+             "s3_time_per_output_token_seconds_count": 9.0, 's3_latency_seconds_bucket{le="1"}': 3.0}
+    assert load.counted_since(after, before) == {
+        "s3_preemptions_total": 3.0, "s3_engine_step_seconds_total": 2.0, "s3_kv_blocks_capacity": 100.0,
+        "s3_time_per_output_token_seconds_count": 8.0, 's3_latency_seconds_bucket{le="1"}': 2.0}
+    row = load.summarise("paged", [load.Result("a", num_tokens=1, end=1.0)], wall=1.0,
+                         metrics=load.counted_since(after, before), max_tokens=8)
+    assert row["num_preemptions"] == 3 and isinstance(row["num_preemptions"], int)
+
+
+def test_each_finished_policy_is_saved_before_the_next_runs(import_benchmark, monkeypatch):
+    load = import_benchmark("load", "load_report")
+    saved = []
+
+    def serve(fn, cfg, policy, prompts, **kwargs):
+        if policy == "s3":
+            raise KeyboardInterrupt
+        results = [load.Result(p, text="x", num_tokens=1, start=0.0, first_token=1.0, end=1.0) for p in prompts]
+        return load.summarise(policy, results, wall=1.0, metrics={}, max_tokens=8)
+
+    monkeypatch.setattr(load, "load_prompts", lambda *args: ["a", "b"])
+    monkeypatch.setattr(load, "in_fresh_process", serve)
+    cfg = load.LoadConfig(policies=("paged", "s3"), predictor="ckpt", frequency_penalty=0.5, num_requests=2)
+    with pytest.raises(KeyboardInterrupt):
+        load.benchmark(cfg, echo=lambda *a: None, save=lambda rows: saved.append([r["policy"] for r in rows]))
+    assert saved == [["paged"]]

@@ -22,3 +22,13 @@ def test_sim_load_json_records_its_settings(import_benchmark, tmp_path):
         "predictor": "confusion", "accuracy": 0.8, "policies": ["paged", "s3"], "seeds": [3],
         "rate_fractions": [0.5, 1.2]}  # fmt: skip
     assert data["quantile"] == 0.5 and {r["seed"] for r in data["results"]} == {3}
+
+
+def test_a_seed_without_a_figure_makes_its_spread_nan_in_any_order(import_benchmark):
+    """min and max over a NaN depended on where it fell: seeds (0, 1) gave NaN, (1, 0) a number."""
+    import math
+
+    sim_load = import_benchmark("sim_load")
+    for values in ([math.nan, 2.0], [2.0, math.nan]):
+        assert all(math.isnan(v) for v in sim_load.spread(values).values())
+    assert sim_load.spread([1.0, 3.0]) == {"mean": 2.0, "min": 1.0, "max": 3.0}
