@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q setuptools==84.2.1 wheel==0.48.0 ninja==1.13.2
-	# CPU build of torch first; deepspeed's setup.py imports it, so build deepspeed against it.
+	# torch first (here a CPU wheel on local disk; from PyPI on Linux x86-64, the CUDA build);
+	# deepspeed's setup.py imports it, so build deepspeed against it.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q -e '.[test]'
@@ -21,7 +22,7 @@ $(STAMP): setup.cfg Makefile
 
 setup: $(STAMP)
 
-# The main job on the embedded defaults: the whole loop on the committed labelled data.
+# The main job on the committed config (configs/pipeline_cpu.yaml): the whole loop on the committed labelled data.
 run: setup
 	$(BIN)/s3 pipeline run --config configs/pipeline_cpu.yaml
 

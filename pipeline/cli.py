@@ -90,7 +90,7 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
 @click.option("--prompt-field", default=None, help="Field holding the prompt (default: instruction).")
 @click.option("--model", default=None, help="smollm2 (default), a .gguf file or a Hugging Face folder.")
 @click.option("--max-new-tokens", type=int, default=None,
-              help="Cap on generated tokens (default 512; with a trained --predictor, its buckets' span).")
+              help="Cap on generated tokens (default 512; a predictor trained on these labels has buckets spanning it).")
 @click.option("--limit-per-source", type=click.IntRange(min=1), default=None,
               help="Label a seeded random subset of N prompts per file.")
 @click.option("--output-dir", default=None, help="Where shards, dataset, Parquet and card go (default data/labelled).")

@@ -32,10 +32,10 @@ from serve.policy_config import POLICY_NAMES, PolicyConfig
 
 Needs = Literal["none", "buckets", "exact"]
 VictimFn = Callable[[Sequence[Request], Request], Request]
-"""Picks whom to preempt when ``needy`` (the second argument) needs memory, among the sequences not yet
-scheduled this step (the first, in running order, ``needy`` first). Progress is the function's duty: one that
-always makes ``needy`` yield (``candidates[0]``) can livelock two sequences that each need more than half the
-pool, each re-admitted as soon as the other yields. The built-in victims (the last in running order, or the
+"""Picks whom to preempt when ``needy`` (the second argument) needs memory, among every running sequence (the
+first, in running order; one already scheduled this step is taken back out of it). Progress is the function's
+duty: one that always makes ``needy`` yield (returns it) can livelock two sequences that each need more than half
+the pool, each re-admitted as soon as the other yields. The built-in victims (the last in running order, or the
 least computed) let the older or further-along sequence finish."""
 
 POLICIES: dict[str, type["AdmissionPolicy"]] = {}
