@@ -13,18 +13,23 @@ from pipeline.cli import main as s3
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.S)
-INLINE = re.compile(r"`([^`\n]+)`")
+INLINE = re.compile(r"`([^`\n]+(?:\n[^`\n]+)?)`")  # inline code may wrap onto a second line
+INDENTED = re.compile(r"^(?: {4})+((?:\.venv/|s3 |python).*(?:\\\n.*)*)", re.M)  # indented code blocks' commands
 SCRIPT = re.compile(r"(?:.*/)?benchmarks/(\w+)\.py$")
 
 
 def command_lines(text: str):
-    """Shell lines of the code blocks (continuations joined, comments dropped), then the prose's inline code."""
+    """Shell lines of the code blocks (continuations joined, comments dropped), then the commands of indented
+    code blocks, then the prose's inline code (wrapped onto a second line or not)."""
     for block in FENCE.findall(text):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             line = line.split(" #")[0].strip()
             if line and not line.startswith("#"):
                 yield line
-    yield from INLINE.findall(FENCE.sub("", text))
+    prose = FENCE.sub("", text)
+    for line in INDENTED.findall(prose):
+        yield re.sub(r"\\\n\s*", " ", line).split(" #")[0].strip()
+    yield from (code.replace("\n", " ") for code in INLINE.findall(prose))
 
 
 def invocations(line: str):
