@@ -27,6 +27,11 @@ def label_and_save(
     missing = [path for path in config.inputs if not pathlib.Path(path).exists()]
     if missing and not write_only:  # before the model loads
         raise FileNotFoundError(f"no such prompt file or folder: {', '.join(missing)}")
+    with gen.output_lock(config.output_dir):
+        return _label_and_save(config, echo=echo, engine=engine, write_only=write_only)
+
+
+def _label_and_save(config: gen.GenerateConfig, *, echo: Callable[[str], None], engine, write_only: bool) -> dict:
     if engine is None:
         from serve.engine.llm import EngineConfig, LLMEngine
 

@@ -8,7 +8,9 @@ Parquet) with a dataset card and a length histogram.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -69,6 +71,10 @@ class GenerateConfig:
         if self.num_samples > 1 and self.temperature == 0:
             raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be the same)")
         check_distinct_sources(self.inputs)
+        from serve.engine.plan import SamplingParams  # the engine's own checks, before the model loads
+
+        SamplingParams(temperature=self.temperature, top_p=self.top_p, presence_penalty=self.presence_penalty,
+                       frequency_penalty=self.frequency_penalty)
 
 
 @dataclasses.dataclass
@@ -143,18 +149,71 @@ class ShardWriter:
         self._file.close()
 
 
-def read_shards(directory: pathlib.Path) -> dict[str, dict]:
-    """Rows of every shard by id; a torn last line (a crash mid-write) is ignored and redone. Lines end at "\n"
-    only: a prompt may hold U+2028 or another character `str.splitlines` would also break at."""
+# A shard row's fields and their types (``output_text`` may be None: `keep_text` off).
+_ROW_TYPES = {"id": str, "prompt": str, "source": str, "row": int, "num_prompt_tokens": int,
+              "num_output_tokens": int, "finished": bool, "sample_output_tokens": list}
+
+
+LOCK_FILE = ".generate.lock"
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str | pathlib.Path) -> Iterator[None]:
+    """Held while a run labels into and writes ``output_dir``: a second run there at the same time is refused
+    (both would label the same prompts, and write the dataset over each other). The operating system lets go of
+    it when the process ends, however it ends."""
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another `s3 generate` is writing {out} (it holds {out / LOCK_FILE}); wait for it "
+                             "to end or use another --output-dir") from None
+        yield
+
+
+def read_shards(directory: pathlib.Path, max_new_tokens: int | None = None) -> dict[str, dict]:
+    """Rows of every shard by id (a later shard's row for an id replaces an earlier one). A shard's last line
+    may be torn (a crash mid-write, cut anywhere, inside a character too): it is ignored and redone. Any other
+    line that is not a valid row (`_checked_row`; lengths above ``max_new_tokens`` where given) is an error
+    naming the shard and line, not a row dropped or trained on. Lines end at "\n" only: a prompt may hold U+2028
+    or another character `str.splitlines` would also break at."""
     rows: dict[str, dict] = {}
     for path in sorted(directory.glob("part-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").split("\n"):
+        *lines, last = path.read_bytes().split(b"\n")
+        for number, line in enumerate(lines, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+                row = _checked_row(line, max_new_tokens)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: {exc}; fix or delete the line (it is labelled again)") from None
             rows[row["id"]] = row
+        try:  # written whole but for its newline
+            row = _checked_row(last, max_new_tokens)
+            rows[row["id"]] = row
+        except ValueError:
+            pass
     return rows
+
+
+def _checked_row(line: bytes, max_new_tokens: int | None) -> dict:
+    """One shard line as a row, or a ValueError saying what is wrong with it."""
+    row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    wrong = [k for k, kind in _ROW_TYPES.items()
+             if not isinstance(row.get(k), kind) or (kind is int and isinstance(row[k], bool))]
+    if wrong:
+        kinds = ", ".join(_ROW_TYPES[k].__name__ for k in wrong)
+        raise ValueError(f"{', '.join(wrong)} missing or not of type {kinds}")
+    if row["id"] != f"{row['source']}:{row['row']}":
+        raise ValueError(f"id {row['id']!r} is not its source and row ({row['source']}:{row['row']})")
+    cap = max_new_tokens if max_new_tokens is not None else float("inf")
+    lengths = [row["num_output_tokens"], *row["sample_output_tokens"]]
+    if not all(isinstance(n, int) and 0 <= n <= cap for n in lengths) or row["num_prompt_tokens"] < 1:
+        raise ValueError(f"lengths out of range (output {lengths}, max_new_tokens {max_new_tokens}; prompt "
+                         f"{row['num_prompt_tokens']})")
+    return row
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -182,7 +241,7 @@ def plan(config: GenerateConfig, engine: Engine) -> LabelPlan:
         list(config.inputs), prompt_field=config.prompt_field, input_field=config.input_field,
         limit_per_source=config.limit_per_source, seed=config.seed,
     )
-    done = read_shards(out / "shards")
+    done = read_shards(out / "shards", config.max_new_tokens)
     changed = [row.id for row in prompts if row.id in done and done[row.id]["prompt"] != row.prompt]
     if changed:  # ids are file stem and row: an edited file would label some prompts twice and others never
         raise ValueError(f"{len(changed)} labelled rows of {out} hold other prompts than the input files now "
@@ -216,25 +275,26 @@ def _interleave(todo: list[tuple[PromptRow, list[int]]]) -> list[tuple[PromptRow
 
 
 def run(config: GenerateConfig, engine: Engine, todo: list, on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
-    """Label ``todo``, appending each row to a new shard as it finishes; returns every row of every shard."""
+    """Label ``todo``, appending each row to a new shard as it finishes; returns every row of every shard. The
+    recipe is written with the first row: a run stopped (or failing) before it binds the folder to nothing."""
     shards = pathlib.Path(config.output_dir) / "shards"
     if not todo:
-        return _every_row(shards)  # no shard folder yet: none
-    _write_recipe(pathlib.Path(config.output_dir) / "recipe.json", recipe(config, engine))
+        return _every_row(shards, config.max_new_tokens)  # no shard folder yet: none
     writer = ShardWriter(shards)
     try:
         for chunk in _chunks(todo, 4 * config.max_num_seqs):
             for row in _label_chunk(config, engine, chunk):
+                _write_recipe(pathlib.Path(config.output_dir) / "recipe.json", recipe(config, engine))
                 writer.write(row)
                 on_row(row)
     finally:
         writer.close()
-    return _every_row(shards)
+    return _every_row(shards, config.max_new_tokens)
 
 
-def _every_row(shards: pathlib.Path) -> list[dict]:
+def _every_row(shards: pathlib.Path, max_new_tokens: int) -> list[dict]:
     """Every row of every shard, by source and row."""
-    return sorted(read_shards(shards).values(), key=lambda r: (r["source"], r["row"]))
+    return sorted(read_shards(shards, max_new_tokens).values(), key=lambda r: (r["source"], r["row"]))
 
 
 def _label_chunk(config: GenerateConfig, engine: Engine, chunk: list[tuple[PromptRow, list[int]]]) -> Iterator[dict]:

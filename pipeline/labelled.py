@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import pathlib
+import shutil
 import statistics
 from typing import Collection
 
@@ -57,16 +59,28 @@ def write_dataset(rows: list[dict], skipped: list[Skipped], recipe: dict, output
 
     out = pathlib.Path(output_dir)
     skipped = [*_earlier_skipped(out / "skipped.jsonl", read_sources), *skipped]
-    table = {c: [r[c] for r in rows] for c in COLUMNS}
-    dataset = datasets.Dataset.from_dict(table)
-    dataset.save_to_disk(str(out / "dataset"))
-    dataset.to_parquet(str(out / "labelled.parquet"))
-    with (out / "skipped.jsonl").open("w") as f:
-        for s in skipped:
-            f.write(json.dumps({"path": s.path, "row": s.row, "reason": s.reason}) + "\n")
     stats = length_stats(rows)
-    plot_histogram(rows, recipe["max_new_tokens"], out / "length_histogram.png")
-    (out / "README.md").write_text(card(stats, recipe, skipped))
+    # Everything is made beside its target first and moved into place at the end, the dataset last but one and
+    # the card last: a failure on the way leaves the previous files, never a dataset and a card out of step.
+    staged = {name: out / f".{name}.partial" for name in ("length_histogram.png", "labelled.parquet",
+                                                          "skipped.jsonl", "README.md", "dataset")}
+    plot_histogram(rows, recipe["max_new_tokens"], staged["length_histogram.png"])
+    staged["README.md"].write_text(card(stats, recipe, skipped))
+    staged["skipped.jsonl"].write_text("".join(json.dumps({"path": s.path, "row": s.row, "reason": s.reason}) + "\n"
+                                               for s in skipped))
+    dataset = datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS})
+    shutil.rmtree(staged["dataset"], ignore_errors=True)
+    dataset.save_to_disk(str(staged["dataset"]))
+    dataset.to_parquet(str(staged["labelled.parquet"]))
+    for name in ("length_histogram.png", "labelled.parquet", "skipped.jsonl"):
+        os.replace(staged[name], out / name)
+    old = out / ".dataset.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (out / "dataset").exists():
+        os.replace(out / "dataset", old)
+    os.replace(staged["dataset"], out / "dataset")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(staged["README.md"], out / "README.md")
     return stats
 
 
@@ -109,14 +123,15 @@ def plot_histogram(rows: list[dict], max_new_tokens: int, path: pathlib.Path) ->
     sources = sorted({r["source"] for r in rows})
     data = [[r["num_output_tokens"] for r in rows if r["source"] == s] for s in sources]
     ax.hist(data, bins=40, range=(0, max_new_tokens), stacked=True, label=sources)
-    for edge in range(max_new_tokens // 10, max_new_tokens, max_new_tokens // 10):
-        ax.axvline(edge, color="grey", lw=0.5, ls=":")  # the paper's 10 buckets
+    width = max_new_tokens // 10  # the paper's 10 buckets (no lines under 10 tokens)
+    for edge in range(width, max_new_tokens, width) if width else ():
+        ax.axvline(edge, color="grey", lw=0.5, ls=":")
     ax.set_xlabel("output tokens (dotted: the 10 length buckets)")
     ax.set_ylabel("prompts")
     ax.set_title(f"output lengths of {len(rows)} prompts")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -43,6 +43,12 @@ class FakeEngine:
             yield Completion(rid, list(range(n)), "length" if n == max_new_tokens else "stop")
 
 
+def _row(source: str, row: int, **fields) -> dict:
+    """A valid shard row."""
+    return {"id": f"{source}:{row}", "prompt": f"prompt {row}", "source": source, "row": row, "num_prompt_tokens": 3,
+            "num_output_tokens": 2, "finished": True, "sample_output_tokens": [2], "output_text": "0 1", **fields}
+
+
 def _write_inputs(tmp_path):
     rows = [{"instruction": f"question number {i} " + "x" * i, "input": "ctx" if i % 2 else ""} for i in range(12)]
     (tmp_path / "a.json").write_text(json.dumps(rows))
@@ -118,7 +124,7 @@ def test_shard_rows_holding_unicode_line_separators_read_back(tmp_path):
     # str.splitlines() also breaks at U+2028, U+0085 and the like: such a row read back torn was relabelled on
     # every resumed run (one chat_bench_mix prompt was labelled four times).
     writer = ShardWriter(tmp_path)
-    rows = [{"id": f"a:{i}", "prompt": f"code :\u2028x = 1\x85y = 2\u2029{i}"} for i in range(2)]
+    rows = [_row("a", i, prompt=f"code :\u2028x = 1\x85y = 2\u2029{i}") for i in range(2)]
     for row in rows:
         writer.write(row)
     writer.close()
@@ -249,9 +255,9 @@ def test_a_new_shard_never_appends_to_an_old_one(tmp_path):
     """The shard index was the number of shards: with part-00001 deleted, the next run appended to part-00002,
     after its torn last line."""
     for index in (0, 2):
-        (tmp_path / f"part-{index:05d}.jsonl").write_text('{"id": "a:0"}\n{"id": "a:1", "pro')
+        (tmp_path / f"part-{index:05d}.jsonl").write_text(json.dumps(_row("a", 0)) + '\n{"id": "a:1", "pro')
     writer = ShardWriter(tmp_path)
-    writer.write({"id": "b:0"})
+    writer.write(_row("b", 0))
     writer.close()
     assert writer.path.name == "part-00003.jsonl" and set(read_shards(tmp_path)) == {"a:0", "b:0"}
 
@@ -269,3 +275,77 @@ def test_the_card_lists_what_every_run_skipped(tmp_path):
     assert f"Skipped inputs ({len(before)}" in (tmp_path / "out" / "README.md").read_text()
     label_and_save(first, engine=FakeEngine(), echo=lambda m: None)  # the same files again: not listed twice
     assert len((tmp_path / "out" / "skipped.jsonl").read_text().splitlines()) == len(before)
+
+
+def test_a_line_torn_inside_a_character_is_redone(tmp_path):
+    """The shard was decoded whole before its lines were parsed: a crash that cut a multi-byte character stopped
+    every later run (and `--write-only`) with a bare UnicodeDecodeError."""
+    shard = tmp_path / "part-00000.jsonl"
+    whole = json.dumps(_row("a", 0), ensure_ascii=False) + "\n"
+    torn = json.dumps(_row("a", 1, prompt="日本"), ensure_ascii=False).encode()
+    shard.write_bytes(whole.encode() + torn[: torn.index("日".encode()) + 1])  # one byte of three
+    assert set(read_shards(tmp_path)) == {"a:0"}
+    shard.write_bytes(whole.encode() + json.dumps(_row("a", 1), ensure_ascii=False).encode())  # all but its newline
+    assert set(read_shards(tmp_path)) == {"a:0", "a:1"}
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"id": "a:1"}', "prompt, source, row"),
+    ("123", "not a JSON object"),
+    ("not json", "Expecting value"),
+    (json.dumps(_row("a", 1, finished="yes")), "finished missing or not of type bool"),
+    (json.dumps(_row("a", 1, id="b:7")), "is not its source and row"),
+    (json.dumps(_row("a", 1, num_output_tokens=9999)), "lengths out of range"),
+])
+def test_a_damaged_line_is_an_error_naming_its_shard_and_line(tmp_path, line, says):
+    """Such lines gave a traceback (KeyError, TypeError) or went silently into the training data (a length of 9,999
+    under max_new_tokens 96, a row filed under another source)."""
+    (tmp_path / "part-00000.jsonl").write_text(json.dumps(_row("a", 0)) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=f"part-00000.jsonl:2: .*{says}"):
+        read_shards(tmp_path, max_new_tokens=96)
+
+
+def test_bad_sampling_settings_are_refused_before_the_folder_is_bound(tmp_path):
+    with pytest.raises(ValueError, match="frequency_penalty must be in"):
+        _config(tmp_path, frequency_penalty=3.0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        _config(tmp_path, top_p=0.0)
+    # A run stopped before its first row wrote no recipe: the next run, with other settings, is not refused.
+    with pytest.raises(KeyboardInterrupt):
+        label_and_save(_config(tmp_path), engine=FakeEngine(die_after=0), echo=lambda m: None)
+    assert not (tmp_path / "out" / "recipe.json").exists()
+    label_and_save(_config(tmp_path, frequency_penalty=0.0), engine=FakeEngine(), echo=lambda m: None)
+
+
+def test_a_cap_under_ten_tokens_writes_its_dataset_and_card(tmp_path):
+    """The histogram's bucket lines took a step of max_new_tokens // 10: 0 under 10, after labelling everything."""
+    config = dataclasses.replace(_config(tmp_path), max_new_tokens=8)
+    label_and_save(config, engine=FakeEngine(), echo=lambda m: None)
+    assert (tmp_path / "out" / "README.md").exists() and (tmp_path / "out" / "length_histogram.png").exists()
+
+
+def test_a_failed_write_leaves_the_previous_dataset_and_card(tmp_path, monkeypatch):
+    config = _config(tmp_path)
+    label_and_save(dataclasses.replace(config, inputs=config.inputs[:1]), engine=FakeEngine(), echo=lambda m: None)
+    out = tmp_path / "out"
+    card, rows = (out / "README.md").read_text(), len(datasets.load_from_disk(str(out / "dataset")))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        label_and_save(config, engine=FakeEngine(), echo=lambda m: None)
+    assert (out / "README.md").read_text() == card and len(datasets.load_from_disk(str(out / "dataset"))) == rows
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    """Two runs at once would both pass the recipe check, label the same prompts and write the dataset over each
+    other."""
+    from pipeline.generate import output_lock
+
+    config = _config(tmp_path)
+    with output_lock(config.output_dir):
+        with pytest.raises(ValueError, match="another `s3 generate` is writing"):
+            label_and_save(config, engine=FakeEngine(), echo=lambda m: None)
+    assert label_and_save(config, engine=FakeEngine(), echo=lambda m: None)["num_rows"] == 14  # let go at the end

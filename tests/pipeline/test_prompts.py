@@ -76,7 +76,9 @@ def test_labelled_prompts_include_the_shards(tmp_path):
     datasets.Dataset.from_dict({"prompt": ["in the dataset"]}).save_to_disk(str(tmp_path / "dataset"))
     (tmp_path / "recipe.json").write_text("{}")
     (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "part-00000.jsonl").write_text(json.dumps({"id": "x:1", "prompt": "only in a shard"}) + "\n")
+    row = {"id": "x:1", "prompt": "only in a shard", "source": "x", "row": 1, "num_prompt_tokens": 4,
+           "num_output_tokens": 2, "finished": True, "sample_output_tokens": [2], "output_text": "ok"}
+    (tmp_path / "shards" / "part-00000.jsonl").write_text(json.dumps(row) + "\n")
     assert labelled_prompts(tmp_path) == {"in the dataset", "only in a shard"}
     with pytest.raises(FileNotFoundError):
         labelled_prompts(tmp_path / "missing")
