@@ -106,7 +106,11 @@ class LengthPredictor:
             checkpoint_dir, dtype=torch.float32, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True)
-        return cls(model, tokenizer, info, device=device, familiarity=Familiarity.load(checkpoint_dir, info))
+        familiarity = Familiarity.load(checkpoint_dir, info)
+        if read_info(checkpoint_dir).checkpoint_id != info.checkpoint_id:  # its weights may be another's
+            raise ValueError(f"{checkpoint_dir} changed while it was loaded (a training run published another "
+                             "checkpoint into it); load it again")
+        return cls(model, tokenizer, info, device=device, familiarity=familiarity)
 
     @torch.inference_mode()
     def forward(self, prompts: Sequence[str], *, batch_size: int = 32,

@@ -4,6 +4,7 @@ predictor)."""
 
 from __future__ import annotations
 
+import collections
 import math
 
 from core.buckets import BucketSpec
@@ -12,8 +13,10 @@ from serve.feedback import length_is_label
 
 STALE_MIN_REQUESTS = 200
 STALE_MIN_GAP = 0.10
-"""`PredictionOutcomes.stale`: requests scored before judging, and the smallest fall in within-one accuracy worth a
-retraining round."""
+STALE_WINDOW = 1000
+"""`PredictionOutcomes.stale`: requests scored before judging, the smallest fall in within-one accuracy worth a
+retraining round, and how many of the latest scored requests it judges on (counting since the predictor was loaded,
+a server that had run well for 100,000 requests needed 29,000 of a new kind of traffic before it noticed)."""
 
 OUTCOMES = ("exact", "one_under", "one_over", "under", "over")
 """How a prediction turned out: the true bucket equal to the predicted one, one above it (under-predicted by one
@@ -27,8 +30,9 @@ class PredictionOutcomes:
     ``expected_within_one``: the predictor's within-one accuracy on its validation split, if known (`stale`)."""
 
     def __init__(self, buckets: BucketSpec, expected_within_one: float | None = None,
-                 checkpoint_id: str | None = None) -> None:
+                 checkpoint_id: str | None = None, *, window: int = STALE_WINDOW) -> None:
         self.buckets = buckets
+        self.window = window
         self.reset(expected_within_one, checkpoint_id)
 
     def reset(self, expected_within_one: float | None, checkpoint_id: str | None = None) -> None:
@@ -37,6 +41,8 @@ class PredictionOutcomes:
         not count."""
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.abs_error_tokens = 0.0
+        self.recent: collections.deque[bool] = collections.deque(maxlen=self.window)  # within one bucket, latest last
+        self.recent_within_one = 0
         self.expected_within_one = expected_within_one
         self.checkpoint_id = checkpoint_id
 
@@ -62,6 +68,10 @@ class PredictionOutcomes:
             outcome = "under" if diff > 0 else "over"
         self.counts[outcome] += 1
         self.abs_error_tokens += abs(length - self.buckets.midpoint(predicted_bucket))
+        if len(self.recent) == self.window:
+            self.recent_within_one -= self.recent[0]
+        self.recent.append(abs(diff) <= 1)
+        self.recent_within_one += abs(diff) <= 1
 
     @property
     def num_observed(self) -> int:
@@ -72,18 +82,21 @@ class PredictionOutcomes:
         return self.counts["exact"] + self.counts["one_under"] + self.counts["one_over"]
 
     def stale(self, *, min_requests: int = STALE_MIN_REQUESTS, min_gap: float = STALE_MIN_GAP) -> str | None:
-        """Why a retraining round is due, or None: over at least ``min_requests`` requests, the live within-one
-        accuracy is below the validation split's by more than ``min_gap`` and by more than sampling explains (a
-        one-sided test at the 1% level): the traffic is unlike what the predictor learned."""
-        n, expected = self.num_observed, self.expected_within_one
+        """Why a retraining round is due, or None: over the latest ``window`` scored requests (at least
+        ``min_requests``), the live within-one accuracy is below the validation split's by more than ``min_gap``
+        and by more than sampling explains (a one-sided test at the 1% level): the traffic is unlike what the
+        predictor learned."""
+        n, expected = len(self.recent), self.expected_within_one
         if expected is None or n < min_requests:
             return None
-        live = self.num_within_one / n
+        live = self.recent_within_one / n
         if expected - live <= max(min_gap, 2.33 * math.sqrt(expected * (1 - expected) / n)):
             return None
-        return (f"the length predictor is within one bucket for {live:.1%} of the {n:,} requests scored since it was "
-                f"loaded, against {expected:.1%} on its validation split: this traffic is unlike what it learned; "
-                "a retraining round on the feedback store is due (`s3 train --feedback`, then SIGHUP to serve it)")
+        latest = "the" if n == self.num_observed else "the latest"
+        return (f"the length predictor is within one bucket for {live:.1%} of {latest} {n:,} requests scored since it "
+                f"was loaded, against {expected:.1%} on its validation split: this traffic is unlike what it "
+                "learned; a retraining round on the feedback store is due (`s3 train --feedback`, then SIGHUP to "
+                "serve it)")
 
     def summary(self) -> str:
         """One line: how many, exact, within one bucket, under-predicted, MAE (the figures `s3 evaluate` gives)."""

@@ -124,7 +124,7 @@ def create_app(state: ServerState) -> FastAPI:
                 continue
             state.check_token_ids(prompt, "prompt", "prompt token ids")
             prompts.append((prompt, state.tokenizer.decode(prompt)))
-        return await _generate(request, state, req, prompts, output_format, chat=False)
+        return await _generate(request, state, req, prompts, output_format, chat=False, single_user_turn=None)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
@@ -136,7 +136,10 @@ def create_app(state: ServerState) -> FastAPI:
                                tools=req.tools if req.tool_choice != "none" else None,
                                continue_final_message=req.continue_final_message,
                                template_kwargs=template_kwargs(req))
-        return await _generate(request, state, req, [(ids, predictor_text(messages))], output_format, chat=True)
+        single = (len(messages) == 1 and messages[0]["role"] == "user" and req.add_generation_prompt
+                  and not req.continue_final_message and not req.tools and not template_kwargs(req))
+        return await _generate(request, state, req, [(ids, predictor_text(messages))], output_format, chat=True,
+                               single_user_turn=single)
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request) -> Response:
@@ -189,7 +192,7 @@ def _chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_p
 
 async def _generate(request: Request, state: ServerState, req: p.GenerationRequest,
                     prompts: list[tuple[list[int], str]], output_format: StructuredOutput | None, *,
-                    chat: bool) -> Response:
+                    chat: bool, single_user_turn: bool | None) -> Response:
     """Check the output budgets, submit one engine request per choice (``n`` per prompt; a completion may batch
     several prompts, each given as (token ids, text the predictor reads)), and answer as a stream of events or as
     one JSON body."""
@@ -224,7 +227,8 @@ async def _generate(request: Request, state: ServerState, req: p.GenerationReque
     if req.allowed_token_ids and output_format is not None:
         raise p.bad_request("allowed_token_ids cannot be combined with an output format", "allowed_token_ids")
     streams = _submit(state, head.rid, prompts, budgets, req.n, sampling=sampling, stop=p.stop_strings(req),
-                      feedback=_length_is_natural(req) and output_format is None, priority=req.priority,
+                      feedback=(_length_is_natural(req) and output_format is None
+                                and state.decoded_as_labels(sampling, single_user_turn)), priority=req.priority,
                       text_options=TextOptions(req.include_stop_str_in_output, req.skip_special_tokens),
                       cache_salt=req.cache_salt)
     if req.stream:

@@ -247,7 +247,7 @@ class EngineLoop:
             self._add(command)
         elif isinstance(command, Abort):
             self._abort(command)
-        else:
+        elif command.future.set_running_or_notify_cancel():  # not cancelled by its caller while it waited
             try:
                 command.future.set_result(command.fn(self.engine))
             except Exception as exc:
@@ -352,7 +352,7 @@ def _refuse(commands: list, message: str = "the server is shutting down") -> Non
     for command in commands:
         if isinstance(command, Add):
             send_error(command.sink, message)
-        elif isinstance(command, Call):
+        elif isinstance(command, Call) and command.future.set_running_or_notify_cancel():
             command.future.set_exception(EngineDead("the engine has stopped"))
 
 

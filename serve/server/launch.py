@@ -76,6 +76,13 @@ def build_stack(config: ServeConfig, *, model=None, tokenizer=None, predictor: P
                 load_checkpoint: CheckpointLoader | None = None) -> ServingStack:
     """Load (or take) the model and the predictor and wire the server together; nothing runs until `start`."""
     admission = resolve_admission(config, predictor, load_checkpoint=load_checkpoint)
+    span = admission.predictor.buckets.max_tokens if admission.predictor is not None else config.max_new_tokens
+    if span != config.max_new_tokens:
+        raise ServeSetupError(
+            f"the length predictor {getattr(admission.predictor, 'checkpoint_id', '')} predicts lengths up to {span} "
+            f"tokens, but this server caps answers at max_new_tokens {config.max_new_tokens}: its buckets would not "
+            f"fit the answers (none capped would be scored or recorded); serve with --set max_new_tokens={span}, or "
+            "train a predictor on labels made with this cap")
     engine_config = dataclasses.replace(config.engine, policy=admission.policy)
     engine = LLMEngine(engine_config, model=model, tokenizer=tokenizer, buckets=admission.buckets)
     if admission.predictor is not None and config.check_target_model:
@@ -126,6 +133,7 @@ def assemble(config: ServeConfig, engine: LLMEngine, admission: Admission) -> Se
         system_fingerprint=fingerprint(engine.model_id, admission.policy.policy, checkpoint_id),
         prefix_caching=engine.config.enable_prefix_caching, grammars=engine.grammars,
         priority_scheduling=config.priority_scheduling, allowed_origins=config.allowed_origins,
+        label_decoding=getattr(predictor, "decoding", None),
     )  # fmt: skip
     return ServingStack(engine, engine_loop, controller, admission, state, create_app(state), config,
                         classifier=controller.classify if controller is not None else classify)

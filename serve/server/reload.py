@@ -14,6 +14,7 @@ and the server goes on with the predictor it had.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 
@@ -54,24 +55,31 @@ def reload_predictor(stack, *, timeout_s: float = 60.0) -> str:
         return checkpoint_id
     profile = with_length_profile(config.engine.policy, new)
 
-    def swap(engine) -> str | None:  # in the engine thread, between two steps
+    def swap(engine) -> str | None:  # in the engine thread, between two steps: all of it or none
         engine.scheduler.policy.use_length_profile(profile.bucket_prior, profile.bucket_shape)
         stack.classifier.predictor = new
-        loop = stack.engine_loop  # the requests predicted before keep their checkpoint on their prediction
+        loop, state = stack.engine_loop, stack.state  # the requests predicted before keep their checkpoint
         if loop.feedback is not None:
             loop.feedback.use_checkpoint(checkpoint_id)
+        stack.admission = dataclasses.replace(stack.admission, predictor=new)
+        state.metrics.use_checkpoint(checkpoint_id)
+        state.system_fingerprint = fingerprint(stack.engine.model_id, stack.admission.policy.policy, checkpoint_id)
+        state.default_frequency_penalty = default_frequency_penalty(config, new)  # as its labels were generated
+        state.label_decoding = getattr(new, "decoding", None)
         if loop.outcomes is None:
             return None
         summary = loop.outcomes.summary()
         loop.outcomes.reset(getattr(new, "expected_within_one", None), checkpoint_id)
         return summary
 
-    before = stack.engine_loop.call(swap).result(timeout_s)
-    state = stack.state
-    stack.admission = dataclasses.replace(stack.admission, predictor=new)
-    state.metrics.use_checkpoint(checkpoint_id)
-    state.system_fingerprint = fingerprint(stack.engine.model_id, stack.admission.policy.policy, checkpoint_id)
-    state.default_frequency_penalty = default_frequency_penalty(config, new)  # as its labels were generated
+    future = stack.engine_loop.call(swap)
+    try:
+        before = future.result(timeout_s)
+    except concurrent.futures.TimeoutError:
+        if future.cancel():  # not begun: it never will
+            raise ReloadError(f"the engine thread did not reach a step boundary in {timeout_s:g} s; the predictor "
+                              "was not swapped (send SIGHUP again)") from None
+        before = future.result()  # begun meanwhile: it ends in a moment, whole
     log.info("predictor %s replaced by %s from %s%s", getattr(old, "checkpoint_id", None), checkpoint_id,
              config.predictor, f"; the old one on this server's traffic: {before}" if before else "")
     return checkpoint_id

@@ -8,7 +8,7 @@ import dataclasses
 import functools
 from typing import Any
 
-from serve.engine.plan import StructuredOutput
+from serve.engine.plan import SamplingParams, StructuredOutput
 from serve.engine.structured import StructuredOutputError
 from serve.server import bodies, formats
 from serve.server import protocol as p
@@ -46,6 +46,8 @@ class ServerState:
     """Requests may carry a ``priority`` (ServeConfig.priority_scheduling)."""
     allowed_origins: tuple[str, ...] = ()
     """Web origins allowed to call the API from a browser (ServeConfig.allowed_origins); empty: no CORS."""
+    label_decoding: dict | None = None
+    """How the predictor's labels were decoded (its checkpoint's ``decoding``); None: not known."""
     created: int = dataclasses.field(default_factory=bodies.now)
 
     def __post_init__(self) -> None:
@@ -53,6 +55,25 @@ class ServerState:
         # most likely tokens recur.
         self.token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda token_id: self.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    def decoded_as_labels(self, sampling: SamplingParams, single_user_turn: bool | None) -> bool:
+        """Whether a request is asked as the predictor's labels were made, so that its length is one of them (the
+        feedback store may train on it, the live accuracy may score it): the same sampling (greedy where the labels
+        were, the same penalties) and, where the labels went through a chat template, one user message alone
+        (``single_user_turn``; None for a completion, whose prompt skips the template). A system prompt or an
+        earlier turn changes the answer's length while the predictor, which reads the last user message, sees the
+        same prompt. Any request counts where the recipe is not known."""
+        recipe = self.label_decoding
+        if not recipe:
+            return True
+        if recipe.get("chat_template") and not single_user_turn:
+            return False
+        temperature = recipe.get("temperature", 0.0)
+        same = (sampling.is_greedy if temperature == 0 else
+                sampling.temperature == temperature and sampling.top_p == recipe.get("top_p", 1.0))
+        return (same and sampling.repetition_penalty == 1.0
+                and sampling.presence_penalty == recipe.get("presence_penalty", 0.0)
+                and sampling.frequency_penalty == recipe.get("frequency_penalty", 0.0))
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:

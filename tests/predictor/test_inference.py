@@ -120,3 +120,22 @@ def test_prompts_are_cut_as_the_checkpoint_was_trained(trained):
     endings = [start + "in one word", start + "in a long essay with many sections"]
     assert loaded.predict_logits(endings).diff(dim=0).abs().max() == 0  # the ends fall past the cut
     assert head_tail.predict_logits(endings).diff(dim=0).abs().max() > 0
+
+
+def test_a_checkpoint_published_over_while_it_loads_is_refused(trained, monkeypatch):
+    """`predictor.json` was read first and the weights after: a training run publishing into the folder meanwhile
+    paired one checkpoint's name (and temperature, familiarity) with another's weights."""
+    import dataclasses
+
+    import predictor_train.inference as inference
+
+    read_info, calls = inference.read_info, []
+
+    def published_meanwhile(folder):
+        info = read_info(folder)
+        calls.append(folder)
+        return info if len(calls) == 1 else dataclasses.replace(info, checkpoint_id="published-meanwhile")
+
+    monkeypatch.setattr(inference, "read_info", published_meanwhile)
+    with pytest.raises(ValueError, match="changed while it was loaded"):
+        LengthPredictor.load(trained.checkpoint_dir)

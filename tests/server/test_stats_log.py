@@ -48,9 +48,14 @@ def test_the_interval_is_checked():
         ServeConfig(log_stats_interval_s=-1)
 
 
-def _scored(outcomes: PredictionOutcomes, n: int, within: int) -> None:
-    outcomes.reset(outcomes.expected_within_one)
-    outcomes.counts.update(exact=within, under=n - within)
+def _scored(outcomes: PredictionOutcomes, n: int, within: int, *, reset: bool = True) -> None:
+    """``n`` more requests scored (from nothing, with ``reset``), ``within`` of them, spread evenly, in their
+    predicted bucket and the others three buckets above it."""
+    if reset:
+        outcomes.reset(outcomes.expected_within_one)
+    for i in range(n):
+        hit = i * within // n != (i + 1) * within // n
+        outcomes.add(int(BUCKETS.midpoint(0 if hit else 3)), 0)
 
 
 def test_a_predictor_well_below_its_validation_accuracy_is_called_stale():
@@ -66,6 +71,17 @@ def test_a_predictor_well_below_its_validation_accuracy_is_called_stale():
     _scored(outcomes, 200, 112)  # 56%: 9 points under
     assert outcomes.stale(min_gap=0.0) is not None
     assert PredictionOutcomes(BUCKETS).stale() is None  # a predictor with no validation figure
+
+
+def test_drift_after_a_long_good_run_is_noticed_within_the_window():
+    """The test counted every request since the predictor was loaded: after 100,000 good ones, 29,000 of a new kind
+    of traffic (40% within one) passed before it fired. It judges the latest STALE_WINDOW requests."""
+    outcomes = PredictionOutcomes(BUCKETS, expected_within_one=0.85, window=1000)
+    _scored(outcomes, 5000, 4300)
+    assert outcomes.stale() is None
+    _scored(outcomes, 400, 160, reset=False)  # 40% within one
+    assert outcomes.stale() is not None and "of the latest 1,000 requests" in outcomes.stale()
+    assert outcomes.num_observed == 5400  # /metrics counts everything still
 
 
 def test_the_stale_warning_is_said_again_only_after_twice_as_many_requests():
