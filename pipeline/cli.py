@@ -292,7 +292,7 @@ def serve(config_path, policy, predictor, fallback_policy, host, port, api_key, 
 def batch(input_path, output_path, config_path, policy, predictor, fallback_policy, enable_prefix_caching,
           priority_scheduling, overrides):
     """Answer a file of OpenAI Batch API requests offline (as `vllm run-batch`), scheduled as `s3 serve` would."""
-    from serve.server.batch import check_paths, keep_final_answers, read_batch, run_batch
+    from serve.server.batch import check_paths, keep_final_answers, output_lock, read_batch, run_batch
     from serve.server.config import ServeConfig
     from serve.server.launch import build_stack, configure_process
 
@@ -302,9 +302,11 @@ def batch(input_path, output_path, config_path, policy, predictor, fallback_poli
         config = load_config(ServeConfig, config_path, overrides, values=flags)
         read_batch(input_path)  # a bad file fails before the model loads, as does a bad output file
         check_paths(input_path, output_path)
-        keep_final_answers(output_path)
-        configure_process(config)
-        summary = run_batch(build_stack(config, load_checkpoint=load_predictor_checkpoint), input_path, output_path)
+        with output_lock(output_path):
+            keep_final_answers(output_path)
+            configure_process(config)
+            summary = run_batch(build_stack(config, load_checkpoint=load_predictor_checkpoint), input_path,
+                                output_path, locked=True)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     rate = summary.num_completion_tokens / summary.elapsed_s if summary.elapsed_s else 0.0
@@ -315,6 +317,10 @@ def batch(input_path, output_path, config_path, policy, predictor, fallback_poli
         click.echo(f"  failed {count}x: {message}")
     if summary.predictions:
         click.echo(f"length predictor: {summary.predictions}")
+    if summary.num_retriable:  # a script can tell that a rerun is due
+        click.echo(f"error: {summary.num_retriable} requests failed for the server's reasons (5xx, 429); run the "
+                   "same command again to retry them", err=True)
+        raise SystemExit(1)
 
 
 def load_predictor_checkpoint(path: str):

@@ -97,14 +97,38 @@ def over_limit(config: gen.GenerateConfig, by_source: dict[str, int]) -> str:
                      if source in inputs and count > config.limit_per_source)
 
 
-def feedback_records(directory: str) -> list[dict]:
-    """The feedback store's usable records that carry a prompt (what retraining can train on)."""
+def feedback_records(directory: str) -> tuple[list[dict], str]:
+    """The feedback store's usable records that carry a prompt (what retraining can train on), and a line on what
+    was left out ("" if nothing): lines the reader could not use, records without a prompt."""
+    import collections
+
     from serve.feedback import read_feedback
 
-    records = [r for r in read_feedback(directory) if r.get("prompt")]
+    skipped: collections.Counter = collections.Counter()
+    usable = list(read_feedback(directory, skipped=skipped))
+    records = [r for r in usable if r.get("prompt")]
     if not records:
         raise ValueError(f"the feedback store {directory} holds no records with a prompt")
-    return records
+    left = [f"{n} {kind.replace('_', ' ')} lines" for kind, n in sorted(skipped.items())]
+    if len(usable) > len(records):
+        left.append(f"{len(usable) - len(records)} records without a prompt")
+    return records, f"left out of {directory}: {', '.join(left)}" if left else ""
+
+
+def store_provenance(records: list[dict], previous) -> str:
+    """A warning ("" if none) when records were written while serving checkpoints other than ``previous`` (the one
+    retrained from) and its parent: a store shared by servers of another model or other buckets mixes their
+    lengths in, and nothing in a record says which model wrote it."""
+    import collections
+
+    known = {previous.checkpoint_id, getattr(previous, "parent_checkpoint_id", None)}
+    others = collections.Counter(r.get("checkpoint_id") for r in records if r.get("checkpoint_id") not in known)
+    if not others:
+        return ""
+    named = ", ".join(f"{name} ({n})" for name, n in others.most_common(5))
+    return (f"warning: {sum(others.values())} of the {len(records)} records were written while serving other "
+            f"checkpoints than {previous.checkpoint_id} and its parent: {named}; if those served another model or "
+            "other buckets, retrain on a store of this model's records (each server's --set feedback_dir)")
 
 
 def feedback_dataset(records: list[dict]):
@@ -144,6 +168,7 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
     """`s3 train`: train (or retrain on feedback from ``previous``), then evaluate on the test split.
 
     Returns the checkpoint folder and id, the test-split metrics, and (retraining) the before/after report."""
+    from predictor_train.checkpoint import read_info
     from predictor_train.retrain import retrain_predictor
     from predictor_train.train import train_predictor
 
@@ -154,7 +179,7 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
     if feedback:
         if not previous:
             raise ValueError("--feedback needs --from CHECKPOINT: retraining starts from the previous predictor")
-        records = feedback_records(feedback)  # read once: trained on, and described below
+        records, left_out = feedback_records(feedback)  # read once: trained on, and described below
         report = retrain_predictor(config, dataset, feedback_dataset(records), previous_checkpoint=previous)
         lines = [f"retrained {report.parent_checkpoint_id} -> {report.result.info.checkpoint_id} with "
                  f"{report.num_feedback_used} feedback records ({report.num_feedback_held_out} more held out to "
@@ -162,6 +187,7 @@ def train_and_evaluate(config, *, data: str, target_model: str | None = None, fe
                  f"{report.num_feedback_cut} cut by a client's lower max_tokens or stop string)"
                  + (" and replayed rows in their place (replay_only, the control)" if config.replay_only else ""),
                  store_directions(records), report.verdict(), report.table()]
+        lines[1:1] = [line for line in (left_out, store_provenance(records, read_info(previous))) if line]
         checkpoint, summary = report.result.checkpoint_dir, {"retrain": report}
     else:
         target = target_model or recipe.get("model")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import pathlib
 from typing import Any, Callable, Iterator, Protocol
 
+from core.files import exclusive
 from pipeline.prompts import PROMPT_SETS, PromptRow, Skipped, check_distinct_sources, format_prompt, read_prompt_sets
 
 DEFAULT_INPUTS = PROMPT_SETS
@@ -157,20 +157,12 @@ _ROW_TYPES = {"id": str, "prompt": str, "source": str, "row": int, "num_prompt_t
 LOCK_FILE = ".generate.lock"
 
 
-@contextlib.contextmanager
-def output_lock(output_dir: str | pathlib.Path) -> Iterator[None]:
+def output_lock(output_dir: str | pathlib.Path) -> contextlib.AbstractContextManager:
     """Held while a run labels into and writes ``output_dir``: a second run there at the same time is refused
-    (both would label the same prompts, and write the dataset over each other). The operating system lets go of
-    it when the process ends, however it ends."""
+    (both would label the same prompts, and write the dataset over each other)."""
     out = pathlib.Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_FILE, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another `s3 generate` is writing {out} (it holds {out / LOCK_FILE}); wait for it "
-                             "to end or use another --output-dir") from None
-        yield
+    return exclusive(out / LOCK_FILE, f"another `s3 generate` is writing {out} (it holds {out / LOCK_FILE}); wait "
+                                      "for it to end or use another --output-dir")
 
 
 def read_shards(directory: pathlib.Path, max_new_tokens: int | None = None) -> dict[str, dict]:

@@ -320,3 +320,27 @@ def test_a_failing_store_loses_records_but_never_raises_and_starts_again(tmp_pat
     writer.close()
     assert [json.loads(line) for p in (tmp_path / "store").iterdir() for line in p.read_text().splitlines()] == [{"a": 3}]
     assert writer.num_written == 3 and writer.num_lost == 2
+
+
+def test_retraining_says_what_it_left_out_of_the_store_and_whose_records_it_holds(tmp_path):
+    """`s3 train --feedback` dropped unusable lines and prompt-less records without a word, and trained on records
+    of any checkpoint in the store (another model's servers writing to the same default folder) without saying so."""
+    import dataclasses
+
+    from pipeline.commands import feedback_records, store_provenance
+
+    lines = [json.dumps(_record("a", checkpoint_id="mine")), json.dumps(_record("b", prompt=None)),
+             json.dumps(_record("c", checkpoint_id="parent")), json.dumps(_record("d", checkpoint_id="other-model"))]
+    (tmp_path / "segment-1.jsonl").write_text("\n".join(lines) + "\n{torn")
+    records, left_out = feedback_records(str(tmp_path))
+    assert [r["request_id"] for r in records] == ["a", "c", "d"]
+    assert "1 torn lines" in left_out and "1 records without a prompt" in left_out
+
+    @dataclasses.dataclass
+    class Info:
+        checkpoint_id: str = "mine"
+        parent_checkpoint_id: str = "parent"
+
+    warning = store_provenance(records, Info())
+    assert "1 of the 3 records" in warning and "other-model (1)" in warning
+    assert store_provenance(records[:2], Info()) == ""

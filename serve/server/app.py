@@ -321,6 +321,11 @@ def _submit(state: ServerState, rid: str, prompts: list[tuple[list[int], str]], 
     return streams
 
 
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class ClientGone(Exception):
     """The client of a non-streaming request disconnected before its answer was ready."""
 
@@ -331,6 +336,10 @@ async def _unless_disconnected(request: Request, awaitable):
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler cancelled (a shutdown; Ctrl-C in `s3 batch`): the answer's task goes too
+        task.cancel()
+        task.add_done_callback(_retrieved)  # else asyncio logs "exception was never retrieved", a traceback each
+        raise
     finally:
         watcher.cancel()
     if task.done():

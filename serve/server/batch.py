@@ -30,6 +30,7 @@ from typing import Callable
 import httpx
 from tqdm import tqdm
 
+from core.files import exclusive
 from core.records import utf8_encodable
 from serve.server.launch import ServingStack
 
@@ -52,6 +53,8 @@ class BatchSummary:
     """Already answered in the output by an earlier run."""
     num_ok: int = 0
     num_failed: int = 0
+    num_retriable: int = 0
+    """Of the failed, those a rerun tries again (a 5xx or a 429: the server's doing, not the request's)."""
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     """The failed requests' error messages, counted (each request's is in the output)."""
     num_completion_tokens: int = 0
@@ -115,13 +118,16 @@ def keep_final_answers(path: str | Path) -> set[str]:
     """Rewrite an output file (atomically, and only if something changes) without the lines a rerun should redo: a
     torn last line from a run cut short (appending after it would spoil the next answer's line too) and the
     answers that failed for a reason of the server's, not the request's (a 5xx or a 429, or an exception while
-    sending it), so the rerun tries those requests again. Returns the custom ids it keeps. A file with other lines
-    than answers (anywhere but a torn last line) is refused, not rewritten: it is not this command's output."""
+    sending it), so the rerun tries those requests again; also a second answer to one custom id (two runs into one
+    file), and a last line written whole but for its newline (the next answer would be glued onto it). Returns the
+    custom ids it keeps. A file with other lines than answers (anywhere but a torn last line) is refused, not
+    rewritten: it is not this command's output."""
     path = Path(path)
     if not path.exists():
         return set()
-    kept, ids, dropped = [], set(), False
-    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line]
+    text = path.read_text(encoding="utf-8")
+    kept, ids, dropped = [], set(), bool(text) and not text.endswith("\n")
+    lines = [line for line in text.split("\n") if line]
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
@@ -133,7 +139,7 @@ def keep_final_answers(path: str | Path) -> set[str]:
                                  "is not an `s3 batch` output file; name another one")
             dropped = True  # the torn last line of a run cut short
             continue
-        if _transient(record):
+        if _transient(record) or record["custom_id"] in ids:
             dropped = True
             continue
         kept.append(line)
@@ -160,12 +166,28 @@ def _transient(record: dict) -> bool:
     return isinstance(status, int) and (status >= 500 or status == 429)
 
 
+def output_lock(output_path: str | Path):
+    """Held while a run writes ``output_path``: two runs into one file answered requests twice, and one's tidying
+    (`keep_final_answers`) replaced the file the other was still appending to."""
+    lock = Path(output_path).with_name(f".{Path(output_path).name}.lock")
+    return exclusive(lock, f"another `s3 batch` is writing {output_path} (it holds {lock}); wait for it to end or "
+                           "name another output file")
+
+
 def run_batch(stack: ServingStack, input_path: str | Path, output_path: str | Path, *,
-              progress: bool = True) -> BatchSummary:
+              progress: bool = True, locked: bool = False) -> BatchSummary:
     """Answer every request of ``input_path`` not yet in ``output_path`` (appended to it) with ``stack``, which
-    this starts and stops."""
+    this starts and stops; ``locked``: the caller holds `output_lock` already."""
     requests = read_batch(input_path)
     check_paths(input_path, output_path)
+    if locked:
+        return _run_batch(stack, requests, output_path, progress=progress)
+    with output_lock(output_path):
+        return _run_batch(stack, requests, output_path, progress=progress)
+
+
+def _run_batch(stack: ServingStack, requests: list[BatchRequest], output_path: str | Path, *,
+               progress: bool) -> BatchSummary:
     done = keep_final_answers(output_path)
     todo = [r for r in requests if r.custom_id not in done]
     summary = BatchSummary(len(requests), len(requests) - len(todo))
@@ -230,6 +252,7 @@ def _count(summary: BatchSummary, record: dict) -> None:
     response = record["response"]
     if response is None or response["status_code"] != 200:
         summary.num_failed += 1
+        summary.num_retriable += _transient(record)
         summary.errors[_error_message(record)] += 1
         return
     summary.num_ok += 1

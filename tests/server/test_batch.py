@@ -101,6 +101,31 @@ def test_a_rerun_retries_what_failed_on_the_servers_side_and_drops_a_torn_line(t
     assert all(r["response"]["status_code"] == 200 for r in records)
 
 
+def test_a_last_answer_without_its_newline_or_a_second_answer_is_tidied_before_appending(tmp_path):
+    """A whole last answer without its newline was kept as it was, and the next answer appended onto its line (the
+    file then refused on the next run); two runs into one file left answers twice, both kept."""
+    source, answers = tmp_path / "in.jsonl", tmp_path / "answers.jsonl"
+    write_lines(source, LINES[:3])
+    ok = {"id": "batch_req_1", "custom_id": "a", "error": None,
+          "response": {"status_code": 200, "request_id": "x", "body": {"choices": [], "usage": {}}}}
+    answers.write_text(json.dumps(ok) + "\n" + json.dumps(ok))
+    summary = run_batch(stack(tmp_path), source, answers, progress=False)
+    assert (summary.num_ok, summary.num_skipped) == (2, 1)
+    records = [json.loads(line) for line in answers.read_text().splitlines()]  # every line whole
+    assert sorted(r["custom_id"] for r in records) == ["a", "b", "c"]
+
+
+def test_two_runs_into_one_output_file_are_refused(tmp_path):
+    from serve.server import batch
+
+    source, answers = tmp_path / "in.jsonl", tmp_path / "answers.jsonl"
+    write_lines(source, LINES[:1])
+    with batch.output_lock(answers):
+        with pytest.raises(ValueError, match="another `s3 batch` is writing"):
+            run_batch(stack(tmp_path), source, answers, progress=False)
+    assert not answers.exists()
+
+
 def test_an_output_file_that_is_the_input_or_no_batch_output_is_refused(tmp_path):
     """The input as output read every request as answered (0 answered, the input appended to); any other file as
     output lost every line that was no answer."""
@@ -149,3 +174,61 @@ def test_a_failed_line_is_counted_by_its_message_whatever_its_shape(record, mess
     from serve.server.batch import _error_message
 
     assert _error_message(record) == message
+
+
+def test_the_command_exits_1_when_a_rerun_is_due(tmp_path, monkeypatch):
+    """It exited 0 whatever failed, so a script could not tell that the engine had failed every line."""
+    from click.testing import CliRunner
+
+    import serve.server.batch as batch
+    import serve.server.launch as launch
+    from pipeline.cli import main
+
+    source, answers = tmp_path / "in.jsonl", tmp_path / "answers.jsonl"
+    write_lines(source, LINES[:1])
+
+    def answered(stack, input_path, output_path, **kwargs):
+        return batch.BatchSummary(1, 0, num_failed=1, num_retriable=retriable)
+
+    monkeypatch.setattr(batch, "run_batch", answered)
+    monkeypatch.setattr(launch, "build_stack", lambda *args, **kwargs: None)
+    for retriable, code in ((1, 1), (0, 0)):
+        result = CliRunner().invoke(main, ["batch", str(source), "--output", str(answers)])
+        assert result.exit_code == code, result.output
+    assert "run the same command again" not in result.output
+
+
+def test_a_cancelled_handler_leaves_no_exception_unretrieved():
+    """Ctrl-C in `s3 batch` cancelled every handler waiting on its answers; the answers' gathers then failed with
+    nobody to retrieve them, and asyncio logged "exception was never retrieved" and a traceback for each (290,000
+    lines for 3,000 requests)."""
+    import asyncio
+    import gc
+
+    from serve.server import app
+
+    class Request:
+        async def receive(self):
+            await asyncio.sleep(3600)  # the client never leaves
+
+    async def answer():
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("the engine stopped") from None
+
+    said = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: said.append(context["message"]))
+        handler = asyncio.ensure_future(app._unless_disconnected(Request(), asyncio.gather(answer())))
+        await asyncio.sleep(0.05)
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        await asyncio.sleep(0.05)
+        gc.collect()
+
+    asyncio.run(main())
+    gc.collect()
+    assert not said
