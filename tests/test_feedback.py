@@ -344,3 +344,14 @@ def test_retraining_says_what_it_left_out_of_the_store_and_whose_records_it_hold
     warning = store_provenance(records, Info())
     assert "1 of the 3 records" in warning and "other-model (1)" in warning
     assert store_provenance(records[:2], Info()) == ""
+
+
+def test_a_stores_summary_holds_no_prompt_text(tmp_path, monkeypatch):
+    import serve.feedback as feedback
+
+    (tmp_path / "segment-1.jsonl").write_text(json.dumps(_record("a", prompt="x" * 10_000)) + "\n")
+    held = []
+    summarize = feedback.summarize
+    monkeypatch.setattr(feedback, "summarize", lambda records: held.extend(records) or summarize(records))
+    assert feedback.summarize_store(tmp_path)["num_records"] == 1
+    assert held and not any("prompt" in r for r in held)

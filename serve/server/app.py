@@ -104,6 +104,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def models() -> Response:
         return JSONResponse(bodies.models_body(state.model_name, state.created, state.max_model_len))
 
+    @app.get("/v1/models/{model:path}", dependencies=auth)
+    async def model(model: str) -> Response:  # OpenAI's retrieve (`client.models.retrieve`)
+        state.check_model(model)
+        return JSONResponse(bodies.models_body(state.model_name, state.created, state.max_model_len)["data"][0])
+
     @app.get("/version")
     async def version() -> Response:
         return JSONResponse({"version": VERSION})

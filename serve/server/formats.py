@@ -67,7 +67,7 @@ def tool_calls(request: GenerationRequest) -> ToolCalls | None:
     if not isinstance(request, ChatCompletionRequest):
         return None  # a completion's `tools` is an unknown field, ignored like any other (pydantic keeps extras)
     tools, choice = request.tools, request.tool_choice
-    if tools is None:
+    if tools is None or tools == []:  # an empty list is no tools, as vLLM reads it
         if choice not in (None, "none"):
             raise bad_request("tool_choice needs tools", "tool_choice")
         return None

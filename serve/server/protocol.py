@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 log = logging.getLogger(__name__)
 
 
-MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_STRINGS = 64  # OpenAI takes 4, vLLM any number: lm-eval's humaneval sends 8 (a bound against abuse only)
 MAX_CHOICES = 128  # n, as OpenAI
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs (and vLLM's default max_logprobs)
 REQUIRED = ("model", "prompt", "messages")

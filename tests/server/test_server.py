@@ -4,6 +4,7 @@ seeds, usage, models, health, metrics and the misprediction feedback."""
 from __future__ import annotations
 
 import httpx
+import openai
 import pytest
 
 from serve.feedback import read_feedback
@@ -29,6 +30,9 @@ def _stream_text(chunks, *, chat: bool) -> tuple[str, str | None, list]:
 def test_models_health_and_version(server):
     (model,) = client(server).models.list()
     assert model.id == "tiny" and model.max_model_len == server.stack.state.max_model_len  # vLLM's field
+    assert client(server).models.retrieve("tiny") == model  # OpenAI's GET /v1/models/{model} (was a 404)
+    with pytest.raises(openai.NotFoundError):
+        client(server).models.retrieve("other")
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # no key needed
     assert httpx.get(f"{server.url}/version").json()["version"]  # no key needed, as vLLM's
 

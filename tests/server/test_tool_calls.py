@@ -90,7 +90,7 @@ def test_a_conversation_carries_calls_and_their_results(server):
     ({"tool_choice": {"type": "function", "function": "weather"}}, "tool_choice"),  # once a 500
     ({"tool_choice": {"type": "function", "function": {"name": ["weather"]}}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {}}], "tool_choice": "required"}, "tools.0"),
-    ({"tools": [], "tool_choice": "required"}, "tools"),
+    ({"tools": [], "tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
 ])
 def test_tool_requests_the_server_cannot_answer_are_400s(server, fields, param):
@@ -117,3 +117,9 @@ def test_required_calls_take_schemas_with_shared_definitions(server):
         _ask(server, tools=[unit, clash], tool_choice="required")
     assert info.value.body["param"] == "tools" and "Unit" in info.value.body["message"]
     wait_idle(server)
+
+
+def test_an_empty_tool_list_is_no_tools(server):
+    """vLLM reads `"tools": []` as no tools; it was a 400 here, breaking clients written for vLLM."""
+    answer = _ask(server, tools=[])
+    assert answer.choices[0].message.tool_calls is None
