@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import statistics
@@ -118,7 +119,7 @@ def _figures(arrivals: list[list[float]], long_sent: float, long_chunks: list[fl
     return {
         "stream_gap_longest_s": round(max(gaps), 4),
         "stream_gap_median_s": round(median, 4),
-        "longest_over_median": round(max(gaps) / median, 2),
+        "longest_over_median": round(max(gaps) / median, 2) if median > 0 else math.inf,
         "stream_gap_longest_during_long_prefill_s": round(max(gaps_within(long_sent, long_chunks[0]),
                                                               default=0.0), 4),
         "stream_gap_longest_during_long_answer_s": round(max(gaps_within(long_chunks[0], long_chunks[-1]),

@@ -236,20 +236,33 @@ def test_an_open_loop_times_each_request_from_its_arrival(import_benchmark, monk
     offsets = load.arrival_offsets(cfg, 4)
     assert offsets[0] == 0.0 and offsets == sorted(offsets) and offsets == load.arrival_offsets(cfg, 4)
 
+    events, sleep = [], asyncio.sleep
+
+    async def recorded_sleep(seconds, *args):
+        events.append("sleep")
+        return await sleep(seconds, *args)
+
     async def one_request(http, prompt, max_tokens, *args, scheduled=None, **kwargs):
         now = time.perf_counter()
         if scheduled is None:  # the warm-up
             return load.Result(prompt)
+        events.append(prompt)
         time.sleep(0.15 if prompt == "a" else 0.0)  # blocks the loop: the next ones go out late
         return load.Result(prompt, num_tokens=1, start=scheduled, first_token=now, end=time.perf_counter(),
                            send_lag=now - scheduled)
 
     monkeypatch.setattr(load, "one_request", one_request)
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
+    called = time.perf_counter()
     results, wall = asyncio.run(load.run_load("http://127.0.0.1:9", ["a", "b", "c", "d"], cfg))
+    returned = time.perf_counter()
     start = results[0].start
     assert [r.start - start for r in results] == pytest.approx(offsets)
     assert results[1].send_lag > 0.1 - offsets[1] and results[1].ttft >= results[1].send_lag
-    assert wall == pytest.approx(max(r.end for r in results) - start, abs=0.02)
+    # From the first arrival to the last answer's end (bounds, not a tolerance), with no wait after the last
+    # arrival (a sleep of one more gap once the last request was sent was counted in the wall time).
+    assert max(r.end for r in results) - start <= wall <= returned - called
+    assert events[-1] == "d" and events.count("sleep") == 4
 
 
 def test_the_servers_counters_leave_out_the_warm_up(import_benchmark):

@@ -172,9 +172,16 @@ def test_a_crash_applying_one_command_answers_those_taken_with_it(model, monkeyp
 
     monkeypatch.setattr(loop.engine, "abort", broken_abort)
 
+    entered = threading.Event()
+
+    def hold(engine):
+        entered.set()
+        return gate.wait(10)
+
     async def main():
         q = await _add(loop, "a", PROMPTS[0], bucket=None)
-        loop.call(lambda engine: gate.wait(10))  # hold the engine so that the next two are taken together
+        loop.call(hold)  # hold the engine so that the next two are taken together
+        await asyncio.to_thread(entered.wait, 10)  # (else the turn could take the hold and the abort, not "b")
         loop.submit(Abort("a"))
         later = await _add(loop, "b", PROMPTS[1], bucket=None)
         gate.set()

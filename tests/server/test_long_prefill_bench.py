@@ -54,7 +54,8 @@ def test_the_benchmark_scenario_reports_its_figures(capped_server):
                                            answer_tokens=8, api_key=API_KEY))
     assert 100 <= figures["long_prompt_tokens"] <= 300 and figures["short_completion_tokens"] == 8
     assert figures["streams_ran_throughout"], figures
-    assert 0 < figures["stream_gap_median_s"] <= figures["stream_gap_longest_s"]
+    # A client reading behind the engine gets several chunks at once: the median gap can round to 0.
+    assert 0 <= figures["stream_gap_median_s"] <= figures["stream_gap_longest_s"]
     assert figures["longest_over_median"] >= 1 and figures["long_ttft_s"] > 0 and figures["short_ttft_s"] > 0
     assert isinstance(figures["short_first_token_before_long"], bool)
     assert 0 <= figures["stream_gap_longest_during_long_prefill_s"] <= figures["stream_gap_longest_s"]
