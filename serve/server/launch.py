@@ -77,12 +77,14 @@ def build_stack(config: ServeConfig, *, model=None, tokenizer=None, predictor: P
     """Load (or take) the model and the predictor and wire the server together; nothing runs until `start`."""
     admission = resolve_admission(config, predictor, load_checkpoint=load_checkpoint)
     span = admission.predictor.buckets.max_tokens if admission.predictor is not None else config.max_new_tokens
-    if span != config.max_new_tokens:
-        raise ServeSetupError(
-            f"the length predictor {getattr(admission.predictor, 'checkpoint_id', '')} predicts lengths up to {span} "
-            f"tokens, but this server caps answers at max_new_tokens {config.max_new_tokens}: its buckets would not "
-            f"fit the answers (none capped would be scored or recorded); serve with --set max_new_tokens={span}, or "
-            "train a predictor on labels made with this cap")
+    if span != config.max_new_tokens:  # a short cap can be the operator's wish (a quick check, a cost limit)
+        log.warning(
+            "the length predictor %s predicts lengths up to %d tokens, but this server caps answers at "
+            "max_new_tokens %d: %s; serve with --set max_new_tokens=%d to schedule and score as it learned",
+            getattr(admission.predictor, "checkpoint_id", ""), span, config.max_new_tokens,
+            "only the answers that end of themselves under the cap are scored and recorded (short ones)"
+            if config.max_new_tokens < span else "answers past its longest bucket are all scored in its top one",
+            span)
     engine_config = dataclasses.replace(config.engine, policy=admission.policy)
     engine = LLMEngine(engine_config, model=model, tokenizer=tokenizer, buckets=admission.buckets)
     if admission.predictor is not None and config.check_target_model:
