@@ -121,7 +121,7 @@ def store_provenance(records: list[dict], previous) -> str:
     lengths in, and nothing in a record says which model wrote it."""
     import collections
 
-    known = {previous.checkpoint_id, getattr(previous, "parent_checkpoint_id", None)}
+    known = {previous.checkpoint_id, previous.parent_checkpoint_id}
     others = collections.Counter(r.get("checkpoint_id") for r in records if r.get("checkpoint_id") not in known)
     if not others:
         return ""

@@ -272,11 +272,13 @@ def run(config: GenerateConfig, engine: Engine, todo: list, on_row: Callable[[di
     shards = pathlib.Path(config.output_dir) / "shards"
     if not todo:
         return _every_row(shards, config.max_new_tokens)  # no shard folder yet: none
-    writer = ShardWriter(shards)
+    writer, unbound = ShardWriter(shards), True
     try:
         for chunk in _chunks(todo, 4 * config.max_num_seqs):
             for row in _label_chunk(config, engine, chunk):
-                _write_recipe(pathlib.Path(config.output_dir) / "recipe.json", recipe(config, engine))
+                if unbound:
+                    _write_recipe(pathlib.Path(config.output_dir) / "recipe.json", recipe(config, engine))
+                    unbound = False
                 writer.write(row)
                 on_row(row)
     finally:

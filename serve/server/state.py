@@ -68,12 +68,12 @@ class ServerState:
             return True
         if recipe.get("chat_template") and not single_user_turn:
             return False
-        temperature = recipe.get("temperature", 0.0)
-        same = (sampling.is_greedy if temperature == 0 else
-                sampling.temperature == temperature and sampling.top_p == recipe.get("top_p", 1.0))
-        return (same and sampling.repetition_penalty == 1.0
-                and sampling.presence_penalty == recipe.get("presence_penalty", 0.0)
-                and sampling.frequency_penalty == recipe.get("frequency_penalty", 0.0))
+        labels = SamplingParams.from_decoding(recipe)
+        same = (sampling.is_greedy if labels.is_greedy else
+                sampling.temperature == labels.temperature and sampling.top_p == labels.top_p)
+        return (same and sampling.repetition_penalty == labels.repetition_penalty
+                and sampling.presence_penalty == labels.presence_penalty
+                and sampling.frequency_penalty == labels.frequency_penalty)
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
