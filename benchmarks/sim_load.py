@@ -25,6 +25,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.files import replacing  # noqa: E402
 from core.records import json_text, result_record  # noqa: E402
 from serve.policy_config import POLICY_NAMES, PolicyConfig  # noqa: E402
 from serve.policy_options import policy_options  # noqa: E402
@@ -56,6 +57,8 @@ RATIO_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_ttft_s")
 def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace, max_new_tokens, kv_cache_tokens,
          max_num_seqs, capacity_max_num_seqs, output, **knobs):
     names = tuple(p for p in policies.split(",") if p)
+    if len(set(names)) < len(names):
+        raise click.BadParameter("name each policy once", param_hint="--policies")
     if "paged" not in names:
         names = ("paged", *names)
     unknown = set(names) - set(POLICY_NAMES)
@@ -68,7 +71,22 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
         raise click.UsageError("--rate-fractions takes numbers, --seeds integers, comma-separated") from None
     if not all(0 < f < math.inf for f in fractions):
         raise click.BadParameter("rates are positive fractions of paged's capacity", param_hint="--rate-fractions")
+    if len(set(fractions)) < len(fractions) or len(set(seed_list)) < len(seed_list):
+        raise click.UsageError("--rate-fractions and --seeds name each value once (a repeat counts as another seed)")
     limits = {k: v for k, v in (("kv_cache_tokens", kv_cache_tokens), ("max_num_seqs", max_num_seqs)) if v}
+    out = Path(output)
+    try:  # bad settings and a bad output folder are reported before any work, without a traceback
+        out.mkdir(parents=True, exist_ok=True)
+        _run(preset, names, fractions, seed_list, num_requests, accuracy, trace, max_new_tokens, limits,
+             capacity_max_num_seqs, out, knobs)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")
+
+
+def _run(preset, names, fractions, seed_list, num_requests, accuracy, trace, max_new_tokens, limits,
+         capacity_max_num_seqs, out, knobs) -> list[dict]:
+    """Every seed's capacity run and rate fractions; sim_load.json and its plot rewritten after each seed."""
     records = []
     for seed in seed_list:
         workload = WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed)
@@ -89,21 +107,26 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
             print(f"seed {seed} rate {fraction:.2f} x {capacity:.2f} req/s: " + "  ".join(
                 f"{r.policy} {r.generated_tokens_per_s:.0f} tok/s, lat {r.mean_latency_s:.2f} s"
                 for r in report.results), flush=True)  # fmt: skip
+        complete = seed == seed_list[-1]
+        _save(out, records, complete, preset=preset, trace=trace, num_requests=num_requests, **knobs,
+              step_time_fit=fit, capacity_max_num_seqs=capacity_max_num_seqs, kv_cache_tokens=pool_tokens,
+              max_new_tokens=max_new_tokens, max_num_seqs=base.max_num_seqs, predictor=base.predictor.kind,
+              accuracy=None if trace else accuracy, policies=list(names), seeds=seed_list, rate_fractions=fractions)
+    return records
+
+
+def _save(out: Path, records: list[dict], complete: bool, **meta) -> None:
+    """sim_load.json and sim_load.png of the seeds run so far (``complete`` False until the last)."""
     summary = summarize(records)
-    print(format_summary(summary))
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    if complete:
+        print(format_summary(summary))
     # Everything that decides the figures, so that a sim_load.json says how to make it again: the pool and batch
     # limits as simulated (the preset's pool where --kv-cache-tokens is unset), the output cap (None: the rest of
     # the model's context), the predictor, the policies, seeds and rates.
-    meta = {"preset": preset, "trace": trace, "num_requests": num_requests, **knobs, "step_time_fit": fit,
-            "capacity_max_num_seqs": capacity_max_num_seqs, "kv_cache_tokens": pool_tokens,
-            "max_new_tokens": max_new_tokens, "max_num_seqs": base.max_num_seqs,
-            "predictor": base.predictor.kind, "accuracy": None if trace else accuracy, "policies": list(names),
-            "seeds": seed_list, "rate_fractions": fractions}
-    (out / "sim_load.json").write_text(json_text({**meta, "results": records, "summary": summary}, indent=2))
-    plot(summary, out / "sim_load.png", f"{preset}: open-loop load, mean over seeds (bars: min-max)")
-    print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")
+    with replacing(out / "sim_load.json") as tmp:
+        tmp.write_text(json_text({**meta, "complete": complete, "results": records, "summary": summary}, indent=2))
+    with replacing(out / "sim_load.png") as tmp:
+        plot(summary, tmp, f"{meta['preset']}: open-loop load, mean over seeds (bars: min-max)")
 
 
 def summarize(records: list[dict]) -> list[dict]:

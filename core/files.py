@@ -1,10 +1,12 @@
-"""Files one run at a time may write: an exclusive lock the operating system lets go of when the process ends,
-however it ends (`s3 generate`'s output folder, `s3 batch`'s output file)."""
+"""Writing files safely: an exclusive lock the operating system lets go of when the process ends, however it ends
+(`s3 generate`'s output folder, `s3 batch`'s output file), and replacing a file whole or not at all (reports
+rewritten while a run goes on)."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import pathlib
 from typing import Iterator
 
@@ -21,3 +23,16 @@ def exclusive(lock_path: str | pathlib.Path, busy: str) -> Iterator[None]:
         except BlockingIOError:
             raise ValueError(busy) from None
         yield
+
+
+@contextlib.contextmanager
+def replacing(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
+    """A temporary path beside ``path`` for the ``with`` block to write; moved onto ``path`` when the block ends
+    without an error, removed otherwise: a reader (or a run cut short) never finds ``path`` half written."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix kept: matplotlib reads it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+from core.files import replacing
 from core.records import json_text, quantile
 from pipeline.bench import BenchResult
 from pipeline.summary import text_table
@@ -74,8 +75,10 @@ def save_bench(report: dict, output_dir: str | pathlib.Path) -> dict[str, pathli
         "results": [r.record() for r in report["results"]],
         "reference": None if reference is None else reference.record(),
     }
-    paths["json"].write_text(json_text(data, indent=1))
-    _plot(report["results"] + ([reference] if reference else []), paths["png"])
+    with replacing(paths["json"]) as tmp:  # rewritten after each policy: never half written
+        tmp.write_text(json_text(data, indent=1))
+    with replacing(paths["png"]) as tmp:
+        _plot(report["results"] + ([reference] if reference else []), tmp)
     return paths
 
 

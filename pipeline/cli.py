@@ -29,27 +29,43 @@ def _fail(message: str) -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (see configs/).")
 @click.option("--preset", default=None,
-              help="Model + hardware preset: paper, llama-2-13b-a100, llama-2-70b-8xa100, smollm2-cpu.")
-@click.option("--policies", default=None, help="Comma-separated policies to compare, e.g. max,paged,s3,oracle.")
-@click.option("--num-requests", type=int, default=None, help="Requests in the workload.")
-@click.option("--mode", type=click.Choice(["offline", "online"]), default=None, help="All at t=0, or Poisson arrivals.")
-@click.option("--rate", type=float, default=None, help="Online arrival rate (requests/s).")
-@click.option("--trace", default=None, help="JSONL/CSV length trace instead of the synthetic workload.")
+              help="Model + hardware preset: paper (default), llama-2-13b-a100, llama-2-70b-8xa100, smollm2-cpu.")
+@click.option("--policies", default=None,
+              help="Comma-separated policies to compare, e.g. max,paged,s3,oracle (default: every policy).")
+@click.option("--num-requests", type=int, default=None, help="Requests in the workload (default 10,000).")
+@click.option("--mode", type=click.Choice(["offline", "online"]), default=None,
+              help="All at t=0 (offline, the default), or Poisson arrivals.")
+@click.option("--rate", type=float, default=None, help="Online arrival rate (requests/s; default 10).")
+@click.option("--trace", default=None,
+              help="JSONL/CSV length trace instead of the synthetic workload (repeated or cut to --num-requests).")
 @click.option("--find-max-rate", is_flag=True, default=None,
               help="Also find each policy's largest rate within the SLO (searched from its offline capacity; "
                    "'>=' where no probe broke it).")
-@click.option("--output-dir", default=None, help="Where report.json and simulate.png go.")
+@click.option("--output-dir", default=None,
+              help="Where report.json and simulate.png go (default runs/simulate; written after each policy).")
 @click.option("--calibrate-from", type=click.Path(dir_okay=False), default=None,
-              help="Fit the smollm2-cpu preset to an `s3 bench` bench.json and report the simulator's error.")
+              help="Fit the smollm2-cpu preset to an `s3 bench` bench.json and report the simulator's error "
+                   "(writes runs/calibration/smollm2-cpu.json; simulates nothing, so takes no other option).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable).")
 def simulate(config_path, preset, policies, num_requests, mode, rate, trace, find_max_rate, output_dir, calibrate_from,
              overrides):
     """Run the scheduler against a roofline cost model: every policy on the same requests, in one run."""
+    import pathlib
+
     from serve.sim.report import format_report, save_report
     from serve.sim.simulate import SimulateConfig, run_simulation
+    from serve.sim.workload import WorkloadConfig
 
     if calibrate_from:
         from serve.sim.calibrate import MAX_STEP_ERROR, calibrate, format_calibration
+
+        given = [name for name, value in [("--config", config_path), ("--preset", preset), ("--policies", policies),
+                                          ("--num-requests", num_requests), ("--mode", mode), ("--rate", rate),
+                                          ("--trace", trace), ("--find-max-rate", find_max_rate),
+                                          ("--output-dir", output_dir), ("--set", overrides)] if value]
+        if given:
+            _fail(f"--calibrate-from fits the smollm2-cpu preset and simulates nothing: {', '.join(given)} would be "
+                  "ignored; run it alone, then `s3 simulate --preset smollm2-cpu ...`")
 
         try:
             fit, rows = calibrate(calibrate_from)
@@ -74,13 +90,16 @@ def simulate(config_path, preset, policies, num_requests, mode, rate, trace, fin
     }
     try:
         config = load_config(SimulateConfig, config_path, overrides, values=flags)
-        if rate is not None and config.workload.mode != "online":
-            raise ValueError("--rate is the online arrival rate: add --mode online (this run sends everything at t=0)")
-        report = run_simulation(config, progress=lambda msg: click.echo(msg, err=True))
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        if config.workload.mode != "online" and config.workload.rate != WorkloadConfig.rate:
+            raise ValueError(f"an arrival rate ({config.workload.rate}/s) is set but the workload is offline: add "
+                             "--mode online (this run would send everything at t=0)")
+        pathlib.Path(config.output_dir).mkdir(parents=True, exist_ok=True)  # a bad folder fails now, not at the end
+        report = run_simulation(config, progress=lambda msg: click.echo(msg, err=True),
+                                save=lambda partial: save_report(partial, config.output_dir, complete=False))
+        paths = save_report(report, config.output_dir)
+    except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
     click.echo(format_report(report))
-    paths = save_report(report, config.output_dir)
     click.echo(f"\nwrote {paths['json']} and {paths['png']}")
 
 
@@ -347,7 +366,7 @@ def pipeline_run(config_path, start, only, run_id, overrides):
     import logging
 
     from pipeline.run import Pipeline, PipelineConfig
-    from pipeline.summary import format_summary, log_summary
+    from pipeline.summary import format_summary, log_summary, serve_command
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -362,6 +381,7 @@ def pipeline_run(config_path, start, only, run_id, overrides):
     elif all(stage in outputs for stage in ("train", "collect", "bench")):
         click.echo("\n" + format_summary(outputs))
         log_summary(config, outputs)
+        click.echo(f"\nserve its predictor: {serve_command(outputs)}")
 
 
 if __name__ == "__main__":

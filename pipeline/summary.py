@@ -75,6 +75,12 @@ def format_summary(outputs: dict) -> str:
     return text_table(["", "before retraining", "after retraining"], summary_rows(outputs))
 
 
+def serve_command(outputs: dict) -> str | None:
+    """How to serve the loop's last predictor (the retrained one, or the trained one a round kept)."""
+    checkpoint = outputs.get("retrain", {}).get("checkpoint") or outputs.get("train", {}).get("checkpoint")
+    return f".venv/bin/s3 serve --predictor {checkpoint}" if checkpoint else None
+
+
 def log_summary(config, outputs: dict) -> None:
     from core.tracking import start_run
 

@@ -52,6 +52,28 @@ def test_simulate_bad_input_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "holds 0 engine steps" in result.output
 
 
+def test_simulate_checks_its_output_folder_first_and_saves_after_each_policy(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    args = ["simulate", "--num-requests", "50", "--policies", "paged,s3"]
+    result = CliRunner().invoke(main, [*args, "--output-dir", str(taken)])
+    assert result.exit_code == 2 and "File exists" in result.output  # was a traceback after every policy had run
+    assert "simulating" not in result.output
+    result = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert result.exit_code == 0 and report["complete"] and [r["policy"] for r in report["results"]] == ["paged", "s3"]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_simulate_refuses_options_it_would_ignore(tmp_path):
+    result = CliRunner().invoke(main, ["simulate", "--set", "workload.rate=5"])  # ran offline without a word
+    assert result.exit_code == 2 and "add --mode online" in result.output
+    (tmp_path / "bench.json").write_text("{}")
+    result = CliRunner().invoke(main, ["simulate", "--calibrate-from", str(tmp_path / "bench.json"),
+                                       "--output-dir", str(tmp_path / "out"), "--preset", "paper"])  # fmt: skip
+    assert result.exit_code == 2 and "--preset, --output-dir would be ignored" in result.output
+
+
 @pytest.mark.parametrize("args, words", [
     (["evaluate", ".", "--quantile", "1.5"], "'--quantile': 1.5 is not in the range 0<x<=1"),
     (["evaluate", ".", "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),

@@ -66,7 +66,7 @@ def calibrate(
     steps = [tuple(s) for r in runs for s in r["steps"]]
     if len(steps) < 4:
         raise ValueError(f"{bench_json} holds {len(steps)} engine steps; a fit needs `s3 bench`'s bench.json of a run")
-    fit = fit_linear(steps[0::2], source=str(bench_json))
+    fit = fit_linear(steps[0::2], source=str(pathlib.Path(bench_json).resolve()))
     step_error = held_out_error(fit, steps[1::2])
     cost = dataclasses.replace(get_preset("smollm2-cpu"), linear=fit)
     config = data["config"]

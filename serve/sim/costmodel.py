@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 
+from core.files import replacing
 from serve.kv import KVSpec
 from serve.sched_output import SchedulerOutput
 
@@ -91,6 +91,9 @@ class LinearCost:
     """Per KV entry read (every scheduled sequence's context)."""
     source: str = ""
     """Where the fit came from (a bench.json)."""
+    fit_file: str = ""
+    """The file this fit was read from, absolute (runs/calibration/ is looked up from the working directory, so
+    two folders can give a preset two fits); set on reading, not written."""
 
     def step_s(self, num_tokens: int, num_context: int) -> float:
         """Seconds of a step computing ``num_tokens`` tokens and reading ``num_context`` KV entries."""
@@ -200,7 +203,7 @@ def read_fit(path: pathlib.Path) -> LinearCost:
     fix = ("restore it (git checkout configs/calibration)" if path.parent.resolve() == CALIBRATION_DIR
            else "remove it or run `s3 simulate --calibrate-from` again")
     try:
-        fit = LinearCost(**json.loads(path.read_text()))
+        fit = LinearCost(**{**json.loads(path.read_text()), "fit_file": str(path.resolve())})
         coefficients = (fit.overhead_s, fit.per_token_s, fit.per_context_s)
         if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c < math.inf for c in coefficients):
             raise ValueError(f"coefficients must be numbers >= 0, got {coefficients}")
@@ -213,12 +216,8 @@ def write_fit(fit: LinearCost, path: pathlib.Path) -> None:
     """Write ``fit`` to ``path`` whole or not at all (a temporary file, then a rename): an interrupted write would
     leave a file every later `--preset smollm2-cpu` run fails on."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(dataclasses.asdict(fit), indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps({k: v for k, v in dataclasses.asdict(fit).items() if k != "fit_file"}, indent=2))
 
 
 def get_preset(name: str) -> CostModel:

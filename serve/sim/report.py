@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+from core.files import replacing
 from core.records import json_text
 from serve.sim.costmodel import CostModel
 from serve.sim.simulate import SimulationReport
@@ -38,7 +39,8 @@ def step_time_line(cost: CostModel) -> str:
     if fit is None:
         return "step time: roofline (the preset's hardware figures)"
     return (f"step time: fitted, {fit.overhead_s * 1e3:.1f} ms + {fit.per_token_s * 1e3:.2f} ms per computed token + "
-            f"{fit.per_context_s * 1e6:.1f} us per KV entry read (from {fit.source or 'unknown'})")
+            f"{fit.per_context_s * 1e6:.1f} us per KV entry read ({fit.fit_file or 'fitted in this run'}, from "
+            f"{fit.source or 'unknown'})")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -83,8 +85,10 @@ def format_report(report: SimulationReport) -> str:
     return "\n".join(lines)
 
 
-def to_json(report: SimulationReport) -> dict:
+def to_json(report: SimulationReport, *, complete: bool = True) -> dict:
+    """The report as JSON; ``complete`` False for one saved while the run goes on (not every policy in it yet)."""
     return {
+        "complete": complete,
         "config": dataclasses.asdict(report.config),
         "model": dataclasses.asdict(report.cost.model),
         "hardware": dataclasses.asdict(report.cost.hardware),
@@ -97,13 +101,17 @@ def to_json(report: SimulationReport) -> dict:
     }
 
 
-def save_report(report: SimulationReport, output_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
-    """Write report.json and simulate.png under ``output_dir``; returns their paths."""
+def save_report(report: SimulationReport, output_dir: str | pathlib.Path, *,
+                complete: bool = True) -> dict[str, pathlib.Path]:
+    """Write report.json and simulate.png under ``output_dir``, each whole or not at all (a temporary file, then a
+    rename); returns their paths."""
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "png": out / "simulate.png"}
-    paths["json"].write_text(json_text(to_json(report), indent=2))
-    plot_report(report, paths["png"])
+    with replacing(paths["json"]) as tmp:
+        tmp.write_text(json_text(to_json(report, complete=complete), indent=2))
+    with replacing(paths["png"]) as tmp:
+        plot_report(report, tmp)
     return paths
 
 
@@ -123,7 +131,7 @@ def plot_report(report: SimulationReport, path: pathlib.Path) -> None:
         axes[0].annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                          fontsize=8)
     axes[0].set_ylabel("generated tokens/s")
-    axes[0].set_title("throughput (ratio to max)")
+    axes[0].set_title("throughput (ratio to max)" if base else "throughput")
     axes[0].tick_params(axis="x", labelrotation=30)  # eight policy names side by side overlap
     for label in axes[0].get_xticklabels():
         label.set_horizontalalignment("right")

@@ -10,7 +10,7 @@ from serve.policy_config import POLICY_NAMES, PolicyConfig, PolicyName, with_len
 from serve.scheduler_config import SchedulerConfig
 from serve.sim.costmodel import CostModel, get_preset
 from serve.sim.runner import PolicyResult, simulate_policy
-from serve.sim.workload import PredictorConfig, SimRequest, WorkloadConfig, make_workload, predict
+from serve.sim.workload import PredictorConfig, SimRequest, WorkloadConfig, load_trace, make_workload, predict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,11 @@ class SimulateConfig:
         unknown = set(self.policies) - set(POLICY_NAMES)
         if unknown or not self.policies:
             raise ValueError(f"policies must be a non-empty subset of {POLICY_NAMES}, got {self.policies}")
+        if len(set(self.policies)) < len(self.policies):
+            raise ValueError(f"policies must each be named once, got {', '.join(self.policies)}")
+        if not self.slo_token_latency_s > 0 or self.rate_search_requests < 1 or self.rate_search_steps < 0:
+            raise ValueError(f"slo_token_latency_s must be > 0, rate_search_requests >= 1 and rate_search_steps >= 0, "
+                             f"got {self.slo_token_latency_s}, {self.rate_search_requests}, {self.rate_search_steps}")
         if self.block_size < 1 or (self.kv_cache_tokens or 0) < 0:
             raise ValueError(f"block_size must be >= 1 and kv_cache_tokens >= 0, got {self.block_size}, "
                              f"{self.kv_cache_tokens}")
@@ -137,15 +142,23 @@ def _simulate(config: SimulateConfig, policy, items, cost, buckets, sched) -> Po
     return simulate_policy(policy, items, cost=cost, buckets=buckets, sched=sched, max_new_tokens=config.max_new_tokens)
 
 
-def run_simulation(config: SimulateConfig, progress: Callable[[str], None] = lambda _: None) -> SimulationReport:
-    """Run every configured policy on the same requests; optionally search each one's SLO rate."""
+def run_simulation(config: SimulateConfig, progress: Callable[[str], None] = lambda _: None,
+                   save: Callable[[SimulationReport], None] = lambda _: None) -> SimulationReport:
+    """Run every configured policy on the same requests; optionally search each one's SLO rate. ``save(report so
+    far)`` runs after each policy's run and each rate search, so a run cut short keeps what it computed."""
     cost, buckets, sched = setup(config)
     items = workload_items(config, config.workload, cost, buckets)
-    results = []
+    if config.workload.trace:
+        rows = len(load_trace(config.workload.trace))
+        if rows != len(items):
+            progress(f"the trace's {rows} rows make {len(items)} requests ({'repeated' if rows < len(items) else 'cut'}"
+                     " to workload.num_requests; --num-requests sets it)")
+    report = SimulationReport(config, cost, sched.num_blocks, buckets, [])
     for policy in config.policies:
         progress(f"simulating {policy} on {len(items)} requests")
-        results.append(_simulate(config, policy, items, cost, buckets, sched))
-    report = SimulationReport(config, cost, sched.num_blocks, buckets, results)
+        report.results.append(_simulate(config, policy, items, cost, buckets, sched))
+        save(report)
+    results = report.results
     if config.find_max_rate:
         offline = [dataclasses.replace(item, arrival_time=0.0) for item in items]
         for result in results:
@@ -154,8 +167,10 @@ def run_simulation(config: SimulateConfig, progress: Callable[[str], None] = lam
                 progress(f"measuring the offline capacity of {result.policy} (the same requests, all at t=0)")
                 capacity = _simulate(config, result.policy, offline, cost, buckets, sched).requests_per_s
             progress(f"searching the SLO rate of {result.policy}")
-            rate = find_max_rate(config, result.policy, cost=cost, buckets=buckets, sched=sched, capacity=capacity)
+            rate = find_max_rate(config, result.policy, cost=cost, buckets=buckets, sched=sched, capacity=capacity,
+                                 progress=progress)
             report.rates.append(rate)
+            save(report)
     return report
 
 
@@ -167,6 +182,7 @@ def find_max_rate(
     buckets: BucketSpec,
     sched: SchedulerConfig,
     capacity: float,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> RateResult:
     """Bisect the Poisson arrival rate at which ``policy`` still meets the token-latency SLO.
 
@@ -183,7 +199,9 @@ def find_max_rate(
         items = workload_items(config, dataclasses.replace(workload, rate=rate), cost, buckets)
         value = _simulate(config, policy, items, cost, buckets, sched).mean_token_latency_s
         probes.append((rate, value))
-        return value <= config.slo_token_latency_s
+        met = value <= config.slo_token_latency_s
+        progress(f"  {policy} at {rate:.3g} req/s: {value:.3g} s/token, {'within' if met else 'over'} the SLO")
+        return met
 
     for fraction in LOAD_SWEEP:  # the latency-vs-load curve, for the plot
         meets_slo(fraction * capacity)

@@ -198,6 +198,9 @@ def _trace_row(path: pathlib.Path, index: int, row: dict) -> SimRequest:
         probs = tuple(float(p) for p in probs) if probs else None
     except (ValueError, TypeError):
         raise ValueError(f"{where}: probs must be a list of numbers, got {row.get('probs')!r:.80}") from None
+    if probs is not None and not (all(0 <= p < math.inf for p in probs) and sum(probs) > 0):
+        raise ValueError(f"{where}: probs must be finite numbers >= 0, not all 0 (a predictor's bucket "
+                         f"probabilities), got {row.get('probs')!r:.80}")
     return SimRequest(
         num_prompt_tokens=num_prompt_tokens,
         # A request that ended at once (0 tokens: its first sample was the end of sequence) still costs the step that

@@ -1,6 +1,6 @@
 """The pipeline's summary table: ratios within one round, and training examples labelled as such."""
 
-from pipeline.summary import format_summary, summary_rows
+from pipeline.summary import format_summary, serve_command, summary_rows
 
 
 def _outputs(*, held_out: bool) -> dict:
@@ -50,3 +50,11 @@ def test_unfamiliar_served_prompts_are_counted_when_the_predictor_can_tell():
     outputs["bench"]["s3"] |= {"unfamiliar_prompts": 1, "num_prompts": 16}
     rows = {row[0]: row[1:] for row in summary_rows(outputs)}
     assert rows["served prompts unfamiliar to the predictor"] == ["3 of 16", "1 of 16"]
+
+
+def test_the_serve_command_names_the_last_predictor():
+    outputs = _outputs(held_out=False)
+    outputs["train"]["checkpoint"] = "runs/r/train/checkpoint"
+    assert serve_command(outputs) == ".venv/bin/s3 serve --predictor runs/r/train/checkpoint"
+    outputs["retrain"]["checkpoint"] = "runs/r/retrain/checkpoint"
+    assert serve_command(outputs) == ".venv/bin/s3 serve --predictor runs/r/retrain/checkpoint"

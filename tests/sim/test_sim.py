@@ -5,7 +5,7 @@ import pytest
 
 from core.buckets import BucketSpec
 from serve.sched_output import ScheduledSeq, SchedulerOutput
-from serve.sim.costmodel import PRESETS, get_preset
+from serve.sim.costmodel import CALIBRATION_DIR, PRESETS, get_preset
 from serve.sim.report import format_report
 from serve.sim.simulate import SimulateConfig, run_simulation
 from serve.sim.workload import LengthDist, PredictorConfig, WorkloadConfig, load_trace, make_workload, predict
@@ -141,6 +141,32 @@ def test_a_calibrated_preset_says_which_fit_it_ran_with(tmp_path, monkeypatch):
     fit = to_json(report)["step_time_fit"]
     assert fit == dataclasses.asdict(get_preset("smollm2-cpu").linear) and fit["source"]
     assert f"{fit['overhead_s'] * 1e3:.1f} ms" in format_report(report)
+    # runs/calibration/ is looked up from the working directory: the record names the file the fit came from
+    shipped = str((CALIBRATION_DIR / "smollm2-cpu.json").resolve())
+    assert fit["fit_file"] == shipped and shipped in format_report(report)
+
+
+def test_a_run_saves_what_it_has_after_each_policy_and_rate_search():
+    """Results were written only at the end: a run cut short (a rate search takes many minutes) lost them all."""
+    seen, messages = [], []
+    config = _small_config(policies=("paged", "s3"), find_max_rate=True, rate_search_requests=100,
+                           rate_search_steps=1, slo_token_latency_s=1e6)  # fmt: skip
+    run_simulation(config, progress=messages.append,
+                   save=lambda r: seen.append(([x.policy for x in r.results], [x.policy for x in r.rates])))
+    assert seen == [(["paged"], []), (["paged", "s3"], []), (["paged", "s3"], ["paged"]),
+                    (["paged", "s3"], ["paged", "s3"])]  # fmt: skip
+    probes = [m for m in messages if "req/s:" in m]  # every probe of the search is reported, not one line per policy
+    assert len(probes) >= 2 * 7 and all("within the SLO" in m for m in probes)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"policies": ("s3", "paged", "paged")}, "each be named once"),
+    ({"slo_token_latency_s": -1.0}, "slo_token_latency_s must be > 0"),
+    ({"rate_search_requests": 0}, "rate_search_requests >= 1"),
+])  # fmt: skip
+def test_settings_a_rate_search_needs_are_checked_before_any_work(kw, words):
+    with pytest.raises(ValueError, match=words):
+        _small_config(**kw)
 
 
 def test_rate_search_probes_above_the_offline_capacity():

@@ -32,3 +32,30 @@ def test_a_seed_without_a_figure_makes_its_spread_nan_in_any_order(import_benchm
     for values in ([math.nan, 2.0], [2.0, math.nan]):
         assert all(math.isnan(v) for v in sim_load.spread(values).values())
     assert sim_load.spread([1.0, 3.0]) == {"mean": 2.0, "min": 1.0, "max": 3.0}
+
+
+def test_bad_settings_are_errors_before_any_work_and_each_seed_is_saved(import_benchmark, tmp_path):
+    """Bad input was a traceback (an output path that is a file: after every run); results came only at the end."""
+    module = import_benchmark("sim_load")
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    small = ["--preset", "paper", "--policies", "s3", "--rate-fractions", "0.5", "--num-requests", "30"]
+    for args, words in [(["--num-requests", "0"], "num_requests must be >= 1"),
+                        (["--preset", "nope"], "unknown simulator preset 'nope'"),
+                        (["--trace", str(tmp_path / "none.jsonl")], "does not exist"),
+                        (["--output", str(taken)], "File exists"),
+                        (["--policies", "s3,s3"], "name each policy once"),
+                        (["--seeds", "0,0"], "name each value once")]:  # fmt: skip
+        result = CliRunner().invoke(module.main, [*small, "--output", str(tmp_path / "out"), *args])
+        assert result.exit_code != 0 and words in result.output and "Traceback" not in result.output, result.output
+        assert "seed 0 rate" not in result.output
+    saved = []
+    real_save = module._save
+    module._save = lambda out, records, complete, **meta: (saved.append((len(records), complete)),
+                                                            real_save(out, records, complete, **meta))
+    try:
+        result = CliRunner().invoke(module.main, [*small, "--seeds", "0,1", "--output", str(tmp_path / "out")])
+    finally:
+        module._save = real_save
+    assert result.exit_code == 0 and saved == [(2, False), (4, True)]
+    assert json.loads((tmp_path / "out" / "sim_load.json").read_text())["complete"]

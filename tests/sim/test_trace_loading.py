@@ -24,6 +24,11 @@ def _jsonl(tmp_path, *rows: str):
     ('{"num_prompt_tokens": 10, "num_output_tokens": "many"}', "num_output_tokens must be a whole number"),
     ('{"num_prompt_tokens": 10, "num_output_tokens": 5, "predicted_bucket": 1.5}', "predicted_bucket must be a whole"),
     ('{"num_prompt_tokens": 10, "num_output_tokens": 5, "probs": 3}', "probs must be a list of numbers"),
+    # NaN (which Python's JSON parser reads), negative or all-zero probabilities crashed the estimator after
+    # earlier policies had run (an empty length distribution)
+    ('{"num_prompt_tokens": 10, "num_output_tokens": 5, "probs": [NaN, 1]}', "probs must be finite numbers >= 0"),
+    ('{"num_prompt_tokens": 10, "num_output_tokens": 5, "probs": [-1, 2]}', "probs must be finite numbers >= 0"),
+    ('{"num_prompt_tokens": 10, "num_output_tokens": 5, "probs": [0, 0]}', "not all 0"),
     ('{"num_prompt_tokens": 10}', "needs integer num_prompt_tokens and num_output_tokens"),
 ])  # fmt: skip
 def test_a_bad_jsonl_row_is_refused_by_file_and_row(tmp_path, row, words):
