@@ -131,6 +131,9 @@ class Request:
     """Prompt tokens found in the prefix cache at its first admission (their KV entries were not computed)."""
     num_waited_steps: int = 0
     """Steps in a row this running sequence has sat out waiting for a KV block (`PolicyConfig.wait_steps`)."""
+    admission_index: int = -1
+    """Its place among the scheduler's admissions, counted over all of them (a re-admission counts anew): `paged`'s
+    victim is the highest, the most recently admitted, wherever the step's order (decodes first) puts it."""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

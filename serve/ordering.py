@@ -68,7 +68,10 @@ class ShortestWorkFirst:
 
     def observe_finished(self, request: Request) -> None:
         super().observe_finished(request)  # type: ignore[misc]
-        if self.config.aging_queue_factor and request.finish_time is not None:
+        # a request that never ran (aborted in the queue) says nothing of how fast the server admits: a burst of
+        # them would make the rate infinite and the bound 0
+        ran = request.first_scheduled_time is not None
+        if self.config.aging_queue_factor and request.finish_time is not None and ran:
             self.finish_rate = self.finish_rate or FinishRate()
             self.finish_rate.observe(request.finish_time)
 

@@ -35,7 +35,7 @@ VictimFn = Callable[[Sequence[Request], Request], Request]
 """Picks whom to preempt when ``needy`` (the second argument) needs memory, among every running sequence (the
 first, in running order; one already scheduled this step is taken back out of it). Progress is the function's
 duty: one that always makes ``needy`` yield (returns it) can livelock two sequences that each need more than half
-the pool, each re-admitted as soon as the other yields. The built-in victims (the last in running order, or the
+the pool, each re-admitted as soon as the other yields. The built-in victims (the most recently admitted, or the
 least computed) let the older or further-along sequence finish."""
 
 POLICIES: dict[str, type["AdmissionPolicy"]] = {}
@@ -58,8 +58,9 @@ def preempt_self(candidates: Sequence[Request], needy: Request) -> Request:
 
 
 def preempt_last_admitted(candidates: Sequence[Request], needy: Request) -> Request:
-    """vLLM's rule: the most recently admitted sequence yields."""
-    return candidates[-1]
+    """vLLM's rule: the most recently admitted sequence yields (by its admission, not its place in the running
+    order: a sequence that ends its chunked prefill moves behind decoding ones admitted after it)."""
+    return max(candidates, key=lambda r: r.admission_index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,9 +198,9 @@ class _PeakAdmission(PagedPolicy):
         super().__init__(config, buckets)
         # the peak test keeps the room running sequences grow into; without it (q = 0), `paged`'s watermark
         self.watermark = config.watermark if config.quantile <= 0 else 0.0
-        # (steps left, sequences running) -> the chance that none of them ends by then; within a step the running
-        # set only loses victims, so its size names it
-        self._none_ends: dict[tuple[int, int], float] = {}
+        # (steps left, sequences running, those sitting out) -> the chance that none of them ends by then; within a
+        # step the running set only loses victims, so its size and who sits out name it
+        self._none_ends: dict[tuple[int, int, tuple[str, ...]], float] = {}
 
     def begin_step(self) -> None:
         self._none_ends.clear()
@@ -218,29 +219,34 @@ class _PeakAdmission(PagedPolicy):
         # answers most of them. Rounded down at each factor, it is never above the others' product (the same order,
         # one factor more), so a "no" for it is a "no" for them; divided by this sequence's own factor it is the
         # others' product up to rounding far inside the margin, so a clear "yes" holds too. Near the line, or when
-        # the own factor is 0, the others' product decides as before.
-        key = (steps_left, len(running))
+        # the own factor is 0, the others' product decides as before. Sequences sitting out count as never ending:
+        # they make no progress, so two waiting on each other would stall until `wait_steps` ran out. Waiting needs
+        # some chance (q = 0 would otherwise wait every time, on sequences that cannot end).
+        sitting = tuple(r.request_id for r in running if r.num_waited_steps)
+        key = (steps_left, len(running), sitting)
         nobody = self._none_ends.get(key)
         if nobody is None:
             nobody = 1.0
             for factor in self._stays(running, steps_left):
                 nobody *= factor
             self._none_ends[key] = nobody
-        if 1.0 - nobody < q:
+        if 1.0 - nobody < q or nobody >= 1.0:
             return False
-        own = 1.0 - self.estimator.finish_within(request, steps_left)
+        own = 1.0 if request.num_waited_steps else 1.0 - self.estimator.finish_within(request, steps_left)
         if nobody > 1e-290 and own > 0 and nobody / own <= (1.0 - q) * (1.0 - 1e-9):
             return True
         none_ends = 1.0
         for factor in self._stays(running, steps_left, but=request):
             none_ends *= factor
-            if 1.0 - none_ends >= q:
+            if none_ends < 1.0 and 1.0 - none_ends >= q:
                 return True  # the product only falls from here (each factor <= 1): the answer is known
-        return 1.0 - none_ends >= q
+        return none_ends < 1.0 and 1.0 - none_ends >= q
 
     def _stays(self, running: Sequence[Request], steps: int, *, but: Request | None = None) -> Iterator[float]:
-        """For each of ``running`` (in order, ``but`` left out): the chance that it does not end within ``steps``."""
-        return (1.0 - self.estimator.finish_within(other, steps) for other in running if other is not but)
+        """For each of ``running`` not sitting out (in order, ``but`` left out): the chance that it does not end
+        within ``steps``."""
+        return (1.0 - self.estimator.finish_within(other, steps) for other in running
+                if other is not but and not other.num_waited_steps)
 
     def admission_gate(self, running: Sequence[Request], limits: StepLimits, num_waiting: int) -> PeakGate | None:
         if self.config.quantile <= 0:

@@ -60,6 +60,7 @@ class Scheduler:
         )
         self._order: dict[str, tuple[float, int]] = {}
         self._finished_ids: list[str] = []
+        self._num_admissions = 0
 
     @staticmethod
     def _prefill_rate(config: SchedulerConfig) -> int:
@@ -73,6 +74,10 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         worst_case = request.num_prompt_tokens + request.max_new_tokens
+        if blocks_for(request.num_prompt_tokens + 1, self.pool.block_size) > self.pool.num_blocks:
+            raise ValueError(f"request {request.request_id!r}'s prompt ({request.num_prompt_tokens} tokens, and one to "
+                             f"generate) does not fit the KV pool ({self.pool.capacity_tokens} tokens): shorten the "
+                             "prompt or give the KV cache more memory")
         if blocks_for(worst_case, self.pool.block_size) > self.pool.num_blocks:
             raise ValueError(
                 f"request {request.request_id!r} needs up to {worst_case} tokens of KV cache but the pool holds "
@@ -402,6 +407,7 @@ class Scheduler:
             request.num_recomputed_tokens += redo
             request.num_preempted_tokens = 0
         request.status = RequestStatus.RUNNING  # before the gate counts it: it holds its share of its blocks
+        request.admission_index, self._num_admissions = self._num_admissions, self._num_admissions + 1
         gate.add(request)
         self.running.append(request)
         return True

@@ -288,11 +288,42 @@ def test_waiting_is_decided_as_the_product_over_the_others_says(sequences, asks,
         steps_left = 8 - needy.num_waited_steps
         none_ends = 1.0
         for other in running:
-            if other is not needy:
+            if other is not needy and not other.num_waited_steps:  # one sitting out makes no progress
                 none_ends *= 1.0 - policy.estimator.finish_within(other, steps_left)
         assert policy.may_wait(needy, running) == (1.0 - none_ends >= quantile)
         if preempt:  # a victim leaves the running set
             running.remove(running[-1] if running[-1] is not needy else running[0])
+
+
+def test_a_sequence_does_not_wait_on_one_that_is_itself_sitting_out():
+    """Two sequences each about to end sat out waiting for the other: neither could end, and both stalled until
+    wait_steps ran out."""
+    from serve.policies import make_policy
+
+    policy = make_policy(PolicyConfig(policy="s3", quantile=0.5, wait_steps=8), BUCKETS)
+    a, b = (make_request(rid, bucket=0, true_tokens=5) for rid in "ab")
+    for request in (a, b):
+        request.prediction = LengthPrediction(bucket=0, probs=(1.0, 0.0, 0.0, 0.0))
+        request.output_token_ids = [1] * 4
+    policy.begin_step()
+    assert policy.may_wait(b, [a, b])  # "a" is likely to end within the wait
+    a.num_waited_steps = 1  # but "a" sits out too: it cannot end while it waits
+    policy.begin_step()
+    assert not policy.may_wait(b, [a, b])
+
+
+def test_waiting_needs_a_chance_that_another_ends_even_at_quantile_zero():
+    """q = 0 waited every time a block was short, also when no running sequence could end within the wait (exact
+    lengths), and preempted after wait_steps anyway."""
+    from serve.policies import make_policy
+
+    for quantile in (0.0, 0.5):
+        policy = make_policy(PolicyConfig(policy="s3-oracle", quantile=quantile, wait_steps=8), BUCKETS)
+        far, near, needy = (make_request(rid, true_tokens=n) for rid, n in (("far", 30), ("near", 3), ("n", 30)))
+        policy.begin_step()
+        assert not policy.may_wait(needy, [far, needy])  # nobody can end within 8 steps
+        policy.begin_step()
+        assert policy.may_wait(needy, [near, needy])
 
 
 def test_s3_stops_waiting_when_nobody_is_expected_to_finish_in_time():

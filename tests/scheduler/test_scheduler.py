@@ -203,7 +203,7 @@ def test_a_queue_scaled_aging_bound_follows_how_fast_requests_finish():
     assert list(policy.candidates(waiting, now=10.0))[0] == 4  # the short one overtakes all four
     for t in range(9):  # one request finished a second: 5 waiting take about 5 s to admit
         done = make_request(f"done{t}")
-        done.finish_time = float(t)
+        done.first_scheduled_time, done.finish_time = float(t) - 1.0, float(t)
         policy.observe_finished(done)
     assert policy.aging_bound(len(waiting)) == pytest.approx(5.0)
     # At t = 7 the three that have waited 5 s or more go first, in arrival order; then the short one.
@@ -274,3 +274,49 @@ def test_every_answer_that_outran_its_bucket_carries_a_misprediction_event():
         missed += sum(BUCKETS.bucket_of(r.num_output_tokens) > r.prediction.bucket and not r.mispredictions
                       for r in run_until_done(sched, lengths))
     assert missed == 0
+
+
+def test_paged_preempts_the_most_recently_admitted_after_a_chunked_prefill():
+    """The step puts decoding sequences first: "b" (admitted before "c") ended its chunked prefill behind "c", and
+    `paged` took "b", older and further along, as the last in running order."""
+    from core.request import Request
+    from serve.sched_output import StepResult
+
+    sched = make_scheduler("paged", num_blocks=14, max_num_seqs=3, max_num_batched_tokens=16,
+                           long_prefill_token_threshold=4, watermark=0.0)  # fmt: skip
+    for rid, prompt, arrival in (("a", 4, 0.0), ("b", 16, 1.0), ("c", 4, 2.0)):
+        sched.add_request(Request(rid, [1] * prompt, 40 if rid == "a" else 20, arrival_time=arrival))
+    for _ in range(40):
+        out = sched.schedule()
+        if out.preempted_request_ids:
+            break
+        sched.update_from_output(out, StepResult(sampled_token_ids={s.request_id: 5 for s in out.seqs if s.samples}))
+    assert [r.request_id for r in sched.running][-1] == "b"  # the running order, decodes first
+    assert out.preempted_request_ids == ["c"]
+
+
+def test_a_prompt_longer_than_the_pool_is_refused_for_what_it_is():
+    sched = make_scheduler("paged", num_blocks=4)  # 16 tokens
+    with pytest.raises(ValueError, match=r"'p''s prompt \(20 tokens, and one to generate\) does not fit the KV pool "
+                                         r"\(16 tokens\): shorten the prompt"):
+        sched.add_request(make_request("p", prompt_tokens=20, max_new_tokens=1))
+    with pytest.raises(ValueError, match="lower max_new_tokens"):  # the prompt fits, its answer may not
+        sched.add_request(make_request("q", prompt_tokens=8, max_new_tokens=16))
+
+
+def test_requests_aborted_in_the_queue_do_not_count_in_the_finish_rate():
+    """A burst of queued clients going away made the rate infinite and the queue-following aging bound 0."""
+    clock = FakeClock()
+    sched = make_scheduler("s3", num_blocks=64, max_num_seqs=1, clock=clock, aging_queue_factor=1.0)
+    for i in range(40):
+        sched.add_request(make_request(f"r{i}", bucket=0, max_new_tokens=8))
+    finished = []
+    executor = ScriptedExecutor({f"r{i}": 8 for i in range(40)})
+    while len(finished) < 5:
+        out = sched.schedule()
+        finished += sched.update_from_output(out, executor.execute(sched, out))
+        clock.now += 1.0
+    rate = sched.policy.finish_rate.per_s()
+    for request in list(sched.waiting)[:20]:
+        sched.abort(request.request_id)
+    assert sched.policy.finish_rate.per_s() == rate and sched.policy.aging_bound(sched.num_waiting) > 0
