@@ -38,6 +38,32 @@ def tracking_off() -> Iterator[None]:
         _OFF.reset(token)
 
 
+def epoch_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """One training epoch's record (`TrainResult.history`) as the metrics wandb charts, under one set of names
+    wherever it is logged (`s3 train`, the pipeline's train and retrain stages): ``epoch``, ``train/loss`` (none
+    for epoch 0, the starting weights of a retraining), ``val/...`` and, retraining, ``traffic/...``."""
+    traffic = record.get("traffic") or {}
+    metrics = {"epoch": record["epoch"]}
+    if record.get("train_loss") is not None:
+        metrics["train/loss"] = record["train_loss"]
+    metrics |= {f"val/{k}": v for k, v in record.items() if k not in ("epoch", "train_loss", "traffic")}
+    return metrics | {f"traffic/{k}": v for k, v in traffic.items()}
+
+
+@contextlib.contextmanager
+def finishing(run) -> Iterator[Any]:
+    """Finish ``run`` (None: nothing to do) when the block ends, with exit code 1 when it ends by an exception or
+    Ctrl-C: a failed or interrupted run is not recorded as one that finished."""
+    try:
+        yield run
+    except BaseException:
+        if run is not None:
+            run.finish(exit_code=1)
+        raise
+    if run is not None:
+        run.finish()
+
+
 def start_run(*, project: str, job_type: str, config: dict[str, Any], mode: str | None = None,
               group: str | None = None, dir: str | None = None):  # noqa: A002 (wandb's name)
     """A wandb run, or None when tracking is off or disabled, or when wandb cannot start (tracking never takes
@@ -55,8 +81,9 @@ def start_run(*, project: str, job_type: str, config: dict[str, Any], mode: str 
     if dir is not None:
         os.makedirs(dir, exist_ok=True)
     try:
+        # create_new: a run the caller has open (a notebook's, a sweep agent's) is left running, not finished
         return wandb.init(project=project, job_type=job_type, group=group, config=config, mode=mode, dir=dir,
-                          reinit="finish_previous")  # fmt: skip
+                          reinit="create_new")  # fmt: skip
     except Exception as exc:  # e.g. online with no network
         log.warning("wandb did not start (%s); continuing without tracking", exc)
         return None

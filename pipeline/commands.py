@@ -14,7 +14,7 @@ from tqdm import tqdm
 from pipeline import generate as gen
 from pipeline.labelled import labelled_data, write_dataset
 from pipeline.prompts import source_name
-from core.tracking import start_run
+from core.tracking import finishing, start_run
 
 
 def label_and_save(
@@ -47,44 +47,42 @@ def _label_and_save(config: gen.GenerateConfig, *, echo: Callable[[str], None], 
         echo(f"{plan.num_done} prompts already labelled, {len(plan.todo)} to go ({len(plan.skipped)} skipped)")
     run = start_run(project=config.wandb_project, job_type="generate", config=dataclasses.asdict(config),
                     mode=config.wandb_mode)
-    bar = tqdm(total=plan.num_done + len(plan.todo), initial=plan.num_done, unit="prompt", desc="generate")
-    start, tokens = time.perf_counter(), 0
+    with finishing(run):
+        bar = tqdm(total=plan.num_done + len(plan.todo), initial=plan.num_done, unit="prompt", desc="generate")
+        start, tokens = time.perf_counter(), 0
 
-    def on_row(row: dict) -> None:
-        nonlocal tokens
-        tokens += sum(row["sample_output_tokens"])
-        # Count tokens as they are generated where the engine says (rows finish late, in bursts).
-        live = getattr(engine, "num_generated_tokens", tokens)
-        bar.update(1)
-        bar.set_postfix(tok_s=f"{live / (time.perf_counter() - start):.1f}")
+        def on_row(row: dict) -> None:
+            nonlocal tokens
+            tokens += sum(row["sample_output_tokens"])
+            # Count tokens as they are generated where the engine says (rows finish late, in bursts).
+            live = getattr(engine, "num_generated_tokens", tokens)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{live / (time.perf_counter() - start):.1f}")
 
-    try:
-        rows = gen.run(config, engine, plan.todo, on_row)
-    finally:
-        bar.close()
-    if not rows:  # a dataset of nothing: `s3 train` could not load it
+        try:
+            rows = gen.run(config, engine, plan.todo, on_row)
+        finally:
+            bar.close()
+        if not rows:  # a dataset of nothing: `s3 train` could not load it
+            raise ValueError(f"nothing is labelled in {config.output_dir}: no prompt to label"
+                             + (" (--write-only labels none)" if write_only else ""))
+        recipe = json.loads((pathlib.Path(config.output_dir) / "recipe.json").read_text())
+        stats = write_dataset(rows, plan.skipped, recipe, config.output_dir,
+                              read_sources={source_name(path) for path in config.inputs})
+        echo(f"{stats['num_rows']} labelled prompts in {config.output_dir} "
+             f"(mean {stats['mean_output_tokens']:.1f} output tokens, {stats['num_capped']} hit the cap)")
+        over = over_limit(config, stats["by_source"])
+        if over:
+            echo(f"note: {over} hold more labelled prompts than limit_per_source {config.limit_per_source}: a run with "
+                 "another limit drew another sample (a larger limit is not a superset of a smaller one's), and the "
+                 "prompts labelled before are kept")
         if run is not None:
-            run.finish()
-        raise ValueError(f"nothing is labelled in {config.output_dir}: no prompt to label"
-                         + (" (--write-only labels none)" if write_only else ""))
-    recipe = json.loads((pathlib.Path(config.output_dir) / "recipe.json").read_text())
-    stats = write_dataset(rows, plan.skipped, recipe, config.output_dir,
-                          read_sources={source_name(path) for path in config.inputs})
-    echo(f"{stats['num_rows']} labelled prompts in {config.output_dir} "
-         f"(mean {stats['mean_output_tokens']:.1f} output tokens, {stats['num_capped']} hit the cap)")
-    over = over_limit(config, stats["by_source"])
-    if over:
-        echo(f"note: {over} hold more labelled prompts than limit_per_source {config.limit_per_source}: a run with "
-             "another limit drew another sample (a larger limit is not a superset of a smaller one's), and the "
-             "prompts labelled before are kept")
-    if run is not None:
-        import wandb
+            import wandb
 
-        lengths = [[r["num_output_tokens"]] for r in rows]
-        run.log({"output_tokens": wandb.Histogram([r["num_output_tokens"] for r in rows]),
-                 "lengths": wandb.Table(data=lengths, columns=["num_output_tokens"])})
-        run.summary.update(stats | {"by_source": json.dumps(stats["by_source"])})
-        run.finish()
+            lengths = [[r["num_output_tokens"]] for r in rows]
+            run.log({"output_tokens": wandb.Histogram([r["num_output_tokens"] for r in rows]),
+                     "lengths": wandb.Table(data=lengths, columns=["num_output_tokens"])})
+            run.summary.update(stats | {"by_source": json.dumps(stats["by_source"])})
     return stats
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 from pipeline.stages import (
     STAGES, PipelineConfig, ServeRoundConfig, Stage, StageContext, fingerprint, serving_prompts,
 )  # fmt: skip
-from core.tracking import start_run, tracking_off
+from core.tracking import finishing, start_run, tracking_off
 from pipeline.tracking import log_stage
 
 __all__ = ["STAGE_NAMES", "Pipeline", "PipelineConfig", "ServeRoundConfig", "serving_prompts"]
@@ -100,9 +100,9 @@ class Pipeline:
             outputs = stage.run(ctx)
         run = start_run(project=self.config.wandb_project, job_type=stage.name, group=self.config.run_id,
                         config=dataclasses.asdict(self.config), mode=self.config.wandb_mode)  # fmt: skip
-        if run is not None:
-            log_stage(run, stage.name, outputs)
-            run.finish()
+        with finishing(run):
+            if run is not None:
+                log_stage(run, stage.name, outputs)
         return outputs
 
 

@@ -82,7 +82,7 @@ def serve_command(outputs: dict) -> str | None:
 
 
 def log_summary(config, outputs: dict) -> None:
-    from core.tracking import start_run
+    from core.tracking import finishing, start_run
 
     run = start_run(project=config.wandb_project, job_type="summary", group=config.run_id, config={},
                     mode=config.wandb_mode)  # fmt: skip
@@ -90,5 +90,5 @@ def log_summary(config, outputs: dict) -> None:
         return
     import wandb
 
-    run.log({"summary": wandb.Table(columns=["what", "before", "after"], data=summary_rows(outputs))})
-    run.finish()
+    with finishing(run):
+        run.log({"summary": wandb.Table(columns=["what", "before", "after"], data=summary_rows(outputs))})

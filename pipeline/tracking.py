@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pathlib
 
+from core.tracking import epoch_metrics
+
 
 def log_stage(run, stage: str, outputs: dict) -> None:
     """Scalars to the run summary; datasets and checkpoints as artifacts: uploaded by an online run, referenced
@@ -14,8 +16,8 @@ def log_stage(run, stage: str, outputs: dict) -> None:
         return
     import wandb
 
-    for record in outputs.get("history", []):  # per-epoch training curves
-        run.log({k: v for k, v in record.items() if v is not None})  # epoch 0 of a retrain has no train loss
+    for record in outputs.get("history", []):  # per-epoch training curves, named as `s3 train` names them
+        run.log(epoch_metrics(record))
     run.summary.update({k: v for k, v in _flatten(outputs).items() if isinstance(v, (int, float, str))})
     for key, kind in (("data", "dataset"), ("checkpoint", "model"), ("feedback", "dataset")):
         path = outputs.get(key)

@@ -229,7 +229,8 @@ def load_classifier(name: str, spec: BucketSpec, *, seed: int = 0, allow_downloa
 
 
 # Encoders whose position ids start after the padding index (RoBERTa's scheme): that many positions are unusable.
-_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "xmod", "roberta-prelayernorm")
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "xmod", "roberta-prelayernorm", "mpnet",
+                     "longformer")
 
 
 def prepare_tokenizer(tokenizer, model: PreTrainedModel) -> None:
@@ -254,7 +255,7 @@ def usable_prompt_tokens(tokenizer, model: PreTrainedModel) -> int | None:
     limit); None when it states no limit."""
     limits = []
     positions = getattr(model.config, "max_position_embeddings", None)
-    if positions:
+    if positions and positions > 0:  # XLNet's -1: relative positions, no limit
         offset = model.config.pad_token_id + 1 if model.config.model_type in _OFFSET_POSITIONS else 0
         limits.append(positions - offset)
     if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:  # unset: a huge sentinel

@@ -29,8 +29,21 @@ DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 def load_records(source: str | Path | datasets.Dataset) -> datasets.Dataset:
     """Load labelled records from a ``save_to_disk`` folder, a Parquet file or a JSONL file (or pass a Dataset)."""
-    ds = source if isinstance(source, datasets.Dataset) else _read(Path(source))
-    check_columns(ds, where=str(source) if not isinstance(source, datasets.Dataset) else "the dataset")
+    where = str(source) if not isinstance(source, datasets.Dataset) else "the dataset"
+    try:
+        ds = source if isinstance(source, datasets.Dataset) else _read(Path(source))
+    except datasets.exceptions.DatasetGenerationError as exc:
+        raise ValueError(f"cannot read {where}: {exc.__cause__ or exc}") from None
+    except ValueError as exc:
+        if "corresponds to no data" not in str(exc):  # datasets' words for a file of blank lines
+            raise
+        ds = datasets.Dataset.from_list([])
+    if len(ds) == 0:
+        raise ValueError(f"{where} holds no labelled records")
+    check_columns(ds, where=where)
+    bad = next((i for i, prompt in enumerate(ds["prompt"]) if not isinstance(prompt, str)), None)
+    if bad is not None:
+        raise ValueError(f"{where}, record {bad + 1}: prompt must be a string, got {ds[bad]['prompt']!r:.60}")
     return ds
 
 
@@ -88,7 +101,9 @@ def _stratified_splits(prompts: Sequence[str], sources: Sequence[str],
     """Split of each distinct prompt: within each source, prompts ordered by hash, cut at the fractions.
 
     Every source then has its share of each split to within one prompt. A prompt listed under several sources
-    counts under the first of them by name, so the result does not depend on row order.
+    counts under the first of them by name, so the result does not depend on row order. Sources too small to hold
+    one prompt of each split (under 10 at 80/10/10: rounding gave them none) are cut together, as one: many such
+    sources left validation or test empty.
     """
     home: dict[str, str] = {}
     for prompt, source in zip(prompts, sources):
@@ -96,8 +111,11 @@ def _stratified_splits(prompts: Sequence[str], sources: Sequence[str],
     by_source: dict[str, list[str]] = {}
     for prompt, source in home.items():
         by_source.setdefault(source, []).append(prompt)
+    smallest = min((f for f in fractions if f > 0), default=1.0)
+    pooled = [p for members in by_source.values() if len(members) * smallest < 1 for p in members]
+    strata = [members for members in by_source.values() if len(members) * smallest >= 1] + [pooled]
     out: dict[str, Split] = {}
-    for members in by_source.values():
+    for members in strata:
         members.sort(key=lambda p: (_unit_hash(p), p))
         n = len(members)
         cut_train = round(n * fractions[0])

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from predictor_train.backbone import (DEFAULT_BACKBONE, Backbone, check_prompt_tokens, load_classifier,
                                       model_input_names)
 from core.buckets import BucketSpec, bucket_frequencies, within_bucket_shape
-from core.tracking import start_run
+from core.tracking import epoch_metrics, finishing, start_run
 from predictor_train.checkpoint import (
     CheckpointInfo, copy_checkpoint, publish_checkpoint, read_info, save_checkpoint, staging_folder,
 )  # fmt: skip
@@ -157,9 +157,19 @@ class TrainResult:
 
 
 def make_buckets(config: TrainConfig, train_lengths: list[int] | tuple[int, ...]) -> BucketSpec:
+    over = sum(n > config.max_tokens for n in train_lengths)
+    if over:  # data without a recipe.json (the recipe's cap is checked against max_tokens before training)
+        log.warning("%d of the %d training labels are longer than max_tokens=%d: they count as the last bucket; if "
+                    "the data was labelled with a larger max_new_tokens, set max_tokens to it", over,
+                    len(train_lengths), config.max_tokens)
     if config.bucket_scheme == "uniform":
         return BucketSpec.uniform(config.max_tokens, config.num_buckets)
-    return BucketSpec.from_quantiles(list(train_lengths), config.max_tokens, config.num_buckets)
+    spec = BucketSpec.from_quantiles(list(train_lengths), config.max_tokens, config.num_buckets)
+    if spec.num_buckets < config.num_buckets:
+        log.warning("bucket_scheme=quantile: %d buckets, not %d: the training lengths repeat (a quantile falls on "
+                    "the same length as the one before, e.g. many answers at the cap); edges %s",
+                    spec.num_buckets, config.num_buckets, list(spec.upper_edges))
+    return spec
 
 
 def train_predictor(config: TrainConfig, data, *, target_model: str, decoding: Mapping[str, Any] | None = None,
@@ -233,7 +243,7 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
     staging = staging_folder(output) if is_main else None
     history, best, best_epoch, stale, info = [], None, 0, 0, None
     first_epoch = 0 if start_competes else 1
-    try:
+    with finishing(run):
         for epoch in range(first_epoch, config.epochs + 1):
             train_loss = None
             if epoch > 0:
@@ -258,9 +268,6 @@ def fit(config: TrainConfig, train: Examples, validation: Examples, *, backbone:
                     log.info("early stop after epoch %d: no %s improvement in %d epochs", epoch, config.monitor,
                              stale)
                     break
-    finally:
-        if run is not None:
-            run.finish()
     if is_main:
         if best_epoch == 0 and parent is not None:  # the parent won: it is kept, as it was
             log.info("the starting weights scored best: %s is written out unchanged", parent)
@@ -316,10 +323,7 @@ def _log_epoch(run, record: dict[str, Any]) -> None:
     log.info("epoch %d: %sval loss %.4f, val acc %.3f%s", record["epoch"], trained, record["loss"],
              record["accuracy"], served)
     if run is not None:
-        val = {f"val/{k}": v for k, v in record.items() if k not in ("epoch", "train_loss", "traffic")}
-        val |= {f"traffic/{k}": v for k, v in (traffic or {}).items()}
-        train_loss = {} if record["train_loss"] is None else {"train/loss": record["train_loss"]}
-        run.log({"epoch": record["epoch"], **train_loss, **val})
+        run.log(epoch_metrics(record))
 
 
 def _checkpoint_info_on_all_ranks(info: CheckpointInfo | None, output_dir: str) -> CheckpointInfo:

@@ -1,5 +1,7 @@
 """One wandb rule for every stage: WANDB_MODE wins, then the config, then offline; nothing inside tracking_off."""
 
+import contextlib
+
 import pytest
 
 from core.tracking import start_run, tracking_off, wandb_mode
@@ -54,3 +56,56 @@ def test_an_offline_stage_references_its_checkpoint_instead_of_copying_it(monkey
     run.finish()
     copied = [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size >= 1_000_000 and p.parent != checkpoint]
     assert not copied
+
+
+class _Run:
+    def __init__(self):
+        self.finished, self.logged = [], []
+
+    def finish(self, exit_code=None):
+        self.finished.append(exit_code)
+
+    def log(self, metrics):
+        self.logged.append(metrics)
+
+
+@pytest.mark.parametrize("error", [None, RuntimeError("diverged"), KeyboardInterrupt()])
+def test_a_run_ended_by_an_error_or_ctrl_c_is_finished_as_failed(error):
+    """`finally: run.finish()` recorded crashed and interrupted trainings with exit code 0, as finished ones."""
+    from core.tracking import finishing
+
+    run = _Run()
+    with pytest.raises(type(error)) if error else contextlib.nullcontext():
+        with finishing(run):
+            if error:
+                raise error
+    assert run.finished == [1 if error else None]
+    with finishing(None):  # tracking off: nothing to finish
+        pass
+
+
+def test_a_callers_own_run_is_left_running(monkeypatch, tmp_path):
+    """reinit="finish_previous" finished a run the caller had open (a notebook's, a sweep agent's)."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    mine = wandb.init(project="mine", mode="offline", dir=str(tmp_path / "mine"))
+    try:
+        start_run(project="p", job_type="t", config={}, dir=str(tmp_path / "ours")).finish()
+        assert not mine._is_finished
+    finally:
+        mine.finish()
+
+
+def test_training_curves_have_one_set_of_names_in_s3_train_and_the_pipeline():
+    from pipeline.tracking import log_stage
+    from predictor_train.train import _log_epoch
+
+    record = {"epoch": 0, "train_loss": None, "loss": 1.5, "accuracy": 0.4,
+              "traffic": {"loss": 1.0, "accuracy": 0.5, "mae_tokens": 9.0}}  # fmt: skip
+    cli, stage = _Run(), _Run()
+    stage.summary = {}
+    _log_epoch(cli, record)
+    log_stage(stage, "retrain", {"history": [record]})
+    assert cli.logged == stage.logged == [{"epoch": 0, "val/loss": 1.5, "val/accuracy": 0.4, "traffic/loss": 1.0,
+                                           "traffic/accuracy": 0.5, "traffic/mae_tokens": 9.0}]  # fmt: skip

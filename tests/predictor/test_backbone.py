@@ -138,6 +138,12 @@ def test_encoder_folders_at_their_edges(tmp_path):
     assert backbone.tokenizer.pad_token is not None and backbone.tokenizer.padding_side == "right"
     assert backbone.model.config.pad_token_id == backbone.tokenizer.pad_token_id
     assert usable_prompt_tokens(backbone.tokenizer, backbone.model) == 130 - 2  # RoBERTa's positions start at 2
+    for model_type in ("mpnet", "longformer"):  # the same scheme: were read as 130 and failed at the longest prompt
+        backbone.model.config.model_type = model_type
+        assert usable_prompt_tokens(backbone.tokenizer, backbone.model) == 128, model_type
+    backbone.model.config.model_type, backbone.model.config.max_position_embeddings = "xlnet", -1
+    assert usable_prompt_tokens(backbone.tokenizer, backbone.model) == 512  # the tokenizer's: -1 is no limit (was -1)
+    backbone.model.config.model_type, backbone.model.config.max_position_embeddings = "roberta", 130
     names = model_input_names(backbone.model)
     batch = encode(backbone.tokenizer, SENTENCES, max_prompt_tokens=16, input_names=names)
     one = encode(backbone.tokenizer, SENTENCES[1:2], max_prompt_tokens=16, input_names=names)

@@ -140,3 +140,26 @@ def test_stratified_split_gives_every_source_its_share():
     capped = cap_per_source(ds, 30)
     assert sorted(sources_of(capped).count(s) for s in "abc") == [20, 30, 30]
     assert set(cap_per_source(ds.shuffle(seed=2), 30)["prompt"]) == set(capped["prompt"])
+
+
+@pytest.mark.parametrize("per_source", [2, 3, 5, 6])
+def test_many_small_sources_still_give_every_split(per_source):
+    """Each source was cut on its own: 100 sources of 2 prompts gave no validation and no test rows at all (a
+    fine-grained `source` column could not train, and the error blamed the dataset's size)."""
+    prompts = [f"source {s} prompt {i}" for s in range(100) for i in range(per_source)]
+    sources = [p.rsplit(" prompt", 1)[0] for p in prompts]
+    splits = split_indices(prompts, sources=sources)
+    n = len(prompts)
+    assert abs(len(splits["validation"]) - 0.1 * n) <= 1 and abs(len(splits["test"]) - 0.1 * n) <= 1
+
+
+def test_a_file_of_blank_lines_or_a_prompt_that_is_not_text_is_named(tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    with pytest.raises(ValueError, match="blank.jsonl holds no labelled records"):  # was datasets' own words
+        load_records(blank)
+    null = tmp_path / "null.jsonl"
+    null.write_text('{"prompt": "a", "num_prompt_tokens": 1, "num_output_tokens": 2}\n'
+                    '{"prompt": null, "num_prompt_tokens": 1, "num_output_tokens": 2}\n')
+    with pytest.raises(ValueError, match="null.jsonl, record 2: prompt must be a string, got None"):  # a traceback
+        load_records(null)

@@ -235,3 +235,14 @@ def test_too_little_data_is_refused(tmp_path, records):
     tiny = datasets.Dataset.from_list(records[:2])  # the stratified cut leaves none for validation
     with pytest.raises(ValueError, match="validation"):
         train_predictor(tiny_config(tmp_path), tiny, target_model=TARGET_MODEL, progress=False)
+
+
+def test_labels_past_max_tokens_and_collapsed_quantile_buckets_are_reported(caplog):
+    """Data without a recipe.json labelled with a larger cap, and quantile edges that repeat, were silent."""
+    with caplog.at_level("WARNING", logger="predictor_train.train"):
+        make_buckets(TrainConfig(max_tokens=500, num_buckets=5), [10, 600, 900, 20])
+    assert "2 of the 4 training labels are longer than max_tokens=500" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="predictor_train.train"):
+        spec = make_buckets(TrainConfig(max_tokens=500, num_buckets=5, bucket_scheme="quantile"), [500] * 7 + [100] * 3)
+    assert spec.num_buckets < 5 and "bucket_scheme=quantile: 2 buckets, not 5" in caplog.text
