@@ -25,6 +25,17 @@ from core.buckets import BucketSpec
 from core.request import LengthPrediction
 
 
+def checked_prompts(prompts: Sequence[str]) -> Sequence[str]:
+    """``prompts`` if it is a sequence of strings, else a TypeError: a lone string would be read as one prompt per
+    character, and a None or number would fail deep in a tokenizer."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("predict takes a list of prompts, got a single string: pass [prompt]")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {index} is {type(prompt).__name__}, not a string")
+    return prompts
+
+
 @runtime_checkable
 class Predictor(Protocol):
     """What admission needs of a length predictor."""
@@ -47,7 +58,7 @@ class ConstantPredictor:
     checkpoint_id: str | None = "constant-worst-case"
 
     def predict(self, prompts: Sequence[str]) -> list[LengthPrediction]:
-        return [LengthPrediction(self.buckets.num_buckets - 1) for _ in prompts]
+        return [LengthPrediction(self.buckets.num_buckets - 1) for _ in checked_prompts(prompts)]
 
 
 @dataclasses.dataclass
@@ -66,7 +77,7 @@ class ScalarRatioPredictor:
 
     def predict(self, prompts: Sequence[str]) -> list[LengthPrediction]:
         bucket = self.buckets.bucket_of(max(1, round(self.ratio * self.buckets.max_tokens)))
-        return [LengthPrediction(bucket) for _ in prompts]
+        return [LengthPrediction(bucket) for _ in checked_prompts(prompts)]
 
     @classmethod
     def fit(cls, lengths: Sequence[int], buckets: BucketSpec, *, quantile: float = 0.5) -> "ScalarRatioPredictor":
@@ -89,7 +100,7 @@ class OraclePredictor:
 
     def predict(self, prompts: Sequence[str]) -> list[LengthPrediction]:
         out = []
-        for prompt in prompts:
+        for prompt in checked_prompts(prompts):
             n = self.lengths.get(prompt)
             bucket = self.buckets.num_buckets - 1 if n is None else self.buckets.bucket_of(n)
             out.append(LengthPrediction(bucket=bucket, num_tokens=n))
@@ -121,7 +132,7 @@ class NoisyOraclePredictor:
 
     def predict(self, prompts: Sequence[str]) -> list[LengthPrediction]:
         out = []
-        for prompt in prompts:
+        for prompt in checked_prompts(prompts):
             n = self.lengths.get(prompt)
             if n is None:
                 out.append(LengthPrediction(self.buckets.num_buckets - 1))

@@ -223,9 +223,9 @@ def evaluate(checkpoint, data, split, quantile, output_dir, batch_size, exclude_
     per-source mean; with --neighbours, the nearest training prompts), NLL, calibration error and quantile
     coverage, the prompts the predictor finds unfamiliar apart from the rest; confusion and reliability plots."""
     from pipeline.labelled import labelled_data
-    from predictor_train.evaluate import evaluate_checkpoint
-
     from predictor_train.checkpoint import read_info
+    from predictor_train.data import load_records
+    from predictor_train.evaluate import evaluate_checkpoint
 
     try:
         dataset, recipe = labelled_data(data)
@@ -236,10 +236,15 @@ def evaluate(checkpoint, data, split, quantile, output_dir, batch_size, exclude_
         if recipe.get("max_new_tokens", info.buckets.max_tokens) != info.buckets.max_tokens:
             click.echo(f"warning: {data} was labelled with max_new_tokens={recipe['max_new_tokens']}, the "
                        f"checkpoint's buckets span {info.buckets.max_tokens} tokens", err=True)
+        dataset = load_records(dataset)
+        over = sum(int(n) > info.buckets.max_tokens for n in dataset["num_output_tokens"])
+        if over:
+            click.echo(f"warning: {over} of the {len(dataset)} labels are longer than the checkpoint's buckets "
+                       f"({info.buckets.max_tokens} tokens): they are scored as the last bucket", err=True)
         report = evaluate_checkpoint(checkpoint, dataset, split=split, out_dir=output_dir or checkpoint,
                                      quantile=quantile, batch_size=batch_size, exclude_sources=exclude_sources,
                                      neighbours=neighbours)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         _fail(str(exc))
     click.echo(f"{split} split:\n{report.table}\nconfusion matrix: {report.confusion_png}\n"
                f"reliability: {report.reliability_png}")

@@ -75,7 +75,7 @@ def source_histogram_probs(train, rows, spec: BucketSpec) -> list[list[float]]:
 
 def baseline_buckets(train, rows, spec: BucketSpec) -> dict[str, list[int]]:
     """Predictions of the arg-max baselines (fitted on ``train``) for ``rows``; datasets or column dicts."""
-    train_outputs = [int(n) for n in train["num_output_tokens"]]
+    train_outputs = [spec.clip(int(n)) for n in train["num_output_tokens"]]  # as the labels are scored: at most the cap
     majority = majority_bucket(train_outputs, spec)
     line = fit_length_regression([int(n) for n in train["num_prompt_tokens"]], train_outputs)
     return {

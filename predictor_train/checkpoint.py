@@ -75,6 +75,11 @@ class CheckpointInfo:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "CheckpointInfo":
         fields = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]  # fmt: skip
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"{PREDICTOR_FILE} lacks {', '.join(missing)}: it is not one `s3 train` wrote")
         kwargs = {k: v for k, v in data.items() if k in fields}
         kwargs["buckets"] = BucketSpec.from_dict(data["buckets"])
         return cls(**kwargs)

@@ -12,9 +12,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from predictor_train.backbone import model_input_names, prepare_tokenizer, usable_prompt_tokens
 from core.buckets import BucketSpec
-from predictor_train.checkpoint import CheckpointInfo, describe_buckets, read_info
+from predictor_train.checkpoint import PREDICTOR_FILE, CheckpointInfo, describe_buckets, read_info
 from predictor_train.data import encode
 from predictor_train.familiarity import Familiarity, mean_pooled
+from core.predictors import checked_prompts
 from core.request import LengthPrediction  # pure Python: the serving side owns the type
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,13 @@ class LengthPredictor:
     def __init__(self, model, tokenizer, info: CheckpointInfo, *, device: str | torch.device = "cpu",
                  familiarity: Familiarity | None = None) -> None:
         num_labels = model.config.num_labels
-        assert num_labels == info.buckets.num_buckets, (num_labels, info.buckets)
+        if num_labels != info.buckets.num_buckets:
+            raise ValueError(f"the classifier has {num_labels} outputs but {PREDICTOR_FILE} names "
+                             f"{info.buckets.num_buckets} buckets: the folder mixes two checkpoints; train it again")
+        vocab = getattr(model.config, "vocab_size", None)
+        if vocab and 2 * len(tokenizer) < vocab:  # a folder without its tokenizer files gets a stub of a few tokens
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens for a model of {vocab}: the checkpoint's "
+                             "tokenizer files are missing or another model's; copy the whole checkpoint folder")
         self.model = model.to(device).eval()
         prepare_tokenizer(tokenizer, model)
         self.tokenizer = tokenizer
@@ -102,6 +109,9 @@ class LengthPredictor:
         info = read_info(checkpoint_dir)
         check_compatible(info, checkpoint_dir, expected_target_model=expected_target_model,
                          expected_buckets=expected_buckets)
+        if not any(Path(checkpoint_dir).glob("*.safetensors")):
+            raise ValueError(f"{checkpoint_dir} has no weights (*.safetensors) beside its {PREDICTOR_FILE}: copy the "
+                             "whole checkpoint folder")
         model = AutoModelForSequenceClassification.from_pretrained(
             checkpoint_dir, dtype=torch.float32, local_files_only=True
         )
@@ -117,6 +127,9 @@ class LengthPredictor:
                 embed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw logits ``(len(prompts), num_buckets)`` and, with ``embed``, the prompts' pooled last hidden states
         (predictor_train/familiarity.py), both on the CPU in the input order."""
+        checked_prompts(prompts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         logits = torch.empty(len(prompts), self.buckets.num_buckets)
         pooled = torch.empty(len(prompts), self.model.config.hidden_size) if embed else None
         # Longest first, so each batch pads to similar lengths; results go back to the input order.
@@ -164,7 +177,9 @@ class LengthPredictor:
         """One prediction per prompt: the arg-max bucket, or with ``quantile`` the smallest bucket whose cumulative
         probability reaches it (e.g. 0.9 reserves more and under-predicts less); with the prompt's familiarity when
         the checkpoint keeps its training prompts' embeddings."""
-        if not prompts:
+        if quantile is not None and not 0 < quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        if not checked_prompts(prompts):
             return []
         _, probs, scores = self.outputs(prompts, batch_size=batch_size)
         unfamiliar = None if scores is None else self.familiarity.unfamiliar(scores)

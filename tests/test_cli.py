@@ -136,3 +136,24 @@ def test_s3_serve_exits_non_zero_when_its_engine_failed(monkeypatch):
     monkeypatch.setattr(launch, "serve_main", failed)
     result = CliRunner().invoke(main, ["serve", "--policy", "paged"])
     assert result.exit_code == 1 and "the engine failed: RuntimeError('out of memory')" in result.output
+
+
+def test_evaluate_says_when_labels_run_past_the_checkpoints_buckets(tmp_path, monkeypatch):
+    """Data labelled with a larger cap and no recipe.json was scored without a word (the longer labels count as
+    the last bucket)."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    from core.buckets import BucketSpec
+
+    rows = datasets.Dataset.from_list([{"prompt": f"p{i}", "num_prompt_tokens": 2, "num_output_tokens": n}
+                                       for i, n in enumerate([10, 600, 900])])  # fmt: skip
+    monkeypatch.setattr("pipeline.labelled.labelled_data", lambda data: (rows, {}))  # a Dataset: load_records takes it
+    info = SimpleNamespace(target_model="m", buckets=BucketSpec.uniform(500, 5))
+    monkeypatch.setattr("predictor_train.checkpoint.read_info", lambda folder: info)
+    monkeypatch.setattr("predictor_train.evaluate.evaluate_checkpoint", lambda *a, **k: (_ for _ in ()).throw(
+        OSError("no file named model.safetensors")))
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--data", str(tmp_path)])
+    assert "warning: 2 of the 3 labels are longer than the checkpoint's buckets (500 tokens)" in result.output
+    assert result.exit_code == 2 and "error: no file named model.safetensors" in result.output  # was a traceback

@@ -181,3 +181,14 @@ def test_baselines_are_fitted_on_the_rows_the_predictor_trained_on(monkeypatch):
     predictor.info = SimpleNamespace(train_config={"exclude_sources": ["essays", "short"]})
     with pytest.raises(ValueError, match="train rows the predictor was trained on are empty"):
         evaluate_predictor(predictor, datasets.Dataset.from_list(rows))
+
+
+def test_the_regression_baseline_is_fitted_on_lengths_as_they_are_scored():
+    """Labels past the cap count as the cap when scored; fitted unclipped they pulled the line up (here: from
+    bucket 1 to bucket 3 for a 2-token prompt)."""
+    from predictor_train.baselines import baseline_buckets
+
+    train = {"prompt": list("abcd"), "source": [""] * 4, "num_prompt_tokens": [1, 2, 3, 4],
+             "num_output_tokens": [10, 20, 1000, 2000]}  # fmt: skip
+    rows = {"prompt": ["e"], "source": [""], "num_prompt_tokens": [2], "num_output_tokens": [40]}
+    assert baseline_buckets(train, rows, SPEC)["regression"] == [1]  # the line through 10, 20, 100, 100: 40 at 2

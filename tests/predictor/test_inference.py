@@ -139,3 +139,44 @@ def test_a_checkpoint_published_over_while_it_loads_is_refused(trained, monkeypa
     monkeypatch.setattr(inference, "read_info", published_meanwhile)
     with pytest.raises(ValueError, match="changed while it was loaded"):
         LengthPredictor.load(trained.checkpoint_dir)
+
+
+def test_inputs_a_library_user_may_get_wrong_are_refused(predictor):
+    """A lone string was predicted per character (20 predictions for one prompt), a None failed in the tokenizer,
+    batch_size 0 in range() and a quantile outside (0, 1] picked an end bucket silently."""
+    from core.predictors import ConstantPredictor
+
+    for call in (lambda: predictor.predict("Briefly explain bees"), lambda: predictor.predict(["a", None]),
+                 lambda: ConstantPredictor(predictor.buckets).predict("ab")):  # fmt: skip
+        with pytest.raises(TypeError, match="single string|not a string"):
+            call()
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        predictor.predict(["a"], batch_size=0)
+    with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\]"):
+        predictor.predict(["a"], quantile=1.5)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("tokenizer", "tokenizer files are missing"),
+    ("weights", "has no weights"),
+    ("buckets", "predictor.json lacks buckets"),
+    ("num_buckets", f"the classifier has {NUM_BUCKETS} outputs but predictor.json names {NUM_BUCKETS + 1} buckets"),
+])  # fmt: skip
+def test_an_incomplete_or_mixed_checkpoint_is_refused_by_name(trained, tmp_path, damage, words):
+    """Without its tokenizer files a checkpoint loaded a stub tokenizer of 5 tokens and predicted near-constant
+    buckets (evaluation: the majority baseline's accuracy), with no error; the others were tracebacks."""
+    folder = shutil.copytree(trained.checkpoint_dir, tmp_path / "copy")
+    info = json.loads((folder / PREDICTOR_FILE).read_text())
+    if damage == "tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            (folder / name).unlink(missing_ok=True)
+    elif damage == "weights":
+        for path in folder.glob("*.safetensors"):
+            path.unlink()
+    elif damage == "buckets":
+        del info["buckets"]
+    else:
+        info["buckets"] = BucketSpec.uniform(MAX_TOKENS, NUM_BUCKETS + 1).to_dict()
+    (folder / PREDICTOR_FILE).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=words):
+        LengthPredictor.load(folder)
