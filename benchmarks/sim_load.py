@@ -9,7 +9,8 @@ For each seed: `paged` on the whole workload at t=0 measures the capacity (reque
 the same Poisson arrivals at each fraction of it. Writes sim_load.json (the settings that decide its figures:
 preset, pool, limits, predictor, knobs, policies, seeds and rate fractions; a `results` list with the shared
 benchmark keys plus `rate_fraction`, `rate` and `seed`; a `summary` of the mean and spread over seeds of each
-policy's figures and of its ratios to `paged`) and sim_load.png. Simulated time: the figures are the cost
+policy's figures and of its ratios to `paged`) and sim_load.png, both rewritten after each seed (`complete` false
+until the last). Simulated time: the figures are the cost
 model's. Not collected by pytest.
 """
 

@@ -180,7 +180,7 @@ def bench(config_path, model, num_prompts, max_new_tokens, policies, predictor, 
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default="configs/train_cpu.yaml",
-              show_default=True, help="YAML config (see configs/): the recipe the README's figures were trained with.")
+              show_default=True, help="YAML config (see configs/): the recipe docs/predictor.md's figures were trained with.")
 @click.option("--data", default="data/labelled", show_default=True, help="`s3 generate` output folder or a dataset.")
 @click.option("--target-model", default=None, help="Model the lengths came from (read from the data's recipe.json).")
 @click.option("--feedback", default=None, help="Feedback store to learn from (retraining; needs --from).")

@@ -1,6 +1,6 @@
 """How familiar a prompt is to a predictor: its similarity to the prompts the predictor was trained on.
 
-A predictor trained on a few kinds of prompt predicts a new kind about as well as a constant guess (README,
+A predictor trained on a few kinds of prompt predicts a new kind about as well as a constant guess (docs/predictor.md,
 leave-one-source-out), and its probabilities do not say so. What it can tell is that a prompt looks like none of
 its training prompts. The checkpoint keeps the embeddings of a sample of its training prompts (its own encoder's
 last hidden states, mean-pooled over the prompt and L2-normalised; ``familiarity.safetensors``). A prompt's

@@ -15,7 +15,7 @@ reader skips. At most the records not yet synced are lost. The reader also skips
 the record schema, so a stray or hand-edited file cannot crash `s3 feedback` or retraining.
 
 Who writes here: the server, for every mispredicted request of any client that passes the API key check.
-Feedback prompts are therefore client-chosen text that `s3 train --feedback` trains on (see README, "Feedback
+Feedback prompts are therefore client-chosen text that `s3 train --feedback` trains on (see docs/serving.md, "Feedback
 store: who can write to it").
 """
 

@@ -1,6 +1,8 @@
 """The docs' commands are true: every `s3 ...` and `benchmarks/<script>.py ...` line in README.md and docs/*.md (in
-code blocks, and in inline code in the prose) names a command that exists and only options it takes."""
+code blocks, and in inline code in the prose) names a command that exists and only options it takes; and their
+links hold: every relative link and #anchor in those files names a file and a heading that exist."""
 
+import collections
 import pathlib
 import re
 import shlex
@@ -100,3 +102,52 @@ def test_every_documented_make_target_exists():
     used = {word for doc in DOCS for line in command_lines(doc.read_text())
             for word in re.findall(r"(?:^|&&\s*|;\s*)make ([a-z][\w-]*)", line)}  # fmt: skip
     assert used and used <= targets, used - targets
+
+
+# Links: [text](target) and ![alt](target); the text may hold one level of brackets and wrap onto the next line.
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(([^()\s]+)\)")
+FENCED = re.compile(r"^```.*?^```", re.S | re.M)
+HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", re.M)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation but hyphens and underscores dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(doc: pathlib.Path) -> set[str]:
+    """Every heading's anchor in ``doc`` (outside code blocks); a repeated one gets -1, -2, ... as on GitHub."""
+    seen, found = collections.Counter(), set()
+    for heading in HEADING.findall(FENCED.sub("", doc.read_text())):
+        name = slug(heading)
+        found.add(f"{name}-{seen[name]}" if seen[name] else name)
+        seen[name] += 1
+    return found
+
+
+def links(doc: pathlib.Path) -> list[str]:
+    return LINK.findall(FENCED.sub("", doc.read_text()))
+
+
+def test_the_docs_links_are_found():
+    assert sum(len(links(doc)) for doc in DOCS) > 100 and len(anchors(ROOT / "docs" / "status.md")) > 5
+
+
+def test_every_relative_link_and_anchor_resolves():
+    broken = []
+    for doc in DOCS:
+        for target in links(doc):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto: are not checked
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target}: no file {path}")
+            elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+                broken.append(f"{doc.relative_to(ROOT)}: {target}: no heading #{anchor} in {file.relative_to(ROOT)}")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readme_links_every_doc():
+    linked = {target.partition("#")[0] for target in links(ROOT / "README.md")}
+    assert not {f"docs/{doc.name}" for doc in DOCS[1:]} - linked

@@ -17,7 +17,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0,
                     1920.0, 7680.0)
 """Seconds, for the time to first token and the request latency: up to vLLM's 7,680 s, since a loaded CPU server
-answers in minutes (p99 latencies of 270-600 s in the README's load runs), which a top bucket of 120 s would lump
+answers in minutes (p99 latencies of 270-600 s in docs/benchmarks.md's load runs), which a top bucket of 120 s would lump
 into +Inf."""
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 

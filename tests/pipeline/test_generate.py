@@ -264,7 +264,7 @@ def test_a_new_shard_never_appends_to_an_old_one(tmp_path):
 
 def test_the_card_lists_what_every_run_skipped(tmp_path):
     """A run over another file rewrote skipped.jsonl and the card with its own skips only, while the dataset kept
-    the first file's rows (the committed card said 0 skipped; the README, one 8,507-token prompt)."""
+    the first file's rows (the committed card said 0 skipped; docs/data.md, one 8,507-token prompt)."""
     first = _config(tmp_path)
     label_and_save(first, engine=FakeEngine(), echo=lambda m: None)
     before = (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()
