@@ -27,7 +27,7 @@ from core.buckets import BucketSpec  # noqa: E402
 from core.records import json_text, result_record  # noqa: E402
 from pipeline.bench import BenchConfig, bucket_predictor  # noqa: E402
 from pipeline.config import from_dict  # noqa: E402
-from serve.policy_config import PolicyConfig, with_length_profile  # noqa: E402
+from serve.policy_config import POLICY_NAMES, PolicyConfig, with_length_profile  # noqa: E402
 from serve.scheduler_config import SchedulerConfig  # noqa: E402
 from serve.sim.calibrate import fit_linear  # noqa: E402
 from serve.sim.costmodel import get_preset  # noqa: E402
@@ -64,7 +64,14 @@ def parse_vary(specs: tuple[str, ...]) -> list[dict]:
 @click.option("--output", default=None, help="Folder for replay.json  [default: the bench.json's folder]")
 def main(bench_json, policies, vary, output):
     variants = parse_vary(vary)
-    data = json.loads(Path(bench_json).read_text())
+    names = ["paged", *[p for p in policies.split(",") if p and p != "paged"]]
+    unknown = sorted(set(names) - set(POLICY_NAMES))
+    if unknown:
+        raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(POLICY_NAMES)}", param_hint="--policies")
+    try:
+        data = json.loads(Path(bench_json).read_text())
+    except ValueError as exc:
+        raise click.BadParameter(f"not a bench.json of `s3 bench` ({exc})", param_hint="BENCH_JSON") from None
     config = from_dict(BenchConfig, data["config"], where=bench_json)
     buckets = BucketSpec.uniform(config.max_new_tokens, config.num_buckets)
     predictor = bucket_predictor(config, data["prompts"], data["true_lengths"], buckets)
@@ -77,7 +84,6 @@ def main(bench_json, policies, vary, output):
         print(f"engine  {r['name']:>6}: {r['generated_tokens_per_s']:6.1f} tok/s, mean latency "
               f"{r['mean_latency_s']:6.1f} s, {r['num_preemptions']} preemptions, {r['num_recomputed_tokens']} "
               "recomputed tokens")  # fmt: skip
-    names = ["paged", *[p for p in policies.split(",") if p and p != "paged"]]
     records = []
     for variant in variants:
         base = None
@@ -93,12 +99,17 @@ def main(bench_json, policies, vary, output):
                   f"({result.generated_tokens_per_s / base.generated_tokens_per_s:.3f}x), mean latency "
                   f"{result.mean_latency_s:6.1f} s ({result.mean_latency_s / base.mean_latency_s:.3f}x), "
                   f"{result.num_preemptions} preemptions, {result.num_recomputed_tokens} recomputed tokens "
-                  f"({result.num_recomputed_tokens / max(1, base.num_recomputed_tokens):.2f}x)")  # fmt: skip
+                  f"({_ratio(result.num_recomputed_tokens, base.num_recomputed_tokens)})")  # fmt: skip
     out = Path(output) if output else Path(bench_json).parent
     out.mkdir(parents=True, exist_ok=True)
     meta = {"bench": bench_json, "step_time_fit": dataclasses.asdict(cost.linear), "vary": list(vary)}
     (out / "replay.json").write_text(json_text({**meta, "results": records}, indent=2))
     print(f"wrote {out / 'replay.json'}")
+
+
+def _ratio(value: float, base: float) -> str:
+    """``value / base`` as ``1.23x``; ``-`` where ``base`` is 0 (``0.00x`` read as a 100% saving)."""
+    return f"{value / base:.2f}x" if base else "-"
 
 
 if __name__ == "__main__":

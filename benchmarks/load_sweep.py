@@ -101,11 +101,16 @@ def main(capacity, rate_fractions, seeds, policies, output_dir, **kwargs):
         raise click.BadParameter("the ratios are to paged: include it", param_hint="--policies")
     if capacity is not None and capacity <= 0:
         raise click.BadParameter(f"must be positive, got {capacity}", param_hint="--capacity")
-    base = load.LoadConfig(policies=names, mode="poisson", **kwargs)
-    out, seed_list = Path(output_dir), [int(s) for s in seeds.split(",")]
+    fractions, seed_list = sim_load.parse_sweep(rate_fractions, seeds)
+    try:  # bad settings and a bad output folder are refused before any request is served
+        base = load.LoadConfig(policies=names, mode="poisson", **kwargs)
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
     if capacity is None:
         capacity = measure_capacity(base, seed_list[0], out)
-    records = sweep(base, capacity, [float(f) for f in rate_fractions.split(",")], seed_list, out)
+    records = sweep(base, capacity, fractions, seed_list, out)
     summary = sim_load.summarize(records)
     print(sim_load.format_summary(summary))
     meta = {"config": dataclasses.asdict(base), "capacity_rps": capacity}

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from core.distributed import free_port  # noqa: E402
+from core.files import output_file, replacing  # noqa: E402
 from core.records import json_text  # noqa: E402
 
 # The step settings serve_cpu.yaml had before fair prefill (issue 15): the whole budget to one prefill.
@@ -172,8 +173,9 @@ def run_config(name: str, overrides: list[str], *, config: str, log_dir: Path, *
 @click.command()
 @click.option("--config", default="configs/serve_cpu.yaml", show_default=True)
 @click.option("--long-prompt-tokens", default=4000, show_default=True)
-@click.option("--num-streams", default=4, show_default=True)
-@click.option("--stream-max-tokens", default=512, show_default=True)
+@click.option("--num-streams", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--stream-max-tokens", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens each stream asks for (a gap needs two).")
 @click.option("--short-delay-s", default=1.0, show_default=True)
 @click.option("--set", "overrides", multiple=True, help="Extra override for both servers, e.g. predictor=PATH.")
 @click.option("--only", type=click.Choice(list(CONFIGS)), default=None,
@@ -181,8 +183,10 @@ def run_config(name: str, overrides: list[str], *, config: str, log_dir: Path, *
 @click.option("--output", default="runs/long_prefill.json", show_default=True)
 def main(config, long_prompt_tokens, num_streams, stream_max_tokens, short_delay_s, overrides, only, output):
     """Before/after figures of fair prefill, one server per configuration, as JSON."""
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out = output_file(output)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
     scenario = dict(long_prompt_tokens=long_prompt_tokens, num_streams=num_streams,
                     stream_max_tokens=stream_max_tokens, short_delay_s=short_delay_s)
     results = []
@@ -192,8 +196,8 @@ def main(config, long_prompt_tokens, num_streams, stream_max_tokens, short_delay
         results.append(run_config(name, [*overrides, *config_overrides], config=config, log_dir=out.parent,
                                   **scenario))
         print(json_text(results[-1]), flush=True)
-    report = {"config": config, "scenario": scenario, "results": results}
-    out.write_text(json_text(report, indent=2) + "\n")
+        with replacing(out) as tmp:  # after each configuration: an interrupted run keeps the first
+            tmp.write_text(json_text({"config": config, "scenario": scenario, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import click  # noqa: E402
 import datasets  # noqa: E402
 
+from core.files import replacing  # noqa: E402
 from core.records import json_text  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
@@ -191,7 +192,8 @@ def markdown(records: list[dict]) -> str:
               help="Skip this many rows (prompt-hash order) before the served ones: fresh traffic for another round.")
 @click.option("--feedback", "kinds", default="under,both", show_default=True,
               help="Kinds of feedback to retrain on: under, both, all (every served request, the well-predicted "
-                   "ones too: what a store that recorded everything would hold).")
+                   "ones too: what a store that recorded everything would hold), sampled (the mispredicted and "
+                   "--sample-rate of the rest, as s3 serve records).")
 @click.option("--sample-rate", default=0.1, show_default=True,
               help="--feedback sampled: the share of well-predicted requests recorded (s3 serve's "
                    "feedback_sample_rate).")
@@ -218,6 +220,12 @@ def main(config_path, data, sources, num_served, served_offset, kinds, sample_ra
     if unknown:
         raise click.BadParameter(f"no rows of source(s) {', '.join(unknown)}", param_hint="--sources")
     out_root = Path(output_dir)
+    try:  # a bad output folder fails now, not after the first training
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = {"held_out_model": dataclasses.asdict(config), "retrain": dataclasses.asdict(retrain_config),
+                "num_served": num_served, "served_offset": served_offset, "sample_rate": sample_rate, "data": data}
     records = []
     for source in names:
         parent_dir = Path(loso_dir) / source
@@ -247,10 +255,9 @@ def main(config_path, data, sources, num_served, served_offset, kinds, sample_ra
             click.echo(f"{source}, {kind}: {len(feedback)} records; {verdict}; within one on its test rows "
                        f"{before['new']['within_one_accuracy']:.3f} -> {after['new']['within_one_accuracy']:.3f}",
                        err=True)
-    out_root.mkdir(parents=True, exist_ok=True)
-    settings = {"held_out_model": dataclasses.asdict(config), "retrain": dataclasses.asdict(retrain_config),
-                "num_served": num_served, "served_offset": served_offset, "sample_rate": sample_rate, "data": data}
-    (out_root / "new_source.json").write_text(json_text({"settings": settings, "results": records}, indent=2))
+            with replacing(out_root / "new_source.json") as tmp:  # after each round: an interrupted run keeps them
+                tmp.write_text(json_text({"settings": settings, "complete": len(records) == len(names) * len(kinds),
+                                          "results": records}, indent=2))
     click.echo(markdown(records))
     if "sampled" in kinds:
         click.echo("\nWhat the traffic sample says of each round beside the source's test rows:\n")

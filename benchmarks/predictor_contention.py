@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import click  # noqa: E402
 import torch  # noqa: E402
 
+from core.files import output_file  # noqa: E402
 from core.records import json_text  # noqa: E402
 from predictor_train.inference import LengthPredictor  # noqa: E402
 from serve.engine.llm import EngineConfig, LLMEngine  # noqa: E402
@@ -101,11 +102,15 @@ def ms_per_step(engine: LLMEngine, predictor: LengthPredictor, *, batch: int, st
 @click.command()
 @click.option("--predictor", "predictor_dir", required=True, help="A trained predictor checkpoint folder.")
 @click.option("--batch", type=int, default=16, show_default=True, help="Sequences decoding at once.")
-@click.option("--steps", type=int, default=60, show_default=True, help="Decode steps timed per mode.")
+@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="Decode steps timed per mode.")
 @click.option("--period", type=float, default=0.5, show_default=True, help="Seconds between two predictions.")
 @click.option("--torch-threads", type=int, default=2, show_default=True)
 @click.option("--output", default=None, help="JSON file to write.")
 def main(predictor_dir, batch, steps, period, torch_threads, output):
+    try:  # a bad output path fails now, not after the measurement
+        output = output and output_file(output)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
     torch.set_num_threads(torch_threads)
     predictor = LengthPredictor.load(predictor_dir)
     engine = LLMEngine(EngineConfig(kv_cache_tokens=batch * 1024, policy=PolicyConfig(policy="paged")))

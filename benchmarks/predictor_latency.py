@@ -21,6 +21,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from core.files import output_file  # noqa: E402
 from core.records import json_text  # noqa: E402
 from pipeline.generate import format_prompt  # noqa: E402
 from predictor_train.inference import BENCHMARK_PROMPTS, LengthPredictor  # noqa: E402
@@ -49,9 +50,14 @@ def decode_step_seconds(engine: LLMEngine, batch_size: int, num_steps: int) -> f
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", default="smollm2", show_default=True, help="Target model for the decode-step timing.")
 @click.option("--batch-sizes", default="1,32", show_default=True)
-@click.option("--steps", type=int, default=16, show_default=True, help="Decode steps timed per batch size.")
+@click.option("--steps", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Decode steps timed per batch size.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON.")
 def main(checkpoint, model, batch_sizes, steps, output):
+    try:  # a bad output path fails now, not after the timings
+        output = output and output_file(output)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
     sizes = [int(b) for b in batch_sizes.split(",")]
     predictor = LengthPredictor.load(checkpoint)
     per_prompt = predictor.benchmark_latency(batch_sizes=sizes, num_prompts=max(32, max(sizes)))

@@ -26,6 +26,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.files import output_file  # noqa: E402
+
 
 @click.command()
 @click.argument("checkpoint")
@@ -40,7 +42,13 @@ def main(checkpoint, data, split, held_out, unfamiliar_probs, output):
     from predictor_train.data import load_records, sources_of, split_records
     from predictor_train.inference import LengthPredictor
 
+    try:  # a bad output path fails now, not after every row is predicted
+        output = output_file(output)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
     predictor = LengthPredictor.load(checkpoint)
+    if unfamiliar_probs != "predictor" and predictor.familiarity is None:
+        raise click.UsageError(f"{checkpoint} keeps no familiarity bank: no row can be told unfamiliar")
     records = load_records(labelled_data(data)[0])
     rows = split_records(records)[split]
     if held_out is not None:
@@ -50,10 +58,7 @@ def main(checkpoint, data, split, held_out, unfamiliar_probs, output):
     else:
         rows = list(rows)
     predictions = predictor.predict([r["prompt"] for r in rows])
-    if unfamiliar_probs != "predictor" and predictor.familiarity is None:
-        raise click.UsageError(f"{checkpoint} keeps no familiarity bank: no row can be told unfamiliar")
     replaced = _unfamiliar_probs(predictor, rows, predictions, unfamiliar_probs)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w") as f:
         for row, prediction in zip(rows, predictions):
             probs = replaced if replaced is not None and prediction.unfamiliar else prediction.probs

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
+from core.files import replacing  # noqa: E402
 from core.records import json_text  # noqa: E402
 from pipeline.commands import DECODING_KEYS  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.labelled import labelled_data  # noqa: E402
 from predictor_train.data import load_records, split_records  # noqa: E402
 from predictor_train.evaluate import evaluate_rows  # noqa: E402
@@ -77,8 +78,15 @@ def main(config_path, data, variants, output_dir, overrides):
     splits = split_records(records)
     decoding = {k: recipe[k] for k in DECODING_KEYS if k in recipe}
     out, rows = Path(output_dir), {}
-    for name, extra in map(parse_variant, variants):
-        config = load_config(TrainConfig, config_path, [*overrides, *extra])
+    try:  # every variant's config, and the output folder, checked before the first one trains
+        parsed = [parse_variant(variant) for variant in variants]
+        if len({name for name, _ in parsed}) < len(parsed):
+            raise ValueError("name each --variant differently (each trains into output-dir/NAME)")
+        configs = {name: (extra, load_config(TrainConfig, config_path, [*overrides, *extra])) for name, extra in parsed}
+        out.mkdir(parents=True, exist_ok=True)
+    except (ConfigError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, (extra, config) in configs.items():
         config = dataclasses.replace(config, output_dir=str(out / name), wandb_mode="disabled")
         click.echo(f"variant {name}: {' '.join(extra) or '(the config as it is)'}", err=True)
         result = train_predictor(config, records, target_model=recipe.get("model", "unknown"), decoding=decoding)
@@ -86,10 +94,10 @@ def main(config_path, data, variants, output_dir, overrides):
         report = evaluate_rows(predictor, splits["test"], train=splits["train"], title=f"variant {name}")
         rows[name] = variant_row(report, predictor) | {"overrides": extra}
         click.echo(format_rows({name: rows[name]}).splitlines()[-1], err=True)
-    table = format_rows(rows)
-    click.echo(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "variants.json").write_text(json_text({"base_overrides": list(overrides), "variants": rows}, indent=2))
+        with replacing(out / "variants.json") as tmp:  # after each variant: an interrupted run keeps the others
+            tmp.write_text(json_text({"base_overrides": list(overrides), "complete": len(rows) == len(configs),
+                                      "variants": rows}, indent=2))
+    click.echo(format_rows(rows))
     click.echo(f"wrote {out / 'variants.json'}")
 
 

@@ -23,6 +23,7 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from core.files import output_file  # noqa: E402
 from core.records import json_text  # noqa: E402
 from serve.sim.runner import latency_summary, requests_of, simulate_policy  # noqa: E402
 from serve.sim.simulate import SimulateConfig, setup, workload_items  # noqa: E402
@@ -61,8 +62,12 @@ def run(config: SimulateConfig, policy: str, items, urgent: set[int], honour: bo
 @click.option("--seed", default=0, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), default="runs/priority_sim.json", show_default=True)
 def main(preset, policies, num_requests, load, urgent_share, max_new_tokens, seed, output):
-    config = SimulateConfig(preset=preset, max_new_tokens=max_new_tokens,
-                            workload=WorkloadConfig(num_requests=num_requests, seed=seed))
+    try:  # the policies and the output path are checked before the first simulation
+        config = SimulateConfig(preset=preset, max_new_tokens=max_new_tokens, policies=tuple(policies.split(",")),
+                                workload=WorkloadConfig(num_requests=num_requests, seed=seed))
+        path = output_file(output)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
     cost, buckets, sched = setup(config)
     offline = simulate_policy("paged", workload_items(config, config.workload, cost, buckets), cost=cost,
                               buckets=buckets, sched=sched, max_new_tokens=max_new_tokens)
@@ -73,7 +78,7 @@ def main(preset, policies, num_requests, load, urgent_share, max_new_tokens, see
     click.echo(f"{preset}: paged's offline capacity {offline.requests_per_s:.2f} requests/s; online at {rate:.2f} "
                f"({load}x), {len(items)} requests, {len(urgent)} urgent", err=True)
     results = [run(config, policy, items, urgent, honour)
-               for policy in policies.split(",") for honour in (False, True)]
+               for policy in config.policies for honour in (False, True)]
     click.echo("| policy | priorities | class | TTFT mean / p99 s | latency mean / p99 s | tokens/s | preemptions |")
     click.echo("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     for record in results:
@@ -83,8 +88,6 @@ def main(preset, policies, num_requests, load, urgent_share, max_new_tokens, see
                        f"{c['mean_ttft_s']:.2f} / {c['p99_ttft_s']:.2f} | {c['mean_latency_s']:.2f} / "
                        f"{c['p99_latency_s']:.2f} | {record['generated_tokens_per_s']:.0f} | "
                        f"{record['num_preemptions']} |")
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json_text({"preset": preset, "load": load, "rate": rate, "urgent_share": urgent_share,
                                 "num_requests": len(items), "seed": seed, "results": results}, indent=2))
     click.echo(f"wrote {path}", err=True)

@@ -4,7 +4,7 @@
 
 Runs `paged` once on the offline workload to measure its capacity (requests/s), then every q at
 ``rate_fraction`` of it (Poisson arrivals, the same for every q), plus `paged` at that rate for reference.
-Writes q_sweep.json (a `results` list with the shared benchmark keys and `q`) and q_sweep.png. Not collected
+Writes q_sweep.json (a `results` list with the shared benchmark keys and `q`) and q_sweep.png after each run. Not collected
 by pytest.
 """
 
@@ -18,6 +18,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.files import replacing  # noqa: E402
 from core.records import json_text, result_record  # noqa: E402
 from serve.policy_config import PolicyConfig  # noqa: E402
 from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
@@ -38,29 +39,47 @@ from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
 @click.option("--output", default="runs/q_sweep", show_default=True)
 def main(preset, num_requests, rate_fraction, quantiles, accuracy, trace, max_new_tokens, kv_cache_tokens,
          max_num_seqs, seed, output):
-    kind = "file" if trace else "confusion"
-    workload = WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed)
-    limits = {k: v for k, v in (("kv_cache_tokens", kv_cache_tokens), ("max_num_seqs", max_num_seqs)) if v}
-    base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens,
-                          predictor=PredictorConfig(kind=kind, accuracy=accuracy), policies=("paged",), **limits)
+    try:  # every setting, and the output folder, checked before the first simulation
+        policies = [PolicyConfig(quantile=float(q)) for q in quantiles.split(",")]
+        kind = "file" if trace else "confusion"
+        workload = WorkloadConfig(num_requests=num_requests, trace=trace, seed=seed)
+        limits = {k: v for k, v in (("kv_cache_tokens", kv_cache_tokens), ("max_num_seqs", max_num_seqs)) if v}
+        base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens,
+                              predictor=PredictorConfig(kind=kind, accuracy=accuracy), policies=("paged",), **limits)
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        _sweep(base, policies, rate_fraction, preset, out)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _sweep(base: SimulateConfig, policies: list[PolicyConfig], rate_fraction: float, preset: str, out: Path) -> None:
+    """Every q, then `paged`, at ``rate_fraction`` of paged's capacity; q_sweep.json and its plot rewritten after
+    each (``complete`` false until `paged`'s reference run is in)."""
     capacity = run_simulation(base).results[0].requests_per_s
-    online = dataclasses.replace(workload, mode="online", rate=rate_fraction * capacity)
+    online = dataclasses.replace(base.workload, mode="online", rate=rate_fraction * capacity)
     records = []
-    for q in [float(x) for x in quantiles.split(",")]:
-        config = dataclasses.replace(base, workload=online, policies=("s3",), policy=PolicyConfig(quantile=q))
+
+    def save(complete: bool) -> None:
+        with replacing(out / "q_sweep.json") as tmp:
+            tmp.write_text(json_text({"preset": preset, "rate": online.rate, "capacity_rps": capacity,
+                                      "complete": complete, "results": records}, indent=2))
+        with replacing(out / "q_sweep.png") as tmp:
+            plot(records, tmp, f"{preset}, Poisson at {rate_fraction:.2f} of paged's capacity")
+
+    for policy in policies:
+        config = dataclasses.replace(base, workload=online, policies=("s3",), policy=policy)
         result = run_simulation(config).results[0]
-        records.append({**result_record(result), "q": q})
-        print(f"q={q:<5} tok/s {result.generated_tokens_per_s:9.1f}  p99 latency {result.p99_latency_s:8.2f} s  "
-              f"mean {result.mean_latency_s:7.2f} s  preemptions {result.num_preemptions}", flush=True)
+        records.append({**result_record(result), "q": policy.quantile})
+        print(f"q={policy.quantile:<5} tok/s {result.generated_tokens_per_s:9.1f}  p99 latency "
+              f"{result.p99_latency_s:8.2f} s  mean {result.mean_latency_s:7.2f} s  preemptions "
+              f"{result.num_preemptions}", flush=True)
+        save(complete=False)
     paged = run_simulation(dataclasses.replace(base, workload=online)).results[0]
     records.append({**result_record(paged), "q": None})
     print(f"paged   tok/s {paged.generated_tokens_per_s:9.1f}  p99 latency {paged.p99_latency_s:8.2f} s  "
           f"mean {paged.mean_latency_s:7.2f} s  preemptions {paged.num_preemptions}")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "q_sweep.json").write_text(json_text({"preset": preset, "rate": online.rate, "capacity_rps": capacity,
-                                                  "results": records}, indent=2))
-    plot(records, out / "q_sweep.png", f"{preset}, Poisson at {rate_fraction:.2f} of paged's capacity")
+    save(complete=True)
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:

@@ -66,14 +66,7 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     if unknown:
         raise click.BadParameter(f"unknown {sorted(unknown)}; choose from {', '.join(POLICY_NAMES)}",
                                  param_hint="--policies")
-    try:
-        fractions, seed_list = [float(f) for f in rate_fractions.split(",")], [int(s) for s in seeds.split(",")]
-    except ValueError:
-        raise click.UsageError("--rate-fractions takes numbers, --seeds integers, comma-separated") from None
-    if not all(0 < f < math.inf for f in fractions):
-        raise click.BadParameter("rates are positive fractions of paged's capacity", param_hint="--rate-fractions")
-    if len(set(fractions)) < len(fractions) or len(set(seed_list)) < len(seed_list):
-        raise click.UsageError("--rate-fractions and --seeds name each value once (a repeat counts as another seed)")
+    fractions, seed_list = parse_sweep(rate_fractions, seeds)
     limits = {k: v for k, v in (("kv_cache_tokens", kv_cache_tokens), ("max_num_seqs", max_num_seqs)) if v}
     out = Path(output)
     try:  # bad settings and a bad output folder are reported before any work, without a traceback
@@ -83,6 +76,19 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")
+
+
+def parse_sweep(rate_fractions: str, seeds: str) -> tuple[list[float], list[int]]:
+    """``--rate-fractions`` and ``--seeds`` as lists, or a click error before any work."""
+    try:
+        fractions, seed_list = [float(f) for f in rate_fractions.split(",")], [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise click.UsageError("--rate-fractions takes numbers, --seeds integers, comma-separated") from None
+    if not all(0 < f < math.inf for f in fractions):
+        raise click.BadParameter("rates are positive fractions of paged's capacity", param_hint="--rate-fractions")
+    if len(set(fractions)) < len(fractions) or len(set(seed_list)) < len(seed_list):
+        raise click.UsageError("--rate-fractions and --seeds name each value once (a repeat counts as another seed)")
+    return fractions, seed_list
 
 
 def _run(preset, names, fractions, seed_list, num_requests, accuracy, trace, max_new_tokens, limits,

@@ -25,6 +25,16 @@ def exclusive(lock_path: str | pathlib.Path, busy: str) -> Iterator[None]:
         yield
 
 
+def output_file(path: str | pathlib.Path) -> pathlib.Path:
+    """``path``, its folder made and checked not to be a folder itself: called before the work whose result it will
+    hold, so that a bad path fails at once rather than after hours."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: name a file to write")
+    return path
+
+
 @contextlib.contextmanager
 def replacing(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
     """A temporary path beside ``path`` for the ``with`` block to write; moved onto ``path`` when the block ends
