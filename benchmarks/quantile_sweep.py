@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.files import replacing  # noqa: E402
 from core.records import json_text, result_record  # noqa: E402
 from serve.policy_config import PolicyConfig  # noqa: E402
-from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
-from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
+from serve.sim.simulate import SimulateConfig, run_simulation, setup  # noqa: E402
+from serve.sim.workload import PredictorConfig, WorkloadConfig, load_trace  # noqa: E402
 
 
 @click.command()
@@ -46,11 +46,14 @@ def main(preset, num_requests, rate_fraction, quantiles, accuracy, trace, max_ne
         limits = {k: v for k, v in (("kv_cache_tokens", kv_cache_tokens), ("max_num_seqs", max_num_seqs)) if v}
         base = SimulateConfig(preset=preset, workload=workload, max_new_tokens=max_new_tokens,
                               predictor=PredictorConfig(kind=kind, accuracy=accuracy), policies=("paged",), **limits)
+        setup(base)
+        if trace:
+            load_trace(trace)
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
-        _sweep(base, policies, rate_fraction, preset, out)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    _sweep(base, policies, rate_fraction, preset, out)
 
 
 def _sweep(base: SimulateConfig, policies: list[PolicyConfig], rate_fraction: float, preset: str, out: Path) -> None:

@@ -31,8 +31,8 @@ from core.records import json_text, result_record  # noqa: E402
 from serve.policy_config import POLICY_NAMES, PolicyConfig  # noqa: E402
 from serve.policy_options import policy_options  # noqa: E402
 from serve.sim.report import step_time_fit  # noqa: E402
-from serve.sim.simulate import SimulateConfig, run_simulation  # noqa: E402
-from serve.sim.workload import PredictorConfig, WorkloadConfig  # noqa: E402
+from serve.sim.simulate import SimulateConfig, run_simulation, setup  # noqa: E402
+from serve.sim.workload import PredictorConfig, WorkloadConfig, load_trace  # noqa: E402
 
 SUMMARY_KEYS = ("generated_tokens_per_s", "mean_latency_s", "p99_latency_s", "mean_ttft_s", "p99_ttft_s",
                 "num_preemptions", "num_recomputed_tokens", "longest_stall_s")
@@ -71,10 +71,14 @@ def main(preset, policies, rate_fractions, seeds, num_requests, accuracy, trace,
     out = Path(output)
     try:  # bad settings and a bad output folder are reported before any work, without a traceback
         out.mkdir(parents=True, exist_ok=True)
-        _run(preset, names, fractions, seed_list, num_requests, accuracy, trace, max_new_tokens, limits,
-             capacity_max_num_seqs, out, knobs)
+        setup(SimulateConfig(preset=preset, workload=WorkloadConfig(num_requests=num_requests, trace=trace),
+                             max_new_tokens=max_new_tokens, policies=names, policy=PolicyConfig(**knobs), **limits))
+        if trace:
+            load_trace(trace)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    _run(preset, names, fractions, seed_list, num_requests, accuracy, trace, max_new_tokens, limits,
+         capacity_max_num_seqs, out, knobs)
     print(f"wrote {out / 'sim_load.json'} and {out / 'sim_load.png'}")
 
 

@@ -19,17 +19,18 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 from core.buckets import BucketSpec
 from core.request import LengthPrediction
 
 
-def checked_prompts(prompts: Sequence[str]) -> Sequence[str]:
-    """``prompts`` if it is a sequence of strings, else a TypeError: a lone string would be read as one prompt per
-    character, and a None or number would fail deep in a tokenizer."""
+def checked_prompts(prompts: Iterable[str]) -> list[str]:
+    """``prompts`` as a list (a generator is read once), or a TypeError: a lone string would be read as one prompt
+    per character, and a None or number would fail deep in a tokenizer."""
     if isinstance(prompts, (str, bytes)):
         raise TypeError("predict takes a list of prompts, got a single string: pass [prompt]")
+    prompts = list(prompts)
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompt {index} is {type(prompt).__name__}, not a string")

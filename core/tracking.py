@@ -57,11 +57,20 @@ def finishing(run) -> Iterator[Any]:
     try:
         yield run
     except BaseException:
-        if run is not None:
-            run.finish(exit_code=1)
+        _finish(run, exit_code=1)
         raise
-    if run is not None:
-        run.finish()
+    _finish(run, exit_code=None)
+
+
+def _finish(run, *, exit_code: int | None) -> None:
+    """Finish ``run``; a failure to (a sync error, a second Ctrl-C) is logged, never raised in place of the
+    work's own outcome: tracking does not take the work down."""
+    if run is None:
+        return
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as exc:
+        log.warning("wandb did not finish the run cleanly (%s)", exc)
 
 
 def start_run(*, project: str, job_type: str, config: dict[str, Any], mode: str | None = None,

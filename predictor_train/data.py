@@ -100,10 +100,11 @@ def _stratified_splits(prompts: Sequence[str], sources: Sequence[str],
                        fractions: Sequence[float]) -> dict[str, Split]:
     """Split of each distinct prompt: within each source, prompts ordered by hash, cut at the fractions.
 
-    Every source then has its share of each split to within one prompt. A prompt listed under several sources
-    counts under the first of them by name, so the result does not depend on row order. Sources too small to hold
-    one prompt of each split (under 10 at 80/10/10: rounding gave them none) are cut together, as one: many such
-    sources left validation or test empty.
+    Every source of at least 10 prompts (at 80/10/10) then has its share of each split to within one prompt.
+    Sources too small to hold one prompt of each split (rounding gave them none) are cut together, as one: many
+    such sources left validation or test empty; their prompts' splits depend on which small sources there are. A
+    prompt listed under several sources counts under the first of them by name, so the result does not depend on
+    row order.
     """
     home: dict[str, str] = {}
     for prompt, source in zip(prompts, sources):
@@ -131,8 +132,9 @@ def split_indices(prompts: Sequence[str], fractions: Sequence[float] = DEFAULT_F
 
     Without ``sources`` a prompt's split is its hash threshold (:func:`split_of`). With ``sources`` the split is
     stratified: each source is cut at the fractions in hash order, so each holds 80/10/10 of its prompts and the
-    test split has every source in proportion. Both are deterministic and independent of row order; the
-    stratified cut depends on which prompts a source holds, so adding rows can move a prompt that sits at a cut.
+    test split has every source in proportion (sources too small for that are cut together). Both are deterministic
+    and independent of row order; the stratified cut depends on which prompts a source holds (and, for the small
+    ones, which small sources there are), so adding rows can move a prompt that sits at a cut.
     """
     _check_fractions(fractions)
     if sources is not None and len(sources) != len(prompts):

@@ -32,6 +32,10 @@ BENCHMARK_PROMPTS = (
 )
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+"""What `from_pretrained` loads a model's weights from (familiarity.safetensors, beside them, is not one)."""
+
+
 class LengthPredictor:
     """A trained bucket classifier with the checkpoint facts that serving must agree with."""
 
@@ -109,9 +113,9 @@ class LengthPredictor:
         info = read_info(checkpoint_dir)
         check_compatible(info, checkpoint_dir, expected_target_model=expected_target_model,
                          expected_buckets=expected_buckets)
-        if not any(Path(checkpoint_dir).glob("*.safetensors")):
-            raise ValueError(f"{checkpoint_dir} has no weights (*.safetensors) beside its {PREDICTOR_FILE}: copy the "
-                             "whole checkpoint folder")
+        if not any((Path(checkpoint_dir) / name).is_file() for name in WEIGHT_FILES):
+            raise ValueError(f"{checkpoint_dir} has no weights ({', '.join(WEIGHT_FILES)}) beside its "
+                             f"{PREDICTOR_FILE}: copy the whole checkpoint folder")
         model = AutoModelForSequenceClassification.from_pretrained(
             checkpoint_dir, dtype=torch.float32, local_files_only=True
         )
@@ -127,7 +131,7 @@ class LengthPredictor:
                 embed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw logits ``(len(prompts), num_buckets)`` and, with ``embed``, the prompts' pooled last hidden states
         (predictor_train/familiarity.py), both on the CPU in the input order."""
-        checked_prompts(prompts)
+        prompts = checked_prompts(prompts)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         logits = torch.empty(len(prompts), self.buckets.num_buckets)
@@ -179,7 +183,8 @@ class LengthPredictor:
         the checkpoint keeps its training prompts' embeddings."""
         if quantile is not None and not 0 < quantile <= 1:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-        if not checked_prompts(prompts):
+        prompts = checked_prompts(prompts)
+        if not prompts:
             return []
         _, probs, scores = self.outputs(prompts, batch_size=batch_size)
         unfamiliar = None if scores is None else self.familiarity.unfamiliar(scores)

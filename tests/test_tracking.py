@@ -82,6 +82,12 @@ def test_a_run_ended_by_an_error_or_ctrl_c_is_finished_as_failed(error):
     assert run.finished == [1 if error else None]
     with finishing(None):  # tracking off: nothing to finish
         pass
+    broken = _Run()
+    broken.finish = lambda exit_code=None: (_ for _ in ()).throw(RuntimeError("sync failed"))
+    with pytest.raises(type(error)) if error else contextlib.nullcontext():
+        with finishing(broken):  # the work's own outcome, not the tracker's failure, reaches the caller
+            if error:
+                raise error
 
 
 def test_a_callers_own_run_is_left_running(monkeypatch, tmp_path):
