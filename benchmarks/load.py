@@ -39,6 +39,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 
+from core.files import replacing  # noqa: E402
 from core.records import json_text  # noqa: E402
 from serve.engine.llm import EngineConfig  # noqa: E402
 from core.distributed import free_port  # noqa: E402
@@ -443,11 +444,13 @@ def write_output(cfg: LoadConfig, rows: list[dict], path: Path) -> list[dict]:
     it (same name, .png); returns the records."""
     records = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json_text({"config": dataclasses.asdict(cfg), "results": records}, indent=2))
+    with replacing(path) as tmp:  # rewritten after each policy: never half written
+        tmp.write_text(json_text({"config": dataclasses.asdict(cfg), "results": records}, indent=2))
     arrivals = f"{cfg.rate:.3g} requests/s" if cfg.mode == "poisson" else f"{cfg.concurrency} clients"
     title = f"{cfg.num_requests} requests, {cfg.mode} loop, {arrivals}, KV {cfg.kv_cache_tokens} tokens, " \
             f"seed {cfg.seed}"
-    plot_timeline(rows, path.with_suffix(".png"), title)
+    with replacing(path.with_suffix(".png")) as tmp:
+        plot_timeline(rows, tmp, title)
     return records
 
 

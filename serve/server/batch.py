@@ -21,7 +21,6 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Callable
 import httpx
 from tqdm import tqdm
 
-from core.files import exclusive
+from core.files import exclusive, replacing
 from core.records import utf8_encodable
 from serve.server.launch import ServingStack
 
@@ -145,9 +144,8 @@ def keep_final_answers(path: str | Path) -> set[str]:
         kept.append(line)
         ids.add(record["custom_id"])
     if dropped:
-        tidy = path.with_name(path.name + ".tmp")
-        tidy.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tidy, path)
+        with replacing(path) as tidy:
+            tidy.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     return ids
 
 
